@@ -1,0 +1,154 @@
+"""The `rlhfkit` command: one subcommand per stage, plus generate and merge."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from pydantic import BaseModel
+
+from rlhfkit import __version__
+from rlhfkit.config import STAGE_CONFIGS, dump_config, load_config
+from rlhfkit.errors import UserError
+
+STAGE_SUMMARIES = {
+    "pretrain": "Continue causal-LM training on raw domain text; reports held-out perplexity before and after.",
+    "sft": "Supervised fine-tuning on prompt->response pairs (loss on responses only, LoRA by default).",
+}
+
+
+def _field_lines(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """`section.field (default): description` for every config field, for --help."""
+    lines = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append("")
+            lines.append(f"  {prefix}{name}:")
+            lines.extend(_field_lines(annotation, f"{prefix}{name}."))
+            continue
+        default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+        lines.append(f"    {prefix}{name} = {default}\n        {info.description or ''}")
+    return lines
+
+
+def _add_stage(subparsers, stage: str) -> None:
+    config_class = STAGE_CONFIGS[stage]
+    parser = subparsers.add_parser(
+        stage,
+        help=STAGE_SUMMARIES[stage],
+        description=f"{STAGE_SUMMARIES[stage]}\n\nExample:\n  rlhfkit {stage} configs/quickstart.yaml --set train.lr=1e-4",
+        epilog="config fields (YAML sections; override any with --set SECTION.FIELD=VALUE):\n" + "\n".join(_field_lines(config_class)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", nargs="?", help="YAML config (a file with a top-level '%s:' section works too)" % stage)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its latest checkpoint")
+    parser.add_argument("--print-config", action="store_true", help="print the validated config as YAML and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhfkit",
+        description="Align causal language models with human feedback, stage by stage.",
+        epilog="Run `rlhfkit COMMAND --help` for a command's options and config fields.",
+    )
+    parser.add_argument("--version", action="version", version=f"rlhfkit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in STAGE_CONFIGS:
+        _add_stage(subparsers, stage)
+
+    generate = subparsers.add_parser(
+        "generate",
+        help="Sample answers from a model, an adapter or a run directory.",
+        description="Sample answers from a base model, a LoRA adapter dir or a run dir.\n\n"
+        "Example:\n  rlhfkit generate runs/quickstart/sft --prompt 'Why is the sky blue?'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    generate.add_argument("model", help="built-in name, hub id, model/adapter dir, .gguf file or run dir")
+    generate.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
+    generate.add_argument("--top-p", type=float, default=0.9)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--template", choices=["auto", "plain"], default="auto",
+                          help="chat template: the tokenizer's (auto) or rlhfkit's plain one")
+    generate.add_argument("--raw", action="store_true", help="continue the prompt text as is, without a chat template")
+
+    merge = subparsers.add_parser(
+        "merge",
+        help="Merge a LoRA adapter (or a run's adapter) into its base and save a standalone model.",
+        description="Merge a LoRA adapter into its base model.\n\nExample:\n  rlhfkit merge runs/quickstart/sft merged-model/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("model", help="adapter dir or run dir")
+    merge.add_argument("output_dir", help="where to write the merged model (must not exist)")
+    return parser
+
+
+def _run_stage(args: argparse.Namespace) -> None:
+    config = load_config(args.command, args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(config), end="")
+        return
+    from rlhfkit.stages import pretrain, sft
+
+    runners = {"pretrain": pretrain.run, "sft": sft.run}
+    runners[args.command](config, resume=args.resume)
+    print(f"done: {config.train.output_dir}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from rlhfkit.config import ModelSettings
+    from rlhfkit.data.formatting import render_prompt
+    from rlhfkit.generation import generate_texts
+    from rlhfkit.models import load_causal_lm, load_tokenizer, resolve
+
+    if args.max_new_tokens <= 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError("--max-new-tokens must be > 0, --temperature >= 0 and --top-p in (0, 1]")
+    source = resolve(args.model)
+    tokenizer = load_tokenizer(source)
+    model = load_causal_lm(source, ModelSettings(), torch.float32)
+    if args.raw:
+        texts = list(args.prompt)
+    else:
+        texts = [render_prompt(tokenizer, [{"role": "user", "content": p}], args.template) for p in args.prompt]
+    answers = generate_texts(model, tokenizer, texts, args.max_new_tokens, args.temperature, args.top_p, seed=args.seed)
+    for prompt, answer in zip(args.prompt, answers):
+        print(f"### {prompt}\n{answer}\n")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rlhfkit.models import merge_to_directory
+
+    target = Path(args.output_dir)
+    if target.exists():
+        raise UserError(f"{target} already exists; choose a new output directory")
+    merge_to_directory(args.model, target)
+    print(f"merged model written to {target}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    handlers = {"generate": _generate, "merge": _merge}
+    try:
+        handlers.get(args.command, _run_stage)(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; a stage run continues from its last checkpoint with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

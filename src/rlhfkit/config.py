@@ -1,0 +1,238 @@
+"""One validated config model per stage, loaded from YAML with dotted ``--set`` overrides.
+
+Every field has a default and a one-line description. Validation runs in full before any model
+or dataset is loaded: unknown keys, wrong types, impossible sizes and missing local files fail
+at once with the field and the config file named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from rlhfkit.errors import ConfigError
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+BUILTIN_PREFIX = "builtin:"
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelSettings(Section):
+    name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="Built-in model name, hub id, local model dir, .gguf file, adapter dir or run dir.",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path, when that is a dir.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype: auto = bf16 on GPUs that support it, else float32."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train: auto picks a GPU if present.")
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention kernel; both support padding-free packing."
+    )
+    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model (off: safer).")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _model_path_exists(cls, value: str) -> str:
+        looks_local = value.startswith((".", "/", "~")) or value.endswith(".gguf")
+        if looks_local and not Path(value).expanduser().exists():
+            raise ValueError(f"model path does not exist: {value}")
+        return value
+
+
+class LoraSettings(Section):
+    enabled: bool = Field(True, description="Train LoRA adapters (true) or all weights (false).")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the output head."
+    )
+
+
+class DataSettings(Section):
+    path: str = Field(..., description="Data file (.jsonl/.json/.csv/.parquet), saved dataset dir, hub name or builtin:NAME.")
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "saved", "hub"] = Field(
+        "auto", description="How to read path; auto decides from the suffix or directory contents."
+    )
+    split: str = Field("train", description="Split to read from a hub or saved dataset.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename columns: {expected_name: name_in_your_data}, e.g. {prompt: question}."
+    )
+    eval_path: str | None = Field(None, description="Held-out data; if unset, eval_fraction of path is held out.")
+    eval_split: str | None = Field(None, description="Split of eval_path (or of path) to evaluate on.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of rows held out when eval_path is unset.")
+    max_examples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
+    max_length: int = Field(512, gt=1, description="Longest tokenised example (SFT) or block length (pretrain).")
+    overlong: Literal["truncate", "skip", "error"] = Field(
+        "truncate", description="What to do with an example longer than max_length."
+    )
+    invalid_rows: Literal["error", "skip"] = Field(
+        "error", description="Empty or mistyped rows: stop with the row named, or skip and report a count."
+    )
+
+    @field_validator("path", "eval_path")
+    @classmethod
+    def _local_data_exists(cls, value: str | None) -> str | None:
+        if value is None or value.startswith(BUILTIN_PREFIX):
+            return value
+        looks_local = value.endswith(DATA_FILE_SUFFIXES) or value.startswith((".", "/", "~"))
+        if looks_local and not Path(value).expanduser().exists():
+            raise ValueError(f"data file does not exist: {value}")
+        return value
+
+
+class TextDataSettings(DataSettings):
+    path: str = Field("builtin:tutor-corpus", description="Raw text data with a `text` column.")
+    max_length: int = Field(256, gt=1, description="Block length: texts are concatenated and cut into blocks of this size.")
+
+
+class ChatDataSettings(DataSettings):
+    path: str = Field("builtin:tutor-sft", description="prompt/completion rows, or chat `messages` rows.")
+    template: Literal["auto", "plain"] = Field(
+        "auto", description="auto: the tokenizer's chat template when it has one, else the plain template."
+    )
+
+
+class TrainSettings(Section):
+    output_dir: str = Field("runs/default", description="Run directory: checkpoints, final model, metrics, logs.")
+    epochs: int = Field(1, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
+    batch_size: int = Field(8, gt=0, description="Examples (SFT) or blocks (pretrain) per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (not applied to biases and norms).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warmup from 0.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    seed: int = Field(0, description="Seed for data order, dropout and sampling.")
+    save_every: int = Field(0, ge=0, description="Write a checkpoint every N optimizer steps (0: only at the end).")
+    save_limit: int = Field(2, gt=0, description="Keep at most this many checkpoints.")
+    log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
+    eval_every: int = Field(0, ge=0, description="Evaluate held-out loss every N steps (0: before and after only).")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Where metrics go besides the console."
+    )
+    loss_chunk_tokens: int = Field(
+        1024, gt=0, description="Tokens per chunk when computing logits and the loss (bounds [tokens, vocab] memory)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+
+class EvalSettings(Section):
+    before: bool = Field(True, description="Evaluate the starting model too, so the report shows what changed.")
+    max_batches: int | None = Field(None, gt=0, description="Cap on held-out batches for perplexity.")
+
+
+class GenerationSettings(Section):
+    num_prompts: int = Field(16, ge=0, description="Held-out prompts answered for ROUGE-L and side-by-side samples.")
+    max_new_tokens: int = Field(128, gt=0, description="Longest generated answer.")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate call.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy decoding (deterministic evaluation).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (when temperature > 0).")
+    extra_prompts: list[str] = Field(
+        default_factory=list, description="More prompts shown side by side (base vs tuned), without references."
+    )
+
+
+class StageConfig(Section):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+
+class PretrainConfig(StageConfig):
+    """`rlhfkit pretrain`: continue causal-LM training on raw domain text."""
+
+    data: TextDataSettings = Field(default_factory=TextDataSettings)
+
+
+class SFTConfig(StageConfig):
+    """`rlhfkit sft`: supervised fine-tuning on prompt -> response pairs, loss on responses only."""
+
+    data: ChatDataSettings = Field(default_factory=ChatDataSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+
+
+STAGE_CONFIGS: dict[str, type[StageConfig]] = {"pretrain": PretrainConfig, "sft": SFTConfig}
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (1e-4, true, [a, b])."""
+    key, sep, raw_value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; `rlhfkit STAGE --help` lists the sections)"
+        elif "input" in item and not isinstance(item["input"], dict):
+            message = f"{message} (got {item['input']!r})"
+        lines.append(f"{source}: {field}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(stage: str, path: str | Path | None, overrides: list[str] | None = None) -> StageConfig:
+    """Read a stage config from YAML (or defaults when path is None), apply overrides, validate it."""
+    config_class = STAGE_CONFIGS[stage]
+    source = str(path) if path else "(defaults)"
+    tree: dict[str, Any] = {}
+    if path is not None:
+        config_path = Path(path)
+        if not config_path.is_file():
+            raise ConfigError(f"config file not found: {config_path}")
+        try:
+            loaded = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{config_path}: not valid YAML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{config_path}: not UTF-8 text") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{config_path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        # A multi-stage file (configs/quickstart.yaml) keeps each stage under its own key.
+        if isinstance(loaded.get(stage), dict):
+            loaded = loaded[stage]
+            source = f"{source} [{stage}]"
+        tree = loaded
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    try:
+        return config_class.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def dump_config(config: StageConfig) -> str:
+    """The resolved config as YAML, as written into the run directory."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,146 @@
+"""Turn validated examples into token ids plus a loss mask.
+
+Chat formatting uses the tokenizer's own chat template when it has one; otherwise the plain
+template below. The loss mask marks assistant tokens only, so prompt tokens never add to the
+SFT loss.
+
+Plain template (used when the tokenizer has no chat template, or with ``data.template: plain``)::
+
+    System: {content}\\n\\n
+    User: {content}\\n\\n
+    Assistant: {content}{eos_token}\\n\\n
+
+and the generation prompt is ``Assistant: ``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+from rlhfkit.data.kinds import ChatExample, TextExample
+from rlhfkit.errors import DataError
+
+PLAIN_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: list[int]
+    loss_mask: list[bool]  # loss_mask[t]: token t is a training target (an assistant token)
+
+    @property
+    def num_target_tokens(self) -> int:
+        return sum(self.loss_mask)
+
+
+def uses_chat_template(tokenizer: Any, template: Literal["auto", "plain"]) -> bool:
+    return template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_plain(messages: Sequence[dict[str, str]], eos_token: str, add_generation_prompt: bool) -> str:
+    """The documented plain chat template."""
+    parts = []
+    for message in messages:
+        end = eos_token if message["role"] == "assistant" else ""
+        parts.append(f"{PLAIN_ROLE_NAMES[message['role']]}: {message['content']}{end}\n\n")
+    if add_generation_prompt:
+        parts.append("Assistant: ")
+    return "".join(parts)
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]], template: Literal["auto", "plain"]) -> str:
+    """Text that asks the model for the next assistant turn (used for generation)."""
+    return _render(tokenizer, messages, template, add_generation_prompt=True)
+
+
+def _bos_text(tokenizer: Any) -> str:
+    """The BOS token as text, for plain-template models whose tokenizer normally starts with it."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return bos
+    return ""
+
+
+def _render(tokenizer: Any, messages: Sequence[dict[str, str]], template: str, add_generation_prompt: bool) -> str:
+    if uses_chat_template(tokenizer, template):
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    return _bos_text(tokenizer) + render_plain(messages, tokenizer.eos_token or "", add_generation_prompt)
+
+
+def chat_segments(tokenizer: Any, example: ChatExample, template: Literal["auto", "plain"]) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into (text, is_assistant) segments.
+
+    Rendering the conversation up to each assistant turn, with and without that turn, gives the
+    exact text the template puts around it; this works for any template whose renderings of
+    successive prefixes extend one another, and fails loudly for one that does not.
+    """
+    segments: list[tuple[str, bool]] = []
+    emitted = ""
+    messages = example.messages
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt_text = _render(tokenizer, messages[:index], template, add_generation_prompt=True) if index else ""
+        full_text = _render(tokenizer, messages[: index + 1], template, add_generation_prompt=False)
+        if not prompt_text.startswith(emitted) or not full_text.startswith(prompt_text):
+            raise DataError(
+                f"{example.where}: the chat template does not render conversation prefixes consistently, "
+                "so assistant tokens cannot be located; use data.template: plain"
+            )
+        segments.append((prompt_text[len(emitted) :], False))
+        segments.append((full_text[len(prompt_text) :], True))
+        emitted = full_text
+    return [(text, is_assistant) for text, is_assistant in segments if text]
+
+
+def tokenize_examples(
+    tokenizer: Any,
+    examples: Sequence[ChatExample | TextExample],
+    template: Literal["auto", "plain"],
+    max_length: int,
+    overlong: Literal["truncate", "skip", "error"],
+) -> tuple[list[TokenizedExample], Counter]:
+    """Tokenise SFT examples; returns them and a count of truncated/skipped ones by reason."""
+    counts: Counter = Counter()
+    tokenized = []
+    for example in examples:
+        if isinstance(example, TextExample):
+            ids = tokenizer(example.text, add_special_tokens=True)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                ids = ids + [tokenizer.eos_token_id]
+            mask = [True] * len(ids)
+        else:
+            ids, mask = [], []
+            for text, is_assistant in chat_segments(tokenizer, example, template):
+                piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids.extend(piece)
+                mask.extend([is_assistant] * len(piece))
+        if len(ids) > max_length:
+            if overlong == "error":
+                raise DataError(
+                    f"{example.where}: {len(ids)} tokens, longer than data.max_length={max_length} "
+                    "(set data.overlong: truncate or skip)"
+                )
+            if overlong == "skip":
+                counts["skipped: longer than max_length"] += 1
+                continue
+            ids, mask = ids[:max_length], mask[:max_length]
+            counts["truncated to max_length"] += 1
+        # Position 0 is never a target: nothing precedes it.
+        if not any(mask[1:]):
+            counts["skipped: no response tokens within max_length"] += 1
+            continue
+        tokenized.append(TokenizedExample(ids, mask))
+    return tokenized, counts
+
+
+def tokenize_corpus(tokenizer: Any, examples: Sequence[TextExample]) -> list[int]:
+    """One token stream: every document followed by EOS, so blocks may span documents."""
+    stream: list[int] = []
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for example in examples:
+        stream.extend(tokenizer(example.text, add_special_tokens=False)["input_ids"])
+        stream.extend(separator)
+    return stream

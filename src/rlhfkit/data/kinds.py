@@ -1,0 +1,141 @@
+"""Dataset kinds and their row validation.
+
+| kind              | columns                                    | used by       |
+|-------------------|--------------------------------------------|---------------|
+| text              | ``text``                                   | pretrain, sft |
+| prompt-completion | ``prompt`` + ``completion``, or ``messages`` | sft           |
+
+A bad row either stops the run with the row named, or (``invalid_rows: skip``) is dropped and
+counted in the returned :class:`RowReport`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhfkit.data.loading import Row
+from rlhfkit.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class TextExample:
+    text: str
+    where: str
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """A conversation; the loss is taken on assistant turns only."""
+
+    messages: tuple[dict[str, str], ...]
+    where: str
+
+
+@dataclass
+class RowReport:
+    """How many rows were kept and why the others were skipped."""
+
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"{self.kept} rows"
+        reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
+        return f"{self.kept} rows kept, {sum(self.skipped.values())} skipped ({reasons})"
+
+
+class _BadRow(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _string_field(values: dict, column: str) -> str:
+    value = values[column]
+    if not isinstance(value, str):
+        raise _BadRow(f"non-string {column}", f"column {column!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _BadRow(f"empty {column}", f"column {column!r} is empty")
+    return value
+
+
+def _messages_field(values: dict) -> tuple[dict[str, str], ...]:
+    messages = values["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise _BadRow("bad messages", "column 'messages' must be a non-empty list of {role, content} objects")
+    cleaned = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise _BadRow("bad messages", f"messages[{index}] must be an object with 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise _BadRow("bad messages", f"messages[{index}].role is {message['role']!r}; expected one of {ROLES}")
+        if not isinstance(message["content"], str) or not message["content"].strip():
+            raise _BadRow("bad messages", f"messages[{index}].content must be a non-empty string")
+        cleaned.append({"role": message["role"], "content": message["content"]})
+    if not any(message["role"] == "assistant" for message in cleaned):
+        raise _BadRow("no assistant turn", "messages has no assistant turn to learn from")
+    return tuple(cleaned)
+
+
+def detect_kind(rows: list[Row], allowed: tuple[str, ...]) -> Literal["text", "prompt-completion", "messages"]:
+    """Decide the dataset kind from the first row's columns."""
+    first = rows[0]
+    columns = set(first.values)
+    if "messages" in columns and "messages" in allowed:
+        return "messages"
+    if {"prompt", "completion"} <= columns and "prompt-completion" in allowed:
+        return "prompt-completion"
+    if "text" in columns and "text" in allowed:
+        return "text"
+    expected = {"text": "`text`", "prompt-completion": "`prompt` and `completion`", "messages": "`messages`"}
+    wanted = " or ".join(expected[kind] for kind in allowed)
+    raise DataError(
+        f"{first.where}: missing column: expected {wanted}; found {sorted(columns)} "
+        "(map yours with data.columns, e.g. --set data.columns.prompt=question)"
+    )
+
+
+def _validate(rows: list[Row], parse, on_invalid: str) -> tuple[list, RowReport]:
+    report = RowReport()
+    examples = []
+    for row in rows:
+        try:
+            examples.append(parse(row))
+        except KeyError as exc:
+            raise DataError(f"{row.where}: missing column {exc.args[0]!r} (present: {sorted(row.values)})") from None
+        except _BadRow as bad:
+            if on_invalid == "error":
+                raise DataError(f"{row.where}: {bad}") from None
+            report.skipped[bad.reason] += 1
+            continue
+        report.kept += 1
+    if not examples:
+        raise DataError(f"{rows[0].where.rsplit(':', 1)[0]}: every row was invalid ({report.summary()})")
+    return examples, report
+
+
+def text_examples(rows: list[Row], on_invalid: str = "error") -> tuple[list[TextExample], RowReport]:
+    """Validate rows of the `text` kind."""
+    detect_kind(rows, ("text",))
+    return _validate(rows, lambda row: TextExample(_string_field(row.values, "text"), row.where), on_invalid)
+
+
+def chat_examples(rows: list[Row], on_invalid: str = "error") -> tuple[list[ChatExample | TextExample], RowReport]:
+    """Validate SFT rows: prompt/completion pairs, chat messages, or plain text (all tokens trained)."""
+    kind = detect_kind(rows, ("messages", "prompt-completion", "text"))
+
+    def parse(row: Row) -> ChatExample | TextExample:
+        if kind == "text":
+            return TextExample(_string_field(row.values, "text"), row.where)
+        if kind == "messages":
+            return ChatExample(_messages_field(row.values), row.where)
+        prompt = _string_field(row.values, "prompt")
+        completion = _string_field(row.values, "completion")
+        return ChatExample(({"role": "user", "content": prompt}, {"role": "assistant", "content": completion}), row.where)
+
+    return _validate(rows, parse, on_invalid)

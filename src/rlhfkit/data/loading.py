@@ -1,0 +1,204 @@
+"""Read dataset rows from local files, saved `datasets` dirs, the hub, or the built-in data.
+
+Every row keeps where it came from (``file.jsonl:12``) so a bad row can be named in the error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.config import BUILTIN_PREFIX, DataSettings
+from rlhfkit.errors import DataError
+
+BUILTIN_DATASETS = {
+    "tutor-corpus": ("tutor_corpus_train.jsonl", "tutor_corpus_eval.jsonl"),
+    "tutor-sft": ("tutor_sft_train.jsonl", "tutor_sft_eval.jsonl"),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    values: dict[str, Any]
+    where: str  # "path:line" (jsonl), "path:row N" (csv/json/parquet), "name[split] row N" (datasets)
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    train: list[Row]
+    eval: list[Row]
+
+
+def builtin_file(name: str) -> tuple[Path, Path]:
+    """Paths of the train and eval files of a built-in dataset."""
+    if name not in BUILTIN_DATASETS:
+        raise DataError(f"unknown built-in dataset {BUILTIN_PREFIX}{name}; available: {', '.join(BUILTIN_DATASETS)}")
+    folder = resources.files("rlhfkit") / "data" / "builtin"
+    train_name, eval_name = BUILTIN_DATASETS[name]
+    return Path(str(folder / train_name)), Path(str(folder / eval_name))
+
+
+def _detect_format(path: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
+            return "saved"
+        raise DataError(f"{path}: a directory, but not a saved `datasets` directory (no dataset_info.json)")
+    for suffix in (".jsonl", ".json", ".csv", ".parquet"):
+        if path.endswith(suffix):
+            return suffix[1:]
+    if local.exists():
+        raise DataError(f"{path}: cannot tell the format from the name; set data.format")
+    return "hub"
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{where}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(value, dict):
+                raise DataError(f"{where}: expected a JSON object per line, got {type(value).__name__}")
+            rows.append(Row(value, where))
+    return rows
+
+
+def _read_json(path: Path) -> list[Row]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), list):
+        value = next(iter(value.values()))  # {"data": [...]} wrapper
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a JSON list of objects")
+    rows = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: row {index}: expected an object, got {type(item).__name__}")
+        rows.append(Row(item, f"{path}: row {index}"))
+    return rows
+
+
+def _read_csv(path: Path) -> list[Row]:
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            # Row numbers count the header as line 1, as a spreadsheet does.
+            return [Row(dict(item), f"{path}:{number}") for number, item in enumerate(csv.DictReader(handle), start=2)]
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV: {exc}") from None
+
+
+def _rows_from_dataset(dataset: Any, label: str) -> list[Row]:
+    return [Row(dict(item), f"{label} row {index}") for index, item in enumerate(dataset)]
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
+    return [Row(item, f"{path}: row {index}") for index, item in enumerate(table.to_pylist())]
+
+
+def _read_saved(path: Path, split: str) -> list[Row]:
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{path}: no split {split!r}; it has {', '.join(loaded)}")
+        loaded = loaded[split]
+    return _rows_from_dataset(loaded, f"{path}[{split}]")
+
+
+def _read_hub(name: str, split: str) -> list[Row]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # offline, unknown name, missing split: all user-facing
+        raise DataError(f"cannot load hub dataset {name!r} split {split!r}: {exc}") from None
+    return _rows_from_dataset(loaded, f"{name}[{split}]")
+
+
+def read_rows(path: str, data_format: str = "auto", split: str = "train", columns: dict[str, str] | None = None) -> list[Row]:
+    """All rows of one data source, with columns renamed to the names rlhfkit expects."""
+    kind = _detect_format(path, data_format)
+    local = Path(path).expanduser()
+    if kind != "hub" and not local.exists():
+        raise DataError(f"data file does not exist: {path}")
+    readers = {
+        "jsonl": lambda: _read_jsonl(local),
+        "json": lambda: _read_json(local),
+        "csv": lambda: _read_csv(local),
+        "parquet": lambda: _read_parquet(local),
+        "saved": lambda: _read_saved(local, split),
+        "hub": lambda: _read_hub(path, split),
+    }
+    rows = readers[kind]()
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    if columns:
+        rows = [_rename(row, columns) for row in rows]
+    return rows
+
+
+def _rename(row: Row, columns: dict[str, str]) -> Row:
+    values = dict(row.values)
+    for expected, actual in columns.items():
+        if actual in values:
+            values[expected] = values.pop(actual)
+    return Row(values, row.where)
+
+
+def load_splits(settings: DataSettings, seed: int) -> DataSplits:
+    """Train and held-out rows: from eval_path, from the built-in eval file, or a seeded fraction of path."""
+    if settings.path.startswith(BUILTIN_PREFIX):
+        train_file, eval_file = builtin_file(settings.path[len(BUILTIN_PREFIX) :])
+        train = read_rows(str(train_file), "jsonl", columns=settings.columns)
+        held_out = read_rows(str(eval_file), "jsonl", columns=settings.columns) if settings.eval_path is None else None
+    else:
+        train = read_rows(settings.path, settings.format, settings.split, settings.columns)
+        held_out = None
+    if settings.eval_path is not None:
+        held_out = read_rows(settings.eval_path, "auto", settings.eval_split or settings.split, settings.columns)
+    elif held_out is None and settings.eval_split is not None:
+        held_out = read_rows(settings.path, settings.format, settings.eval_split, settings.columns)
+    if held_out is None:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = round(len(train) * settings.eval_fraction)
+        if settings.eval_fraction > 0 and n_eval == 0 and len(train) > 1:
+            n_eval = 1
+        eval_indices = set(order[:n_eval])
+        held_out = [row for index, row in enumerate(train) if index in eval_indices]
+        train = [row for index, row in enumerate(train) if index not in eval_indices]
+    if settings.max_examples is not None:
+        train = train[: settings.max_examples]
+    if not train:
+        raise DataError(f"{settings.path}: no training rows left after holding out the eval split")
+    return DataSplits(train=train, eval=held_out)

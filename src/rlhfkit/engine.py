@@ -1,0 +1,406 @@
+"""The one training engine shared by every stage.
+
+It owns the plumbing a stage should not repeat: the run directory, accelerate, the optimiser and
+schedule, gradient accumulation with the loss normalised over the whole optimizer step, clipping,
+seeding, atomic checkpoints with optimizer/scheduler/RNG state, resume, progress and logging.
+A stage hands it batches and a loss function and reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from rlhfkit import __version__
+from rlhfkit.config import LoraSettings, ModelSettings, StageConfig, TrainSettings, dump_config
+from rlhfkit.errors import UserError
+from rlhfkit.files import clean_stale_temporaries, write_dir_atomically, write_json_atomically, write_text_atomically
+from rlhfkit.models import (
+    FINAL_DIR,
+    RUN_MARKER,
+    ModelSource,
+    attach_lora,
+    load_causal_lm,
+    pick_dtype,
+    portable_reference,
+    save_model,
+)
+
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_STATE = "state.json"
+METRICS_LOG = "metrics.jsonl"
+
+
+class Batch(Protocol):
+    @property
+    def loss_units(self) -> int:
+        """How many units (target tokens, pairs) the batch's summed loss runs over."""
+
+    def to(self, device: torch.device) -> Batch: ...
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # scalar: the loss summed over the batch's loss units
+    metrics: dict[str, float]  # extra per-batch sums to log, averaged over the step's loss units
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    group_in_epoch: int = 0  # accumulation groups (optimizer steps) done in this epoch
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class RunDir:
+    """A stage's output directory: run.json, config.yaml, checkpoints/, final/, metrics."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def open(cls, output_dir: str, stage: str, config: StageConfig, resume: bool) -> RunDir:
+        """Create a run dir, or reopen one to resume; never overwrite a run that is there."""
+        run = cls(Path(output_dir).expanduser())
+        marker = run.root / RUN_MARKER
+        if marker.exists() and not resume:
+            raise UserError(
+                f"{run.root} already holds a run; pass --resume to continue it, or choose another train.output_dir"
+            )
+        if resume and not marker.exists():
+            raise UserError(f"--resume: {run.root} holds no run to resume")
+        if run.root.exists() and not run.root.is_dir():
+            raise UserError(f"train.output_dir {run.root} exists and is not a directory")
+        try:
+            run.root.mkdir(parents=True, exist_ok=True)
+            probe = run.root / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"train.output_dir {run.root} is not writable: {exc.strerror}") from None
+        if resume:
+            recorded = json.loads(marker.read_text())
+            if recorded.get("stage") != stage:
+                raise UserError(f"--resume: {run.root} is a {recorded.get('stage')} run, not a {stage} run")
+        write_text_atomically(run.root / "config.yaml", dump_config(config))
+        run.write_marker(stage, "running")
+        clean_stale_temporaries(run.root / CHECKPOINTS)
+        return run
+
+    def write_marker(self, stage: str, status: str) -> None:
+        write_json_atomically(
+            self.root / RUN_MARKER,
+            {"stage": stage, "status": status, "rlhfkit": __version__, "updated": datetime.now(timezone.utc).isoformat()},
+        )
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """Complete checkpoints, oldest first (incomplete ones are hidden temporaries)."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [p for p in self.checkpoints.glob("step-*") if (p / CHECKPOINT_STATE).exists()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def read_json(self, name: str) -> dict:
+        path = self.root / name
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def update_json(self, name: str, **values) -> None:
+        write_json_atomically(self.root / name, {**self.read_json(name), **values})
+
+
+def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D parameters)."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Linear warmup from 0 to 1 over warmup_steps, then cosine/linear decay to 0, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [state.tolist() for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+class Engine:
+    """Training plumbing for one stage run."""
+
+    def __init__(self, train: TrainSettings, device: str, run: RunDir, stage: str) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.train = train
+        self.run = run
+        self.stage = stage
+        trackers = [t for t in train.trackers if t == "tensorboard" or _installed(t)]
+        self.accelerator = Accelerator(cpu=device == "cpu", log_with=trackers or None, project_dir=str(run.root))
+        if trackers:
+            self.accelerator.init_trackers("logs", config={"stage": stage})
+        set_seed(train.seed)
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self.progress = Progress()
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def dtype(self, requested: str) -> torch.dtype:
+        return pick_dtype(requested, self.device)
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.unwrapped_model.named_parameters() if p.requires_grad}
+
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def prepare(self, model: torch.nn.Module, total_steps: int) -> torch.nn.Module:
+        """Move the model to the device and build AdamW with warmup and decay for total_steps."""
+        if self.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+        optimizer = torch.optim.AdamW(
+            _decay_groups(model, self.train.weight_decay), lr=self.train.lr, betas=self.train.adam_betas
+        )
+        warmup = round(self.train.warmup_ratio * total_steps)
+        kind = self.train.scheduler
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, warmup, kind))
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.total_steps = total_steps
+        return self.model
+
+    def build_model(self, source: ModelSource, settings: ModelSettings, lora: LoraSettings) -> torch.nn.Module:
+        """Load the starting model in the chosen dtype, with fresh LoRA adapters unless fully fine-tuning."""
+        model = load_causal_lm(source, settings, self.dtype(settings.dtype))
+        if lora.enabled:
+            model = attach_lora(model, lora)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({'LoRA' if lora.enabled else 'full'})")
+        return model
+
+    def resume(self, requested: bool) -> None:
+        """Continue from the latest complete checkpoint when asked to."""
+        if requested:
+            checkpoint = self.load_checkpoint()
+            print(f"resumed from {checkpoint} (step {self.progress.step} of {self.total_steps})")
+
+    def save_final(self, tokenizer, base_reference: str, info: dict) -> Path:
+        """The trained adapter or full model, with its tokenizer, in RUN/final (written atomically)."""
+        target = self.run.root / FINAL_DIR
+        save_model(self.unwrapped_model, tokenizer, target, portable_reference(base_reference), info)
+        return target
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        target = self.run.checkpoints / f"step-{self.progress.step:06d}"
+        trainable = {name: p.detach().contiguous().cpu() for name, p in self.trainable_parameters().items()}
+
+        def write(tmp: Path) -> None:
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            # state.json is written last: its presence marks a checkpoint as complete.
+            (tmp / CHECKPOINT_STATE).write_text(
+                json.dumps({"progress": asdict(self.progress), "rng": _rng_state(), "total_steps": self.total_steps})
+            )
+
+        try:
+            write_dir_atomically(target, write)
+        except OSError as exc:
+            previous = self.run.checkpoint_dirs()
+            kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
+            raise TrainingError(f"could not write checkpoint {target}: {exc.strerror or exc}{kept}") from None
+        for stale in self.run.checkpoint_dirs()[: -self.train.save_limit]:
+            shutil.rmtree(stale, ignore_errors=True)
+        return target
+
+    def load_checkpoint(self, checkpoint: Path | None = None) -> Path:
+        """Restore weights, optimizer, scheduler, RNG and progress from a checkpoint (default: latest)."""
+        if checkpoint is None:
+            found = self.run.checkpoint_dirs()
+            if not found:
+                raise UserError(f"--resume: {self.run.checkpoints} holds no complete checkpoint")
+            checkpoint = found[-1]
+        if not (checkpoint / CHECKPOINT_STATE).exists() or not (checkpoint / "trainable.safetensors").exists():
+            raise UserError(f"{checkpoint} is not an rlhfkit checkpoint (no {CHECKPOINT_STATE} / trainable.safetensors)")
+        state = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
+        if state["total_steps"] != self.total_steps:
+            raise UserError(
+                f"{checkpoint} was written for {state['total_steps']} total steps, this config gives "
+                f"{self.total_steps}; resume with the same data and train settings"
+            )
+        saved = load_file(str(checkpoint / "trainable.safetensors"))
+        parameters = self.trainable_parameters()
+        if set(saved) != set(parameters):
+            raise UserError(f"{checkpoint} does not match this model's trainable parameters (different model or LoRA?)")
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(saved[name])
+        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu"))
+        self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+        _set_rng_state(state["rng"])
+        self.progress = Progress(**state["progress"])
+        self._truncate_metrics_log(self.progress.step)
+        return checkpoint
+
+    # ---- logging -----------------------------------------------------------------------
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        with (self.run.root / METRICS_LOG).open("a", encoding="utf-8") as out:
+            out.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.accelerator.log(metrics, step=step)
+
+    def _truncate_metrics_log(self, step: int) -> None:
+        """After a resume, drop records of steps the resumed run will redo."""
+        path = self.run.root / METRICS_LOG
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            write_text_atomically(path, "".join(line + "\n" for line in kept))
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def fit(
+        self,
+        batches_for_epoch: Callable[[int], Sequence[Batch]],
+        loss_fn: Callable[[torch.nn.Module, Batch], LossOutput],
+        evaluate: Callable[[], dict[str, float]] | None = None,
+    ) -> Progress:
+        """Run optimizer steps until total_steps, checkpointing and logging on the way."""
+        model, train = self.model, self.train
+        bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.stage, dynamic_ncols=True)
+        started, units_seen = time.perf_counter(), 0
+        while self.progress.step < self.total_steps:
+            batches = batches_for_epoch(self.progress.epoch)
+            groups = [batches[i : i + train.grad_accum] for i in range(0, len(batches), train.grad_accum)]
+            for group in groups[self.progress.group_in_epoch :]:
+                step_metrics = self._optimizer_step(model, group, loss_fn)
+                self.progress.step += 1
+                self.progress.group_in_epoch += 1
+                units_seen += int(step_metrics.pop("units"))
+                step_metrics["units_per_s"] = units_seen / (time.perf_counter() - started)
+                if self.progress.step % train.log_every == 0:
+                    self.log({f"train/{k}": v for k, v in step_metrics.items()}, self.progress.step)
+                bar.set_postfix(loss=f"{step_metrics['loss']:.4f}", lr=f"{step_metrics['lr']:.2e}")
+                bar.update(1)
+                if evaluate is not None and train.eval_every and self.progress.step % train.eval_every == 0:
+                    self.log({f"eval/{k}": v for k, v in evaluate().items()}, self.progress.step)
+                if train.save_every and self.progress.step % train.save_every == 0:
+                    self.save_checkpoint()
+                if self.progress.step >= self.total_steps:
+                    break
+            else:
+                self.progress.epoch += 1
+                self.progress.group_in_epoch = 0
+        bar.close()
+        if not train.save_every or self.progress.step % train.save_every:
+            self.save_checkpoint()
+        return self.progress
+
+    def _optimizer_step(self, model: torch.nn.Module, group: Sequence[Batch], loss_fn) -> dict[str, float]:
+        """Accumulate gradients over the group with the loss averaged over all its units, then step.
+
+        Dividing every micro-batch's summed loss by the group's total units makes 8 micro-batches
+        of 1 example equal 1 micro-batch of 8.
+        """
+        model.train()
+        units = sum(batch.loss_units for batch in group)
+        if units == 0:
+            raise TrainingError(f"step {self.progress.step + 1}: the batch has no target tokens")
+        loss_total, extra = 0.0, {}
+        for index, batch in enumerate(group):
+            syncing = index == len(group) - 1
+            with nullcontext() if syncing else self.accelerator.no_sync(model):
+                output = loss_fn(model, batch.to(self.device))
+                self.accelerator.backward(output.loss_sum / units)
+            loss_total += output.loss_sum.item()
+            for key, value in output.metrics.items():
+                extra[key] = extra.get(key, 0.0) + value
+        loss = loss_total / units
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"step {self.progress.step + 1}: loss is {loss}; stopping (last good checkpoint: "
+                f"{self.run.checkpoint_dirs()[-1] if self.run.checkpoint_dirs() else 'none'})"
+            )
+        max_norm = self.train.max_grad_norm if self.train.max_grad_norm is not None else float("inf")
+        grad_norm = float(self.accelerator.clip_grad_norm_(list(self.trainable_parameters().values()), max_norm))
+        if not math.isfinite(grad_norm):
+            raise TrainingError(f"step {self.progress.step + 1}: gradient norm is {grad_norm}; stopping")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units, **{k: v / units for k, v in extra.items()}}
+
+    def finish(self) -> None:
+        self.accelerator.end_training()
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    available = importlib.util.find_spec(module) is not None
+    if not available:
+        print(f"warning: tracker {module!r} requested but not installed (pip install {module}); skipping it")
+    return available
+
+
+def steps_for(num_batches: int, train: TrainSettings) -> int:
+    """Optimizer steps for the configured epochs (or max_steps)."""
+    if train.max_steps is not None:
+        return train.max_steps
+    return train.epochs * math.ceil(num_batches / train.grad_accum)

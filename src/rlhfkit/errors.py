@@ -1,0 +1,13 @@
+"""User-facing errors: the command line prints these as one line, without a traceback."""
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, data, paths) rather than a bug in rlhfkit."""
+
+
+class ConfigError(UserError):
+    """The config file or an override is invalid."""
+
+
+class DataError(UserError):
+    """A dataset is missing, unreadable or has a bad row."""

@@ -1,0 +1,42 @@
+"""Evaluation metrics for the pretrain and SFT stages, and side-by-side samples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from rlhfkit.files import write_text_atomically
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean ROUGE-L F1 (with stemming) of predictions against references, in [0, 1]."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        return float("nan")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(reference, prediction)["rougeL"].fmeasure for prediction, reference in zip(predictions, references)]
+    return sum(scores) / len(scores)
+
+
+def write_side_by_side(
+    directory: Path, prompts: Sequence[str], columns: dict[str, Sequence[str]], references: Sequence[str | None]
+) -> None:
+    """samples.jsonl (one record per prompt) and samples.md (readable) with every model's answer."""
+    records = []
+    lines = ["# Side-by-side samples", ""]
+    for index, prompt in enumerate(prompts):
+        record = {"prompt": prompt, **{name: answers[index] for name, answers in columns.items()}}
+        if references[index] is not None:
+            record["reference"] = references[index]
+        records.append(record)
+        lines += [f"## {index + 1}. {prompt}", ""]
+        for name, answers in columns.items():
+            lines += [f"**{name}:**", "", answers[index] or "_(empty)_", ""]
+        if references[index] is not None:
+            lines += ["**reference:**", "", references[index], ""]
+    write_text_atomically(directory / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomically(directory / "samples.md", "\n".join(lines))

@@ -1,0 +1,65 @@
+"""Atomic writes: a file or directory is either whole or absent, never half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp_dir) in target's parent, then rename tmp_dir to target.
+
+    An interrupted write leaves only a hidden ``.NAME.tmp-*`` directory, which readers ignore.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        _fsync_dir_tree(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomically(target: Path, text: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomically(target: Path, value: Any) -> None:
+    write_text_atomically(target, json.dumps(value, indent=2, default=str) + "\n")
+
+
+def _fsync_dir_tree(root: Path) -> None:
+    """Flush file contents to disk before the rename makes them visible."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def clean_stale_temporaries(folder: Path) -> None:
+    """Remove leftovers of interrupted atomic writes."""
+    if folder.is_dir():
+        for path in folder.glob(".*.tmp-*"):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

@@ -1,0 +1,45 @@
+"""Forward passes shared by stages: hidden states from the decoder, loss from `losses/`."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from rlhfkit.data.batching import LMBatch
+from rlhfkit.engine import LossOutput
+from rlhfkit.losses.lm import causal_lm_nll_sum, perplexity
+from rlhfkit.models import backbone_and_head
+
+
+def lm_nll_sum(model: torch.nn.Module, batch: LMBatch, chunk_size: int) -> torch.Tensor:
+    """Summed NLL of the batch's target tokens, without materialising full-vocabulary logits."""
+    decoder, head_weight = backbone_and_head(model)
+    # No attention mask: rows are never padded, and position ids that restart at 0 make
+    # transformers build a block-diagonal mask over packed examples.
+    hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    return causal_lm_nll_sum(hidden, head_weight, batch.targets, chunk_size)  # hidden: (B, T, H)
+
+
+def lm_loss(chunk_size: int):
+    """A loss function for Engine.fit: summed token NLL of an LMBatch."""
+
+    def loss_fn(model: torch.nn.Module, batch: LMBatch) -> LossOutput:
+        return LossOutput(lm_nll_sum(model, batch, chunk_size), metrics={})
+
+    return loss_fn
+
+
+@torch.inference_mode()
+def evaluate_perplexity(
+    model: torch.nn.Module, batches: Iterable[LMBatch], device: torch.device, chunk_size: int
+) -> dict[str, float]:
+    """Token-weighted mean NLL and perplexity over held-out batches."""
+    was_training = model.training
+    model.eval()
+    nll, tokens = 0.0, 0
+    for batch in batches:
+        nll += lm_nll_sum(model, batch.to(device), chunk_size).item()
+        tokens += batch.num_target_tokens
+    model.train(was_training)
+    return {"loss": nll / max(tokens, 1), "perplexity": perplexity(nll, tokens), "tokens": tokens}

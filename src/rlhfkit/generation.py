@@ -1,0 +1,50 @@
+"""Batched sampling with the KV cache (HF generate, left-padded prompts)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.inference_mode()
+def generate_texts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt_texts: Sequence[str],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> list[str]:
+    """Continue each already-formatted prompt; returns only the new text. temperature 0 is greedy."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generated tokens must follow the prompt directly
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    outputs: list[str] = []
+    starts = range(0, len(prompt_texts), batch_size)
+    try:
+        for start in tqdm(starts, desc="generate", disable=not show_progress or len(starts) < 2):
+            encoded = tokenizer(
+                list(prompt_texts[start : start + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(device)
+            generated = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+            new_tokens = generated[:, encoded["input_ids"].shape[1] :]  # (B, new)
+            outputs.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return outputs

@@ -1,0 +1,1 @@
+"""Objectives as pure functions of tensors: no models, data loaders or files in here."""

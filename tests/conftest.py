@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny random Llama with a small BPE tokenizer, built in code (no download)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TRAINING_TEXT = [
+    "The sun is a star. Plants use sunlight to make food. Water freezes into ice when it is cold.",
+    "Why is the sky blue? Sunlight scatters in the air and blue light scatters the most.",
+    "A magnet pulls on iron. The moon goes around the earth. Sound is a wave in the air.",
+    "User: Assistant: System: question answer explain why how what is the a an of to in",
+]
+
+
+def build_tiny_model(directory: Path, chat_template: str | None = CHATML_TEMPLATE, seed: int = 0) -> Path:
+    """Save a 2-layer Llama (hidden 64) and a byte-level BPE tokenizer to directory."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(TRAINING_TEXT, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>"
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(directory)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_model(tmp_path_factory) -> Path:
+    """The same tiny model, but its tokenizer has no chat template (the plain template applies)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-plain-model"), chat_template=None)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def sft_rows() -> list[dict]:
+    facts = [
+        ("Why is the sky blue?", "Sunlight scatters in the air, and blue light scatters the most."),
+        ("What is the sun?", "The sun is a star. It is a huge ball of hot gas."),
+        ("Why does ice float?", "Ice is lighter than the same amount of water, so it floats."),
+        ("What does a magnet do?", "A magnet pulls on things made of iron."),
+        ("How do plants eat?", "Plants use sunlight, water and air to make their own food."),
+        ("What is sound?", "Sound is a wave that moves through the air to your ears."),
+    ]
+    return [{"prompt": p, "completion": c} for p, c in facts * 4]
+
+
+@pytest.fixture()
+def text_rows() -> list[dict]:
+    return [{"text": text * 3} for text in TRAINING_TEXT * 6]

@@ -1,0 +1,81 @@
+import time
+
+import pytest
+
+from rlhfkit.config import SFTConfig, apply_override, load_config
+from rlhfkit.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_validate():
+    config = load_config("sft", None)
+    assert isinstance(config, SFTConfig)
+    assert config.lora.enabled and config.lora.target_modules == "all-linear"
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    config = load_config("sft", write(tmp_path, "train:\n  lr: 1.0e-3\n"), ["train.lr=5e-5", "lora.target_modules=[q_proj, v_proj]", "lora.enabled=false"])
+    assert config.train.lr == 5e-5
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.lora.enabled is False
+
+
+def test_stage_section_of_a_multi_stage_file(tmp_path):
+    path = write(tmp_path, "pretrain:\n  train:\n    epochs: 3\nsft:\n  train:\n    epochs: 5\n")
+    assert load_config("pretrain", path).train.epochs == 3
+    assert load_config("sft", path).train.epochs == 5
+
+
+def test_unknown_key_names_field_and_file(tmp_path):
+    path = write(tmp_path, "train:\n  learning_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError) as error:
+        load_config("sft", path)
+    message = str(error.value)
+    assert str(path) in message and "train.learning_rate" in message and "unknown key" in message
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.lr=fast", "train.lr"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.epochs=-1", "train.epochs"),
+        ("lora.dropout=1.5", "lora.dropout"),
+        ("data.overlong=cut", "data.overlong"),
+        ("data.path=missing/file.jsonl", "data.path"),
+        ("model.name_or_path=./no/such/model", "model.name_or_path"),
+        ("train.grad_accum=two", "train.grad_accum"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path, override, field):
+    with pytest.raises(ConfigError) as error:
+        load_config("sft", write(tmp_path, "{}\n"), [override])
+    assert field in str(error.value)
+
+
+def test_errors_are_fast(tmp_path):
+    started = time.perf_counter()
+    with pytest.raises(ConfigError):
+        load_config("pretrain", write(tmp_path, "data:\n  path: nope.jsonl\n"))
+    assert time.perf_counter() - started < 1.0
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("sft", tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("sft", write(tmp_path, "train: [unclosed\n"))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config("sft", write(tmp_path, "- a list\n"))
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_override({}, "train.lr")
+    with pytest.raises(ConfigError, match="is a value"):
+        apply_override({"train": 3}, "train.lr=1")

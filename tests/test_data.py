@@ -1,0 +1,138 @@
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from rlhfkit.config import ChatDataSettings, TextDataSettings
+from rlhfkit.data.kinds import chat_examples, text_examples
+from rlhfkit.data.loading import builtin_file, load_splits, read_rows
+from rlhfkit.errors import DataError
+
+
+def test_malformed_json_line_is_named(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "broken\n')
+    with pytest.raises(DataError, match=r"data\.jsonl:2: malformed JSON"):
+        read_rows(str(path))
+
+
+def test_empty_file_and_wrong_encoding(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="no rows"):
+        read_rows(str(empty))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="latin.jsonl:1: not UTF-8"):
+        read_rows(str(latin))
+
+
+def test_non_object_line(tmp_path):
+    path = tmp_path / "list.jsonl"
+    path.write_text("[1, 2]\n")
+    with pytest.raises(DataError, match="list.jsonl:1: expected a JSON object"):
+        read_rows(str(path))
+
+
+def test_missing_column_names_row_and_suggests_mapping(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError) as error:
+        chat_examples(read_rows(str(path)))
+    message = str(error.value)
+    assert "qa.jsonl:1" in message and "prompt" in message and "data.columns" in message
+
+
+def test_column_mapping(tmp_path):
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Why?", "answer": "Because."}])
+    examples, _ = chat_examples(read_rows(str(path), columns={"prompt": "question", "completion": "answer"}))
+    assert examples[0].messages[0] == {"role": "user", "content": "Why?"}
+
+
+def test_bad_rows_named_or_skipped_with_counts(tmp_path):
+    rows = [
+        {"prompt": "ok", "completion": "fine"},
+        {"prompt": "   ", "completion": "empty prompt"},
+        {"prompt": "number", "completion": 3},
+        {"prompt": "ok again", "completion": "fine"},
+    ]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    with pytest.raises(DataError, match=r"sft.jsonl:2: column 'prompt' is empty"):
+        chat_examples(read_rows(str(path)))
+    examples, report = chat_examples(read_rows(str(path)), on_invalid="skip")
+    assert len(examples) == 2
+    assert report.skipped == {"empty prompt": 1, "non-string completion": 1}
+    assert "2 skipped" in report.summary()
+
+
+def test_messages_rows_validated(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"messages": [{"role": "user", "content": "no answer"}]},
+        {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(DataError, match="chat.jsonl:2: messages has no assistant turn"):
+        chat_examples(read_rows(str(path)))
+    _, report = chat_examples(read_rows(str(path)), on_invalid="skip")
+    assert report.kept == 1 and sum(report.skipped.values()) == 2
+
+
+def test_text_kind(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "hello"}, {"text": ""}])
+    with pytest.raises(DataError, match="t.jsonl:2: column 'text' is empty"):
+        text_examples(read_rows(str(path)))
+
+
+def test_every_row_invalid(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": " "}, {"text": ""}])
+    with pytest.raises(DataError, match="every row was invalid"):
+        text_examples(read_rows(str(path)), on_invalid="skip")
+
+
+def test_csv_json_parquet_and_saved_dataset(tmp_path):
+    import datasets
+
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "d.csv").write_text("prompt,completion\n" + "".join(f"p{i},c{i}\n" for i in range(4)))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for name in ("d.json", "d.csv", "d.parquet", "saved"):
+        loaded = read_rows(str(tmp_path / name))
+        assert [row.values["prompt"] for row in loaded] == ["p0", "p1", "p2", "p3"], name
+    assert read_rows(str(tmp_path / "d.csv"))[1].where.endswith("d.csv:3")
+
+
+def test_directory_that_is_not_a_dataset(tmp_path):
+    with pytest.raises(DataError, match="not a saved `datasets` directory"):
+        read_rows(str(tmp_path))
+
+
+def test_eval_split_by_fraction_is_seeded_and_disjoint(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": f"row {i}"} for i in range(20)])
+    settings = TextDataSettings(path=str(path), eval_fraction=0.25)
+    first, again = load_splits(settings, seed=1), load_splits(settings, seed=1)
+    assert len(first.eval) == 5 and len(first.train) == 15
+    assert [r.where for r in first.eval] == [r.where for r in again.eval]
+    assert not {r.where for r in first.eval} & {r.where for r in first.train}
+
+
+def test_eval_from_second_file(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}, {"text": "b"}])
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [{"text": "c"}])
+    splits = load_splits(TextDataSettings(path=str(train), eval_path=str(held_out)), seed=0)
+    assert len(splits.train) == 2 and splits.eval[0].values["text"] == "c"
+
+
+def test_builtin_datasets_are_valid():
+    for name, kind in (("tutor-corpus", text_examples), ("tutor-sft", chat_examples)):
+        train_file, eval_file = builtin_file(name)
+        train, _ = kind(read_rows(str(train_file)))
+        held_out, _ = kind(read_rows(str(eval_file)))
+        assert len(train) > len(held_out) > 0
+    splits = load_splits(ChatDataSettings(), seed=0)
+    assert len(splits.train) == 175 and len(splits.eval) == 25
+    corpus_bytes = sum(len(row.values["text"]) for row in load_splits(TextDataSettings(), seed=0).train)
+    assert corpus_bytes > 40_000
+    with pytest.raises(DataError, match="unknown built-in dataset"):
+        builtin_file("nope")

@@ -1,0 +1,143 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from rlhfkit.config import load_config
+from rlhfkit.engine import Engine, RunDir, TrainingError, lr_multiplier
+from rlhfkit.errors import UserError
+from rlhfkit.stages import pretrain, sft
+
+
+def test_lr_schedule_by_hand():
+    # 10 steps, 2 warmup: warmup multipliers (s+1)/(w+1) = 1/3, 2/3; then cosine over 8 steps.
+    values = [lr_multiplier(s, 10, 2, "cosine") for s in range(10)]
+    assert values[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert values[6] == pytest.approx(0.5)  # halfway through decay: (1 + cos(pi/2)) / 2
+    assert lr_multiplier(6, 10, 2, "linear") == pytest.approx(0.5)
+    assert lr_multiplier(9, 10, 2, "constant") == 1.0
+
+
+def sft_config(tiny_model, data_path, output_dir, *overrides):
+    return load_config(
+        "sft",
+        None,
+        [
+            f"model.name_or_path={tiny_model}",
+            f"data.path={data_path}",
+            "data.eval_fraction=0.2",
+            f"train.output_dir={output_dir}",
+            "train.lr=5e-3",
+            "train.trackers=[]",
+            "lora.dropout=0.1",
+            "generation.num_prompts=2",
+            "generation.max_new_tokens=4",
+            *overrides,
+        ],
+    )
+
+
+def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["train/loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_accumulation_is_invariant_to_micro_batch_split(tiny_model, tmp_path, sft_rows):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    common = ["train.max_steps=3", "lora.dropout=0.0", "eval.before=false", "generation.num_prompts=0"]
+    sft.run(sft_config(tiny_model, data, tmp_path / "one", "train.batch_size=4", "train.grad_accum=1", *common))
+    sft.run(sft_config(tiny_model, data, tmp_path / "four", "train.batch_size=1", "train.grad_accum=4", *common))
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "four"), rel=1e-4)
+    one, four = final_adapter(tmp_path / "one"), final_adapter(tmp_path / "four")
+    for name in one:
+        torch.testing.assert_close(one[name], four[name], rtol=1e-4, atol=1e-5)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_model, tmp_path, sft_rows, monkeypatch):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    settings = ["train.epochs=2", "train.batch_size=4", "train.save_every=3"]
+    sft.run(sft_config(tiny_model, data, tmp_path / "straight", *settings))
+
+    original_save = Engine.save_checkpoint
+
+    def save_then_crash(self):
+        path = original_save(self)
+        raise Interrupt(f"simulated crash after {path.name}")
+
+    monkeypatch.setattr(Engine, "save_checkpoint", save_then_crash)
+    with pytest.raises(Interrupt):
+        sft.run(sft_config(tiny_model, data, tmp_path / "resumed", *settings))
+    monkeypatch.setattr(Engine, "save_checkpoint", original_save)
+    assert not (tmp_path / "resumed" / "final").exists()
+    with pytest.raises(UserError, match="already holds a run"):
+        sft.run(sft_config(tiny_model, data, tmp_path / "resumed", *settings))
+    sft.run(sft_config(tiny_model, data, tmp_path / "resumed", *settings), resume=True)
+
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert len(straight) == len(resumed) == 10  # 19 train rows -> 5 micro-batches of <= 4 per epoch, x 2 epochs
+    assert resumed == pytest.approx(straight, rel=1e-5)
+    for name, weight in final_adapter(tmp_path / "straight").items():
+        torch.testing.assert_close(final_adapter(tmp_path / "resumed")[name], weight, rtol=1e-5, atol=1e-6)
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tiny_model, tmp_path, text_rows, monkeypatch):
+    data = write_jsonl(tmp_path / "text.jsonl", text_rows)
+    config = load_config(
+        "pretrain",
+        None,
+        [f"model.name_or_path={tiny_model}", f"data.path={data}", "data.max_length=32", f"train.output_dir={tmp_path / 'run'}",
+         "train.max_steps=4", "train.save_every=2", "train.trackers=[]"],
+    )
+    original_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # the second checkpoint's optimizer file: simulate a full disk
+            raise OSError(28, "No space left on device")
+        return original_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(TrainingError) as error:
+        pretrain.run(config)
+    assert "No space left on device" in str(error.value) and "step-000002 is intact" in str(error.value)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002"]  # no half-written step-000004
+    monkeypatch.setattr(torch, "save", original_save)
+
+    # A crash mid-write leaves only a hidden temporary, which is ignored and cleaned on resume.
+    (checkpoints / ".step-000004.tmp-crash").mkdir()
+    metrics = pretrain.run(config, resume=True)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002", "step-000004"]
+    assert metrics["after"]["perplexity"] > 0
+
+
+def test_checkpoint_dir_that_is_not_one(tiny_model, tmp_path, text_rows):
+    data = write_jsonl(tmp_path / "text.jsonl", text_rows)
+    config = load_config("pretrain", None, [f"model.name_or_path={tiny_model}", f"data.path={data}", "data.max_length=32",
+                                            f"train.output_dir={tmp_path / 'run'}", "train.trackers=[]"])
+    run = RunDir.open(str(tmp_path / "run"), "pretrain", config, resume=False)
+    engine = Engine(config.train, "cpu", run, "pretrain")
+    from rlhfkit.models import resolve
+
+    engine.prepare(engine.build_model(resolve(str(tiny_model)), config.model, config.lora), total_steps=2)
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    with pytest.raises(UserError, match="not an rlhfkit checkpoint"):
+        engine.load_checkpoint(bogus)
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        engine.load_checkpoint()
+    with pytest.raises(UserError, match="no run to resume"):
+        RunDir.open(str(tmp_path / "elsewhere"), "pretrain", config, resume=True)
+    with pytest.raises(UserError, match="is a pretrain run, not a sft run"):
+        RunDir.open(str(tmp_path / "run"), "sft", config, resume=True)
