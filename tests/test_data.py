@@ -136,3 +136,8 @@ def test_builtin_datasets_are_valid():
     assert corpus_bytes > 40_000
     with pytest.raises(DataError, match="unknown built-in dataset"):
         builtin_file("nope")
+
+
+def test_unreachable_hub_dataset_is_a_clear_error():
+    with pytest.raises(DataError, match="cannot load hub dataset 'someone/not-here'"):
+        read_rows("someone/not-here")

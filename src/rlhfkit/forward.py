@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -43,3 +43,12 @@ def evaluate_perplexity(
         tokens += batch.num_target_tokens
     model.train(was_training)
     return {"loss": nll / max(tokens, 1), "perplexity": perplexity(nll, tokens), "tokens": tokens}
+
+
+def perplexity_evaluator(
+    model: torch.nn.Module, batches: Sequence[LMBatch], device: torch.device, chunk_size: int
+) -> Callable[[], dict[str, float]] | None:
+    """A no-argument held-out evaluation for Engine.fit, or None when there is no held-out data."""
+    if not batches:
+        return None
+    return lambda: evaluate_perplexity(model, batches, device, chunk_size)

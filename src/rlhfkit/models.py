@@ -185,11 +185,15 @@ def save_model(model: torch.nn.Module, tokenizer: Any, target: Path, base_refere
     """Write an adapter (LoRA) or full model plus tokenizer atomically to target."""
 
     def write(tmp: Path) -> None:
-        if hasattr(model, "peft_config"):
-            for adapter_config in model.peft_config.values():
-                adapter_config.base_model_name_or_path = base_reference
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        adapter_config = tmp / "adapter_config.json"
+        if adapter_config.exists():
+            # Record the reference the user gave (built-in name, run dir), not a resolved cache path,
+            # so the adapter resolves the same way on another machine.
+            values = json.loads(adapter_config.read_text())
+            values["base_model_name_or_path"] = base_reference
+            adapter_config.write_text(json.dumps(values, indent=2))
         (tmp / MODEL_INFO).write_text(json.dumps(info, indent=2))
 
     write_dir_atomically(target, write)

@@ -13,7 +13,7 @@ from rlhfkit.data.loading import load_splits
 from rlhfkit.data.formatting import tokenize_corpus
 from rlhfkit.engine import Engine, RunDir, steps_for
 from rlhfkit.errors import DataError
-from rlhfkit.forward import evaluate_perplexity, lm_loss
+from rlhfkit.forward import lm_loss, perplexity_evaluator
 from rlhfkit.models import load_tokenizer, resolve
 
 STAGE = "pretrain"
@@ -41,7 +41,7 @@ def run(config: PretrainConfig, resume: bool = False) -> dict:
     batches_for_epoch = lambda epoch: block_batches(train_blocks, train.batch_size, seed=train.seed + epoch)  # noqa: E731
     engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
     eval_batches = block_batches(eval_blocks, train.batch_size, seed=None)[: config.eval.max_batches]
-    evaluate = (lambda: evaluate_perplexity(engine.model, eval_batches, engine.device, train.loss_chunk_tokens)) if eval_batches else None
+    evaluate = perplexity_evaluator(engine.model, eval_batches, engine.device, train.loss_chunk_tokens)
     engine.resume(resume)
 
     # Train, measuring held-out perplexity before and after.

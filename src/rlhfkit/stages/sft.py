@@ -15,7 +15,7 @@ from rlhfkit.data.kinds import ChatExample, chat_examples
 from rlhfkit.data.loading import load_splits
 from rlhfkit.engine import Engine, RunDir, steps_for
 from rlhfkit.evaluate import rouge_l, write_side_by_side
-from rlhfkit.forward import evaluate_perplexity, lm_loss
+from rlhfkit.forward import lm_loss, perplexity_evaluator
 from rlhfkit.generation import generate_texts
 from rlhfkit.models import load_tokenizer, resolve
 
@@ -60,7 +60,7 @@ def run(config: SFTConfig, resume: bool = False) -> dict:
     batches_for_epoch = lambda epoch: packed_batches(train_tokens, train.batch_size, seed=train.seed + epoch)  # noqa: E731
     engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
     eval_batches = packed_batches(eval_tokens, train.batch_size, seed=None)[: config.eval.max_batches]
-    evaluate = (lambda: evaluate_perplexity(engine.model, eval_batches, engine.device, train.loss_chunk_tokens)) if eval_batches else None
+    evaluate = perplexity_evaluator(engine.model, eval_batches, engine.device, train.loss_chunk_tokens)
 
     def answer_and_score() -> tuple[list[str], dict]:
         answers = generate_texts(

@@ -1,0 +1,47 @@
+"""Slow end-to-end tests on the embedded SmolLM2-135M and real third-party text.
+
+They run in CI; skip them locally with `pytest -m "not slow"`.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhfkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PEPS = ROOT.parent / "shared" / "data" / "python-peps" / "peps_final.jsonl"
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_config_runs_on_the_embedded_model(tmp_path):
+    """configs/quickstart.yaml, shortened: both stages run and write their reports."""
+    quick = ["--set", "train.max_steps=2", "--set", "train.batch_size=2", "--set", "eval.max_batches=2"]
+    pretrain_dir, sft_dir = tmp_path / "pretrain", tmp_path / "sft"
+    assert main(["pretrain", str(ROOT / "configs/quickstart.yaml"), *quick, "--set", "data.max_length=128",
+                 "--set", f"train.output_dir={pretrain_dir}"]) == 0
+    assert main(["sft", str(ROOT / "configs/quickstart.yaml"), *quick, "--set", f"model.name_or_path={pretrain_dir}",
+                 "--set", f"train.output_dir={sft_dir}", "--set", "generation.num_prompts=2",
+                 "--set", "generation.max_new_tokens=12", "--set", "generation.extra_prompts=[]"]) == 0
+    metrics = json.loads((sft_dir / "metrics.json").read_text())
+    assert 1 < metrics["before"]["perplexity"] < 100  # a real pretrained model, not a random one
+    assert len(metrics["answers_after"]) == 2 and all(metrics["answers_after"])
+    assert (sft_dir / "samples.md").exists()
+
+
+@pytest.mark.skipif(not PEPS.exists(), reason=f"real-data test needs {PEPS} (the shared data folder)")
+def test_pretraining_on_peps_lowers_held_out_perplexity(tmp_path):
+    """Domain pretraining on real Python Enhancement Proposals lowers perplexity on held-out PEPs."""
+    assert main([
+        "pretrain",
+        "--set", f"data.path={PEPS}", "--set", "data.eval_fraction=0.1", "--set", "data.max_examples=12",
+        "--set", "data.max_length=256", "--set", "eval.max_batches=3",
+        "--set", "train.batch_size=4", "--set", "train.max_steps=8", "--set", "train.lr=1e-3",
+        "--set", "lora.r=32", "--set", "lora.alpha=64", "--set", "lora.dropout=0.0",
+        "--set", f"train.output_dir={tmp_path / 'peps'}", "--set", "train.trackers=[]",
+    ]) == 0
+    metrics = json.loads((tmp_path / "peps" / "metrics.json").read_text())
+    print("PEP held-out perplexity:", metrics["before"]["perplexity"], "->", metrics["after"]["perplexity"])
+    assert metrics["after"]["perplexity"] < 0.95 * metrics["before"]["perplexity"]
