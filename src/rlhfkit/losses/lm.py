@@ -64,3 +64,37 @@ def perplexity(nll_sum: float, num_tokens: int) -> float:
         return math.inf
     mean = nll_sum / num_tokens
     return math.exp(mean) if mean < 700 else math.inf
+
+
+def _chunk_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.T).float()  # (n, V)
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def target_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """log p(y_t | h_t) = h_t · w_{y_t} − logsumexp_v(h_t · w_v) at every target position.
+
+    Args:
+        hidden: (N, H) hidden states (leading dims flattened); weight: (V, H); targets: (N,), -100 = none.
+
+    Returns:
+        (M,) float32 log-probs of the M positions whose target is not -100, in order. Logits exist
+        for at most chunk_size positions at once and are recomputed in backward.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE_INDEX
+    hidden, targets = hidden[keep], targets[keep]
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    pieces = []
+    for start in range(0, targets.numel(), chunk_size):
+        chunk = (hidden[start : start + chunk_size], weight, targets[start : start + chunk_size])
+        pieces.append(checkpoint(_chunk_token_logprobs, *chunk, use_reentrant=False) if needs_grad else _chunk_token_logprobs(*chunk))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def sequence_sums(values: torch.Tensor, sequence_index: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """(S,) sums of per-token values grouped by sequence: out[s] = Σ_{t : index_t = s} values_t."""
+    return torch.zeros(num_sequences, dtype=values.dtype, device=values.device).index_add(0, sequence_index, values)
