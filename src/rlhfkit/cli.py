@@ -16,6 +16,8 @@ from rlhfkit.errors import UserError
 STAGE_SUMMARIES = {
     "pretrain": "Continue causal-LM training on raw domain text; reports held-out perplexity before and after.",
     "sft": "Supervised fine-tuning on prompt->response pairs (loss on responses only, LoRA by default).",
+    "reward": "Train a reward model on preference pairs (Bradley-Terry loss); reports held-out pair accuracy.",
+    "dpo": "Direct preference optimisation (DPO / cDPO / IPO / SimPO) of a policy on preference pairs.",
 }
 
 
@@ -86,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("model", help="adapter dir or run dir")
     merge.add_argument("output_dir", help="where to write the merged model (must not exist)")
+
+    score = subparsers.add_parser(
+        "score",
+        help="Score responses with a reward model.",
+        description="Score (prompt, response) pairs with a reward model.\n\nExamples:\n"
+        "  rlhfkit score runs/quickstart/reward --prompt 'Why is the sky blue?' --response 'Light scatters.'\n"
+        "  rlhfkit score runs/quickstart/reward --data answers.jsonl --output scored.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    score.add_argument("model", help="reward run dir, reward adapter dir, or a one-output classification model")
+    score.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable, paired with --response)")
+    score.add_argument("--response", action="append", default=[], help="a response to score (repeatable)")
+    score.add_argument("--data", help="a dataset with `prompt` and `completion` (or `response`) columns")
+    score.add_argument("--output", help="write the rows with a `score` column as JSONL here (default: stdout)")
+    score.add_argument("--max-length", type=int, default=512)
     return parser
 
 
@@ -94,9 +111,9 @@ def _run_stage(args: argparse.Namespace) -> None:
     if args.print_config:
         print(dump_config(config), end="")
         return
-    from rlhfkit.stages import pretrain, sft
+    from rlhfkit.stages import dpo, pretrain, reward, sft
 
-    runners = {"pretrain": pretrain.run, "sft": sft.run}
+    runners = {"pretrain": pretrain.run, "sft": sft.run, "reward": reward.run, "dpo": dpo.run}
     runners[args.command](config, resume=args.resume)
     print(f"done: {config.train.output_dir}")
 
@@ -135,10 +152,41 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {target}")
 
 
+def _score(args: argparse.Namespace) -> None:
+    import json
+
+    from rlhfkit.data.loading import read_rows
+    from rlhfkit.rewards import RewardModelScorer
+
+    if args.data is None and (not args.prompt or len(args.prompt) != len(args.response)):
+        raise UserError("give --data FILE, or as many --prompt as --response values")
+    if args.data is not None:
+        rows = [row.values for row in read_rows(args.data)]
+        for index, row in enumerate(rows):
+            if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion", row.get("response")), str):
+                raise UserError(f"{args.data}: row {index}: needs string `prompt` and `completion` (or `response`) columns")
+        prompts = [row["prompt"] for row in rows]
+        responses = [row.get("completion", row.get("response")) for row in rows]
+    else:
+        rows = [{"prompt": p, "response": r} for p, r in zip(args.prompt, args.response)]
+        prompts, responses = args.prompt, args.response
+    scores = RewardModelScorer(args.model, max_length=args.max_length).score(prompts, responses)
+    lines = [json.dumps({**row, "score": score}, ensure_ascii=False) for row, score in zip(rows, scores)]
+    if args.output:
+        from pathlib import Path
+
+        from rlhfkit.files import write_text_atomically
+
+        write_text_atomically(Path(args.output), "\n".join(lines) + "\n")
+        print(f"{len(lines)} scores written to {args.output} (mean {sum(scores) / len(scores):.4f})")
+    else:
+        print("\n".join(lines))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    handlers = {"generate": _generate, "merge": _merge}
+    handlers = {"generate": _generate, "merge": _merge, "score": _score}
     try:
         handlers.get(args.command, _run_stage)(args)
     except UserError as error:

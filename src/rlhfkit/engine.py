@@ -34,6 +34,7 @@ from rlhfkit.models import (
     ModelSource,
     attach_lora,
     load_causal_lm,
+    load_reward_model,
     pick_dtype,
     portable_reference,
     save_model,
@@ -222,11 +223,14 @@ class Engine:
         self.total_steps = total_steps
         return self.model
 
-    def build_model(self, source: ModelSource, settings: ModelSettings, lora: LoraSettings) -> torch.nn.Module:
+    def build_model(
+        self, source: ModelSource, settings: ModelSettings, lora: LoraSettings, reward_model: bool = False
+    ) -> torch.nn.Module:
         """Load the starting model in the chosen dtype, with fresh LoRA adapters unless fully fine-tuning."""
-        model = load_causal_lm(source, settings, self.dtype(settings.dtype))
+        loader = load_reward_model if reward_model else load_causal_lm
+        model = loader(source, settings, self.dtype(settings.dtype))
         if lora.enabled:
-            model = attach_lora(model, lora)
+            model = attach_lora(model, lora, "SEQ_CLS" if reward_model else "CAUSAL_LM")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({'LoRA' if lora.enabled else 'full'})")

@@ -6,9 +6,9 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from rlhfkit.data.batching import LMBatch
+from rlhfkit.data.batching import LMBatch, PairBatch
 from rlhfkit.engine import LossOutput
-from rlhfkit.losses.lm import causal_lm_nll_sum, perplexity
+from rlhfkit.losses.lm import causal_lm_nll_sum, perplexity, sequence_sums, target_token_logprobs
 from rlhfkit.models import backbone_and_head
 
 
@@ -52,3 +52,11 @@ def perplexity_evaluator(
     if not batches:
         return None
     return lambda: evaluate_perplexity(model, batches, device, chunk_size)
+
+
+def answer_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int) -> torch.Tensor:
+    """(2B,) log π(y|x) summed over answer tokens: B chosen answers, then B rejected."""
+    decoder, head_weight = backbone_and_head(model)
+    hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    token_logps = target_token_logprobs(hidden, head_weight, batch.targets, chunk_size)  # (M,)
+    return sequence_sums(token_logps, batch.sequence_index, 2 * batch.num_pairs)

@@ -155,8 +155,39 @@ def load_causal_lm(source: ModelSource, settings: ModelSettings, dtype: torch.dt
     return model
 
 
-def attach_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
-    """Wrap the model with fresh LoRA adapters; only they (and nothing else) train."""
+def load_reward_model(source: ModelSource, settings: ModelSettings, dtype: torch.dtype) -> torch.nn.Module:
+    """A sequence-classification model with one output (a scalar reward), adapter chain merged.
+
+    A causal LM (or an SFT adapter on one) becomes a reward model by keeping its backbone and
+    adding a fresh one-output score head; a saved reward adapter restores its trained head.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    if source.adapter_dir is not None:
+        adapter_task = json.loads((source.adapter_dir / "adapter_config.json").read_text()).get("task_type")
+        if adapter_task == "SEQ_CLS":
+            from peft import PeftModel
+
+            base = load_reward_model(source.base, settings, dtype)
+            return PeftModel.from_pretrained(base, str(source.adapter_dir)).merge_and_unload()
+        causal = load_causal_lm(source, settings, dtype)
+        model = AutoModelForSequenceClassification.from_config(causal.config, num_labels=1, dtype=dtype)
+        missing, _ = model.load_state_dict(causal.state_dict(), strict=False)
+        if any(not name.startswith(("score", "classifier")) for name in missing):
+            raise UserError(f"{source.adapter_dir}: cannot turn this causal LM into a reward model")
+    else:
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source.path, gguf_file=source.gguf_file, num_labels=1, dtype=dtype, revision=settings.revision,
+                trust_remote_code=settings.trust_remote_code,
+            )
+        except OSError as exc:
+            raise UserError(f"cannot load a model from {source.path}: {exc}") from None
+    return model
+
+
+def attach_lora(model: torch.nn.Module, lora: LoraSettings, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Wrap the model with fresh LoRA adapters; only they train (and, for SEQ_CLS, the score head)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -164,7 +195,7 @@ def attach_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, config)
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from rlhfkit.data.formatting import TokenizedExample
+from rlhfkit.data.formatting import TokenizedExample, TokenizedPair
 
 IGNORE_INDEX = -100
 
@@ -87,3 +87,97 @@ def block_batches(blocks: torch.Tensor, batch_size: int, seed: int | None) -> li
         positions = torch.arange(rows.shape[1]).expand_as(rows).contiguous()
         batches.append(LMBatch(rows, positions, targets))
     return batches
+
+
+# ---- preference pairs ------------------------------------------------------------------
+
+
+@dataclass
+class RewardBatch:
+    """Chosen then rejected sequences of B pairs, right-padded, for one reward-model forward."""
+
+    input_ids: torch.Tensor  # (2B, T): rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected
+    attention_mask: torch.Tensor  # (2B, T) 1 on real tokens
+    margins: torch.Tensor | None  # (B,) m, or None
+
+    @property
+    def loss_units(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    def to(self, device: torch.device) -> RewardBatch:
+        margins = None if self.margins is None else self.margins.to(device)
+        return RewardBatch(self.input_ids.to(device), self.attention_mask.to(device), margins)
+
+
+def _margins(pairs: Sequence[TokenizedPair]) -> torch.Tensor | None:
+    if all(pair.margin is None for pair in pairs):
+        return None
+    return torch.tensor([pair.margin or 0.0 for pair in pairs], dtype=torch.float32)
+
+
+def _order(count: int, seed: int | None) -> list[int]:
+    order = list(range(count))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    return order
+
+
+def reward_batches(
+    pairs: Sequence[TokenizedPair], batch_size: int, pad_id: int, seed: int | None, wrap=lambda ids: ids
+) -> list[RewardBatch]:
+    """Batches of `batch_size` pairs; `wrap` adds special tokens an encoder expects ([CLS] ... [SEP])."""
+    order = _order(len(pairs), seed)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = [pairs[i] for i in order[start : start + batch_size]]
+        rows = [wrap(p.prompt_ids + p.chosen_ids) for p in chunk] + [wrap(p.prompt_ids + p.rejected_ids) for p in chunk]
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            input_ids[index, : len(row)] = torch.tensor(row)
+            attention_mask[index, : len(row)] = 1
+        batches.append(RewardBatch(input_ids, attention_mask, _margins(chunk)))
+    return batches
+
+
+@dataclass
+class PairBatch:
+    """B pairs packed padding-free into one row: B prompt+chosen sequences, then B prompt+rejected."""
+
+    input_ids: torch.Tensor  # (1, T)
+    position_ids: torch.Tensor  # (1, T), restarting at 0 for each of the 2B sequences
+    targets: torch.Tensor  # (1, T): next token where it is an answer token, else -100
+    sequence_index: torch.Tensor  # (M,) sequence (0..2B-1) of each of the M target tokens, in row order
+    answer_lengths: torch.Tensor  # (2B,) answer token counts |y|
+    pair_ids: torch.Tensor  # (B,) indices of the pairs in the dataset (for precomputed reference log-probs)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.pair_ids.numel()
+
+    @property
+    def loss_units(self) -> int:
+        return self.num_pairs
+
+    def to(self, device: torch.device) -> PairBatch:
+        return PairBatch(*(getattr(self, name).to(device) for name in (
+            "input_ids", "position_ids", "targets", "sequence_index", "answer_lengths", "pair_ids")))
+
+
+def pack_pairs(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int]) -> PairBatch:
+    """One padding-free row; only answer tokens are targets."""
+    examples = [TokenizedExample(p.prompt_ids + p.chosen_ids, [False] * len(p.prompt_ids) + [True] * len(p.chosen_ids)) for p in pairs]
+    examples += [TokenizedExample(p.prompt_ids + p.rejected_ids, [False] * len(p.prompt_ids) + [True] * len(p.rejected_ids)) for p in pairs]
+    row = pack_examples(examples)
+    lengths = [sum(example.loss_mask[1:]) for example in examples]
+    sequence_index = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(lengths))
+    return PairBatch(row.input_ids, row.position_ids, row.targets, sequence_index, torch.tensor(lengths), torch.tensor(list(pair_ids)))
+
+
+def pair_batches(pairs: Sequence[TokenizedPair], batch_size: int, seed: int | None) -> list[PairBatch]:
+    order = _order(len(pairs), seed)
+    return [
+        pack_pairs([pairs[i] for i in order[start : start + batch_size]], order[start : start + batch_size])
+        for start in range(0, len(order), batch_size)
+    ]

@@ -144,3 +144,59 @@ def tokenize_corpus(tokenizer: Any, examples: Sequence[TextExample]) -> list[int
         stream.extend(tokenizer(example.text, add_special_tokens=False)["input_ids"])
         stream.extend(separator)
     return stream
+
+
+# ---- preference pairs ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float | None = None
+
+
+def prompt_and_response_ids(
+    tokenizer: Any, prompt: Sequence[dict[str, str]], response: str, template: Literal["auto", "plain"]
+) -> tuple[list[int], list[int]]:
+    """Token ids of the formatted prompt (ending with the generation prompt) and of the answer turn."""
+    prompt_text = _render(tokenizer, prompt, template, add_generation_prompt=True)
+    full_text = _render(tokenizer, [*prompt, {"role": "assistant", "content": response}], template, add_generation_prompt=False)
+    if not full_text.startswith(prompt_text):
+        raise DataError("the chat template does not render the prompt as a prefix of the conversation; use data.template: plain")
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return encode(prompt_text), encode(full_text[len(prompt_text) :])
+
+
+def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int) -> tuple[list[int], list[int], list[int]]:
+    """Truncate to max_length: the prompt loses its start (the final turns are kept), an answer its end.
+
+    When the prompt is long, each answer keeps at least half of max_length. Both answers get the
+    same prompt, so their log-probs stay comparable.
+    """
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest <= max_length:
+        return prompt, chosen, rejected
+    answer_budget = min(longest, max(max_length - len(prompt), max_length // 2))
+    prompt_budget = max_length - answer_budget
+    return prompt[len(prompt) - prompt_budget :], chosen[:answer_budget], rejected[:answer_budget]
+
+
+def tokenize_pairs(
+    tokenizer: Any, examples: Sequence[Any], template: Literal["auto", "plain"], max_length: int
+) -> tuple[list[TokenizedPair], Counter]:
+    """Tokenise preference examples, truncating long ones (counted) as :func:`fit_pair` says."""
+    counts: Counter = Counter()
+    pairs = []
+    for example in examples:
+        prompt, chosen = prompt_and_response_ids(tokenizer, example.prompt, example.chosen, template)
+        _, rejected = prompt_and_response_ids(tokenizer, example.prompt, example.rejected, template)
+        fitted = fit_pair(prompt, chosen, rejected, max_length)
+        if fitted != (prompt, chosen, rejected):
+            counts["truncated to max_length"] += 1
+        if fitted[1] == fitted[2]:
+            counts["skipped: answers identical after truncation"] += 1
+            continue
+        pairs.append(TokenizedPair(*fitted, margin=example.margin))
+    return pairs, counts

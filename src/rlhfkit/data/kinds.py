@@ -4,6 +4,7 @@
 |-------------------|--------------------------------------------|---------------|
 | text              | ``text``                                   | pretrain, sft |
 | prompt-completion | ``prompt`` + ``completion``, or ``messages`` | sft           |
+| preference        | ``prompt`` + ``chosen`` + ``rejected``, or ``chosen`` + ``rejected`` sharing a prompt prefix | reward, dpo |
 
 A bad row either stops the run with the row named, or (``invalid_rows: skip``) is dropped and
 counted in the returned :class:`RowReport`.
@@ -11,6 +12,7 @@ counted in the returned :class:`RowReport`.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
@@ -139,3 +141,104 @@ def chat_examples(rows: list[Row], on_invalid: str = "error") -> tuple[list[Chat
         return ChatExample(({"role": "user", "content": prompt}, {"role": "assistant", "content": completion}), row.where)
 
     return _validate(rows, parse, on_invalid)
+
+
+# ---- preference pairs ------------------------------------------------------------------
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One prompt and two answers, the first preferred. The prompt may be a whole conversation."""
+
+    prompt: tuple[dict[str, str], ...]
+    chosen: str
+    rejected: str
+    where: str
+    margin: float | None = None
+
+
+def _parse_hh_transcript(text: str) -> tuple[dict[str, str], ...]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c' -> user/assistant/user messages."""
+    parts = HH_TURN.split(text)
+    messages = []
+    for role, content in zip(parts[1::2], parts[2::2]):
+        if content.strip():
+            messages.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
+    if parts[0].strip():
+        messages.insert(0, {"role": "user", "content": parts[0].strip()})
+    return tuple(messages)
+
+
+def split_shared_prefix(chosen: str, rejected: str) -> tuple[tuple[dict[str, str], ...], str, str]:
+    """Split two full transcripts that share everything but the final answer ("implicit prompt").
+
+    Human/Assistant transcripts (Anthropic HH style) are cut after the last "Assistant:" of the
+    shared prefix and the prompt is parsed into turns; other texts are cut at the last whitespace
+    of the shared prefix and the prompt becomes one user message.
+    """
+    shared = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        shared += 1
+    prefix = chosen[:shared]
+    marker = prefix.rfind("\n\nAssistant:")
+    if marker >= 0:
+        cut = marker + len("\n\nAssistant:")
+        prompt = _parse_hh_transcript(prefix[:marker])
+    else:
+        cut = max(prefix.rfind(" "), prefix.rfind("\n")) + 1
+        prompt = ({"role": "user", "content": prefix[:cut].strip()},) if prefix[:cut].strip() else ()
+    if not prompt:
+        raise _BadRow("no shared prompt", "chosen and rejected share no prompt (give a `prompt` column)")
+    return prompt, chosen[cut:].strip(), rejected[cut:].strip()
+
+
+def _answer_field(values: dict, column: str) -> str:
+    value = values[column]
+    if isinstance(value, list):  # conversational form: [{"role": "assistant", "content": ...}]
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise _BadRow(f"bad {column}", f"column {column!r} must be a string or one assistant message")
+        value = value[0].get("content")
+    if not isinstance(value, str):
+        raise _BadRow(f"non-string {column}", f"column {column!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise _BadRow(f"empty {column}", f"column {column!r} is empty")
+    return value
+
+
+def _parse_preference(row: Row) -> PreferenceExample:
+    values = row.values
+    if "prompt" in values:
+        prompt_value = values["prompt"]
+        if isinstance(prompt_value, list):
+            prompt = _messages_field({"messages": prompt_value + [{"role": "assistant", "content": "x"}]})[:-1]
+        else:
+            prompt = ({"role": "user", "content": _string_field(values, "prompt")},)
+        chosen, rejected = _answer_field(values, "chosen"), _answer_field(values, "rejected")
+    else:
+        chosen_text, rejected_text = _string_field(values, "chosen"), _string_field(values, "rejected")
+        if chosen_text == rejected_text:
+            raise _BadRow("chosen equals rejected", "chosen and rejected are identical")
+        prompt, chosen, rejected = split_shared_prefix(chosen_text, rejected_text)
+        if not chosen or not rejected:
+            raise _BadRow("empty answer", "after removing the shared prompt, an answer is empty")
+    if chosen.strip() == rejected.strip():
+        raise _BadRow("chosen equals rejected", "chosen and rejected are identical")
+    margin = values.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise _BadRow("bad margin", f"column 'margin' must be a number, got {margin!r}")
+    return PreferenceExample(prompt, chosen, rejected, row.where, None if margin is None else float(margin))
+
+
+def preference_examples(rows: list[Row], on_invalid: str = "error") -> tuple[list[PreferenceExample], RowReport]:
+    """Validate preference rows: prompt/chosen/rejected, or chosen/rejected sharing a prompt prefix."""
+    columns = set(rows[0].values)
+    if not {"chosen", "rejected"} <= columns:
+        raise DataError(
+            f"{rows[0].where}: missing column: expected `chosen` and `rejected` (and usually `prompt`); "
+            f"found {sorted(columns)} (map yours with data.columns)"
+        )
+    return _validate(rows, _parse_preference, on_invalid)

@@ -1,0 +1,186 @@
+"""`rlhfkit dpo`: direct preference optimisation of a policy on preference pairs.
+
+The policy is the starting model (usually an SFT run) with fresh LoRA adapters; the reference
+policy is that same model with the adapters switched off, so no second copy of the weights
+exists (a frozen copy is kept only when fully fine-tuning). Chosen and rejected answers of a
+batch are packed into one padding-free row and go through one forward pass; per-token log-probs
+are gathered in chunks without a full [tokens, vocab] tensor. Loss variants: DPO (sigmoid, with
+optional label smoothing), IPO, SimPO.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+
+import torch
+
+from rlhfkit.config import DPOConfig
+from rlhfkit.data.batching import PairBatch, pair_batches
+from rlhfkit.data.formatting import render_prompt, tokenize_pairs
+from rlhfkit.data.kinds import preference_examples
+from rlhfkit.data.loading import load_splits
+from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
+from rlhfkit.evaluate import write_side_by_side
+from rlhfkit.forward import answer_logps
+from rlhfkit.generation import generate_texts
+from rlhfkit.losses.dpo import DPOLoss, dpo_family_loss, implicit_rewards
+from rlhfkit.models import load_tokenizer, resolve
+from rlhfkit.rewards import RewardModelScorer
+
+STAGE = "dpo"
+
+
+class ReferencePolicy:
+    """Reference log-probs: the policy with its adapters disabled, or a frozen copy; optionally a table."""
+
+    def __init__(self, engine: Engine, frozen_copy: torch.nn.Module | None, chunk_size: int) -> None:
+        self.engine, self.frozen_copy, self.chunk_size = engine, frozen_copy, chunk_size
+        self.table: torch.Tensor | None = None  # (N, 2) precomputed [chosen, rejected] per training pair
+
+    @torch.no_grad()
+    def compute(self, batch: PairBatch, training_pairs: bool) -> torch.Tensor:
+        """(2B,) reference answer log-probs; from the precomputed table for batches of training pairs."""
+        if self.table is not None and training_pairs:
+            rows = self.table[batch.pair_ids.cpu()]  # (B, 2)
+            return torch.cat([rows[:, 0], rows[:, 1]]).to(self.engine.device)
+        model = self.frozen_copy if self.frozen_copy is not None else self.engine.model
+        adapters_off = self.engine.unwrapped_model.disable_adapter() if self.frozen_copy is None else nullcontext()
+        was_training = model.training
+        model.eval()  # no dropout in the reference
+        with adapters_off:
+            logps = answer_logps(model, batch, self.chunk_size)
+        model.train(was_training)
+        return logps
+
+    def precompute(self, batches: list[PairBatch], num_pairs: int) -> None:
+        table = torch.zeros(num_pairs, 2)
+        for batch in batches:
+            logps = self.compute(batch.to(self.engine.device), training_pairs=False).cpu()
+            table[batch.pair_ids, 0], table[batch.pair_ids, 1] = logps[: batch.num_pairs], logps[batch.num_pairs :]
+        self.table = table
+
+
+def pair_statistics(config: DPOConfig, reference: ReferencePolicy | None):
+    """Per-pair DPO loss and diagnostics of a batch, shared by training and evaluation."""
+    loss_type, settings = DPOLoss(config.dpo.loss), config.dpo
+
+    def statistics(model: torch.nn.Module, batch: PairBatch, training_pairs: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        pairs = batch.num_pairs
+        logps = answer_logps(model, batch, config.train.loss_chunk_tokens)  # (2B,)
+        ref = reference.compute(batch, training_pairs) if reference is not None else None
+        lengths = batch.answer_lengths.float()
+        chosen, rejected, len_chosen, len_rejected = logps[:pairs], logps[pairs:], lengths[:pairs], lengths[pairs:]
+        ref_chosen, ref_rejected = (ref[:pairs], ref[pairs:]) if ref is not None else (None, None)
+        losses = dpo_family_loss(
+            loss_type, chosen, rejected, ref_chosen, ref_rejected, len_chosen, len_rejected,
+            settings.beta, settings.label_smoothing, settings.simpo_gamma,
+        )
+        reward_chosen = implicit_rewards(chosen.detach(), ref_chosen, settings.beta, len_chosen)
+        reward_rejected = implicit_rewards(rejected.detach(), ref_rejected, settings.beta, len_rejected)
+        margin = reward_chosen - reward_rejected
+        return losses, {
+            "accuracy": (margin > 0).float() + 0.5 * (margin == 0).float(),  # ties (e.g. before training) count half
+            "margin": margin,
+            "reward_chosen": reward_chosen,
+            "reward_rejected": reward_rejected,
+            "logps_chosen": chosen.detach(),
+            "logps_rejected": rejected.detach(),
+        }
+
+    return statistics
+
+
+def run(config: DPOConfig, resume: bool = False) -> dict:
+    run_dir = RunDir.open(config.train.output_dir, STAGE, config, resume)
+    train, data, generation = config.train, config.data, config.generation
+
+    # Data: every row is read and checked before any weights load.
+    splits = load_splits(data, train.seed)
+    train_examples, report = preference_examples(splits.train, data.invalid_rows)
+    eval_examples, _ = preference_examples(splits.eval, data.invalid_rows) if splits.eval else ([], None)
+    source = resolve(config.model.name_or_path, config.model.gguf_file)
+    tokenizer = load_tokenizer(source, config.model.trust_remote_code)
+    train_pairs, counts = tokenize_pairs(tokenizer, train_examples, data.template, data.max_length)
+    eval_pairs, _ = tokenize_pairs(tokenizer, eval_examples, data.template, data.max_length)
+    adjustments = "".join(f"; {count} {reason}" for reason, count in counts.items())
+    print(f"data: {report.summary()}{adjustments}; {len(train_pairs)} train / {len(eval_pairs)} eval pairs")
+    prompt_turns = [example.prompt for example in eval_examples[: generation.num_prompts]]
+    prompt_turns += [({"role": "user", "content": text},) for text in generation.extra_prompts]
+    prompt_texts = [render_prompt(tokenizer, turns, data.template) for turns in prompt_turns]
+    scorer = RewardModelScorer(config.eval.reward_model, data.max_length, data.template) if config.eval.reward_model else None
+
+    # Policy, reference and optimiser.
+    engine = Engine(train, config.model.device, run_dir, STAGE)
+    model = engine.build_model(source, config.model, config.lora)
+    frozen_copy = None if config.lora.enabled else copy.deepcopy(model).eval().requires_grad_(False)
+    reference = None if DPOLoss(config.dpo.loss) is DPOLoss.simpo else ReferencePolicy(engine, frozen_copy, train.loss_chunk_tokens)
+    batches_for_epoch = lambda epoch: pair_batches(train_pairs, train.batch_size, seed=train.seed + epoch)  # noqa: E731
+    engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
+    if frozen_copy is not None:
+        frozen_copy.to(engine.device)
+    statistics = pair_statistics(config, reference)
+    eval_batches = pair_batches(eval_pairs, train.batch_size, seed=None)[: config.eval.max_batches]
+
+    def loss_fn(model: torch.nn.Module, batch: PairBatch) -> LossOutput:
+        losses, stats = statistics(model, batch, training_pairs=True)
+        return LossOutput(losses.sum(), {name: values.sum().item() for name, values in stats.items()})
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        was_training = engine.model.training
+        engine.model.eval()
+        sums: dict[str, float] = {}
+        pairs = 0
+        for batch in eval_batches:
+            losses, stats = statistics(engine.model, batch.to(engine.device), training_pairs=False)
+            for name, values in {"loss": losses, **stats}.items():
+                sums[name] = sums.get(name, 0.0) + values.sum().item()
+            pairs += batch.num_pairs
+        engine.model.train(was_training)
+        return {name: total / max(pairs, 1) for name, total in sums.items()}
+
+    def answer_and_score() -> tuple[list[str], dict]:
+        scores = evaluate() if eval_batches else {}
+        answers = generate_texts(
+            engine.unwrapped_model, tokenizer, prompt_texts, generation.max_new_tokens,
+            generation.temperature, generation.top_p, generation.batch_size, seed=train.seed,
+        ) if prompt_texts else []
+        if scorer is not None and answers:
+            rewards = scorer.score(prompt_turns, answers)
+            scores["reward_model_score"] = sum(rewards) / len(rewards)
+        return answers, scores
+
+    engine.resume(resume)
+    if reference is not None and config.dpo.precompute_reference:
+        reference.precompute(pair_batches(train_pairs, train.batch_size, seed=None), len(train_pairs))
+
+    # Train, measuring implicit-reward accuracy (and the reward model's score of answers) before and after.
+    metrics = run_dir.read_json("metrics.json")
+    if config.eval.before and "before" not in metrics:
+        metrics["answers_before"], metrics["before"] = answer_and_score()
+        run_dir.update_json("metrics.json", before=metrics["before"], answers_before=metrics["answers_before"])
+        print(f"before: {_describe(metrics['before'])}")
+    engine.fit(batches_for_epoch, loss_fn, evaluate if eval_batches else None)
+    metrics["answers_after"], metrics["after"] = answer_and_score()
+    print(f"after: {_describe(metrics['after'])}")
+
+    # Save.
+    engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled, "loss": config.dpo.loss})
+    if prompt_texts:
+        columns = {"before": metrics["answers_before"]} if "answers_before" in metrics else {}
+        columns["after"] = metrics["answers_after"]
+        write_side_by_side(run_dir.root, [turns[-1]["content"] for turns in prompt_turns], columns, [None] * len(prompt_turns))
+    run_dir.update_json("metrics.json", **metrics, data=report.summary())
+    run_dir.write_marker(STAGE, "complete")
+    engine.finish()
+    return metrics
+
+
+def _describe(scores: dict) -> str:
+    parts = []
+    if "accuracy" in scores:
+        parts.append(f"held-out implicit-reward accuracy {scores['accuracy']:.3f}, margin {scores['margin']:.4f}")
+    if "reward_model_score" in scores:
+        parts.append(f"reward-model score of answers {scores['reward_model_score']:.3f}")
+    return ", ".join(parts) or "no held-out data"

@@ -1,0 +1,110 @@
+"""`rlhfkit reward`: train a reward model on preference pairs with the Bradley–Terry loss.
+
+A one-output sequence-classification head on the backbone (LoRA on the backbone, the head fully
+trained; or full fine-tuning). Chosen and rejected answers of a batch go through the model in one
+forward pass. Pair accuracy, mean margin and reward statistics are measured on held-out pairs
+before and after training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.config import RewardConfig
+from rlhfkit.data.batching import RewardBatch, reward_batches
+from rlhfkit.data.formatting import tokenize_pairs
+from rlhfkit.data.kinds import preference_examples
+from rlhfkit.data.loading import load_splits
+from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
+from rlhfkit.losses.reward import bradley_terry_loss
+from rlhfkit.models import load_tokenizer, resolve
+from rlhfkit.rewards import reward_model_forward, special_token_wrapper
+
+STAGE = "reward"
+
+
+def pair_rewards(model: torch.nn.Module, batch: RewardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) chosen and (B,) rejected rewards from one forward over both halves."""
+    rewards = reward_model_forward(model, batch)  # (2B,)
+    return rewards[: batch.loss_units], rewards[batch.loss_units :]
+
+
+def reward_loss(center_coef: float, use_margins: bool):
+    def loss_fn(model: torch.nn.Module, batch: RewardBatch) -> LossOutput:
+        chosen, rejected = pair_rewards(model, batch)
+        losses = bradley_terry_loss(chosen, rejected, batch.margins if use_margins else None, center_coef)
+        difference = (chosen - rejected).detach()
+        return LossOutput(losses.sum(), {"accuracy": (difference > 0).sum().item(), "margin": difference.sum().item()})
+
+    return loss_fn
+
+
+@torch.inference_mode()
+def evaluate_pairs(model: torch.nn.Module, batches: list[RewardBatch], device: torch.device) -> dict[str, float]:
+    """Pair accuracy (ties count half), mean margin r_c − r_r, and reward mean/std over held-out pairs."""
+    was_training = model.training
+    model.eval()
+    chosen_all, rejected_all = [], []
+    for batch in batches:
+        chosen, rejected = pair_rewards(model, batch.to(device))
+        chosen_all.append(chosen.cpu())
+        rejected_all.append(rejected.cpu())
+    model.train(was_training)
+    chosen, rejected = torch.cat(chosen_all), torch.cat(rejected_all)
+    both = torch.cat([chosen, rejected])
+    accuracy = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
+    return {
+        "accuracy": accuracy.item(),
+        "margin": (chosen - rejected).mean().item(),
+        "reward_mean": both.mean().item(),
+        "reward_std": both.std().item() if both.numel() > 1 else 0.0,
+        "chosen_mean": chosen.mean().item(),
+        "rejected_mean": rejected.mean().item(),
+        "pairs": chosen.numel(),
+    }
+
+
+def run(config: RewardConfig, resume: bool = False) -> dict:
+    run_dir = RunDir.open(config.train.output_dir, STAGE, config, resume)
+    train, data = config.train, config.data
+
+    # Data: every row is read and checked before any weights load.
+    splits = load_splits(data, train.seed)
+    train_examples, report = preference_examples(splits.train, data.invalid_rows)
+    eval_examples, _ = preference_examples(splits.eval, data.invalid_rows) if splits.eval else ([], None)
+    source = resolve(config.model.name_or_path, config.model.gguf_file)
+    tokenizer = load_tokenizer(source, config.model.trust_remote_code)
+    wrap = special_token_wrapper(tokenizer)
+    length = data.max_length - len(wrap([]))  # leave room for [CLS]/[SEP]
+    train_pairs, counts = tokenize_pairs(tokenizer, train_examples, data.template, length)
+    eval_pairs, _ = tokenize_pairs(tokenizer, eval_examples, data.template, length)
+    adjustments = "".join(f"; {count} {reason}" for reason, count in counts.items())
+    print(f"data: {report.summary()}{adjustments}; {len(train_pairs)} train / {len(eval_pairs)} eval pairs")
+
+    # Model and optimiser.
+    engine = Engine(train, config.model.device, run_dir, STAGE)
+    model = engine.build_model(source, config.model, config.lora, reward_model=True)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    batches_for_epoch = lambda epoch: reward_batches(train_pairs, train.batch_size, tokenizer.pad_token_id, train.seed + epoch, wrap)  # noqa: E731
+    engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
+    eval_batches = reward_batches(eval_pairs, train.batch_size, tokenizer.pad_token_id, None, wrap)[: config.eval.max_batches]
+    evaluate = (lambda: evaluate_pairs(engine.model, eval_batches, engine.device)) if eval_batches else None
+    engine.resume(resume)
+
+    # Train, measuring held-out pair accuracy before and after.
+    metrics = run_dir.read_json("metrics.json")
+    if evaluate and config.eval.before and "before" not in metrics:
+        metrics["before"] = evaluate()
+        run_dir.update_json("metrics.json", before=metrics["before"])
+        print(f"before: held-out pair accuracy {metrics['before']['accuracy']:.3f}, margin {metrics['before']['margin']:.3f}")
+    engine.fit(batches_for_epoch, reward_loss(config.loss.center_coef, config.loss.use_margins), evaluate)
+    if evaluate:
+        metrics["after"] = evaluate()
+        print(f"after: held-out pair accuracy {metrics['after']['accuracy']:.3f}, margin {metrics['after']['margin']:.3f}")
+
+    # Save.
+    engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled, "reward_model": True})
+    run_dir.update_json("metrics.json", **metrics, data=report.summary())
+    run_dir.write_marker(STAGE, "complete")
+    engine.finish()
+    return metrics
