@@ -171,7 +171,8 @@ def load_reward_model(source: ModelSource, settings: ModelSettings, dtype: torch
             base = load_reward_model(source.base, settings, dtype)
             return PeftModel.from_pretrained(base, str(source.adapter_dir)).merge_and_unload()
         causal = load_causal_lm(source, settings, dtype)
-        model = AutoModelForSequenceClassification.from_config(causal.config, num_labels=1, dtype=dtype)
+        causal.config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(causal.config, dtype=dtype)
         missing, _ = model.load_state_dict(causal.state_dict(), strict=False)
         if any(not name.startswith(("score", "classifier")) for name in missing):
             raise UserError(f"{source.adapter_dir}: cannot turn this causal LM into a reward model")

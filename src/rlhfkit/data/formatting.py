@@ -172,8 +172,8 @@ def prompt_and_response_ids(
 def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int) -> tuple[list[int], list[int], list[int]]:
     """Truncate to max_length: the prompt loses its start (the final turns are kept), an answer its end.
 
-    When the prompt is long, each answer keeps at least half of max_length. Both answers get the
-    same prompt, so their log-probs stay comparable.
+    A long prompt and a long answer split max_length evenly; a short one leaves its unused room to
+    the other. Both answers get the same prompt, so their scores stay comparable.
     """
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= max_length:

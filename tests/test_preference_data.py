@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from conftest import write_jsonl
+from rlhfkit.data.batching import IGNORE_INDEX, pack_pairs, reward_batches
+from rlhfkit.data.formatting import TokenizedPair, fit_pair
+from rlhfkit.data.kinds import preference_examples, split_shared_prefix
+from rlhfkit.data.loading import read_rows
+from rlhfkit.errors import DataError
+
+
+def examples(tmp_path, rows, on_invalid="error"):
+    return preference_examples(read_rows(str(write_jsonl(tmp_path / "prefs.jsonl", rows))), on_invalid)
+
+
+def test_explicit_and_conversational_rows(tmp_path):
+    rows = [
+        {"prompt": "Why?", "chosen": "Because.", "rejected": "No.", "margin": 1.5},
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
+         "rejected": [{"role": "assistant", "content": "Go away."}]},
+    ]
+    (first, second), _ = examples(tmp_path, rows)
+    assert first.prompt == ({"role": "user", "content": "Why?"},) and first.margin == 1.5
+    assert second.chosen == "Hello!" and second.rejected == "Go away."
+
+
+def test_implicit_prompt_from_hh_transcripts():
+    chosen = "\n\nHuman: What is a star?\n\nAssistant: A ball of gas.\n\nHuman: Hot?\n\nAssistant: Yes, very hot."
+    rejected = "\n\nHuman: What is a star?\n\nAssistant: A ball of gas.\n\nHuman: Hot?\n\nAssistant: Yes. Cold."
+    prompt, chosen_answer, rejected_answer = split_shared_prefix(chosen, rejected)
+    assert prompt == (
+        {"role": "user", "content": "What is a star?"},
+        {"role": "assistant", "content": "A ball of gas."},
+        {"role": "user", "content": "Hot?"},
+    )
+    # The answers share "Yes" but the cut is at the last shared "Assistant:", not inside the answer.
+    assert (chosen_answer, rejected_answer) == ("Yes, very hot.", "Yes. Cold.")
+
+
+def test_implicit_prompt_from_plain_text():
+    prompt, chosen, rejected = split_shared_prefix("Q: why is it so? It is blue", "Q: why is it so? It is red")
+    assert prompt == ({"role": "user", "content": "Q: why is it so? It is"},) and (chosen, rejected) == ("blue", "red")
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "q", "chosen": "same", "rejected": "same"}, "prefs.jsonl:1: chosen and rejected are identical"),
+        ({"prompt": "q", "chosen": "", "rejected": "b"}, "prefs.jsonl:1: column 'chosen' is empty"),
+        ({"prompt": "q", "chosen": "a", "rejected": 7}, "column 'rejected' must be a string"),
+        ({"chosen": "abc", "rejected": "xyz"}, "share no prompt"),
+        ({"chosen": "same text", "rejected": "same text"}, "identical"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}, "'margin' must be a number"),
+    ],
+)
+def test_bad_rows_are_named(tmp_path, row, message):
+    with pytest.raises(DataError, match=message):
+        examples(tmp_path, [row])
+
+
+def test_skip_counts_and_missing_columns(tmp_path):
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "a"}, {"prompt": "q", "chosen": "a", "rejected": "b"}]
+    kept, report = examples(tmp_path, rows, "skip")
+    assert len(kept) == 1 and report.skipped == {"chosen equals rejected": 1}
+    with pytest.raises(DataError, match="prefs.jsonl:1: missing column: expected `chosen` and `rejected`"):
+        examples(tmp_path, [{"prompt": "q", "answer": "a"}])
+
+
+def test_fit_pair_keeps_final_turns_and_answer_starts():
+    prompt, chosen, rejected = list(range(100, 120)), [1, 2, 3, 4, 5, 6], [7, 8]
+    assert fit_pair(prompt, chosen, rejected, 30) == (prompt, chosen, rejected)  # fits: unchanged
+    # long prompt and long answer split the 10 tokens evenly: the prompt keeps its last 5, the answer its first 5
+    assert fit_pair(prompt, chosen, rejected, 10) == (list(range(115, 120)), [1, 2, 3, 4, 5], [7, 8])
+    # a short answer leaves its room to the prompt: 10 - 2 = 8 prompt tokens
+    assert fit_pair(prompt, [1, 2], [3], 10) == (list(range(112, 120)), [1, 2], [3])
+    # a short prompt leaves its room to the answer: 10 - 3 = 7 answer tokens
+    assert fit_pair([100, 101, 102], list(range(50)), [9], 10) == ([100, 101, 102], list(range(7)), [9])
+
+
+def test_pack_pairs_targets_only_answers():
+    # pair 0: prompt [1, 2], chosen [3], rejected [4, 5]; pair 1: prompt [6], chosen [7, 8], rejected [9]
+    pairs = [TokenizedPair([1, 2], [3], [4, 5]), TokenizedPair([6], [7, 8], [9])]
+    batch = pack_pairs(pairs, [10, 11])
+    # row: [1 2 3][6 7 8][1 2 4 5][6 9] -- chosen sequences first, then rejected
+    assert batch.input_ids.tolist() == [[1, 2, 3, 6, 7, 8, 1, 2, 4, 5, 6, 9]]
+    assert batch.targets.tolist() == [[IGNORE_INDEX, 3, IGNORE_INDEX, 7, 8, IGNORE_INDEX, IGNORE_INDEX, 4, 5, IGNORE_INDEX, 9, IGNORE_INDEX]]
+    assert batch.sequence_index.tolist() == [0, 1, 1, 2, 2, 3]
+    assert batch.answer_lengths.tolist() == [1, 2, 2, 1] and batch.pair_ids.tolist() == [10, 11]
+
+
+def test_reward_batches_put_chosen_first_and_pad_right():
+    pairs = [TokenizedPair([1, 2], [3], [4, 5])]
+    [batch] = reward_batches(pairs, batch_size=4, pad_id=0, seed=None)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 0], [1, 2, 4, 5]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert batch.margins is None and batch.loss_units == 1
+    wrapped = reward_batches(pairs, 4, 0, None, wrap=lambda ids: [101] + ids + [102])[0]
+    assert wrapped.input_ids[0].tolist() == [101, 1, 2, 3, 102, 0]
+    assert torch.equal(reward_batches([TokenizedPair([1], [2], [3], margin=2.0)], 4, 0, None)[0].margins, torch.tensor([2.0]))

@@ -1,0 +1,84 @@
+"""The reward-model and DPO stages on a tiny random model: they learn a simple preference."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from rlhfkit.cli import main
+from rlhfkit.config import load_config
+from rlhfkit.rewards import RewardModelScorer
+from rlhfkit.stages import dpo, reward
+
+
+@pytest.fixture()
+def preference_file(tmp_path, sft_rows):
+    rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "No idea, go away."} for r in sft_rows]
+    return write_jsonl(tmp_path / "prefs.jsonl", rows)
+
+
+def stage_config(stage, model, data, output_dir, *overrides):
+    return load_config(stage, None, [
+        f"model.name_or_path={model}", f"data.path={data}", "data.eval_fraction=0.25", "data.max_length=96",
+        f"train.output_dir={output_dir}", "train.trackers=[]", "train.batch_size=4", "lora.dropout=0.0", *overrides,
+    ])
+
+
+def test_reward_model_learns_a_simple_preference(tiny_model, preference_file, tmp_path):
+    metrics = reward.run(stage_config("reward", tiny_model, preference_file, tmp_path / "rm", "train.epochs=4", "train.lr=3e-3"))
+    assert metrics["after"]["accuracy"] == 1.0
+    assert metrics["after"]["margin"] > metrics["before"]["margin"] + 1.0
+    assert {"reward_mean", "reward_std", "chosen_mean", "rejected_mean"} <= set(metrics["after"])
+    scorer = RewardModelScorer(str(tmp_path / "rm"), max_length=96)
+    good, bad = scorer.score(["Why is the sky blue?"] * 2, ["Sunlight scatters in the air, and blue light scatters the most.", "No idea, go away."])
+    assert good > bad
+
+
+def test_reward_model_on_an_sft_adapter_backbone_and_score_command(tiny_model, preference_file, sft_rows, tmp_path, capsys):
+    sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    assert main(["sft", "--set", f"model.name_or_path={tiny_model}", "--set", f"data.path={sft_data}", "--set", "train.max_steps=2",
+                 "--set", f"train.output_dir={tmp_path / 'sft'}", "--set", "generation.num_prompts=0", "--set", "train.trackers=[]"]) == 0
+    reward.run(stage_config("reward", tmp_path / "sft", preference_file, tmp_path / "rm", "train.max_steps=2"))
+    adapter = json.loads((tmp_path / "rm" / "final" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS" and adapter["base_model_name_or_path"] == str(tmp_path / "sft")
+    capsys.readouterr()
+    assert main(["score", str(tmp_path / "rm"), "--prompt", "Why?", "--response", "Because."]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out)["score"], float)
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"prompt": "Why?", "completion": "Because."}, {"prompt": "How?", "completion": "Slowly."}])
+    assert main(["score", str(tmp_path / "rm"), "--data", str(answers), "--output", str(tmp_path / "scored.jsonl")]) == 0
+    assert len((tmp_path / "scored.jsonl").read_text().splitlines()) == 2
+    assert main(["score", str(tmp_path / "rm"), "--prompt", "only a prompt"]) == 2
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo"])
+def test_dpo_moves_chosen_log_probs_above_rejected(tiny_model, preference_file, tmp_path, loss):
+    beta = "0.5" if loss == "simpo" else "0.1"
+    metrics = dpo.run(stage_config("dpo", tiny_model, preference_file, tmp_path / "dpo", f"dpo.loss={loss}", f"dpo.beta={beta}",
+                                   "train.epochs=3", "train.lr=5e-3", "generation.num_prompts=0"))
+    before, after = metrics["before"], metrics["after"]
+    gap = lambda m: m["logps_chosen"] - m["logps_rejected"]  # noqa: E731
+    assert gap(after) > gap(before) + 1.0
+    assert after["accuracy"] > 0.9 and after["loss"] < before["loss"]
+    if loss != "simpo":
+        assert before["accuracy"] == 0.5 and before["margin"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
+
+
+def test_precomputed_reference_equals_live_reference_and_full_fine_tuning_works(tiny_model, preference_file, tmp_path):
+    common = ["train.max_steps=3", "train.lr=5e-3", "generation.num_prompts=0", "eval.before=false"]
+    live = dpo.run(stage_config("dpo", tiny_model, preference_file, tmp_path / "live", *common))
+    table = dpo.run(stage_config("dpo", tiny_model, preference_file, tmp_path / "table", "dpo.precompute_reference=true", *common))
+    assert table["after"]["loss"] == pytest.approx(live["after"]["loss"], rel=1e-4)
+    full = dpo.run(stage_config("dpo", tiny_model, preference_file, tmp_path / "full", "lora.enabled=false", *common))
+    assert full["after"]["accuracy"] > 0.5
+    assert (tmp_path / "full" / "final" / "model.safetensors").exists()
+
+
+def test_dpo_scores_generated_answers_with_a_reward_model(tiny_model, preference_file, tmp_path):
+    reward.run(stage_config("reward", tiny_model, preference_file, tmp_path / "rm", "train.max_steps=2"))
+    metrics = dpo.run(stage_config("dpo", tiny_model, preference_file, tmp_path / "dpo", "train.max_steps=2",
+                                   f"eval.reward_model={tmp_path / 'rm'}", "generation.num_prompts=2", "generation.max_new_tokens=4",
+                                   "generation.extra_prompts=[Explain quantum computing to a 10-year-old.]"))
+    assert isinstance(metrics["before"]["reward_model_score"], float) and isinstance(metrics["after"]["reward_model_score"], float)
+    assert "Explain quantum computing" in (tmp_path / "dpo" / "samples.md").read_text()
+    assert torch.isfinite(torch.tensor(metrics["after"]["reward_model_score"]))
