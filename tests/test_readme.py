@@ -11,5 +11,6 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_readme_quickstart_uses_the_shipped_config():
     readme = (ROOT / "README.md").read_text()
-    assert "rlhfkit pretrain configs/quickstart.yaml" in readme and "rlhfkit sft configs/quickstart.yaml" in readme
+    for stage in ("pretrain", "sft", "reward", "dpo"):
+        assert f"rlhfkit {stage} configs/quickstart.yaml" in readme
     assert (ROOT / "configs/quickstart.yaml").exists()

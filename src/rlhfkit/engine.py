@@ -248,6 +248,12 @@ class Engine:
         save_model(self.unwrapped_model, tokenizer, target, portable_reference(base_reference), info)
         return target
 
+    def complete(self, metrics: dict, data_summary: str) -> None:
+        """Record the final metrics, mark the run complete and close the trackers."""
+        self.run.update_json("metrics.json", **metrics, data=data_summary)
+        self.run.write_marker(self.stage, "complete")
+        self.accelerator.end_training()
+
     # ---- checkpoints -------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
@@ -391,9 +397,6 @@ class Engine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units, **{k: v / units for k, v in extra.items()}}
-
-    def finish(self) -> None:
-        self.accelerator.end_training()
 
 
 def _installed(module: str) -> bool:

@@ -40,3 +40,26 @@ def write_side_by_side(
             lines += ["**reference:**", "", references[index], ""]
     write_text_atomically(directory / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     write_text_atomically(directory / "samples.md", "\n".join(lines))
+
+
+METRIC_LABELS = {
+    "perplexity": "held-out perplexity {:.3f}",
+    "rouge_l": "ROUGE-L {:.4f}",
+    "accuracy": "held-out pair accuracy {:.3f}",
+    "margin": "margin {:.4f}",
+    "reward_model_score": "reward-model score of answers {:.3f}",
+}
+
+
+def describe(scores: dict) -> str:
+    """One console line for a stage's held-out metrics."""
+    parts = [label.format(scores[name]) for name, label in METRIC_LABELS.items() if name in scores]
+    return ", ".join(parts) or "no held-out data"
+
+
+def write_answers_before_after(directory: Path, prompt_turns: Sequence[Sequence[dict]], metrics: dict, references: Sequence[str | None]) -> None:
+    """samples.md/.jsonl comparing the answers generated before and after a stage."""
+    columns = {"before": metrics["answers_before"]} if "answers_before" in metrics else {}
+    columns["after"] = metrics["answers_after"]
+    prompts = [turns[-1]["content"] for turns in prompt_turns]
+    write_side_by_side(directory, prompts, columns, list(references) + [None] * (len(prompts) - len(references)))

@@ -48,3 +48,12 @@ def generate_texts(
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return outputs
+
+
+def generate_answers(model: torch.nn.Module, tokenizer: Any, prompt_texts: Sequence[str], settings: Any, seed: int) -> list[str]:
+    """generate_texts with a stage's `generation` settings."""
+    if not prompt_texts:
+        return []
+    return generate_texts(
+        model, tokenizer, prompt_texts, settings.max_new_tokens, settings.temperature, settings.top_p, settings.batch_size, seed=seed
+    )

@@ -21,9 +21,9 @@ from rlhfkit.data.formatting import render_prompt, tokenize_pairs
 from rlhfkit.data.kinds import preference_examples
 from rlhfkit.data.loading import load_splits
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
-from rlhfkit.evaluate import write_side_by_side
+from rlhfkit.evaluate import describe, write_answers_before_after
 from rlhfkit.forward import answer_logps
-from rlhfkit.generation import generate_texts
+from rlhfkit.generation import generate_answers
 from rlhfkit.losses.dpo import DPOLoss, dpo_family_loss, implicit_rewards
 from rlhfkit.models import load_tokenizer, resolve
 from rlhfkit.rewards import RewardModelScorer
@@ -142,10 +142,7 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
 
     def answer_and_score() -> tuple[list[str], dict]:
         scores = evaluate() if eval_batches else {}
-        answers = generate_texts(
-            engine.unwrapped_model, tokenizer, prompt_texts, generation.max_new_tokens,
-            generation.temperature, generation.top_p, generation.batch_size, seed=train.seed,
-        ) if prompt_texts else []
+        answers = generate_answers(engine.unwrapped_model, tokenizer, prompt_texts, generation, train.seed)
         if scorer is not None and answers:
             rewards = scorer.score(prompt_turns, answers)
             scores["reward_model_score"] = sum(rewards) / len(rewards)
@@ -160,27 +157,15 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     if config.eval.before and "before" not in metrics:
         metrics["answers_before"], metrics["before"] = answer_and_score()
         run_dir.update_json("metrics.json", before=metrics["before"], answers_before=metrics["answers_before"])
-        print(f"before: {_describe(metrics['before'])}")
+        print(f"before: {describe(metrics['before'])}")
     engine.fit(batches_for_epoch, loss_fn, evaluate if eval_batches else None)
     metrics["answers_after"], metrics["after"] = answer_and_score()
-    print(f"after: {_describe(metrics['after'])}")
+    print(f"after: {describe(metrics['after'])}")
 
     # Save.
     engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled, "loss": config.dpo.loss})
     if prompt_texts:
-        columns = {"before": metrics["answers_before"]} if "answers_before" in metrics else {}
-        columns["after"] = metrics["answers_after"]
-        write_side_by_side(run_dir.root, [turns[-1]["content"] for turns in prompt_turns], columns, [None] * len(prompt_turns))
-    run_dir.update_json("metrics.json", **metrics, data=report.summary())
-    run_dir.write_marker(STAGE, "complete")
-    engine.finish()
+        write_answers_before_after(run_dir.root, prompt_turns, metrics, references=[])
+    engine.complete(metrics, report.summary())
     return metrics
 
-
-def _describe(scores: dict) -> str:
-    parts = []
-    if "accuracy" in scores:
-        parts.append(f"held-out implicit-reward accuracy {scores['accuracy']:.3f}, margin {scores['margin']:.4f}")
-    if "reward_model_score" in scores:
-        parts.append(f"reward-model score of answers {scores['reward_model_score']:.3f}")
-    return ", ".join(parts) or "no held-out data"

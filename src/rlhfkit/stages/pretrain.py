@@ -13,6 +13,7 @@ from rlhfkit.data.loading import load_splits
 from rlhfkit.data.formatting import tokenize_corpus
 from rlhfkit.engine import Engine, RunDir, steps_for
 from rlhfkit.errors import DataError
+from rlhfkit.evaluate import describe
 from rlhfkit.forward import lm_loss, perplexity_evaluator
 from rlhfkit.models import load_tokenizer, resolve
 
@@ -49,15 +50,13 @@ def run(config: PretrainConfig, resume: bool = False) -> dict:
     if evaluate and config.eval.before and "before" not in metrics:
         metrics["before"] = evaluate()
         run_dir.update_json("metrics.json", before=metrics["before"])
-        print(f"before: held-out perplexity {metrics['before']['perplexity']:.3f}")
+        print(f"before: {describe(metrics['before'])}")
     engine.fit(batches_for_epoch, lm_loss(train.loss_chunk_tokens), evaluate)
     if evaluate:
         metrics["after"] = evaluate()
-        print(f"after: held-out perplexity {metrics['after']['perplexity']:.3f}")
+        print(f"after: {describe(metrics['after'])}")
 
     # Save.
     engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled})
-    run_dir.update_json("metrics.json", **metrics, data=report.summary())
-    run_dir.write_marker(STAGE, "complete")
-    engine.finish()
+    engine.complete(metrics, report.summary())
     return metrics

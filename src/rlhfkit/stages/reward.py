@@ -16,6 +16,7 @@ from rlhfkit.data.formatting import tokenize_pairs
 from rlhfkit.data.kinds import preference_examples
 from rlhfkit.data.loading import load_splits
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
+from rlhfkit.evaluate import describe
 from rlhfkit.losses.reward import bradley_terry_loss
 from rlhfkit.models import load_tokenizer, resolve
 from rlhfkit.rewards import reward_model_forward, special_token_wrapper
@@ -96,15 +97,13 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
     if evaluate and config.eval.before and "before" not in metrics:
         metrics["before"] = evaluate()
         run_dir.update_json("metrics.json", before=metrics["before"])
-        print(f"before: held-out pair accuracy {metrics['before']['accuracy']:.3f}, margin {metrics['before']['margin']:.3f}")
+        print(f"before: {describe(metrics['before'])}")
     engine.fit(batches_for_epoch, reward_loss(config.loss.center_coef, config.loss.use_margins), evaluate)
     if evaluate:
         metrics["after"] = evaluate()
-        print(f"after: held-out pair accuracy {metrics['after']['accuracy']:.3f}, margin {metrics['after']['margin']:.3f}")
+        print(f"after: {describe(metrics['after'])}")
 
     # Save.
     engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled, "reward_model": True})
-    run_dir.update_json("metrics.json", **metrics, data=report.summary())
-    run_dir.write_marker(STAGE, "complete")
-    engine.finish()
+    engine.complete(metrics, report.summary())
     return metrics

@@ -14,9 +14,9 @@ from rlhfkit.data.formatting import render_prompt, tokenize_examples
 from rlhfkit.data.kinds import ChatExample, chat_examples
 from rlhfkit.data.loading import load_splits
 from rlhfkit.engine import Engine, RunDir, steps_for
-from rlhfkit.evaluate import rouge_l, write_side_by_side
+from rlhfkit.evaluate import describe, rouge_l, write_answers_before_after
 from rlhfkit.forward import lm_loss, perplexity_evaluator
-from rlhfkit.generation import generate_texts
+from rlhfkit.generation import generate_answers
 from rlhfkit.models import load_tokenizer, resolve
 
 STAGE = "sft"
@@ -63,10 +63,7 @@ def run(config: SFTConfig, resume: bool = False) -> dict:
     evaluate = perplexity_evaluator(engine.model, eval_batches, engine.device, train.loss_chunk_tokens)
 
     def answer_and_score() -> tuple[list[str], dict]:
-        answers = generate_texts(
-            engine.unwrapped_model, tokenizer, prompt_texts, generation.max_new_tokens,
-            generation.temperature, generation.top_p, generation.batch_size, seed=train.seed,
-        )
+        answers = generate_answers(engine.unwrapped_model, tokenizer, prompt_texts, generation, train.seed)
         scores = evaluate() if evaluate else {}
         if references:
             scores["rouge_l"] = rouge_l(answers[: len(references)], references)
@@ -79,27 +76,14 @@ def run(config: SFTConfig, resume: bool = False) -> dict:
     if config.eval.before and "before" not in metrics:
         metrics["answers_before"], metrics["before"] = answer_and_score()
         run_dir.update_json("metrics.json", before=metrics["before"], answers_before=metrics["answers_before"])
-        print(f"before: {_describe(metrics['before'])}")
+        print(f"before: {describe(metrics['before'])}")
     engine.fit(batches_for_epoch, lm_loss(train.loss_chunk_tokens), evaluate)
     metrics["answers_after"], metrics["after"] = answer_and_score()
-    print(f"after: {_describe(metrics['after'])}")
+    print(f"after: {describe(metrics['after'])}")
 
     # Save.
     engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled})
-    columns = {"before": metrics["answers_before"]} if "answers_before" in metrics else {}
-    columns["after"] = metrics["answers_after"]
-    display = [turns[-1]["content"] for turns in prompt_turns]
-    write_side_by_side(run_dir.root, display, columns, references + [None] * len(generation.extra_prompts))
-    run_dir.update_json("metrics.json", **metrics, data=report.summary())
-    run_dir.write_marker(STAGE, "complete")
-    engine.finish()
+    write_answers_before_after(run_dir.root, prompt_turns, metrics, references)
+    engine.complete(metrics, report.summary())
     return metrics
 
-
-def _describe(scores: dict) -> str:
-    parts = []
-    if "perplexity" in scores:
-        parts.append(f"held-out response perplexity {scores['perplexity']:.3f}")
-    if "rouge_l" in scores:
-        parts.append(f"ROUGE-L {scores['rouge_l']:.4f}")
-    return ", ".join(parts) or "no held-out data"
