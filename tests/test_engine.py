@@ -141,3 +141,18 @@ def test_checkpoint_dir_that_is_not_one(tiny_model, tmp_path, text_rows):
         RunDir.open(str(tmp_path / "elsewhere"), "pretrain", config, resume=True)
     with pytest.raises(UserError, match="is a pretrain run, not a sft run"):
         RunDir.open(str(tmp_path / "run"), "sft", config, resume=True)
+
+
+def test_a_run_that_died_before_its_first_checkpoint_can_start_again(tiny_model, tmp_path, sft_rows, monkeypatch):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    config = sft_config(tiny_model, data, tmp_path / "run", "train.max_steps=2", "generation.num_prompts=0")
+
+    def crash(self, *args, **kwargs):
+        raise Interrupt("died during the first step")
+
+    monkeypatch.setattr(Engine, "fit", crash)
+    with pytest.raises(Interrupt):
+        sft.run(config)
+    monkeypatch.undo()
+    assert sft.run(config)["after"]["perplexity"] > 0  # nothing to lose, so no --resume needed
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "complete"

@@ -83,10 +83,16 @@ class RunDir:
         """Create a run dir, or reopen one to resume; never overwrite a run that is there."""
         run = cls(Path(output_dir).expanduser())
         marker = run.root / RUN_MARKER
+        holds_work = run.checkpoint_dirs() or (run.root / FINAL_DIR).exists()
         if marker.exists() and not resume:
-            raise UserError(
-                f"{run.root} already holds a run; pass --resume to continue it, or choose another train.output_dir"
-            )
+            if holds_work:
+                raise UserError(
+                    f"{run.root} already holds a run; pass --resume to continue it, or choose another train.output_dir"
+                )
+            # A run that stopped before its first checkpoint has nothing to keep: start it afresh.
+            print(f"note: {run.root} holds a run that stopped before its first checkpoint; starting it again")
+            for stale in (METRICS_LOG, "metrics.json"):
+                (run.root / stale).unlink(missing_ok=True)
         if resume and not marker.exists():
             raise UserError(f"--resume: {run.root} holds no run to resume")
         if run.root.exists() and not run.root.is_dir():

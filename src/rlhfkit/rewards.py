@@ -16,8 +16,9 @@ Messages = Sequence[dict[str, str]]
 
 def special_token_wrapper(tokenizer: Any):
     """Encoders (BERT-style) expect [CLS] ... [SEP] around the text; decoders get the ids unchanged."""
-    if getattr(tokenizer, "cls_token_id", None) is not None:
-        return tokenizer.build_inputs_with_special_tokens
+    cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    if cls is not None and sep is not None:
+        return lambda ids: [cls, *ids, sep]
     return lambda ids: ids
 
 

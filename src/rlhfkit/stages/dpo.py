@@ -105,7 +105,9 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     eval_pairs, _ = tokenize_pairs(tokenizer, eval_examples, data.template, data.max_length)
     adjustments = "".join(f"; {count} {reason}" for reason, count in counts.items())
     print(f"data: {report.summary()}{adjustments}; {len(train_pairs)} train / {len(eval_pairs)} eval pairs")
-    prompt_turns = [example.prompt for example in eval_examples[: generation.num_prompts]]
+    # A question may have several pairs; answer each once.
+    unique_prompts = {tuple((m["role"], m["content"]) for m in example.prompt): example.prompt for example in eval_examples}
+    prompt_turns = list(unique_prompts.values())[: generation.num_prompts]
     prompt_turns += [({"role": "user", "content": text},) for text in generation.extra_prompts]
     prompt_texts = [render_prompt(tokenizer, turns, data.template) for turns in prompt_turns]
     scorer = RewardModelScorer(config.eval.reward_model, data.max_length, data.template) if config.eval.reward_model else None

@@ -35,7 +35,12 @@ def reward_loss(center_coef: float, use_margins: bool):
         chosen, rejected = pair_rewards(model, batch)
         losses = bradley_terry_loss(chosen, rejected, batch.margins if use_margins else None, center_coef)
         difference = (chosen - rejected).detach()
-        return LossOutput(losses.sum(), {"accuracy": (difference > 0).sum().item(), "margin": difference.sum().item()})
+        return LossOutput(losses.sum(), {
+            "accuracy": (difference > 0).sum().item(),
+            "margin": difference.sum().item(),
+            "chosen_mean": chosen.detach().sum().item(),
+            "rejected_mean": rejected.detach().sum().item(),
+        })
 
     return loss_fn
 
