@@ -27,7 +27,7 @@ def test_quickstart_config_runs_on_the_embedded_model(tmp_path):
                  "--set", "generation.max_new_tokens=12", "--set", "generation.extra_prompts=[]"]) == 0
     metrics = json.loads((sft_dir / "metrics.json").read_text())
     assert 1 < metrics["before"]["perplexity"] < 100  # a real pretrained model, not a random one
-    assert len(metrics["answers_after"]) == 2 and all(metrics["answers_after"])
+    assert len(metrics["after"]["answers"]) == 2 and all(metrics["after"]["answers"])
     assert (sft_dir / "samples.md").exists()
 
 

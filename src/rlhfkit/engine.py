@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from rlhfkit import __version__
 from rlhfkit.config import LoraSettings, ModelSettings, StageConfig, TrainSettings, dump_config
 from rlhfkit.errors import UserError
+from rlhfkit.evaluate import describe
 from rlhfkit.files import clean_stale_temporaries, write_dir_atomically, write_json_atomically, write_text_atomically
 from rlhfkit.models import (
     FINAL_DIR,
@@ -253,6 +254,18 @@ class Engine:
         target = self.run.root / FINAL_DIR
         save_model(self.unwrapped_model, tokenizer, target, portable_reference(base_reference), info)
         return target
+
+    def measure(self, metrics: dict, when: str, evaluate: Callable[[], dict] | None) -> None:
+        """Held-out metrics of the model now, stored as metrics[when] and printed.
+
+        "before" is measured once per run and written at once, so a resumed run keeps it.
+        """
+        if evaluate is None or (when == "before" and when in metrics):
+            return
+        metrics[when] = evaluate()
+        if when == "before":
+            self.run.update_json("metrics.json", before=metrics["before"])
+        print(f"{when}: {describe(metrics[when])}")
 
     def complete(self, metrics: dict, data_summary: str) -> None:
         """Record the final metrics, mark the run complete and close the trackers."""

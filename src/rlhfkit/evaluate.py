@@ -52,14 +52,13 @@ METRIC_LABELS = {
 
 
 def describe(scores: dict) -> str:
-    """One console line for a stage's held-out metrics."""
+    """One console line for a stage's held-out metrics (other keys, such as answers, are skipped)."""
     parts = [label.format(scores[name]) for name, label in METRIC_LABELS.items() if name in scores]
     return ", ".join(parts) or "no held-out data"
 
 
 def write_answers_before_after(directory: Path, prompt_turns: Sequence[Sequence[dict]], metrics: dict, references: Sequence[str | None]) -> None:
     """samples.md/.jsonl comparing the answers generated before and after a stage."""
-    columns = {"before": metrics["answers_before"]} if "answers_before" in metrics else {}
-    columns["after"] = metrics["answers_after"]
+    columns = {when: metrics[when]["answers"] for when in ("before", "after") if "answers" in metrics.get(when, {})}
     prompts = [turns[-1]["content"] for turns in prompt_turns]
     write_side_by_side(directory, prompts, columns, list(references) + [None] * (len(prompts) - len(references)))

@@ -138,6 +138,12 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
+def resolve_with_tokenizer(settings: ModelSettings) -> tuple[ModelSource, Any]:
+    """The configured model's source (no weights read) and its tokenizer."""
+    source = resolve(settings.name_or_path, settings.gguf_file)
+    return source, load_tokenizer(source, settings.trust_remote_code)
+
+
 def load_causal_lm(source: ModelSource, settings: ModelSettings, dtype: torch.dtype) -> torch.nn.Module:
     """A plain (adapter-merged) causal LM: adapters in the chain are merged into their base."""
     from transformers import AutoModelForCausalLM

@@ -17,7 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhfkit.data.loading import Row
+from rlhfkit.config import DataSettings
+from rlhfkit.data.loading import Row, load_splits
 from rlhfkit.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -242,3 +243,11 @@ def preference_examples(rows: list[Row], on_invalid: str = "error") -> tuple[lis
             f"found {sorted(columns)} (map yours with data.columns)"
         )
     return _validate(rows, _parse_preference, on_invalid)
+
+
+def load_examples(data: DataSettings, seed: int, parse) -> tuple[list, list, RowReport]:
+    """Train and held-out examples of one kind (parse: text_examples, chat_examples, ...), validated."""
+    splits = load_splits(data, seed)
+    train, report = parse(splits.train, data.invalid_rows)
+    held_out, _ = parse(splits.eval, data.invalid_rows) if splits.eval else ([], None)
+    return train, held_out, report

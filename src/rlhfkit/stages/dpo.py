@@ -18,14 +18,13 @@ import torch
 from rlhfkit.config import DPOConfig
 from rlhfkit.data.batching import PairBatch, pair_batches
 from rlhfkit.data.formatting import render_prompt, tokenize_pairs
-from rlhfkit.data.kinds import preference_examples
-from rlhfkit.data.loading import load_splits
+from rlhfkit.data.kinds import load_examples, preference_examples
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
-from rlhfkit.evaluate import describe, write_answers_before_after
+from rlhfkit.evaluate import write_answers_before_after
 from rlhfkit.forward import answer_logps
 from rlhfkit.generation import generate_answers
 from rlhfkit.losses.dpo import DPOLoss, dpo_family_loss, implicit_rewards
-from rlhfkit.models import load_tokenizer, resolve
+from rlhfkit.models import resolve_with_tokenizer
 from rlhfkit.rewards import RewardModelScorer
 
 STAGE = "dpo"
@@ -96,11 +95,8 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     train, data, generation = config.train, config.data, config.generation
 
     # Data: every row is read and checked before any weights load.
-    splits = load_splits(data, train.seed)
-    train_examples, report = preference_examples(splits.train, data.invalid_rows)
-    eval_examples, _ = preference_examples(splits.eval, data.invalid_rows) if splits.eval else ([], None)
-    source = resolve(config.model.name_or_path, config.model.gguf_file)
-    tokenizer = load_tokenizer(source, config.model.trust_remote_code)
+    train_examples, eval_examples, report = load_examples(data, train.seed, preference_examples)
+    source, tokenizer = resolve_with_tokenizer(config.model)
     train_pairs, counts = tokenize_pairs(tokenizer, train_examples, data.template, data.max_length)
     eval_pairs, _ = tokenize_pairs(tokenizer, eval_examples, data.template, data.max_length)
     adjustments = "".join(f"; {count} {reason}" for reason, count in counts.items())
@@ -142,13 +138,13 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
         engine.model.train(was_training)
         return {name: total / max(pairs, 1) for name, total in sums.items()}
 
-    def answer_and_score() -> tuple[list[str], dict]:
+    def answer_and_score() -> dict:
         scores = evaluate() if eval_batches else {}
         answers = generate_answers(engine.unwrapped_model, tokenizer, prompt_texts, generation, train.seed)
         if scorer is not None and answers:
             rewards = scorer.score(prompt_turns, answers)
             scores["reward_model_score"] = sum(rewards) / len(rewards)
-        return answers, scores
+        return {**scores, "answers": answers}
 
     engine.resume(resume)
     if reference is not None and config.dpo.precompute_reference:
@@ -156,13 +152,10 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
 
     # Train, measuring implicit-reward accuracy (and the reward model's score of answers) before and after.
     metrics = run_dir.read_json("metrics.json")
-    if config.eval.before and "before" not in metrics:
-        metrics["answers_before"], metrics["before"] = answer_and_score()
-        run_dir.update_json("metrics.json", before=metrics["before"], answers_before=metrics["answers_before"])
-        print(f"before: {describe(metrics['before'])}")
+    if config.eval.before:
+        engine.measure(metrics, "before", answer_and_score)
     engine.fit(batches_for_epoch, loss_fn, evaluate if eval_batches else None)
-    metrics["answers_after"], metrics["after"] = answer_and_score()
-    print(f"after: {describe(metrics['after'])}")
+    engine.measure(metrics, "after", answer_and_score)
 
     # Save.
     engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled, "loss": config.dpo.loss})

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from rlhfkit.config import PretrainConfig
 from rlhfkit.data.batching import block_batches, corpus_blocks
-from rlhfkit.data.kinds import text_examples
-from rlhfkit.data.loading import load_splits
+from rlhfkit.data.kinds import load_examples, text_examples
 from rlhfkit.data.formatting import tokenize_corpus
 from rlhfkit.engine import Engine, RunDir, steps_for
 from rlhfkit.errors import DataError
-from rlhfkit.evaluate import describe
 from rlhfkit.forward import lm_loss, perplexity_evaluator
-from rlhfkit.models import load_tokenizer, resolve
+from rlhfkit.models import resolve_with_tokenizer
 
 STAGE = "pretrain"
 
@@ -25,11 +23,8 @@ def run(config: PretrainConfig, resume: bool = False) -> dict:
     train, data = config.train, config.data
 
     # Data: every row is read and checked before any weights load.
-    splits = load_splits(data, train.seed)
-    train_texts, report = text_examples(splits.train, data.invalid_rows)
-    eval_texts, _ = text_examples(splits.eval, data.invalid_rows) if splits.eval else ([], None)
-    source = resolve(config.model.name_or_path, config.model.gguf_file)
-    tokenizer = load_tokenizer(source, config.model.trust_remote_code)
+    train_texts, eval_texts, report = load_examples(data, train.seed, text_examples)
+    source, tokenizer = resolve_with_tokenizer(config.model)
     train_blocks = corpus_blocks(tokenize_corpus(tokenizer, train_texts), data.max_length)  # (N, T)
     eval_blocks = corpus_blocks(tokenize_corpus(tokenizer, eval_texts), data.max_length)
     if len(train_blocks) == 0:
@@ -47,14 +42,10 @@ def run(config: PretrainConfig, resume: bool = False) -> dict:
 
     # Train, measuring held-out perplexity before and after.
     metrics = run_dir.read_json("metrics.json")
-    if evaluate and config.eval.before and "before" not in metrics:
-        metrics["before"] = evaluate()
-        run_dir.update_json("metrics.json", before=metrics["before"])
-        print(f"before: {describe(metrics['before'])}")
+    if config.eval.before:
+        engine.measure(metrics, "before", evaluate)
     engine.fit(batches_for_epoch, lm_loss(train.loss_chunk_tokens), evaluate)
-    if evaluate:
-        metrics["after"] = evaluate()
-        print(f"after: {describe(metrics['after'])}")
+    engine.measure(metrics, "after", evaluate)
 
     # Save.
     engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled})

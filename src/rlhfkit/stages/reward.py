@@ -13,12 +13,10 @@ import torch
 from rlhfkit.config import RewardConfig
 from rlhfkit.data.batching import RewardBatch, reward_batches
 from rlhfkit.data.formatting import tokenize_pairs
-from rlhfkit.data.kinds import preference_examples
-from rlhfkit.data.loading import load_splits
+from rlhfkit.data.kinds import load_examples, preference_examples
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
-from rlhfkit.evaluate import describe
 from rlhfkit.losses.reward import bradley_terry_loss
-from rlhfkit.models import load_tokenizer, resolve
+from rlhfkit.models import resolve_with_tokenizer
 from rlhfkit.rewards import reward_model_forward, special_token_wrapper
 
 STAGE = "reward"
@@ -75,11 +73,8 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
     train, data = config.train, config.data
 
     # Data: every row is read and checked before any weights load.
-    splits = load_splits(data, train.seed)
-    train_examples, report = preference_examples(splits.train, data.invalid_rows)
-    eval_examples, _ = preference_examples(splits.eval, data.invalid_rows) if splits.eval else ([], None)
-    source = resolve(config.model.name_or_path, config.model.gguf_file)
-    tokenizer = load_tokenizer(source, config.model.trust_remote_code)
+    train_examples, eval_examples, report = load_examples(data, train.seed, preference_examples)
+    source, tokenizer = resolve_with_tokenizer(config.model)
     wrap = special_token_wrapper(tokenizer)
     length = data.max_length - len(wrap([]))  # leave room for [CLS]/[SEP]
     train_pairs, counts = tokenize_pairs(tokenizer, train_examples, data.template, length)
@@ -99,14 +94,10 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
 
     # Train, measuring held-out pair accuracy before and after.
     metrics = run_dir.read_json("metrics.json")
-    if evaluate and config.eval.before and "before" not in metrics:
-        metrics["before"] = evaluate()
-        run_dir.update_json("metrics.json", before=metrics["before"])
-        print(f"before: {describe(metrics['before'])}")
+    if config.eval.before:
+        engine.measure(metrics, "before", evaluate)
     engine.fit(batches_for_epoch, reward_loss(config.loss.center_coef, config.loss.use_margins), evaluate)
-    if evaluate:
-        metrics["after"] = evaluate()
-        print(f"after: {describe(metrics['after'])}")
+    engine.measure(metrics, "after", evaluate)
 
     # Save.
     engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled, "reward_model": True})

@@ -11,13 +11,12 @@ from __future__ import annotations
 from rlhfkit.config import SFTConfig
 from rlhfkit.data.batching import packed_batches
 from rlhfkit.data.formatting import render_prompt, tokenize_examples
-from rlhfkit.data.kinds import ChatExample, chat_examples
-from rlhfkit.data.loading import load_splits
+from rlhfkit.data.kinds import ChatExample, load_examples, chat_examples
 from rlhfkit.engine import Engine, RunDir, steps_for
-from rlhfkit.evaluate import describe, rouge_l, write_answers_before_after
+from rlhfkit.evaluate import rouge_l, write_answers_before_after
 from rlhfkit.forward import lm_loss, perplexity_evaluator
 from rlhfkit.generation import generate_answers
-from rlhfkit.models import load_tokenizer, resolve
+from rlhfkit.models import resolve_with_tokenizer
 
 STAGE = "sft"
 
@@ -41,11 +40,8 @@ def run(config: SFTConfig, resume: bool = False) -> dict:
     train, data, generation = config.train, config.data, config.generation
 
     # Data: every row is read and checked before any weights load.
-    splits = load_splits(data, train.seed)
-    train_examples, report = chat_examples(splits.train, data.invalid_rows)
-    eval_examples, _ = chat_examples(splits.eval, data.invalid_rows) if splits.eval else ([], None)
-    source = resolve(config.model.name_or_path, config.model.gguf_file)
-    tokenizer = load_tokenizer(source, config.model.trust_remote_code)
+    train_examples, eval_examples, report = load_examples(data, train.seed, chat_examples)
+    source, tokenizer = resolve_with_tokenizer(config.model)
     train_tokens, length_counts = tokenize_examples(tokenizer, train_examples, data.template, data.max_length, data.overlong)
     eval_tokens, _ = tokenize_examples(tokenizer, eval_examples, data.template, data.max_length, data.overlong)
     adjustments = "".join(f"; {count} {reason}" for reason, count in length_counts.items())
@@ -62,24 +58,21 @@ def run(config: SFTConfig, resume: bool = False) -> dict:
     eval_batches = packed_batches(eval_tokens, train.batch_size, seed=None)[: config.eval.max_batches]
     evaluate = perplexity_evaluator(engine.model, eval_batches, engine.device, train.loss_chunk_tokens)
 
-    def answer_and_score() -> tuple[list[str], dict]:
+    def answer_and_score() -> dict:
         answers = generate_answers(engine.unwrapped_model, tokenizer, prompt_texts, generation, train.seed)
         scores = evaluate() if evaluate else {}
         if references:
             scores["rouge_l"] = rouge_l(answers[: len(references)], references)
-        return answers, scores
+        return {**scores, "answers": answers}
 
     engine.resume(resume)
 
     # Train, measuring response perplexity and ROUGE-L before and after.
     metrics = run_dir.read_json("metrics.json")
-    if config.eval.before and "before" not in metrics:
-        metrics["answers_before"], metrics["before"] = answer_and_score()
-        run_dir.update_json("metrics.json", before=metrics["before"], answers_before=metrics["answers_before"])
-        print(f"before: {describe(metrics['before'])}")
+    if config.eval.before:
+        engine.measure(metrics, "before", answer_and_score)
     engine.fit(batches_for_epoch, lm_loss(train.loss_chunk_tokens), evaluate)
-    metrics["answers_after"], metrics["after"] = answer_and_score()
-    print(f"after: {describe(metrics['after'])}")
+    engine.measure(metrics, "after", answer_and_score)
 
     # Save.
     engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled})
