@@ -53,15 +53,18 @@ HH_PAIRS = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl"
 @pytest.mark.skipif(not HH_PAIRS.exists(), reason=f"real-data test needs {HH_PAIRS} (the shared data folder)")
 def test_encoder_reward_model_on_real_human_preferences(tmp_path):
     """configs/examples/reward_hh_minilm.yaml on a slice of the HH pairs: the implicit prompts split,
-    the encoder trains, and the Bradley-Terry loss falls (the full run's accuracy is in the README)."""
+    the encoder trains, and over two epochs the Bradley-Terry loss falls (the full run's held-out
+    accuracy is in the README)."""
     assert main([
         "reward", str(ROOT / "configs/examples/reward_hh_minilm.yaml"),
         "--set", f"data.path={HH_PAIRS}", "--set", "data.max_examples=320", "--set", "data.max_length=128",
-        "--set", "eval.max_batches=4", "--set", "train.lr=1e-4", "--set", f"train.output_dir={tmp_path / 'hh'}",
+        "--set", "eval.max_batches=4", "--set", "train.epochs=2", "--set", "train.lr=3e-4", "--set", f"train.output_dir={tmp_path / 'hh'}",
         "--set", "train.trackers=[]",
     ]) == 0
     metrics = json.loads((tmp_path / "hh" / "metrics.json").read_text())
     assert metrics["after"]["pairs"] == 64 and 0.0 <= metrics["after"]["accuracy"] <= 1.0
     losses = [json.loads(line)["train/loss"] for line in (tmp_path / "hh" / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) >= 19  # 320 pairs / 16 per step, less any row skipped for an empty answer
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # fitting human choices, not noise
+    assert len(losses) >= 38  # 2 epochs x 320 pairs / 16 per step, less any row skipped for an empty answer
+    first, second = sum(losses[:19]) / 19, sum(losses[-19:]) / 19
+    print(f"HH slice: first-epoch loss {first:.4f}, second-epoch loss {second:.4f}")
+    assert second < first - 0.01  # the encoder fits the human choices it has seen
