@@ -79,3 +79,20 @@ def test_bad_override_syntax():
         apply_override({}, "train.lr")
     with pytest.raises(ConfigError, match="is a value"):
         apply_override({"train": 3}, "train.lr=1")
+
+
+@pytest.mark.parametrize(
+    "stage, override, field",
+    [
+        ("dpo", "dpo.loss=kto", "dpo.loss"),
+        ("dpo", "dpo.beta=0", "dpo.beta"),
+        ("dpo", "dpo.label_smoothing=0.7", "dpo.label_smoothing"),
+        ("dpo", "eval.reward_modle=x", "eval.reward_modle"),
+        ("reward", "loss.center_coef=-1", "loss.center_coef"),
+        ("reward", "data.max_length=2", "data.max_length"),
+    ],
+)
+def test_preference_stage_fields_are_checked(stage, override, field):
+    with pytest.raises(ConfigError) as error:
+        load_config(stage, None, [override])
+    assert field in str(error.value)
