@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from pydantic import BaseModel
@@ -183,8 +184,17 @@ def _score(args: argparse.Namespace) -> None:
         print("\n".join(lines))
 
 
+def _quiet_known_warnings() -> None:
+    """Library warnings that say nothing actionable to an rlhfkit user."""
+    # peft asks transformers' deprecated name on every LoRA model (transformers 5.x).
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # peft looks for a config.json at the adapter's base reference; ours may be a run directory or a built-in name.
+    warnings.filterwarnings("ignore", message="Could not find a config file in .*", category=UserWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_known_warnings()
     args = build_parser().parse_args(argv)
     handlers = {"generate": _generate, "merge": _merge, "score": _score}
     try:
