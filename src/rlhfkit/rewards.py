@@ -7,8 +7,8 @@ from typing import Any, Sequence
 import torch
 
 from rlhfkit.config import ModelSettings
-from rlhfkit.data.batching import RewardBatch, reward_batches
-from rlhfkit.data.formatting import TokenizedPair, fit_pair, prompt_and_response_ids
+from rlhfkit.data.batching import pad_right
+from rlhfkit.data.formatting import fit_pair, prompt_and_response_ids
 from rlhfkit.models import load_reward_model, load_tokenizer, resolve
 
 Messages = Sequence[dict[str, str]]
@@ -22,9 +22,9 @@ def special_token_wrapper(tokenizer: Any):
     return lambda ids: ids
 
 
-def reward_model_forward(model: torch.nn.Module, batch: RewardBatch) -> torch.Tensor:
-    """(2B,) scalar rewards of the batch's rows: chosen rows first, then rejected."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.squeeze(-1).float()
+def reward_model_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N,) float32 scalar rewards of N right-padded rows."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
 
 
 class RewardModelScorer:
@@ -39,21 +39,20 @@ class RewardModelScorer:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
-        self.max_length = max_length - 2  # room for an encoder's special tokens
         self.template = template
         self.wrap = special_token_wrapper(self.tokenizer)
+        self.max_length = max_length - len(self.wrap([]))  # room for an encoder's [CLS]/[SEP]
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[Messages | str], responses: Sequence[str], batch_size: int = 8) -> list[float]:
-        pairs = []
+        rows = []
         for prompt, response in zip(prompts, responses, strict=True):
             turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            prompt_ids, response_ids = prompt_and_response_ids(self.tokenizer, turns, response or " ", self.template)
+            prompt_ids, (response_ids,) = prompt_and_response_ids(self.tokenizer, turns, [response or " "], self.template)
             fitted_prompt, fitted_response, _ = fit_pair(prompt_ids, response_ids, response_ids, self.max_length)
-            # One pair per response: its "rejected" half is a copy, scored and then dropped.
-            pairs.append(TokenizedPair(fitted_prompt, fitted_response, fitted_response))
+            rows.append(self.wrap(fitted_prompt + fitted_response))
         scores: list[float] = []
-        for batch in reward_batches(pairs, batch_size, self.tokenizer.pad_token_id, seed=None, wrap=self.wrap):
-            rewards = reward_model_forward(self.model, batch.to(self.device))
-            scores.extend(rewards[: batch.loss_units].tolist())
+        for start in range(0, len(rows), batch_size):
+            input_ids, attention_mask = pad_right(rows[start : start + batch_size], self.tokenizer.pad_token_id)
+            scores.extend(reward_model_forward(self.model, input_ids.to(self.device), attention_mask.to(self.device)).tolist())
         return scores

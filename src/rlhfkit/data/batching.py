@@ -60,11 +60,17 @@ def pack_examples(examples: Sequence[TokenizedExample]) -> LMBatch:
     return LMBatch(as_row(input_ids), as_row(position_ids), as_row(targets))
 
 
-def packed_batches(examples: Sequence[TokenizedExample], batch_size: int, seed: int | None) -> list[LMBatch]:
-    """Micro-batches of `batch_size` examples each, packed padding-free; shuffled when seed is given."""
-    order = list(range(len(examples)))
+def _order(count: int, seed: int | None) -> list[int]:
+    """Indices 0..count-1, shuffled when a seed is given."""
+    order = list(range(count))
     if seed is not None:
         random.Random(seed).shuffle(order)
+    return order
+
+
+def packed_batches(examples: Sequence[TokenizedExample], batch_size: int, seed: int | None) -> list[LMBatch]:
+    """Micro-batches of `batch_size` examples each, packed padding-free; shuffled when seed is given."""
+    order = _order(len(examples), seed)
     return [pack_examples([examples[i] for i in order[start : start + batch_size]]) for start in range(0, len(order), batch_size)]
 
 
@@ -115,11 +121,15 @@ def _margins(pairs: Sequence[TokenizedPair]) -> torch.Tensor | None:
     return torch.tensor([pair.margin or 0.0 for pair in pairs], dtype=torch.float32)
 
 
-def _order(count: int, seed: int | None) -> list[int]:
-    order = list(range(count))
-    if seed is not None:
-        random.Random(seed).shuffle(order)
-    return order
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) input ids padded on the right with pad_id, and the (N, T) attention mask."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        input_ids[index, : len(row)] = torch.tensor(row)
+        attention_mask[index, : len(row)] = 1
+    return input_ids, attention_mask
 
 
 def reward_batches(
@@ -131,13 +141,7 @@ def reward_batches(
     for start in range(0, len(order), batch_size):
         chunk = [pairs[i] for i in order[start : start + batch_size]]
         rows = [wrap(p.prompt_ids + p.chosen_ids) for p in chunk] + [wrap(p.prompt_ids + p.rejected_ids) for p in chunk]
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for index, row in enumerate(rows):
-            input_ids[index, : len(row)] = torch.tensor(row)
-            attention_mask[index, : len(row)] = 1
-        batches.append(RewardBatch(input_ids, attention_mask, _margins(chunk)))
+        batches.append(RewardBatch(*pad_right(rows, pad_id), _margins(chunk)))
     return batches
 
 

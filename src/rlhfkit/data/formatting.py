@@ -158,15 +158,18 @@ class TokenizedPair:
 
 
 def prompt_and_response_ids(
-    tokenizer: Any, prompt: Sequence[dict[str, str]], response: str, template: Literal["auto", "plain"]
-) -> tuple[list[int], list[int]]:
-    """Token ids of the formatted prompt (ending with the generation prompt) and of the answer turn."""
-    prompt_text = _render(tokenizer, prompt, template, add_generation_prompt=True)
-    full_text = _render(tokenizer, [*prompt, {"role": "assistant", "content": response}], template, add_generation_prompt=False)
-    if not full_text.startswith(prompt_text):
-        raise DataError("the chat template does not render the prompt as a prefix of the conversation; use data.template: plain")
+    tokenizer: Any, prompt: Sequence[dict[str, str]], responses: Sequence[str], template: Literal["auto", "plain"]
+) -> tuple[list[int], list[list[int]]]:
+    """Token ids of the formatted prompt (ending with the generation prompt) and of each answer turn."""
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return encode(prompt_text), encode(full_text[len(prompt_text) :])
+    prompt_text = _render(tokenizer, prompt, template, add_generation_prompt=True)
+    answers = []
+    for response in responses:
+        full_text = _render(tokenizer, [*prompt, {"role": "assistant", "content": response}], template, add_generation_prompt=False)
+        if not full_text.startswith(prompt_text):
+            raise DataError("the chat template does not render the prompt as a prefix of the conversation; use data.template: plain")
+        answers.append(encode(full_text[len(prompt_text) :]))
+    return encode(prompt_text), answers
 
 
 def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int) -> tuple[list[int], list[int], list[int]]:
@@ -190,8 +193,7 @@ def tokenize_pairs(
     counts: Counter = Counter()
     pairs = []
     for example in examples:
-        prompt, chosen = prompt_and_response_ids(tokenizer, example.prompt, example.chosen, template)
-        _, rejected = prompt_and_response_ids(tokenizer, example.prompt, example.rejected, template)
+        prompt, (chosen, rejected) = prompt_and_response_ids(tokenizer, example.prompt, [example.chosen, example.rejected], template)
         fitted = fit_pair(prompt, chosen, rejected, max_length)
         if fitted != (prompt, chosen, rejected):
             counts["truncated to max_length"] += 1

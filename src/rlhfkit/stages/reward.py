@@ -24,7 +24,7 @@ STAGE = "reward"
 
 def pair_rewards(model: torch.nn.Module, batch: RewardBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) chosen and (B,) rejected rewards from one forward over both halves."""
-    rewards = reward_model_forward(model, batch)  # (2B,)
+    rewards = reward_model_forward(model, batch.input_ids, batch.attention_mask)  # (2B,): chosen rows, then rejected
     return rewards[: batch.loss_units], rewards[batch.loss_units :]
 
 
