@@ -19,6 +19,9 @@ STAGE_SUMMARIES = {
     "sft": "Supervised fine-tuning on prompt->response pairs (loss on responses only, LoRA by default).",
     "reward": "Train a reward model on preference pairs (Bradley-Terry loss); reports held-out pair accuracy.",
     "dpo": "Direct preference optimisation (DPO / cDPO / IPO / SimPO) of a policy on preference pairs.",
+    "ppo": "Online RL with PPO: critic, GAE, clipped updates and a KL penalty to the reference policy.",
+    "grpo": "Online RL with GRPO: group-relative advantages, no critic, k3 KL to the reference.",
+    "trpo": "Online RL with TRPO: natural-gradient steps inside a KL trust region.",
 }
 
 
@@ -112,9 +115,12 @@ def _run_stage(args: argparse.Namespace) -> None:
     if args.print_config:
         print(dump_config(config), end="")
         return
-    from rlhfkit.stages import dpo, pretrain, reward, sft
+    from rlhfkit.stages import dpo, grpo, ppo, pretrain, reward, sft, trpo
 
-    runners = {"pretrain": pretrain.run, "sft": sft.run, "reward": reward.run, "dpo": dpo.run}
+    runners = {
+        "pretrain": pretrain.run, "sft": sft.run, "reward": reward.run, "dpo": dpo.run,
+        "ppo": ppo.run, "grpo": grpo.run, "trpo": trpo.run,
+    }
     runners[args.command](config, resume=args.resume)
     print(f"done: {config.train.output_dir}")
 

@@ -199,6 +199,8 @@ class Engine:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.progress = Progress()
+        self.extra_state: dict = {}  # stage state saved with every checkpoint (e.g. an adaptive KL coefficient)
+        self.train_mode = True  # False keeps dropout off while training (RL: the first-pass ratio must be 1)
 
     @property
     def device(self) -> torch.device:
@@ -214,8 +216,12 @@ class Engine:
     def unwrapped_model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def prepare(self, model: torch.nn.Module, total_steps: int) -> torch.nn.Module:
-        """Move the model to the device and build AdamW with warmup and decay for total_steps."""
+    def prepare(self, model: torch.nn.Module, total_steps: int, scheduler_steps: int | None = None) -> torch.nn.Module:
+        """Move the model to the device and build AdamW with warmup and decay.
+
+        total_steps counts progress steps; scheduler_steps (default: the same) counts optimizer
+        steps, for stages (RL) that take several optimizer steps per progress step.
+        """
         if self.train.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
@@ -223,9 +229,10 @@ class Engine:
         optimizer = torch.optim.AdamW(
             _decay_groups(model, self.train.weight_decay), lr=self.train.lr, betas=self.train.adam_betas
         )
-        warmup = round(self.train.warmup_ratio * total_steps)
+        schedule = scheduler_steps or total_steps
+        warmup = round(self.train.warmup_ratio * schedule)
         kind = self.train.scheduler
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, warmup, kind))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, schedule, warmup, kind))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.total_steps = total_steps
         return self.model
@@ -249,10 +256,10 @@ class Engine:
             checkpoint = self.load_checkpoint()
             print(f"resumed from {checkpoint} (step {self.progress.step} of {self.total_steps})")
 
-    def save_final(self, tokenizer, base_reference: str, info: dict) -> Path:
-        """The trained adapter or full model, with its tokenizer, in RUN/final (written atomically)."""
-        target = self.run.root / FINAL_DIR
-        save_model(self.unwrapped_model, tokenizer, target, portable_reference(base_reference), info)
+    def save_final(self, tokenizer, base_reference: str, info: dict, model: torch.nn.Module | None = None, name: str = FINAL_DIR) -> Path:
+        """The trained adapter or full model (default: the prepared one), with its tokenizer, in RUN/final."""
+        target = self.run.root / name
+        save_model(model if model is not None else self.unwrapped_model, tokenizer, target, portable_reference(base_reference), info)
         return target
 
     def measure(self, metrics: dict, when: str, evaluate: Callable[[], dict] | None) -> None:
@@ -285,7 +292,8 @@ class Engine:
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             # state.json is written last: its presence marks a checkpoint as complete.
             (tmp / CHECKPOINT_STATE).write_text(
-                json.dumps({"progress": asdict(self.progress), "rng": _rng_state(), "total_steps": self.total_steps})
+                json.dumps({"progress": asdict(self.progress), "rng": _rng_state(), "total_steps": self.total_steps,
+                            "extra": self.extra_state})
             )
 
         try:
@@ -324,6 +332,7 @@ class Engine:
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
         _set_rng_state(state["rng"])
         self.progress = Progress(**state["progress"])
+        self.extra_state = state.get("extra", {})
         self._truncate_metrics_log(self.progress.step)
         return checkpoint
 
@@ -357,7 +366,7 @@ class Engine:
             batches = batches_for_epoch(self.progress.epoch)
             groups = [batches[i : i + train.grad_accum] for i in range(0, len(batches), train.grad_accum)]
             for group in groups[self.progress.group_in_epoch :]:
-                step_metrics = self._optimizer_step(model, group, loss_fn)
+                step_metrics = self.optimizer_step(group, loss_fn)
                 self.progress.step += 1
                 self.progress.group_in_epoch += 1
                 units_seen += int(step_metrics.pop("units"))
@@ -382,13 +391,14 @@ class Engine:
             self.save_checkpoint()
         return self.progress
 
-    def _optimizer_step(self, model: torch.nn.Module, group: Sequence[Batch], loss_fn) -> dict[str, float]:
+    def optimizer_step(self, group: Sequence[Batch], loss_fn) -> dict[str, float]:
         """Accumulate gradients over the group with the loss averaged over all its units, then step.
 
         Dividing every micro-batch's summed loss by the group's total units makes 8 micro-batches
         of 1 example equal 1 micro-batch of 8.
         """
-        model.train()
+        model = self.model
+        model.train(self.train_mode)
         units = sum(batch.loss_units for batch in group)
         if units == 0:
             raise TrainingError(f"step {self.progress.step + 1}: the batch has no target tokens")

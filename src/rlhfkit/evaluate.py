@@ -48,6 +48,10 @@ METRIC_LABELS = {
     "accuracy": "held-out pair accuracy {:.3f}",
     "margin": "margin {:.4f}",
     "reward_model_score": "reward-model score of answers {:.3f}",
+    "reward_mean": "mean reward {:.4f}",
+    "reward_stderr": "± {:.4f}",
+    "kl": "KL to reference {:.4f}",
+    "length": "mean length {:.1f} tokens",
 }
 
 

@@ -167,8 +167,12 @@ def load_causal_lm(source: ModelSource, settings: ModelSettings, dtype: torch.dt
     return model
 
 
-def load_reward_model(source: ModelSource, settings: ModelSettings, dtype: torch.dtype) -> torch.nn.Module:
+def load_reward_model(
+    source: ModelSource, settings: ModelSettings, dtype: torch.dtype, num_labels: int | None = 1
+) -> torch.nn.Module:
     """A sequence-classification model with one output (a scalar reward), adapter chain merged.
+
+    num_labels=None keeps a classifier's own labels (e.g. a sentiment model used as a reward).
 
     A causal LM (or an SFT adapter on one) becomes a reward model by keeping its backbone and
     adding a fresh one-output score head; a saved reward adapter restores its trained head.
@@ -191,8 +195,8 @@ def load_reward_model(source: ModelSource, settings: ModelSettings, dtype: torch
     else:
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
-                source.path, gguf_file=source.gguf_file, num_labels=1, dtype=dtype, revision=settings.revision,
-                trust_remote_code=settings.trust_remote_code,
+                source.path, gguf_file=source.gguf_file, dtype=dtype, revision=settings.revision,
+                trust_remote_code=settings.trust_remote_code, **({} if num_labels is None else {"num_labels": num_labels}),
             )
         except OSError as exc:
             raise UserError(f"cannot load a model from {source.path}: {exc}") from None

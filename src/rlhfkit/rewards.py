@@ -1,17 +1,34 @@
-"""Reward sources. For now: a trained reward model scoring (prompt, response) pairs."""
+"""Reward sources: a trained reward model, any sequence classifier with a chosen label, or a Python function.
+
+Every source maps (prompts, completions, columns) to one float per completion. `score_completions`
+wraps a source with the checks an RL step needs: a reward that raises or is not finite stops the
+step naming the source and the sample (or, with ``on_invalid: skip``, leaves it out of the update
+with a count), and optional shaping penalises completions that never emitted EOS.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import importlib
+import importlib.util
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.config import ModelSettings
+from rlhfkit.config import ModelSettings, RewardSourceSettings
 from rlhfkit.data.batching import pad_right
 from rlhfkit.data.formatting import fit_pair, prompt_and_response_ids
+from rlhfkit.errors import UserError
 from rlhfkit.models import load_reward_model, load_tokenizer, resolve
 
 Messages = Sequence[dict[str, str]]
+
+
+class RewardError(UserError):
+    """A reward source failed or returned something that is not a finite number."""
 
 
 def special_token_wrapper(tokenizer: Any):
@@ -27,32 +44,168 @@ def reward_model_forward(model: torch.nn.Module, input_ids: torch.Tensor, attent
     return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
 
 
+def _as_turns(prompt: Messages | str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
 class RewardModelScorer:
     """Scores (prompt, response) pairs with a reward model written by `rlhfkit reward` (or any
-    one-output sequence-classification model)."""
+    one-output sequence-classification model), or with one label of a multi-label classifier.
 
-    def __init__(self, reference: str, max_length: int = 512, template: str = "auto", device: str | None = None) -> None:
+    A one-output model reads the conversation in its chat template, as `rlhfkit reward` trained it.
+    With `label` set, the classifier reads the plain text "prompt completion" (how off-the-shelf
+    classifiers such as sentiment models were trained) and the reward is that label's logit or
+    softmax probability.
+    """
+
+    def __init__(
+        self, reference: str, max_length: int = 512, template: str = "auto", device: str | None = None,
+        label: str | int | None = None, output: str = "logit",
+    ) -> None:
         source = resolve(reference)
         self.tokenizer = load_tokenizer(source)
-        self.model = load_reward_model(source, ModelSettings(), torch.float32).eval()
+        self.model = load_reward_model(source, ModelSettings(), torch.float32, num_labels=None if label is not None else 1).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
-        self.template = template
+        self.template, self.output = template, output
+        self.label_index = None if label is None else self._label_index(reference, label)
         self.wrap = special_token_wrapper(self.tokenizer)
         self.max_length = max_length - len(self.wrap([]))  # room for an encoder's [CLS]/[SEP]
 
+    def _label_index(self, reference: str, label: str | int) -> int:
+        labels = self.model.config.id2label
+        if isinstance(label, int):
+            if label not in labels:
+                raise UserError(f"reward.label: {reference} has labels {dict(labels)}; index {label} is not one of them")
+            return label
+        by_name = {str(name).lower(): index for index, name in labels.items()}
+        if label.lower() not in by_name:
+            raise UserError(f"reward.label: {reference} has labels {sorted(labels.values())}; {label!r} is not one of them")
+        return by_name[label.lower()]
+
+    def _row(self, prompt: Messages | str, response: str) -> list[int]:
+        if self.label_index is not None:
+            text = f"{_as_turns(prompt)[-1]['content']} {response}"
+            return self.wrap(self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_length])
+        prompt_ids, (response_ids,) = prompt_and_response_ids(self.tokenizer, _as_turns(prompt), [response or " "], self.template)
+        fitted_prompt, fitted_response, _ = fit_pair(prompt_ids, response_ids, response_ids, self.max_length)
+        return self.wrap(fitted_prompt + fitted_response)
+
     @torch.inference_mode()
     def score(self, prompts: Sequence[Messages | str], responses: Sequence[str], batch_size: int = 8) -> list[float]:
-        rows = []
-        for prompt, response in zip(prompts, responses, strict=True):
-            turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            prompt_ids, (response_ids,) = prompt_and_response_ids(self.tokenizer, turns, [response or " "], self.template)
-            fitted_prompt, fitted_response, _ = fit_pair(prompt_ids, response_ids, response_ids, self.max_length)
-            rows.append(self.wrap(fitted_prompt + fitted_response))
+        rows = [self._row(prompt, response) for prompt, response in zip(prompts, responses, strict=True)]
         scores: list[float] = []
         for start in range(0, len(rows), batch_size):
             input_ids, attention_mask = pad_right(rows[start : start + batch_size], self.tokenizer.pad_token_id)
-            scores.extend(reward_model_forward(self.model, input_ids.to(self.device), attention_mask.to(self.device)).tolist())
+            input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+            if self.label_index is None:
+                scores.extend(reward_model_forward(self.model, input_ids, attention_mask).tolist())
+                continue
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+            chosen = logits.softmax(-1) if self.output == "probability" else logits
+            scores.extend(chosen[:, self.label_index].tolist())
         return scores
+
+
+def load_reward_function(spec: str) -> Callable[..., Sequence[float]]:
+    """`package.module:function` or `path/to/file.py:function`; only what the user names is imported."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise UserError(f"reward.function {spec!r}: expected module:function or path/to/file.py:function")
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise UserError(f"reward.function {spec!r}: file {path} does not exist")
+        module_name = f"rlhfkit_reward_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file: report what went wrong in it
+            raise UserError(f"reward.function {spec!r}: importing {path} failed: {type(exc).__name__}: {exc}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise UserError(f"reward.function {spec!r}: cannot import {target}: {exc}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise UserError(f"reward.function {spec!r}: {target} has no function {name!r}")
+    return function
+
+
+def _prompt_text(prompt: Messages) -> str:
+    return prompt[-1]["content"]
+
+
+class RewardSource:
+    """The configured reward: call it with prompts (as chat turns), completions and the rows' other columns."""
+
+    def __init__(self, settings: RewardSourceSettings, template: str = "auto") -> None:
+        self.settings = settings
+        if settings.function is not None:
+            self.name = settings.function
+            self.function = load_reward_function(settings.function)
+            self.scorer = None
+        else:
+            self.name = settings.model
+            self.function = None
+            self.scorer = RewardModelScorer(settings.model, settings.max_length, template, label=settings.label, output=settings.output)
+
+    def raw_scores(self, prompts: Sequence[Messages], completions: Sequence[str], columns: Sequence[dict]) -> list[Any]:
+        if self.scorer is not None:
+            return self.scorer.score(prompts, completions)
+        keyword_lists: dict[str, list] = {}
+        for row in columns:
+            for key in row:
+                keyword_lists.setdefault(key, [])
+        for key, values in keyword_lists.items():
+            values.extend(row.get(key) for row in columns)
+        try:
+            scores = self.function([_prompt_text(p) for p in prompts], list(completions), **keyword_lists)
+        except Exception as exc:  # the user's code: name it and the batch, never poison the update
+            raise RewardError(f"reward function {self.name} raised {type(exc).__name__}: {exc}") from None
+        if not isinstance(scores, (list, tuple, torch.Tensor)) or len(scores) != len(completions):
+            got = len(scores) if hasattr(scores, "__len__") else type(scores).__name__
+            raise RewardError(f"reward function {self.name} must return one float per completion ({len(completions)}); got {got}")
+        return list(scores.tolist() if isinstance(scores, torch.Tensor) else scores)
+
+
+@dataclass
+class ScoredBatch:
+    scores: torch.Tensor  # (N,) float32 rewards after shaping; 0 where invalid
+    valid: torch.Tensor  # (N,) bool: False for samples left out of the update (on_invalid: skip)
+    raw_mean: float  # mean reward before shaping over valid samples
+    skipped: int
+
+
+def score_completions(
+    source: RewardSource, prompts: Sequence[Messages], completions: Sequence[str], columns: Sequence[dict], ended: torch.Tensor
+) -> ScoredBatch:
+    """Rewards of a batch of completions with validity checks and EOS shaping."""
+    settings = source.settings
+    raw = source.raw_scores(prompts, completions, columns)
+    values, valid = [], []
+    for index, value in enumerate(raw):
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        if not math.isfinite(number):
+            if settings.on_invalid == "error":
+                raise RewardError(
+                    f"reward {source.name} returned {value!r} for sample {index} "
+                    f"(prompt {_prompt_text(prompts[index])[:80]!r}, completion {completions[index][:80]!r}); "
+                    "set reward.on_invalid: skip to leave such samples out"
+                )
+            values.append(0.0)
+            valid.append(False)
+            continue
+        values.append(number)
+        valid.append(True)
+    scores = torch.tensor(values, dtype=torch.float32)
+    valid_mask = torch.tensor(valid, dtype=torch.bool)
+    raw_mean = float(scores[valid_mask].mean()) if valid_mask.any() else math.nan
+    if settings.missing_eos_penalty is not None:
+        scores = scores - settings.missing_eos_penalty * (~ended.cpu()).float()
+    return ScoredBatch(scores * valid_mask, valid_mask, raw_mean, int((~valid_mask).sum()))

@@ -5,6 +5,7 @@
 | text              | ``text``                                   | pretrain, sft |
 | prompt-completion | ``prompt`` + ``completion``, or ``messages`` | sft           |
 | preference        | ``prompt`` + ``chosen`` + ``rejected``, or ``chosen`` + ``rejected`` sharing a prompt prefix | reward, dpo |
+| prompt            | ``prompt`` (text or messages); other columns are passed to reward functions | ppo, grpo, trpo |
 
 A bad row either stops the run with the row named, or (``invalid_rows: skip``) is dropped and
 counted in the returned :class:`RowReport`.
@@ -243,6 +244,40 @@ def preference_examples(rows: list[Row], on_invalid: str = "error") -> tuple[lis
             f"found {sorted(columns)} (map yours with data.columns)"
         )
     return _validate(rows, _parse_preference, on_invalid)
+
+
+# ---- prompts for online RL --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """A prompt to sample completions for; `columns` holds the row's other values (e.g. a reference answer)."""
+
+    prompt: tuple[dict[str, str], ...]
+    columns: dict
+    where: str
+
+
+def _parse_prompt(row: Row) -> PromptExample:
+    values = row.values
+    value = values["prompt"]
+    if isinstance(value, list):
+        if value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+            raise _BadRow("bad prompt", "the prompt's messages must not end with an assistant turn")
+        prompt = _messages_field({"messages": value + [{"role": "assistant", "content": "x"}]})[:-1]
+    else:
+        prompt = ({"role": "user", "content": _string_field(values, "prompt")},)
+    return PromptExample(prompt, {key: item for key, item in values.items() if key != "prompt"}, row.where)
+
+
+def prompt_examples(rows: list[Row], on_invalid: str = "error") -> tuple[list[PromptExample], RowReport]:
+    """Validate RL prompt rows: a `prompt` column (map another with data.columns, e.g. {prompt: question})."""
+    if "prompt" not in rows[0].values:
+        raise DataError(
+            f"{rows[0].where}: missing column: expected `prompt`; found {sorted(rows[0].values)} "
+            "(map yours with data.columns, e.g. --set data.columns.prompt=question)"
+        )
+    return _validate(rows, _parse_prompt, on_invalid)
 
 
 def load_examples(data: DataSettings, seed: int, parse) -> tuple[list, list, RowReport]:

@@ -20,6 +20,7 @@ BUILTIN_DATASETS = {
     "tutor-corpus": ("tutor_corpus_train.jsonl", "tutor_corpus_eval.jsonl"),
     "tutor-sft": ("tutor_sft_train.jsonl", "tutor_sft_eval.jsonl"),
     "tutor-prefs": ("tutor_prefs_train.jsonl", "tutor_prefs_eval.jsonl"),
+    "arithmetic": ("arithmetic_train.jsonl", "arithmetic_eval.jsonl"),
 }
 
 

@@ -71,6 +71,26 @@ def _chunk_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
+def _chunk_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    log_probs = torch.log_softmax((hidden @ weight.T).float(), dim=-1)  # (n, V)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return log_probs.gather(1, targets[:, None]).squeeze(1), entropy.detach()
+
+
+def _chunked(function, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> list:
+    """function over chunks of the target positions (ignored positions dropped), recomputed in backward."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE_INDEX
+    hidden, targets = hidden[keep], targets[keep]
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    pieces = []
+    for start in range(0, targets.numel(), chunk_size):
+        chunk = (hidden[start : start + chunk_size], weight, targets[start : start + chunk_size])
+        pieces.append(checkpoint(function, *chunk, use_reentrant=False) if needs_grad else function(*chunk))
+    return pieces
+
+
 def target_token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
 ) -> torch.Tensor:
@@ -83,16 +103,20 @@ def target_token_logprobs(
         (M,) float32 log-probs of the M positions whose target is not -100, in order. Logits exist
         for at most chunk_size positions at once and are recomputed in backward.
     """
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = targets.reshape(-1)
-    keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[keep], targets[keep]
-    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    pieces = []
-    for start in range(0, targets.numel(), chunk_size):
-        chunk = (hidden[start : start + chunk_size], weight, targets[start : start + chunk_size])
-        pieces.append(checkpoint(_chunk_token_logprobs, *chunk, use_reentrant=False) if needs_grad else _chunk_token_logprobs(*chunk))
+    pieces = _chunked(_chunk_token_logprobs, hidden, weight, targets, chunk_size)
     return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def target_token_logprobs_and_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`target_token_logprobs` plus the entropy H_t = −Σ_v p_v log p_v of each position's
+    distribution (detached: a diagnostic), both (M,)."""
+    pieces = _chunked(_chunk_logprobs_and_entropy, hidden, weight, targets, chunk_size)
+    if not pieces:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
 
 
 def sequence_sums(values: torch.Tensor, sequence_index: torch.Tensor, num_sequences: int) -> torch.Tensor:

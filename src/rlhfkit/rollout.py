@@ -1,0 +1,169 @@
+"""Rollouts for online RL: batched sampling with the KV cache, and the log-probs of what was sampled.
+
+Prompts are left-padded so every completion starts at the same column; completions are
+right-padded after their first EOS. The response mask covers the generated tokens up to and
+including that EOS, so the EOS itself is trained (a padding token equal to EOS never masks the
+model's decision to stop). Log-probs for the behaviour policy, the loss and the KL all come from
+:func:`response_logprobs` with the sampling temperature, so they agree exactly on the first pass.
+
+The HF `generate` path is what runs here (CPU and GPU); a vLLM engine is not wired in yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import torch
+
+from rlhfkit.config import RolloutSettings
+from rlhfkit.losses.lm import IGNORE_INDEX, target_token_logprobs, target_token_logprobs_and_entropy
+from rlhfkit.models import backbone_and_head
+
+
+@dataclass
+class Rollout:
+    """N sampled completions; groups of `samples_per_prompt` for one prompt are contiguous."""
+
+    prompt_ids: torch.Tensor  # (N, P) left-padded
+    prompt_mask: torch.Tensor  # (N, P) 1 on prompt tokens
+    response_ids: torch.Tensor  # (N, R) right-padded
+    response_mask: torch.Tensor  # (N, R) float: 1 on generated tokens up to and including the first EOS
+    ended: torch.Tensor  # (N,) bool: the completion emitted EOS within max_new_tokens
+    prompt_index: torch.Tensor  # (N,) which prompt of the step each completion answers
+    completions: list[str]  # decoded completions, special tokens removed
+
+    @property
+    def size(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(dim=1)
+
+    def to(self, device: torch.device) -> Rollout:
+        return Rollout(**{f.name: _move(getattr(self, f.name), device) for f in fields(self)})
+
+    def select(self, indices: torch.Tensor) -> Rollout:
+        """The completions at `indices`, as a smaller rollout."""
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            picked[f.name] = [value[i] for i in indices.tolist()] if isinstance(value, list) else value[indices.to(value.device)]
+        return Rollout(**picked)
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
+
+
+def encode_prompts(tokenizer: Any, prompt_texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, P) left-padded ids and mask; a prompt over max_length tokens keeps its last max_length."""
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"][-max_length:] for text in prompt_texts]
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in encoded], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in encoded], dtype=torch.long)
+    return ids, mask
+
+
+def response_mask_from(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask (N, R) float up to and including the first EOS, ended (N,) bool)."""
+    is_eos = response_ids == eos_token_id
+    ended = is_eos.any(dim=1)
+    first_eos = torch.where(ended, is_eos.float().argmax(dim=1), torch.full_like(ended, response_ids.shape[1], dtype=torch.long))
+    positions = torch.arange(response_ids.shape[1], device=response_ids.device)
+    return (positions[None, :] <= first_eos[:, None]).float(), ended
+
+
+@torch.no_grad()
+def sample_rollout(
+    model: torch.nn.Module, tokenizer: Any, prompt_texts: Sequence[str], settings: RolloutSettings, samples_per_prompt: int,
+    max_prompt_length: int,
+) -> Rollout:
+    """Sample `samples_per_prompt` completions for each formatted prompt with the KV cache."""
+    from transformers import GenerationConfig
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    repeated = [text for text in prompt_texts for _ in range(samples_per_prompt)]
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, repeated, max_prompt_length)
+    # A full config replaces the model's defaults (e.g. a top_k of 50 or a repetition penalty), so
+    # the distribution sampled is exactly softmax(logits / temperature) restricted by top-p/top-k.
+    generation_config = GenerationConfig(
+        do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None,
+        max_new_tokens=settings.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    pieces = []
+    for start in range(0, len(repeated), settings.batch_size):
+        ids = prompt_ids[start : start + settings.batch_size].to(device)
+        mask = prompt_mask[start : start + settings.batch_size].to(device)
+        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
+        new = generated[:, ids.shape[1] :].cpu()
+        pad = torch.full((new.shape[0], settings.max_new_tokens - new.shape[1]), tokenizer.pad_token_id, dtype=torch.long)
+        pieces.append(torch.cat([new, pad], dim=1))
+    model.train(was_training)
+    response_ids = torch.cat(pieces)
+    response_mask, ended = response_mask_from(response_ids, tokenizer.eos_token_id)
+    completions = [
+        tokenizer.decode(row[: int(length)], skip_special_tokens=True).strip()
+        for row, length in zip(response_ids, response_mask.sum(dim=1))
+    ]
+    prompt_index = torch.arange(len(prompt_texts)).repeat_interleave(samples_per_prompt)
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, ended, prompt_index, completions)
+
+
+def _sequence_inputs(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
+    # Response padding sits after every valid token, so causal attention never reads it.
+    attention_mask = torch.cat([rollout.prompt_mask, torch.ones_like(rollout.response_ids)], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def response_hidden_states(decoder: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+    """(N, R, H): the hidden state that predicts each response token (the state before it)."""
+    input_ids, attention_mask, position_ids = _sequence_inputs(rollout)
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    prompt_width = rollout.prompt_ids.shape[1]
+    return hidden[:, prompt_width - 1 : -1]
+
+
+def response_logprobs(
+    model: torch.nn.Module, rollout: Rollout, temperature: float, chunk_size: int = 1024, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log π(y_t | x, y_<t) under softmax(logits / temperature), (N, R), 0 on padding.
+
+    With with_entropy, also the (detached) entropy of each position's distribution, (N, R).
+    """
+    decoder, head_weight = backbone_and_head(model)
+    hidden = response_hidden_states(decoder, rollout) / temperature  # (h·W)/T = (h/T)·W
+    valid = rollout.response_mask.bool()
+    targets = rollout.response_ids.masked_fill(~valid, IGNORE_INDEX)
+    logprobs = torch.zeros(rollout.response_ids.shape, dtype=torch.float32, device=hidden.device)
+    if with_entropy:
+        values, entropy_values = target_token_logprobs_and_entropy(hidden, head_weight, targets, chunk_size)
+        entropy = torch.zeros_like(logprobs)
+        entropy[valid] = entropy_values
+    else:
+        values, entropy = target_token_logprobs(hidden, head_weight, targets, chunk_size), None
+    logprobs = logprobs.masked_scatter(valid, values)
+    return logprobs, entropy
+
+
+def score_head(critic: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The backbone and the score head of a sequence-classification model (LoRA-wrapped or not)."""
+    inner = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
+    backbone = getattr(inner, inner.base_model_prefix)
+    head = getattr(inner, "score", None) or getattr(inner, "classifier", None)
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no score head")
+    return backbone, head
+
+
+def response_values(critic: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+    """(N, R) the critic's value V(x, y_<t) before each response token, 0 on padding."""
+    backbone, head = score_head(critic)
+    values = head(response_hidden_states(backbone, rollout)).squeeze(-1).float()
+    return values * rollout.response_mask

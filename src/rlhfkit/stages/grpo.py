@@ -1,0 +1,94 @@
+"""`rlhfkit grpo`: group-relative policy optimisation (Shao et al. 2024), no critic.
+
+Per RL step: G completions for each prompt; each completion's advantage is its reward relative
+to its group; the clipped objective plus β·k3 KL to the reference is averaged per token (or per
+sequence). Groups whose rewards are all equal carry no gradient; their fraction is logged every
+step and a warning says when most of a batch has nothing to learn from.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.config import GRPOConfig
+from rlhfkit.engine import LossOutput
+from rlhfkit.losses.grpo import group_advantages, grpo_per_token_loss, zero_variance_fraction
+from rlhfkit.losses.ppo import aggregate_loss
+from rlhfkit.rewards import ScoredBatch
+from rlhfkit.rollout import Rollout
+from rlhfkit.stages.online import (
+    Context, RolloutBatch, check_group_size, optimizer_steps_per_step, rollout_summary, run_online, run_updates, warn,
+)
+
+STAGE = "grpo"
+
+
+def group_scores(scored: ScoredBatch, group_size: int) -> torch.Tensor:
+    """Rewards with left-out (invalid) samples set to their group's valid mean, so they shift nothing."""
+    scores = scored.scores.reshape(-1, group_size).clone()
+    valid = scored.valid.reshape(-1, group_size)
+    means = (scores * valid).sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.where(valid, scores, means).reshape(-1)
+
+
+def describe_flat_groups(fraction: float, rewards: torch.Tensor, max_new_tokens: int) -> str | None:
+    """A warning when most groups have one reward for every completion (no learning signal)."""
+    if fraction < 0.5:
+        return None
+    if fraction == 1.0 and bool((rewards == rewards[0]).all()):
+        what = f"every completion got the same reward ({float(rewards[0]):g})"
+    else:
+        what = f"{fraction:.0%} of groups have zero reward variance"
+    return (
+        f"{what}: those groups give no policy gradient. Check that completions can reach an answer "
+        f"(rollout.max_new_tokens={max_new_tokens}), that the reward parses them, or warm the policy up with SFT first."
+    )
+
+
+class GRPO:
+    def __init__(self, context: Context) -> None:
+        check_group_size(context.config, "group-relative advantages")
+        self.context, self.settings = context, context.config.grpo
+        self.optimizer_steps_per_step = optimizer_steps_per_step(context.config, self.settings.epochs, self.settings.minibatch_size)
+
+    def loss(self, module: torch.nn.Module, batch: RolloutBatch) -> LossOutput:
+        settings, targets = self.settings, batch.tensors
+        logprobs, _ = self.context.logprobs(module.policy, batch.rollout)
+        per_token, clipped, kl = grpo_per_token_loss(
+            logprobs, targets["old_logprobs"], targets.get("ref_logprobs"), targets["advantages"], settings.clip, settings.beta
+        )
+        mask = targets["mask"]
+        loss_sum, _ = aggregate_loss(per_token, mask, settings.loss_aggregation)
+        return LossOutput(loss_sum, {
+            "clip_fraction": float(aggregate_loss(clipped, mask, settings.loss_aggregation)[0]),
+            "kl_term": float(aggregate_loss(kl.detach(), mask, settings.loss_aggregation)[0]),
+        })
+
+    def update(self, rollout: Rollout, scored: ScoredBatch, step_seed: int) -> dict[str, float]:
+        context, settings, engine = self.context, self.settings, self.context.engine
+        group_size = context.config.rollout.samples_per_prompt
+        with torch.no_grad():
+            logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
+            ref_logprobs = context.reference_logprobs(rollout)
+        rewards = group_scores(scored, group_size)
+        advantages = group_advantages(rewards, group_size, settings.scale_rewards).to(logprobs.device)
+        flat_fraction = zero_variance_fraction(rewards, group_size)
+        message = describe_flat_groups(flat_fraction, rewards, context.config.rollout.max_new_tokens)
+        if message:
+            warn(f"step {engine.progress.step + 1}: {message}")
+        mask = rollout.response_mask * scored.valid[:, None].to(logprobs.device)
+        targets = {"old_logprobs": logprobs, "advantages": advantages, "mask": mask}
+        if settings.beta > 0:
+            targets["ref_logprobs"] = ref_logprobs
+
+        updates = run_updates(engine, rollout, targets, settings.epochs, settings.minibatch_size, settings.loss_aggregation,
+                              step_seed, self.loss)
+        return {
+            **rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy),
+            **updates,
+            "zero_variance_groups": flat_fraction,
+        }
+
+
+def run(config: GRPOConfig, resume: bool = False) -> dict:
+    return run_online(config, STAGE, GRPO, resume)

@@ -1,0 +1,260 @@
+"""What the online RL stages (PPO, GRPO, TRPO) share: prompts → rollouts → rewards → an update.
+
+Each step samples completions for a batch of prompts, scores them with the configured reward,
+and hands both to the algorithm's `update`. The policy is the starting model with fresh LoRA
+adapters; the reference policy is the same model with the adapters switched off (no second copy
+of the weights), or a frozen copy when fully fine-tuning. A critic, when the algorithm has one,
+lives beside the policy in one module, so one optimizer and one checkpoint hold both and an
+interrupted run resumes with both intact. Before and after training, the mean reward and the
+KL to the reference are measured on held-out prompts with the same sampling settings and seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhfkit.config import LoraSettings, RLConfig
+from rlhfkit.data.batching import _order
+from rlhfkit.data.formatting import render_prompt
+from rlhfkit.data.kinds import PromptExample, load_examples, prompt_examples
+from rlhfkit.engine import Engine, RunDir
+from rlhfkit.errors import ConfigError
+from rlhfkit.evaluate import write_answers_before_after
+from rlhfkit.models import resolve, resolve_with_tokenizer
+from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
+from rlhfkit.rollout import Rollout, response_logprobs, sample_rollout
+
+
+class PolicyAndCritic(torch.nn.Module):
+    """The trainable models of an RL stage; the critic is None for critic-free algorithms."""
+
+    def __init__(self, policy: torch.nn.Module, critic: torch.nn.Module | None) -> None:
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+
+
+@dataclass
+class RolloutBatch:
+    """A micro-batch of a rollout plus the per-sequence/per-token training targets of its rows."""
+
+    rollout: Rollout
+    tensors: dict[str, torch.Tensor]
+    loss_units: int
+
+    def to(self, device: torch.device) -> RolloutBatch:
+        return RolloutBatch(self.rollout.to(device), {k: v.to(device) for k, v in self.tensors.items()}, self.loss_units)
+
+
+def loss_units(mask: torch.Tensor, aggregation: str) -> int:
+    """Tokens (token-level loss) or non-empty sequences (sequence-level loss) of a mask."""
+    return int(mask.sum().item()) if aggregation == "token" else int((mask.sum(dim=1) > 0).sum().item())
+
+
+def micro_batch(rollout: Rollout, tensors: dict[str, torch.Tensor], indices: torch.Tensor, aggregation: str) -> RolloutBatch:
+    """Rows `indices`, with columns that hold only padding cut off (left of prompts, right of responses)."""
+    picked = rollout.select(indices)
+    prompt_start = int((picked.prompt_mask.sum(dim=0) > 0).float().argmax())
+    width = max(1, int(picked.response_mask.sum(dim=1).max()))
+    picked.prompt_ids, picked.prompt_mask = picked.prompt_ids[:, prompt_start:], picked.prompt_mask[:, prompt_start:]
+    picked.response_ids, picked.response_mask = picked.response_ids[:, :width], picked.response_mask[:, :width]
+    rows = {name: value[indices.to(value.device)] for name, value in tensors.items()}
+    rows = {name: value[:, :width] if value.dim() == 2 else value for name, value in rows.items()}
+    return RolloutBatch(picked, rows, loss_units(rows["mask"], aggregation))
+
+
+def minibatch_groups(
+    rollout: Rollout, tensors: dict[str, torch.Tensor], minibatch_size: int | None, micro_batch_size: int,
+    aggregation: str, generator: torch.Generator,
+) -> list[list[RolloutBatch]]:
+    """Shuffled minibatches (one optimizer step each), each split into micro-batches (accumulated)."""
+    count = rollout.size
+    order = torch.randperm(count, generator=generator)
+    size = minibatch_size or count
+    groups = []
+    for start in range(0, count, size):
+        members = order[start : start + size]
+        groups.append([micro_batch(rollout, tensors, members[i : i + micro_batch_size], aggregation)
+                       for i in range(0, len(members), micro_batch_size)])
+    return groups
+
+
+def run_updates(
+    engine: Engine, rollout: Rollout, targets: dict[str, torch.Tensor], epochs: int, minibatch_size: int | None,
+    aggregation: str, step_seed: int, loss_fn,
+) -> dict[str, float]:
+    """`epochs` passes of optimizer steps over shuffled minibatches; returns the steps' mean metrics."""
+    generator = torch.Generator().manual_seed(step_seed)
+    totals: dict[str, float] = {}
+    steps = 0
+    for _ in range(epochs):
+        for group in minibatch_groups(rollout, targets, minibatch_size, engine.train.batch_size, aggregation, generator):
+            for name, value in engine.optimizer_step(group, loss_fn).items():
+                totals[name] = totals.get(name, 0.0) + value
+            steps += 1
+    return {name: value / max(steps, 1) for name, value in totals.items() if name != "units"}
+
+
+class Context:
+    """The pieces an algorithm needs: engine, config, tokenizer, policy, critic, and reference log-probs."""
+
+    def __init__(self, config: RLConfig, engine: Engine, tokenizer, policy: torch.nn.Module, frozen_reference: torch.nn.Module | None) -> None:
+        self.config, self.engine, self.tokenizer = config, engine, tokenizer
+        self.policy, self.frozen_reference = policy, frozen_reference
+        self.critic: torch.nn.Module | None = None
+        self.temperature = config.rollout.temperature
+        self.chunk = config.train.loss_chunk_tokens
+
+    def build_critic(self, start_from: str | None) -> torch.nn.Module:
+        """A value model: a one-output head on the backbone of `start_from` (default: the policy's start)."""
+        reference = start_from or self.config.model.name_or_path
+        critic_lora = LoraSettings(**{**self.config.lora.model_dump(), "dropout": 0.0})
+        critic = self.engine.build_model(resolve(reference), self.config.model, critic_lora, reward_model=True)
+        critic.config.pad_token_id = self.tokenizer.pad_token_id
+        self.critic, self.critic_reference = critic, reference
+        return critic
+
+    def logprobs(self, policy: torch.nn.Module, rollout: Rollout, with_entropy: bool = False):
+        return response_logprobs(policy, rollout, self.temperature, self.chunk, with_entropy)
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """log π_ref of the sampled tokens: the policy with adapters off, or the frozen copy."""
+        if self.frozen_reference is not None:
+            return self.logprobs(self.frozen_reference, rollout)[0]
+        with self.policy.disable_adapter():
+            return self.logprobs(self.policy, rollout)[0]
+
+
+class Algorithm(Protocol):
+    """One RL algorithm: its optimizer steps per RL step and its update from a scored rollout."""
+
+    optimizer_steps_per_step: int
+
+    def update(self, rollout: Rollout, scored: ScoredBatch, step_seed: int) -> dict[str, float]: ...
+
+
+def optimizer_steps_per_step(config: RLConfig, epochs: int, minibatch_size: int | None) -> int:
+    batch = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
+    return epochs * math.ceil(batch / (minibatch_size or batch))
+
+
+def check_group_size(config: RLConfig, why: str) -> None:
+    if config.rollout.samples_per_prompt < 2:
+        raise ConfigError(f"rollout.samples_per_prompt must be at least 2 for {why} (got {config.rollout.samples_per_prompt})")
+
+
+def rollout_summary(rollout: Rollout, scored: ScoredBatch, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                    entropy: torch.Tensor | None) -> dict[str, float]:
+    """Reward, KL to the reference, entropy and length statistics of a scored rollout."""
+    mask = rollout.response_mask * scored.valid[:, None].to(rollout.response_mask.device)
+    valid = scored.valid
+    scores = scored.scores[valid]
+    sequence_kl = ((logprobs - ref_logprobs) * mask).sum(dim=1)[valid.to(mask.device)]  # Σ_t log π/π_ref: unbiased KL(π‖π_ref)
+    summary = {
+        "reward_mean": float(scores.mean()) if len(scores) else math.nan,
+        "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        "kl": float(sequence_kl.mean()) if len(sequence_kl) else math.nan,
+        "length": float(rollout.lengths.float().mean()),
+        "eos_fraction": float(rollout.ended.float().mean()),
+    }
+    if entropy is not None:
+        summary["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+    if scored.skipped:
+        summary["skipped_samples"] = float(scored.skipped)
+    return summary
+
+
+def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context], Algorithm], resume: bool = False) -> dict:
+    run_dir = RunDir.open(config.train.output_dir, stage, config, resume)
+    train, rollout_settings, data = config.train, config.rollout, config.data
+
+    # Prompts, tokenizer and the reward are loaded and checked before any policy weights.
+    train_examples, eval_examples, report = load_examples(data, train.seed, prompt_examples)
+    source, tokenizer = resolve_with_tokenizer(config.model)
+    render = lambda example: render_prompt(tokenizer, example.prompt, data.template)  # noqa: E731
+    reward = RewardSource(config.reward, data.template)
+    eval_examples = eval_examples[: config.eval.num_prompts]
+    print(f"data: {report.summary()}; {len(train_examples)} train / {len(eval_examples)} eval prompts; reward: {reward.name}")
+
+    engine = Engine(train, config.model.device, run_dir, stage)
+    policy = engine.build_model(source, config.model, config.lora)
+    frozen = None if config.lora.enabled else copy.deepcopy(policy).eval().requires_grad_(False)
+    context = Context(config, engine, tokenizer, policy, frozen)
+    algorithm = make_algorithm(context)
+    total_steps = train.max_steps or train.epochs * math.ceil(len(train_examples) / rollout_settings.prompts_per_step)
+    engine.prepare(PolicyAndCritic(policy, context.critic), total_steps, max(1, total_steps * algorithm.optimizer_steps_per_step))
+    engine.train_mode = False  # no dropout: log-probs must match the rollout's on the first pass
+    if frozen is not None:
+        frozen.to(engine.device)
+    engine.resume(resume)
+
+    def sample_and_score(examples: list[PromptExample], samples: int) -> tuple[Rollout, ScoredBatch]:
+        rollout = sample_rollout(policy, tokenizer, [render(e) for e in examples], rollout_settings, samples, data.max_length)
+        prompts = [examples[i].prompt for i in rollout.prompt_index.tolist()]
+        columns = [examples[i].columns for i in rollout.prompt_index.tolist()]
+        return rollout.to(engine.device), score_completions(reward, prompts, rollout.completions, columns, rollout.ended)
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        """Mean reward and KL on held-out prompts; the RNG of training is left untouched."""
+        with torch.random.fork_rng():
+            torch.manual_seed(config.eval.seed)
+            rollout, scored = sample_and_score(eval_examples, config.eval.samples_per_prompt)
+        logprobs, entropy = context.logprobs(policy, rollout, with_entropy=True)
+        summary = rollout_summary(rollout, scored, logprobs, context.reference_logprobs(rollout), entropy)
+        scores = scored.scores[scored.valid]
+        summary["reward_stderr"] = float(scores.std() / math.sqrt(len(scores))) if len(scores) > 1 else math.nan
+        summary["answers"] = rollout.completions[:: config.eval.samples_per_prompt]
+        return summary
+
+    def prompts_for(step: int) -> list[PromptExample]:
+        """The step's prompts: a seeded shuffle per epoch, so a resumed run sees the same ones."""
+        count, per_step = len(train_examples), rollout_settings.prompts_per_step
+        positions = range(step * per_step, (step + 1) * per_step)
+        return [train_examples[_order(count, train.seed + p // count)[p % count]] for p in positions]
+
+    metrics = run_dir.read_json("metrics.json")
+    if config.eval.before and eval_examples:
+        engine.measure(metrics, "before", evaluate)
+    bar = tqdm(total=total_steps, initial=engine.progress.step, desc=stage, dynamic_ncols=True)
+    while engine.progress.step < total_steps:
+        started = time.perf_counter()
+        rollout, scored = sample_and_score(prompts_for(engine.progress.step), rollout_settings.samples_per_prompt)
+        generated = time.perf_counter()
+        step_metrics = algorithm.update(rollout, scored, train.seed + engine.progress.step)
+        finished = time.perf_counter()
+        step_metrics.update({"time_generation_s": generated - started, "time_update_s": finished - generated})
+        engine.progress.step += 1
+        if engine.progress.step % train.log_every == 0:
+            engine.log({f"train/{k}": v for k, v in step_metrics.items()}, engine.progress.step)
+        bar.set_postfix(reward=f"{step_metrics['reward_mean']:.3f}", kl=f"{step_metrics['kl']:.3f}", len=f"{step_metrics['length']:.0f}")
+        bar.update(1)
+        if train.save_every and engine.progress.step % train.save_every == 0:
+            engine.save_checkpoint()
+    bar.close()
+    if not train.save_every or engine.progress.step % train.save_every:
+        engine.save_checkpoint()
+    if eval_examples:
+        engine.measure(metrics, "after", evaluate)
+
+    info = {"stage": stage, "lora": config.lora.enabled, "reward": reward.name}
+    engine.save_final(tokenizer, config.model.name_or_path, info, model=policy)
+    if context.critic is not None:
+        engine.save_final(tokenizer, context.critic_reference, {**info, "role": "critic"}, model=context.critic, name="critic")
+    if eval_examples:
+        write_answers_before_after(run_dir.root, [e.prompt for e in eval_examples], metrics, references=[])
+    engine.complete(metrics, report.summary())
+    return metrics
+
+
+def warn(message: str) -> None:
+    tqdm.write(f"warning: {message}")
+

@@ -1,0 +1,84 @@
+"""`rlhfkit ppo`: PPO with a critic, GAE and a per-token KL penalty to the reference policy.
+
+Per RL step: sample completions, score them; with the rollout-time policy, reference and critic
+compute log-probs and values; shape rewards as −β·KL per token plus the score at the last
+token; GAE gives advantages and value targets; then several epochs of clipped policy and value
+updates over shuffled minibatches. β is fixed or adapted towards a target KL.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.config import PPOConfig
+from rlhfkit.engine import LossOutput
+from rlhfkit.losses.ppo import (
+    adaptive_kl_coef,
+    aggregate_loss,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    generalized_advantages,
+    kl_shaped_rewards,
+    masked_whiten,
+)
+from rlhfkit.rewards import ScoredBatch
+from rlhfkit.rollout import Rollout, response_values
+from rlhfkit.stages.online import Context, RolloutBatch, optimizer_steps_per_step, rollout_summary, run_online, run_updates
+
+STAGE = "ppo"
+
+
+class PPO:
+    def __init__(self, context: Context) -> None:
+        self.context, self.settings = context, context.config.ppo
+        context.build_critic(self.settings.critic_model)
+        self.optimizer_steps_per_step = optimizer_steps_per_step(context.config, self.settings.epochs, self.settings.minibatch_size)
+
+    def loss(self, module: torch.nn.Module, batch: RolloutBatch) -> LossOutput:
+        settings, targets = self.settings, batch.tensors
+        logprobs, _ = self.context.logprobs(module.policy, batch.rollout)
+        values = response_values(module.critic, batch.rollout)
+        mask = targets["mask"]
+        policy_loss, clipped = clipped_policy_loss(logprobs, targets["old_logprobs"], targets["advantages"], settings.clip)
+        value_loss, value_clipped = clipped_value_loss(values, targets["old_values"], targets["returns"], settings.value_clip)
+        loss_sum, _ = aggregate_loss(policy_loss + settings.value_coef * value_loss, mask, "token")
+        log_ratio = (logprobs - targets["old_logprobs"]).detach()
+        return LossOutput(loss_sum, {
+            "policy_loss": float((policy_loss.detach() * mask).sum()),
+            "value_loss": float((value_loss.detach() * mask).sum()),
+            "clip_fraction": float((clipped * mask).sum()),
+            "value_clip_fraction": float((value_clipped * mask).sum()),
+            "approx_kl": float((0.5 * log_ratio**2 * mask).sum()),  # KL(old ‖ new) of this pass, per token
+        })
+
+    def update(self, rollout: Rollout, scored: ScoredBatch, step_seed: int) -> dict[str, float]:
+        context, settings, engine = self.context, self.settings, self.context.engine
+        with torch.no_grad():
+            logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
+            ref_logprobs = context.reference_logprobs(rollout)
+            values = response_values(context.critic, rollout)
+        mask = rollout.response_mask * scored.valid[:, None].to(rollout.response_mask.device)
+        kl_coef = engine.extra_state.setdefault("kl_coef", settings.kl_coef)
+        rewards, kl = kl_shaped_rewards(scored.scores.to(mask.device), logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator)
+        advantages, returns = generalized_advantages(rewards, values, mask, settings.gamma, settings.lam)
+        if settings.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        targets = {"old_logprobs": logprobs, "old_values": values, "advantages": advantages, "returns": returns, "mask": mask}
+
+        updates = run_updates(engine, rollout, targets, settings.epochs, settings.minibatch_size, "token", step_seed, self.loss)
+        summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy)
+        sequence_kl = float((kl.sum(dim=1)).mean())
+        if settings.target_kl is not None:
+            engine.extra_state["kl_coef"] = adaptive_kl_coef(kl_coef, sequence_kl, settings.target_kl, settings.kl_horizon, rollout.size)
+        return {
+            **summary,
+            **updates,
+            "kl_coef": kl_coef,
+            "kl_penalty": float(-(rewards.sum() - scored.scores.sum()) / rollout.size),  # mean β·KL per sequence
+            "explained_variance": explained_variance(values, returns, mask),
+        }
+
+
+def run(config: PPOConfig, resume: bool = False) -> dict:
+    return run_online(config, STAGE, PPO, resume)

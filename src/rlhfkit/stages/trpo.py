@@ -1,0 +1,157 @@
+"""`rlhfkit trpo`: natural-gradient policy steps inside a KL trust region (Schulman et al. 2015).
+
+Per RL step, over the trainable (LoRA) parameters θ:
+1. advantages from the group baseline (reward minus the prompt's group mean, std-scaled) or from
+   a critic with GAE;
+2. g = ∇ of the surrogate mean_t[ρ_t·A_t] at θ_old (micro-batched, token-weighted);
+3. F⁻¹g by conjugate gradient, where F·v is the Hessian-vector product of the mean per-token
+   KL(π_old ‖ π_θ) over the full vocabulary at the sampled positions of `fisher_samples`
+   sequences (double backward; the attention runs on its math kernel, which supports it);
+4. scale to the trust region, √(2δ / sᵀFs), and backtrack until the surrogate improves and the
+   exact KL on those positions is ≤ δ; otherwise keep θ_old.
+With a value baseline, the critic then regresses on the returns with the engine's optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from rlhfkit.config import TRPOConfig
+from rlhfkit.engine import LossOutput, TrainingError
+from rlhfkit.losses.grpo import group_advantages
+from rlhfkit.losses.ppo import aggregate_loss, clipped_value_loss, explained_variance, generalized_advantages, kl_shaped_rewards, masked_whiten
+from rlhfkit.losses.trpo import backtracking_line_search, conjugate_gradient, mean_categorical_kl, surrogate_objective, trust_region_step_size
+from rlhfkit.models import backbone_and_head
+from rlhfkit.rewards import ScoredBatch
+from rlhfkit.rollout import Rollout, response_hidden_states, response_values
+from rlhfkit.stages.grpo import group_scores
+from rlhfkit.stages.online import Context, RolloutBatch, check_group_size, micro_batch, optimizer_steps_per_step, rollout_summary, run_online, run_updates
+
+STAGE = "trpo"
+
+
+def full_log_distributions(policy: torch.nn.Module, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """(M, V) log-softmax(logits / T) at the M response positions of the rollout."""
+    decoder, head_weight = backbone_and_head(policy)
+    hidden = response_hidden_states(decoder, rollout)[rollout.response_mask.bool()] / temperature
+    return torch.log_softmax((hidden @ head_weight.T).float(), dim=-1)
+
+
+class TRPO:
+    def __init__(self, context: Context) -> None:
+        self.context, self.settings = context, context.config.trpo
+        if self.settings.baseline == "group":
+            check_group_size(context.config, "the group baseline (or use trpo.baseline: value)")
+            self.optimizer_steps_per_step = 0
+        else:
+            context.build_critic(self.settings.critic_model)
+            self.optimizer_steps_per_step = optimizer_steps_per_step(context.config, self.settings.value_epochs, None)
+        self.parameters = [p for p in context.policy.parameters() if p.requires_grad]
+
+    def advantages(self, rollout: Rollout, scored: ScoredBatch, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        scores = scored.scores.to(mask.device)
+        if self.settings.baseline == "group":
+            group_size = self.context.config.rollout.samples_per_prompt
+            per_sequence = group_advantages(group_scores(scored, group_size), group_size).to(mask.device)
+            return {"advantages": per_sequence[:, None] * mask}
+        with torch.no_grad():
+            values = response_values(self.context.critic, rollout)
+        rewards, _ = kl_shaped_rewards(scores, torch.zeros_like(mask), torch.zeros_like(mask), mask, 0.0)
+        advantages, returns = generalized_advantages(rewards, values, mask, self.settings.gamma, self.settings.lam)
+        return {"advantages": masked_whiten(advantages, mask), "returns": returns, "old_values": values}
+
+    def surrogate_gradient(self, rollout: Rollout, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """g = ∇_θ L at θ_old, accumulated over micro-batches with every token weighted equally."""
+        total_tokens = float(targets["mask"].sum())
+        gradient = torch.zeros(sum(p.numel() for p in self.parameters), device=targets["mask"].device)
+        batch_size = self.context.config.train.batch_size
+        for start in range(0, rollout.size, batch_size):
+            batch = micro_batch(rollout, targets, torch.arange(start, min(start + batch_size, rollout.size)), "token")
+            logprobs, _ = self.context.logprobs(self.context.policy, batch.rollout)
+            rows = batch.tensors
+            objective = (torch.exp(logprobs - rows["old_logprobs"]) * rows["advantages"] * rows["mask"]).sum() / total_tokens
+            grads = torch.autograd.grad(objective, self.parameters, allow_unused=True)
+            gradient += torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.parameters)])
+        return gradient, float((targets["advantages"] * targets["mask"]).sum() / total_tokens)
+
+    @torch.no_grad()
+    def surrogate(self, rollout: Rollout, targets: dict[str, torch.Tensor]) -> float:
+        logprobs, _ = self.context.logprobs(self.context.policy, rollout)
+        return float(surrogate_objective(logprobs, targets["old_logprobs"], targets["advantages"], targets["mask"]))
+
+    def natural_step(self, rollout: Rollout, targets: dict[str, torch.Tensor]) -> dict[str, float]:
+        context, settings = self.context, self.settings
+        gradient, surrogate_before = self.surrogate_gradient(rollout, targets)
+        if not torch.isfinite(gradient).all():
+            raise TrainingError(f"step {context.engine.progress.step + 1}: the surrogate gradient is not finite; stopping")
+        if float(gradient.norm()) == 0.0:
+            return {"grad_norm": 0.0, "step_accepted": 0.0, "step_fraction": 0.0}
+        fisher_rows = torch.arange(min(settings.fisher_samples, rollout.size))
+        fisher_batch = micro_batch(rollout, targets, fisher_rows, "token").rollout
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU/GPU kernels have no double backward
+            new = full_log_distributions(context.policy, fisher_batch, context.temperature)
+            old = new.detach()
+            kl = mean_categorical_kl(old, new, torch.ones(old.shape[0], device=old.device))
+            kl_gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, self.parameters, create_graph=True)])
+
+            def fisher_vector(vector: torch.Tensor) -> torch.Tensor:
+                product = torch.autograd.grad(kl_gradient @ vector, self.parameters, retain_graph=True)
+                return torch.cat([p.reshape(-1) for p in product]) + settings.cg_damping * vector
+
+            solved = conjugate_gradient(fisher_vector, gradient, settings.cg_iterations)
+            curvature_direction = fisher_vector(solved.solution)
+        del kl_gradient, new
+        full_step = trust_region_step_size(solved.solution, curvature_direction, settings.max_kl) * solved.solution
+        expected = float(gradient @ full_step)
+        start = parameters_to_vector(self.parameters).detach()
+
+        @torch.no_grad()
+        def try_fraction(fraction: float) -> tuple[float, float]:
+            vector_to_parameters(start + fraction * full_step, self.parameters)
+            gain = self.surrogate(rollout, targets) - surrogate_before
+            moved = full_log_distributions(context.policy, fisher_batch, context.temperature)
+            return gain, float(mean_categorical_kl(old, moved, torch.ones(old.shape[0], device=old.device)))
+
+        search = backtracking_line_search(try_fraction, settings.max_kl, expected, settings.line_search_steps)
+        with torch.no_grad():
+            vector_to_parameters(start + search.fraction * full_step, self.parameters)
+        return {
+            "grad_norm": float(gradient.norm()),
+            "cg_residual": solved.residual_norm,
+            "cg_iterations": float(solved.iterations),
+            "expected_improvement": expected,
+            "surrogate_gain": search.improvement,
+            "step_accepted": float(search.fraction > 0),
+            "step_fraction": search.fraction,
+            "line_search_kl": search.kl,
+            "line_search_tries": float(search.tries),
+        }
+
+    def value_loss(self, module: torch.nn.Module, batch: RolloutBatch) -> LossOutput:
+        values = response_values(module.critic, batch.rollout)
+        unclipped = float("inf")  # plain regression: ½ (V − R)²
+        per_token, _ = clipped_value_loss(values, batch.tensors["old_values"], batch.tensors["returns"], unclipped)
+        loss_sum, _ = aggregate_loss(per_token, batch.tensors["mask"], "token")
+        return LossOutput(loss_sum, {})
+
+    def update(self, rollout: Rollout, scored: ScoredBatch, step_seed: int) -> dict[str, float]:
+        context = self.context
+        context.policy.eval()
+        with torch.no_grad():
+            logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
+            ref_logprobs = context.reference_logprobs(rollout)
+        mask = rollout.response_mask * scored.valid[:, None].to(logprobs.device)
+        targets = {"old_logprobs": logprobs, "mask": mask, **self.advantages(rollout, scored, mask)}
+        step = self.natural_step(rollout, targets)
+        summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy)
+        if self.settings.baseline == "value":
+            critic_metrics = run_updates(context.engine, rollout, targets, self.settings.value_epochs, None, "token", step_seed, self.value_loss)
+            step["value_loss"] = critic_metrics["loss"]
+            step["explained_variance"] = explained_variance(targets["old_values"], targets["returns"], mask)
+        return {**summary, **step}
+
+
+def run(config: TRPOConfig, resume: bool = False) -> dict:
+    return run_online(config, STAGE, TRPO, resume)
