@@ -68,6 +68,8 @@ def metrics_steps(overrides):
 @pytest.mark.parametrize("stage, module, extra", [
     # PPO's critic starts untrained, so its advantages are noisy at first: more steps, smaller ones.
     ("ppo", ppo, ["train.max_steps=16", "ppo.kl_coef=0.01", "ppo.epochs=4", "ppo.minibatch_size=16", "train.lr=3e-3"]),
+    ("ppo", ppo, ["train.max_steps=16", "ppo.kl_coef=0.01", "ppo.epochs=4", "ppo.minibatch_size=16", "train.lr=3e-3",
+                  "ppo.critic=head"]),
     ("grpo", grpo, ["train.max_steps=12", "grpo.beta=0.0"]),
     ("trpo", trpo, ["train.max_steps=12", "trpo.max_kl=0.05"]),
 ])
@@ -80,3 +82,43 @@ def test_rewarding_one_token_makes_it_more_likely(tiny_model, prompt_file, rewar
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == metrics_steps(extra) and {"train/reward_mean", "train/kl", "train/entropy", "train/length", "train/time_generation_s"} <= set(log[0])
     assert (out / "final" / "adapter_config.json").exists() and (out / "samples.md").exists()
+    if stage == "ppo":
+        assert any((out / "critic" / name).exists() for name in ("adapter_config.json", "value_head.safetensors"))
+
+
+def test_an_interrupted_ppo_run_resumes_to_the_same_policy_critic_and_kl_coefficient(tiny_model, prompt_file, reward_file, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    overrides = ["train.max_steps=4", "train.save_every=2", "train.save_limit=5", "ppo.target_kl=0.5", "ppo.kl_horizon=100"]
+    straight = tmp_path / "straight"
+    ppo.run(rl_config("ppo", tiny_model, prompt_file, reward_file, straight, *overrides))
+    # The same run, "killed" after its step-2 checkpoint: later checkpoints and outputs removed.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    for path in ["checkpoints/step-000004", "final", "critic"]:
+        shutil.rmtree(resumed / path)
+    (resumed / "run.json").write_text(json.dumps({"stage": "ppo", "status": "running"}))
+    ppo.run(rl_config("ppo", tiny_model, prompt_file, reward_file, resumed, *overrides), resume=True)
+    for part in ["final/adapter_model.safetensors", "critic/adapter_model.safetensors", "checkpoints/step-000004/trainable.safetensors"]:
+        a, b = load_file(str(straight / part)), load_file(str(resumed / part))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), part
+    state = lambda run: json.loads((run / "checkpoints/step-000004/state.json").read_text())["extra"]  # noqa: E731
+    assert state(straight)["kl_coef"] == pytest.approx(state(resumed)["kl_coef"]) and state(straight)["kl_coef"] != 0.05
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_cli_rl_errors_are_one_line_and_early(tiny_model, prompt_file, reward_file, tmp_path, capsys):
+    base = ["--set", f"model.name_or_path={tiny_model}", "--set", f"data.path={prompt_file}", "--set", "train.trackers=[]",
+            "--set", "rollout.max_new_tokens=4", "--set", "train.max_steps=1", "--set", "eval.num_prompts=2"]
+    assert main(["grpo", *base, "--set", "reward.function=nowhere.py:fn", "--set", f"train.output_dir={tmp_path / 'a'}"]) == 2
+    assert "reward.function 'nowhere.py:fn': file nowhere.py does not exist" in capsys.readouterr().err
+    assert main(["grpo", *base, "--set", "rollout.samples_per_prompt=1", "--set", f"train.output_dir={tmp_path / 'b'}"]) == 2
+    assert "samples_per_prompt must be at least 2" in capsys.readouterr().err
+    assert main(["ppo", *base, "--set", f"reward.function={reward_file}:broken", "--set", f"train.output_dir={tmp_path / 'c'}"]) == 2
+    err = capsys.readouterr().err
+    assert "my_rewards.py:broken returned nan for sample 0" in err and "Traceback" not in err
+    assert main(["trpo", "--print-config", "--set", "trpo.max_kl=0.02"]) == 0
+    assert "max_kl: 0.02" in capsys.readouterr().out

@@ -210,6 +210,7 @@ class DPOConfig(StageConfig):
 class PromptDataSettings(ChatDataSettings):
     path: str = Field("builtin:arithmetic", description="Prompts: a `prompt` column (text or chat messages); other columns go to reward functions.")
     max_length: int = Field(256, gt=1, description="Longest formatted prompt in tokens; longer prompts lose their start.")
+    system_prompt: str | None = Field(None, description="A system message put before every prompt that has none (e.g. the answer format wanted).")
 
 
 class RolloutSettings(Section):
@@ -257,7 +258,10 @@ class PPOSettings(Section):
     target_kl: float | None = Field(None, gt=0, description="Adapt β towards this KL per sequence (Ziegler et al.); null = fixed β.")
     kl_horizon: int = Field(10000, gt=0, description="Horizon of the adaptive KL controller, in samples.")
     whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, std 1 per rollout batch.")
-    critic_model: str | None = Field(None, description="Start the critic from this model (e.g. the reward run); default: the policy's backbone.")
+    critic: Literal["model", "head"] = Field(
+        "model", description="model: a value model with its own LoRA and head; head: a linear value head on the reference's frozen hidden states (no extra passes; for CPUs)."
+    )
+    critic_model: str | None = Field(None, description="critic: model starts from this model (e.g. the reward run); default: the policy's backbone.")
 
 
 class GRPOSettings(Section):
@@ -298,16 +302,32 @@ class PPOConfig(RLConfig):
     ppo: PPOSettings = Field(default_factory=PPOSettings)
 
 
+def _check_group_size(config: RLConfig, why: str) -> None:
+    if config.rollout.samples_per_prompt < 2:
+        raise ValueError(f"rollout.samples_per_prompt must be at least 2 for {why} (got {config.rollout.samples_per_prompt})")
+
+
 class GRPOConfig(RLConfig):
     """`rlhfkit grpo`: group-relative policy optimisation (no critic)."""
 
     grpo: GRPOSettings = Field(default_factory=GRPOSettings)
+
+    @model_validator(mode="after")
+    def _groups(self) -> "GRPOConfig":
+        _check_group_size(self, "group-relative advantages")
+        return self
 
 
 class TRPOConfig(RLConfig):
     """`rlhfkit trpo`: natural-gradient steps inside a KL trust region."""
 
     trpo: TRPOSettings = Field(default_factory=TRPOSettings)
+
+    @model_validator(mode="after")
+    def _groups(self) -> "TRPOConfig":
+        if self.trpo.baseline == "group":
+            _check_group_size(self, "the group baseline (or set trpo.baseline: value)")
+        return self
 
 
 STAGE_CONFIGS: dict[str, type[StageConfig]] = {

@@ -276,7 +276,7 @@ class Engine:
 
     def complete(self, metrics: dict, data_summary: str) -> None:
         """Record the final metrics, mark the run complete and close the trackers."""
-        self.run.update_json("metrics.json", **metrics, data=data_summary)
+        self.run.update_json("metrics.json", **{**metrics, "data": data_summary})
         self.run.write_marker(self.stage, "complete")
         self.accelerator.end_training()
 

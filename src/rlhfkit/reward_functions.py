@@ -19,7 +19,7 @@ _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
 _MARKED = [
     re.compile(r"####\s*(" + _NUMBER + ")"),
     re.compile(r"\\boxed\{\s*(" + _NUMBER + r")\s*\}"),
-    re.compile(r"answer(?:\s+is|:)\s*(?:\*\*)?\s*(" + _NUMBER + ")", re.IGNORECASE),
+    re.compile(r"answer(?:\s+is)?\s*:?\s*(?:\*\*)?\s*(" + _NUMBER + ")", re.IGNORECASE),
 ]
 _ANY_NUMBER = re.compile(_NUMBER)
 

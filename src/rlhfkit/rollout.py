@@ -131,25 +131,54 @@ def response_hidden_states(decoder: torch.nn.Module, rollout: Rollout) -> torch.
 
 
 def response_logprobs(
-    model: torch.nn.Module, rollout: Rollout, temperature: float, chunk_size: int = 1024, with_entropy: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    model: torch.nn.Module, rollout: Rollout, temperature: float, chunk_size: int = 1024, with_entropy: bool = False,
+    with_hidden: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Per-token log π(y_t | x, y_<t) under softmax(logits / temperature), (N, R), 0 on padding.
 
-    With with_entropy, also the (detached) entropy of each position's distribution, (N, R).
+    With with_entropy, also the (detached) entropy of each position's distribution, (N, R); with
+    with_hidden, also the (detached) final hidden states at those positions, (N, R, H), e.g. as
+    features for a value head.
     """
     decoder, head_weight = backbone_and_head(model)
-    hidden = response_hidden_states(decoder, rollout) / temperature  # (h·W)/T = (h/T)·W
+    hidden = response_hidden_states(decoder, rollout)
     valid = rollout.response_mask.bool()
     targets = rollout.response_ids.masked_fill(~valid, IGNORE_INDEX)
     logprobs = torch.zeros(rollout.response_ids.shape, dtype=torch.float32, device=hidden.device)
+    scaled = hidden / temperature  # (h·W)/T = (h/T)·W
     if with_entropy:
-        values, entropy_values = target_token_logprobs_and_entropy(hidden, head_weight, targets, chunk_size)
+        values, entropy_values = target_token_logprobs_and_entropy(scaled, head_weight, targets, chunk_size)
         entropy = torch.zeros_like(logprobs)
         entropy[valid] = entropy_values
     else:
-        values, entropy = target_token_logprobs(hidden, head_weight, targets, chunk_size), None
+        values, entropy = target_token_logprobs(scaled, head_weight, targets, chunk_size), None
     logprobs = logprobs.masked_scatter(valid, values)
+    if with_hidden:
+        return logprobs, entropy, hidden.detach()
     return logprobs, entropy
+
+
+class ValueHead(torch.nn.Module):
+    """A linear value head V = w·h + b on frozen hidden states (of the reference policy).
+
+    The cheap critic for CPUs: its features come from the reference pass the KL needs anyway, so
+    the critic costs no forward or backward pass of its own. Starts at V = 0.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features.to(self.linear.weight.dtype)).squeeze(-1).float()
+
+    def save_pretrained(self, directory, **_) -> None:
+        from safetensors.torch import save_file
+
+        save_file({name: value.detach().cpu().contiguous() for name, value in self.state_dict().items()},
+                  str(directory / "value_head.safetensors"))
 
 
 def score_head(critic: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -17,7 +17,7 @@ from rlhfkit.losses.ppo import aggregate_loss
 from rlhfkit.rewards import ScoredBatch
 from rlhfkit.rollout import Rollout
 from rlhfkit.stages.online import (
-    Context, RolloutBatch, check_group_size, optimizer_steps_per_step, rollout_summary, run_online, run_updates, warn,
+    Context, RolloutBatch, optimizer_steps_per_step, rollout_summary, run_online, run_updates, warn,
 )
 
 STAGE = "grpo"
@@ -47,15 +47,27 @@ def describe_flat_groups(fraction: float, rewards: torch.Tensor, max_new_tokens:
 
 class GRPO:
     def __init__(self, context: Context) -> None:
-        check_group_size(context.config, "group-relative advantages")
         self.context, self.settings = context, context.config.grpo
         self.optimizer_steps_per_step = optimizer_steps_per_step(context.config, self.settings.epochs, self.settings.minibatch_size)
+        # Updating after every minibatch makes later minibatches off-policy; only one pass over
+        # the whole batch in one step is truly on-policy.
+        self.on_policy = self.settings.epochs == 1 and self.settings.minibatch_size in (None, self.batch_size)
+
+    @property
+    def batch_size(self) -> int:
+        return self.context.config.rollout.prompts_per_step * self.context.config.rollout.samples_per_prompt
 
     def loss(self, module: torch.nn.Module, batch: RolloutBatch) -> LossOutput:
         settings, targets = self.settings, batch.tensors
-        logprobs, _ = self.context.logprobs(module.policy, batch.rollout)
+        logprobs, entropy = self.context.logprobs(module.policy, batch.rollout, with_entropy=self.on_policy)
+        if self.on_policy:  # one pass over fresh samples: the behaviour log-probs are these, detached
+            old_logprobs = logprobs.detach()
+            self.seen_logprobs[batch.rows, : batch.width] = old_logprobs
+            self.seen_entropy[batch.rows, : batch.width] = entropy
+        else:
+            old_logprobs = targets["old_logprobs"]
         per_token, clipped, kl = grpo_per_token_loss(
-            logprobs, targets["old_logprobs"], targets.get("ref_logprobs"), targets["advantages"], settings.clip, settings.beta
+            logprobs, old_logprobs, targets.get("ref_logprobs"), targets["advantages"], settings.clip, settings.beta
         )
         mask = targets["mask"]
         loss_sum, _ = aggregate_loss(per_token, mask, settings.loss_aggregation)
@@ -67,9 +79,13 @@ class GRPO:
     def update(self, rollout: Rollout, scored: ScoredBatch, step_seed: int) -> dict[str, float]:
         context, settings, engine = self.context, self.settings, self.context.engine
         group_size = context.config.rollout.samples_per_prompt
-        with torch.no_grad():
-            logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
-            ref_logprobs = context.reference_logprobs(rollout)
+        ref_logprobs = context.reference_logprobs(rollout)
+        if self.on_policy:  # filled in by the loss's own forward pass: no separate pass needed
+            logprobs, entropy = torch.zeros_like(ref_logprobs), torch.zeros_like(ref_logprobs)
+            self.seen_logprobs, self.seen_entropy = logprobs, entropy
+        else:
+            with torch.no_grad():
+                logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
         rewards = group_scores(scored, group_size)
         advantages = group_advantages(rewards, group_size, settings.scale_rewards).to(logprobs.device)
         flat_fraction = zero_variance_fraction(rewards, group_size)
@@ -77,7 +93,7 @@ class GRPO:
         if message:
             warn(f"step {engine.progress.step + 1}: {message}")
         mask = rollout.response_mask * scored.valid[:, None].to(logprobs.device)
-        targets = {"old_logprobs": logprobs, "advantages": advantages, "mask": mask}
+        targets = {"advantages": advantages, "mask": mask} if self.on_policy else {"old_logprobs": logprobs, "advantages": advantages, "mask": mask}
         if settings.beta > 0:
             targets["ref_logprobs"] = ref_logprobs
 

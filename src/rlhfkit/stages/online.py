@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import nullcontext
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -25,7 +26,6 @@ from rlhfkit.data.batching import _order
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.data.kinds import PromptExample, load_examples, prompt_examples
 from rlhfkit.engine import Engine, RunDir
-from rlhfkit.errors import ConfigError
 from rlhfkit.evaluate import write_answers_before_after
 from rlhfkit.models import resolve, resolve_with_tokenizer
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
@@ -48,9 +48,14 @@ class RolloutBatch:
     rollout: Rollout
     tensors: dict[str, torch.Tensor]
     loss_units: int
+    rows: torch.Tensor  # (b,) the rows of the full rollout this micro-batch holds
+
+    @property
+    def width(self) -> int:
+        return self.rollout.response_ids.shape[1]
 
     def to(self, device: torch.device) -> RolloutBatch:
-        return RolloutBatch(self.rollout.to(device), {k: v.to(device) for k, v in self.tensors.items()}, self.loss_units)
+        return RolloutBatch(self.rollout.to(device), {k: v.to(device) for k, v in self.tensors.items()}, self.loss_units, self.rows)
 
 
 def loss_units(mask: torch.Tensor, aggregation: str) -> int:
@@ -66,8 +71,8 @@ def micro_batch(rollout: Rollout, tensors: dict[str, torch.Tensor], indices: tor
     picked.prompt_ids, picked.prompt_mask = picked.prompt_ids[:, prompt_start:], picked.prompt_mask[:, prompt_start:]
     picked.response_ids, picked.response_mask = picked.response_ids[:, :width], picked.response_mask[:, :width]
     rows = {name: value[indices.to(value.device)] for name, value in tensors.items()}
-    rows = {name: value[:, :width] if value.dim() == 2 else value for name, value in rows.items()}
-    return RolloutBatch(picked, rows, loss_units(rows["mask"], aggregation))
+    rows = {name: value[:, :width] if value.dim() >= 2 else value for name, value in rows.items()}
+    return RolloutBatch(picked, rows, loss_units(rows["mask"], aggregation), indices)
 
 
 def minibatch_groups(
@@ -125,12 +130,16 @@ class Context:
         return response_logprobs(policy, rollout, self.temperature, self.chunk, with_entropy)
 
     @torch.no_grad()
-    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        """log π_ref of the sampled tokens: the policy with adapters off, or the frozen copy."""
-        if self.frozen_reference is not None:
-            return self.logprobs(self.frozen_reference, rollout)[0]
-        with self.policy.disable_adapter():
-            return self.logprobs(self.policy, rollout)[0]
+    def reference_logprobs(self, rollout: Rollout, with_hidden: bool = False):
+        """log π_ref of the sampled tokens: the policy with adapters off, or the frozen copy.
+
+        with_hidden: also return the reference's hidden states at the response positions (N, R, H).
+        """
+        reference = self.frozen_reference if self.frozen_reference is not None else self.policy
+        adapters_off = self.policy.disable_adapter() if self.frozen_reference is None else nullcontext()
+        with adapters_off:
+            logprobs, _, *hidden = response_logprobs(reference, rollout, self.temperature, self.chunk, with_hidden=with_hidden)
+        return (logprobs, hidden[0]) if with_hidden else logprobs
 
 
 class Algorithm(Protocol):
@@ -144,11 +153,6 @@ class Algorithm(Protocol):
 def optimizer_steps_per_step(config: RLConfig, epochs: int, minibatch_size: int | None) -> int:
     batch = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
     return epochs * math.ceil(batch / (minibatch_size or batch))
-
-
-def check_group_size(config: RLConfig, why: str) -> None:
-    if config.rollout.samples_per_prompt < 2:
-        raise ConfigError(f"rollout.samples_per_prompt must be at least 2 for {why} (got {config.rollout.samples_per_prompt})")
 
 
 def rollout_summary(rollout: Rollout, scored: ScoredBatch, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -172,6 +176,12 @@ def rollout_summary(rollout: Rollout, scored: ScoredBatch, logprobs: torch.Tenso
     return summary
 
 
+def with_system_prompt(turns: tuple[dict[str, str], ...], system_prompt: str | None) -> tuple[dict[str, str], ...]:
+    if system_prompt is None or turns[0]["role"] == "system":
+        return turns
+    return ({"role": "system", "content": system_prompt}, *turns)
+
+
 def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context], Algorithm], resume: bool = False) -> dict:
     run_dir = RunDir.open(config.train.output_dir, stage, config, resume)
     train, rollout_settings, data = config.train, config.rollout, config.data
@@ -179,7 +189,7 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
     # Prompts, tokenizer and the reward are loaded and checked before any policy weights.
     train_examples, eval_examples, report = load_examples(data, train.seed, prompt_examples)
     source, tokenizer = resolve_with_tokenizer(config.model)
-    render = lambda example: render_prompt(tokenizer, example.prompt, data.template)  # noqa: E731
+    render = lambda example: render_prompt(tokenizer, with_system_prompt(example.prompt, data.system_prompt), data.template)  # noqa: E731
     reward = RewardSource(config.reward, data.template)
     eval_examples = eval_examples[: config.eval.num_prompts]
     print(f"data: {report.summary()}; {len(train_examples)} train / {len(eval_examples)} eval prompts; reward: {reward.name}")

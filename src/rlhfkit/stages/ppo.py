@@ -23,7 +23,7 @@ from rlhfkit.losses.ppo import (
     masked_whiten,
 )
 from rlhfkit.rewards import ScoredBatch
-from rlhfkit.rollout import Rollout, response_values
+from rlhfkit.rollout import Rollout, ValueHead, response_values
 from rlhfkit.stages.online import Context, RolloutBatch, optimizer_steps_per_step, rollout_summary, run_online, run_updates
 
 STAGE = "ppo"
@@ -32,14 +32,22 @@ STAGE = "ppo"
 class PPO:
     def __init__(self, context: Context) -> None:
         self.context, self.settings = context, context.config.ppo
-        context.build_critic(self.settings.critic_model)
+        if self.settings.critic == "head":
+            context.critic = ValueHead(context.policy.config.hidden_size)
+            context.critic_reference = context.config.model.name_or_path  # its features come from this model
+        else:
+            context.build_critic(self.settings.critic_model)
         self.optimizer_steps_per_step = optimizer_steps_per_step(context.config, self.settings.epochs, self.settings.minibatch_size)
+
+    def values(self, critic: torch.nn.Module, rollout: Rollout, features: torch.Tensor | None) -> torch.Tensor:
+        """(N, R) V(x, y_<t): from the value head on reference features, or the value model's own pass."""
+        return critic(features) if features is not None else response_values(critic, rollout)
 
     def loss(self, module: torch.nn.Module, batch: RolloutBatch) -> LossOutput:
         settings, targets = self.settings, batch.tensors
         logprobs, _ = self.context.logprobs(module.policy, batch.rollout)
-        values = response_values(module.critic, batch.rollout)
         mask = targets["mask"]
+        values = self.values(module.critic, batch.rollout, targets.get("critic_features")) * mask
         policy_loss, clipped = clipped_policy_loss(logprobs, targets["old_logprobs"], targets["advantages"], settings.clip)
         value_loss, value_clipped = clipped_value_loss(values, targets["old_values"], targets["returns"], settings.value_clip)
         loss_sum, _ = aggregate_loss(policy_loss + settings.value_coef * value_loss, mask, "token")
@@ -54,17 +62,23 @@ class PPO:
 
     def update(self, rollout: Rollout, scored: ScoredBatch, step_seed: int) -> dict[str, float]:
         context, settings, engine = self.context, self.settings, self.context.engine
+        head = settings.critic == "head"
         with torch.no_grad():
             logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
-            ref_logprobs = context.reference_logprobs(rollout)
-            values = response_values(context.critic, rollout)
-        mask = rollout.response_mask * scored.valid[:, None].to(rollout.response_mask.device)
+            if head:
+                ref_logprobs, features = context.reference_logprobs(rollout, with_hidden=True)
+            else:
+                ref_logprobs, features = context.reference_logprobs(rollout), None
+            mask = rollout.response_mask * scored.valid[:, None].to(rollout.response_mask.device)
+            values = self.values(context.critic, rollout, features) * mask
         kl_coef = engine.extra_state.setdefault("kl_coef", settings.kl_coef)
         rewards, kl = kl_shaped_rewards(scored.scores.to(mask.device), logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator)
         advantages, returns = generalized_advantages(rewards, values, mask, settings.gamma, settings.lam)
         if settings.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         targets = {"old_logprobs": logprobs, "old_values": values, "advantages": advantages, "returns": returns, "mask": mask}
+        if head:
+            targets["critic_features"] = features
 
         updates = run_updates(engine, rollout, targets, settings.epochs, settings.minibatch_size, "token", step_seed, self.loss)
         summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy)

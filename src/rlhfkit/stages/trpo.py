@@ -27,7 +27,7 @@ from rlhfkit.models import backbone_and_head
 from rlhfkit.rewards import ScoredBatch
 from rlhfkit.rollout import Rollout, response_hidden_states, response_values
 from rlhfkit.stages.grpo import group_scores
-from rlhfkit.stages.online import Context, RolloutBatch, check_group_size, micro_batch, optimizer_steps_per_step, rollout_summary, run_online, run_updates
+from rlhfkit.stages.online import Context, RolloutBatch, micro_batch, optimizer_steps_per_step, rollout_summary, run_online, run_updates
 
 STAGE = "trpo"
 
@@ -43,7 +43,6 @@ class TRPO:
     def __init__(self, context: Context) -> None:
         self.context, self.settings = context, context.config.trpo
         if self.settings.baseline == "group":
-            check_group_size(context.config, "the group baseline (or use trpo.baseline: value)")
             self.optimizer_steps_per_step = 0
         else:
             context.build_critic(self.settings.critic_model)
@@ -62,28 +61,36 @@ class TRPO:
         advantages, returns = generalized_advantages(rewards, values, mask, self.settings.gamma, self.settings.lam)
         return {"advantages": masked_whiten(advantages, mask), "returns": returns, "old_values": values}
 
-    def surrogate_gradient(self, rollout: Rollout, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        """g = ∇_θ L at θ_old, accumulated over micro-batches with every token weighted equally."""
+    def surrogate_gradient(self, rollout: Rollout, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """g = ∇_θ L at θ_old, accumulated over micro-batches with every token weighted equally.
+
+        At θ_old the ratio is 1 and π_old is the policy itself, so the same pass yields the
+        behaviour log-probs (and entropies) the line search compares against.
+        """
         total_tokens = float(targets["mask"].sum())
         gradient = torch.zeros(sum(p.numel() for p in self.parameters), device=targets["mask"].device)
+        logprobs_all = torch.zeros_like(targets["mask"])
+        entropy_all = torch.zeros_like(targets["mask"])
         batch_size = self.context.config.train.batch_size
         for start in range(0, rollout.size, batch_size):
             batch = micro_batch(rollout, targets, torch.arange(start, min(start + batch_size, rollout.size)), "token")
-            logprobs, _ = self.context.logprobs(self.context.policy, batch.rollout)
+            logprobs, entropy = self.context.logprobs(self.context.policy, batch.rollout, with_entropy=True)
+            logprobs_all[batch.rows, : batch.width] = logprobs.detach()
+            entropy_all[batch.rows, : batch.width] = entropy
             rows = batch.tensors
-            objective = (torch.exp(logprobs - rows["old_logprobs"]) * rows["advantages"] * rows["mask"]).sum() / total_tokens
+            objective = (torch.exp(logprobs - logprobs.detach()) * rows["advantages"] * rows["mask"]).sum() / total_tokens
             grads = torch.autograd.grad(objective, self.parameters, allow_unused=True)
             gradient += torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.parameters)])
-        return gradient, float((targets["advantages"] * targets["mask"]).sum() / total_tokens)
+        return gradient, logprobs_all, entropy_all
 
     @torch.no_grad()
     def surrogate(self, rollout: Rollout, targets: dict[str, torch.Tensor]) -> float:
         logprobs, _ = self.context.logprobs(self.context.policy, rollout)
         return float(surrogate_objective(logprobs, targets["old_logprobs"], targets["advantages"], targets["mask"]))
 
-    def natural_step(self, rollout: Rollout, targets: dict[str, torch.Tensor]) -> dict[str, float]:
+    def natural_step(self, rollout: Rollout, targets: dict[str, torch.Tensor], gradient: torch.Tensor) -> dict[str, float]:
         context, settings = self.context, self.settings
-        gradient, surrogate_before = self.surrogate_gradient(rollout, targets)
+        surrogate_before = float((targets["advantages"] * targets["mask"]).sum() / targets["mask"].sum())
         if not torch.isfinite(gradient).all():
             raise TrainingError(f"step {context.engine.progress.step + 1}: the surrogate gradient is not finite; stopping")
         if float(gradient.norm()) == 0.0:
@@ -139,12 +146,12 @@ class TRPO:
     def update(self, rollout: Rollout, scored: ScoredBatch, step_seed: int) -> dict[str, float]:
         context = self.context
         context.policy.eval()
-        with torch.no_grad():
-            logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
-            ref_logprobs = context.reference_logprobs(rollout)
-        mask = rollout.response_mask * scored.valid[:, None].to(logprobs.device)
-        targets = {"old_logprobs": logprobs, "mask": mask, **self.advantages(rollout, scored, mask)}
-        step = self.natural_step(rollout, targets)
+        ref_logprobs = context.reference_logprobs(rollout)
+        mask = rollout.response_mask * scored.valid[:, None].to(ref_logprobs.device)
+        targets = {"mask": mask, **self.advantages(rollout, scored, mask)}
+        gradient, logprobs, entropy = self.surrogate_gradient(rollout, targets)
+        targets["old_logprobs"] = logprobs
+        step = self.natural_step(rollout, targets, gradient)
         summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy)
         if self.settings.baseline == "value":
             critic_metrics = run_updates(context.engine, rollout, targets, self.settings.value_epochs, None, "token", step_seed, self.value_loss)

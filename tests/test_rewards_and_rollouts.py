@@ -1,0 +1,172 @@
+"""Reward sources (functions, classifiers), their failure modes, answer parsing, and rollout masks."""
+
+import pytest
+import torch
+
+from rlhfkit.config import RewardSourceSettings, RolloutSettings
+from rlhfkit.errors import UserError
+from rlhfkit.models import ModelSettings, load_causal_lm, load_tokenizer, resolve
+from rlhfkit.reward_functions import final_number, numeric_answer
+from rlhfkit.rewards import RewardError, RewardModelScorer, RewardSource, load_reward_function, score_completions
+from rlhfkit.rollout import encode_prompts, response_logprobs, response_mask_from, sample_rollout
+
+PROMPTS = [({"role": "user", "content": "What is 2 + 2?"},), ({"role": "user", "content": "What is 3 + 4?"},)]
+
+
+@pytest.mark.parametrize("text, number", [
+    ("The answer is 14.", 14.0),
+    ("7 + 5 = 12", 12.0),
+    ("First 23 and 45. Adding them gives 68", 68.0),
+    ("#### 1,234", 1234.0),
+    ("so it costs $36.50 in total", 36.5),
+    ("\\boxed{7} and then 9", 7.0),
+    ("The answer is: **-3**, not 5", -3.0),
+    ("no digits here", None),
+])
+def test_final_number(text, number):
+    assert final_number(text) == number
+
+
+def test_numeric_answer():
+    completions = ["The answer is 4.", "3 + 4 = 8", "Janet sells 9 eggs.\n#### 18"]
+    assert numeric_answer(["a", "b", "c"], completions, answer=[4, 7.0, "#### 18"]) == [1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="answer"):
+        numeric_answer(["a"], ["4"])
+
+
+def write_module(tmp_path, source):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(source)
+    return path
+
+
+def test_reward_function_from_a_file_gets_prompts_completions_and_columns(tmp_path):
+    path = write_module(tmp_path, (
+        "def score(prompts, completions, answer, **columns):\n"
+        "    return [float(p.endswith('?')) + float(c == str(a)) for p, c, a in zip(prompts, completions, answer)]\n"
+    ))
+    source = RewardSource(RewardSourceSettings(function=f"{path}:score"))
+    scored = score_completions(source, PROMPTS, ["4", "8"], [{"answer": 4}, {"answer": 7}], torch.tensor([True, True]))
+    assert scored.scores.tolist() == [2.0, 1.0] and scored.valid.all() and scored.skipped == 0
+
+
+def test_reward_function_from_a_module():
+    function = load_reward_function("rlhfkit.reward_functions:numeric_answer")
+    assert function is numeric_answer
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_colon", "expected module:function"),
+    ("missing_file.py:fn", "does not exist"),
+    ("rlhfkit.reward_functions:nope", "has no function 'nope'"),
+    ("rlhfkit.not_a_module:fn", "cannot import"),
+])
+def test_bad_reward_function_specs_are_named(spec, message):
+    with pytest.raises(UserError, match=message):
+        load_reward_function(spec)
+
+
+def test_a_reward_file_that_fails_to_import_is_named(tmp_path):
+    path = write_module(tmp_path, "raise RuntimeError('boom')\n")
+    with pytest.raises(UserError, match="importing .* failed: RuntimeError: boom"):
+        load_reward_function(f"{path}:score")
+
+
+@pytest.mark.parametrize("body, message", [
+    ("return [float('nan'), 1.0]", r"returned nan for sample 0 \(prompt 'What is 2 \+ 2\?'"),
+    ("return [1.0, float('inf')]", "returned inf for sample 1"),
+    ("return [1.0, 'good']", "returned 'good' for sample 1"),
+    ("return [1.0]", "must return one float per completion"),
+    ("raise KeyError('answer')", "raised KeyError"),
+])
+def test_invalid_rewards_stop_the_step_naming_function_and_sample(tmp_path, body, message):
+    path = write_module(tmp_path, f"def score(prompts, completions, **columns):\n    {body}\n")
+    source = RewardSource(RewardSourceSettings(function=f"{path}:score"))
+    with pytest.raises(RewardError, match=message) as error:
+        score_completions(source, PROMPTS, ["4", "8"], [{}, {}], torch.tensor([True, True]))
+    assert "my_rewards.py:score" in str(error.value)
+
+
+def test_invalid_rewards_can_be_skipped_and_counted(tmp_path):
+    path = write_module(tmp_path, "def score(prompts, completions, **columns):\n    return [float('nan'), 2.0]\n")
+    source = RewardSource(RewardSourceSettings(function=f"{path}:score", on_invalid="skip"))
+    scored = score_completions(source, PROMPTS, ["4", "8"], [{}, {}], torch.tensor([True, True]))
+    assert scored.valid.tolist() == [False, True] and scored.skipped == 1
+    assert scored.scores.tolist() == [0.0, 2.0] and scored.raw_mean == 2.0
+
+
+def test_missing_eos_penalty(tmp_path):
+    path = write_module(tmp_path, "def score(prompts, completions, **columns):\n    return [1.0, 1.0]\n")
+    source = RewardSource(RewardSourceSettings(function=f"{path}:score", missing_eos_penalty=0.5))
+    scored = score_completions(source, PROMPTS, ["4", "8"], [{}, {}], torch.tensor([True, False]))
+    assert scored.scores.tolist() == [1.0, 0.5]
+
+
+def test_reward_settings_need_exactly_one_source():
+    with pytest.raises(ValueError, match="exactly one"):
+        RewardSourceSettings()
+    with pytest.raises(ValueError, match="exactly one"):
+        RewardSourceSettings(function="a:b", model="x")
+
+
+@pytest.fixture(scope="module")
+def sentiment_classifier(tmp_path_factory, tiny_model):
+    """A tiny two-label classifier (NEGATIVE/POSITIVE) on the tiny model's backbone."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("classifier")
+    config = AutoConfig.from_pretrained(tiny_model, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+                                        label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(directory)
+    return directory
+
+
+def test_a_classifier_label_as_reward(sentiment_classifier):
+    answers = ["The sun is a star.", "Sound is a wave."]
+    prompts = ["Tell me something.", "And another?"]
+    logits = RewardModelScorer(str(sentiment_classifier), label="POSITIVE").score(prompts, answers)
+    probability = RewardModelScorer(str(sentiment_classifier), label="positive", output="probability").score(prompts, answers)
+    negative = RewardModelScorer(str(sentiment_classifier), label=0, output="probability").score(prompts, answers)
+    assert all(0 < p < 1 for p in probability)
+    assert [p + n for p, n in zip(probability, negative)] == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert logits != probability
+    with pytest.raises(UserError, match="NEUTRAL"):
+        RewardModelScorer(str(sentiment_classifier), label="NEUTRAL")
+
+
+def test_response_mask_includes_the_first_eos_even_when_pad_is_eos():
+    eos = 9
+    responses = torch.tensor([[5, 6, eos, eos, eos], [5, 6, 7, 8, 4], [eos, eos, eos, eos, eos]])
+    mask, ended = response_mask_from(responses, eos)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_prompts_are_left_padded_and_keep_their_end(tiny_model):
+    tokenizer = load_tokenizer(resolve(str(tiny_model)))
+    ids, mask = encode_prompts(tokenizer, ["Why is the sky blue?", "Why?"], max_length=4)
+    assert ids.shape == (2, 4) and mask[0].tolist() == [1, 1, 1, 1] and mask[1, 0] == 0
+    full = tokenizer("Why is the sky blue?", add_special_tokens=False)["input_ids"]
+    assert ids[0].tolist() == full[-4:]
+
+
+def test_rollout_log_probs_match_the_sampling_distribution(tiny_model):
+    """The behaviour log-probs equal log softmax(logits / T) of a plain forward, token by token."""
+    source = resolve(str(tiny_model))
+    tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)
+    settings = RolloutSettings(max_new_tokens=5, temperature=0.7, batch_size=3)
+    torch.manual_seed(0)
+    rollout = sample_rollout(model, tokenizer, ["Why is the sky blue?", "What is a magnet?"], settings, 2, 64)
+    assert rollout.size == 4 and rollout.prompt_index.tolist() == [0, 0, 1, 1]
+    logprobs, entropy = response_logprobs(model, rollout, 0.7, with_entropy=True)
+    row = 3
+    prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()]
+    response = rollout.response_ids[row][rollout.response_mask[row].bool()]
+    sequence = torch.cat([prompt, response])[None]
+    with torch.no_grad():
+        logits = model(sequence).logits[0, len(prompt) - 1 : -1] / 0.7
+    expected = torch.log_softmax(logits, -1).gather(1, response[:, None]).squeeze(1)
+    assert torch.allclose(logprobs[row, : len(response)], expected, atol=1e-4)
+    assert (entropy[rollout.response_mask.bool()] > 0).all()
