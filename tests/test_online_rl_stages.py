@@ -79,6 +79,8 @@ def test_rewarding_one_token_makes_it_more_likely(tiny_model, prompt_file, rewar
     before, after = target_logprob(tiny_model, tiny_model), target_logprob(out, tiny_model)
     assert after > before + 0.5, (stage, before, after)
     assert metrics["after"]["kl"] > 0 and metrics["before"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    gains = [a - b for a, b in zip(metrics["after"]["sample_rewards"], metrics["before"]["sample_rewards"])]
+    assert metrics["after"]["reward_gain"] == pytest.approx(sum(gains) / len(gains))
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == metrics_steps(extra) and {"train/reward_mean", "train/kl", "train/entropy", "train/length", "train/time_generation_s"} <= set(log[0])
     assert (out / "final" / "adapter_config.json").exists() and (out / "samples.md").exists()

@@ -50,6 +50,8 @@ METRIC_LABELS = {
     "reward_model_score": "reward-model score of answers {:.3f}",
     "reward_mean": "mean reward {:.4f}",
     "reward_stderr": "± {:.4f}",
+    "reward_gain": "paired gain over before {:+.4f}",
+    "reward_gain_stderr": "± {:.4f}",
     "kl": "KL to reference {:.4f}",
     "length": "mean length {:.1f} tokens",
 }

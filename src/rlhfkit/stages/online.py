@@ -176,6 +176,19 @@ def rollout_summary(rollout: Rollout, scored: ScoredBatch, logprobs: torch.Tenso
     return summary
 
 
+def paired_gain(before: dict, after: dict) -> dict[str, float]:
+    """Mean after − before reward over the same held-out prompts and sample slots, with its standard error.
+
+    Pairing removes the spread between prompts (some are easy for every policy), so the error of
+    the gain is much smaller than that of either mean.
+    """
+    pairs = [(a, b) for a, b in zip(after.get("sample_rewards", []), before.get("sample_rewards", [])) if a is not None and b is not None]
+    if len(pairs) < 2:
+        return {}
+    gains = torch.tensor([a - b for a, b in pairs])
+    return {"reward_gain": float(gains.mean()), "reward_gain_stderr": float(gains.std() / math.sqrt(len(gains)))}
+
+
 def with_system_prompt(turns: tuple[dict[str, str], ...], system_prompt: str | None) -> tuple[dict[str, str], ...]:
     if system_prompt is None or turns[0]["role"] == "system":
         return turns
@@ -223,6 +236,7 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
         scores = scored.scores[scored.valid]
         summary["reward_stderr"] = float(scores.std() / math.sqrt(len(scores))) if len(scores) > 1 else math.nan
         summary["answers"] = rollout.completions[:: config.eval.samples_per_prompt]
+        summary["sample_rewards"] = [float(r) if v else None for r, v in zip(scored.scores, scored.valid)]
         return summary
 
     def prompts_for(step: int) -> list[PromptExample]:
@@ -254,6 +268,7 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
         engine.save_checkpoint()
     if eval_examples:
         engine.measure(metrics, "after", evaluate)
+        metrics["after"].update(paired_gain(metrics.get("before", {}), metrics["after"]))
 
     info = {"stage": stage, "lora": config.lora.enabled, "reward": reward.name}
     engine.save_final(tokenizer, config.model.name_or_path, info, model=policy)
