@@ -31,6 +31,21 @@ def test_quickstart_config_runs_on_the_embedded_model(tmp_path):
     assert (sft_dir / "samples.md").exists()
 
 
+@pytest.mark.parametrize("stage, config", [("grpo", "grpo_arithmetic.yaml"), ("ppo", "ppo_arithmetic.yaml")])
+def test_online_rl_example_configs_run_on_the_embedded_model(tmp_path, stage, config):
+    """The shipped RL example configs, shortened: rollouts, the numeric reward and an update on the real model."""
+    out = tmp_path / stage
+    assert main([stage, str(ROOT / "configs/examples" / config), "--set", "train.max_steps=1", "--set", "rollout.prompts_per_step=2",
+                 "--set", "rollout.max_new_tokens=24", "--set", "eval.num_prompts=2", "--set", "eval.samples_per_prompt=1",
+                 "--set", "train.batch_size=4", "--set", f"{stage}.minibatch_size=4", "--set", f"train.output_dir={out}"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["before"]["kl"] == pytest.approx(0.0, abs=1e-3) and 0 <= metrics["after"]["reward_mean"] <= 1
+    assert len(metrics["after"]["answers"]) == 2 and any(ch.isdigit() for ch in "".join(metrics["after"]["answers"]))
+    step = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert step["train/time_generation_s"] > 0 and "train/entropy" in step
+    assert (out / "final" / "adapter_config.json").exists()
+
+
 @pytest.mark.skipif(not PEPS.exists(), reason=f"real-data test needs {PEPS} (the shared data folder)")
 def test_pretraining_on_peps_lowers_held_out_perplexity(tmp_path):
     """Domain pretraining on real Python Enhancement Proposals lowers perplexity on held-out PEPs."""
