@@ -359,7 +359,7 @@ class Engine:
         evaluate: Callable[[], dict[str, float]] | None = None,
     ) -> Progress:
         """Run optimizer steps until total_steps, checkpointing and logging on the way."""
-        model, train = self.model, self.train
+        train = self.train
         bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.stage, dynamic_ncols=True)
         started, units_seen = time.perf_counter(), 0
         while self.progress.step < self.total_steps:
@@ -371,25 +371,37 @@ class Engine:
                 self.progress.group_in_epoch += 1
                 units_seen += int(step_metrics.pop("units"))
                 step_metrics["units_per_s"] = units_seen / (time.perf_counter() - started)
-                if self.progress.step % train.log_every == 0:
-                    self.log({f"train/{k}": v for k, v in step_metrics.items()}, self.progress.step)
+                self.log_step(step_metrics)
                 bar.set_postfix(
                     loss=f"{step_metrics['loss']:.4f}", lr=f"{step_metrics['lr']:.2e}", per_s=f"{step_metrics['units_per_s']:.1f}"
                 )
                 bar.update(1)
                 if evaluate is not None and train.eval_every and self.progress.step % train.eval_every == 0:
                     self.log({f"eval/{k}": v for k, v in evaluate().items()}, self.progress.step)
-                if train.save_every and self.progress.step % train.save_every == 0:
-                    self.save_checkpoint()
+                self.checkpoint_if_due()
                 if self.progress.step >= self.total_steps:
                     break
             else:
                 self.progress.epoch += 1
                 self.progress.group_in_epoch = 0
         bar.close()
-        if not train.save_every or self.progress.step % train.save_every:
-            self.save_checkpoint()
+        self.checkpoint_at_end()
         return self.progress
+
+    def log_step(self, metrics: dict[str, float]) -> None:
+        """Log a finished step's metrics as train/NAME, every train.log_every steps."""
+        if self.progress.step % self.train.log_every == 0:
+            self.log({f"train/{k}": v for k, v in metrics.items()}, self.progress.step)
+
+    def checkpoint_if_due(self) -> None:
+        """A checkpoint every train.save_every steps."""
+        if self.train.save_every and self.progress.step % self.train.save_every == 0:
+            self.save_checkpoint()
+
+    def checkpoint_at_end(self) -> None:
+        """The last step's checkpoint, unless checkpoint_if_due has just written it."""
+        if not self.train.save_every or self.progress.step % self.train.save_every:
+            self.save_checkpoint()
 
     def optimizer_step(self, group: Sequence[Batch], loss_fn) -> dict[str, float]:
         """Accumulate gradients over the group with the loss averaged over all its units, then step.

@@ -229,6 +229,17 @@ def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Te
     return inner.get_decoder(), head.weight
 
 
+def backbone_and_score_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The backbone and the score head of a sequence-classification model (LoRA-wrapped or not),
+    e.g. to read a value at every position rather than at the last token only."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, inner.base_model_prefix)
+    head = getattr(inner, "score", None) or getattr(inner, "classifier", None)
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no score head")
+    return backbone, head
+
+
 def save_model(model: torch.nn.Module, tokenizer: Any, target: Path, base_reference: str | None, info: dict) -> None:
     """Write an adapter (LoRA) or full model plus tokenizer atomically to target."""
 

@@ -158,12 +158,8 @@ class RewardSource:
     def raw_scores(self, prompts: Sequence[Messages], completions: Sequence[str], columns: Sequence[dict]) -> list[Any]:
         if self.scorer is not None:
             return self.scorer.score(prompts, completions)
-        keyword_lists: dict[str, list] = {}
-        for row in columns:
-            for key in row:
-                keyword_lists.setdefault(key, [])
-        for key, values in keyword_lists.items():
-            values.extend(row.get(key) for row in columns)
+        names = dict.fromkeys(name for row in columns for name in row)  # every column, in first-seen order
+        keyword_lists = {name: [row.get(name) for row in columns] for name in names}
         try:
             scores = self.function([_prompt_text(p) for p in prompts], list(completions), **keyword_lists)
         except Exception as exc:  # the user's code: name it and the batch, never poison the update

@@ -18,7 +18,7 @@ import torch
 
 from rlhfkit.config import RolloutSettings
 from rlhfkit.losses.lm import IGNORE_INDEX, target_token_logprobs, target_token_logprobs_and_entropy
-from rlhfkit.models import backbone_and_head
+from rlhfkit.models import backbone_and_head, backbone_and_score_head
 
 
 @dataclass
@@ -181,18 +181,8 @@ class ValueHead(torch.nn.Module):
                   str(directory / "value_head.safetensors"))
 
 
-def score_head(critic: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The backbone and the score head of a sequence-classification model (LoRA-wrapped or not)."""
-    inner = critic.get_base_model() if hasattr(critic, "get_base_model") else critic
-    backbone = getattr(inner, inner.base_model_prefix)
-    head = getattr(inner, "score", None) or getattr(inner, "classifier", None)
-    if head is None:
-        raise ValueError(f"{type(inner).__name__} has no score head")
-    return backbone, head
-
-
 def response_values(critic: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     """(N, R) the critic's value V(x, y_<t) before each response token, 0 on padding."""
-    backbone, head = score_head(critic)
+    backbone, head = backbone_and_score_head(critic)
     values = head(response_hidden_states(backbone, rollout)).squeeze(-1).float()
     return values * rollout.response_mask

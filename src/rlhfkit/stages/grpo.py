@@ -17,7 +17,7 @@ from rlhfkit.losses.ppo import aggregate_loss
 from rlhfkit.rewards import ScoredBatch
 from rlhfkit.rollout import Rollout
 from rlhfkit.stages.online import (
-    Context, RolloutBatch, optimizer_steps_per_step, rollout_summary, run_online, run_updates, warn,
+    Context, RolloutBatch, optimizer_steps_per_step, rollout_summary, run_online, run_updates, training_mask, warn,
 )
 
 STAGE = "grpo"
@@ -92,7 +92,7 @@ class GRPO:
         message = describe_flat_groups(flat_fraction, rewards, context.config.rollout.max_new_tokens)
         if message:
             warn(f"step {engine.progress.step + 1}: {message}")
-        mask = rollout.response_mask * scored.valid[:, None].to(logprobs.device)
+        mask = training_mask(rollout, scored)
         targets = {"advantages": advantages, "mask": mask} if self.on_policy else {"old_logprobs": logprobs, "advantages": advantages, "mask": mask}
         if settings.beta > 0:
             targets["ref_logprobs"] = ref_logprobs

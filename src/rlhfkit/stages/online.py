@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -114,6 +114,7 @@ class Context:
         self.config, self.engine, self.tokenizer = config, engine, tokenizer
         self.policy, self.frozen_reference = policy, frozen_reference
         self.critic: torch.nn.Module | None = None
+        self.critic_reference: str | None = None  # the model the critic's weights or features come from
         self.temperature = config.rollout.temperature
         self.chunk = config.train.loss_chunk_tokens
 
@@ -155,10 +156,15 @@ def optimizer_steps_per_step(config: RLConfig, epochs: int, minibatch_size: int 
     return epochs * math.ceil(batch / (minibatch_size or batch))
 
 
+def training_mask(rollout: Rollout, scored: ScoredBatch) -> torch.Tensor:
+    """(N, R) the response tokens that train: samples whose reward was left out (invalid) are zeroed."""
+    return rollout.response_mask * scored.valid[:, None].to(rollout.response_mask.device)
+
+
 def rollout_summary(rollout: Rollout, scored: ScoredBatch, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                     entropy: torch.Tensor | None) -> dict[str, float]:
     """Reward, KL to the reference, entropy and length statistics of a scored rollout."""
-    mask = rollout.response_mask * scored.valid[:, None].to(rollout.response_mask.device)
+    mask = training_mask(rollout, scored)
     valid = scored.valid
     scores = scored.scores[valid]
     sequence_kl = ((logprobs - ref_logprobs) * mask).sum(dim=1)[valid.to(mask.device)]  # Σ_t log π/π_ref: unbiased KL(π‖π_ref)
@@ -243,7 +249,8 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
         """The step's prompts: a seeded shuffle per epoch, so a resumed run sees the same ones."""
         count, per_step = len(train_examples), rollout_settings.prompts_per_step
         positions = range(step * per_step, (step + 1) * per_step)
-        return [train_examples[_order(count, train.seed + p // count)[p % count]] for p in positions]
+        orders = {epoch: _order(count, train.seed + epoch) for epoch in {p // count for p in positions}}
+        return [train_examples[orders[p // count][p % count]] for p in positions]
 
     metrics = run_dir.read_json("metrics.json")
     if config.eval.before and eval_examples:
@@ -257,15 +264,12 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
         finished = time.perf_counter()
         step_metrics.update({"time_generation_s": generated - started, "time_update_s": finished - generated})
         engine.progress.step += 1
-        if engine.progress.step % train.log_every == 0:
-            engine.log({f"train/{k}": v for k, v in step_metrics.items()}, engine.progress.step)
+        engine.log_step(step_metrics)
         bar.set_postfix(reward=f"{step_metrics['reward_mean']:.3f}", kl=f"{step_metrics['kl']:.3f}", len=f"{step_metrics['length']:.0f}")
         bar.update(1)
-        if train.save_every and engine.progress.step % train.save_every == 0:
-            engine.save_checkpoint()
+        engine.checkpoint_if_due()
     bar.close()
-    if not train.save_every or engine.progress.step % train.save_every:
-        engine.save_checkpoint()
+    engine.checkpoint_at_end()
     if eval_examples:
         engine.measure(metrics, "after", evaluate)
         metrics["after"].update(paired_gain(metrics.get("before", {}), metrics["after"]))

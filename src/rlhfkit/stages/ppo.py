@@ -24,7 +24,9 @@ from rlhfkit.losses.ppo import (
 )
 from rlhfkit.rewards import ScoredBatch
 from rlhfkit.rollout import Rollout, ValueHead, response_values
-from rlhfkit.stages.online import Context, RolloutBatch, optimizer_steps_per_step, rollout_summary, run_online, run_updates
+from rlhfkit.stages.online import (
+    Context, RolloutBatch, optimizer_steps_per_step, rollout_summary, run_online, run_updates, training_mask,
+)
 
 STAGE = "ppo"
 
@@ -69,7 +71,7 @@ class PPO:
                 ref_logprobs, features = context.reference_logprobs(rollout, with_hidden=True)
             else:
                 ref_logprobs, features = context.reference_logprobs(rollout), None
-            mask = rollout.response_mask * scored.valid[:, None].to(rollout.response_mask.device)
+            mask = training_mask(rollout, scored)
             values = self.values(context.critic, rollout, features) * mask
         kl_coef = engine.extra_state.setdefault("kl_coef", settings.kl_coef)
         rewards, kl = kl_shaped_rewards(scored.scores.to(mask.device), logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator)

@@ -27,7 +27,9 @@ from rlhfkit.models import backbone_and_head
 from rlhfkit.rewards import ScoredBatch
 from rlhfkit.rollout import Rollout, response_hidden_states, response_values
 from rlhfkit.stages.grpo import group_scores
-from rlhfkit.stages.online import Context, RolloutBatch, micro_batch, optimizer_steps_per_step, rollout_summary, run_online, run_updates
+from rlhfkit.stages.online import (
+    Context, RolloutBatch, micro_batch, optimizer_steps_per_step, rollout_summary, run_online, run_updates, training_mask,
+)
 
 STAGE = "trpo"
 
@@ -90,7 +92,8 @@ class TRPO:
 
     def natural_step(self, rollout: Rollout, targets: dict[str, torch.Tensor], gradient: torch.Tensor) -> dict[str, float]:
         context, settings = self.context, self.settings
-        surrogate_before = float((targets["advantages"] * targets["mask"]).sum() / targets["mask"].sum())
+        old_logprobs = targets["old_logprobs"]
+        surrogate_before = float(surrogate_objective(old_logprobs, old_logprobs, targets["advantages"], targets["mask"]))
         if not torch.isfinite(gradient).all():
             raise TrainingError(f"step {context.engine.progress.step + 1}: the surrogate gradient is not finite; stopping")
         if float(gradient.norm()) == 0.0:
@@ -100,7 +103,8 @@ class TRPO:
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU/GPU kernels have no double backward
             new = full_log_distributions(context.policy, fisher_batch, context.temperature)
             old = new.detach()
-            kl = mean_categorical_kl(old, new, torch.ones(old.shape[0], device=old.device))
+            every_position = torch.ones(old.shape[0], device=old.device)
+            kl = mean_categorical_kl(old, new, every_position)
             kl_gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, self.parameters, create_graph=True)])
 
             def fisher_vector(vector: torch.Tensor) -> torch.Tensor:
@@ -119,7 +123,7 @@ class TRPO:
             vector_to_parameters(start + fraction * full_step, self.parameters)
             gain = self.surrogate(rollout, targets) - surrogate_before
             moved = full_log_distributions(context.policy, fisher_batch, context.temperature)
-            return gain, float(mean_categorical_kl(old, moved, torch.ones(old.shape[0], device=old.device)))
+            return gain, float(mean_categorical_kl(old, moved, every_position))
 
         search = backtracking_line_search(try_fraction, settings.max_kl, expected, settings.line_search_steps)
         with torch.no_grad():
@@ -147,7 +151,7 @@ class TRPO:
         context = self.context
         context.policy.eval()
         ref_logprobs = context.reference_logprobs(rollout)
-        mask = rollout.response_mask * scored.valid[:, None].to(ref_logprobs.device)
+        mask = training_mask(rollout, scored)
         targets = {"mask": mask, **self.advantages(rollout, scored, mask)}
         gradient, logprobs, entropy = self.surrogate_gradient(rollout, targets)
         targets["old_logprobs"] = logprobs
