@@ -96,3 +96,29 @@ def test_preference_stage_fields_are_checked(stage, override, field):
     with pytest.raises(ConfigError) as error:
         load_config(stage, None, [override])
     assert field in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "stage, override, field",
+    [
+        ("ppo", "rollout.temperature=0", "rollout.temperature"),
+        ("ppo", "rollout.top_p=1.5", "rollout.top_p"),
+        ("ppo", "rollout.max_new_tokens=0", "rollout.max_new_tokens"),
+        ("ppo", "ppo.critic=shared", "ppo.critic"),
+        ("ppo", "ppo.kl_estimator=k4", "ppo.kl_estimator"),
+        ("ppo", "ppo.lam=1.5", "ppo.lam"),
+        ("ppo", "ppo.target_kl=0", "ppo.target_kl"),
+        ("ppo", "reward.output=softmax", "reward.output"),
+        ("ppo", "reward.on_invalid=ignore", "reward.on_invalid"),
+        ("grpo", "grpo.loss_aggregation=mean", "grpo.loss_aggregation"),
+        ("grpo", "grpo.beta=-0.1", "grpo.beta"),
+        ("trpo", "trpo.max_kl=0", "trpo.max_kl"),
+        ("trpo", "trpo.baseline=critic", "trpo.baseline"),
+        ("trpo", "eval.samples_per_prompt=0", "eval.samples_per_prompt"),
+        ("grpo", "data.sytem_prompt=x", "data.sytem_prompt"),
+    ],
+)
+def test_rl_stage_fields_are_checked(stage, override, field):
+    with pytest.raises(ConfigError) as error:
+        load_config(stage, None, [override])
+    assert field in str(error.value)

@@ -170,3 +170,25 @@ def test_rollout_log_probs_match_the_sampling_distribution(tiny_model):
     expected = torch.log_softmax(logits, -1).gather(1, response[:, None]).squeeze(1)
     assert torch.allclose(logprobs[row, : len(response)], expected, atol=1e-4)
     assert (entropy[rollout.response_mask.bool()] > 0).all()
+
+
+def test_bad_prompt_rows_are_named(tmp_path):
+    from conftest import write_jsonl
+    from rlhfkit.data.kinds import prompt_examples
+    from rlhfkit.data.loading import read_rows
+    from rlhfkit.errors import DataError
+
+    missing = write_jsonl(tmp_path / "questions.jsonl", [{"question": "Why?"}])
+    with pytest.raises(DataError, match=r"questions.jsonl:1: missing column: expected `prompt`.*data.columns"):
+        prompt_examples(read_rows(str(missing)))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [
+        {"prompt": "Why?", "answer": 1},
+        {"prompt": "   "},
+        {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        {"prompt": 7},
+    ])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: column 'prompt' is empty"):
+        prompt_examples(read_rows(str(bad)))
+    kept, report = prompt_examples(read_rows(str(bad)), "skip")
+    assert [e.columns for e in kept] == [{"answer": 1}] and sum(report.skipped.values()) == 3
+    assert "must not end with an assistant turn" in str(pytest.raises(DataError, prompt_examples, read_rows(str(bad))[2:3]).value)
