@@ -1,4 +1,4 @@
-"""The `rlhfkit` command: one subcommand per stage, plus generate and merge."""
+"""The `rlhfkit` command: one subcommand per stage, the pipeline, evaluate, report, generate, merge and score."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Sequence
 from pydantic import BaseModel
 
 from rlhfkit import __version__
-from rlhfkit.config import STAGE_CONFIGS, dump_config, load_config
+from rlhfkit.config import CONFIG_CLASSES, PIPELINE_ORDER, STAGE_CONFIGS, dump_config, load_config
 from rlhfkit.errors import UserError
 
 STAGE_SUMMARIES = {
@@ -22,6 +22,7 @@ STAGE_SUMMARIES = {
     "ppo": "Online RL with PPO: critic, GAE, clipped updates and a KL penalty to the reference policy.",
     "grpo": "Online RL with GRPO: group-relative advantages, no critic, k3 KL to the reference.",
     "trpo": "Online RL with TRPO: natural-gradient steps inside a KL trust region.",
+    "evaluate": "Compare models on the same held-out prompts: perplexity, ROUGE-L, reward, win rate, KL, length, distinct-n.",
 }
 
 
@@ -41,7 +42,7 @@ def _field_lines(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _add_stage(subparsers, stage: str) -> None:
-    config_class = STAGE_CONFIGS[stage]
+    config_class = CONFIG_CLASSES[stage]
     parser = subparsers.add_parser(
         stage,
         help=STAGE_SUMMARIES[stage],
@@ -52,7 +53,8 @@ def _add_stage(subparsers, stage: str) -> None:
     parser.add_argument("config", nargs="?", help="YAML config (a file with a top-level '%s:' section works too)" % stage)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its latest checkpoint")
+    if stage in STAGE_CONFIGS:
+        parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its latest checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the validated config as YAML and exit")
 
 
@@ -64,8 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rlhfkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage in STAGE_CONFIGS:
+    for stage in CONFIG_CLASSES:
         _add_stage(subparsers, stage)
+
+    pipeline = subparsers.add_parser(
+        "pipeline",
+        help="Run the stages a config lists (pretrain, sft, reward, dpo/ppo/grpo/trpo, evaluate), each from the one before.",
+        description="Run every stage listed in the config's `pipeline:` section, in order, chaining their outputs, then "
+        "write report.html and report.md in the run directory. Complete stages are skipped and an interrupted one resumes.\n\n"
+        "Examples:\n  rlhfkit pipeline configs/quickstart.yaml\n  rlhfkit pipeline configs/quickstart.yaml --from ppo\n"
+        "  rlhfkit pipeline configs/quickstart.yaml --set sft.train.lr=1e-4 --set pipeline.output_dir=runs/lr-1e-4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pipeline.add_argument("config", help="YAML with a `pipeline:` section and one section per stage")
+    pipeline.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                          help="override a field of one stage (sft.train.lr=1e-4) or of the pipeline (pipeline.output_dir=...)")
+    pipeline.add_argument("--from", dest="from_stage", choices=PIPELINE_ORDER, help="re-run this stage and every later one")
+    pipeline.add_argument("--only", choices=PIPELINE_ORDER, help="re-run only this stage")
+    pipeline.add_argument("--print-config", action="store_true", help="print every stage's resolved config and exit")
+
+    report = subparsers.add_parser("report", help="Rewrite report.html / report.md of a pipeline run directory.",
+                                   description="Rewrite the report of a pipeline run directory from what its stages wrote.")
+    report.add_argument("run_dir", help="the pipeline's output_dir")
 
     generate = subparsers.add_parser(
         "generate",
@@ -115,14 +137,35 @@ def _run_stage(args: argparse.Namespace) -> None:
     if args.print_config:
         print(dump_config(config), end="")
         return
-    from rlhfkit.stages import dpo, grpo, ppo, pretrain, reward, sft, trpo
+    from rlhfkit.pipeline import stage_runner
 
-    runners = {
-        "pretrain": pretrain.run, "sft": sft.run, "reward": reward.run, "dpo": dpo.run,
-        "ppo": ppo.run, "grpo": grpo.run, "trpo": trpo.run,
-    }
-    runners[args.command](config, resume=args.resume)
-    print(f"done: {config.train.output_dir}")
+    stage_runner(args.command)(config, resume=getattr(args, "resume", False))
+    print(f"done: {config.output_dir if args.command == 'evaluate' else config.train.output_dir}")
+
+
+def _pipeline(args: argparse.Namespace) -> None:
+    from rlhfkit.config import load_pipeline
+    from rlhfkit.pipeline import resolved_yaml, run_pipeline
+
+    if args.print_config:
+        print(resolved_yaml(load_pipeline(args.config, args.overrides)[1]), end="")
+        return
+    root = run_pipeline(args.config, args.overrides, args.from_stage, args.only)
+    print(f"done: {root} (open {root / 'report.html'})")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from rlhfkit.report import write_report
+
+    root = Path(args.run_dir)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such run directory")
+    stages = {stage: root / stage for stage in PIPELINE_ORDER if (root / stage).is_dir()}
+    if not stages:
+        raise UserError(f"{root}: holds no stage directories ({', '.join(PIPELINE_ORDER)})")
+    print(f"report written to {write_report(root, stages)}")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -202,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_known_warnings()
     args = build_parser().parse_args(argv)
-    handlers = {"generate": _generate, "merge": _merge, "score": _score}
+    handlers = {"generate": _generate, "merge": _merge, "score": _score, "pipeline": _pipeline, "report": _report}
     try:
         handlers.get(args.command, _run_stage)(args)
     except UserError as error:

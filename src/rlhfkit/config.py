@@ -7,11 +7,12 @@ at once with the field and the config file named.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from rlhfkit.errors import ConfigError
 
@@ -43,9 +44,11 @@ class ModelSettings(Section):
 
     @field_validator("name_or_path")
     @classmethod
-    def _model_path_exists(cls, value: str) -> str:
+    def _model_path_exists(cls, value: str, info: ValidationInfo) -> str:
+        # A pipeline validates every stage before the first runs: earlier stages' outputs are pending.
+        pending = (info.context or {}).get("pipeline_outputs", ())
         looks_local = value.startswith((".", "/", "~")) or value.endswith(".gguf")
-        if looks_local and not Path(value).expanduser().exists():
+        if looks_local and value not in pending and not Path(value).expanduser().exists():
             raise ValueError(f"model path does not exist: {value}")
         return value
 
@@ -336,6 +339,144 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
 }
 
 
+# ---- evaluation across models, and the pipeline that chains the stages ----------------
+
+
+class EvalSamplingSettings(Section):
+    max_new_tokens: int = Field(96, gt=0, description="Longest generated answer.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (the same for every model); log-probs for KL use it too.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: no limit).")
+    batch_size: int = Field(16, gt=0, description="Sequences per generate call.")
+
+
+class RewardHackingThresholds(Section):
+    length_ratio: float = Field(1.5, gt=1, description="Warn when a model's reward rose but its mean length is this many times the baseline's.")
+    kl: float = Field(25.0, gt=0, description="Warn when a model's reward rose but its KL to the reference (nats per answer) exceeds this.")
+    distinct_ratio: float = Field(0.7, gt=0, le=1, description="Warn when distinct-2 falls below this fraction of the baseline's (collapse).")
+
+
+class EvaluateConfig(Section):
+    """`rlhfkit evaluate`: compare models on the same held-out prompts with the same sampling."""
+
+    models: dict[str, str] = Field(
+        default_factory=lambda: {"base": "smollm2-135m-instruct"},
+        description="Name -> model (built-in name, hub id, dir, adapter dir or run dir), in report order.",
+    )
+    baseline: str | None = Field(None, description="The model others are compared with (win rate); default: `sft` if named, else the first.")
+    reference: str | None = Field(None, description="The model KL is measured to; default: the baseline.")
+    reward_model: str | None = Field(None, description="Reward model (run dir, adapter or model) scoring every answer; none: no reward or win rate.")
+    tie_margin: float = Field(0.0, ge=0, description="Reward differences at most this large count as ties (half a win).")
+    data: ChatDataSettings = Field(default_factory=ChatDataSettings, description="Held-out pairs: perplexity of their responses, ROUGE-L of answers against them.")
+    num_prompts: int = Field(24, ge=0, description="Held-out prompts answered by every model.")
+    samples_per_prompt: int = Field(1, gt=0, description="Answers per prompt and model.")
+    sampling: EvalSamplingSettings = Field(default_factory=EvalSamplingSettings)
+    extra_prompts: list[str] = Field(default_factory=list, description="More prompts answered side by side (no references).")
+    max_prompt_length: int = Field(256, gt=1, description="Longest formatted prompt in tokens.")
+    max_batches: int | None = Field(None, gt=0, description="Cap on held-out batches for perplexity.")
+    batch_size: int = Field(8, gt=0, description="Held-out examples per perplexity batch.")
+    loss_chunk_tokens: int = Field(1024, gt=0, description="Tokens per chunk when computing logits.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weight dtype for every model.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to run.")
+    warn: RewardHackingThresholds = Field(default_factory=RewardHackingThresholds)
+    seed: int = Field(0, description="Seed of the held-out split (as in the SFT stage) and of sampling.")
+    output_dir: str = Field("runs/evaluate", description="Where metrics.json and the side-by-side samples go.")
+
+    @model_validator(mode="after")
+    def _names(self) -> "EvaluateConfig":
+        if not self.models:
+            raise ValueError("models: name at least one model")
+        for field in ("baseline", "reference"):
+            value = getattr(self, field)
+            if value is not None and value not in self.models:
+                raise ValueError(f"{field}: {value!r} is not one of models ({', '.join(self.models)})")
+        return self
+
+    @property
+    def baseline_name(self) -> str:
+        return self.baseline or ("sft" if "sft" in self.models else next(iter(self.models)))
+
+    @property
+    def reference_name(self) -> str:
+        return self.reference or self.baseline_name
+
+
+POLICY_STAGES = ("pretrain", "sft")
+ALIGNMENT_STAGES = ("dpo", "ppo", "grpo", "trpo")
+PIPELINE_ORDER = (*POLICY_STAGES, "reward", *ALIGNMENT_STAGES, "evaluate")
+CONFIG_CLASSES: dict[str, type[Section]] = {**STAGE_CONFIGS, "evaluate": EvaluateConfig}
+
+
+class PipelineSettings(Section):
+    """The `pipeline:` section: which stages run, from which model, into which run directory."""
+
+    output_dir: str = Field("runs/pipeline", description="Run directory: one subdirectory per stage, plus the report.")
+    model: str = Field("smollm2-135m-instruct", description="The starting (base) model of the first stage.")
+    stages: list[Literal["pretrain", "sft", "reward", "dpo", "ppo", "grpo", "trpo", "evaluate"]] = Field(
+        default_factory=lambda: ["pretrain", "sft", "reward", "ppo", "evaluate"], description="Stages to run, in this order."
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _order(cls, stages: list[str]) -> list[str]:
+        if not stages:
+            raise ValueError("name at least one stage")
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"a stage is listed twice: {stages}")
+        expected = [stage for stage in PIPELINE_ORDER if stage in stages]
+        if stages != expected:
+            raise ValueError(f"stages must run in the order {', '.join(PIPELINE_ORDER)} (got {', '.join(stages)})")
+        return stages
+
+
+def _set_default(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set tree[a][b] = value unless the user's config already sets it."""
+    *sections, key = dotted.split(".")
+    node = tree
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            return  # the user's value is not a section: validation will name it
+    node.setdefault(key, value)
+
+
+def chain_stage_tree(stage: str, tree: dict[str, Any], pipeline: PipelineSettings, sections: dict[str, Any]) -> dict[str, Any]:
+    """A stage's config tree with what the pipeline implies filled in where the user left it unset.
+
+    Each stage writes to OUTPUT_DIR/STAGE; pretrain starts from pipeline.model and every later stage
+    from the last of pretrain/sft before it; RL stages are rewarded by the reward stage's model,
+    DPO's answers are scored by it, and evaluate compares the base model with every stage's policy.
+    """
+    tree = copy.deepcopy(tree)
+    root = Path(pipeline.output_dir)
+    earlier = pipeline.stages[: pipeline.stages.index(stage)] if stage in pipeline.stages else list(pipeline.stages)
+    output = lambda name: str(root / name)  # noqa: E731
+    policies = [name for name in earlier if name in POLICY_STAGES]
+    start = output(policies[-1]) if policies else pipeline.model
+    if stage == "evaluate":
+        _set_default(tree, "output_dir", output(stage))
+        models = {"base": pipeline.model, **{name: output(name) for name in earlier if name != "reward"}}
+        tree.setdefault("models", models)
+        if "reward" in earlier:
+            tree.setdefault("reward_model", output("reward"))
+        sft_tree = sections.get("sft") if isinstance(sections.get("sft"), dict) else {}
+        if "data" in sft_tree:
+            tree.setdefault("data", sft_tree["data"])
+        if isinstance(sft_tree.get("train"), dict) and "seed" in sft_tree["train"]:
+            tree.setdefault("seed", sft_tree["train"]["seed"])
+        return tree
+    _set_default(tree, "train.output_dir", output(stage))
+    _set_default(tree, "model.name_or_path", start)
+    if "reward" in earlier:
+        if stage in ("ppo", "grpo", "trpo"):
+            reward = tree.setdefault("reward", {})
+            if isinstance(reward, dict) and "function" not in reward and "model" not in reward:
+                reward["model"] = output("reward")
+        elif stage == "dpo":
+            _set_default(tree, "eval.reward_model", output("reward"))
+    return tree
+
+
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (1e-4, true, [a, b])."""
     key, sep, raw_value = assignment.partition("=")
@@ -368,36 +509,84 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(stage: str, path: str | Path | None, overrides: list[str] | None = None) -> StageConfig:
-    """Read a stage config from YAML (or defaults when path is None), apply overrides, validate it."""
-    config_class = STAGE_CONFIGS[stage]
-    source = str(path) if path else "(defaults)"
-    tree: dict[str, Any] = {}
-    if path is not None:
-        config_path = Path(path)
-        if not config_path.is_file():
-            raise ConfigError(f"config file not found: {config_path}")
-        try:
-            loaded = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{config_path}: not valid YAML: {exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{config_path}: not UTF-8 text") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{config_path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
-        # A multi-stage file (configs/quickstart.yaml) keeps each stage under its own key.
-        if isinstance(loaded.get(stage), dict):
-            loaded = loaded[stage]
-            source = f"{source} [{stage}]"
-        tree = loaded
-    for assignment in overrides or []:
-        apply_override(tree, assignment)
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise ConfigError(f"config file not found: {config_path}")
     try:
-        return config_class.model_validate(tree)
+        loaded = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config_path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{config_path}: not UTF-8 text") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{config_path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def _validate(config_class: type[Section], tree: dict[str, Any], source: str, pipeline: PipelineSettings | None = None) -> Any:
+    outputs = {str(Path(pipeline.output_dir) / stage) for stage in pipeline.stages} if pipeline else set()
+    try:
+        return config_class.model_validate(tree, context={"pipeline_outputs": outputs})
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def _pipeline_settings(loaded: dict[str, Any], source: str) -> PipelineSettings:
+    section = loaded.get("pipeline")
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: pipeline: expected a section (output_dir, model, stages)")
+    return _validate(PipelineSettings, section, f"{source} [pipeline]")
+
+
+def load_config(stage: str, path: str | Path | None, overrides: list[str] | None = None) -> Any:
+    """Read a stage config from YAML (or defaults when path is None), apply overrides, validate it.
+
+    In a multi-stage file each stage reads its own top-level section; when the file also has a
+    `pipeline:` section, the stage's model and output paths follow the pipeline (chain_stage_tree).
+    """
+    config_class = CONFIG_CLASSES[stage]
+    source = str(path) if path else "(defaults)"
+    tree: dict[str, Any] = {}
+    loaded: dict[str, Any] = {}
+    if path is not None:
+        loaded = _read_yaml(path)
+        tree = loaded
+        # A multi-stage file (configs/quickstart.yaml) keeps each stage under its own key.
+        if isinstance(loaded.get(stage), dict) or "pipeline" in loaded:
+            tree = copy.deepcopy(loaded.get(stage) or {})
+            source = f"{source} [{stage}]"
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    pipeline = _pipeline_settings(loaded, str(path)) if "pipeline" in loaded else None
+    if pipeline is not None:
+        tree = chain_stage_tree(stage, tree, pipeline, loaded)
+    return _validate(config_class, tree, source, pipeline)
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple[PipelineSettings, dict[str, Any]]:
+    """The pipeline settings and every listed stage's validated config, before anything runs.
+
+    Overrides name the stage first: `--set sft.train.lr=1e-4`, `--set pipeline.output_dir=runs/x`.
+    """
+    loaded = _read_yaml(path)
+    for assignment in overrides or []:
+        apply_override(loaded, assignment)
+    loaded.setdefault("pipeline", {})
+    pipeline = _pipeline_settings(loaded, str(path))
+    unknown = sorted(set(loaded) - set(CONFIG_CLASSES) - {"pipeline"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level section(s) {', '.join(unknown)} (expected pipeline, {', '.join(CONFIG_CLASSES)})")
+    configs = {}
+    for stage in pipeline.stages:
+        section = loaded.get(stage) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path} [{stage}]: expected a section, got {type(section).__name__}")
+        tree = chain_stage_tree(stage, section, pipeline, loaded)
+        configs[stage] = _validate(CONFIG_CLASSES[stage], tree, f"{path} [{stage}]", pipeline)
+    return pipeline, configs
 
 
 def dump_config(config: StageConfig) -> str:

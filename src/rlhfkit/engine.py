@@ -347,7 +347,7 @@ class Engine:
         """After a resume, drop records of steps the resumed run will redo."""
         path = self.run.root / METRICS_LOG
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
             write_text_atomically(path, "".join(line + "\n" for line in kept))
 
     # ---- the loop ----------------------------------------------------------------------
@@ -438,6 +438,14 @@ class Engine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units, **{k: v / units for k, v in extra.items()}}
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl record; inf for a line a crash cut short (it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _installed(module: str) -> bool:

@@ -1,8 +1,9 @@
-"""Evaluation metrics for the pretrain and SFT stages, and side-by-side samples."""
+"""Evaluation metrics shared by the stages and `rlhfkit evaluate`, and side-by-side samples."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +21,69 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = [scorer.score(reference, prediction)["rougeL"].fmeasure for prediction, reference in zip(predictions, references)]
     return sum(scores) / len(scores)
+
+
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Sample mean and its standard error s/√n (nan for the error when n < 2)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n (Li et al., 2016): unique word n-grams / all word n-grams over every text.
+
+    A collapsing policy repeats itself across answers, so this falls; nan when no text has n words.
+    """
+    grams = [tuple(words[i : i + n]) for words in (t.lower().split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else math.nan
+
+
+def wilson_interval(successes: float, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a proportion: (p̂ + z²/2n ± z·√(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)."""
+    if trials == 0:
+        return math.nan, math.nan
+    p = successes / trials
+    centre = p + z * z / (2 * trials)
+    spread = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    scale = 1 + z * z / trials
+    return max(0.0, (centre - spread) / scale), min(1.0, (centre + spread) / scale)
+
+
+def win_rate(scores: Sequence[float], baseline_scores: Sequence[float], tie_margin: float = 0.0) -> dict[str, float]:
+    """How often a model's answer out-scores the baseline's answer to the same prompt.
+
+    win = 1 when score − baseline > tie_margin, 0 when < −tie_margin, ½ for a tie; the rate is the
+    mean over prompts, with a 95% Wilson interval.
+    """
+    if len(scores) != len(baseline_scores):
+        raise ValueError(f"{len(scores)} scores for {len(baseline_scores)} baseline scores")
+    outcomes = [1.0 if s - b > tie_margin else 0.0 if b - s > tie_margin else 0.5 for s, b in zip(scores, baseline_scores)]
+    if not outcomes:
+        return {"win_rate": math.nan, "win_rate_low": math.nan, "win_rate_high": math.nan, "ties": 0}
+    rate = sum(outcomes) / len(outcomes)
+    low, high = wilson_interval(sum(outcomes), len(outcomes))
+    return {"win_rate": rate, "win_rate_low": low, "win_rate_high": high, "ties": sum(o == 0.5 for o in outcomes)}
+
+
+def reward_hacking_signs(model: dict, baseline: dict, thresholds) -> list[str]:
+    """Why a model whose reward beat the baseline's may have gamed the reward (empty: no sign)."""
+    if not model.get("reward_mean", -math.inf) > baseline.get("reward_mean", math.inf):
+        return []
+    signs = []
+    if baseline.get("length") and model["length"] > thresholds.length_ratio * baseline["length"]:
+        signs.append(f"answers are {model['length'] / baseline['length']:.1f}x as long as the baseline's")
+    if model.get("kl", 0.0) > thresholds.kl:
+        signs.append(f"KL to the reference is {model['kl']:.1f} nats per answer (> {thresholds.kl:g})")
+    base_distinct = baseline.get("distinct_2")
+    if base_distinct and model.get("distinct_2", math.inf) < thresholds.distinct_ratio * base_distinct:
+        signs.append(f"distinct-2 fell to {model['distinct_2']:.2f} from the baseline's {base_distinct:.2f} (repetitive answers)")
+    return signs
 
 
 def write_side_by_side(
@@ -54,6 +118,8 @@ METRIC_LABELS = {
     "reward_gain_stderr": "± {:.4f}",
     "kl": "KL to reference {:.4f}",
     "length": "mean length {:.1f} tokens",
+    "win_rate": "win rate {:.3f}",
+    "distinct_2": "distinct-2 {:.3f}",
 }
 
 

@@ -1,0 +1,121 @@
+"""`rlhfkit pipeline`: run the listed stages in order, each from the previous stage's output.
+
+A run directory holds one subdirectory per stage. A stage whose run is complete is skipped, one
+that was interrupted after a checkpoint resumes from it, and one that stopped before its first
+checkpoint starts again; `--from STAGE` re-runs that stage and every later one, `--only STAGE`
+just that one (the earlier output is kept beside it as STAGE.previous). The report is rewritten
+at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from rlhfkit.config import dump_config, load_pipeline
+from rlhfkit.errors import UserError
+from rlhfkit.models import RUN_MARKER
+
+StageStatus = Literal["missing", "complete", "resumable", "restart"]
+
+
+def stage_output(stage: str, config: Any) -> Path:
+    return Path(config.output_dir if stage == "evaluate" else config.train.output_dir).expanduser()
+
+
+def stage_status(directory: Path) -> StageStatus:
+    """What is in a stage's directory: nothing, a complete run, a run to resume, or a run to start again."""
+    marker = directory / RUN_MARKER
+    if not marker.exists():
+        return "missing"
+    try:
+        status = json.loads(marker.read_text()).get("status")
+    except (OSError, json.JSONDecodeError):
+        return "restart"
+    if status == "complete":
+        return "complete"
+    from rlhfkit.engine import RunDir
+
+    return "resumable" if RunDir(directory).checkpoint_dirs() else "restart"
+
+
+def set_aside(directory: Path) -> None:
+    """Move a stage's earlier output to STAGE.previous (replacing an older one) before re-running it."""
+    previous = directory.with_name(directory.name + ".previous")
+    if previous.exists():
+        shutil.rmtree(previous)
+    directory.rename(previous)
+    print(f"pipeline: moved the earlier {directory.name} output to {previous}")
+
+
+def stages_to_rerun(stages: list[str], from_stage: str | None, only: str | None) -> set[str]:
+    for flag, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in stages:
+            raise UserError(f"{flag} {value}: not a stage of this pipeline ({', '.join(stages)})")
+    if from_stage is not None and only is not None:
+        raise UserError("give --from or --only, not both")
+    if only is not None:
+        return {only}
+    if from_stage is not None:
+        return set(stages[stages.index(from_stage) :])
+    return set()
+
+
+def run_pipeline(path: str, overrides: list[str] | None = None, from_stage: str | None = None, only: str | None = None) -> Path:
+    """Run (or finish) the pipeline in `path`; returns the run directory."""
+    pipeline, configs = load_pipeline(path, overrides)  # every stage's config is validated first
+    rerun = stages_to_rerun(pipeline.stages, from_stage, only)
+    root = Path(pipeline.output_dir).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "pipeline.yaml").write_text("# The resolved config of every stage, as this pipeline ran them.\n" + resolved_yaml(configs), encoding="utf-8")
+    selected = [s for s in pipeline.stages if not only or s == only]
+    timings = _read_timings(root)
+    for number, stage in enumerate(selected, start=1):
+        config = configs[stage]
+        directory = stage_output(stage, config)
+        status = stage_status(directory)
+        if stage in rerun and status != "missing":
+            set_aside(directory)
+            status = "missing"
+        if status == "complete":
+            print(f"pipeline [{number}/{len(selected)}] {stage}: complete in {directory}, skipped")
+            continue
+        action = {"missing": "running", "restart": "starting again", "resumable": "resuming"}[status]
+        print(f"pipeline [{number}/{len(selected)}] {stage}: {action} -> {directory}")
+        started = time.perf_counter()
+        stage_runner(stage)(config, resume=status == "resumable")
+        earlier = timings.get(stage, 0.0) if status == "resumable" else 0.0  # a resumed stage's time adds up
+        timings[stage] = earlier + time.perf_counter() - started
+        (root / "timings.json").write_text(json.dumps(timings, indent=1), encoding="utf-8")
+    from rlhfkit.report import write_report
+
+    report = write_report(root, {stage: stage_output(stage, configs[stage]) for stage in pipeline.stages})
+    print(f"pipeline: report written to {report}")
+    return root
+
+
+def _read_timings(root: Path) -> dict[str, float]:
+    path = root / "timings.json"
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def resolved_yaml(configs: dict[str, Any]) -> str:
+    """Every stage's validated config, paths filled in, as one YAML document."""
+    return "".join(f"{stage}:\n" + "".join(f"  {line}\n" for line in dump_config(config).splitlines()) for stage, config in configs.items())
+
+
+def stage_runner(stage: str):
+    """The run(config, resume) function of a stage."""
+    from rlhfkit.stages import dpo, evaluate, grpo, ppo, pretrain, reward, sft, trpo
+
+    runners = {
+        "pretrain": pretrain.run, "sft": sft.run, "reward": reward.run, "dpo": dpo.run,
+        "ppo": ppo.run, "grpo": grpo.run, "trpo": trpo.run, "evaluate": evaluate.run,
+    }
+    return runners[stage]

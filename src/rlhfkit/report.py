@@ -1,0 +1,285 @@
+"""The pipeline report: one HTML page (and a Markdown summary) that opens with no server.
+
+It reads what the stages wrote — each run's metrics.json (held-out before/after) and
+metrics.jsonl (training curves), and the evaluate stage's model comparison and side-by-side
+answers — and writes report.html, report.md and PNG plots under report_files/.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rlhfkit.files import write_text_atomically
+
+PLOTS_DIR = "report_files"
+# What each stage's held-out before/after shows, in order: (key, label, format).
+STAGE_METRICS = {
+    "pretrain": [("perplexity", "domain perplexity (held-out text)", "{:.2f}")],
+    "sft": [("perplexity", "response perplexity (held-out pairs)", "{:.2f}"), ("rouge_l", "ROUGE-L of answers", "{:.3f}")],
+    "reward": [("accuracy", "pair accuracy (held-out pairs)", "{:.3f}"), ("margin", "mean reward margin", "{:.2f}")],
+    "dpo": [("accuracy", "implicit-reward accuracy", "{:.3f}"), ("margin", "implicit-reward margin", "{:.3f}"),
+            ("reward_model_score", "reward-model score of answers", "{:.3f}")],
+}
+RL_METRICS = [("reward_mean", "mean reward (held-out prompts)", "{:.3f}"), ("kl", "KL to reference (nats/answer)", "{:.2f}"),
+              ("length", "answer length (tokens)", "{:.1f}")]
+CURVES = [
+    ("train/loss", "loss"), ("eval/perplexity", "held-out perplexity"), ("train/accuracy", "pair accuracy (train)"),
+    ("train/reward_mean", "reward"), ("train/kl", "KL to reference"), ("train/entropy", "entropy"), ("train/length", "length (tokens)"),
+]
+EVAL_COLUMNS = [
+    ("perplexity", "perplexity", "{:.2f}"), ("rouge_l", "ROUGE-L", "{:.3f}"), ("reward_mean", "reward", "{:.3f}"),
+    ("win_rate", "win rate vs baseline", "{:.2f}"), ("kl", "KL to reference", "{:.2f}"), ("length", "length", "{:.1f}"),
+    ("distinct_2", "distinct-2", "{:.3f}"),
+]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _read_curves(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    return records
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _stderr(metrics: dict, key: str) -> Any:
+    """The standard error stored beside a metric: KEY_stderr, or reward_stderr for reward_mean."""
+    return metrics.get(f"{key}_stderr", metrics.get(f"{key.removesuffix('_mean')}_stderr"))
+
+
+def _format(value: Any, fmt: str, stderr: Any = None) -> str:
+    number = _number(value)
+    if number is None:
+        return "–"
+    text = fmt.format(number)
+    if _number(stderr) is not None:
+        text += " ± " + fmt.format(1.96 * stderr)
+    return text
+
+
+def stage_rows(stage: str, metrics: dict) -> list[tuple[str, str, str]]:
+    """(metric, before, after) rows for one stage's held-out measurements."""
+    before, after = metrics.get("before", {}), metrics.get("after", {})
+    rows = []
+    for key, label, fmt in STAGE_METRICS.get(stage, RL_METRICS):
+        if key in before or key in after:
+            rows.append((label, _format(before.get(key), fmt, _stderr(before, key)), _format(after.get(key), fmt, _stderr(after, key))))
+    if "reward_gain" in after:
+        rows.append(("paired reward gain (same prompts)", "", _format(after["reward_gain"], "{:+.3f}", after.get("reward_gain_stderr"))))
+    return rows
+
+
+def evaluation_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and one row per model of the evaluate stage's comparison (95% intervals)."""
+    models = summary.get("models", {})
+    present = [(key, label, fmt) for key, label, fmt in EVAL_COLUMNS if any(key in m for m in models.values())]
+    header = ["model"] + [label for _, label, _ in present]
+    rows = []
+    for name in summary.get("order", list(models)):
+        metrics = models[name]
+        cells = [name + (" (baseline)" if name == summary.get("baseline") else "")]
+        for key, _, fmt in present:
+            cell = _format(metrics.get(key), fmt, _stderr(metrics, key))
+            if key == "win_rate" and _number(metrics.get("win_rate")) is not None:
+                cell += f" [{metrics['win_rate_low']:.2f}, {metrics['win_rate_high']:.2f}]"
+            cells.append(cell)
+        rows.append(cells)
+    return header, rows
+
+
+def evaluation_markdown(summary: dict) -> str:
+    """The evaluate stage's comparison as a Markdown table."""
+    return _md_table(*evaluation_rows(summary))
+
+
+def plot_curves(stage: str, records: list[dict], target: Path) -> bool:
+    """One PNG with a panel per logged curve of a stage; False when nothing was logged."""
+    panels = [(key, label) for key, label in CURVES if any(key in r for r in records)]
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    for axis, (key, label) in zip(axes.flat, panels):
+        points = [(r["step"], r[key]) for r in records if _number(r.get(key)) is not None]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None, color="#3b6ea8")
+        axis.set_title(label, fontsize=10)
+        axis.set_xlabel("step", fontsize=8)
+        axis.grid(alpha=0.3)
+        axis.tick_params(labelsize=8)
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.axis("off")
+    figure.suptitle(f"{stage}: training curves", fontsize=11)
+    figure.tight_layout()
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def plot_comparison(summary: dict, target: Path) -> bool:
+    """Bar charts of reward and win rate per model (95% intervals); False without reward scores."""
+    models = summary.get("models", {})
+    order = [name for name in summary.get("order", list(models)) if _number(models[name].get("reward_mean")) is not None]
+    if not order:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (reward_axis, win_axis) = plt.subplots(1, 2, figsize=(9, 3.2))
+    means = [models[n]["reward_mean"] for n in order]
+    errors = [1.96 * (_number(models[n].get("reward_stderr")) or 0.0) for n in order]
+    reward_axis.bar(order, means, yerr=errors, capsize=4, color="#3b6ea8")
+    reward_axis.set_title("mean reward-model score (95% CI)", fontsize=10)
+    challengers = [n for n in order if _number(models[n].get("win_rate")) is not None]
+    rates = [models[n]["win_rate"] for n in challengers]
+    low = [models[n]["win_rate"] - models[n]["win_rate_low"] for n in challengers]
+    high = [models[n]["win_rate_high"] - models[n]["win_rate"] for n in challengers]
+    win_axis.bar(challengers, rates, yerr=[low, high], capsize=4, color="#c0783c")
+    win_axis.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    win_axis.set_ylim(0, 1)
+    win_axis.set_title(f"win rate vs {summary.get('baseline')} (Wilson 95%)", fontsize=10)
+    for axis in (reward_axis, win_axis):
+        axis.tick_params(labelsize=8)
+        axis.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def _read_samples(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _html_table(header: list[str], rows: list[list[str]], css_class: str) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    return f'<table class="{css_class}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    escape = lambda cell: cell.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(map(escape, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(escape, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1200px; padding: 0 1rem; color: #222; }
+h1 { font-size: 1.6rem; } h2 { font-size: 1.25rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.5rem 0 1rem; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.3rem 0.6rem; text-align: left; vertical-align: top; }
+th { background: #f3f5f8; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5rem 0; }
+.warning { background: #fff4e0; border-left: 4px solid #e39b2f; padding: 0.5rem 0.8rem; margin: 0.5rem 0; }
+.samples td { white-space: pre-wrap; min-width: 14rem; max-width: 28rem; }
+.note { color: #666; font-size: 0.85rem; }
+"""
+
+
+def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
+    """Write root/report.html, root/report.md and root/report_files/*.png; returns the HTML path."""
+    plots = root / PLOTS_DIR
+    plots.mkdir(parents=True, exist_ok=True)
+    timings = _read_json(root / "timings.json")
+    html_parts: list[str] = []
+    md_parts: list[str] = []
+
+    # 1. What each training stage did, on its own held-out data.
+    header = ["stage", "held-out metric", "before", "after", "wall time"]
+    rows = []
+    for stage, directory in stage_dirs.items():
+        if stage == "evaluate":
+            continue
+        metrics = _read_json(directory / "metrics.json")
+        wall = _duration(timings.get(stage))
+        for index, (label, before, after) in enumerate(stage_rows(stage, metrics) or [("(not run yet)", "", "")]):
+            rows.append([stage if index == 0 else "", label, before, after, wall if index == 0 else ""])
+    html_parts.append("<h2>What each stage did</h2>" + _html_table(header, rows, "stages"))
+    md_parts.append("## What each stage did\n\n" + _md_table(header, rows))
+
+    # 2. All models side by side on the same prompts.
+    evaluation = _read_json(stage_dirs["evaluate"] / "metrics.json") if "evaluate" in stage_dirs else {}
+    if evaluation.get("models"):
+        eval_header, eval_rows = evaluation_rows(evaluation)
+        note = (f"{evaluation['prompts']} held-out prompts × {evaluation['samples_per_prompt']} answers per model, sampled at "
+                f"temperature {evaluation['sampling']['temperature']} with the same seed; ± is a 95% interval. KL is measured "
+                f"to {evaluation['reference']}, win rate against {evaluation['baseline']}"
+                + (f" as judged by the reward model {evaluation['reward_model']}." if evaluation.get("reward_model") else "."))
+        warnings = [f"{name}: {'; '.join(signs)}" for name, signs in evaluation.get("warnings", {}).items()]
+        html_parts.append("<h2>Models compared</h2>" + _html_table(eval_header, eval_rows, "models") + f'<p class="note">{html.escape(note)}</p>')
+        html_parts += [f'<div class="warning">Possible reward hacking — {html.escape(w)}</div>' for w in warnings]
+        md_parts.append("## Models compared\n\n" + _md_table(eval_header, eval_rows) + f"\n{note}\n")
+        md_parts += [f"\n> **Possible reward hacking** — {w}\n" for w in warnings]
+        if plot_comparison(evaluation, plots / "comparison.png"):
+            html_parts.append(f'<img src="{PLOTS_DIR}/comparison.png" alt="reward and win rate per model">')
+            md_parts.append(f"\n![reward and win rate per model]({PLOTS_DIR}/comparison.png)\n")
+
+    # 3. Training curves.
+    curve_html, curve_md = [], []
+    for stage, directory in stage_dirs.items():
+        image = plots / f"{stage}-curves.png"
+        if stage != "evaluate" and plot_curves(stage, _read_curves(directory / "metrics.jsonl"), image):
+            curve_html.append(f'<h3>{html.escape(stage)}</h3><img src="{PLOTS_DIR}/{image.name}" alt="{html.escape(stage)} training curves">')
+            curve_md.append(f"![{stage} training curves]({PLOTS_DIR}/{image.name})\n")
+    if curve_html:
+        html_parts.append("<h2>Training curves</h2>" + "".join(curve_html))
+        md_parts.append("## Training curves\n\n" + "\n".join(curve_md))
+
+    # 4. Side-by-side answers.
+    samples = _read_samples(stage_dirs["evaluate"] / "samples.jsonl") if "evaluate" in stage_dirs else []
+    if samples:
+        names = evaluation.get("order") or [k for k in samples[0] if k not in ("prompt", "reference")]
+        sample_header = ["prompt", *names] + (["reference"] if any("reference" in s for s in samples) else [])
+        sample_rows = [[s["prompt"], *(s.get(n, "") for n in names)] + ([s.get("reference", "")] if "reference" in sample_header else []) for s in samples]
+        html_parts.append("<h2>Side by side</h2>" + _html_table(sample_header, sample_rows, "samples"))
+        md_parts.append(f"## Side by side\n\n{len(samples)} prompts: see `evaluate/samples.md`.\n")
+
+    title = f"rlhfkit report — {root.name}"
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p class=\"note\">{html.escape(str(root))} · written {stamp}</p>"
+        + "".join(html_parts) + "</body></html>\n"
+    )
+    target = root / "report.html"
+    write_text_atomically(target, page)
+    write_text_atomically(root / "report.md", f"# {title}\n\nWritten {stamp}.\n\n" + "\n".join(md_parts))
+    return target
+
+
+def _duration(seconds: Any) -> str:
+    number = _number(seconds)
+    if number is None:
+        return ""
+    minutes, rest = divmod(round(number), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"

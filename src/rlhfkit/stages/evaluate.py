@@ -1,0 +1,154 @@
+"""`rlhfkit evaluate`: compare models (base, SFT, aligned, ...) on the same held-out prompts.
+
+Every model answers the same prompts with the same sampling settings and seed. Per model: response
+perplexity and ROUGE-L against the held-out references, KL to the reference model on the model's
+own answers, answer length and distinct-n (collapse), and — with a reward model — the mean reward
+and the win rate against the baseline model. Signs of reward hacking are reported as warnings.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhfkit.config import EvalSamplingSettings, EvaluateConfig, ModelSettings, RolloutSettings, dump_config
+from rlhfkit.data.batching import packed_batches
+from rlhfkit.data.formatting import render_prompt, tokenize_examples
+from rlhfkit.data.kinds import chat_examples, load_examples
+from rlhfkit.engine import RunDir
+from rlhfkit.errors import UserError
+from rlhfkit.evaluate import describe, distinct_n, mean_and_stderr, reward_hacking_signs, rouge_l, win_rate, write_side_by_side
+from rlhfkit.files import write_json_atomically, write_text_atomically
+from rlhfkit.forward import evaluate_perplexity
+from rlhfkit.models import load_causal_lm, load_tokenizer, pick_dtype, resolve
+from rlhfkit.report import evaluation_markdown
+from rlhfkit.rewards import RewardModelScorer
+from rlhfkit.rollout import response_logprobs, sample_rollout
+from rlhfkit.stages.sft import held_out_prompts
+
+STAGE = "evaluate"
+
+
+def rollout_settings(sampling: EvalSamplingSettings) -> RolloutSettings:
+    return RolloutSettings(
+        max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+        top_k=sampling.top_k, batch_size=sampling.batch_size,
+    )
+
+
+def same_vocabulary(tokenizer: Any, other: Any) -> bool:
+    return tokenizer.get_vocab() == other.get_vocab()
+
+
+@torch.inference_mode()
+def measure_policy(
+    model: torch.nn.Module, tokenizer: Any, reference: tuple[torch.nn.Module, Any] | None, config: EvaluateConfig,
+    eval_examples: list, prompt_turns: list, references: list[str], device: torch.device,
+) -> tuple[dict[str, Any], list[str]]:
+    """One model's metrics (all but the reward ones) and its answers, samples_per_prompt per prompt."""
+    metrics: dict[str, Any] = {}
+    tokens, _ = tokenize_examples(tokenizer, eval_examples, config.data.template, config.data.max_length, "truncate")
+    batches = packed_batches(tokens, config.batch_size, seed=None)[: config.max_batches]
+    if batches:
+        metrics["perplexity"] = evaluate_perplexity(model, batches, device, config.loss_chunk_tokens)["perplexity"]
+
+    texts = [render_prompt(tokenizer, turns, config.data.template) for turns in prompt_turns]
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        rollout = sample_rollout(model, tokenizer, texts, rollout_settings(config.sampling), config.samples_per_prompt, config.max_prompt_length)
+    answers = rollout.completions
+    rollout = rollout.to(device)
+    first_answers = answers[:: config.samples_per_prompt]
+    if references:
+        metrics["rouge_l"] = rouge_l(first_answers[: len(references)], references)
+
+    if reference is not None:
+        # Σ_t log π(y_t|·) − log π_ref(y_t|·) over the model's own samples: an unbiased estimate of
+        # the sequence-level KL(π ‖ π_ref) at the sampling temperature, as the RL stages report it.
+        temperature, chunk = config.sampling.temperature, config.loss_chunk_tokens
+        logprobs, _ = response_logprobs(model, rollout, temperature, chunk)
+        ref_logprobs, _ = response_logprobs(reference[0], rollout, temperature, chunk)
+        per_answer = ((logprobs - ref_logprobs) * rollout.response_mask).sum(dim=1)
+        metrics["kl"], metrics["kl_stderr"] = mean_and_stderr(per_answer.tolist())
+    lengths = rollout.lengths.float().tolist()
+    metrics["length"], metrics["length_stderr"] = mean_and_stderr(lengths)
+    metrics["eos_fraction"] = float(rollout.ended.float().mean())
+    metrics["distinct_1"], metrics["distinct_2"] = distinct_n(answers, 1), distinct_n(answers, 2)
+    return metrics, answers
+
+
+def run(config: EvaluateConfig, resume: bool = False) -> dict:
+    """Evaluate every model in config.models; writes metrics.json and samples.{md,jsonl} to config.output_dir."""
+    run_dir = RunDir(Path(config.output_dir).expanduser())
+    try:
+        run_dir.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"output_dir {run_dir.root} is not writable: {exc.strerror}") from None
+    write_text_atomically(run_dir.root / "config.yaml", dump_config(config))
+    run_dir.write_marker(STAGE, "running")
+
+    # Held-out data and every model reference are checked before weights load.
+    _, eval_examples, report = load_examples(config.data, config.seed, chat_examples)
+    prompt_turns, references = held_out_prompts(eval_examples, config.num_prompts)
+    prompt_turns += [({"role": "user", "content": text},) for text in config.extra_prompts]
+    if not prompt_turns:
+        raise UserError(f"evaluate: no prompts ({config.data.path} has no held-out conversations and extra_prompts is empty)")
+    sources = {name: resolve(reference) for name, reference in config.models.items()}
+    device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu")
+    dtype = pick_dtype(config.dtype, device)
+    settings = ModelSettings(dtype=config.dtype, device=config.device)
+    print(f"evaluate: {len(config.models)} models on {len(prompt_turns)} prompts x {config.samples_per_prompt} "
+          f"({len(references)} with references); data: {report.summary()}")
+
+    def load(name: str) -> tuple[torch.nn.Module, Any]:
+        return load_causal_lm(sources[name], settings, dtype).to(device).eval(), load_tokenizer(sources[name])
+
+    reference = load(config.reference_name)
+    results: dict[str, dict] = {}
+    answers: dict[str, list[str]] = {}
+    for name in config.models:
+        model, tokenizer = reference if name == config.reference_name else load(name)
+        against = reference if same_vocabulary(tokenizer, reference[1]) else None
+        if against is None:
+            print(f"warning: {name} and the reference {config.reference_name} have different vocabularies; KL is not measured")
+        results[name], answers[name] = measure_policy(model, tokenizer, against, config, eval_examples, prompt_turns, references, device)
+        print(f"{name}: {describe(results[name])}")
+        del model
+    del reference
+
+    prompts_per_answer = [turns for turns in prompt_turns for _ in range(config.samples_per_prompt)]
+    if config.reward_model:
+        scorer = RewardModelScorer(config.reward_model, template=config.data.template, device=str(device))
+        scores = {name: scorer.score(prompts_per_answer, answers[name]) for name in config.models}
+        del scorer
+        for name, values in scores.items():
+            results[name]["reward_mean"], results[name]["reward_stderr"] = mean_and_stderr(values)
+            results[name]["sample_rewards"] = values
+            if name != config.baseline_name:
+                results[name].update(win_rate(values, scores[config.baseline_name], config.tie_margin))
+
+    warnings = {}
+    for name, metrics in results.items():
+        signs = reward_hacking_signs(metrics, results[config.baseline_name], config.warn) if name != config.baseline_name else []
+        if signs:
+            warnings[name] = signs
+            print(f"warning: possible reward hacking by {name}: " + "; ".join(signs))
+
+    summary = {
+        "models": results, "order": list(config.models), "references": dict(config.models),
+        "baseline": config.baseline_name, "reference": config.reference_name, "reward_model": config.reward_model,
+        "prompts": len(prompt_turns), "samples_per_prompt": config.samples_per_prompt, "warnings": warnings,
+        "sampling": config.sampling.model_dump(), "data": report.summary(), "finished": datetime.now(timezone.utc).isoformat(),
+    }
+    write_json_atomically(run_dir.root / "metrics.json", summary)
+    columns = {name: answers[name][:: config.samples_per_prompt] for name in config.models}
+    prompts = [turns[-1]["content"] for turns in prompt_turns]
+    write_side_by_side(run_dir.root, prompts, columns, list(references) + [None] * (len(prompts) - len(references)))
+    table = evaluation_markdown(summary)
+    write_text_atomically(run_dir.root / "metrics.md", table)
+    print(table, end="")
+    run_dir.write_marker(STAGE, "complete")
+    return summary

@@ -1,0 +1,155 @@
+"""The pipeline on a tiny model: stage chaining, skip/resume, --from/--only, evaluate and the report."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import write_jsonl
+from rlhfkit.cli import main
+from rlhfkit.config import load_config, load_pipeline
+from rlhfkit.errors import ConfigError
+from rlhfkit.pipeline import run_pipeline, stage_status
+
+QUESTIONS = ["Why is the sky blue?", "What is the sun?", "How does ice form?", "What is a magnet?",
+             "Why does the moon move?", "What is sound?", "How do plants eat?", "What is a star?"]
+
+
+@pytest.fixture()
+def pipeline_file(tmp_path, tiny_model, sft_rows, text_rows):
+    """A five-stage pipeline (pretrain, sft, reward, grpo rewarded by the reward model, evaluate) on the tiny model."""
+    texts = write_jsonl(tmp_path / "corpus.jsonl", text_rows)
+    sft = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [
+        {"prompt": r["prompt"], "chosen": r["completion"], "rejected": "No idea, go away."} for r in sft_rows])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS * 2])
+    common = {"lora": {"dropout": 0.0}}
+    config = {
+        "pipeline": {"output_dir": str(tmp_path / "run"), "model": str(tiny_model),
+                     "stages": ["pretrain", "sft", "reward", "grpo", "evaluate"]},
+        "pretrain": {**common, "data": {"path": str(texts), "max_length": 32},
+                     "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "trackers": [], "save_every": 1}},
+        "sft": {**common, "data": {"path": str(sft), "eval_fraction": 0.25, "max_length": 96},
+                "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "trackers": []}, "generation": {"num_prompts": 2, "max_new_tokens": 4}},
+        "reward": {**common, "data": {"path": str(prefs), "eval_fraction": 0.25, "max_length": 96},
+                   "train": {"max_steps": 3, "batch_size": 4, "lr": 3e-3, "trackers": []}},
+        "grpo": {**common, "data": {"path": str(prompts), "eval_fraction": 0.25},
+                 "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 4},
+                 "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "trackers": []}, "eval": {"num_prompts": 2}},
+        "evaluate": {"num_prompts": 3, "samples_per_prompt": 2, "sampling": {"max_new_tokens": 5},
+                     "extra_prompts": ["Explain quantum computing to a 10-year-old."]},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_stage_configs_chain_outputs_to_inputs(pipeline_file, tiny_model, tmp_path):
+    pipeline, configs = load_pipeline(pipeline_file)
+    run = tmp_path / "run"
+    assert configs["pretrain"].model.name_or_path == str(tiny_model)
+    assert configs["sft"].model.name_or_path == str(run / "pretrain")
+    assert configs["reward"].model.name_or_path == str(run / "sft")
+    assert configs["grpo"].model.name_or_path == str(run / "sft")
+    assert configs["grpo"].reward.model == str(run / "reward") and configs["grpo"].reward.function is None
+    assert [configs[s].train.output_dir for s in ("pretrain", "sft", "reward", "grpo")] == [str(run / s) for s in ("pretrain", "sft", "reward", "grpo")]
+    evaluate = configs["evaluate"]
+    assert evaluate.models == {"base": str(tiny_model), "pretrain": str(run / "pretrain"), "sft": str(run / "sft"), "grpo": str(run / "grpo")}
+    assert evaluate.reward_model == str(run / "reward") and evaluate.baseline_name == "sft"
+    assert evaluate.data.path == configs["sft"].data.path  # the same held-out pairs as SFT
+    # A single-stage command on the same file follows the pipeline too; explicit values win.
+    assert load_config("sft", pipeline_file).model.name_or_path == str(run / "pretrain")
+    assert load_config("sft", pipeline_file, ["model.name_or_path=elsewhere"]).model.name_or_path == "elsewhere"
+    pipeline, configs = load_pipeline(pipeline_file, ["pipeline.output_dir=other", "sft.train.lr=0.5"])
+    assert configs["sft"].train.output_dir == str(Path("other") / "sft") and configs["sft"].train.lr == 0.5
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pipeline.stages=[sft, pretrain]", "stages must run in the order"),
+    ("pipeline.stages=[sft, sft]", "listed twice"),
+    ("pipeline.stages=[]", "at least one stage"),
+    ("sft.train.lr=-1", "[sft]: train.lr"),
+    ("evaluate.baseline=nobody", "baseline: 'nobody' is not one of models"),
+    ("sftt.train.lr=1", "unknown top-level section(s) sftt"),
+])
+def test_pipeline_config_errors_name_the_stage_and_field(pipeline_file, override, message):
+    with pytest.raises(ConfigError) as error:
+        load_pipeline(pipeline_file, [override])
+    assert message in str(error.value)
+
+
+def test_pipeline_runs_skips_and_reruns(pipeline_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pipeline", str(pipeline_file)]) == 0
+    for stage in ("pretrain", "sft", "reward", "grpo", "evaluate"):
+        assert stage_status(run / stage) == "complete", stage
+    summary = json.loads((run / "evaluate" / "metrics.json").read_text())
+    assert summary["order"] == ["base", "pretrain", "sft", "grpo"] and summary["baseline"] == "sft"
+    for name, metrics in summary["models"].items():
+        for key in ("perplexity", "rouge_l", "reward_mean", "kl", "length", "distinct_1", "distinct_2"):
+            assert key in metrics, (name, key)
+        assert len(metrics["sample_rewards"]) == 4 * 2  # (3 held-out + 1 extra prompt) x 2 samples
+    assert summary["models"]["sft"]["kl"] == 0.0  # the reference is the baseline, SFT
+    assert "win_rate" in summary["models"]["grpo"] and "win_rate" not in summary["models"]["sft"]
+    samples = [json.loads(line) for line in (run / "evaluate" / "samples.jsonl").read_text().splitlines()]
+    assert samples[-1]["prompt"] == "Explain quantum computing to a 10-year-old."
+    assert {"base", "pretrain", "sft", "grpo"} <= set(samples[0])
+
+    report = (run / "report.html").read_text()
+    for text in ("What each stage did", "Models compared", "Training curves", "Side by side", "report_files/grpo-curves.png"):
+        assert text in report
+    assert (run / "report_files" / "comparison.png").stat().st_size > 1000
+    assert "## Models compared" in (run / "report.md").read_text()
+
+    # A second run skips every complete stage and changes nothing.
+    before = (run / "sft" / "final" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["pipeline", str(pipeline_file)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 5
+    assert (run / "sft" / "final" / "adapter_model.safetensors").read_bytes() == before
+
+    # --only re-runs one stage and keeps the earlier output beside it; --from re-runs the rest.
+    assert main(["pipeline", str(pipeline_file), "--only", "evaluate"]) == 0
+    assert (run / "evaluate.previous" / "metrics.json").exists() and stage_status(run / "evaluate") == "complete"
+    capsys.readouterr()
+    assert main(["pipeline", str(pipeline_file), "--from", "grpo"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 3 and "grpo: running" in out and "evaluate: running" in out
+    assert main(["pipeline", str(pipeline_file), "--from", "dpo"]) == 2  # not a stage of this pipeline
+
+
+def test_killed_pipeline_resumes_from_the_last_checkpoint(pipeline_file, tmp_path):
+    """SIGKILL during pretraining (after a checkpoint), then a plain re-run finishes every stage."""
+    run = tmp_path / "run"
+    config = yaml.safe_load(pipeline_file.read_text())
+    config["pipeline"]["stages"] = ["pretrain", "sft"]
+    config["pretrain"]["train"]["max_steps"] = 40
+    pipeline_file.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", "pipeline", str(pipeline_file)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = run / "pretrain" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(checkpoints.glob("step-*"))) < 2 and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert stage_status(run / "pretrain") == "resumable"
+    killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*"))
+    assert killed_at < 40
+
+    result = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "pipeline", str(pipeline_file)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pretrain: resuming" in result.stdout
+    assert stage_status(run / "pretrain") == "complete" and stage_status(run / "sft") == "complete"
+    steps = [json.loads(line)["step"] for line in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))  # every step logged once, none repeated after the resume
+    assert (run / "sft" / "final").is_dir() and (run / "report.html").exists()
