@@ -60,7 +60,7 @@ def test_stage_configs_chain_outputs_to_inputs(pipeline_file, tiny_model, tmp_pa
     assert configs["grpo"].reward.model == str(run / "reward") and configs["grpo"].reward.function is None
     assert [configs[s].train.output_dir for s in ("pretrain", "sft", "reward", "grpo")] == [str(run / s) for s in ("pretrain", "sft", "reward", "grpo")]
     evaluate = configs["evaluate"]
-    assert evaluate.models == {"base": str(tiny_model), "pretrain": str(run / "pretrain"), "sft": str(run / "sft"), "grpo": str(run / "grpo")}
+    assert evaluate.models == {"base": str(tiny_model), "sft": str(run / "sft"), "grpo": str(run / "grpo")}
     assert evaluate.reward_model == str(run / "reward") and evaluate.baseline_name == "sft"
     assert evaluate.data.path == configs["sft"].data.path  # the same held-out pairs as SFT
     # A single-stage command on the same file follows the pipeline too; explicit values win.
@@ -90,7 +90,7 @@ def test_pipeline_runs_skips_and_reruns(pipeline_file, tmp_path, capsys):
     for stage in ("pretrain", "sft", "reward", "grpo", "evaluate"):
         assert stage_status(run / stage) == "complete", stage
     summary = json.loads((run / "evaluate" / "metrics.json").read_text())
-    assert summary["order"] == ["base", "pretrain", "sft", "grpo"] and summary["baseline"] == "sft"
+    assert summary["order"] == ["base", "sft", "grpo"] and summary["baseline"] == "sft"
     for name, metrics in summary["models"].items():
         for key in ("perplexity", "rouge_l", "reward_mean", "kl", "length", "distinct_1", "distinct_2"):
             assert key in metrics, (name, key)
@@ -99,7 +99,7 @@ def test_pipeline_runs_skips_and_reruns(pipeline_file, tmp_path, capsys):
     assert "win_rate" in summary["models"]["grpo"] and "win_rate" not in summary["models"]["sft"]
     samples = [json.loads(line) for line in (run / "evaluate" / "samples.jsonl").read_text().splitlines()]
     assert samples[-1]["prompt"] == "Explain quantum computing to a 10-year-old."
-    assert {"base", "pretrain", "sft", "grpo"} <= set(samples[0])
+    assert {"base", "sft", "grpo"} <= set(samples[0])
 
     report = (run / "report.html").read_text()
     for text in ("What each stage did", "Models compared", "Training curves", "Side by side", "report_files/grpo-curves.png"):
@@ -153,3 +153,12 @@ def test_killed_pipeline_resumes_from_the_last_checkpoint(pipeline_file, tmp_pat
     steps = [json.loads(line)["step"] for line in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))  # every step logged once, none repeated after the resume
     assert (run / "sft" / "final").is_dir() and (run / "report.html").exists()
+
+
+def test_held_out_prompts_honours_a_limit_of_zero():
+    from rlhfkit.data.kinds import ChatExample
+    from rlhfkit.stages.sft import held_out_prompts
+
+    example = ChatExample(({"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}), "f:1")
+    assert held_out_prompts([example] * 3, 0) == ([], [])
+    assert held_out_prompts([example] * 3, 2)[1] == ["A.", "A."]

@@ -11,6 +11,14 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_readme_quickstart_uses_the_shipped_config():
     readme = (ROOT / "README.md").read_text()
-    for stage in ("pretrain", "sft", "reward", "dpo"):
-        assert f"rlhfkit {stage} configs/quickstart.yaml" in readme
+    assert ".venv/bin/rlhfkit pipeline configs/quickstart.yaml" in readme
     assert (ROOT / "configs/quickstart.yaml").exists()
+
+
+def test_quickstart_config_validates_as_a_pipeline():
+    from rlhfkit.config import load_pipeline
+
+    pipeline, configs = load_pipeline(ROOT / "configs/quickstart.yaml")
+    assert pipeline.stages == ["pretrain", "sft", "reward", "ppo", "evaluate"]
+    assert configs["ppo"].reward.model == "runs/quickstart/reward"
+    assert "Explain quantum computing to a 10-year-old." in configs["evaluate"].extra_prompts

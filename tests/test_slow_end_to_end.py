@@ -16,19 +16,25 @@ PEPS = ROOT.parent / "shared" / "data" / "python-peps" / "peps_final.jsonl"
 pytestmark = pytest.mark.slow
 
 
-def test_quickstart_config_runs_on_the_embedded_model(tmp_path):
-    """configs/quickstart.yaml, shortened: both stages run and write their reports."""
-    quick = ["--set", "train.max_steps=2", "--set", "train.batch_size=2", "--set", "eval.max_batches=2"]
-    pretrain_dir, sft_dir = tmp_path / "pretrain", tmp_path / "sft"
-    assert main(["pretrain", str(ROOT / "configs/quickstart.yaml"), *quick, "--set", "data.max_length=128",
-                 "--set", f"train.output_dir={pretrain_dir}"]) == 0
-    assert main(["sft", str(ROOT / "configs/quickstart.yaml"), *quick, "--set", f"model.name_or_path={pretrain_dir}",
-                 "--set", f"train.output_dir={sft_dir}", "--set", "generation.num_prompts=2",
-                 "--set", "generation.max_new_tokens=12", "--set", "generation.extra_prompts=[]"]) == 0
-    metrics = json.loads((sft_dir / "metrics.json").read_text())
-    assert 1 < metrics["before"]["perplexity"] < 100  # a real pretrained model, not a random one
-    assert len(metrics["after"]["answers"]) == 2 and all(metrics["after"]["answers"])
-    assert (sft_dir / "samples.md").exists()
+def test_quickstart_pipeline_runs_on_the_embedded_model(tmp_path):
+    """configs/quickstart.yaml, every stage shortened to a step: the whole pipeline and its report."""
+    short = {
+        "pretrain": ["train.max_steps=1", "train.batch_size=2", "data.max_length=128", "eval.max_batches=1"],
+        "sft": ["train.max_steps=1", "train.batch_size=2", "eval.max_batches=1"],
+        "reward": ["train.max_steps=1", "train.batch_size=2", "eval.max_batches=1"],
+        "ppo": ["train.max_steps=1", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8", "train.batch_size=2", "ppo.minibatch_size=2"],
+        "evaluate": ["num_prompts=2", "extra_prompts=[Explain quantum computing to a 10-year-old.]", "sampling.max_new_tokens=8", "max_batches=1"],
+    }
+    overrides = [f"pipeline.output_dir={tmp_path}"] + [f"{stage}.{o}" for stage, items in short.items() for o in items]
+    assert main(["pipeline", str(ROOT / "configs/quickstart.yaml"), *[a for o in overrides for a in ("--set", o)]]) == 0
+    pretrain = json.loads((tmp_path / "pretrain" / "metrics.json").read_text())
+    assert 1 < pretrain["before"]["perplexity"] < 100  # a real pretrained model, not a random one
+    summary = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert summary["order"] == ["base", "sft", "ppo"]
+    assert all("reward_mean" in m and "kl" in m for m in summary["models"].values())
+    samples = (tmp_path / "evaluate" / "samples.md").read_text()
+    assert "Explain quantum computing to a 10-year-old." in samples
+    assert "Models compared" in (tmp_path / "report.html").read_text()
 
 
 @pytest.mark.parametrize("stage, config", [("grpo", "grpo_arithmetic.yaml"), ("ppo", "ppo_arithmetic.yaml")])

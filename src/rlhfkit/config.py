@@ -127,6 +127,7 @@ class TrainSettings(Section):
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"], description="Where metrics go besides the console."
     )
+    tracker_project: str = Field("rlhfkit", min_length=1, description="Project (W&B) / experiment (MLflow) / log folder (TensorBoard) name.")
     loss_chunk_tokens: int = Field(
         1024, gt=0, description="Tokens per chunk when computing logits and the loss (bounds [tokens, vocab] memory)."
     )
@@ -216,14 +217,19 @@ class PromptDataSettings(ChatDataSettings):
     system_prompt: str | None = Field(None, description="A system message put before every prompt that has none (e.g. the answer format wanted).")
 
 
-class RolloutSettings(Section):
-    prompts_per_step: int = Field(8, gt=0, description="Prompts sampled per RL step.")
-    samples_per_prompt: int = Field(4, gt=0, description="Completions per prompt (GRPO's group size G; ≥ 2 for group baselines).")
+class SamplingSettings(Section):
+    """How completions are sampled (RL rollouts, evaluation): always with T > 0, so KL is defined."""
+
     max_new_tokens: int = Field(64, gt=0, description="Longest completion; it must be able to reach an answer.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs for the loss and KL use the same one.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: no limit).")
     batch_size: int = Field(32, gt=0, description="Sequences per generate call.")
+
+
+class RolloutSettings(SamplingSettings):
+    prompts_per_step: int = Field(8, gt=0, description="Prompts sampled per RL step.")
+    samples_per_prompt: int = Field(4, gt=0, description="Completions per prompt (GRPO's group size G; ≥ 2 for group baselines).")
 
 
 class RewardSourceSettings(Section):
@@ -342,12 +348,8 @@ STAGE_CONFIGS: dict[str, type[StageConfig]] = {
 # ---- evaluation across models, and the pipeline that chains the stages ----------------
 
 
-class EvalSamplingSettings(Section):
-    max_new_tokens: int = Field(96, gt=0, description="Longest generated answer.")
-    temperature: float = Field(0.7, gt=0, description="Sampling temperature (the same for every model); log-probs for KL use it too.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: no limit).")
-    batch_size: int = Field(16, gt=0, description="Sequences per generate call.")
+class EvalSamplingSettings(SamplingSettings):
+    max_new_tokens: int = Field(96, gt=0, description="Longest generated answer (the same for every model).")
 
 
 class RewardHackingThresholds(Section):
@@ -445,7 +447,8 @@ def chain_stage_tree(stage: str, tree: dict[str, Any], pipeline: PipelineSetting
 
     Each stage writes to OUTPUT_DIR/STAGE; pretrain starts from pipeline.model and every later stage
     from the last of pretrain/sft before it; RL stages are rewarded by the reward stage's model,
-    DPO's answers are scored by it, and evaluate compares the base model with every stage's policy.
+    DPO's answers are scored by it, and evaluate compares the base model, the SFT model (or the
+    pretrained one when there is no SFT) and every aligned model.
     """
     tree = copy.deepcopy(tree)
     root = Path(pipeline.output_dir)
@@ -455,7 +458,9 @@ def chain_stage_tree(stage: str, tree: dict[str, Any], pipeline: PipelineSetting
     start = output(policies[-1]) if policies else pipeline.model
     if stage == "evaluate":
         _set_default(tree, "output_dir", output(stage))
-        models = {"base": pipeline.model, **{name: output(name) for name in earlier if name != "reward"}}
+        # The base model, the last policy stage (SFT; pretrain when there is no SFT) and every aligned one.
+        compared = policies[-1:] + [name for name in earlier if name in ALIGNMENT_STAGES]
+        models = {"base": pipeline.model, **{name: output(name) for name in compared}}
         tree.setdefault("models", models)
         if "reward" in earlier:
             tree.setdefault("reward_model", output("reward"))

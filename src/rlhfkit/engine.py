@@ -185,15 +185,22 @@ class Engine:
 
     def __init__(self, train: TrainSettings, device: str, run: RunDir, stage: str) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import ProjectConfiguration, set_seed
 
         self.train = train
         self.run = run
         self.stage = stage
         trackers = [t for t in train.trackers if t == "tensorboard" or _installed(t)]
-        self.accelerator = Accelerator(cpu=device == "cpu", log_with=trackers or None, project_dir=str(run.root))
+        self.accelerator = Accelerator(
+            cpu=device == "cpu", log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.root / "logs")),
+        )
         if trackers:
-            self.accelerator.init_trackers("logs", config={"stage": stage})
+            # TensorBoard writes to RUN/logs/PROJECT; W&B and MLflow file the run under the project,
+            # named after its directory (e.g. "quickstart/ppo"), with the resolved config attached.
+            name = f"{run.root.parent.name}/{run.root.name}"
+            init_kwargs = {"wandb": {"name": name, "dir": str(run.root), "config": {"stage": stage}}, "mlflow": {"run_name": name}}
+            self.accelerator.init_trackers(train.tracker_project, config=_flat_config(run.root), init_kwargs=init_kwargs)
         set_seed(train.seed)
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -438,6 +445,23 @@ class Engine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units, **{k: v / units for k, v in extra.items()}}
+
+
+def _flat_config(root: Path) -> dict[str, str | int | float | bool]:
+    """The run's resolved config as flat `section.field` hyperparameters, for the trackers."""
+    import yaml
+
+    flat: dict[str, str | int | float | bool] = {}
+
+    def walk(node, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value if isinstance(value, (str, int, float, bool)) else str(value)
+
+    walk(yaml.safe_load((root / "config.yaml").read_text()) or {}, "")
+    return flat
 
 
 def _logged_step(line: str) -> float:

@@ -221,7 +221,8 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
             continue
         metrics = _read_json(directory / "metrics.json")
         wall = _duration(timings.get(stage))
-        for index, (label, before, after) in enumerate(stage_rows(stage, metrics) or [("(not run yet)", "", "")]):
+        missing = "(not run yet)" if not metrics else "(no held-out measurement in the stage; see Models compared)"
+        for index, (label, before, after) in enumerate(stage_rows(stage, metrics) or [(missing, "", "")]):
             rows.append([stage if index == 0 else "", label, before, after, wall if index == 0 else ""])
     html_parts.append("<h2>What each stage did</h2>" + _html_table(header, rows, "stages"))
     md_parts.append("## What each stage did\n\n" + _md_table(header, rows))
@@ -230,7 +231,9 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
     evaluation = _read_json(stage_dirs["evaluate"] / "metrics.json") if "evaluate" in stage_dirs else {}
     if evaluation.get("models"):
         eval_header, eval_rows = evaluation_rows(evaluation)
-        note = (f"{evaluation['prompts']} held-out prompts × {evaluation['samples_per_prompt']} answers per model, sampled at "
+        with_references = evaluation.get("prompts_with_references", evaluation["prompts"])
+        note = (f"{evaluation['prompts']} prompts ({with_references} held-out with references) × {evaluation['samples_per_prompt']} "
+                f"answers per model, sampled at "
                 f"temperature {evaluation['sampling']['temperature']} with the same seed; ± is a 95% interval. KL is measured "
                 f"to {evaluation['reference']}, win rate against {evaluation['baseline']}"
                 + (f" as judged by the reward model {evaluation['reward_model']}." if evaluation.get("reward_model") else "."))

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhfkit.config import RolloutSettings
+from rlhfkit.config import SamplingSettings
 from rlhfkit.losses.lm import IGNORE_INDEX, target_token_logprobs, target_token_logprobs_and_entropy
 from rlhfkit.models import backbone_and_head, backbone_and_score_head
 
@@ -78,7 +78,7 @@ def response_mask_from(response_ids: torch.Tensor, eos_token_id: int) -> tuple[t
 
 @torch.no_grad()
 def sample_rollout(
-    model: torch.nn.Module, tokenizer: Any, prompt_texts: Sequence[str], settings: RolloutSettings, samples_per_prompt: int,
+    model: torch.nn.Module, tokenizer: Any, prompt_texts: Sequence[str], settings: SamplingSettings, samples_per_prompt: int,
     max_prompt_length: int,
 ) -> Rollout:
     """Sample `samples_per_prompt` completions for each formatted prompt with the KV cache."""

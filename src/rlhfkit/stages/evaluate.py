@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit.config import EvalSamplingSettings, EvaluateConfig, ModelSettings, RolloutSettings, dump_config
+from rlhfkit.config import EvaluateConfig, ModelSettings, dump_config
 from rlhfkit.data.batching import packed_batches
 from rlhfkit.data.formatting import render_prompt, tokenize_examples
 from rlhfkit.data.kinds import chat_examples, load_examples
@@ -30,13 +30,6 @@ from rlhfkit.rollout import response_logprobs, sample_rollout
 from rlhfkit.stages.sft import held_out_prompts
 
 STAGE = "evaluate"
-
-
-def rollout_settings(sampling: EvalSamplingSettings) -> RolloutSettings:
-    return RolloutSettings(
-        max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-        top_k=sampling.top_k, batch_size=sampling.batch_size,
-    )
 
 
 def same_vocabulary(tokenizer: Any, other: Any) -> bool:
@@ -58,7 +51,7 @@ def measure_policy(
     texts = [render_prompt(tokenizer, turns, config.data.template) for turns in prompt_turns]
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        rollout = sample_rollout(model, tokenizer, texts, rollout_settings(config.sampling), config.samples_per_prompt, config.max_prompt_length)
+        rollout = sample_rollout(model, tokenizer, texts, config.sampling, config.samples_per_prompt, config.max_prompt_length)
     answers = rollout.completions
     rollout = rollout.to(device)
     first_answers = answers[:: config.samples_per_prompt]
@@ -140,7 +133,8 @@ def run(config: EvaluateConfig, resume: bool = False) -> dict:
     summary = {
         "models": results, "order": list(config.models), "references": dict(config.models),
         "baseline": config.baseline_name, "reference": config.reference_name, "reward_model": config.reward_model,
-        "prompts": len(prompt_turns), "samples_per_prompt": config.samples_per_prompt, "warnings": warnings,
+        "prompts": len(prompt_turns), "prompts_with_references": len(references), "samples_per_prompt": config.samples_per_prompt,
+        "warnings": warnings,
         "sampling": config.sampling.model_dump(), "data": report.summary(), "finished": datetime.now(timezone.utc).isoformat(),
     }
     write_json_atomically(run_dir.root / "metrics.json", summary)

@@ -25,13 +25,13 @@ def held_out_prompts(examples: list, limit: int) -> tuple[list[tuple[dict, ...]]
     """Prompt turns and reference answers: each conversation up to its last assistant turn."""
     prompts, references = [], []
     for example in examples:
+        if len(prompts) == limit:
+            break
         if not isinstance(example, ChatExample):
             continue
         last = max(i for i, message in enumerate(example.messages) if message["role"] == "assistant")
         prompts.append(example.messages[:last])
         references.append(example.messages[last]["content"])
-        if len(prompts) == limit:
-            break
     return prompts, references
 
 
