@@ -162,3 +162,23 @@ def test_held_out_prompts_honours_a_limit_of_zero():
     example = ChatExample(({"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}), "f:1")
     assert held_out_prompts([example] * 3, 0) == ([], [])
     assert held_out_prompts([example] * 3, 2)[1] == ["A.", "A."]
+
+
+def test_evaluate_command_compares_models_without_a_reward_model(tiny_model, tiny_plain_model, sft_rows, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    config = tmp_path / "evaluate.yaml"
+    config.write_text(yaml.safe_dump({"evaluate": {
+        "models": {"first": str(tiny_model), "second": str(tiny_model), "plain": str(tiny_plain_model)},
+        "data": {"path": str(data), "eval_fraction": 0.25}, "num_prompts": 3, "sampling": {"max_new_tokens": 4},
+        "output_dir": str(tmp_path / "eval"),
+    }}))
+    assert main(["evaluate", str(config)]) == 0
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert summary["baseline"] == "first" and summary["reference"] == "first"
+    first, second = summary["models"]["first"], summary["models"]["second"]
+    assert first["kl"] == 0.0 and abs(second["kl"]) < 1e-4  # the same weights: no divergence
+    assert first["length"] == second["length"] and "reward_mean" not in first and "win_rate" not in second
+    assert "| first (baseline) |" in (tmp_path / "eval" / "metrics.md").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", str(config), "--set", "baseline=nobody"]) == 2
+    assert "baseline: 'nobody' is not one of models" in capsys.readouterr().err

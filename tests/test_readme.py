@@ -19,6 +19,6 @@ def test_quickstart_config_validates_as_a_pipeline():
     from rlhfkit.config import load_pipeline
 
     pipeline, configs = load_pipeline(ROOT / "configs/quickstart.yaml")
-    assert pipeline.stages == ["pretrain", "sft", "reward", "ppo", "evaluate"]
-    assert configs["ppo"].reward.model == "runs/quickstart/reward"
+    assert pipeline.stages == ["pretrain", "sft", "reward", "dpo", "evaluate"]
+    assert configs["dpo"].model.name_or_path == "runs/quickstart/sft"
     assert "Explain quantum computing to a 10-year-old." in configs["evaluate"].extra_prompts

@@ -46,7 +46,8 @@ def _add_stage(subparsers, stage: str) -> None:
     parser = subparsers.add_parser(
         stage,
         help=STAGE_SUMMARIES[stage],
-        description=f"{STAGE_SUMMARIES[stage]}\n\nExample:\n  rlhfkit {stage} configs/quickstart.yaml --set train.lr=1e-4",
+        description=f"{STAGE_SUMMARIES[stage]}\n\nExample:\n  rlhfkit {stage} configs/quickstart.yaml --set "
+        + ("num_prompts=8" if stage == "evaluate" else "train.lr=1e-4"),
         epilog="config fields (YAML sections; override any with --set SECTION.FIELD=VALUE):\n" + "\n".join(_field_lines(config_class)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -106,7 +106,7 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     prompt_turns = list(unique_prompts.values())[: generation.num_prompts]
     prompt_turns += [({"role": "user", "content": text},) for text in generation.extra_prompts]
     prompt_texts = [render_prompt(tokenizer, turns, data.template) for turns in prompt_turns]
-    scorer = RewardModelScorer(config.eval.reward_model, data.max_length, data.template) if config.eval.reward_model else None
+    scorer = RewardModelScorer(config.eval.reward_model, data.max_length, data.template) if config.eval.reward_model and prompt_texts else None
 
     # Policy, reference and optimiser.
     engine = Engine(train, config.model.device, run_dir, STAGE)
