@@ -232,8 +232,9 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
     if evaluation.get("models"):
         eval_header, eval_rows = evaluation_rows(evaluation)
         with_references = evaluation.get("prompts_with_references", evaluation["prompts"])
-        note = (f"{evaluation['prompts']} prompts ({with_references} held-out with references) × {evaluation['samples_per_prompt']} "
-                f"answers per model, sampled at "
+        per_prompt = evaluation["samples_per_prompt"]
+        note = (f"{evaluation['prompts']} prompts ({with_references} held-out with references) × {per_prompt} "
+                f"answer{'s' if per_prompt != 1 else ''} per model, sampled at "
                 f"temperature {evaluation['sampling']['temperature']} with the same seed; ± is a 95% interval. KL is measured "
                 f"to {evaluation['reference']}, win rate against {evaluation['baseline']}"
                 + (f" as judged by the reward model {evaluation['reward_model']}." if evaluation.get("reward_model") else "."))
