@@ -86,6 +86,43 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--only", choices=PIPELINE_ORDER, help="re-run only this stage")
     pipeline.add_argument("--print-config", action="store_true", help="print every stage's resolved config and exit")
 
+    label = subparsers.add_parser(
+        "label", help="Collect preferences: candidate pairs, annotators, an AI judge, export to a preference dataset.",
+        description="The preference-collection loop: sample candidate pairs into a labeling store, create annotators, "
+        "label with a judge (or people), export majority labels as a preference dataset for `rlhfkit reward` / `dpo`.\n\n"
+        "Examples:\n  rlhfkit label generate labels.db --model runs/quickstart/sft --prompts builtin:tutor-sft --limit 50\n"
+        "  rlhfkit label annotator labels.db alice\n"
+        "  rlhfkit label judge labels.db --reward-model runs/quickstart/reward\n"
+        "  rlhfkit label export labels.db prefs.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = label.add_subparsers(dest="label_command", required=True, metavar="ACTION")
+    generate_pairs = actions.add_parser("generate", help="sample answers per prompt and store them as pairs")
+    generate_pairs.add_argument("store", help="SQLite labeling store (created if absent)")
+    generate_pairs.add_argument("--model", required=True, help="model, adapter or run dir that answers")
+    generate_pairs.add_argument("--prompts", required=True, help="prompt dataset (a `prompt` column), e.g. builtin:tutor-sft")
+    generate_pairs.add_argument("--responses", type=int, default=2, help="answers per prompt (consecutive ones are paired)")
+    generate_pairs.add_argument("--limit", type=int, help="use the first N prompts")
+    generate_pairs.add_argument("--required", type=int, default=1, help="judgements each pair needs before export")
+    generate_pairs.add_argument("--max-new-tokens", type=int, default=128)
+    generate_pairs.add_argument("--temperature", type=float, default=0.9)
+    generate_pairs.add_argument("--seed", type=int, default=0)
+    annotator = actions.add_parser("annotator", help="create an annotator and print their sign-in token (shown once)")
+    annotator.add_argument("store")
+    annotator.add_argument("name")
+    judge = actions.add_parser("judge", help="label every pair with a reward model (stored under the judge's name)")
+    judge.add_argument("store")
+    judge.add_argument("--reward-model", required=True, help="reward run dir, adapter or one-output model")
+    judge.add_argument("--tie-margin", type=float, default=0.0, help="score differences up to this are ties")
+    judge.add_argument("--name", help="the judge's name in the store (default: reward-model:REF)")
+    export = actions.add_parser("export", help="majority labels -> preference JSONL (+ OUTPUT.stats.json with agreement)")
+    export.add_argument("store")
+    export.add_argument("output", help="preference .jsonl to write (prompt, chosen, rejected)")
+    export.add_argument("--from", dest="sources", default="human", choices=["human", "judge", "all"],
+                        help="whose judgements count (default: human)")
+    export.add_argument("--annotator", action="append", help="only these annotators or judges (repeatable)")
+    export.add_argument("--min-votes", type=int, help="judgements a pair needs (default: its required count)")
+
     report = subparsers.add_parser("report", help="Rewrite report.html / report.md of a pipeline run directory.",
                                    description="Rewrite the report of a pipeline run directory from what its stages wrote.")
     report.add_argument("run_dir", help="the pipeline's output_dir")
@@ -169,6 +206,36 @@ def _report(args: argparse.Namespace) -> None:
     print(f"report written to {write_report(root, stages)}")
 
 
+def _label(args: argparse.Namespace) -> None:
+    from rlhfkit.labeling import commands
+    from rlhfkit.labeling.store import LabelStore
+
+    if args.label_command == "generate":
+        from rlhfkit.config import SamplingSettings
+
+        if args.max_new_tokens <= 0 or args.temperature <= 0 or args.required <= 0 or (args.limit is not None and args.limit <= 0):
+            raise UserError("--max-new-tokens, --temperature, --required and --limit must be > 0")
+        sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        added = commands.generate_candidates(args.store, args.model, args.prompts, args.responses, args.limit, sampling,
+                                             args.required, args.seed)
+        print(f"{added} pairs added to {args.store}")
+    elif args.label_command == "annotator":
+        store = LabelStore(args.store)
+        token = store.add_annotator(args.name)
+        store.close()
+        print(f"annotator {args.name!r} created; sign-in token (shown once, keep it secret):\n{token}")
+    elif args.label_command == "judge":
+        counts = commands.judge_with_reward_model(args.store, args.reward_model, args.tie_margin, args.name)
+        print(f"judged {sum(counts.values())} pairs: A better {counts['a']}, B better {counts['b']}, ties {counts['tie']}")
+    else:
+        kinds = {"human": ("human",), "judge": ("judge",), "all": ("human", "judge")}[args.sources]
+        stats = commands.export_preferences(args.store, args.output, kinds, args.annotator, args.min_votes)
+        agreement = stats["agreement"]["percent_agreement"]
+        print(f"{stats['exported']} preference pairs written to {args.output} ({stats['labelled']} of {stats['pairs']} pairs "
+              f"labelled; {stats['too_few_votes']} with too few votes, {stats['no_majority']} without a majority; "
+              f"percent agreement {agreement:.3f}); details in {args.output}.stats.json")
+
+
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
@@ -246,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_known_warnings()
     args = build_parser().parse_args(argv)
-    handlers = {"generate": _generate, "merge": _merge, "score": _score, "pipeline": _pipeline, "report": _report}
+    handlers = {"generate": _generate, "merge": _merge, "score": _score, "pipeline": _pipeline, "report": _report, "label": _label}
     try:
         handlers.get(args.command, _run_stage)(args)
     except UserError as error:

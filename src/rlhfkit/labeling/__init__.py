@@ -1,0 +1,1 @@
+"""Human preference collection: a labeling store, AI judges, agreement and export."""

@@ -1,0 +1,118 @@
+"""`rlhfkit label generate | annotator | judge | export`: fill the store, label with a judge, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from pydantic import ValidationError
+
+from rlhfkit.config import ModelSettings, PromptDataSettings, SamplingSettings
+from rlhfkit.data.formatting import render_prompt
+from rlhfkit.data.kinds import load_examples, prompt_examples
+from rlhfkit.errors import UserError
+from rlhfkit.files import write_json_atomically, write_text_atomically
+from rlhfkit.labeling.agreement import agreement_report, by_pair, majority_label
+from rlhfkit.labeling.store import LabelStore
+from rlhfkit.models import load_causal_lm, load_tokenizer, resolve
+from rlhfkit.rollout import sample_rollout
+
+
+def generate_candidates(
+    store_path: str, model: str, prompts_path: str, responses: int = 2, limit: int | None = None,
+    sampling: SamplingSettings | None = None, required: int = 1, seed: int = 0,
+) -> int:
+    """Sample `responses` answers per prompt from `model` and store them as pairs; returns the pairs added.
+
+    Identical samples of a prompt are re-drawn up to 3 times; a prompt still without two distinct
+    answers is skipped (and counted), since a pair of equal texts teaches nothing.
+    """
+    if responses < 2:
+        raise UserError("--responses must be at least 2 (a pair)")
+    try:
+        data = PromptDataSettings(path=prompts_path, eval_fraction=0.0)
+    except ValidationError as error:
+        raise UserError(f"--prompts {prompts_path}: {error.errors()[0]['msg']}") from None
+    examples, _, report = load_examples(data, seed, prompt_examples)
+    examples = examples[:limit]
+    sampling = sampling or SamplingSettings(max_new_tokens=128, temperature=0.9)
+    source = resolve(model)
+    tokenizer = load_tokenizer(source)
+    policy = load_causal_lm(source, ModelSettings(), torch.float32).eval()
+    store = LabelStore(store_path, create=True)
+    texts = [render_prompt(tokenizer, example.prompt, "auto") for example in examples]
+    print(f"label generate: {len(examples)} prompts ({report.summary()}) x {responses} responses from {model}")
+    added = skipped = 0
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        answers: list[list[str]] = [[] for _ in examples]
+        pending = list(range(len(examples)))
+        for _ in range(4):  # the first draw and up to 3 re-draws of prompts whose answers coincide
+            rollout = sample_rollout(policy, tokenizer, [texts[i] for i in pending], sampling, responses, 4096)
+            for slot, index in enumerate(pending):
+                answers[index] = rollout.completions[slot * responses : (slot + 1) * responses]
+            pending = [i for i in pending if len({a.strip() for a in answers[i]}) < responses or not all(a.strip() for a in answers[i])]
+            if not pending:
+                break
+    for index, example in enumerate(examples):
+        if index in pending:
+            skipped += 1
+            continue
+        added += len(store.add_candidates(example.prompt, [(model, text) for text in answers[index]], required))
+    store.close()
+    if skipped:
+        print(f"label generate: {skipped} prompts skipped (no {responses} distinct non-empty answers in 4 draws)")
+    return added
+
+
+def judge_with_reward_model(store_path: str, reward_model: str, tie_margin: float = 0.0, name: str | None = None) -> dict[str, int]:
+    """Label every pair with a reward model: the higher-scored response wins unless within tie_margin."""
+    from rlhfkit.rewards import RewardModelScorer
+
+    store = LabelStore(store_path)
+    pairs = [store.pair(pair_id) for pair_id in store.pair_ids()]
+    scorer = RewardModelScorer(reward_model)
+    scores_a = scorer.score([p.prompt for p in pairs], [p.response_a for p in pairs])
+    scores_b = scorer.score([p.prompt for p in pairs], [p.response_b for p in pairs])
+    choices = ["a" if a - b > tie_margin else "b" if b - a > tie_margin else "tie" for a, b in zip(scores_a, scores_b)]
+    judge = name or f"reward-model:{reward_model}"
+    store.record_judge(judge, [(p.id, choice) for p, choice in zip(pairs, choices)])
+    store.close()
+    return {choice: choices.count(choice) for choice in ("a", "b", "tie")}
+
+
+def export_preferences(
+    store_path: str, output: str, kinds: Sequence[str] = ("human",), annotators: Sequence[str] | None = None, min_votes: int | None = None,
+) -> dict:
+    """Write the majority-vote labels as preference rows (prompt, chosen, rejected) in JSONL.
+
+    A pair is exported when it has at least `min_votes` judgements (default: the pair's required
+    count) and the majority rule names a winner. Returns counts and agreement figures (also written
+    beside the output as OUTPUT.stats.json).
+    """
+    store = LabelStore(store_path)
+    table = by_pair(store.current_judgements(kinds, annotators))
+    rows, counts = [], {"pairs": len(store.pair_ids()), "labelled": 0, "too_few_votes": 0, "no_majority": 0, "exported": 0}
+    for pair_id, choices in sorted(table.items()):
+        pair = store.pair(pair_id)
+        counts["labelled"] += 1
+        if len(choices) < (min_votes or pair.required):
+            counts["too_few_votes"] += 1
+            continue
+        label = majority_label(list(choices.values()))
+        if label is None:
+            counts["no_majority"] += 1
+            continue
+        chosen, rejected = (pair.response_a, pair.response_b) if label == "a" else (pair.response_b, pair.response_a)
+        rows.append({"prompt": list(pair.prompt), "chosen": chosen, "rejected": rejected, "pair_id": pair_id,
+                     "votes": dict(sorted(choices.items()))})
+    store.close()
+    counts["exported"] = len(rows)
+    target = Path(output)
+    write_text_atomically(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    stats = {**counts, "agreement": agreement_report(table)}
+    write_json_atomically(target.with_name(target.name + ".stats.json"), stats)
+    return stats

@@ -1,0 +1,209 @@
+"""The labeling store: prompts, candidate responses, pairs, annotators and judgements in SQLite.
+
+WAL mode lets a web server read while it writes, and every write is one transaction, so stopping
+the server mid-session loses nothing that was acknowledged. Submissions carry a client-made id:
+a retried or double-clicked submission is stored once. An annotator's later judgement of a pair
+replaces the earlier one as the current one; the earlier row is kept as history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+from rlhfkit.errors import UserError
+
+Choice = Literal["a", "b", "tie", "both_bad"]
+CHOICES: tuple[str, ...] = ("a", "b", "tie", "both_bad")
+Messages = tuple[dict[str, str], ...]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS prompts (
+    id INTEGER PRIMARY KEY, messages TEXT NOT NULL UNIQUE, created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS responses (
+    id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES prompts(id), model TEXT NOT NULL,
+    text TEXT NOT NULL, created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pairs (
+    id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+    response_a INTEGER NOT NULL REFERENCES responses(id), response_b INTEGER NOT NULL REFERENCES responses(id),
+    required INTEGER NOT NULL DEFAULT 1 CHECK (required > 0), UNIQUE (response_a, response_b));
+CREATE TABLE IF NOT EXISTS annotators (
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, kind TEXT NOT NULL CHECK (kind IN ('human', 'judge')),
+    token_hash TEXT UNIQUE, created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS judgements (
+    id INTEGER PRIMARY KEY, pair_id INTEGER NOT NULL REFERENCES pairs(id),
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')), comment TEXT NOT NULL DEFAULT '',
+    left TEXT NOT NULL CHECK (left IN ('a', 'b')),  -- which response was shown on the left
+    submission_id TEXT NOT NULL UNIQUE, current INTEGER CHECK (current = 1), created TEXT NOT NULL);
+-- At most one current judgement per annotator and pair (NULLs, the history, are not compared).
+CREATE UNIQUE INDEX IF NOT EXISTS one_current ON judgements (pair_id, annotator_id, current);
+"""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: int
+    prompt: Messages
+    response_a: str
+    response_b: str
+    model_a: str
+    model_b: str
+    required: int
+
+
+@dataclass(frozen=True)
+class Judgement:
+    pair_id: int
+    annotator: str
+    kind: str
+    choice: str
+    comment: str
+    left: str
+    created: str
+
+
+class LabelStore:
+    """One SQLite file; open one LabelStore per thread or process (connections are not shared)."""
+
+    def __init__(self, path: str | Path, create: bool = False) -> None:
+        self.path = Path(path)
+        if not create and not self.path.exists():
+            raise UserError(f"{self.path}: no labeling store here (create one with `rlhfkit label generate`)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self.connection.row_factory = sqlite3.Row
+        self.connection.execute("PRAGMA journal_mode=WAL")
+        self.connection.execute("PRAGMA foreign_keys=ON")
+        self.connection.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.connection.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE takes the write lock at once, so concurrent writers queue instead of failing."""
+        self.connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.connection
+        except BaseException:
+            self.connection.execute("ROLLBACK")
+            raise
+        self.connection.execute("COMMIT")
+
+    # ---- candidates ------------------------------------------------------------------
+
+    def add_candidates(self, prompt: Messages, responses: Sequence[tuple[str, str]], required: int = 1) -> list[int]:
+        """Store a prompt's (model, text) responses and pair them up (consecutive responses); returns pair ids."""
+        if len(responses) < 2:
+            raise ValueError("a pair needs at least two responses")
+        with self.transaction() as db:
+            key = json.dumps(list(prompt), ensure_ascii=False, sort_keys=True)
+            db.execute("INSERT OR IGNORE INTO prompts (messages, created) VALUES (?, ?)", (key, _now()))
+            prompt_id = db.execute("SELECT id FROM prompts WHERE messages = ?", (key,)).fetchone()["id"]
+            ids = [db.execute("INSERT INTO responses (prompt_id, model, text, created) VALUES (?, ?, ?, ?)",
+                              (prompt_id, model, text, _now())).lastrowid for model, text in responses]
+            return [db.execute("INSERT INTO pairs (prompt_id, response_a, response_b, required) VALUES (?, ?, ?, ?)",
+                               (prompt_id, first, second, required)).lastrowid for first, second in zip(ids, ids[1:])]
+
+    def pair(self, pair_id: int) -> Pair | None:
+        row = self.connection.execute(
+            """SELECT pairs.id, prompts.messages, a.text AS text_a, b.text AS text_b, a.model AS model_a, b.model AS model_b,
+                      pairs.required
+               FROM pairs JOIN prompts ON prompts.id = pairs.prompt_id
+               JOIN responses a ON a.id = pairs.response_a JOIN responses b ON b.id = pairs.response_b
+               WHERE pairs.id = ?""", (pair_id,)).fetchone()
+        if row is None:
+            return None
+        prompt = tuple(json.loads(row["messages"]))
+        return Pair(row["id"], prompt, row["text_a"], row["text_b"], row["model_a"], row["model_b"], row["required"])
+
+    def pair_ids(self) -> list[int]:
+        return [row["id"] for row in self.connection.execute("SELECT id FROM pairs ORDER BY id")]
+
+    # ---- annotators ------------------------------------------------------------------
+
+    def add_annotator(self, name: str, kind: Literal["human", "judge"] = "human") -> str | None:
+        """Create an annotator; a human gets a sign-in token, returned once (only its hash is stored)."""
+        if not name.strip():
+            raise UserError("an annotator needs a name")
+        token = secrets.token_urlsafe(24) if kind == "human" else None
+        try:
+            with self.transaction() as db:
+                db.execute("INSERT INTO annotators (name, kind, token_hash, created) VALUES (?, ?, ?, ?)",
+                           (name, kind, hash_token(token) if token else None, _now()))
+        except sqlite3.IntegrityError:
+            raise UserError(f"annotator {name!r} already exists") from None
+        return token
+
+    def annotator_for_token(self, token: str) -> tuple[int, str] | None:
+        """(id, name) of the human annotator with this token, or None."""
+        row = self.connection.execute(
+            "SELECT id, name FROM annotators WHERE kind = 'human' AND token_hash = ?", (hash_token(token),)).fetchone()
+        return (row["id"], row["name"]) if row else None
+
+    def _annotator_id(self, db: sqlite3.Connection, name: str, kind: str) -> int:
+        row = db.execute("SELECT id, kind FROM annotators WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return db.execute("INSERT INTO annotators (name, kind, created) VALUES (?, ?, ?)", (name, kind, _now())).lastrowid
+        return row["id"]
+
+    # ---- judgements ------------------------------------------------------------------
+
+    def submit(self, pair_id: int, annotator_id: int, choice: str, left: str, submission_id: str, comment: str = "") -> bool:
+        """Record a judgement; False when this submission id was already stored (a retry)."""
+        if choice not in CHOICES:
+            raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
+        if left not in ("a", "b"):
+            raise ValueError(f"left must be 'a' or 'b', got {left!r}")
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM judgements WHERE submission_id = ?", (submission_id,)).fetchone():
+                return False
+            if db.execute("SELECT 1 FROM pairs WHERE id = ?", (pair_id,)).fetchone() is None:
+                raise KeyError(pair_id)
+            db.execute("UPDATE judgements SET current = NULL WHERE pair_id = ? AND annotator_id = ? AND current = 1",
+                       (pair_id, annotator_id))
+            db.execute(
+                "INSERT INTO judgements (pair_id, annotator_id, choice, comment, left, submission_id, current, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, 1, ?)", (pair_id, annotator_id, choice, comment, left, submission_id, _now()))
+        return True
+
+    def record_judge(self, judge: str, judgements: Sequence[tuple[int, str]]) -> None:
+        """Store an AI judge's (pair_id, choice) labels under the judge's name (replacing its earlier ones)."""
+        with self.transaction() as db:
+            judge_id = self._annotator_id(db, judge, "judge")
+            for pair_id, choice in judgements:
+                db.execute("UPDATE judgements SET current = NULL WHERE pair_id = ? AND annotator_id = ? AND current = 1",
+                           (pair_id, judge_id))
+                db.execute(
+                    "INSERT INTO judgements (pair_id, annotator_id, choice, left, submission_id, current, created) "
+                    "VALUES (?, ?, ?, 'a', ?, 1, ?)", (pair_id, judge_id, choice, secrets.token_hex(16), _now()))
+
+    def current_judgements(self, kinds: Sequence[str] = ("human",), annotators: Sequence[str] | None = None) -> list[Judgement]:
+        """Every annotator's current judgement of every pair, filtered by annotator kind or name."""
+        rows = self.connection.execute(
+            """SELECT j.pair_id, a.name, a.kind, j.choice, j.comment, j.left, j.created FROM judgements j
+               JOIN annotators a ON a.id = j.annotator_id WHERE j.current = 1 ORDER BY j.pair_id, a.name""").fetchall()
+        return [Judgement(*row) for row in rows
+                if (annotators is not None and row["name"] in annotators) or (annotators is None and row["kind"] in kinds)]
+
+    def history(self, pair_id: int, annotator_id: int) -> list[str]:
+        """An annotator's choices for a pair, oldest first (the last is the current one)."""
+        rows = self.connection.execute(
+            "SELECT choice FROM judgements WHERE pair_id = ? AND annotator_id = ? ORDER BY id", (pair_id, annotator_id))
+        return [row["choice"] for row in rows]
