@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from rlhfkit.config import dump_config, load_pipeline
 from rlhfkit.errors import UserError
+from rlhfkit.files import write_json_atomically, write_text_atomically
 from rlhfkit.models import RUN_MARKER
 
 StageStatus = Literal["missing", "complete", "resumable", "restart"]
@@ -70,7 +71,7 @@ def run_pipeline(path: str, overrides: list[str] | None = None, from_stage: str 
     rerun = stages_to_rerun(pipeline.stages, from_stage, only)
     root = Path(pipeline.output_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    (root / "pipeline.yaml").write_text("# The resolved config of every stage, as this pipeline ran them.\n" + resolved_yaml(configs), encoding="utf-8")
+    write_text_atomically(root / "pipeline.yaml", "# The resolved config of every stage, as this pipeline ran them.\n" + resolved_yaml(configs))
     selected = [s for s in pipeline.stages if not only or s == only]
     timings = _read_timings(root)
     for number, stage in enumerate(selected, start=1):
@@ -87,9 +88,8 @@ def run_pipeline(path: str, overrides: list[str] | None = None, from_stage: str 
         print(f"pipeline [{number}/{len(selected)}] {stage}: {action} -> {directory}")
         started = time.perf_counter()
         stage_runner(stage)(config, resume=status == "resumable")
-        earlier = timings.get(stage, 0.0) if status == "resumable" else 0.0  # a resumed stage's time adds up
-        timings[stage] = earlier + time.perf_counter() - started
-        (root / "timings.json").write_text(json.dumps(timings, indent=1), encoding="utf-8")
+        timings[stage] = time.perf_counter() - started  # of this run: a resumed stage counts from its resume
+        write_json_atomically(root / "timings.json", timings)
     from rlhfkit.report import write_report
 
     report = write_report(root, {stage: stage_output(stage, configs[stage]) for stage in pipeline.stages})
