@@ -147,3 +147,28 @@ def test_generate_judge_and_export_with_the_cli(tmp_path, tiny_model, capsys):
     assert (tmp_path / "human.jsonl").read_text() == ""  # carol has labelled nothing yet
     assert main(["label", "generate", str(store), "--model", str(tiny_model), "--prompts", str(tmp_path / "absent.jsonl")]) == 2
     assert main(["label", "export", str(tmp_path / "absent.db"), str(tmp_path / "x.jsonl")]) == 2
+
+
+def test_llm_judge_asks_in_both_orders_so_swapping_the_answers_mirrors_its_verdict(tiny_model, tmp_path):
+    import torch
+
+    from rlhfkit.labeling.commands import llm_preferences
+    from rlhfkit.models import ModelSettings, load_causal_lm, load_tokenizer, resolve
+
+    tokenizer = load_tokenizer(resolve(str(tiny_model)))
+    model = load_causal_lm(resolve(str(tiny_model)), ModelSettings(), torch.float32).eval()
+    prompts, first, second = ["Why is the sky blue?", "What is the sun?"], ["Light scatters.", "A star."], ["No idea.", "Go away, it is hot."]
+    forward = llm_preferences(model, tokenizer, prompts, first, second)
+    backward = llm_preferences(model, tokenizer, prompts, second, first)
+    assert all(0 <= p <= 1 for p in forward)
+    assert forward == pytest.approx([1 - p for p in backward], abs=1e-5)  # position bias cancels by construction
+    # Batching and left padding do not change a verdict.
+    assert llm_preferences(model, tokenizer, prompts[:1], first[:1], second[:1]) == pytest.approx(forward[:1], abs=1e-5)
+
+    path = tmp_path / "labels.db"
+    filled_store(path).close()
+    assert main(["label", "judge", str(path), "--llm", str(tiny_model), "--name", "tiny-judge", "--tie-margin", "0"]) == 0
+    judged = LabelStore(path).current_judgements(kinds=("judge",))
+    assert len(judged) == len(PROMPTS) and {j.annotator for j in judged} == {"tiny-judge"}
+    with pytest.raises(SystemExit):  # one judge at a time (argparse refuses both)
+        main(["label", "judge", str(path), "--llm", str(tiny_model), "--reward-model", str(tiny_model)])

@@ -112,9 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     annotator.add_argument("name")
     judge = actions.add_parser("judge", help="label every pair with a reward model (stored under the judge's name)")
     judge.add_argument("store")
-    judge.add_argument("--reward-model", required=True, help="reward run dir, adapter or one-output model")
-    judge.add_argument("--tie-margin", type=float, default=0.0, help="score differences up to this are ties")
-    judge.add_argument("--name", help="the judge's name in the store (default: reward-model:REF)")
+    judge_source = judge.add_mutually_exclusive_group(required=True)
+    judge_source.add_argument("--reward-model", help="reward run dir, adapter or one-output model: the higher score wins")
+    judge_source.add_argument("--llm", help="a local chat model asked 'which is better, A or B?' in both orders")
+    judge.add_argument("--tie-margin", type=float, help="ties: reward differences up to this (default 0), or "
+                       "|P(A better) - 0.5| up to this for --llm (default 0.05)")
+    judge.add_argument("--name", help="the judge's name in the store (default: reward-model:REF or llm:REF)")
+    serve = actions.add_parser("serve", help="serve the labeling page (annotators sign in with their token)")
+    serve.add_argument("store")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
     export = actions.add_parser("export", help="majority labels -> preference JSONL (+ OUTPUT.stats.json with agreement)")
     export.add_argument("store")
     export.add_argument("output", help="preference .jsonl to write (prompt, chosen, rejected)")
@@ -224,8 +231,17 @@ def _label(args: argparse.Namespace) -> None:
         token = store.add_annotator(args.name)
         store.close()
         print(f"annotator {args.name!r} created; sign-in token (shown once, keep it secret):\n{token}")
+    elif args.label_command == "serve":
+        from rlhfkit.labeling.server import serve
+
+        serve(args.store, args.host, args.port)
     elif args.label_command == "judge":
-        counts = commands.judge_with_reward_model(args.store, args.reward_model, args.tie_margin, args.name)
+        if args.tie_margin is not None and args.tie_margin < 0:
+            raise UserError("--tie-margin must be >= 0")
+        if args.llm:
+            counts = commands.judge_with_llm(args.store, args.llm, 0.05 if args.tie_margin is None else args.tie_margin, args.name)
+        else:
+            counts = commands.judge_with_reward_model(args.store, args.reward_model, args.tie_margin or 0.0, args.name)
         print(f"judged {sum(counts.values())} pairs: A better {counts['a']}, B better {counts['b']}, ties {counts['tie']}")
     else:
         kinds = {"human": ("human",), "judge": ("judge",), "all": ("human", "judge")}[args.sources]

@@ -1,4 +1,4 @@
-"""`rlhfkit label generate | annotator | judge | export`: fill the store, label with a judge, export."""
+"""`rlhfkit label generate | annotator | judge | export`: fill the store, label with an AI judge, export."""
 
 from __future__ import annotations
 
@@ -80,6 +80,52 @@ def judge_with_reward_model(store_path: str, reward_model: str, tie_margin: floa
     choices = ["a" if a - b > tie_margin else "b" if b - a > tie_margin else "tie" for a, b in zip(scores_a, scores_b)]
     judge = name or f"reward-model:{reward_model}"
     store.record_judge(judge, [(p.id, choice) for p, choice in zip(pairs, choices)])
+    store.close()
+    return {choice: choices.count(choice) for choice in ("a", "b", "tie")}
+
+
+JUDGE_TEMPLATE = (
+    "Two assistants answered the same request. Judge which answer is more helpful, correct and clear.\n\n"
+    "Request:\n{prompt}\n\nAnswer A:\n{first}\n\nAnswer B:\n{second}\n\n"
+    "Which answer is better? Reply with the single letter A or B."
+)
+
+
+@torch.inference_mode()
+def llm_preferences(model: torch.nn.Module, tokenizer, prompts: Sequence[str], first: Sequence[str], second: Sequence[str],
+                    batch_size: int = 8, max_length: int = 2048) -> list[float]:
+    """P(first answer better) per item: the judge's next-token probability of "A" against "B",
+    averaged over both orders (A/B swapped), which cancels the judge's position bias."""
+    from rlhfkit.rollout import encode_prompts
+
+    letter_a, letter_b = (tokenizer(letter, add_special_tokens=False)["input_ids"][0] for letter in ("A", "B"))
+
+    def p_first_letter(lefts: Sequence[str], rights: Sequence[str]) -> list[float]:
+        texts = [render_prompt(tokenizer, [{"role": "user", "content": JUDGE_TEMPLATE.format(prompt=p, first=l, second=r)}], "auto")
+                 for p, l, r in zip(prompts, lefts, rights)]
+        probabilities = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask = encode_prompts(tokenizer, texts[start : start + batch_size], max_length)
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+            probabilities += logits[:, [letter_a, letter_b]].softmax(dim=-1)[:, 0].tolist()
+        return probabilities
+
+    in_order, swapped = p_first_letter(first, second), p_first_letter(second, first)
+    return [(a + (1.0 - b)) / 2 for a, b in zip(in_order, swapped)]
+
+
+def judge_with_llm(store_path: str, judge_model: str, tie_margin: float = 0.05, name: str | None = None) -> dict[str, int]:
+    """Label every pair with a local LLM judge asked in both orders: A when P(A better) > 0.5 + tie_margin."""
+    store = LabelStore(store_path)
+    pairs = [store.pair(pair_id) for pair_id in store.pair_ids()]
+    source = resolve(judge_model)
+    tokenizer = load_tokenizer(source)
+    model = load_causal_lm(source, ModelSettings(), torch.float32).eval()
+    prompts = ["\n\n".join(m["content"] for m in p.prompt if m["role"] != "system") for p in pairs]
+    preference = llm_preferences(model, tokenizer, prompts, [p.response_a for p in pairs], [p.response_b for p in pairs])
+    choices = ["a" if q > 0.5 + tie_margin else "b" if q < 0.5 - tie_margin else "tie" for q in preference]
+    store.record_judge(name or f"llm:{judge_model}", [(p.id, choice) for p, choice in zip(pairs, choices)])
     store.close()
     return {choice: choices.count(choice) for choice in ("a", "b", "tie")}
 

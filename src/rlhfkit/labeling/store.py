@@ -79,14 +79,16 @@ class Judgement:
 
 
 class LabelStore:
-    """One SQLite file; open one LabelStore per thread or process (connections are not shared)."""
+    """One SQLite file; open one LabelStore per thread, request or process (never share one between them)."""
 
     def __init__(self, path: str | Path, create: bool = False) -> None:
         self.path = Path(path)
         if not create and not self.path.exists():
             raise UserError(f"{self.path}: no labeling store here (create one with `rlhfkit label generate`)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        # One request uses a connection at a time, but the web framework may open and close it on
+        # different worker threads; hence check_same_thread=False (never share one across requests).
+        self.connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self.connection.row_factory = sqlite3.Row
         self.connection.execute("PRAGMA journal_mode=WAL")
         self.connection.execute("PRAGMA foreign_keys=ON")
@@ -201,6 +203,29 @@ class LabelStore:
                JOIN annotators a ON a.id = j.annotator_id WHERE j.current = 1 ORDER BY j.pair_id, a.name""").fetchall()
         return [Judgement(*row) for row in rows
                 if (annotators is not None and row["name"] in annotators) or (annotators is None and row["kind"] in kinds)]
+
+    def next_pair_id(self, annotator_id: int) -> int | None:
+        """The next pair this annotator has not judged: pairs still short of their required judgements first."""
+        row = self.connection.execute(
+            """SELECT p.id FROM pairs p
+               WHERE NOT EXISTS (SELECT 1 FROM judgements j WHERE j.pair_id = p.id AND j.annotator_id = ? AND j.current = 1)
+               ORDER BY (SELECT COUNT(*) FROM judgements j JOIN annotators a ON a.id = j.annotator_id
+                         WHERE j.pair_id = p.id AND j.current = 1 AND a.kind = 'human') >= p.required, p.id
+               LIMIT 1""", (annotator_id,)).fetchone()
+        return row["id"] if row else None
+
+    def progress(self, annotator_id: int) -> tuple[int, int]:
+        """(pairs this annotator has judged, all pairs)."""
+        done = self.connection.execute(
+            "SELECT COUNT(*) FROM judgements WHERE annotator_id = ? AND current = 1", (annotator_id,)).fetchone()[0]
+        return done, self.connection.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
+
+    def judgements_of(self, annotator_id: int) -> list[dict]:
+        """An annotator's own current judgements (pair, choice, comment, left side, time)."""
+        rows = self.connection.execute(
+            "SELECT pair_id, choice, comment, left, created FROM judgements WHERE annotator_id = ? AND current = 1 ORDER BY pair_id",
+            (annotator_id,))
+        return [dict(row) for row in rows]
 
     def history(self, pair_id: int, annotator_id: int) -> list[str]:
         """An annotator's choices for a pair, oldest first (the last is the current one)."""

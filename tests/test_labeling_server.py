@@ -1,0 +1,174 @@
+"""The labeling server: auth, isolation, input limits, parallel clients, and the page in headless Chromium."""
+
+import json
+import shutil
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from rlhfkit.labeling.commands import export_preferences  # noqa: E402
+from rlhfkit.labeling.server import create_app, left_response  # noqa: E402
+from rlhfkit.labeling.store import LabelStore  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+QUESTIONS = ["Why is the sky blue?", "What is the sun?", "How does ice form?", "What is a magnet?", "What is sound?"]
+SCRIPT = "<script>document.title='pwned'</script>Hello"
+
+
+@pytest.fixture()
+def store_with_people(tmp_path):
+    path = tmp_path / "labels.db"
+    store = LabelStore(path, create=True)
+    for index, question in enumerate(QUESTIONS):
+        answer = SCRIPT if index == 0 else f"A kind answer {index}."
+        store.add_candidates(({"role": "user", "content": question},), [("m1", answer), ("m2", f"Go away {index}.")])
+    tokens = {name: store.add_annotator(name) for name in ("alice", "bob")}
+    store.close()
+    return path, tokens
+
+
+def auth(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def submission(pair_id, choice, **extra):
+    return {"pair_id": pair_id, "choice": choice, "submission_id": uuid.uuid4().hex, **extra}
+
+
+def test_tokens_isolation_and_idempotent_submissions(store_with_people):
+    path, tokens = store_with_people
+    client = TestClient(create_app(path))
+    assert client.get("/api/next").status_code == 401
+    assert client.get("/api/next", headers=auth("wrong")).status_code == 401
+    assert client.get("/api/judgements", headers={"Authorization": tokens["alice"]}).status_code == 401  # no "Bearer"
+    pair = client.get("/api/next", headers=auth(tokens["alice"])).json()
+    assert pair["pair_id"] == 1 and pair["progress"] == {"done": 0, "total": 5}
+    assert SCRIPT in (pair["left"], pair["right"])  # returned as data; the page writes it with textContent
+    body = submission(1, "left", comment="clear")
+    first = client.post("/api/judgements", json=body, headers=auth(tokens["alice"]))
+    again = client.post("/api/judgements", json=body, headers=auth(tokens["alice"]))
+    assert first.json()["stored"] is True and again.json()["stored"] is False and again.json()["progress"]["done"] == 1
+    (mine,) = client.get("/api/judgements", headers=auth(tokens["alice"])).json()
+    alice_id = LabelStore(path).annotator_for_token(tokens["alice"])[0]
+    assert mine["choice"] == left_response(alice_id, 1) and mine["left"] == left_response(alice_id, 1) and mine["comment"] == "clear"
+    # Bob sees none of Alice's labels, and his judgement of the same pair leaves hers as it was.
+    assert client.get("/api/judgements", headers=auth(tokens["bob"])).json() == []
+    assert client.get("/api/next", headers=auth(tokens["bob"])).json()["pair_id"] == 2  # pairs short of judgements first
+    client.post("/api/judgements", json=submission(1, "tie"), headers=auth(tokens["bob"]))
+    assert client.get("/api/judgements", headers=auth(tokens["alice"])).json() == [mine]
+    assert client.get("/api/next", headers=auth(tokens["alice"])).json()["pair_id"] == 2
+
+
+@pytest.mark.parametrize("request_kwargs, status", [
+    ({"json": submission(99, "left")}, 404),
+    ({"json": submission(1, "A")}, 422),
+    ({"json": {"pair_id": 1, "choice": "left"}}, 422),  # no submission id
+    ({"json": submission(1, "left", extra="x")}, 422),
+    ({"json": submission(1, "left", comment="x" * 2001)}, 422),
+    ({"json": {**submission(1, "left"), "submission_id": "../../x"}}, 422),
+    ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 422),
+    ({"content": b"x" * 20_000, "headers": {"Content-Type": "application/json"}}, 413),
+])
+def test_bad_requests_get_4xx_never_500(store_with_people, request_kwargs, status):
+    path, tokens = store_with_people
+    client = TestClient(create_app(path), raise_server_exceptions=False)
+    headers = {**auth(tokens["alice"]), **request_kwargs.pop("headers", {})}
+    assert client.post("/api/judgements", headers=headers, **request_kwargs).status_code == status
+    assert client.get("/api/pairs/99", headers=auth(tokens["alice"])).status_code == 404
+    assert client.get("/api/pairs/abc", headers=auth(tokens["alice"])).status_code == 422
+
+
+class LiveServer:
+    """uvicorn serving the app on a free local port, in a thread."""
+
+    def __init__(self, path):
+        import uvicorn
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(create_app(path), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def test_parallel_clients_store_every_judgement_exactly_once(tmp_path):
+    path = tmp_path / "labels.db"
+    store = LabelStore(path, create=True)
+    for index in range(12):
+        store.add_candidates(({"role": "user", "content": f"Question {index}?"},), [("m", f"yes {index}"), ("m", f"no {index}")])
+    tokens = [store.add_annotator(f"annotator{i}") for i in range(4)]
+    store.close()
+
+    def label_everything(token):
+        with httpx.Client(base_url=url, headers=auth(token), timeout=30) as client:
+            while (pair := client.get("/api/next").json())["pair_id"] is not None:
+                body = submission(pair["pair_id"], "left")
+                for _ in range(2):  # every submission is sent twice, as a retry would
+                    assert client.post("/api/judgements", json=body).status_code == 200
+
+    with LiveServer(path) as url, ThreadPoolExecutor(4) as pool:
+        list(pool.map(label_everything, tokens))
+    judgements = LabelStore(path).current_judgements()
+    assert len(judgements) == 4 * 12 and len({(j.pair_id, j.annotator) for j in judgements}) == 4 * 12
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+def test_label_in_a_real_browser_by_click_and_keyboard(store_with_people, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    path, tokens = store_with_people
+    with LiveServer(path) as url, playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(url)
+        page.fill("#token", "not-a-token")
+        page.click("#signin-button")
+        page.wait_for_selector("text=Sign-in failed")
+        page.fill("#token", tokens["alice"])
+        page.click("#signin-button")
+        page.wait_for_selector("#progress:has-text('0 / 5')")
+        assert SCRIPT in page.inner_text("#left") + page.inner_text("#right")  # shown as text ...
+        assert page.title() == "rlhfkit labeling"  # ... and never run
+        shown = []  # (pair, screen choice) in the order labelled
+        for action in ("click-left", "click-both-bad", "key-2", "key-3"):
+            pair_id = 1 + len(shown)
+            if action.startswith("click"):
+                page.click("#choose-" + action[6:])
+                shown.append((pair_id, {"left": "left", "both-bad": "both_bad"}[action[6:]]))
+            else:
+                page.keyboard.press(action[-1])
+                shown.append((pair_id, {"2": "right", "3": "tie"}[action[-1]]))
+            page.wait_for_selector(f"#progress:has-text('{len(shown)} / 5')")
+        page.screenshot(path=str(tmp_path / "labeling.png"))
+        browser.close()
+    alice_id = LabelStore(path).annotator_for_token(tokens["alice"])[0]
+    expected = {}
+    for pair_id, screen in shown:
+        left = left_response(alice_id, pair_id)
+        expected[pair_id] = {"left": left, "right": "b" if left == "a" else "a"}.get(screen, screen)
+    stored = {j.pair_id: j.choice for j in LabelStore(path).current_judgements()}
+    assert stored == expected
+    stats = export_preferences(str(path), str(tmp_path / "prefs.jsonl"))
+    rows = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
+    assert {row["pair_id"] for row in rows} == {p for p, choice in expected.items() if choice in ("a", "b")}
+    assert stats["exported"] == len(rows) and stats["labelled"] == 4
