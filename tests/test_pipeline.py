@@ -169,7 +169,7 @@ def test_evaluate_command_compares_models_without_a_reward_model(tiny_model, tin
     config = tmp_path / "evaluate.yaml"
     config.write_text(yaml.safe_dump({"evaluate": {
         "models": {"first": str(tiny_model), "second": str(tiny_model), "plain": str(tiny_plain_model)},
-        "data": {"path": str(data), "eval_fraction": 0.25}, "num_prompts": 3, "sampling": {"max_new_tokens": 4},
+        "data": {"path": str(data), "eval_fraction": 0.25}, "num_prompts": 3, "sampling": {"max_new_tokens": 4}, "judge": str(tiny_model),
         "output_dir": str(tmp_path / "eval"),
     }}))
     assert main(["evaluate", str(config)]) == 0
@@ -178,6 +178,9 @@ def test_evaluate_command_compares_models_without_a_reward_model(tiny_model, tin
     first, second = summary["models"]["first"], summary["models"]["second"]
     assert first["kl"] == 0.0 and abs(second["kl"]) < 1e-4  # the same weights: no divergence
     assert first["length"] == second["length"] and "reward_mean" not in first and "win_rate" not in second
+    # The LLM judge compares each model's answers with the baseline's; identical answers are ties.
+    assert second["judge_win_rate"] == 0.5 and second["judge_ties"] == 3 and "judge_win_rate" not in first
+    assert 0 <= summary["models"]["plain"]["judge_win_rate_low"] <= summary["models"]["plain"]["judge_win_rate_high"] <= 1
     assert "| first (baseline) |" in (tmp_path / "eval" / "metrics.md").read_text()
     capsys.readouterr()
     assert main(["evaluate", str(config), "--set", "baseline=nobody"]) == 2

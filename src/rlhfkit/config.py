@@ -369,6 +369,8 @@ class EvaluateConfig(Section):
     reference: str | None = Field(None, description="The model KL is measured to; default: the baseline.")
     reward_model: str | None = Field(None, description="Reward model (run dir, adapter or model) scoring every answer; none: no reward or win rate.")
     tie_margin: float = Field(0.0, ge=0, description="Reward differences at most this large count as ties (half a win).")
+    judge: str | None = Field(None, description="A local chat model judging each answer against the baseline's (asked in both orders): a second win rate.")
+    judge_tie_margin: float = Field(0.05, ge=0, lt=0.5, description="The judge's |P(better) − 0.5| up to this counts as a tie.")
     data: ChatDataSettings = Field(default_factory=ChatDataSettings, description="Held-out pairs: perplexity of their responses, ROUGE-L of answers against them.")
     num_prompts: int = Field(24, ge=0, description="Held-out prompts answered by every model.")
     samples_per_prompt: int = Field(1, gt=0, description="Answers per prompt and model.")

@@ -33,7 +33,8 @@ CURVES = [
 ]
 EVAL_COLUMNS = [
     ("perplexity", "perplexity", "{:.2f}"), ("rouge_l", "ROUGE-L", "{:.3f}"), ("reward_mean", "reward", "{:.3f}"),
-    ("win_rate", "win rate vs baseline", "{:.2f}"), ("kl", "KL to reference", "{:.2f}"), ("length", "length", "{:.1f}"),
+    ("win_rate", "win rate vs baseline", "{:.2f}"), ("judge_win_rate", "judge's win rate", "{:.2f}"),
+    ("kl", "KL to reference", "{:.2f}"), ("length", "length", "{:.1f}"),
     ("distinct_2", "distinct-2", "{:.3f}"),
 ]
 
@@ -99,8 +100,8 @@ def evaluation_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
         cells = [name + (" (baseline)" if name == summary.get("baseline") else "")]
         for key, _, fmt in present:
             cell = _format(metrics.get(key), fmt, _stderr(metrics, key))
-            if key == "win_rate" and _number(metrics.get("win_rate")) is not None:
-                cell += f" [{metrics['win_rate_low']:.2f}, {metrics['win_rate_high']:.2f}]"
+            if _number(metrics.get(f"{key}_low")) is not None and _number(metrics.get(key)) is not None:
+                cell += f" [{metrics[f'{key}_low']:.2f}, {metrics[f'{key}_high']:.2f}]"
             cells.append(cell)
         rows.append(cells)
     return header, rows

@@ -23,6 +23,7 @@ from rlhfkit.errors import UserError
 from rlhfkit.evaluate import describe, distinct_n, mean_and_stderr, reward_hacking_signs, rouge_l, win_rate, write_side_by_side
 from rlhfkit.files import write_json_atomically, write_text_atomically
 from rlhfkit.forward import evaluate_perplexity
+from rlhfkit.labeling.commands import llm_preferences
 from rlhfkit.models import load_causal_lm, load_tokenizer, pick_dtype, resolve
 from rlhfkit.report import evaluation_markdown
 from rlhfkit.rewards import RewardModelScorer
@@ -123,6 +124,18 @@ def run(config: EvaluateConfig, resume: bool = False) -> dict:
             if name != config.baseline_name:
                 results[name].update(win_rate(values, scores[config.baseline_name], config.tie_margin))
 
+    if config.judge:
+        judge_source = resolve(config.judge)
+        judge_model = load_causal_lm(judge_source, settings, dtype).to(device).eval()
+        judge_tokenizer = load_tokenizer(judge_source)
+        questions = [turns[-1]["content"] for turns in prompts_per_answer]
+        for name in config.models:
+            if name != config.baseline_name:
+                preference = llm_preferences(judge_model, judge_tokenizer, questions, answers[name], answers[config.baseline_name])
+                outcome = win_rate(preference, [0.5] * len(preference), config.judge_tie_margin)
+                results[name].update({f"judge_{key}": value for key, value in outcome.items()})
+        del judge_model
+
     warnings = {}
     for name, metrics in results.items():
         signs = reward_hacking_signs(metrics, results[config.baseline_name], config.warn) if name != config.baseline_name else []
@@ -132,7 +145,7 @@ def run(config: EvaluateConfig, resume: bool = False) -> dict:
 
     summary = {
         "models": results, "order": list(config.models), "references": dict(config.models),
-        "baseline": config.baseline_name, "reference": config.reference_name, "reward_model": config.reward_model,
+        "baseline": config.baseline_name, "reference": config.reference_name, "reward_model": config.reward_model, "judge": config.judge,
         "prompts": len(prompt_turns), "prompts_with_references": len(references), "samples_per_prompt": config.samples_per_prompt,
         "warnings": warnings,
         "sampling": config.sampling.model_dump(), "data": report.summary(), "finished": datetime.now(timezone.utc).isoformat(),
