@@ -45,6 +45,9 @@ def test_submissions_are_idempotent_and_later_ones_replace_earlier_with_history(
         store.submit(1, annotator_id, "left", left="a", submission_id="s4")
     with pytest.raises(UserError, match="already exists"):
         store.add_annotator("alice")
+    with pytest.raises(UserError, match="already a human annotator"):  # a judge never writes over a person's labels
+        store.record_judge("alice", [(1, "b")])
+    assert [j.choice for j in store.current_judgements()] == ["tie"]
     store.close()
     assert token.encode() not in (tmp_path / "labels.db").read_bytes()  # only the token's hash is stored
 

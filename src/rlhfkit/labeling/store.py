@@ -163,6 +163,8 @@ class LabelStore:
         row = db.execute("SELECT id, kind FROM annotators WHERE name = ?", (name,)).fetchone()
         if row is None:
             return db.execute("INSERT INTO annotators (name, kind, created) VALUES (?, ?, ?)", (name, kind, _now())).lastrowid
+        if row["kind"] != kind:
+            raise UserError(f"{name!r} is already a {row['kind']} annotator in this store; give the {kind} another name")
         return row["id"]
 
     # ---- judgements ------------------------------------------------------------------
