@@ -46,6 +46,14 @@ def write_text_atomically(target: Path, text: str) -> None:
         raise
 
 
+def read_json_or_empty(path: Path) -> dict:
+    """A JSON file written by rlhfkit, or {} when it is absent or unreadable (e.g. cut short by a crash)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def write_json_atomically(target: Path, value: Any) -> None:
     write_text_atomically(target, json.dumps(value, indent=2, default=str) + "\n")
 

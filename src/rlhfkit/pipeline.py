@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from rlhfkit.config import dump_config, load_pipeline
 from rlhfkit.errors import UserError
-from rlhfkit.files import write_json_atomically, write_text_atomically
+from rlhfkit.files import read_json_or_empty, write_json_atomically, write_text_atomically
 from rlhfkit.models import RUN_MARKER
 
 StageStatus = Literal["missing", "complete", "resumable", "restart"]
@@ -73,7 +73,7 @@ def run_pipeline(path: str, overrides: list[str] | None = None, from_stage: str 
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomically(root / "pipeline.yaml", "# The resolved config of every stage, as this pipeline ran them.\n" + resolved_yaml(configs))
     selected = [s for s in pipeline.stages if not only or s == only]
-    timings = _read_timings(root)
+    timings = read_json_or_empty(root / "timings.json")
     for number, stage in enumerate(selected, start=1):
         config = configs[stage]
         directory = stage_output(stage, config)
@@ -95,14 +95,6 @@ def run_pipeline(path: str, overrides: list[str] | None = None, from_stage: str 
     report = write_report(root, {stage: stage_output(stage, configs[stage]) for stage in pipeline.stages})
     print(f"pipeline: report written to {report}")
     return root
-
-
-def _read_timings(root: Path) -> dict[str, float]:
-    path = root / "timings.json"
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def resolved_yaml(configs: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.files import write_text_atomically
+from rlhfkit.files import read_json_or_empty, write_text_atomically
 
 PLOTS_DIR = "report_files"
 # What each stage's held-out before/after shows, in order: (key, label, format).
@@ -37,13 +37,6 @@ EVAL_COLUMNS = [
     ("kl", "KL to reference", "{:.2f}"), ("length", "length", "{:.1f}"),
     ("distinct_2", "distinct-2", "{:.3f}"),
 ]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def _read_curves(path: Path) -> list[dict]:
@@ -112,15 +105,22 @@ def evaluation_markdown(summary: dict) -> str:
     return _md_table(*evaluation_rows(summary))
 
 
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_curves(stage: str, records: list[dict], target: Path) -> bool:
     """One PNG with a panel per logged curve of a stage; False when nothing was logged."""
     panels = [(key, label) for key, label in CURVES if any(key in r for r in records)]
     if not panels:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
@@ -147,10 +147,7 @@ def plot_comparison(summary: dict, target: Path) -> bool:
     order = [name for name in summary.get("order", list(models)) if _number(models[name].get("reward_mean")) is not None]
     if not order:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     figure, (reward_axis, win_axis) = plt.subplots(1, 2, figsize=(9, 3.2))
     means = [models[n]["reward_mean"] for n in order]
@@ -210,7 +207,7 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
     """Write root/report.html, root/report.md and root/report_files/*.png; returns the HTML path."""
     plots = root / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
-    timings = _read_json(root / "timings.json")
+    timings = read_json_or_empty(root / "timings.json")
     html_parts: list[str] = []
     md_parts: list[str] = []
 
@@ -220,7 +217,7 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
     for stage, directory in stage_dirs.items():
         if stage == "evaluate":
             continue
-        metrics = _read_json(directory / "metrics.json")
+        metrics = read_json_or_empty(directory / "metrics.json")
         wall = _duration(timings.get(stage))
         missing = "(not run yet)" if not metrics else "(no held-out measurement in the stage; see Models compared)"
         for index, (label, before, after) in enumerate(stage_rows(stage, metrics) or [(missing, "", "")]):
@@ -229,7 +226,7 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
     md_parts.append("## What each stage did\n\n" + _md_table(header, rows))
 
     # 2. All models side by side on the same prompts.
-    evaluation = _read_json(stage_dirs["evaluate"] / "metrics.json") if "evaluate" in stage_dirs else {}
+    evaluation = read_json_or_empty(stage_dirs["evaluate"] / "metrics.json") if "evaluate" in stage_dirs else {}
     if evaluation.get("models"):
         eval_header, eval_rows = evaluation_rows(evaluation)
         with_references = evaluation.get("prompts_with_references", evaluation["prompts"])

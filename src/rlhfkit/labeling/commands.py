@@ -77,10 +77,15 @@ def judge_with_reward_model(store_path: str, reward_model: str, tie_margin: floa
     scorer = RewardModelScorer(reward_model)
     scores_a = scorer.score([p.prompt for p in pairs], [p.response_a for p in pairs])
     scores_b = scorer.score([p.prompt for p in pairs], [p.response_b for p in pairs])
-    choices = ["a" if a - b > tie_margin else "b" if b - a > tie_margin else "tie" for a, b in zip(scores_a, scores_b)]
-    judge = name or f"reward-model:{reward_model}"
-    store.record_judge(judge, [(p.id, choice) for p, choice in zip(pairs, choices)])
+    counts = _record_verdicts(store, name or f"reward-model:{reward_model}", pairs, [a - b for a, b in zip(scores_a, scores_b)], tie_margin)
     store.close()
+    return counts
+
+
+def _record_verdicts(store: LabelStore, judge: str, pairs: Sequence, differences: Sequence[float], tie_margin: float) -> dict[str, int]:
+    """Store a judge's labels: A when its A-over-B difference exceeds tie_margin, B when below −tie_margin, else a tie."""
+    choices = ["a" if d > tie_margin else "b" if d < -tie_margin else "tie" for d in differences]
+    store.record_judge(judge, [(pair.id, choice) for pair, choice in zip(pairs, choices)])
     return {choice: choices.count(choice) for choice in ("a", "b", "tie")}
 
 
@@ -124,10 +129,9 @@ def judge_with_llm(store_path: str, judge_model: str, tie_margin: float = 0.05, 
     model = load_causal_lm(source, ModelSettings(), torch.float32).eval()
     prompts = ["\n\n".join(m["content"] for m in p.prompt if m["role"] != "system") for p in pairs]
     preference = llm_preferences(model, tokenizer, prompts, [p.response_a for p in pairs], [p.response_b for p in pairs])
-    choices = ["a" if q > 0.5 + tie_margin else "b" if q < 0.5 - tie_margin else "tie" for q in preference]
-    store.record_judge(name or f"llm:{judge_model}", [(p.id, choice) for p, choice in zip(pairs, choices)])
+    counts = _record_verdicts(store, name or f"llm:{judge_model}", pairs, [q - 0.5 for q in preference], tie_margin)
     store.close()
-    return {choice: choices.count(choice) for choice in ("a", "b", "tie")}
+    return counts
 
 
 def export_preferences(
