@@ -116,6 +116,17 @@ def test_preference_stage_fields_are_checked(stage, override, field):
         ("trpo", "trpo.baseline=critic", "trpo.baseline"),
         ("trpo", "eval.samples_per_prompt=0", "eval.samples_per_prompt"),
         ("grpo", "data.sytem_prompt=x", "data.sytem_prompt"),
+        ("evaluate", "models={}", "models: name at least one model"),
+        ("evaluate", "reference=nobody", "reference: 'nobody' is not one of models"),
+        ("evaluate", "num_prompts=-1", "num_prompts"),
+        ("evaluate", "samples_per_prompt=0", "samples_per_prompt"),
+        ("evaluate", "sampling.temperature=0", "sampling.temperature"),
+        ("evaluate", "tie_margin=-0.1", "tie_margin"),
+        ("evaluate", "judge_tie_margin=0.5", "judge_tie_margin"),
+        ("evaluate", "warn.length_ratio=1", "warn.length_ratio"),
+        ("evaluate", "warn.distinct_ratio=1.5", "warn.distinct_ratio"),
+        ("evaluate", "train.lr=1e-4", "train: unknown key"),
+        ("evaluate", "data.path=missing.jsonl", "data.path"),
     ],
 )
 def test_rl_stage_fields_are_checked(stage, override, field):

@@ -77,6 +77,8 @@ def test_stage_configs_chain_outputs_to_inputs(pipeline_file, tiny_model, tmp_pa
     ("sft.train.lr=-1", "[sft]: train.lr"),
     ("evaluate.baseline=nobody", "baseline: 'nobody' is not one of models"),
     ("sftt.train.lr=1", "unknown top-level section(s) sftt"),
+    ("sft=5", "[sft]: expected a section, got int"),
+    ("pipeline.model=./no-such-model", "[pretrain]: model.name_or_path: Value error, model path does not exist"),
 ])
 def test_pipeline_config_errors_name_the_stage_and_field(pipeline_file, override, message):
     with pytest.raises(ConfigError) as error:
