@@ -36,6 +36,20 @@ def test_packed_loss_equals_sum_of_separate_losses_with_lora(tiny_model):
     assert packed == pytest.approx(separate, rel=1e-5)
 
 
+def test_rows_with_padding_segments_give_the_same_loss_as_separate_examples(tiny_model, monkeypatch):
+    import rlhfkit.data.batching as batching
+
+    monkeypatch.setattr(batching, "ROW_TOKENS", 9)  # rows [5 + 3 tokens], [8 tokens], [4 tokens + 4 padding]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    examples = [TokenizedExample(s, [False] + [True] * (len(s) - 1)) for s in [*SEQUENCES, [7, 7, 1, 2]]]
+    packed_batch = pack_examples(examples)
+    assert packed_batch.input_ids.shape == (3, 8) and packed_batch.position_ids[2].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    with torch.no_grad():
+        packed = lm_nll_sum(model, packed_batch, chunk_size=4).item()
+        separate = sum(lm_nll_sum(model, pack_examples([e]), chunk_size=4).item() for e in examples)
+    assert packed == pytest.approx(separate, rel=1e-5)
+
+
 def _randomise_lora(model):
     torch.manual_seed(1)
     with torch.no_grad():

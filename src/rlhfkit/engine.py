@@ -373,7 +373,9 @@ class Engine:
             batches = batches_for_epoch(self.progress.epoch)
             groups = [batches[i : i + train.grad_accum] for i in range(0, len(batches), train.grad_accum)]
             for group in groups[self.progress.group_in_epoch :]:
+                step_started = time.perf_counter()
                 step_metrics = self.optimizer_step(group, loss_fn)
+                step_metrics["step_s"] = time.perf_counter() - step_started
                 self.progress.step += 1
                 self.progress.group_in_epoch += 1
                 units_seen += int(step_metrics.pop("units"))

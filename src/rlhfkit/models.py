@@ -240,6 +240,23 @@ def backbone_and_score_head(model: torch.nn.Module) -> tuple[torch.nn.Module, to
     return backbone, head
 
 
+def packs_by_position_ids(model: torch.nn.Module) -> bool:
+    """Whether the model's backbone is a causal decoder of a family with a `...ForCausalLM` class.
+
+    Those build their attention mask from position ids that restart at 0 (several sequences per
+    row, none attending to another); encoders such as BERT do not, so they get padded rows.
+    """
+    import importlib
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family = type(inner).__name__
+    for suffix in ("ForSequenceClassification", "ForCausalLM"):
+        if family.endswith(suffix):
+            family = family[: -len(suffix)]
+    module = importlib.import_module(type(inner).__module__)
+    return hasattr(module, f"{family}ForCausalLM") and getattr(inner.config, "is_encoder_decoder", False) is False
+
+
 def save_model(model: torch.nn.Module, tokenizer: Any, target: Path, base_reference: str | None, info: dict) -> None:
     """Write an adapter (LoRA) or full model plus tokenizer atomically to target."""
 

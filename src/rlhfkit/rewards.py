@@ -22,7 +22,7 @@ from rlhfkit.config import ModelSettings, RewardSourceSettings
 from rlhfkit.data.batching import pad_right
 from rlhfkit.data.formatting import fit_pair, prompt_and_response_ids
 from rlhfkit.errors import UserError
-from rlhfkit.models import load_reward_model, load_tokenizer, resolve
+from rlhfkit.models import backbone_and_score_head, load_reward_model, load_tokenizer, resolve
 
 Messages = Sequence[dict[str, str]]
 
@@ -42,6 +42,13 @@ def special_token_wrapper(tokenizer: Any):
 def reward_model_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(N,) float32 scalar rewards of N right-padded rows."""
     return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
+
+
+def packed_reward_forward(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, last_positions: torch.Tensor) -> torch.Tensor:
+    """(S,) float32 rewards of S sequences packed into rows: the score head at each one's last token."""
+    backbone, head = backbone_and_score_head(model)
+    hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state  # (R, T, H)
+    return head(hidden.reshape(-1, hidden.shape[-1])[last_positions]).squeeze(-1).float()
 
 
 def _as_turns(prompt: Messages | str) -> list[dict[str, str]]:

@@ -2,7 +2,8 @@
 
 A one-output sequence-classification head on the backbone (LoRA on the backbone, the head fully
 trained; or full fine-tuning). Chosen and rejected answers of a batch go through the model in one
-forward pass. Pair accuracy, mean margin and reward statistics are measured on held-out pairs
+forward pass, packed into rows without padding when the model is a decoder (the reward is read at
+each sequence's last token). Pair accuracy, mean margin and reward statistics are measured on held-out pairs
 before and after training.
 """
 
@@ -16,16 +17,19 @@ from rlhfkit.data.formatting import tokenize_pairs
 from rlhfkit.data.kinds import load_examples, preference_examples
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.losses.reward import bradley_terry_loss
-from rlhfkit.models import resolve_with_tokenizer
-from rlhfkit.rewards import reward_model_forward, special_token_wrapper
+from rlhfkit.models import packs_by_position_ids, resolve_with_tokenizer
+from rlhfkit.rewards import packed_reward_forward, reward_model_forward, special_token_wrapper
 
 STAGE = "reward"
 
 
 def pair_rewards(model: torch.nn.Module, batch: RewardBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) chosen and (B,) rejected rewards from one forward over both halves."""
-    rewards = reward_model_forward(model, batch.input_ids, batch.attention_mask)  # (2B,): chosen rows, then rejected
-    return rewards[: batch.loss_units], rewards[batch.loss_units :]
+    if batch.position_ids is not None:
+        rewards = packed_reward_forward(model, batch.input_ids, batch.position_ids, batch.last_positions)
+    else:
+        rewards = reward_model_forward(model, batch.input_ids, batch.attention_mask)
+    return rewards[: batch.num_pairs], rewards[batch.num_pairs :]  # (2B,): chosen, then rejected
 
 
 def reward_loss(center_coef: float, use_margins: bool):
@@ -86,9 +90,10 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
     engine = Engine(train, config.model.device, run_dir, STAGE)
     model = engine.build_model(source, config.model, config.lora, reward_model=True)
     model.config.pad_token_id = tokenizer.pad_token_id
-    batches_for_epoch = lambda epoch: reward_batches(train_pairs, train.batch_size, tokenizer.pad_token_id, train.seed + epoch, wrap)  # noqa: E731
+    packed = packs_by_position_ids(model)  # decoders: sequences packed into rows, no padding
+    batches_for_epoch = lambda epoch: reward_batches(train_pairs, train.batch_size, tokenizer.pad_token_id, train.seed + epoch, wrap, packed)  # noqa: E731
     engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
-    eval_batches = reward_batches(eval_pairs, train.batch_size, tokenizer.pad_token_id, None, wrap)[: config.eval.max_batches]
+    eval_batches = reward_batches(eval_pairs, train.batch_size, tokenizer.pad_token_id, None, wrap, packed)[: config.eval.max_batches]
     evaluate = (lambda: evaluate_pairs(engine.model, eval_batches, engine.device)) if eval_batches else None
     engine.resume(resume)
 

@@ -1,0 +1,253 @@
+"""Run the benchmark suite: every workload for rlhfkit and for TRL, back to back, as ratios.
+
+    python -m benchmarks.run --suite cpu            # ~15 minutes on 2 CPU cores
+    python -m benchmarks.run --suite smoke --model DIR --only sft
+
+Each (workload, framework) runs in a fresh process of the same environment, so each peak RSS
+is that workload's alone. Prints a table with both figures, their ratio and the target, and
+writes RESULTS.json (raw numbers + environment), RESULTS.md (the table) and RESULTS-ratios.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from benchmarks.suites import RLHFKIT_ONLY, SUITES, WORKLOADS, Suite
+from benchmarks.workloads import RESULT_PREFIX
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    import torch
+
+    versions = {}
+    for package in ("rlhfkit", "torch", "transformers", "trl", "peft", "accelerate"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_model(), "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "versions": versions,
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def gemm_peak_flops(size: int = 2048, repeats: int = 10) -> float:
+    """The machine's fp32 matrix-multiply rate (FLOP/s): best of `repeats` size×size products."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def run_workload(workload: str, framework: str, suite: Suite, model: str, workdir: Path, log) -> dict:
+    """One workload in a subprocess; its RESULT line, or the error when it failed."""
+    command = [sys.executable, "-m", "benchmarks.workloads", workload, framework, "--suite", suite.name,
+               "--model", model, "--workdir", str(workdir)]
+    started = time.perf_counter()
+    process = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    log.write(f"==== {workload} / {framework} (exit {process.returncode})\n{process.stdout}\n{process.stderr}\n")
+    log.flush()
+    for line in reversed(process.stdout.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX) :])
+    tail = "\n".join((process.stderr or process.stdout).strip().splitlines()[-5:])
+    return {"workload": workload, "framework": framework, "error": tail, "wall_seconds": time.perf_counter() - started}
+
+
+def per_second(result: dict) -> float:
+    return result["units"] / sum(result["step_seconds"])
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summarise(results: dict[str, dict[str, dict]], peak_flops: float) -> list[dict]:
+    """Table rows: metric, rlhfkit value, TRL value, ratio (rlhfkit / TRL), target and whether it is met."""
+    rows: list[dict] = []
+
+    def add(metric: str, ours: float | None, theirs: float | None, target: str | None = None, better: str = "higher", unit: str = "") -> None:
+        ratio = ours / theirs if ours is not None and theirs else None
+        met = None
+        if target is not None and ratio is not None:
+            bound = float(target[2:])
+            met = ratio >= bound if target.startswith(">=") else ratio <= bound
+        rows.append({"metric": metric, "rlhfkit": ours, "trl": theirs, "ratio": ratio, "target": target, "met": met,
+                     "better": better, "unit": unit})
+
+    def pair(workload: str) -> tuple[dict | None, dict | None]:
+        found = results.get(workload, {})
+        ok = lambda r: r if r is not None and "error" not in r else None  # noqa: E731
+        return ok(found.get("rlhfkit")), ok(found.get("trl"))
+
+    def rss(workload: str, ours: dict | None, theirs: dict | None) -> None:
+        add(f"{workload}: peak RSS", ours and ours["peak_rss_mb"], theirs and theirs["peak_rss_mb"], "<=1.0", "lower", "MB")
+
+    ours, theirs = pair("sft")
+    if ours or theirs:
+        add("sft: training tokens/s", ours and per_second(ours), theirs and per_second(theirs), ">=1.5", unit="tok/s")
+        if ours:
+            mfu = lambda r: ours["useful_flops"] / sum(r["step_seconds"]) / peak_flops  # noqa: E731
+            add("sft: MFU (useful FLOP/s ÷ GEMM peak)", mfu(ours), theirs and mfu(theirs), None, unit="fraction")
+        rss("sft", ours, theirs)
+    for workload in ("reward", "dpo"):
+        ours, theirs = pair(workload)
+        if ours or theirs:
+            add(f"{workload}: pairs/s", ours and per_second(ours), theirs and per_second(theirs), ">=1.5", unit="pairs/s")
+            rss(workload, ours, theirs)
+    ours, theirs = pair("grpo")
+    grpo_step = ours and mean(ours["step_seconds"])
+    if ours or theirs:
+        add("grpo: s/step", grpo_step, theirs and mean(theirs["step_seconds"]), "<=0.67", "lower", "s")
+        for name, result in (("rlhfkit", ours), ("trl", theirs)):
+            if result:
+                result["split"] = {"generation_s": mean(result["generation_seconds"]),
+                                   "training_s": mean(result["step_seconds"]) - mean(result["generation_seconds"])}
+        add("grpo: generation s/step", ours and ours["split"]["generation_s"], theirs and theirs["split"]["generation_s"], None, "lower", "s")
+        add("grpo: training s/step", ours and ours["split"]["training_s"], theirs and theirs["split"]["training_s"], None, "lower", "s")
+        add("grpo: mean completion length", ours and ours["completion_length"], theirs and theirs["completion_length"], None, "", "tokens")
+        rss("grpo", ours, theirs)
+    ours, theirs = pair("generation")
+    if ours or theirs:
+        for batch in (ours or theirs)["batches"]:
+            rate = lambda r: r and r["batches"][batch]["new_tokens"] / r["batches"][batch]["seconds"]  # noqa: E731
+            add(f"generation: new tokens/s, batch {batch}", rate(ours), rate(theirs), None, unit="tok/s")
+        rss("generation", ours, theirs)
+    for workload in RLHFKIT_ONLY:
+        ours, _ = pair(workload)
+        if ours:
+            step = mean(ours["step_seconds"])
+            generation = mean(ours["generation_seconds"])
+            rows.append({"metric": f"{workload}: s/step (no TRL trainer; ratio = ÷ rlhfkit GRPO)", "rlhfkit": step, "trl": None,
+                         "ratio": step / grpo_step if grpo_step else None, "target": None, "met": None, "better": "lower", "unit": "s",
+                         "split": {"generation_s": generation, "training_s": step - generation}})
+            rows.append({"metric": f"{workload}: peak RSS", "rlhfkit": ours["peak_rss_mb"], "trl": None, "ratio": None,
+                         "target": None, "met": None, "better": "lower", "unit": "MB"})
+    return rows
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "–"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| metric | rlhfkit | TRL | rlhfkit ÷ TRL | target | met |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        met = {True: "yes", False: "**no**", None: ""}[row["met"]]
+        value = lambda v: _number(v) + (f" {row['unit']}" if v is not None and row["unit"] not in ("", "fraction") else "")  # noqa: E731
+        ours = value(row["rlhfkit"])
+        if "split" in row:
+            ours += f" (gen {_number(row['split']['generation_s'])} + train {_number(row['split']['training_s'])})"
+        lines.append(f"| {row['metric']} | {ours} | {value(row['trl'])} | {_number(row['ratio'])} | {row['target'] or ''} | {met} |")
+    return "\n".join(lines)
+
+
+def plot_ratios(rows: list[dict], path: Path) -> None:
+    """Bars of rlhfkit's advantage (> 1: rlhfkit better) for every row with both figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [row for row in rows if row["ratio"] and row["trl"] is not None and row["better"] in ("higher", "lower")]
+    advantage = [row["ratio"] if row["better"] == "higher" else 1 / row["ratio"] for row in shown]
+    figure, axes = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.2))
+    colours = ["#2a9d8f" if value >= 1 else "#e76f51" for value in advantage]
+    axes.barh([row["metric"] for row in shown], advantage, color=colours)
+    for row_index, row in enumerate(shown):
+        if row["target"]:
+            bound = float(row["target"][2:])
+            goal = bound if row["better"] == "higher" else 1 / bound
+            axes.plot([goal, goal], [row_index - 0.4, row_index + 0.4], color="black", linewidth=2)
+    axes.axvline(1.0, color="grey", linestyle="--", linewidth=1)
+    axes.invert_yaxis()
+    axes.set_xlabel("rlhfkit advantage over TRL (× ; > 1 is better; black tick = target)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="rlhfkit vs TRL, side by side.")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="cpu")
+    parser.add_argument("--model", default=None, help="override the suite's model (e.g. a local tiny model dir)")
+    parser.add_argument("--only", nargs="+", choices=WORKLOADS, default=None, help="run only these workloads")
+    parser.add_argument("--frameworks", nargs="+", choices=("rlhfkit", "trl"), default=["rlhfkit", "trl"])
+    parser.add_argument("--output", type=Path, default=None, help="results file stem (default: benchmarks/results/SUITE)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    suite = SUITES[args.suite]
+    model = args.model or suite.model
+    output = args.output or RESULTS_DIR / suite.name
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    from rlhfkit.models import load_tokenizer, resolve
+
+    from benchmarks.data import prepare
+
+    started = time.perf_counter()
+    env = environment()
+    peak = gemm_peak_flops()
+    print(f"{env['cpu']}, {env['cores']} cores, torch {env['versions']['torch']}; fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+    results: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-") as tmp, open(output.with_suffix(".log"), "w") as log:
+        workdir = Path(tmp)
+        data = prepare(suite, load_tokenizer(resolve(model)), workdir)
+        for workload in args.only or WORKLOADS:
+            for framework in args.frameworks:
+                if framework == "trl" and workload in RLHFKIT_ONLY:
+                    continue
+                print(f"{workload:>10} / {framework:<8} ...", end=" ", flush=True)
+                result = run_workload(workload, framework, suite, model, workdir, log)
+                results.setdefault(workload, {})[framework] = result
+                print("FAILED: " + result["error"] if "error" in result else f"{result['wall_seconds']:.0f} s", flush=True)
+    rows = summarise(results, peak)
+    table = markdown_table(rows)
+    report = {"suite": suite.as_dict(), "model": model, "environment": env, "gemm_peak_flops": peak, "data": data,
+              "results": results, "table": rows, "total_seconds": time.perf_counter() - started}
+    output.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    heading = f"{env['date']} · {env['cpu']} · {env['cores']} cores · torch {env['versions']['torch']} · transformers {env['versions']['transformers']} · trl {env['versions']['trl']}"
+    output.with_suffix(".md").write_text(f"{heading}\n\n{table}\n")
+    plot_ratios(rows, output.parent / f"{output.name}-ratios.png")
+    print(f"\n{heading}\n\n{table}\n\nwrote {output}.json/.md/-ratios.png in {report['total_seconds'] / 60:.1f} min")
+    failed = [f"{w}/{f}" for w, by in results.items() for f, r in by.items() if "error" in r]
+    if failed:
+        print(f"failed: {', '.join(failed)} (see {output}.log)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""What each benchmark suite runs: the model, the data sizes and the shared hyperparameters.
+
+Both frameworks get exactly these settings; anything not named here is each tool's default,
+except gradient checkpointing, which is off for both (TRL turns it on by default, trading speed
+for memory; rlhfkit leaves it off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+FRAMEWORKS = ("rlhfkit", "trl")
+WORKLOADS = ("sft", "reward", "dpo", "grpo", "generation", "ppo", "trpo")
+# Workloads TRL has no trainer for: rlhfkit alone, compared with its own GRPO at the same rollout size.
+RLHFKIT_ONLY = ("ppo", "trpo")
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    model: str
+    # SFT: chat examples of mixed length (so padding matters), micro-batch size, longest example.
+    sft_examples: int
+    sft_batch_size: int
+    max_length: int
+    # Reward model and DPO: preference pairs, pairs per micro-batch.
+    pairs: int
+    pair_batch_size: int
+    # Online RL: prompts per step, group size, completion length, steps.
+    rl_prompts: int
+    rl_group: int
+    rl_new_tokens: int
+    rl_steps: int
+    # Generation: new tokens per prompt; (batch size, prompts) measured.
+    generation_new_tokens: int
+    generation_batches: tuple[tuple[int, int], ...]
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    learning_rate: float = 2e-4
+    rl_learning_rate: float = 1e-5
+    temperature: float = 0.7
+    grpo_beta: float = 0.04
+    seed: int = 0
+    shared_data: bool = True  # use ../shared/data when present (else the built-in data)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+SUITES = {
+    # The embedded SmolLM2-135M-Instruct on real data from ../shared/data (falls back to the built-in data).
+    "cpu": Suite(
+        name="cpu", model="smollm2-135m-instruct",
+        sft_examples=32, sft_batch_size=8, max_length=512,
+        pairs=16, pair_batch_size=4,
+        rl_prompts=4, rl_group=4, rl_new_tokens=64, rl_steps=3,
+        generation_new_tokens=64, generation_batches=((1, 4), (8, 8), (32, 32)),
+    ),
+    # A few steps on a tiny model: proves the benchmark still runs (the test suite's smoke test).
+    "smoke": Suite(
+        name="smoke", model="smollm2-135m-instruct",
+        sft_examples=8, sft_batch_size=4, max_length=512,
+        pairs=4, pair_batch_size=2,
+        rl_prompts=2, rl_group=2, rl_new_tokens=8, rl_steps=1,
+        generation_new_tokens=8, generation_batches=((1, 2), (2, 2)), shared_data=False,
+    ),
+}

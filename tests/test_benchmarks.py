@@ -1,0 +1,77 @@
+"""The benchmark harness: its arithmetic by hand, and a smoke run of every workload on a tiny model.
+
+Timings are never asserted: only that every workload ran for both tools and reported its figures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run import markdown_table, summarise
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _by_metric(rows: list[dict]) -> dict[str, dict]:
+    return {row["metric"]: row for row in rows}
+
+
+def test_summary_ratios_targets_and_splits_by_hand():
+    results = {
+        "sft": {
+            "rlhfkit": {"units": 600, "step_seconds": [1.0, 1.0], "peak_rss_mb": 100.0, "useful_flops": 1e12},
+            "trl": {"units": 300, "step_seconds": [2.0, 1.0], "peak_rss_mb": 200.0},
+        },
+        "grpo": {
+            "rlhfkit": {"step_seconds": [2.0, 4.0], "generation_seconds": [1.0, 1.0], "completion_length": 10.0, "peak_rss_mb": 50.0},
+            "trl": {"step_seconds": [6.0, 6.0], "generation_seconds": [3.0, 3.0], "completion_length": 12.0, "peak_rss_mb": 40.0},
+        },
+        "ppo": {"rlhfkit": {"step_seconds": [6.0, 6.0], "generation_seconds": [2.0, 2.0], "peak_rss_mb": 70.0}},
+        "dpo": {"rlhfkit": {"units": 8, "step_seconds": [4.0], "peak_rss_mb": 10.0}, "trl": {"error": "boom"}},
+    }
+    rows = _by_metric(summarise(results, peak_flops=1e12))
+    sft = rows["sft: training tokens/s"]
+    assert (sft["rlhfkit"], sft["trl"], sft["ratio"], sft["met"]) == (300.0, 100.0, 3.0, True)  # 600/2 vs 300/3
+    mfu = rows["sft: MFU (useful FLOP/s ÷ GEMM peak)"]
+    assert mfu["rlhfkit"] == pytest.approx(0.5) and mfu["trl"] == pytest.approx(1 / 3)  # 1e12 FLOP in 2 s and 3 s
+    assert rows["sft: peak RSS"]["ratio"] == 0.5 and rows["sft: peak RSS"]["met"] is True
+    grpo = rows["grpo: s/step"]
+    assert (grpo["rlhfkit"], grpo["trl"], grpo["ratio"], grpo["met"]) == (3.0, 6.0, 0.5, True)
+    assert rows["grpo: training s/step"]["rlhfkit"] == 2.0 and rows["grpo: generation s/step"]["trl"] == 3.0
+    assert rows["grpo: peak RSS"]["met"] is False  # 50 MB > 40 MB
+    ppo = rows["ppo: s/step (no TRL trainer; ratio = ÷ rlhfkit GRPO)"]
+    assert ppo["ratio"] == 2.0 and ppo["split"] == {"generation_s": 2.0, "training_s": 4.0}
+    dpo = rows["dpo: pairs/s"]  # a failed TRL run leaves its column empty instead of breaking the table
+    assert dpo["rlhfkit"] == 2.0 and dpo["trl"] is None and dpo["ratio"] is None and dpo["met"] is None
+    table = markdown_table(list(rows.values()))
+    assert "| sft: training tokens/s | 300 tok/s | 100 tok/s | 3.00 | >=1.5 | yes |" in table
+    assert "| grpo: peak RSS | 50.00 MB | 40.00 MB | 1.25 | <=1.0 | **no** |" in table
+
+
+@pytest.mark.slow
+def test_smoke_suite_runs_every_workload_for_both_tools(tiny_model, tmp_path):
+    output = tmp_path / "smoke"
+    process = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--suite", "smoke", "--model", str(tiny_model), "--output", str(output)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    report = json.loads(output.with_suffix(".json").read_text())
+    expected = {"sft", "reward", "dpo", "grpo", "generation", "ppo", "trpo"}
+    assert set(report["results"]) == expected
+    for workload, by_tool in report["results"].items():
+        tools = {"rlhfkit"} if workload in ("ppo", "trpo") else {"rlhfkit", "trl"}
+        assert set(by_tool) == tools
+        for result in by_tool.values():
+            assert "error" not in result and result["peak_rss_mb"] > 0
+            timings = result.get("step_seconds") or [b["seconds"] for b in result["batches"].values()]
+            assert timings and all(t > 0 for t in timings)
+    assert report["gemm_peak_flops"] > 0 and report["environment"]["versions"]["trl"]
+    assert all(row["rlhfkit"] is not None for row in report["table"])
+    assert "| sft: training tokens/s |" in output.with_suffix(".md").read_text()
+    assert (tmp_path / "smoke-ratios.png").stat().st_size > 1000
