@@ -100,21 +100,3 @@ def test_corpus_blocks_and_block_targets():
     assert batch.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
     assert torch.equal(batch.input_ids, blocks)
 
-
-def test_long_micro_batches_pack_into_rows_with_a_padding_segment(monkeypatch):
-    import rlhfkit.data.batching as batching
-
-    monkeypatch.setattr(batching, "ROW_TOKENS", 5)
-    # lengths 3, 4, 2, 1: first fit into rows of 5 tokens -> [0, 2] (5), [1, 3] (5) ... then none left over
-    examples = [TokenizedExample(ids, [True] * len(ids)) for ids in ([1, 2, 3], [4, 5, 6, 7], [8, 9], [10])]
-    batch = pack_examples(examples)
-    assert batch.input_ids.tolist() == [[1, 2, 3, 8, 9], [4, 5, 6, 7, 10]]
-    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
-    assert batch.targets.tolist() == [[2, 3, IGNORE_INDEX, 9, IGNORE_INDEX], [5, 6, 7, IGNORE_INDEX, IGNORE_INDEX]]
-    # the longest example (6) sets the budget; rows with room left get a padding segment (positions
-    # from 0 again, id 0, no targets), which starts a block of its own in the attention mask
-    batch = pack_examples(examples[:2] + [TokenizedExample([11, 12, 13, 14, 15, 16], [True] * 6)])
-    assert batch.input_ids.tolist() == [[1, 2, 3, 0, 0, 0], [4, 5, 6, 7, 0, 0], [11, 12, 13, 14, 15, 16]]
-    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 4, 5]]
-    assert batch.targets[0].tolist() == [2, 3] + [IGNORE_INDEX] * 4
-    assert batch.num_target_tokens == 2 + 3 + 5

@@ -36,18 +36,39 @@ def test_packed_loss_equals_sum_of_separate_losses_with_lora(tiny_model):
     assert packed == pytest.approx(separate, rel=1e-5)
 
 
-def test_rows_with_padding_segments_give_the_same_loss_as_separate_examples(tiny_model, monkeypatch):
-    import rlhfkit.data.batching as batching
+def test_packed_attention_matches_a_block_diagonal_mask():
+    import torch.nn.functional as F
 
-    monkeypatch.setattr(batching, "ROW_TOKENS", 9)  # rows [5 + 3 tokens], [8 tokens], [4 tokens + 4 padding]
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    examples = [TokenizedExample(s, [False] + [True] * (len(s) - 1)) for s in [*SEQUENCES, [7, 7, 1, 2]]]
-    packed_batch = pack_examples(examples)
-    assert packed_batch.input_ids.shape == (3, 8) and packed_batch.position_ids[2].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    from rlhfkit.attention import packed_sdpa_attention, sequence_boundaries
+
+    torch.manual_seed(0)
+    lengths = [5, 1, 8, 3]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None, :]
+    kwargs = sequence_boundaries(positions)
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 5, 6, 14, 17] and kwargs["max_length_q"] == 8
+    query, key, value = torch.randn(1, 4, 17, 8), torch.randn(1, 2, 17, 8), torch.randn(1, 2, 17, 8)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = 2, False
+    output, _ = packed_sdpa_attention(module, query, key, value, None, **kwargs)
+    segment = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))
+    mask = (segment[:, None] == segment[None, :]) & torch.ones(17, 17, dtype=torch.bool).tril()
+    expected = F.scaled_dot_product_attention(query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=mask)
+    torch.testing.assert_close(output, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+    assert sequence_boundaries(torch.zeros(2, 4, dtype=torch.long)) == {}  # several rows: the mask does it
+
+
+def test_models_load_with_packed_attention_and_packed_loss_equals_separate_losses(tiny_model, tmp_path):
+    from rlhfkit.attention import PACKED_SDPA
+
+    model = load_causal_lm(resolve(str(tiny_model)), ModelSettings(name_or_path=str(tiny_model)), torch.float32).eval()
+    assert model.config._attn_implementation == PACKED_SDPA
+    examples = [TokenizedExample(s, [False] + [True] * (len(s) - 1)) for s in SEQUENCES]
     with torch.no_grad():
-        packed = lm_nll_sum(model, packed_batch, chunk_size=4).item()
+        packed = lm_nll_sum(model, pack_examples(examples), chunk_size=4).item()
         separate = sum(lm_nll_sum(model, pack_examples([e]), chunk_size=4).item() for e in examples)
     assert packed == pytest.approx(separate, rel=1e-5)
+    model.save_pretrained(tmp_path / "saved")  # the attention choice is not written into the saved config
+    assert PACKED_SDPA not in (tmp_path / "saved" / "config.json").read_text()
 
 
 def _randomise_lora(model):

@@ -88,20 +88,6 @@ def test_pack_pairs_targets_only_answers():
     assert batch.answer_lengths.tolist() == [1, 2, 2, 1] and batch.pair_ids.tolist() == [10, 11]
 
 
-def test_pack_pairs_over_several_rows_keeps_each_target_with_its_sequence(monkeypatch):
-    import rlhfkit.data.batching as batching
-
-    monkeypatch.setattr(batching, "ROW_TOKENS", 6)
-    pairs = [TokenizedPair([1, 2], [3], [4, 5]), TokenizedPair([6], [7, 8], [9]), TokenizedPair([10, 11, 12], [13, 14], [15])]
-    batch = pack_pairs(pairs, [0, 1, 2])
-    assert batch.input_ids.shape[0] > 1  # really several rows
-    answers = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    targets = batch.targets[batch.targets != IGNORE_INDEX]
-    for sequence, answer in enumerate(answers):
-        assert targets[batch.sequence_index == sequence].tolist() == answer
-    assert batch.answer_lengths.tolist() == [len(a) for a in answers]
-
-
 def test_reward_batches_put_chosen_first_and_pad_right():
     pairs = [TokenizedPair([1, 2], [3], [4, 5])]
     [batch] = reward_batches(pairs, batch_size=4, pad_id=0, seed=None)
@@ -113,15 +99,14 @@ def test_reward_batches_put_chosen_first_and_pad_right():
     assert torch.equal(reward_batches([TokenizedPair([1], [2], [3], margin=2.0)], 4, 0, None)[0].margins, torch.tensor([2.0]))
 
 
-def test_packed_reward_batches_score_like_padded_rows(tiny_model, monkeypatch):
-    import rlhfkit.data.batching as batching
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+def test_packed_reward_batches_score_like_padded_rows(tiny_model):
+    from transformers import BertConfig, BertForSequenceClassification
 
-    from rlhfkit.models import packs_by_position_ids
+    from rlhfkit.config import ModelSettings
+    from rlhfkit.models import load_reward_model, packs_by_position_ids, resolve
     from rlhfkit.rewards import packed_reward_forward, reward_model_forward
 
-    monkeypatch.setattr(batching, "ROW_TOKENS", 8)  # several rows, some with a padding segment
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1).eval()
+    model = load_reward_model(resolve(str(tiny_model)), ModelSettings(name_or_path=str(tiny_model)), torch.float32).eval()
     model.config.pad_token_id = 0
     assert packs_by_position_ids(model)
     tiny_bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
@@ -129,7 +114,7 @@ def test_packed_reward_batches_score_like_padded_rows(tiny_model, monkeypatch):
     pairs = [TokenizedPair([5, 6, 7], [8, 9], [10]), TokenizedPair([11], [12, 13, 14, 15], [16, 17]), TokenizedPair([18, 19], [20], [21, 22, 23])]
     [packed] = reward_batches(pairs, batch_size=3, pad_id=0, seed=None, packed=True)
     [padded] = reward_batches(pairs, batch_size=3, pad_id=0, seed=None)
-    assert packed.input_ids.shape[0] > 1 and packed.num_pairs == padded.num_pairs == 3
+    assert packed.input_ids.shape[0] == 1 and packed.num_pairs == padded.num_pairs == 3
     with torch.no_grad():
         from_packed = packed_reward_forward(model, packed.input_ids, packed.position_ids, packed.last_positions)
         from_padded = reward_model_forward(model, padded.input_ids, padded.attention_mask)

@@ -38,7 +38,7 @@ class ModelSettings(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train: auto picks a GPU if present.")
     attn_implementation: Literal["sdpa", "eager"] = Field(
-        "sdpa", description="Attention kernel; both support padding-free packing."
+        "sdpa", description="Attention kernel: sdpa attends packed sequences one at a time (fast); eager masks the packed row."
     )
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model (off: safer).")
 

@@ -144,6 +144,15 @@ def resolve_with_tokenizer(settings: ModelSettings) -> tuple[ModelSource, Any]:
     return source, load_tokenizer(source, settings.trust_remote_code)
 
 
+def attention_implementation(settings: ModelSettings) -> str:
+    """The transformers attention to load: `sdpa` becomes SDPA that attends packed sequences one at a time."""
+    if settings.attn_implementation == "sdpa":
+        from rlhfkit.attention import register
+
+        return register()
+    return settings.attn_implementation
+
+
 def load_causal_lm(source: ModelSource, settings: ModelSettings, dtype: torch.dtype) -> torch.nn.Module:
     """A plain (adapter-merged) causal LM: adapters in the chain are merged into their base."""
     from transformers import AutoModelForCausalLM
@@ -159,7 +168,7 @@ def load_causal_lm(source: ModelSource, settings: ModelSettings, dtype: torch.dt
             gguf_file=source.gguf_file,
             revision=settings.revision,
             dtype=dtype,
-            attn_implementation=settings.attn_implementation,
+            attn_implementation=attention_implementation(settings),
             trust_remote_code=settings.trust_remote_code,
         )
     except OSError as exc:
@@ -196,7 +205,8 @@ def load_reward_model(
         try:
             model = AutoModelForSequenceClassification.from_pretrained(
                 source.path, gguf_file=source.gguf_file, dtype=dtype, revision=settings.revision,
-                trust_remote_code=settings.trust_remote_code, **({} if num_labels is None else {"num_labels": num_labels}),
+                attn_implementation=attention_implementation(settings), trust_remote_code=settings.trust_remote_code,
+                **({} if num_labels is None else {"num_labels": num_labels}),
             )
         except OSError as exc:
             raise UserError(f"cannot load a model from {source.path}: {exc}") from None

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from rlhfkit.attention import sequence_boundaries
 from rlhfkit.config import ModelSettings, RewardSourceSettings
 from rlhfkit.data.batching import pad_right
 from rlhfkit.data.formatting import fit_pair, prompt_and_response_ids
@@ -45,10 +46,10 @@ def reward_model_forward(model: torch.nn.Module, input_ids: torch.Tensor, attent
 
 
 def packed_reward_forward(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, last_positions: torch.Tensor) -> torch.Tensor:
-    """(S,) float32 rewards of S sequences packed into rows: the score head at each one's last token."""
+    """(S,) float32 rewards of S sequences packed into one row: the score head at each one's last token."""
     backbone, head = backbone_and_score_head(model)
-    hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state  # (R, T, H)
-    return head(hidden.reshape(-1, hidden.shape[-1])[last_positions]).squeeze(-1).float()
+    hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **sequence_boundaries(position_ids)).last_hidden_state
+    return head(hidden[0, last_positions]).squeeze(-1).float()
 
 
 def _as_turns(prompt: Messages | str) -> list[dict[str, str]]:

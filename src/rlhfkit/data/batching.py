@@ -1,12 +1,11 @@
-"""Batches (almost) without padding.
+"""Batches without padding.
 
-Pretraining cuts one token stream into fixed blocks, so every row is full. SFT and DPO pack the
-examples of a micro-batch into rows with position ids that restart at 0 for each example and no
-attention mask: transformers then builds a block-diagonal causal mask (SDPA and eager), so no
-example attends to another. Rows hold at most max(longest example, ROW_TOKENS) tokens: attention
-over a row costs its length squared whatever the mask, so one long row of a whole micro-batch
-would spend most of its attention FLOPs on masked-out pairs. Short rows are topped up with a
-padding segment of its own (positions from 0, no targets) that no real token attends to.
+Pretraining cuts one token stream into fixed blocks, so every row is full. SFT, DPO and reward
+batches pack the sequences of a micro-batch into one row, with position ids that restart at 0
+for each sequence and no attention mask. The forward passes hand the sequence boundaries to the
+attention (`rlhfkit.attention`), which attends within each sequence only, causally, at Σ L² cost;
+an attention without that support (e.g. eager) builds the same block-diagonal mask from the
+position ids. Either way no example attends to another and no compute is spent on padding.
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ IGNORE_INDEX = -100
 class LMBatch:
     """A causal-LM micro-batch. Targets are already shifted: the loss at position t predicts targets[t]."""
 
-    input_ids: torch.Tensor  # (R, T) token ids
-    position_ids: torch.Tensor  # (R, T) positions, restarting at 0 for each packed example (and padding segment)
-    targets: torch.Tensor  # (R, T) id of token t+1 when it is a training target, else -100
+    input_ids: torch.Tensor  # (B, T) token ids
+    position_ids: torch.Tensor  # (B, T) positions, restarting at 0 for each packed example
+    targets: torch.Tensor  # (B, T) id of token t+1 when it is a training target, else -100
 
     @property
     def num_target_tokens(self) -> int:
@@ -47,55 +46,25 @@ class LMBatch:
         return LMBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device))
 
 
-ROW_TOKENS = 512  # smallest row budget: rows shorter than this waste more on padding than they save
-PAD_ID = 0  # any id: padding segments are never attended to by real tokens and have no targets
-
-
-def _fill_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
-    """First fit in the given order: each example goes to the first row with room for it."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index, length in enumerate(lengths):
-        for row, free in enumerate(room):
-            if length <= free:
-                rows[row].append(index)
-                room[row] -= length
-                break
-        else:
-            rows.append([index])
-            room.append(row_tokens - length)
-    return rows
-
-
 def _pack(examples: Sequence[TokenizedExample]) -> tuple[LMBatch, torch.Tensor]:
-    """The packed batch and (R, W) segment ids: the example index at each position, -1 on padding."""
-    lengths = [len(example.input_ids) for example in examples]
-    rows = _fill_rows(lengths, max([ROW_TOKENS, *lengths]))
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    segments = torch.full((len(rows), width), -1, dtype=torch.long)
-    for row_index, row in enumerate(rows):
-        offset = 0
-        for example_index in row:
-            example = examples[example_index]
-            ids, n = example.input_ids, len(example.input_ids)
-            span = slice(offset, offset + n)
-            input_ids[row_index, span] = torch.tensor(ids)
-            position_ids[row_index, span] = torch.arange(n)
-            # Position t predicts token t+1 of the same example, only where that token is a target.
-            targets[row_index, offset : offset + n - 1] = torch.tensor(
-                [ids[t + 1] if example.loss_mask[t + 1] else IGNORE_INDEX for t in range(n - 1)], dtype=torch.long
-            )
-            segments[row_index, span] = example_index
-            offset += n
-        position_ids[row_index, offset:] = torch.arange(width - offset)  # the padding segment
-    return LMBatch(input_ids, position_ids, targets), segments
+    """The examples in one row, and (1, T) segment ids: the example index at each position."""
+    input_ids: list[int] = []
+    position_ids: list[int] = []
+    targets: list[int] = []
+    for example in examples:
+        ids = example.input_ids
+        input_ids.extend(ids)
+        position_ids.extend(range(len(ids)))
+        # Position t predicts token t+1 of the same example, only where that token is a target.
+        targets.extend(ids[t + 1] if example.loss_mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1))
+        targets.append(IGNORE_INDEX)
+    as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+    segments = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor([len(e.input_ids) for e in examples]))
+    return LMBatch(as_row(input_ids), as_row(position_ids), as_row(targets)), segments[None, :]
 
 
 def pack_examples(examples: Sequence[TokenizedExample]) -> LMBatch:
-    """Pack examples into as few rows as fit (see the module docstring); targets never cross an example boundary."""
+    """Concatenate examples into one row; targets never cross an example boundary."""
     return _pack(examples)[0]
 
 
@@ -139,13 +108,13 @@ def block_batches(blocks: torch.Tensor, batch_size: int, seed: int | None) -> li
 
 @dataclass
 class RewardBatch:
-    """Chosen then rejected sequences of B pairs for one reward-model forward: packed into rows
-    (decoders; position_ids set) or one right-padded row per sequence (attention_mask set)."""
+    """Chosen then rejected sequences of B pairs for one reward-model forward: packed into one
+    row (decoders; position_ids set) or one right-padded row per sequence (attention_mask set)."""
 
-    input_ids: torch.Tensor  # (R, T); sequences 0..B-1 are prompt+chosen, B..2B-1 prompt+rejected
+    input_ids: torch.Tensor  # (1, T) packed or (2B, T) padded; sequences 0..B-1 prompt+chosen, B..2B-1 prompt+rejected
     attention_mask: torch.Tensor | None  # (2B, T) 1 on real tokens: padded rows
-    position_ids: torch.Tensor | None  # (R, T) restarting at 0 per sequence: packed rows
-    last_positions: torch.Tensor | None  # (2B,) flat index (row * T + column) of each packed sequence's last token
+    position_ids: torch.Tensor | None  # (1, T) restarting at 0 per sequence: packed
+    last_positions: torch.Tensor | None  # (2B,) index in the packed row of each sequence's last token
     margins: torch.Tensor | None  # (B,) m, or None
 
     @property
@@ -183,8 +152,8 @@ def reward_batches(
 ) -> list[RewardBatch]:
     """Batches of `batch_size` pairs; `wrap` adds special tokens an encoder expects ([CLS] ... [SEP]).
 
-    packed: rows as in :func:`pack_examples` (for decoders, whose mask follows the position ids);
-    otherwise one right-padded row per sequence.
+    packed: one row as in :func:`pack_examples` (decoders, whose attention follows the position ids);
+    otherwise one right-padded row per sequence (encoders).
     """
     order = _order(len(pairs), seed)
     batches = []
@@ -192,11 +161,8 @@ def reward_batches(
         chunk = [pairs[i] for i in order[start : start + batch_size]]
         rows = [wrap(p.prompt_ids + p.chosen_ids) for p in chunk] + [wrap(p.prompt_ids + p.rejected_ids) for p in chunk]
         if packed:
-            batch, segments = _pack([TokenizedExample(row, [False] * len(row)) for row in rows])
-            flat = segments.flatten()
-            real = flat >= 0
-            # the last position of each sequence: where its segment id occurs for the last time
-            last = torch.zeros(len(rows), dtype=torch.long).scatter_reduce(0, flat[real], torch.arange(flat.numel())[real], "amax")
+            batch = pack_examples([TokenizedExample(row, [False] * len(row)) for row in rows])
+            last = torch.tensor([len(row) for row in rows]).cumsum(0) - 1
             batches.append(RewardBatch(batch.input_ids, None, batch.position_ids, last, _margins(chunk)))
         else:
             batches.append(RewardBatch(*pad_right(rows, pad_id), None, None, _margins(chunk)))
@@ -205,12 +171,12 @@ def reward_batches(
 
 @dataclass
 class PairBatch:
-    """B pairs packed into rows: sequences 0..B-1 are prompt+chosen, B..2B-1 prompt+rejected."""
+    """B pairs packed padding-free into one row: B prompt+chosen sequences, then B prompt+rejected."""
 
-    input_ids: torch.Tensor  # (R, T)
-    position_ids: torch.Tensor  # (R, T), restarting at 0 for each of the 2B sequences
-    targets: torch.Tensor  # (R, T): next token where it is an answer token, else -100
-    sequence_index: torch.Tensor  # (M,) sequence (0..2B-1) of each of the M target tokens, in row-major order
+    input_ids: torch.Tensor  # (1, T)
+    position_ids: torch.Tensor  # (1, T), restarting at 0 for each of the 2B sequences
+    targets: torch.Tensor  # (1, T): next token where it is an answer token, else -100
+    sequence_index: torch.Tensor  # (M,) sequence (0..2B-1) of each of the M target tokens, in row order
     answer_lengths: torch.Tensor  # (2B,) answer token counts |y|
     pair_ids: torch.Tensor  # (B,) indices of the pairs in the dataset (for precomputed reference log-probs)
 
@@ -228,12 +194,12 @@ class PairBatch:
 
 
 def pack_pairs(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int]) -> PairBatch:
-    """The 2B sequences packed into rows; only answer tokens are targets."""
+    """The 2B sequences packed into one row; only answer tokens are targets."""
     examples = [TokenizedExample(p.prompt_ids + p.chosen_ids, [False] * len(p.prompt_ids) + [True] * len(p.chosen_ids)) for p in pairs]
     examples += [TokenizedExample(p.prompt_ids + p.rejected_ids, [False] * len(p.prompt_ids) + [True] * len(p.rejected_ids)) for p in pairs]
     batch, segments = _pack(examples)
     lengths = [sum(example.loss_mask[1:]) for example in examples]
-    sequence_index = segments[batch.targets != IGNORE_INDEX]  # row-major, the order target log-probs come in
+    sequence_index = segments[batch.targets != IGNORE_INDEX]  # in row order, as target log-probs come
     return PairBatch(batch.input_ids, batch.position_ids, batch.targets, sequence_index, torch.tensor(lengths), torch.tensor(list(pair_ids)))
 
 
