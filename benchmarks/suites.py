@@ -54,7 +54,7 @@ SUITES = {
         name="cpu", model="smollm2-135m-instruct",
         sft_examples=32, sft_batch_size=8, max_length=512,
         pairs=16, pair_batch_size=4,
-        rl_prompts=4, rl_group=4, rl_new_tokens=64, rl_steps=3,
+        rl_prompts=4, rl_group=4, rl_new_tokens=64, rl_steps=2,
         generation_new_tokens=64, generation_batches=((1, 4), (8, 8), (32, 32)),
     ),
     # A few steps on a tiny model: proves the benchmark still runs (the test suite's smoke test).

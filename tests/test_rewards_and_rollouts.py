@@ -152,7 +152,9 @@ def test_prompts_are_left_padded_and_keep_their_end(tiny_model):
     assert ids[0].tolist() == full[-4:]
 
 
-def test_rollout_log_probs_match_the_sampling_distribution(tiny_model):
+def test_rollout_log_probs_match_the_sampling_distribution(tiny_model, monkeypatch):
+    import rlhfkit.rollout as rollout_module
+
     """The behaviour log-probs equal log softmax(logits / T) of a plain forward, token by token."""
     source = resolve(str(tiny_model))
     tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)
@@ -160,16 +162,22 @@ def test_rollout_log_probs_match_the_sampling_distribution(tiny_model):
     torch.manual_seed(0)
     rollout = sample_rollout(model, tokenizer, ["Why is the sky blue?", "What is a magnet?"], settings, 2, 64)
     assert rollout.size == 4 and rollout.prompt_index.tolist() == [0, 0, 1, 1]
+    rollout.response_mask[0, 2:] = 0  # as if row 0 had stopped after 2 tokens: its padding must not count
     logprobs, entropy = response_logprobs(model, rollout, 0.7, with_entropy=True)
-    row = 3
-    prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()]
-    response = rollout.response_ids[row][rollout.response_mask[row].bool()]
-    sequence = torch.cat([prompt, response])[None]
-    with torch.no_grad():
-        logits = model(sequence).logits[0, len(prompt) - 1 : -1] / 0.7
-    expected = torch.log_softmax(logits, -1).gather(1, response[:, None]).squeeze(1)
-    assert torch.allclose(logprobs[row, : len(response)], expected, atol=1e-4)
+    for row in range(rollout.size):
+        prompt = rollout.prompt_ids[row][rollout.prompt_mask[row].bool()]
+        response = rollout.response_ids[row][rollout.response_mask[row].bool()]
+        sequence = torch.cat([prompt, response])[None]
+        with torch.no_grad():
+            logits = model(sequence).logits[0, len(prompt) - 1 : -1] / 0.7
+        expected = torch.log_softmax(logits, -1).gather(1, response[:, None]).squeeze(1)
+        assert torch.allclose(logprobs[row, : len(response)], expected, atol=1e-4)
+        assert (logprobs[row, len(response) :] == 0).all()
     assert (entropy[rollout.response_mask.bool()] > 0).all()
+    # the padded-rows path (models whose attention ignores position ids) gives the same numbers
+    monkeypatch.setattr(rollout_module, "packs_by_position_ids", lambda decoder: False)
+    padded, _ = response_logprobs(model, rollout, 0.7)
+    torch.testing.assert_close(padded, logprobs, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_prompt_rows_are_named(tmp_path):

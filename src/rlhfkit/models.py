@@ -251,7 +251,7 @@ def backbone_and_score_head(model: torch.nn.Module) -> tuple[torch.nn.Module, to
 
 
 def packs_by_position_ids(model: torch.nn.Module) -> bool:
-    """Whether the model's backbone is a causal decoder of a family with a `...ForCausalLM` class.
+    """Whether the model (or its bare backbone) is a causal decoder of a family with a `...ForCausalLM` class.
 
     Those build their attention mask from position ids that restart at 0 (several sequences per
     row, none attending to another); encoders such as BERT do not, so they get padded rows.
@@ -260,9 +260,10 @@ def packs_by_position_ids(model: torch.nn.Module) -> bool:
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     family = type(inner).__name__
-    for suffix in ("ForSequenceClassification", "ForCausalLM"):
+    for suffix in ("ForSequenceClassification", "ForCausalLM", "Model"):
         if family.endswith(suffix):
             family = family[: -len(suffix)]
+            break
     module = importlib.import_module(type(inner).__module__)
     return hasattr(module, f"{family}ForCausalLM") and getattr(inner.config, "is_encoder_decoder", False) is False
 

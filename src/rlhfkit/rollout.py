@@ -18,7 +18,8 @@ import torch
 
 from rlhfkit.config import SamplingSettings
 from rlhfkit.losses.lm import IGNORE_INDEX, target_token_logprobs, target_token_logprobs_and_entropy
-from rlhfkit.models import backbone_and_head, backbone_and_score_head
+from rlhfkit.attention import sequence_boundaries
+from rlhfkit.models import backbone_and_head, backbone_and_score_head, packs_by_position_ids
 
 
 @dataclass
@@ -122,8 +123,34 @@ def _sequence_inputs(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torc
     return input_ids, attention_mask, position_ids
 
 
+def _packed_sequence_inputs(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every prompt+response in one row without padding: (1, T) ids and positions, and the (N, R)
+    index of the position predicting each response token (-1 on response padding)."""
+    prompt_lengths = rollout.prompt_mask.sum(dim=1).tolist()
+    response_lengths = rollout.response_mask.sum(dim=1).long().tolist()
+    prompt_width, response_width = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    pieces, predictors = [], torch.full((rollout.size, response_width), -1, dtype=torch.long)
+    offset = 0
+    for row, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
+        pieces.append(torch.cat([rollout.prompt_ids[row, prompt_width - p :], rollout.response_ids[row, :r]]))
+        predictors[row, :r] = torch.arange(offset + p - 1, offset + p - 1 + r)
+        offset += p + r
+    input_ids = torch.cat(pieces)[None, :]
+    position_ids = torch.cat([torch.arange(len(piece)) for piece in pieces])[None, :].to(input_ids.device)
+    return input_ids, position_ids, predictors.to(input_ids.device)
+
+
 def response_hidden_states(decoder: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
-    """(N, R, H): the hidden state that predicts each response token (the state before it)."""
+    """(N, R, H): the hidden state that predicts each response token (the state before it).
+
+    Decoders whose attention follows position ids run all sequences packed in one row, with no
+    padding (0 on response padding); others run the left/right-padded rows with a mask.
+    """
+    if packs_by_position_ids(decoder):
+        input_ids, position_ids, predictors = _packed_sequence_inputs(rollout)
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, **sequence_boundaries(position_ids)).last_hidden_state[0]
+        gathered = hidden[predictors.clamp(min=0)]  # (N, R, H)
+        return gathered * (predictors >= 0).unsqueeze(-1).to(gathered.dtype)
     input_ids, attention_mask, position_ids = _sequence_inputs(rollout)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
     prompt_width = rollout.prompt_ids.shape[1]
