@@ -246,7 +246,7 @@ def _dataset(path: str):
 def trl_sft(suite: Suite, model_name: str, workdir: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    model, tokenizer = _sampling_model(model_name)
+    model, tokenizer = _trl_model(model_name)
     timer = _step_timer()
     tokens = {"seen": 0}
 
@@ -258,41 +258,40 @@ def trl_sft(suite: Suite, model_name: str, workdir: Path) -> dict:
 
     args = _trl_args(SFTConfig, suite, workdir, "sft", per_device_train_batch_size=suite.sft_batch_size, num_train_epochs=1,
                      learning_rate=suite.learning_rate, max_length=suite.max_length)
-    trainer = CountingSFTTrainer(model=model.train(), args=args, train_dataset=_dataset(files(workdir)["sft_trl"]),
+    trainer = CountingSFTTrainer(model=model, args=args, train_dataset=_dataset(files(workdir)["sft_trl"]),
                                  processing_class=tokenizer, peft_config=_trl_lora(suite, "CAUSAL_LM"), callbacks=[timer])
     trainer.train()
     return {"step_seconds": timer.seconds, "units": tokens["seen"], "unit": "tokens"}
 
 
-def trl_reward(suite: Suite, model_name: str, workdir: Path) -> dict:
+def _trl_model(model_name: str, reward_model: bool = False):
+    """The same weights rlhfkit starts from, with transformers' own SDPA attention (not rlhfkit's)."""
     import torch
-    from trl import RewardConfig, RewardTrainer
 
     from rlhfkit.config import ModelSettings
-    from rlhfkit.models import load_reward_model, resolve_with_tokenizer
+    from rlhfkit.models import load_causal_lm, load_reward_model, resolve_with_tokenizer
 
     settings = ModelSettings(name_or_path=model_name, dtype="float32")
     source, tokenizer = resolve_with_tokenizer(settings)
-    model = load_reward_model(source, settings, torch.float32)
+    model = (load_reward_model if reward_model else load_causal_lm)(source, settings, torch.float32)
+    model.set_attn_implementation("sdpa")
     model.config.pad_token_id = tokenizer.pad_token_id
+    return model.train(), tokenizer
+
+
+def trl_pairs(trainer_name: str, suite: Suite, model_name: str, workdir: Path) -> dict:
+    """TRL's RewardTrainer ("reward") or DPOTrainer ("dpo") for one epoch over the pairs."""
+    import trl
+
+    config_class, trainer_class, task = {
+        "reward": (trl.RewardConfig, trl.RewardTrainer, "SEQ_CLS"), "dpo": (trl.DPOConfig, trl.DPOTrainer, "CAUSAL_LM"),
+    }[trainer_name]
+    model, tokenizer = _trl_model(model_name, reward_model=trainer_name == "reward")
     timer = _step_timer()
-    args = _trl_args(RewardConfig, suite, workdir, "reward", per_device_train_batch_size=suite.pair_batch_size,
+    args = _trl_args(config_class, suite, workdir, trainer_name, per_device_train_batch_size=suite.pair_batch_size,
                      num_train_epochs=1, learning_rate=suite.learning_rate, max_length=suite.max_length)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=_dataset(files(workdir)["pairs_trl"]),
-                            processing_class=tokenizer, peft_config=_trl_lora(suite, "SEQ_CLS"), callbacks=[timer])
-    trainer.train()
-    return {"step_seconds": timer.seconds, "units": suite.pairs, "unit": "pairs"}
-
-
-def trl_dpo(suite: Suite, model_name: str, workdir: Path) -> dict:
-    from trl import DPOConfig, DPOTrainer
-
-    model, tokenizer = _sampling_model(model_name)
-    timer = _step_timer()
-    args = _trl_args(DPOConfig, suite, workdir, "dpo", per_device_train_batch_size=suite.pair_batch_size,
-                     num_train_epochs=1, learning_rate=suite.learning_rate, max_length=suite.max_length)
-    trainer = DPOTrainer(model=model.train(), args=args, train_dataset=_dataset(files(workdir)["pairs_trl"]),
-                         processing_class=tokenizer, peft_config=_trl_lora(suite, "CAUSAL_LM"), callbacks=[timer])
+    trainer = trainer_class(model=model, args=args, train_dataset=_dataset(files(workdir)["pairs_trl"]),
+                            processing_class=tokenizer, peft_config=_trl_lora(suite, task), callbacks=[timer])
     trainer.train()
     return {"step_seconds": timer.seconds, "units": suite.pairs, "unit": "pairs"}
 
@@ -302,7 +301,7 @@ def trl_grpo(suite: Suite, model_name: str, workdir: Path) -> dict:
 
     from rlhfkit.reward_functions import numeric_answer
 
-    model, tokenizer = _sampling_model(model_name)
+    model, tokenizer = _trl_model(model_name)
     timer = _step_timer()
     generation_seconds: list[float] = []
 
@@ -336,7 +335,8 @@ def trl_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
     import torch
     from transformers import GenerationConfig
 
-    model, tokenizer = _sampling_model(model_name)
+    model, tokenizer = _trl_model(model_name)
+    model.eval()
     tokenizer.padding_side = "left"
     config = GenerationConfig(max_new_tokens=suite.generation_new_tokens, do_sample=True, temperature=suite.temperature,
                               top_p=1.0, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -363,8 +363,8 @@ RUNNERS: dict[tuple[str, str], Callable[[Suite, str, Path], dict]] = {
     ("trpo", "rlhfkit"): lambda *a: rlhfkit_online("trpo", *a),
     ("generation", "rlhfkit"): rlhfkit_generation,
     ("sft", "trl"): trl_sft,
-    ("reward", "trl"): trl_reward,
-    ("dpo", "trl"): trl_dpo,
+    ("reward", "trl"): lambda *a: trl_pairs("reward", *a),
+    ("dpo", "trl"): lambda *a: trl_pairs("dpo", *a),
     ("grpo", "trl"): trl_grpo,
     ("generation", "trl"): trl_generation,
 }
