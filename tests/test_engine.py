@@ -122,6 +122,32 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_model, tmp_path, te
     assert metrics["after"]["perplexity"] > 0
 
 
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_good_checkpoint(tiny_model, tmp_path, text_rows, monkeypatch):
+    import rlhfkit.forward as forward
+
+    data = write_jsonl(tmp_path / "text.jsonl", text_rows)
+    config = load_config(
+        "pretrain",
+        None,
+        [f"model.name_or_path={tiny_model}", f"data.path={data}", "data.max_length=32", f"train.output_dir={tmp_path / 'run'}",
+         "train.max_steps=4", "train.save_every=2", "train.trackers=[]", "train.batch_size=1"],
+    )
+    real_loss, training_calls = forward.causal_lm_nll_sum, {"n": 0}
+
+    def loss_that_overflows_at_step_3(*args, **kwargs):
+        loss = real_loss(*args, **kwargs)
+        if torch.is_grad_enabled():
+            training_calls["n"] += 1
+            if training_calls["n"] == 3:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(forward, "causal_lm_nll_sum", loss_that_overflows_at_step_3)
+    with pytest.raises(TrainingError, match=r"step 3: loss is nan; stopping \(last good checkpoint: .*step-000002\)"):
+        pretrain.run(config)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]
+
+
 def test_checkpoint_dir_that_is_not_one(tiny_model, tmp_path, text_rows):
     data = write_jsonl(tmp_path / "text.jsonl", text_rows)
     config = load_config("pretrain", None, [f"model.name_or_path={tiny_model}", f"data.path={data}", "data.max_length=32",

@@ -335,8 +335,8 @@ class Engine:
         with torch.no_grad():
             for name, parameter in parameters.items():
                 parameter.copy_(saved[name])
-        self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu"))
-        self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+        self.optimizer.load_state_dict(read_torch_state(checkpoint / "optimizer.pt"))
+        self.scheduler.load_state_dict(read_torch_state(checkpoint / "scheduler.pt"))
         _set_rng_state(state["rng"])
         self.progress = Progress(**state["progress"])
         self.extra_state = state.get("extra", {})
@@ -447,6 +447,19 @@ class Engine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units, **{k: v / units for k, v in extra.items()}}
+
+
+def read_torch_state(path: Path) -> dict:
+    """A state dict saved with torch.save, read with weights_only: tensors and plain containers only.
+
+    A file that would need arbitrary objects unpickled (which can run code) is refused.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"{path}: refused: it holds more than tensors and plain values ({str(exc).splitlines()[0]})") from None
 
 
 def _flat_config(root: Path) -> dict[str, str | int | float | bool]:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -123,16 +124,30 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+@contextmanager
+def _loading(what: str, path: Any) -> Iterator[None]:
+    """Turn transformers' load failures into one-line errors naming the path."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"cannot load {what} from {path}: {exc}") from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+            raise UserError(
+                f"{path} ships its own modelling code, which rlhfkit runs only with model.trust_remote_code: true "
+                "(read that code first)"
+            ) from None
+        raise
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     root = source
     while root.base is not None and not (root.adapter_dir and _has_tokenizer(root.adapter_dir)):
         root = root.base
-    try:
+    with _loading("a tokenizer", root.path):
         tokenizer = AutoTokenizer.from_pretrained(root.path, gguf_file=root.gguf_file, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise UserError(f"cannot load a tokenizer from {root.path}: {exc}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -162,7 +177,7 @@ def load_causal_lm(source: ModelSource, settings: ModelSettings, dtype: torch.dt
 
         base = load_causal_lm(source.base, settings, dtype)
         return PeftModel.from_pretrained(base, str(source.adapter_dir)).merge_and_unload()
-    try:
+    with _loading("a model", source.path):
         model = AutoModelForCausalLM.from_pretrained(
             source.path,
             gguf_file=source.gguf_file,
@@ -171,8 +186,6 @@ def load_causal_lm(source: ModelSource, settings: ModelSettings, dtype: torch.dt
             attn_implementation=attention_implementation(settings),
             trust_remote_code=settings.trust_remote_code,
         )
-    except OSError as exc:
-        raise UserError(f"cannot load a model from {source.path}: {exc}") from None
     return model
 
 
@@ -202,14 +215,12 @@ def load_reward_model(
         if any(not name.startswith(("score", "classifier")) for name in missing):
             raise UserError(f"{source.adapter_dir}: cannot turn this causal LM into a reward model")
     else:
-        try:
+        with _loading("a model", source.path):
             model = AutoModelForSequenceClassification.from_pretrained(
                 source.path, gguf_file=source.gguf_file, dtype=dtype, revision=settings.revision,
                 attn_implementation=attention_implementation(settings), trust_remote_code=settings.trust_remote_code,
                 **({} if num_labels is None else {"num_labels": num_labels}),
             )
-        except OSError as exc:
-            raise UserError(f"cannot load a model from {source.path}: {exc}") from None
     return model
 
 
