@@ -1,0 +1,118 @@
+"""Crash safety and long runs: SIGKILL at random points, then resume; repeated save/resume cycles."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jsonl
+from rlhfkit.config import load_config
+from rlhfkit.engine import Engine
+from rlhfkit.stages import pretrain
+
+STEPS = 40
+
+
+def pretrain_settings(model: Path, data: Path, output_dir: Path) -> list[str]:
+    # A checkpoint after every step: kills land mid-step and mid-checkpoint-write alike.
+    return [f"model.name_or_path={model}", f"data.path={data}", "data.max_length=32", f"train.output_dir={output_dir}",
+            f"train.max_steps={STEPS}", "train.save_every=1", "train.save_limit=2", "train.batch_size=1", "train.trackers=[]",
+            "train.epochs=1"]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["train/loss"] for line in lines if '"train/loss"' in line]
+
+
+def latest_checkpoint_step(run_dir: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*") if (p / "state.json").exists()]
+    return max(steps, default=0)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(tiny_model, tmp_path, text_rows):
+    data = write_jsonl(tmp_path / "text.jsonl", text_rows)
+    straight = tmp_path / "straight"
+    pretrain.run(load_config("pretrain", None, pretrain_settings(tiny_model, data, straight)))
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "rlhfkit.cli", "pretrain"]
+    for setting in pretrain_settings(tiny_model, data, killed):
+        command += ["--set", setting]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    chance = random.Random(7)
+    kills = 0
+    for target in sorted(chance.sample(range(3, STEPS - 3), 4)):
+        resume = ["--resume"] if latest_checkpoint_step(killed) > 0 else []
+        process = subprocess.Popen(command + resume, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while latest_checkpoint_step(killed) < target and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(chance.uniform(0.0, 0.05))  # somewhere in the next step or its checkpoint write
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait()
+    assert kills >= 3
+    finished = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+
+    assert train_losses(killed) == pytest.approx(train_losses(straight), rel=1e-5)
+    assert len(train_losses(killed)) == STEPS
+    leftovers = [p.name for p in (killed / "checkpoints").iterdir()]
+    assert sorted(leftovers) == [f"step-{STEPS - 1:06d}", f"step-{STEPS:06d}"]  # save_limit kept, no temporaries
+
+
+class Interrupt(Exception):
+    pass
+
+
+def open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def resident_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc (Linux) to count open files")
+def test_repeated_save_and_resume_cycles_leak_no_files_memory_or_disk(tiny_model, tmp_path, text_rows, monkeypatch):
+    data = write_jsonl(tmp_path / "text.jsonl", text_rows)
+    run_dir = tmp_path / "soak"
+    config = load_config("pretrain", None, pretrain_settings(tiny_model, data, run_dir))
+    original_save = Engine.save_checkpoint
+
+    def save_then_stop_every_third(self):
+        path = original_save(self)
+        if self.progress.step % 3 == 0 and self.progress.step < STEPS:
+            raise Interrupt(path.name)
+        return path
+
+    monkeypatch.setattr(Engine, "save_checkpoint", save_then_stop_every_third)
+    samples = []
+    resume = False
+    while True:
+        try:
+            pretrain.run(config, resume=resume)
+            break
+        except Interrupt:
+            resume = True
+        checkpoints = list((run_dir / "checkpoints").iterdir())
+        assert len(checkpoints) <= config.train.save_limit and not any(p.name.startswith(".") for p in checkpoints)
+        samples.append((open_files(), resident_mb()))
+    assert len(samples) == STEPS // 3  # that many interrupted runs, each resumed
+    first_files, first_memory = samples[1]
+    last_files, last_memory = samples[-1]
+    assert last_files <= first_files + 2, samples
+    assert last_memory - first_memory < 150, samples  # MB over 11 more load/train/save cycles
+    assert train_losses(run_dir)[-1] > 0 and len(train_losses(run_dir)) == STEPS
