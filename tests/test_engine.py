@@ -90,14 +90,17 @@ def test_resume_matches_an_uninterrupted_run(tiny_model, tmp_path, sft_rows, mon
         torch.testing.assert_close(final_adapter(tmp_path / "resumed")[name], weight, rtol=1e-5, atol=1e-6)
 
 
-def test_failed_checkpoint_write_keeps_the_previous_one(tiny_model, tmp_path, text_rows, monkeypatch):
+def small_pretrain_config(model, tmp_path, text_rows, *extra: str):
+    """4 pretraining steps on the tiny model with a checkpoint every 2, into tmp_path/run."""
     data = write_jsonl(tmp_path / "text.jsonl", text_rows)
-    config = load_config(
-        "pretrain",
-        None,
-        [f"model.name_or_path={tiny_model}", f"data.path={data}", "data.max_length=32", f"train.output_dir={tmp_path / 'run'}",
-         "train.max_steps=4", "train.save_every=2", "train.trackers=[]"],
-    )
+    return load_config("pretrain", None, [
+        f"model.name_or_path={model}", f"data.path={data}", "data.max_length=32", f"train.output_dir={tmp_path / 'run'}",
+        "train.max_steps=4", "train.save_every=2", "train.trackers=[]", *extra,
+    ])
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tiny_model, tmp_path, text_rows, monkeypatch):
+    config = small_pretrain_config(tiny_model, tmp_path, text_rows)
     original_save = torch.save
     calls = {"n": 0}
 
@@ -125,13 +128,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_model, tmp_path, te
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_good_checkpoint(tiny_model, tmp_path, text_rows, monkeypatch):
     import rlhfkit.forward as forward
 
-    data = write_jsonl(tmp_path / "text.jsonl", text_rows)
-    config = load_config(
-        "pretrain",
-        None,
-        [f"model.name_or_path={tiny_model}", f"data.path={data}", "data.max_length=32", f"train.output_dir={tmp_path / 'run'}",
-         "train.max_steps=4", "train.save_every=2", "train.trackers=[]", "train.batch_size=1"],
-    )
+    config = small_pretrain_config(tiny_model, tmp_path, text_rows, "train.batch_size=1")
     real_loss, training_calls = forward.causal_lm_nll_sum, {"n": 0}
 
     def loss_that_overflows_at_step_3(*args, **kwargs):
