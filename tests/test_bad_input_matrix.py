@@ -94,3 +94,13 @@ def test_an_output_dir_that_cannot_be_created_is_named(stage, tiny_model, tmp_pa
     code, stderr = run_cli(capsys, stage, "--set", f"data.path={data}", "--set", f"model.name_or_path={tiny_model}",
                            "--set", f"train.output_dir={blocker / 'run'}")
     assert_one_line_error(code, stderr, f"train.output_dir {blocker / 'run'} is not writable")
+
+
+def test_an_example_longer_than_max_length_is_named_when_asked_to_stop(tiny_model, tmp_path, capsys):
+    data = tmp_path / "long.jsonl"
+    data.write_text(GOOD_ROWS["sft"] + "\n" + '{"prompt": "Why?", "completion": "' + "very long answer " * 40 + '"}\n')
+    code, stderr = run_cli(capsys, "sft", "--set", f"data.path={data}", "--set", f"model.name_or_path={tiny_model}",
+                           "--set", "data.max_length=64", "--set", "data.overlong=error", "--set", "data.eval_fraction=0",
+                           "--set", f"train.output_dir={tmp_path / 'run'}")
+    assert_one_line_error(code, stderr, f"{data}:2: ")
+    assert "longer than data.max_length=64" in stderr

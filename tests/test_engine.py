@@ -145,6 +145,35 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_good_checkpoint
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]
 
 
+def test_an_infinite_gradient_stops_the_run_or_is_skipped_and_counted(tiny_model, tmp_path, text_rows, monkeypatch):
+    from accelerate import Accelerator
+
+    real_clip, calls = Accelerator.clip_grad_norm_, {"n": 0}
+
+    def gradient_blows_up_at_step_3(self, parameters, max_norm, *args, **kwargs):
+        norm = real_clip(self, parameters, max_norm, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                for parameter in parameters:
+                    parameter.grad.fill_(float("inf"))
+            return torch.tensor(float("inf"))
+        return norm
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", gradient_blows_up_at_step_3)
+    with pytest.raises(TrainingError, match=r"step 3: gradient norm is inf; stopping \(last good checkpoint: .*step-000002\)"):
+        pretrain.run(small_pretrain_config(tiny_model, tmp_path, text_rows, "train.batch_size=1"))
+
+    calls["n"] = 0
+    (tmp_path / "skip").mkdir()
+    skipping = small_pretrain_config(tiny_model, tmp_path / "skip", text_rows, "train.batch_size=1", "train.on_nonfinite=skip")
+    pretrain.run(skipping)
+    log = [json.loads(line) for line in (tmp_path / "skip" / "run" / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    assert [entry.get("train/skipped_nonfinite", 0) for entry in log] == [0, 0, 1, 0]
+    adapter = final_adapter(tmp_path / "skip" / "run")
+    assert all(torch.isfinite(weight).all() for weight in adapter.values())  # the inf gradient never reached the weights
+
+
 def test_checkpoint_dir_that_is_not_one(tiny_model, tmp_path, text_rows):
     data = write_jsonl(tmp_path / "text.jsonl", text_rows)
     config = load_config("pretrain", None, [f"model.name_or_path={tiny_model}", f"data.path={data}", "data.max_length=32",

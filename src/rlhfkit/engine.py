@@ -433,16 +433,22 @@ class Engine:
             for key, value in output.metrics.items():
                 extra[key] = extra.get(key, 0.0) + value
         loss = loss_total / units
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"step {self.progress.step + 1}: loss is {loss}; stopping (last good checkpoint: "
-                f"{self.run.checkpoint_dirs()[-1] if self.run.checkpoint_dirs() else 'none'})"
-            )
         max_norm = self.train.max_grad_norm if self.train.max_grad_norm is not None else float("inf")
-        grad_norm = float(self.accelerator.clip_grad_norm_(list(self.trainable_parameters().values()), max_norm))
-        if not math.isfinite(grad_norm):
-            raise TrainingError(f"step {self.progress.step + 1}: gradient norm is {grad_norm}; stopping")
+        grad_norm = float(self.accelerator.clip_grad_norm_(list(self.trainable_parameters().values()), max_norm)) if math.isfinite(loss) else math.nan
         lr = self.scheduler.get_last_lr()[0]
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+            if self.train.on_nonfinite == "error":
+                last = self.run.checkpoint_dirs()[-1] if self.run.checkpoint_dirs() else "none"
+                raise TrainingError(f"step {self.progress.step + 1}: {what}; stopping (last good checkpoint: {last})")
+            # Skip the update: no optimizer step, gradients dropped; the schedule moves on with the step count.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.extra_state["skipped_nonfinite"] = self.extra_state.get("skipped_nonfinite", 0) + 1
+            tqdm.write(f"warning: step {self.progress.step + 1}: {what}; update skipped "
+                       f"({self.extra_state['skipped_nonfinite']} so far; train.on_nonfinite: skip)")
+            return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units,
+                    "skipped_nonfinite": float(self.extra_state["skipped_nonfinite"])}
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

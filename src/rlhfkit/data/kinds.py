@@ -13,6 +13,7 @@ counted in the returned :class:`RowReport`.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,12 +46,14 @@ class RowReport:
 
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
+    duplicates: int = 0  # kept rows equal to an earlier kept row (kept: repeating a row may be deliberate)
 
     def summary(self) -> str:
+        repeated = f" ({self.duplicates} duplicates of earlier rows, kept)" if self.duplicates else ""
         if not self.skipped:
-            return f"{self.kept} rows"
+            return f"{self.kept} rows{repeated}"
         reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
-        return f"{self.kept} rows kept, {sum(self.skipped.values())} skipped ({reasons})"
+        return f"{self.kept} rows kept{repeated}, {sum(self.skipped.values())} skipped ({reasons})"
 
 
 class _BadRow(Exception):
@@ -107,6 +110,7 @@ def detect_kind(rows: list[Row], allowed: tuple[str, ...]) -> Literal["text", "p
 def _validate(rows: list[Row], parse, on_invalid: str) -> tuple[list, RowReport]:
     report = RowReport()
     examples = []
+    seen: set[str] = set()
     for row in rows:
         try:
             examples.append(parse(row))
@@ -118,6 +122,9 @@ def _validate(rows: list[Row], parse, on_invalid: str) -> tuple[list, RowReport]
             report.skipped[bad.reason] += 1
             continue
         report.kept += 1
+        key = json.dumps(row.values, sort_keys=True, default=str)
+        report.duplicates += key in seen
+        seen.add(key)
     if not examples:
         raise DataError(f"{rows[0].where.rsplit(':', 1)[0]}: every row was invalid ({report.summary()})")
     return examples, report
