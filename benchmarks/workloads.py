@@ -170,14 +170,16 @@ def measure_generation(suite: Suite, workdir: Path, generate: Callable[[list[str
     return {"batches": results, "unit": "new tokens"}
 
 
-def _sampling_model(model_name: str):
-    from rlhfkit.config import ModelSettings
-    from rlhfkit.models import load_causal_lm, resolve_with_tokenizer
+def _load_model(model_name: str, reward_model: bool = False):
+    """The model and tokenizer as rlhfkit loads them (float32)."""
     import torch
+
+    from rlhfkit.config import ModelSettings
+    from rlhfkit.models import load_causal_lm, load_reward_model, resolve_with_tokenizer
 
     settings = ModelSettings(name_or_path=model_name, dtype="float32")
     source, tokenizer = resolve_with_tokenizer(settings)
-    return load_causal_lm(source, settings, torch.float32).eval(), tokenizer
+    return (load_reward_model if reward_model else load_causal_lm)(source, settings, torch.float32), tokenizer
 
 
 def rlhfkit_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
@@ -187,7 +189,8 @@ def rlhfkit_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
     from rlhfkit.data.formatting import render_prompt
     from rlhfkit.rollout import sample_rollout
 
-    model, tokenizer = _sampling_model(model_name)
+    model, tokenizer = _load_model(model_name)
+    model.eval()
     torch.manual_seed(suite.seed)
 
     def generate(prompts: list[str]) -> list[int]:
@@ -266,14 +269,7 @@ def trl_sft(suite: Suite, model_name: str, workdir: Path) -> dict:
 
 def _trl_model(model_name: str, reward_model: bool = False):
     """The same weights rlhfkit starts from, with transformers' own SDPA attention (not rlhfkit's)."""
-    import torch
-
-    from rlhfkit.config import ModelSettings
-    from rlhfkit.models import load_causal_lm, load_reward_model, resolve_with_tokenizer
-
-    settings = ModelSettings(name_or_path=model_name, dtype="float32")
-    source, tokenizer = resolve_with_tokenizer(settings)
-    model = (load_reward_model if reward_model else load_causal_lm)(source, settings, torch.float32)
+    model, tokenizer = _load_model(model_name, reward_model)
     model.set_attn_implementation("sdpa")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.train(), tokenizer

@@ -15,7 +15,7 @@ from conftest import write_jsonl
 from rlhfkit.cli import main
 from rlhfkit.config import load_config, load_pipeline
 from rlhfkit.errors import ConfigError
-from rlhfkit.pipeline import run_pipeline, stage_status
+from rlhfkit.pipeline import stage_status
 
 QUESTIONS = ["Why is the sky blue?", "What is the sun?", "How does ice form?", "What is a magnet?",
              "Why does the moon move?", "What is sound?", "How do plants eat?", "What is a star?"]

@@ -67,3 +67,11 @@ def sequence_boundaries(position_ids: torch.Tensor) -> dict[str, torch.Tensor | 
     edges = torch.cat([starts, torch.tensor([row.numel()], device=row.device)]).to(torch.int32)
     longest = int((edges[1:] - edges[:-1]).max())
     return {"cu_seq_lens_q": edges, "cu_seq_lens_k": edges, "max_length_q": longest, "max_length_k": longest}
+
+
+def packed_hidden_states(backbone: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The backbone's last hidden states (R, T, H) for rows of packed sequences (no padding, no mask),
+    with the sequence boundaries passed on to the attention."""
+    return backbone(
+        input_ids=input_ids, position_ids=position_ids, use_cache=False, **sequence_boundaries(position_ids)
+    ).last_hidden_state

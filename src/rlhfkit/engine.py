@@ -433,26 +433,33 @@ class Engine:
             for key, value in output.metrics.items():
                 extra[key] = extra.get(key, 0.0) + value
         loss = loss_total / units
-        max_norm = self.train.max_grad_norm if self.train.max_grad_norm is not None else float("inf")
-        grad_norm = float(self.accelerator.clip_grad_norm_(list(self.trainable_parameters().values()), max_norm)) if math.isfinite(loss) else math.nan
         lr = self.scheduler.get_last_lr()[0]
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
-            if self.train.on_nonfinite == "error":
-                last = self.run.checkpoint_dirs()[-1] if self.run.checkpoint_dirs() else "none"
-                raise TrainingError(f"step {self.progress.step + 1}: {what}; stopping (last good checkpoint: {last})")
-            # Skip the update: no optimizer step, gradients dropped; the schedule moves on with the step count.
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            self.extra_state["skipped_nonfinite"] = self.extra_state.get("skipped_nonfinite", 0) + 1
-            tqdm.write(f"warning: step {self.progress.step + 1}: {what}; update skipped "
-                       f"({self.extra_state['skipped_nonfinite']} so far; train.on_nonfinite: skip)")
-            return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units,
-                    "skipped_nonfinite": float(self.extra_state["skipped_nonfinite"])}
+        if not math.isfinite(loss):
+            return self.skip_nonfinite_update(f"loss is {loss}", {"loss": loss, "lr": lr, "grad_norm": math.nan, "units": units})
+        max_norm = self.train.max_grad_norm if self.train.max_grad_norm is not None else float("inf")
+        grad_norm = float(self.accelerator.clip_grad_norm_(list(self.trainable_parameters().values()), max_norm))
+        if not math.isfinite(grad_norm):
+            return self.skip_nonfinite_update(f"gradient norm is {grad_norm}", {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units})
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units, **{k: v / units for k, v in extra.items()}}
+
+    def skip_nonfinite_update(self, what: str, step_metrics: dict[str, float]) -> dict[str, float]:
+        """A NaN/inf loss or gradient: stop (train.on_nonfinite: error), or drop this update and count it.
+
+        A skipped update takes no optimizer step and drops the gradients; the schedule still moves
+        on with the step count. The count lives in the checkpointed extra state, so it survives resume.
+        """
+        if self.train.on_nonfinite == "error":
+            checkpoints = self.run.checkpoint_dirs()
+            last = checkpoints[-1] if checkpoints else "none"
+            raise TrainingError(f"step {self.progress.step + 1}: {what}; stopping (last good checkpoint: {last})")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        skipped = self.extra_state["skipped_nonfinite"] = self.extra_state.get("skipped_nonfinite", 0) + 1
+        tqdm.write(f"warning: step {self.progress.step + 1}: {what}; update skipped ({skipped} so far; train.on_nonfinite: skip)")
+        return {**step_metrics, "skipped_nonfinite": float(skipped)}
 
 
 def read_torch_state(path: Path) -> dict:

@@ -6,7 +6,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from rlhfkit.attention import sequence_boundaries
+from rlhfkit.attention import packed_hidden_states
 from rlhfkit.data.batching import LMBatch, PairBatch
 from rlhfkit.engine import LossOutput
 from rlhfkit.losses.lm import causal_lm_nll_sum, perplexity, sequence_sums, target_token_logprobs
@@ -17,9 +17,7 @@ def lm_nll_sum(model: torch.nn.Module, batch: LMBatch, chunk_size: int) -> torch
     """Summed NLL of the batch's target tokens, without materialising full-vocabulary logits."""
     decoder, head_weight = backbone_and_head(model)
     # No attention mask: rows are never padded; packed examples attend only within themselves.
-    hidden = decoder(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **sequence_boundaries(batch.position_ids)
-    ).last_hidden_state
+    hidden = packed_hidden_states(decoder, batch.input_ids, batch.position_ids)
     return causal_lm_nll_sum(hidden, head_weight, batch.targets, chunk_size)  # hidden: (B, T, H)
 
 
@@ -59,8 +57,6 @@ def perplexity_evaluator(
 def answer_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int) -> torch.Tensor:
     """(2B,) log π(y|x) summed over answer tokens: B chosen answers, then B rejected."""
     decoder, head_weight = backbone_and_head(model)
-    hidden = decoder(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **sequence_boundaries(batch.position_ids)
-    ).last_hidden_state
+    hidden = packed_hidden_states(decoder, batch.input_ids, batch.position_ids)
     token_logps = target_token_logprobs(hidden, head_weight, batch.targets, chunk_size)  # (M,)
     return sequence_sums(token_logps, batch.sequence_index, 2 * batch.num_pairs)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.attention import sequence_boundaries
+from rlhfkit.attention import packed_hidden_states
 from rlhfkit.config import ModelSettings, RewardSourceSettings
 from rlhfkit.data.batching import pad_right
 from rlhfkit.data.formatting import fit_pair, prompt_and_response_ids
@@ -48,7 +48,7 @@ def reward_model_forward(model: torch.nn.Module, input_ids: torch.Tensor, attent
 def packed_reward_forward(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, last_positions: torch.Tensor) -> torch.Tensor:
     """(S,) float32 rewards of S sequences packed into one row: the score head at each one's last token."""
     backbone, head = backbone_and_score_head(model)
-    hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **sequence_boundaries(position_ids)).last_hidden_state
+    hidden = packed_hidden_states(backbone, input_ids, position_ids)
     return head(hidden[0, last_positions]).squeeze(-1).float()
 
 

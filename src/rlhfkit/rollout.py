@@ -16,9 +16,9 @@ from typing import Any, Sequence
 
 import torch
 
+from rlhfkit.attention import packed_hidden_states
 from rlhfkit.config import SamplingSettings
 from rlhfkit.losses.lm import IGNORE_INDEX, target_token_logprobs, target_token_logprobs_and_entropy
-from rlhfkit.attention import sequence_boundaries
 from rlhfkit.models import backbone_and_head, backbone_and_score_head, packs_by_position_ids
 
 
@@ -148,7 +148,7 @@ def response_hidden_states(decoder: torch.nn.Module, rollout: Rollout) -> torch.
     """
     if packs_by_position_ids(decoder):
         input_ids, position_ids, predictors = _packed_sequence_inputs(rollout)
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False, **sequence_boundaries(position_ids)).last_hidden_state[0]
+        hidden = packed_hidden_states(decoder, input_ids, position_ids)[0]
         gathered = hidden[predictors.clamp(min=0)]  # (N, R, H)
         return gathered * (predictors >= 0).unsqueeze(-1).to(gathered.dtype)
     input_ids, attention_mask, position_ids = _sequence_inputs(rollout)

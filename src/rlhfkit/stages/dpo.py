@@ -3,7 +3,7 @@
 The policy is the starting model (usually an SFT run) with fresh LoRA adapters; the reference
 policy is that same model with the adapters switched off, so no second copy of the weights
 exists (a frozen copy is kept only when fully fine-tuning). Chosen and rejected answers of a
-batch are packed into rows with (almost) no padding and go through one forward pass; per-token log-probs
+batch are packed into one padding-free row and go through one forward pass; per-token log-probs
 are gathered in chunks without a full [tokens, vocab] tensor. Loss variants: DPO (sigmoid, with
 optional label smoothing), IPO, SimPO.
 """

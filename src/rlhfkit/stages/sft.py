@@ -1,7 +1,7 @@
 """`rlhfkit sft`: supervised fine-tuning on prompt -> response pairs.
 
 Examples are formatted with the tokenizer's chat template (or the plain template), the loss is
-taken on assistant tokens only, and each micro-batch is packed into rows with (almost) no padding.
+taken on assistant tokens only, and each micro-batch is packed into one row without padding.
 Held-out response perplexity and ROUGE-L of generated answers are measured before and after, and
 the base and tuned answers are written side by side to samples.md.
 """
