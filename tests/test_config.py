@@ -50,6 +50,7 @@ def test_unknown_key_names_field_and_file(tmp_path):
         ("data.path=missing/file.jsonl", "data.path"),
         ("model.name_or_path=./no/such/model", "model.name_or_path"),
         ("train.grad_accum=two", "train.grad_accum"),
+        ("train.on_nonfinite=ignore", "train.on_nonfinite"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, override, field):
