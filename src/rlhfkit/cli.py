@@ -329,6 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_known_warnings()
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("RANK", "0")) > 0:
+        # Under accelerate launch / torchrun, only the main process reports to the console; the
+        # others still print errors (stderr).
+        sys.stdout = open(os.devnull, "w")
     handlers = {"generate": _generate, "merge": _merge, "score": _score, "pipeline": _pipeline, "report": _report, "label": _label}
     try:
         handlers.get(args.command, _run_stage)(args)

@@ -4,6 +4,12 @@ It owns the plumbing a stage should not repeat: the run directory, accelerate, t
 schedule, gradient accumulation with the loss normalised over the whole optimizer step, clipping,
 seeding, atomic checkpoints with optimizer/scheduler/RNG state, resume, progress and logging.
 A stage hands it batches and a loss function and reads top to bottom.
+
+Under `accelerate launch` (DDP, FSDP, DeepSpeed) every process builds the same list of
+micro-batches; each optimizer step's micro-batches are dealt out across processes and the loss
+is normalised by the units of the whole step, so global batch size, accumulation and learning
+rate mean the same at any process count. Only the main process writes files; checkpoints hold
+full (unsharded) state, so a run saved under N processes resumes under M.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from tqdm.auto import tqdm
 from rlhfkit import __version__
 from rlhfkit.config import LoraSettings, ModelSettings, StageConfig, TrainSettings, dump_config
 from rlhfkit.errors import UserError
-from rlhfkit.evaluate import describe
+from rlhfkit.evaluate import describe, write_answers_before_after
 from rlhfkit.files import clean_stale_temporaries, write_dir_atomically, write_json_atomically, write_text_atomically
 from rlhfkit.models import (
     FINAL_DIR,
@@ -69,6 +75,13 @@ class Progress:
     group_in_epoch: int = 0  # accumulation groups (optimizer steps) done in this epoch
 
 
+def process_state(device: str):
+    """This process's place in the launch (accelerate's PartialState; a single process when not launched)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu")
+
+
 class TrainingError(UserError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
@@ -76,45 +89,57 @@ class TrainingError(UserError):
 class RunDir:
     """A stage's output directory: run.json, config.yaml, checkpoints/, final/, metrics."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, main: bool = True) -> None:
         self.root = root
+        self.main = main  # only the main process of a launch writes
 
     @classmethod
     def open(cls, output_dir: str, stage: str, config: StageConfig, resume: bool) -> RunDir:
-        """Create a run dir, or reopen one to resume; never overwrite a run that is there."""
-        run = cls(Path(output_dir).expanduser())
-        marker = run.root / RUN_MARKER
-        holds_work = run.checkpoint_dirs() or (run.root / FINAL_DIR).exists()
+        """Create a run dir, or reopen one to resume; never overwrite a run that is there.
+
+        Every process of a launch checks; the main one writes, and the others wait for it.
+        """
+        state = process_state(config.model.device)
+        run = cls(Path(output_dir).expanduser(), state.is_main_process)
+        with state.main_process_first():
+            if state.is_main_process:
+                run._open(stage, config, resume)
+        return run
+
+    def _open(self, stage: str, config: StageConfig, resume: bool) -> None:
+        marker = self.root / RUN_MARKER
+        holds_work = self.checkpoint_dirs() or (self.root / FINAL_DIR).exists()
         if marker.exists() and not resume:
             if holds_work:
                 raise UserError(
-                    f"{run.root} already holds a run; pass --resume to continue it, or choose another train.output_dir"
+                    f"{self.root} already holds a run; pass --resume to continue it, or choose another train.output_dir"
                 )
             # A run that stopped before its first checkpoint has nothing to keep: start it afresh.
-            print(f"note: {run.root} holds a run that stopped before its first checkpoint; starting it again")
+            print(f"note: {self.root} holds a run that stopped before its first checkpoint; starting it again")
             for stale in (METRICS_LOG, "metrics.json"):
-                (run.root / stale).unlink(missing_ok=True)
+                (self.root / stale).unlink(missing_ok=True)
         if resume and not marker.exists():
-            raise UserError(f"--resume: {run.root} holds no run to resume")
-        if run.root.exists() and not run.root.is_dir():
-            raise UserError(f"train.output_dir {run.root} exists and is not a directory")
+            raise UserError(f"--resume: {self.root} holds no run to resume")
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"train.output_dir {self.root} exists and is not a directory")
         try:
-            run.root.mkdir(parents=True, exist_ok=True)
-            probe = run.root / ".write-test"
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-test"
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
-            raise UserError(f"train.output_dir {run.root} is not writable: {exc.strerror}") from None
+            raise UserError(f"train.output_dir {self.root} is not writable: {exc.strerror}") from None
         if resume:
             recorded = json.loads(marker.read_text())
             if recorded.get("stage") != stage:
-                raise UserError(f"--resume: {run.root} is a {recorded.get('stage')} run, not a {stage} run")
-        write_text_atomically(run.root / "config.yaml", dump_config(config))
-        run.write_marker(stage, "running")
-        clean_stale_temporaries(run.root / CHECKPOINTS)
-        return run
+                raise UserError(f"--resume: {self.root} is a {recorded.get('stage')} run, not a {stage} run")
+        write_text_atomically(self.root / "config.yaml", dump_config(config))
+        self.write_marker(stage, "running")
+        clean_stale_temporaries(self.root / CHECKPOINTS)
 
     def write_marker(self, stage: str, status: str) -> None:
+        if not self.main:
+            return
         write_json_atomically(
             self.root / RUN_MARKER,
             {"stage": stage, "status": status, "rlhfkit": __version__, "updated": datetime.now(timezone.utc).isoformat()},
@@ -136,6 +161,8 @@ class RunDir:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def update_json(self, name: str, **values) -> None:
+        if not self.main:
+            return
         write_json_atomically(self.root / name, {**self.read_json(name), **values})
 
 
@@ -180,6 +207,22 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+class ForwardInWrapper(torch.nn.Module):
+    """Holds the model behind accelerate's wrapper (DDP, FSDP, DeepSpeed).
+
+    Stages compute losses from the model's decoder and head directly, which would bypass the
+    wrapper's hooks (DDP's gradient all-reduce, FSDP's parameter gathering). Running the loss
+    function as this module's forward puts every training pass inside the wrapper.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, loss_fn: Callable, batch) -> LossOutput:
+        return loss_fn(self.model, batch)
+
+
 class Engine:
     """Training plumbing for one stage run."""
 
@@ -202,7 +245,8 @@ class Engine:
             init_kwargs = {"wandb": {"name": name, "dir": str(run.root), "config": {"stage": stage}}, "mlflow": {"run_name": name}}
             self.accelerator.init_trackers(train.tracker_project, config=_flat_config(run.root), init_kwargs=init_kwargs)
         set_seed(train.seed)
-        self.model: torch.nn.Module | None = None
+        self.model: torch.nn.Module | None = None  # the model itself: for evaluation, generation, saving
+        self.wrapped: torch.nn.Module | None = None  # ForwardInWrapper(model) as accelerate prepared it: for training passes
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.progress = Progress()
@@ -213,15 +257,37 @@ class Engine:
     def device(self) -> torch.device:
         return self.accelerator.device
 
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def sum_across_processes(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of a tensor over the processes of the launch (itself with one process)."""
+        if self.num_processes == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.device), "sum").cpu()
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """Concatenate each process's rows (equal shapes), in process order."""
+        if self.num_processes == 1:
+            return values
+        return self.accelerator.gather(values.to(self.device).contiguous()).cpu()
+
+    def on_main(self, write: Callable[[], object]) -> None:
+        """Run a file-writing action on the main process only, then let every process go on together."""
+        if self.is_main:
+            write()
+        self.accelerator.wait_for_everyone()
+
     def dtype(self, requested: str) -> torch.dtype:
         return pick_dtype(requested, self.device)
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {name: p for name, p in self.unwrapped_model.named_parameters() if p.requires_grad}
-
-    @property
-    def unwrapped_model(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
     def prepare(self, model: torch.nn.Module, total_steps: int, scheduler_steps: int | None = None) -> torch.nn.Module:
         """Move the model to the device and build AdamW with warmup and decay.
@@ -240,7 +306,11 @@ class Engine:
         warmup = round(self.train.warmup_ratio * schedule)
         kind = self.train.scheduler
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, schedule, warmup, kind))
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        # The scheduler stays outside accelerate: prepared, it would step once per process per
+        # optimizer step, while our schedule counts optimizer steps of the global batch.
+        self.wrapped, self.optimizer = self.accelerator.prepare(ForwardInWrapper(model), optimizer)
+        self.scheduler = scheduler
+        self.model = self.accelerator.unwrap_model(self.wrapped).model
         self.total_steps = total_steps
         return self.model
 
@@ -266,7 +336,7 @@ class Engine:
     def save_final(self, tokenizer, base_reference: str, info: dict, model: torch.nn.Module | None = None, name: str = FINAL_DIR) -> Path:
         """The trained adapter or full model (default: the prepared one), with its tokenizer, in RUN/final."""
         target = self.run.root / name
-        save_model(model if model is not None else self.unwrapped_model, tokenizer, target, portable_reference(base_reference), info)
+        self.on_main(lambda: save_model(model if model is not None else self.model, tokenizer, target, portable_reference(base_reference), info))
         return target
 
     def measure(self, metrics: dict, when: str, evaluate: Callable[[], dict] | None) -> None:
@@ -281,8 +351,10 @@ class Engine:
             self.run.update_json("metrics.json", before=metrics["before"])
         print(f"{when}: {describe(metrics[when])}")
 
-    def complete(self, metrics: dict, data_summary: str) -> None:
-        """Record the final metrics, mark the run complete and close the trackers."""
+    def complete(self, metrics: dict, data_summary: str, samples: tuple[Sequence, Sequence[str | None]] | None = None) -> None:
+        """Record the final metrics (and samples.md from (prompt turns, references)), mark the run complete, close the trackers."""
+        if samples is not None and self.is_main:
+            write_answers_before_after(self.run.root, samples[0], metrics, samples[1])
         self.run.update_json("metrics.json", **{**metrics, "data": data_summary})
         self.run.write_marker(self.stage, "complete")
         self.accelerator.end_training()
@@ -291,6 +363,10 @@ class Engine:
 
     def save_checkpoint(self) -> Path:
         target = self.run.checkpoints / f"step-{self.progress.step:06d}"
+        self.on_main(lambda: self._write_checkpoint(target))
+        return target
+
+    def _write_checkpoint(self, target: Path) -> None:
         trainable = {name: p.detach().contiguous().cpu() for name, p in self.trainable_parameters().items()}
 
         def write(tmp: Path) -> None:
@@ -311,7 +387,6 @@ class Engine:
             raise TrainingError(f"could not write checkpoint {target}: {exc.strerror or exc}{kept}") from None
         for stale in self.run.checkpoint_dirs()[: -self.train.save_limit]:
             shutil.rmtree(stale, ignore_errors=True)
-        return target
 
     def load_checkpoint(self, checkpoint: Path | None = None) -> Path:
         """Restore weights, optimizer, scheduler, RNG and progress from a checkpoint (default: latest)."""
@@ -340,12 +415,14 @@ class Engine:
         _set_rng_state(state["rng"])
         self.progress = Progress(**state["progress"])
         self.extra_state = state.get("extra", {})
-        self._truncate_metrics_log(self.progress.step)
+        self.on_main(lambda: self._truncate_metrics_log(self.progress.step))
         return checkpoint
 
     # ---- logging -----------------------------------------------------------------------
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.is_main:
+            return
         with (self.run.root / METRICS_LOG).open("a", encoding="utf-8") as out:
             out.write(json.dumps({"step": step, **metrics}) + "\n")
         self.accelerator.log(metrics, step=step)
@@ -367,7 +444,7 @@ class Engine:
     ) -> Progress:
         """Run optimizer steps until total_steps, checkpointing and logging on the way."""
         train = self.train
-        bar = tqdm(total=self.total_steps, initial=self.progress.step, desc=self.stage, dynamic_ncols=True)
+        bar = self.progress_bar()
         started, units_seen = time.perf_counter(), 0
         while self.progress.step < self.total_steps:
             batches = batches_for_epoch(self.progress.epoch)
@@ -397,6 +474,9 @@ class Engine:
         self.checkpoint_at_end()
         return self.progress
 
+    def progress_bar(self) -> tqdm:
+        return tqdm(total=self.total_steps, initial=self.progress.step, desc=self.stage, dynamic_ncols=True, disable=not self.is_main)
+
     def log_step(self, metrics: dict[str, float]) -> None:
         """Log a finished step's metrics as train/NAME, every train.log_every steps."""
         if self.progress.step % self.train.log_every == 0:
@@ -412,26 +492,38 @@ class Engine:
         if not self.train.save_every or self.progress.step % self.train.save_every:
             self.save_checkpoint()
 
-    def optimizer_step(self, group: Sequence[Batch], loss_fn) -> dict[str, float]:
+    def optimizer_step(self, group: Sequence[Batch], loss_fn, sharded: bool = False) -> dict[str, float]:
         """Accumulate gradients over the group with the loss averaged over all its units, then step.
 
-        Dividing every micro-batch's summed loss by the group's total units makes 8 micro-batches
-        of 1 example equal 1 micro-batch of 8.
+        Dividing every micro-batch's summed loss by the step's total units makes 8 micro-batches
+        of 1 example equal 1 micro-batch of 8. Under several processes, the group is dealt out
+        (process r takes micro-batches r, r+N, ...) unless `sharded` says each process already
+        holds its own part; units and metrics are summed over processes, and each process's loss
+        is multiplied by N because DDP averages the gradients it all-reduces. A process left with
+        no micro-batch still joins the all-reduce, with a zero-weighted pass.
         """
-        model = self.model
-        model.train(self.train_mode)
-        units = sum(batch.loss_units for batch in group)
+        world = self.num_processes
+        share = list(group) if sharded or world == 1 else list(group[self.accelerator.process_index :: world])
+        idle = not share
+        share = share or list(group[:1])
+        weight = 0 if idle else world
+        local_units = sum(batch.loss_units for batch in share) if not idle else 0
+        units = int(self.sum_across_processes(torch.tensor([local_units]))[0]) if sharded else sum(b.loss_units for b in group)
         if units == 0:
             raise TrainingError(f"step {self.progress.step + 1}: the batch has no target tokens")
+        self.wrapped.train(self.train_mode)
         loss_total, extra = 0.0, {}
-        for index, batch in enumerate(group):
-            syncing = index == len(group) - 1
-            with nullcontext() if syncing else self.accelerator.no_sync(model):
-                output = loss_fn(model, batch.to(self.device))
-                self.accelerator.backward(output.loss_sum / units)
-            loss_total += output.loss_sum.item()
+        for index, batch in enumerate(share):
+            syncing = index == len(share) - 1
+            with nullcontext() if syncing else self.accelerator.no_sync(self.wrapped):
+                output = self.wrapped(loss_fn, batch.to(self.device))
+                self.accelerator.backward(output.loss_sum / units * weight)
+            loss_total += output.loss_sum.item() * (not idle)
             for key, value in output.metrics.items():
-                extra[key] = extra.get(key, 0.0) + value
+                extra[key] = extra.get(key, 0.0) + value * (not idle)
+        if world > 1:
+            totals = self.sum_across_processes(torch.tensor([loss_total, *extra.values()], dtype=torch.float64)).tolist()
+            loss_total, extra = totals[0], dict(zip(extra, totals[1:]))
         loss = loss_total / units
         lr = self.scheduler.get_last_lr()[0]
         if not math.isfinite(loss):

@@ -20,7 +20,6 @@ from rlhfkit.data.batching import PairBatch, pair_batches
 from rlhfkit.data.formatting import render_prompt, tokenize_pairs
 from rlhfkit.data.kinds import load_examples, preference_examples
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
-from rlhfkit.evaluate import write_answers_before_after
 from rlhfkit.forward import answer_logps
 from rlhfkit.generation import generate_answers
 from rlhfkit.losses.dpo import DPOLoss, dpo_family_loss, implicit_rewards
@@ -44,7 +43,7 @@ class ReferencePolicy:
             rows = self.table[batch.pair_ids.cpu()]  # (B, 2)
             return torch.cat([rows[:, 0], rows[:, 1]]).to(self.engine.device)
         model = self.frozen_copy if self.frozen_copy is not None else self.engine.model
-        adapters_off = self.engine.unwrapped_model.disable_adapter() if self.frozen_copy is None else nullcontext()
+        adapters_off = self.engine.model.disable_adapter() if self.frozen_copy is None else nullcontext()
         was_training = model.training
         model.eval()  # no dropout in the reference
         with adapters_off:
@@ -140,7 +139,7 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
 
     def answer_and_score() -> dict:
         scores = evaluate() if eval_batches else {}
-        answers = generate_answers(engine.unwrapped_model, tokenizer, prompt_texts, generation, train.seed)
+        answers = generate_answers(engine.model, tokenizer, prompt_texts, generation, train.seed)
         if scorer is not None and answers:
             rewards = scorer.score(prompt_turns, answers)
             scores["reward_model_score"] = sum(rewards) / len(rewards)
@@ -159,8 +158,6 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
 
     # Save.
     engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled, "loss": config.dpo.loss})
-    if prompt_texts:
-        write_answers_before_after(run_dir.root, prompt_turns, metrics, references=[])
-    engine.complete(metrics, report.summary())
+    engine.complete(metrics, report.summary(), samples=(prompt_turns, []) if prompt_texts else None)
     return metrics
 

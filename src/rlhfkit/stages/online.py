@@ -26,7 +26,6 @@ from rlhfkit.data.batching import _order
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.data.kinds import PromptExample, load_examples, prompt_examples
 from rlhfkit.engine import Engine, RunDir
-from rlhfkit.evaluate import write_answers_before_after
 from rlhfkit.models import resolve, resolve_with_tokenizer
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
 from rlhfkit.rollout import Rollout, response_logprobs, sample_rollout
@@ -278,9 +277,7 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
     engine.save_final(tokenizer, config.model.name_or_path, info, model=policy)
     if context.critic is not None:
         engine.save_final(tokenizer, context.critic_reference, {**info, "role": "critic"}, model=context.critic, name="critic")
-    if eval_examples:
-        write_answers_before_after(run_dir.root, [e.prompt for e in eval_examples], metrics, references=[])
-    engine.complete(metrics, report.summary())
+    engine.complete(metrics, report.summary(), samples=([e.prompt for e in eval_examples], []) if eval_examples else None)
     return metrics
 
 

@@ -13,7 +13,7 @@ from rlhfkit.data.batching import packed_batches
 from rlhfkit.data.formatting import render_prompt, tokenize_examples
 from rlhfkit.data.kinds import ChatExample, load_examples, chat_examples
 from rlhfkit.engine import Engine, RunDir, steps_for
-from rlhfkit.evaluate import rouge_l, write_answers_before_after
+from rlhfkit.evaluate import rouge_l
 from rlhfkit.forward import lm_loss, perplexity_evaluator
 from rlhfkit.generation import generate_answers
 from rlhfkit.models import resolve_with_tokenizer
@@ -59,7 +59,7 @@ def run(config: SFTConfig, resume: bool = False) -> dict:
     evaluate = perplexity_evaluator(engine.model, eval_batches, engine.device, train.loss_chunk_tokens)
 
     def answer_and_score() -> dict:
-        answers = generate_answers(engine.unwrapped_model, tokenizer, prompt_texts, generation, train.seed)
+        answers = generate_answers(engine.model, tokenizer, prompt_texts, generation, train.seed)
         scores = evaluate() if evaluate else {}
         if references:
             scores["rouge_l"] = rouge_l(answers[: len(references)], references)
@@ -76,7 +76,6 @@ def run(config: SFTConfig, resume: bool = False) -> dict:
 
     # Save.
     engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled})
-    write_answers_before_after(run_dir.root, prompt_turns, metrics, references)
-    engine.complete(metrics, report.summary())
+    engine.complete(metrics, report.summary(), samples=(prompt_turns, references))
     return metrics
 

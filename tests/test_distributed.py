@@ -1,0 +1,105 @@
+"""Two processes (DDP over gloo on CPU) give the loss curve of one process with the same global batch.
+
+Each run is a real `accelerate launch --multi_gpu --num_processes 2 -m rlhfkit.cli ...` (accelerate
+starts torchrun; with no GPU the processes train on CPU and talk over gloo).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jsonl
+from rlhfkit.cli import main
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = ["Why is the sky blue?", "What is the sun?", "How does ice form?", "What is a magnet?",
+             "Why does the moon move?", "What is sound?", "How do plants eat?", "What is a star?"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def settings(*pairs: str) -> list[str]:
+    return [part for pair in pairs for part in ("--set", pair)]
+
+
+def launch(processes: int, stage: str, *pairs: str, resume: bool = False) -> None:
+    """One stage run on `processes` processes; the 1-process run goes through the CLI in-process."""
+    arguments = [stage, *settings("model.device=cpu", "train.trackers=[]", *pairs)] + (["--resume"] if resume else [])
+    if processes == 1:
+        assert main(arguments) == 0
+        return
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "rlhfkit.cli", *arguments]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def logged(run_dir: Path, name: str = "train/loss") -> list[float]:
+    return [json.loads(line)[name] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture()
+def sft_file(tmp_path, sft_rows):
+    return write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+
+
+def sft_settings(model, data, output_dir, *extra):
+    return (f"model.name_or_path={model}", f"data.path={data}", f"train.output_dir={output_dir}", "data.eval_fraction=0.2",
+            "train.lr=5e-3", "lora.dropout=0.0", "generation.num_prompts=2", "generation.max_new_tokens=4", *extra)
+
+
+@pytest.mark.parametrize("grad_accum", [2, 1])
+def test_sft_on_two_processes_follows_the_one_process_loss_curve(tiny_model, sft_file, tmp_path, grad_accum):
+    # grad_accum 2: each process takes one micro-batch per step; 1: one process sits out each step
+    # (it still joins the gradient all-reduce with a zero-weighted pass).
+    extra = ["train.max_steps=6", "train.batch_size=2", f"train.grad_accum={grad_accum}"]
+    launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "one", *extra))
+    launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "two", *extra))
+    one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert len(one) == len(two) == 6 and two == pytest.approx(one, rel=1e-4)
+    assert logged(tmp_path / "two", "train/lr") == pytest.approx(logged(tmp_path / "one", "train/lr"))
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text())["after"]["perplexity"] for run in ("one", "two")]
+    assert metrics[1] == pytest.approx(metrics[0], rel=1e-3)
+    assert (tmp_path / "two" / "final" / "adapter_model.safetensors").exists() and (tmp_path / "two" / "samples.md").exists()
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(tiny_model, sft_file, tmp_path):
+    extra = ["train.max_steps=6", "train.batch_size=2", "train.grad_accum=2", "train.save_every=3", "train.save_limit=3"]
+    launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "straight", *extra))
+    launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "split", *extra))
+    # The 2-process run, "killed" after its step-3 checkpoint, finishes on one process.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "split", resumed)
+    for path in ["checkpoints/step-000006", "final"]:
+        shutil.rmtree(resumed / path)
+    (resumed / "run.json").write_text(json.dumps({"stage": "sft", "status": "running"}))
+    launch(1, "sft", *sft_settings(tiny_model, sft_file, resumed, *extra), resume=True)
+    assert logged(resumed) == pytest.approx(logged(tmp_path / "straight"), rel=1e-4)
+
+
+def test_dpo_on_two_processes_follows_the_one_process_loss_curve(tiny_model, sft_rows, tmp_path):
+    rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "No idea, go away."} for r in sft_rows]
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    common = (f"model.name_or_path={tiny_model}", f"data.path={data}", "data.eval_fraction=0.25", "data.max_length=96",
+              "train.batch_size=2", "train.grad_accum=2", "train.max_steps=5", "lora.dropout=0.0", "train.lr=5e-3",
+              "generation.num_prompts=0")
+    launch(1, "dpo", *common, f"train.output_dir={tmp_path / 'one'}")
+    launch(2, "dpo", *common, f"train.output_dir={tmp_path / 'two'}")
+    one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert len(one) == 5 and two == pytest.approx(one, rel=1e-4) and one[-1] < one[0]
+    assert logged(tmp_path / "two", "train/accuracy") == pytest.approx(logged(tmp_path / "one", "train/accuracy"))
