@@ -103,3 +103,36 @@ def test_dpo_on_two_processes_follows_the_one_process_loss_curve(tiny_model, sft
     one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
     assert len(one) == 5 and two == pytest.approx(one, rel=1e-4) and one[-1] < one[0]
     assert logged(tmp_path / "two", "train/accuracy") == pytest.approx(logged(tmp_path / "one", "train/accuracy"))
+
+
+def test_grpo_on_two_processes_samples_and_learns_what_one_process_does(tiny_model, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS * 2])
+    (tmp_path / "lengthy.py").write_text(
+        "def letters(prompts, completions, **columns):\n    return [float(sum(c.isalpha() for c in text)) / 10 for text in completions]\n"
+    )
+    common = (f"model.name_or_path={tiny_model}", f"data.path={prompts}", "data.eval_fraction=0.25",
+              f"reward.function={tmp_path / 'lengthy.py'}:letters", "train.batch_size=8", "train.lr=1e-2", "lora.dropout=0.0",
+              "train.max_steps=4", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=6",
+              "grpo.beta=0.04", "eval.num_prompts=2", "eval.samples_per_prompt=2")
+    launch(1, "grpo", *common, f"train.output_dir={tmp_path / 'one'}")
+    launch(2, "grpo", *common, f"train.output_dir={tmp_path / 'two'}")
+    one, two = tmp_path / "one", tmp_path / "two"
+    # Each process sampled its own two prompts' groups, with per-completion seeds: the rewards of
+    # the whole batch are the ones one process sampled, and so are the losses that follow.
+    for name in ["train/reward_mean", "train/reward_std", "train/kl", "train/length", "train/loss", "train/zero_variance_groups"]:
+        assert logged(two, name) == pytest.approx(logged(one, name), rel=1e-3, abs=1e-5), name
+    assert len(set(logged(one, "train/reward_mean"))) > 1  # the policy moved: later batches differ
+    after = [json.loads((run / "metrics.json").read_text())["after"] for run in (one, two)]
+    assert after[1]["reward_mean"] == pytest.approx(after[0]["reward_mean"], rel=1e-3)
+    assert after[1]["answers"] == after[0]["answers"]
+
+
+def test_ppo_refuses_several_processes_before_loading_a_model(tiny_model, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               "-m", "rlhfkit.cli", "ppo", *settings("model.device=cpu", f"model.name_or_path={tiny_model}", f"data.path={prompts}",
+                                                      "reward.function=math:fsum", f"train.output_dir={tmp_path / 'run'}")]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "error: ppo runs on one process; of the online RL stages, grpo runs on several" in done.stderr
+    assert "Loading weights" not in done.stderr and not (tmp_path / "run").exists()

@@ -1,4 +1,4 @@
-"""PPO, GRPO and TRPO on a tiny random model: rewarding one token makes its probability rise."""
+"""PPO, GRPO and TRPO on a tiny random model: rewarding one token makes it more frequent in sampled answers."""
 
 import json
 
@@ -38,27 +38,44 @@ def reward_file(tmp_path):
     return path
 
 
+@pytest.fixture(scope="module")
+def target_liking_model(tiny_model, tmp_path_factory):
+    """The tiny model, nudged so that TARGET starts as the first answer token with p ≈ 4%.
+
+    A random 400-token model says TARGET with p ≈ 1/400: a batch of 32 six-token completions
+    holds about one, so whether RL finds the signal was a matter of the seed (about 2 runs in 3
+    passed). With the target's logit raised by 3 at answer positions, most batches have reward
+    variance, and the test measures the algorithms: across seeds 0-2 every algorithm raised the
+    held-out reward from 0.05 to 0.22-0.31 (paired z 3.2-3.9).
+    """
+    import shutil
+
+    directory = tmp_path_factory.mktemp("target-liking")
+    for item in tiny_model.iterdir():
+        shutil.copy(item, directory / item.name)
+    tokenizer = load_tokenizer(resolve(str(directory)))
+    model = load_causal_lm(resolve(str(directory)), ModelSettings(), torch.float32).eval()
+    (target_id,) = tokenizer(TARGET, add_special_tokens=False)["input_ids"]
+    states = []
+    for question in QUESTIONS:
+        text = render_prompt(tokenizer, [{"role": "user", "content": question}], "auto")
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            states.append(model.model(ids).last_hidden_state[0, -1])
+    direction = torch.stack(states).mean(dim=0)
+    with torch.no_grad():  # tied embeddings: the head row of TARGET is its embedding row
+        model.get_output_embeddings().weight[target_id] += 3.0 * direction / direction.square().sum()
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
 def rl_config(stage, model, prompts, reward, output_dir, *overrides):
     return load_config(stage, None, [
         f"model.name_or_path={model}", f"data.path={prompts}", "data.eval_fraction=0.25", f"reward.function={reward}:target_count",
         f"train.output_dir={output_dir}", "train.trackers=[]", "train.batch_size=16", "lora.dropout=0.0", "train.lr=2e-2",
         "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=6", "rollout.temperature=1.0",
-        "eval.num_prompts=4", *overrides,
+        "eval.num_prompts=4", "eval.samples_per_prompt=16", *overrides,
     ])
-
-
-def target_logprob(model_reference, tokenizer_source) -> float:
-    """Mean log π(TARGET | prompt) at the first answer position over the questions."""
-    tokenizer = load_tokenizer(resolve(str(tokenizer_source)))
-    model = load_causal_lm(resolve(str(model_reference)), ModelSettings(), torch.float32).eval()
-    (target_id,) = tokenizer(TARGET, add_special_tokens=False)["input_ids"]
-    total = 0.0
-    for question in QUESTIONS:
-        text = render_prompt(tokenizer, [{"role": "user", "content": question}], "auto")
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-        with torch.no_grad():
-            total += torch.log_softmax(model(ids).logits[0, -1], -1)[target_id].item()
-    return total / len(QUESTIONS)
 
 
 def metrics_steps(overrides):
@@ -73,11 +90,14 @@ def metrics_steps(overrides):
     ("grpo", grpo, ["train.max_steps=12", "grpo.beta=0.0"]),
     ("trpo", trpo, ["train.max_steps=12", "trpo.max_kl=0.05"]),
 ])
-def test_rewarding_one_token_makes_it_more_likely(tiny_model, prompt_file, reward_file, tmp_path, stage, module, extra):
+def test_rewarding_one_token_makes_it_more_likely(target_liking_model, prompt_file, reward_file, tmp_path, stage, module, extra):
     out = tmp_path / stage
-    metrics = module.run(rl_config(stage, tiny_model, prompt_file, reward_file, out, *extra))
-    before, after = target_logprob(tiny_model, tiny_model), target_logprob(out, tiny_model)
-    assert after > before + 0.5, (stage, before, after)
+    metrics = module.run(rl_config(stage, target_liking_model, prompt_file, reward_file, out, *extra))
+    # The held-out reward is how often TARGET appears in sampled answers (same prompts and seeds
+    # before and after): it rises several-fold, far beyond the paired standard error.
+    before, after = metrics["before"]["reward_mean"], metrics["after"]["reward_mean"]
+    assert after > 3 * before > 0, (stage, before, after)
+    assert metrics["after"]["reward_gain"] > 2.5 * metrics["after"]["reward_gain_stderr"]
     assert metrics["after"]["kl"] > 0 and metrics["before"]["kl"] == pytest.approx(0.0, abs=1e-5)
     gains = [a - b for a, b in zip(metrics["after"]["sample_rewards"], metrics["before"]["sample_rewards"])]
     assert metrics["after"]["reward_gain"] == pytest.approx(sum(gains) / len(gains))

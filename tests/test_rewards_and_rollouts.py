@@ -200,3 +200,35 @@ def test_bad_prompt_rows_are_named(tmp_path):
     kept, report = prompt_examples(read_rows(str(bad)), "skip")
     assert [e.columns for e in kept] == [{"answer": 1}] and sum(report.skipped.values()) == 3
     assert "must not end with an assistant turn" in str(pytest.raises(DataError, prompt_examples, read_rows(str(bad))[2:3]).value)
+
+
+def test_row_seeded_sampler_draws_from_the_processed_distribution():
+    from rlhfkit.rollout import RowSeededSampler, row_seed
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    settings = RolloutSettings(temperature=0.5, top_k=3, top_p=1.0)
+    counts = torch.zeros(5)
+    for seed in range(4000):
+        scores = RowSeededSampler([row_seed(7, seed)], settings)(torch.zeros(1, 1, dtype=torch.long), logits.clone())
+        assert scores.isfinite().sum() == 1  # a one-hot row: greedy decoding takes the drawn token
+        counts[scores.argmax()] += 1
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0]) / 0.5, -1)  # top-3 of logits / T
+    assert counts[3:].sum() == 0  # outside the top-k: never drawn
+    assert torch.allclose(counts[:3] / counts.sum(), expected, atol=0.02)
+
+
+def test_seeded_completions_do_not_depend_on_their_batch(tiny_model):
+    """A completion drawn with its own seed is the same alone or beside other prompts."""
+    from rlhfkit.rollout import row_seed
+
+    source = resolve(str(tiny_model))
+    tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)
+    settings = RolloutSettings(max_new_tokens=8, temperature=1.0, batch_size=6)
+    prompts = ["Why is the sky blue?", "What is a magnet?", "How"]
+    seeds = [row_seed(0, 3, index) for index in range(6)]
+    together = sample_rollout(model, tokenizer, prompts, settings, 2, 64, seeds)
+    apart = sample_rollout(model, tokenizer, prompts[2:], settings, 2, 64, seeds[4:])
+    assert together.completions[4:] == apart.completions
+    assert len(set(together.completions)) > 1
+    again = sample_rollout(model, tokenizer, prompts, settings, 2, 64, seeds)
+    assert again.completions == together.completions

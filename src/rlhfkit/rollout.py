@@ -11,6 +11,8 @@ The HF `generate` path is what runs here (CPU and GPU); a vLLM engine is not wir
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
@@ -77,13 +79,53 @@ def response_mask_from(response_ids: torch.Tensor, eos_token_id: int) -> tuple[t
     return (positions[None, :] <= first_eos[:, None]).float(), ended
 
 
+def row_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (e.g. run seed, step, global sample index), well mixed."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class RowSeededSampler:
+    """A logits processor that draws each row's next token with that row's own random generator.
+
+    A completion then depends only on its prompt, the weights and its seed — not on which other
+    rows share its batch, nor on which process generates it — so rollouts sharded across
+    processes sample what one process would. The draw is an inverse-CDF lookup of one uniform
+    number per row and step in softmax of the processed logits (temperature, then top-k, top-p);
+    it hands generate a one-hot score row, and generate runs greedy.
+    """
+
+    def __init__(self, seeds: Sequence[int], settings: SamplingSettings) -> None:
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.warpers = [TemperatureLogitsWarper(settings.temperature)]
+        if settings.top_k:
+            self.warpers.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(settings.top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum(dim=-1)
+        # 1 - U(0, 1) lies in (0, 1], so a token of probability 0 is never drawn.
+        uniform = torch.stack([1 - torch.rand((), generator=g) for g in self.generators]).to(cdf.device)
+        tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).clamp(max=cdf.shape[1] - 1)
+        return torch.full_like(scores, -math.inf).scatter_(1, tokens, 0.0)
+
+
 @torch.no_grad()
 def sample_rollout(
     model: torch.nn.Module, tokenizer: Any, prompt_texts: Sequence[str], settings: SamplingSettings, samples_per_prompt: int,
-    max_prompt_length: int,
+    max_prompt_length: int, seeds: Sequence[int] | None = None,
 ) -> Rollout:
-    """Sample `samples_per_prompt` completions for each formatted prompt with the KV cache."""
-    from transformers import GenerationConfig
+    """Sample `samples_per_prompt` completions for each formatted prompt with the KV cache.
+
+    With `seeds` (one per completion, prompt-major), each completion is drawn with its own
+    generator (:class:`RowSeededSampler`); without, from torch's global generator.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
 
     was_training = model.training
     model.eval()
@@ -93,14 +135,15 @@ def sample_rollout(
     # A full config replaces the model's defaults (e.g. a top_k of 50 or a repetition penalty), so
     # the distribution sampled is exactly softmax(logits / temperature) restricted by top-p/top-k.
     generation_config = GenerationConfig(
-        do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None,
+        do_sample=seeds is None, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None,
         max_new_tokens=settings.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     pieces = []
     for start in range(0, len(repeated), settings.batch_size):
         ids = prompt_ids[start : start + settings.batch_size].to(device)
         mask = prompt_mask[start : start + settings.batch_size].to(device)
-        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config)
+        processors = LogitsProcessorList([RowSeededSampler(seeds[start : start + settings.batch_size], settings)] if seeds is not None else [])
+        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config, logits_processor=processors)
         new = generated[:, ids.shape[1] :].cpu()
         pad = torch.full((new.shape[0], settings.max_new_tokens - new.shape[1]), tokenizer.pad_token_id, dtype=torch.long)
         pieces.append(torch.cat([new, pad], dim=1))

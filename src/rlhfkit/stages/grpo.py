@@ -88,7 +88,8 @@ class GRPO:
                 logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
         rewards = group_scores(scored, group_size)
         advantages = group_advantages(rewards, group_size, settings.scale_rewards).to(logprobs.device)
-        flat_fraction = zero_variance_fraction(rewards, group_size)
+        # Every process holds the same number of groups: the mean of their fractions is the batch's.
+        flat_fraction = float(engine.sum_across_processes(torch.tensor([zero_variance_fraction(rewards, group_size)]))[0]) / engine.num_processes
         message = describe_flat_groups(flat_fraction, rewards, context.config.rollout.max_new_tokens)
         if message:
             warn(f"step {engine.progress.step + 1}: {message}")
@@ -100,7 +101,7 @@ class GRPO:
         updates = run_updates(engine, rollout, targets, settings.epochs, settings.minibatch_size, settings.loss_aggregation,
                               step_seed, self.loss)
         return {
-            **rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy),
+            **rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy, gather=engine.gather),
             **updates,
             "zero_variance_groups": flat_fraction,
         }

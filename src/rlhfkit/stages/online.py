@@ -7,6 +7,11 @@ of the weights), or a frozen copy when fully fine-tuning. A critic, when the alg
 lives beside the policy in one module, so one optimizer and one checkpoint hold both and an
 interrupted run resumes with both intact. Before and after training, the mean reward and the
 KL to the reference are measured on held-out prompts with the same sampling settings and seed.
+
+Under several processes (GRPO), each process samples, scores and trains on its own block of the
+step's prompts — whole groups stay on one process, so group statistics are exact — and every
+completion is drawn with its own seed (run seed, step, global index), so the rollout is the one a
+single process would sample. Summaries are computed over all processes' completions.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from rlhfkit.config import LoraSettings, RLConfig
 from rlhfkit.data.batching import _order
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.data.kinds import PromptExample, load_examples, prompt_examples
-from rlhfkit.engine import Engine, RunDir
+from rlhfkit.engine import Engine, RunDir, process_state
+from rlhfkit.errors import UserError
 from rlhfkit.models import resolve, resolve_with_tokenizer
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
-from rlhfkit.rollout import Rollout, response_logprobs, sample_rollout
+from rlhfkit.rollout import Rollout, response_logprobs, row_seed, sample_rollout
 
 
 class PolicyAndCritic(torch.nn.Module):
@@ -94,13 +100,17 @@ def run_updates(
     engine: Engine, rollout: Rollout, targets: dict[str, torch.Tensor], epochs: int, minibatch_size: int | None,
     aggregation: str, step_seed: int, loss_fn,
 ) -> dict[str, float]:
-    """`epochs` passes of optimizer steps over shuffled minibatches; returns the steps' mean metrics."""
+    """`epochs` passes of optimizer steps over shuffled minibatches; returns the steps' mean metrics.
+
+    `rollout` is this process's share; minibatch_size counts completions over all processes.
+    """
     generator = torch.Generator().manual_seed(step_seed)
     totals: dict[str, float] = {}
     steps = 0
+    local_minibatch = minibatch_size // engine.num_processes if minibatch_size else None
     for _ in range(epochs):
-        for group in minibatch_groups(rollout, targets, minibatch_size, engine.train.batch_size, aggregation, generator):
-            for name, value in engine.optimizer_step(group, loss_fn).items():
+        for group in minibatch_groups(rollout, targets, local_minibatch, engine.train.batch_size, aggregation, generator):
+            for name, value in engine.optimizer_step(group, loss_fn, sharded=True).items():
                 totals[name] = totals.get(name, 0.0) + value
             steps += 1
     return {name: value / max(steps, 1) for name, value in totals.items() if name != "units"}
@@ -161,23 +171,38 @@ def training_mask(rollout: Rollout, scored: ScoredBatch) -> torch.Tensor:
 
 
 def rollout_summary(rollout: Rollout, scored: ScoredBatch, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                    entropy: torch.Tensor | None) -> dict[str, float]:
-    """Reward, KL to the reference, entropy and length statistics of a scored rollout."""
+                    entropy: torch.Tensor | None, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+    """Reward, KL to the reference, entropy and length statistics of a scored rollout.
+
+    gather: concatenates per-completion rows over processes, when each holds a share of the rollout.
+    """
     mask = training_mask(rollout, scored)
-    valid = scored.valid
-    scores = scored.scores[valid]
-    sequence_kl = ((logprobs - ref_logprobs) * mask).sum(dim=1)[valid.to(mask.device)]  # Σ_t log π/π_ref: unbiased KL(π‖π_ref)
+    per_completion = torch.stack([
+        scored.scores.float().nan_to_num(0.0),
+        scored.valid.float(),
+        ((logprobs - ref_logprobs) * mask).sum(dim=1).float().cpu(),  # Σ_t log π/π_ref: unbiased KL(π‖π_ref)
+        rollout.lengths.float().cpu(),
+        rollout.ended.float().cpu(),
+        (entropy * mask).sum(dim=1).float().cpu() if entropy is not None else torch.zeros(rollout.size),
+        mask.sum(dim=1).float().cpu(),
+    ], dim=1)
+    if gather is not None:
+        per_completion = gather(per_completion)
+    scores, valid, sequence_kl, lengths, ended, entropy_sums, tokens = per_completion.unbind(dim=1)
+    valid = valid.bool()
+    scores, sequence_kl = scores[valid], sequence_kl[valid]
     summary = {
         "reward_mean": float(scores.mean()) if len(scores) else math.nan,
         "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
         "kl": float(sequence_kl.mean()) if len(sequence_kl) else math.nan,
-        "length": float(rollout.lengths.float().mean()),
-        "eos_fraction": float(rollout.ended.float().mean()),
+        "length": float(lengths.mean()),
+        "eos_fraction": float(ended.mean()),
     }
     if entropy is not None:
-        summary["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
-    if scored.skipped:
-        summary["skipped_samples"] = float(scored.skipped)
+        summary["entropy"] = float(entropy_sums.sum() / tokens.sum().clamp(min=1))
+    skipped = int((~valid).sum()) if gather is not None else scored.skipped
+    if skipped:
+        summary["skipped_samples"] = float(skipped)
     return summary
 
 
@@ -200,7 +225,21 @@ def with_system_prompt(turns: tuple[dict[str, str], ...], system_prompt: str | N
     return ({"role": "system", "content": system_prompt}, *turns)
 
 
+def check_process_count(config: RLConfig, stage: str, processes: int, minibatch_size: int | None) -> None:
+    """Several processes: GRPO only, with prompts and minibatches that split evenly."""
+    if processes == 1:
+        return
+    if stage != "grpo":
+        raise UserError(f"{stage} runs on one process; of the online RL stages, grpo runs on several (launched with {processes})")
+    if config.rollout.prompts_per_step % processes:
+        raise UserError(f"rollout.prompts_per_step ({config.rollout.prompts_per_step}) must be a multiple of the {processes} processes")
+    if minibatch_size and minibatch_size % processes:
+        raise UserError(f"{stage}.minibatch_size ({minibatch_size}) must be a multiple of the {processes} processes")
+
+
 def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context], Algorithm], resume: bool = False) -> dict:
+    processes = process_state(config.model.device).num_processes
+    check_process_count(config, stage, processes, getattr(getattr(config, stage), "minibatch_size", None))
     run_dir = RunDir.open(config.train.output_dir, stage, config, resume)
     train, rollout_settings, data = config.train, config.rollout, config.data
 
@@ -224,8 +263,8 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
         frozen.to(engine.device)
     engine.resume(resume)
 
-    def sample_and_score(examples: list[PromptExample], samples: int) -> tuple[Rollout, ScoredBatch]:
-        rollout = sample_rollout(policy, tokenizer, [render(e) for e in examples], rollout_settings, samples, data.max_length)
+    def sample_and_score(examples: list[PromptExample], samples: int, seeds: list[int]) -> tuple[Rollout, ScoredBatch]:
+        rollout = sample_rollout(policy, tokenizer, [render(e) for e in examples], rollout_settings, samples, data.max_length, seeds)
         prompts = [examples[i].prompt for i in rollout.prompt_index.tolist()]
         columns = [examples[i].columns for i in rollout.prompt_index.tolist()]
         return rollout.to(engine.device), score_completions(reward, prompts, rollout.completions, columns, rollout.ended)
@@ -233,9 +272,11 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
     @torch.no_grad()
     def evaluate() -> dict:
         """Mean reward and KL on held-out prompts; the RNG of training is left untouched."""
-        with torch.random.fork_rng():
+        samples = config.eval.samples_per_prompt
+        with torch.random.fork_rng():  # a reward function's own randomness leaves training's alone
             torch.manual_seed(config.eval.seed)
-            rollout, scored = sample_and_score(eval_examples, config.eval.samples_per_prompt)
+            seeds = [row_seed(config.eval.seed, index) for index in range(len(eval_examples) * samples)]
+            rollout, scored = sample_and_score(eval_examples, samples, seeds)
         logprobs, entropy = context.logprobs(policy, rollout, with_entropy=True)
         summary = rollout_summary(rollout, scored, logprobs, context.reference_logprobs(rollout), entropy)
         scores = scored.scores[scored.valid]
@@ -251,13 +292,20 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
         orders = {epoch: _order(count, train.seed + epoch) for epoch in {p // count for p in positions}}
         return [train_examples[orders[p // count][p % count]] for p in positions]
 
+    def local_rollout(step: int) -> tuple[Rollout, ScoredBatch]:
+        """This process's block of the step's prompts, each completion drawn with its own seed."""
+        share, samples = rollout_settings.prompts_per_step // processes, rollout_settings.samples_per_prompt
+        first = engine.accelerator.process_index * share
+        seeds = [row_seed(train.seed, step, index) for index in range(first * samples, (first + share) * samples)]
+        return sample_and_score(prompts_for(step)[first : first + share], samples, seeds)
+
     metrics = run_dir.read_json("metrics.json")
     if config.eval.before and eval_examples:
         engine.measure(metrics, "before", evaluate)
-    bar = tqdm(total=total_steps, initial=engine.progress.step, desc=stage, dynamic_ncols=True)
+    bar = engine.progress_bar()
     while engine.progress.step < total_steps:
         started = time.perf_counter()
-        rollout, scored = sample_and_score(prompts_for(engine.progress.step), rollout_settings.samples_per_prompt)
+        rollout, scored = local_rollout(engine.progress.step)
         generated = time.perf_counter()
         step_metrics = algorithm.update(rollout, scored, train.seed + engine.progress.step)
         finished = time.perf_counter()
