@@ -1,7 +1,7 @@
 """Two processes (DDP over gloo on CPU) give the loss curve of one process with the same global batch.
 
-Each run is a real `accelerate launch --multi_gpu --num_processes 2 -m rlhfkit.cli ...` (accelerate
-starts torchrun; with no GPU the processes train on CPU and talk over gloo).
+Each run is a real `accelerate launch --config_file configs/accelerate/cpu.yaml -m rlhfkit.cli ...`
+(accelerate starts torchrun; with no GPU the processes train on CPU and talk over gloo).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from conftest import write_jsonl
 from rlhfkit.cli import main
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 QUESTIONS = ["Why is the sky blue?", "What is the sun?", "How does ice form?", "What is a magnet?",
              "Why does the moon move?", "What is sound?", "How do plants eat?", "What is a star?"]
@@ -37,13 +38,14 @@ def settings(*pairs: str) -> list[str]:
 
 def launch(processes: int, stage: str, *pairs: str, resume: bool = False) -> None:
     """One stage run on `processes` processes; the 1-process run goes through the CLI in-process."""
-    arguments = [stage, *settings("model.device=cpu", "train.trackers=[]", *pairs)] + (["--resume"] if resume else [])
+    # model.device stays auto (CPU here): accelerate must still see a CPU launch, not N lone processes.
+    arguments = [stage, *settings("train.trackers=[]", *pairs)] + (["--resume"] if resume else [])
     if processes == 1:
         assert main(arguments) == 0
         return
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "rlhfkit.cli", *arguments]
+    # The shipped CPU launch config (with the port made free for the test).
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/cpu.yaml"),
+               "--num_processes", str(processes), "--main_process_port", str(free_port()), "-m", "rlhfkit.cli", *arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -129,9 +131,8 @@ def test_grpo_on_two_processes_samples_and_learns_what_one_process_does(tiny_mod
 
 def test_ppo_refuses_several_processes_before_loading_a_model(tiny_model, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               "-m", "rlhfkit.cli", "ppo", *settings("model.device=cpu", f"model.name_or_path={tiny_model}", f"data.path={prompts}",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/cpu.yaml"),
+               "--main_process_port", str(free_port()), "-m", "rlhfkit.cli", "ppo", *settings("model.device=cpu", f"model.name_or_path={tiny_model}", f"data.path={prompts}",
                                                       "reward.function=math:fsum", f"train.output_dir={tmp_path / 'run'}")]
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "error: ppo runs on one process; of the online RL stages, grpo runs on several" in done.stderr

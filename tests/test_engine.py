@@ -208,3 +208,19 @@ def test_a_run_that_died_before_its_first_checkpoint_can_start_again(tiny_model,
     monkeypatch.undo()
     assert sft.run(config)["after"]["perplexity"] > 0  # nothing to lose, so no --resume needed
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.parametrize("launch_type", ["FSDP", "DEEPSPEED"])
+def test_a_model_sharding_launch_is_refused_by_name(monkeypatch, launch_type):
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from rlhfkit.engine import process_state
+
+    class ShardingLaunch:
+        def __init__(self, cpu):
+            self.distributed_type = DistributedType(launch_type)
+
+    monkeypatch.setattr(accelerate, "PartialState", ShardingLaunch)
+    with pytest.raises(UserError, match=f"this launch uses {launch_type}.*configs/accelerate/ddp.yaml"):
+        process_state("auto")

@@ -75,11 +75,33 @@ class Progress:
     group_in_epoch: int = 0  # accumulation groups (optimizer steps) done in this epoch
 
 
-def process_state(device: str):
-    """This process's place in the launch (accelerate's PartialState; a single process when not launched)."""
-    from accelerate import PartialState
+def runs_on_cpu(device: str) -> bool:
+    """model.device cpu, or auto on a machine without a GPU.
 
-    return PartialState(cpu=device == "cpu")
+    accelerate must be told: launched on several processes without a GPU and not told, each
+    process would train alone (and all of them would write the same run directory).
+    """
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def process_state(device: str):
+    """This process's place in the launch (accelerate's PartialState; a single process when not launched).
+
+    Data parallelism (DDP: `accelerate launch --multi_gpu`, or configs/accelerate/) is what the
+    engine is built and tested for; a launch that shards the model (FSDP, DeepSpeed) is refused
+    rather than half-working (checkpoints, evaluation and generation would need gathered weights).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState(cpu=runs_on_cpu(device))
+    if state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise UserError(
+            f"this launch uses {state.distributed_type.value}, which rlhfkit does not support yet; launch data-parallel "
+            "instead (accelerate launch --config_file configs/accelerate/ddp.yaml ...) — with LoRA, or QLoRA for large models, "
+            "every process holds the model"
+        )
+    return state
 
 
 class TrainingError(UserError):
@@ -235,7 +257,7 @@ class Engine:
         self.stage = stage
         trackers = [t for t in train.trackers if t == "tensorboard" or _installed(t)]
         self.accelerator = Accelerator(
-            cpu=device == "cpu", log_with=trackers or None,
+            cpu=runs_on_cpu(device), log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.root / "logs")),
         )
         if trackers:
