@@ -36,15 +36,15 @@ def settings(*pairs: str) -> list[str]:
     return [part for pair in pairs for part in ("--set", pair)]
 
 
-def launch(processes: int, stage: str, *pairs: str, resume: bool = False) -> None:
+def launch(processes: int, stage: str, *pairs: str, resume: bool = False, launch_config: str = "cpu.yaml") -> None:
     """One stage run on `processes` processes; the 1-process run goes through the CLI in-process."""
     # model.device stays auto (CPU here): accelerate must still see a CPU launch, not N lone processes.
     arguments = [stage, *settings("train.trackers=[]", *pairs)] + (["--resume"] if resume else [])
     if processes == 1:
         assert main(arguments) == 0
         return
-    # The shipped CPU launch config (with the port made free for the test).
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/cpu.yaml"),
+    # A shipped launch config (with the port made free for the test).
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate" / launch_config),
                "--num_processes", str(processes), "--main_process_port", str(free_port()), "-m", "rlhfkit.cli", *arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)

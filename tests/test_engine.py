@@ -224,3 +224,22 @@ def test_a_model_sharding_launch_is_refused_by_name(monkeypatch, launch_type):
     monkeypatch.setattr(accelerate, "PartialState", ShardingLaunch)
     with pytest.raises(UserError, match=f"this launch uses {launch_type}.*configs/accelerate/ddp.yaml"):
         process_state("auto")
+
+
+def test_gradient_checkpointing_keeps_the_loss_curve(tiny_model, tmp_path, sft_rows):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    common = ["train.max_steps=3", "lora.dropout=0.0", "eval.before=false", "generation.num_prompts=0", "train.batch_size=4"]
+    sft.run(sft_config(tiny_model, data, tmp_path / "plain", *common))
+    sft.run(sft_config(tiny_model, data, tmp_path / "checkpointed", *common, "train.gradient_checkpointing=true"))
+    assert losses(tmp_path / "checkpointed") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+
+
+def test_load_in_4bit_is_refused_where_it_cannot_work(tiny_model, tmp_path, sft_rows):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    with pytest.raises(UserError, match="only adapters can train: set lora.enabled: true"):
+        sft_config(tiny_model, data, tmp_path / "a", "model.load_in_4bit=true", "lora.enabled=false")
+    with pytest.raises(UserError, match="model.load_in_4bit needs a CUDA GPU"):
+        sft_config(tiny_model, data, tmp_path / "b", "model.load_in_4bit=true", "model.device=cpu")
+    if not torch.cuda.is_available():  # device auto on a machine without a GPU: refused at load, naming the field
+        with pytest.raises(UserError, match="model.load_in_4bit needs a CUDA GPU, and none is visible"):
+            sft.run(sft_config(tiny_model, data, tmp_path / "c", "model.load_in_4bit=true"))

@@ -41,6 +41,15 @@ class ModelSettings(Section):
         "sdpa", description="Attention kernel: sdpa attends packed sequences one at a time (fast); eager masks the packed row."
     )
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model (off: safer).")
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes, CUDA GPUs); LoRA adapters train in model.dtype."
+    )
+
+    @model_validator(mode="after")
+    def _four_bit_on_a_gpu(self) -> "ModelSettings":
+        if self.load_in_4bit and self.device == "cpu":
+            raise ValueError("model.load_in_4bit needs a CUDA GPU (bitsandbytes kernels), but model.device is cpu")
+        return self
 
     @field_validator("name_or_path")
     @classmethod
@@ -158,6 +167,12 @@ class StageConfig(Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    @model_validator(mode="after")
+    def _four_bit_trains_adapters(self) -> "StageConfig":
+        if self.model.load_in_4bit and not self.lora.enabled:
+            raise ValueError("model.load_in_4bit freezes the base in 4 bits, so only adapters can train: set lora.enabled: true")
+        return self
 
 
 class PretrainConfig(StageConfig):

@@ -240,6 +240,11 @@ class ForwardInWrapper(torch.nn.Module):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
+        # accelerate keeps a 4-bit (QLoRA) model where it was loaded instead of moving it; it
+        # looks for these on the module it prepares.
+        for name in ("is_loaded_in_4bit", "is_loaded_in_8bit", "hf_device_map"):
+            if getattr(model, name, None):
+                setattr(self, name, getattr(model, name))
 
     def forward(self, loss_fn: Callable, batch) -> LossOutput:
         return loss_fn(self.model, batch)

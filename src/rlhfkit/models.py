@@ -168,6 +168,25 @@ def attention_implementation(settings: ModelSettings) -> str:
     return settings.attn_implementation
 
 
+def quantization(settings: ModelSettings, dtype: torch.dtype) -> dict[str, Any]:
+    """from_pretrained arguments for QLoRA (model.load_in_4bit): NF4 weights with double quantization,
+    computed in `dtype`, all on this process's GPU; nothing otherwise."""
+    if not settings.load_in_4bit:
+        return {}
+    if not torch.cuda.is_available():
+        raise UserError("model.load_in_4bit needs a CUDA GPU, and none is visible")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("model.load_in_4bit needs bitsandbytes: pip install 'rlhfkit[qlora]'")
+    from accelerate import PartialState
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    # Under a data-parallel launch each process holds its own copy on its own GPU.
+    return {"quantization_config": config, "device_map": {"": PartialState().local_process_index}}
+
+
 def load_causal_lm(source: ModelSource, settings: ModelSettings, dtype: torch.dtype) -> torch.nn.Module:
     """A plain (adapter-merged) causal LM: adapters in the chain are merged into their base."""
     from transformers import AutoModelForCausalLM
@@ -185,6 +204,7 @@ def load_causal_lm(source: ModelSource, settings: ModelSettings, dtype: torch.dt
             dtype=dtype,
             attn_implementation=attention_implementation(settings),
             trust_remote_code=settings.trust_remote_code,
+            **quantization(settings, dtype),
         )
     return model
 
@@ -219,7 +239,7 @@ def load_reward_model(
             model = AutoModelForSequenceClassification.from_pretrained(
                 source.path, gguf_file=source.gguf_file, dtype=dtype, revision=settings.revision,
                 attn_implementation=attention_implementation(settings), trust_remote_code=settings.trust_remote_code,
-                **({} if num_labels is None else {"num_labels": num_labels}),
+                **({} if num_labels is None else {"num_labels": num_labels}), **quantization(settings, dtype),
             )
     return model
 
