@@ -24,6 +24,22 @@ def test_explicit_and_conversational_rows(tmp_path):
     assert second.chosen == "Hello!" and second.rejected == "Go away."
 
 
+def test_whole_conversations_in_chosen_and_rejected_keep_their_last_turn(tmp_path):
+    """UltraFeedback-style rows: chosen/rejected repeat the prompt's turns, then the answer."""
+    prompt = "What is 2 + 2?"
+    row = {"prompt": prompt,
+           "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "4"}],
+           "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "5"}]}
+    (example,), _ = examples(tmp_path, [row])
+    assert example.prompt == ({"role": "user", "content": prompt},) and (example.chosen, example.rejected) == ("4", "5")
+    other = {**row, "rejected": [{"role": "user", "content": "Another question"}, {"role": "assistant", "content": "5"}]}
+    with pytest.raises(DataError, match="prefs.jsonl:1: .*'rejected' holds a conversation that does not start with the row's prompt"):
+        examples(tmp_path, [other])
+    ends_with_user = {**row, "chosen": [{"role": "user", "content": prompt}]}
+    with pytest.raises(DataError, match="prefs.jsonl:1: .*messages ending with an assistant turn"):
+        examples(tmp_path, [ends_with_user])
+
+
 def test_implicit_prompt_from_hh_transcripts():
     chosen = "\n\nHuman: What is a star?\n\nAssistant: A ball of gas.\n\nHuman: Hot?\n\nAssistant: Yes, very hot."
     rejected = "\n\nHuman: What is a star?\n\nAssistant: A ball of gas.\n\nHuman: Hot?\n\nAssistant: Yes. Cold."

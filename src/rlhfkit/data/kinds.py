@@ -205,12 +205,17 @@ def split_shared_prefix(chosen: str, rejected: str) -> tuple[tuple[dict[str, str
     return prompt, chosen[cut:].strip(), rejected[cut:].strip()
 
 
-def _answer_field(values: dict, column: str) -> str:
+def _answer_field(values: dict, column: str, prompt: tuple[dict[str, str], ...]) -> str:
     value = values[column]
-    if isinstance(value, list):  # conversational form: [{"role": "assistant", "content": ...}]
-        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
-            raise _BadRow(f"bad {column}", f"column {column!r} must be a string or one assistant message")
-        value = value[0].get("content")
+    if isinstance(value, list):
+        # Conversational form: [{"role": "assistant", ...}], or the whole conversation — the
+        # prompt's turns, then the answer (as in UltraFeedback) — whose last turn is the answer.
+        turns = [(m.get("role"), m.get("content")) if isinstance(m, dict) else None for m in value]
+        if not turns or turns[-1] is None or turns[-1][0] != "assistant":
+            raise _BadRow(f"bad {column}", f"column {column!r} must be a string or messages ending with an assistant turn")
+        if len(turns) > 1 and turns[:-1] != [(m["role"], m["content"]) for m in prompt]:
+            raise _BadRow(f"bad {column}", f"column {column!r} holds a conversation that does not start with the row's prompt")
+        value = turns[-1][1]
     if not isinstance(value, str):
         raise _BadRow(f"non-string {column}", f"column {column!r} must be a string, got {type(value).__name__}")
     if not value.strip():
@@ -226,7 +231,7 @@ def _parse_preference(row: Row) -> PreferenceExample:
             prompt = _messages_field({"messages": prompt_value + [{"role": "assistant", "content": "x"}]})[:-1]
         else:
             prompt = ({"role": "user", "content": _string_field(values, "prompt")},)
-        chosen, rejected = _answer_field(values, "chosen"), _answer_field(values, "rejected")
+        chosen, rejected = _answer_field(values, "chosen", prompt), _answer_field(values, "rejected", prompt)
     else:
         chosen_text, rejected_text = _string_field(values, "chosen"), _string_field(values, "rejected")
         if chosen_text == rejected_text:
