@@ -253,9 +253,11 @@ class ForwardInWrapper(torch.nn.Module):
 class Engine:
     """Training plumbing for one stage run."""
 
-    def __init__(self, train: TrainSettings, device: str, run: RunDir, stage: str) -> None:
+    def __init__(self, train: TrainSettings, device: str, run: RunDir, stage: str, some_parameters_idle: bool = False) -> None:
+        """some_parameters_idle: some training passes use only part of the trainable parameters
+        (e.g. a critic-only update), which DDP must be told to expect."""
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
         self.train = train
         self.run = run
@@ -264,6 +266,7 @@ class Engine:
         self.accelerator = Accelerator(
             cpu=runs_on_cpu(device), log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.root / "logs")),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=some_parameters_idle)],
         )
         if trackers:
             # TensorBoard writes to RUN/logs/PROJECT; W&B and MLflow file the run under the project,
@@ -293,10 +296,10 @@ class Engine:
         return self.accelerator.is_main_process
 
     def sum_across_processes(self, values: torch.Tensor) -> torch.Tensor:
-        """Element-wise sum of a tensor over the processes of the launch (itself with one process)."""
+        """Element-wise sum of a tensor over the processes of the launch (itself with one process); no gradient."""
         if self.num_processes == 1:
             return values
-        return self.accelerator.reduce(values.to(self.device), "sum").cpu()
+        return self.accelerator.reduce(values.detach().to(self.device), "sum").to(values.device)
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenate each process's rows (equal shapes), in process order."""

@@ -16,22 +16,27 @@ from typing import Callable
 
 import torch
 
-from rlhfkit.losses.ppo import masked_mean
+from rlhfkit.losses.ppo import Reduce, alone, masked_mean
 
 
-def surrogate_objective(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def surrogate_objective(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, reduce: Reduce = alone
+) -> torch.Tensor:
     """L = mean over masked tokens of exp(log π − log π_old) · A  (to maximise; equals mean A at θ_old)."""
-    return masked_mean(torch.exp(logprobs - old_logprobs) * advantages, mask)
+    return masked_mean(torch.exp(logprobs - old_logprobs) * advantages, mask, reduce)
 
 
-def mean_categorical_kl(old_logprobs: torch.Tensor, new_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mean_categorical_kl(
+    old_logprobs: torch.Tensor, new_logprobs: torch.Tensor, mask: torch.Tensor, reduce: Reduce = alone
+) -> torch.Tensor:
     """KL̄ = mean over masked positions of Σ_v π_old(v) (log π_old(v) − log π_new(v)).
 
     Args:
         old_logprobs, new_logprobs: (..., V) full log-distributions at each position; mask: (...).
+        reduce: sums over processes (see losses.ppo); for values only — it carries no gradient.
     """
     per_position = (old_logprobs.exp() * (old_logprobs - new_logprobs)).sum(dim=-1)
-    return masked_mean(per_position, mask)
+    return masked_mean(per_position, mask, reduce)
 
 
 @dataclass

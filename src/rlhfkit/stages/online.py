@@ -8,7 +8,7 @@ lives beside the policy in one module, so one optimizer and one checkpoint hold 
 interrupted run resumes with both intact. Before and after training, the mean reward and the
 KL to the reference are measured on held-out prompts with the same sampling settings and seed.
 
-Under several processes (GRPO), each process samples, scores and trains on its own block of the
+Under several processes, each process samples, scores and trains on its own block of the
 step's prompts — whole groups stay on one process, so group statistics are exact — and every
 completion is drawn with its own seed (run seed, step, global index), so the rollout is the one a
 single process would sample. Summaries are computed over all processes' completions.
@@ -226,11 +226,9 @@ def with_system_prompt(turns: tuple[dict[str, str], ...], system_prompt: str | N
 
 
 def check_process_count(config: RLConfig, stage: str, processes: int, minibatch_size: int | None) -> None:
-    """Several processes: GRPO only, with prompts and minibatches that split evenly."""
+    """Several processes: prompts and minibatches must split evenly between them."""
     if processes == 1:
         return
-    if stage != "grpo":
-        raise UserError(f"{stage} runs on one process; of the online RL stages, grpo runs on several (launched with {processes})")
     if config.rollout.prompts_per_step % processes:
         raise UserError(f"rollout.prompts_per_step ({config.rollout.prompts_per_step}) must be a multiple of the {processes} processes")
     if minibatch_size and minibatch_size % processes:
@@ -251,7 +249,8 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
     eval_examples = eval_examples[: config.eval.num_prompts]
     print(f"data: {report.summary()}; {len(train_examples)} train / {len(eval_examples)} eval prompts; reward: {reward.name}")
 
-    engine = Engine(train, config.model.device, run_dir, stage)
+    # TRPO steps the policy itself; the engine's optimizer then trains only its critic.
+    engine = Engine(train, config.model.device, run_dir, stage, some_parameters_idle=stage == "trpo")
     policy = engine.build_model(source, config.model, config.lora)
     frozen = None if config.lora.enabled else copy.deepcopy(policy).eval().requires_grad_(False)
     context = Context(config, engine, tokenizer, policy, frozen)

@@ -76,23 +76,26 @@ class PPO:
         kl_coef = engine.extra_state.setdefault("kl_coef", settings.kl_coef)
         rewards, kl = kl_shaped_rewards(scored.scores.to(mask.device), logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator)
         advantages, returns = generalized_advantages(rewards, values, mask, settings.gamma, settings.lam)
+        everywhere = engine.sum_across_processes  # batch statistics over every process's completions
         if settings.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, reduce=everywhere)
         targets = {"old_logprobs": logprobs, "old_values": values, "advantages": advantages, "returns": returns, "mask": mask}
         if head:
             targets["critic_features"] = features
 
         updates = run_updates(engine, rollout, targets, settings.epochs, settings.minibatch_size, "token", step_seed, self.loss)
-        summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy)
-        sequence_kl = float((kl.sum(dim=1)).mean())
+        summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy, gather=engine.gather)
+        penalty = scored.scores.to(rewards.device).sum() - rewards.sum()  # Σ β·KL over this process's completions
+        totals = everywhere(torch.stack([kl.sum(), penalty, torch.tensor(float(rollout.size), device=kl.device)]).float()).tolist()
+        sequence_kl, batch_size = totals[0] / totals[2], int(totals[2])
         if settings.target_kl is not None:
-            engine.extra_state["kl_coef"] = adaptive_kl_coef(kl_coef, sequence_kl, settings.target_kl, settings.kl_horizon, rollout.size)
+            engine.extra_state["kl_coef"] = adaptive_kl_coef(kl_coef, sequence_kl, settings.target_kl, settings.kl_horizon, batch_size)
         return {
             **summary,
             **updates,
             "kl_coef": kl_coef,
-            "kl_penalty": float(-(rewards.sum() - scored.scores.sum()) / rollout.size),  # mean β·KL per sequence
-            "explained_variance": explained_variance(values, returns, mask),
+            "kl_penalty": totals[1] / totals[2],  # mean β·KL per sequence
+            "explained_variance": explained_variance(values, returns, mask, reduce=everywhere),
         }
 
 

@@ -10,6 +10,10 @@ Per RL step, over the trainable (LoRA) parameters θ:
 4. scale to the trust region, √(2δ / sᵀFs), and backtrack until the surrogate improves and the
    exact KL on those positions is ≤ δ; otherwise keep θ_old.
 With a value baseline, the critic then regresses on the returns with the engine's optimizer.
+
+Under several processes each holds its share of the rollout (and of the Fisher sequences); g,
+the Fisher-vector products, the surrogate and the KL are summed over processes, so every
+process solves the same system and takes the same step.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class TRPO:
             context.build_critic(self.settings.critic_model)
             self.optimizer_steps_per_step = optimizer_steps_per_step(context.config, self.settings.value_epochs, None)
         self.parameters = [p for p in context.policy.parameters() if p.requires_grad]
+        self.everywhere = context.engine.sum_across_processes  # sums over processes
 
     def advantages(self, rollout: Rollout, scored: ScoredBatch, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         scores = scored.scores.to(mask.device)
@@ -61,7 +66,7 @@ class TRPO:
             values = response_values(self.context.critic, rollout)
         rewards, _ = kl_shaped_rewards(scores, torch.zeros_like(mask), torch.zeros_like(mask), mask, 0.0)
         advantages, returns = generalized_advantages(rewards, values, mask, self.settings.gamma, self.settings.lam)
-        return {"advantages": masked_whiten(advantages, mask), "returns": returns, "old_values": values}
+        return {"advantages": masked_whiten(advantages, mask, reduce=self.everywhere), "returns": returns, "old_values": values}
 
     def surrogate_gradient(self, rollout: Rollout, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """g = ∇_θ L at θ_old, accumulated over micro-batches with every token weighted equally.
@@ -69,7 +74,7 @@ class TRPO:
         At θ_old the ratio is 1 and π_old is the policy itself, so the same pass yields the
         behaviour log-probs (and entropies) the line search compares against.
         """
-        total_tokens = float(targets["mask"].sum())
+        total_tokens = float(self.everywhere(targets["mask"].sum()))
         gradient = torch.zeros(sum(p.numel() for p in self.parameters), device=targets["mask"].device)
         logprobs_all = torch.zeros_like(targets["mask"])
         entropy_all = torch.zeros_like(targets["mask"])
@@ -83,33 +88,37 @@ class TRPO:
             objective = (torch.exp(logprobs - logprobs.detach()) * rows["advantages"] * rows["mask"]).sum() / total_tokens
             grads = torch.autograd.grad(objective, self.parameters, allow_unused=True)
             gradient += torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.parameters)])
-        return gradient, logprobs_all, entropy_all
+        return self.everywhere(gradient), logprobs_all, entropy_all
 
     @torch.no_grad()
     def surrogate(self, rollout: Rollout, targets: dict[str, torch.Tensor]) -> float:
         logprobs, _ = self.context.logprobs(self.context.policy, rollout)
-        return float(surrogate_objective(logprobs, targets["old_logprobs"], targets["advantages"], targets["mask"]))
+        return float(surrogate_objective(logprobs, targets["old_logprobs"], targets["advantages"], targets["mask"], self.everywhere))
 
     def natural_step(self, rollout: Rollout, targets: dict[str, torch.Tensor], gradient: torch.Tensor) -> dict[str, float]:
         context, settings = self.context, self.settings
         old_logprobs = targets["old_logprobs"]
-        surrogate_before = float(surrogate_objective(old_logprobs, old_logprobs, targets["advantages"], targets["mask"]))
+        surrogate_before = float(surrogate_objective(old_logprobs, old_logprobs, targets["advantages"], targets["mask"], self.everywhere))
         if not torch.isfinite(gradient).all():
             raise TrainingError(f"step {context.engine.progress.step + 1}: the surrogate gradient is not finite; stopping")
         if float(gradient.norm()) == 0.0:
             return {"grad_norm": 0.0, "step_accepted": 0.0, "step_fraction": 0.0}
-        fisher_rows = torch.arange(min(settings.fisher_samples, rollout.size))
+        share = max(1, settings.fisher_samples // context.engine.num_processes)  # this process's Fisher sequences
+        fisher_rows = torch.arange(min(share, rollout.size))
         fisher_batch = micro_batch(rollout, targets, fisher_rows, "token").rollout
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU/GPU kernels have no double backward
             new = full_log_distributions(context.policy, fisher_batch, context.temperature)
             old = new.detach()
             every_position = torch.ones(old.shape[0], device=old.device)
-            kl = mean_categorical_kl(old, new, every_position)
+            # This process's share of the mean KL over every process's positions; the
+            # products are summed over processes (one process: share 1, sum = itself).
+            positions = every_position.sum()
+            kl = mean_categorical_kl(old, new, every_position) * positions / self.everywhere(positions)
             kl_gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, self.parameters, create_graph=True)])
 
             def fisher_vector(vector: torch.Tensor) -> torch.Tensor:
                 product = torch.autograd.grad(kl_gradient @ vector, self.parameters, retain_graph=True)
-                return torch.cat([p.reshape(-1) for p in product]) + settings.cg_damping * vector
+                return self.everywhere(torch.cat([p.reshape(-1) for p in product])) + settings.cg_damping * vector
 
             solved = conjugate_gradient(fisher_vector, gradient, settings.cg_iterations)
             curvature_direction = fisher_vector(solved.solution)
@@ -123,7 +132,7 @@ class TRPO:
             vector_to_parameters(start + fraction * full_step, self.parameters)
             gain = self.surrogate(rollout, targets) - surrogate_before
             moved = full_log_distributions(context.policy, fisher_batch, context.temperature)
-            return gain, float(mean_categorical_kl(old, moved, every_position))
+            return gain, float(mean_categorical_kl(old, moved, every_position, self.everywhere))
 
         search = backtracking_line_search(try_fraction, settings.max_kl, expected, settings.line_search_steps)
         with torch.no_grad():
@@ -156,11 +165,11 @@ class TRPO:
         gradient, logprobs, entropy = self.surrogate_gradient(rollout, targets)
         targets["old_logprobs"] = logprobs
         step = self.natural_step(rollout, targets, gradient)
-        summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy)
+        summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy, gather=context.engine.gather)
         if self.settings.baseline == "value":
             critic_metrics = run_updates(context.engine, rollout, targets, self.settings.value_epochs, None, "token", step_seed, self.value_loss)
             step["value_loss"] = critic_metrics["loss"]
-            step["explained_variance"] = explained_variance(targets["old_values"], targets["returns"], mask)
+            step["explained_variance"] = explained_variance(targets["old_values"], targets["returns"], mask, reduce=self.everywhere)
         return {**summary, **step}
 
 
