@@ -209,3 +209,19 @@ def test_surrogate_and_categorical_kl():
     new = torch.log(torch.tensor([[0.4, 0.6]]))
     assert mean_categorical_kl(old, new, torch.ones(1)).item() == pytest.approx(0.183787, abs=1e-5)
     assert mean_categorical_kl(old, old, torch.ones(1)).item() == 0.0
+
+
+def test_batch_statistics_sum_over_processes_through_reduce():
+    from rlhfkit.losses.ppo import explained_variance, masked_mean, masked_whiten
+
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # Two processes holding the same rows: every sum doubles, every mean and variance stays.
+    twice = lambda sums: 2 * sums  # noqa: E731
+    assert masked_mean(values, mask, twice) == pytest.approx(3.0)  # (1+2+3+4+5) / 5
+    torch.testing.assert_close(masked_whiten(values, mask, reduce=twice), masked_whiten(values, mask))
+    # A process whose rows sum to 10 over 2 tokens, beside one whose rows sum to 15 over 5: mean 25/7.
+    other = torch.tensor([10.0, 2.0])
+    assert masked_mean(values, mask, lambda sums: sums + other) == pytest.approx(25 / 7)
+    returns = values + 1.0
+    assert explained_variance(values, returns, mask, twice) == pytest.approx(explained_variance(values, returns, mask))
