@@ -75,3 +75,20 @@ def test_smoke_suite_runs_every_workload_for_both_tools(tiny_model, tmp_path):
     assert all(row["rlhfkit"] is not None for row in report["table"])
     assert "| sft: training tokens/s |" in output.with_suffix(".md").read_text()
     assert (tmp_path / "smoke-ratios.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_processes_benchmark_runs_one_and_two_processes(tiny_model, tmp_path):
+    output = tmp_path / "processes"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.processes", "--suite", "smoke", "--model", str(tiny_model), "--output", str(output),
+         "--workdir", str(tmp_path / "work")],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads(output.with_suffix(".json").read_text())["results"]
+    for workload in ("sft", "grpo"):
+        alone, split = results[workload]
+        assert (alone["processes"], split["processes"]) == (1, 2)
+        assert split["losses"] == pytest.approx(alone["losses"], rel=1e-3, abs=1e-6)  # one global batch: one loss curve
+    assert "| grpo | 2 |" in output.with_suffix(".md").read_text()
