@@ -134,9 +134,11 @@ def sample_rollout(
     prompt_ids, prompt_mask = encode_prompts(tokenizer, repeated, max_prompt_length)
     # A full config replaces the model's defaults (e.g. a top_k of 50 or a repetition penalty), so
     # the distribution sampled is exactly softmax(logits / temperature) restricted by top-p/top-k.
+    # With seeds, RowSeededSampler applies temperature/top-k/top-p itself and generate decodes greedily.
+    warping = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k or None} if seeds is None else {}
     generation_config = GenerationConfig(
-        do_sample=seeds is None, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None,
-        max_new_tokens=settings.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        do_sample=seeds is None, **warping, max_new_tokens=settings.max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     pieces = []
     for start in range(0, len(repeated), settings.batch_size):
