@@ -148,3 +148,10 @@ def test_uneven_prompt_shares_are_refused_before_loading_a_model(tiny_model, tmp
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "error: rollout.prompts_per_step (3) must be a multiple of the 2 processes" in done.stderr
     assert "Loading weights" not in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_commands_that_do_not_train_refuse_a_multi_process_launch(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["pipeline", str(ROOT / "configs/quickstart.yaml")]) == 2
+    assert "`rlhfkit pipeline` runs on one process; under accelerate launch run the training stages" in capsys.readouterr().err
+    assert main(["evaluate", "--set", f"output_dir={tmp_path}"]) == 2

@@ -325,10 +325,18 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="Could not find a config file in .*", category=UserWarning)
 
 
+# Commands that train through the engine, and so run data-parallel under accelerate launch.
+TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "trpo")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_known_warnings()
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in TRAINING_STAGES:
+        print(f"error: `rlhfkit {args.command}` runs on one process; under accelerate launch run the training stages "
+              f"({', '.join(TRAINING_STAGES)}) one at a time", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) > 0:
         # Under accelerate launch / torchrun, only the main process reports to the console; the
         # others still print errors (stderr).
