@@ -5,11 +5,11 @@ schedule, gradient accumulation with the loss normalised over the whole optimize
 seeding, atomic checkpoints with optimizer/scheduler/RNG state, resume, progress and logging.
 A stage hands it batches and a loss function and reads top to bottom.
 
-Under `accelerate launch` (DDP, FSDP, DeepSpeed) every process builds the same list of
-micro-batches; each optimizer step's micro-batches are dealt out across processes and the loss
-is normalised by the units of the whole step, so global batch size, accumulation and learning
-rate mean the same at any process count. Only the main process writes files; checkpoints hold
-full (unsharded) state, so a run saved under N processes resumes under M.
+Under `accelerate launch` (data parallel, DDP; launches that shard the model are refused) every
+process builds the same list of micro-batches; each optimizer step's micro-batches are dealt out
+across processes and the loss is normalised by the units of the whole step, so global batch
+size, accumulation and learning rate mean the same at any process count. Only the main process
+writes files; checkpoints hold the full state, so a run saved under N processes resumes under M.
 """
 
 from __future__ import annotations
