@@ -43,12 +43,16 @@ def launch(processes: int, stage: str, *pairs: str, resume: bool = False, launch
     if processes == 1:
         assert main(arguments) == 0
         return
-    # A shipped launch config (with the port made free for the test).
+    done = accelerate_launch(processes, arguments, launch_config)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def accelerate_launch(processes: int, arguments: list[str], launch_config: str = "cpu.yaml") -> subprocess.CompletedProcess:
+    """`accelerate launch` of the CLI with a shipped launch config (on a port made free for the test)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate" / launch_config),
                "--num_processes", str(processes), "--main_process_port", str(free_port()), "-m", "rlhfkit.cli", *arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
 
 
 def logged(run_dir: Path, name: str = "train/loss") -> list[float]:
@@ -141,11 +145,8 @@ def test_online_rl_on_two_processes_samples_and_learns_what_one_process_does(tin
 
 def test_uneven_prompt_shares_are_refused_before_loading_a_model(tiny_model, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/cpu.yaml"),
-               "--main_process_port", str(free_port()), "-m", "rlhfkit.cli", "ppo",
-               *settings(f"model.name_or_path={tiny_model}", f"data.path={prompts}", "reward.function=math:fsum",
-                         f"train.output_dir={tmp_path / 'run'}", "rollout.prompts_per_step=3")]
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    done = accelerate_launch(2, ["ppo", *settings(f"model.name_or_path={tiny_model}", f"data.path={prompts}", "reward.function=math:fsum",
+                                                  f"train.output_dir={tmp_path / 'run'}", "rollout.prompts_per_step=3")])
     assert done.returncode != 0 and "error: rollout.prompts_per_step (3) must be a multiple of the 2 processes" in done.stderr
     assert "Loading weights" not in done.stderr and not (tmp_path / "run").exists()
 

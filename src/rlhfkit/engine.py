@@ -305,7 +305,7 @@ class Engine:
         """Concatenate each process's rows (equal shapes), in process order."""
         if self.num_processes == 1:
             return values
-        return self.accelerator.gather(values.to(self.device).contiguous()).cpu()
+        return self.accelerator.gather(values.to(self.device).contiguous()).to(values.device)
 
     def on_main(self, write: Callable[[], object]) -> None:
         """Run a file-writing action on the main process only, then let every process go on together."""
@@ -533,12 +533,15 @@ class Engine:
         no micro-batch still joins the all-reduce, with a zero-weighted pass.
         """
         world = self.num_processes
-        share = list(group) if sharded or world == 1 else list(group[self.accelerator.process_index :: world])
+        if sharded:
+            share = list(group)
+            units = int(self.sum_across_processes(torch.tensor([sum(batch.loss_units for batch in share)]))[0])
+        else:
+            share = list(group[self.accelerator.process_index :: world])
+            units = sum(batch.loss_units for batch in group)
         idle = not share
         share = share or list(group[:1])
         weight = 0 if idle else world
-        local_units = sum(batch.loss_units for batch in share) if not idle else 0
-        units = int(self.sum_across_processes(torch.tensor([local_units]))[0]) if sharded else sum(b.loss_units for b in group)
         if units == 0:
             raise TrainingError(f"step {self.progress.step + 1}: the batch has no target tokens")
         self.wrapped.train(self.train_mode)

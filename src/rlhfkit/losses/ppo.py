@@ -24,7 +24,9 @@ def alone(values: torch.Tensor) -> torch.Tensor:
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, reduce: Reduce = alone) -> torch.Tensor:
     """Σ v·m / Σ m over all elements (0 when the mask is empty)."""
-    sums = reduce(torch.stack([(values * mask).sum(), mask.sum().to(values.dtype)]))
+    # At least float32: the token count must stay exact when the values are half precision.
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    sums = reduce(torch.stack([(values * mask).sum().to(dtype), mask.sum().to(dtype)]))
     return sums[0] / sums[1].clamp(min=1)
 
 

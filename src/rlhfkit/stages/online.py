@@ -178,7 +178,7 @@ def rollout_summary(rollout: Rollout, scored: ScoredBatch, logprobs: torch.Tenso
     """
     mask = training_mask(rollout, scored)
     per_completion = torch.stack([
-        scored.scores.float().nan_to_num(0.0),
+        scored.scores.float(),  # 0 where invalid
         scored.valid.float(),
         ((logprobs - ref_logprobs) * mask).sum(dim=1).float().cpu(),  # Σ_t log π/π_ref: unbiased KL(π‖π_ref)
         rollout.lengths.float().cpu(),
@@ -200,7 +200,7 @@ def rollout_summary(rollout: Rollout, scored: ScoredBatch, logprobs: torch.Tenso
     }
     if entropy is not None:
         summary["entropy"] = float(entropy_sums.sum() / tokens.sum().clamp(min=1))
-    skipped = int((~valid).sum()) if gather is not None else scored.skipped
+    skipped = int((~valid).sum())  # scored.skipped, over every process's completions
     if skipped:
         summary["skipped_samples"] = float(skipped)
     return summary
