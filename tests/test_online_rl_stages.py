@@ -144,3 +144,16 @@ def test_cli_rl_errors_are_one_line_and_early(tiny_model, prompt_file, reward_fi
     assert "my_rewards.py:broken returned nan for sample 0" in err and "Traceback" not in err
     assert main(["trpo", "--print-config", "--set", "trpo.max_kl=0.02"]) == 0
     assert "max_kl: 0.02" in capsys.readouterr().out
+
+
+def test_uneven_splits_over_processes_are_named(tiny_model, prompt_file, reward_file, tmp_path):
+    from rlhfkit.errors import UserError
+    from rlhfkit.stages.online import check_process_count
+
+    config = rl_config("ppo", tiny_model, prompt_file, reward_file, tmp_path / "run", "ppo.minibatch_size=6")
+    check_process_count(config, "ppo", 1, 6)  # one process: anything goes
+    check_process_count(config, "ppo", 2, 6)  # 8 prompts, 6 completions per minibatch: both split in two
+    with pytest.raises(UserError, match=r"rollout.prompts_per_step \(8\) must be a multiple of the 3 processes"):
+        check_process_count(config, "ppo", 3, 6)
+    with pytest.raises(UserError, match=r"ppo.minibatch_size \(6\) must be a multiple of the 4 processes"):
+        check_process_count(config, "ppo", 4, 6)
