@@ -157,3 +157,41 @@ def test_uneven_splits_over_processes_are_named(tiny_model, prompt_file, reward_
         check_process_count(config, "ppo", 3, 6)
     with pytest.raises(UserError, match=r"ppo.minibatch_size \(6\) must be a multiple of the 4 processes"):
         check_process_count(config, "ppo", 4, 6)
+
+
+@pytest.mark.parametrize("kl_check", ["batch", "fisher"])
+def test_trpo_line_search_measures_the_kl_on_the_whole_batch(target_liking_model, prompt_file, reward_file, tmp_path, monkeypatch, kl_check):
+    """The realised KL(old ‖ new) over every response position of the batch, computed here from the
+    parameters before and after each step, is the KL the line search held to δ (`kl_check: batch`).
+    Measured on one Fisher sequence only (`kl_check: fisher`), it understates how far the rest of
+    the batch moved (seen here: 2-40× at the same steps)."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    from rlhfkit.losses.trpo import mean_categorical_kl
+
+    realised, checked = [], []
+    natural_step = trpo.TRPO.natural_step
+
+    def measured_step(self, rollout, targets, gradient):
+        before = parameters_to_vector(self.parameters).detach().clone()
+        metrics = natural_step(self, rollout, targets, gradient)
+        after = parameters_to_vector(self.parameters).detach().clone()
+        with torch.no_grad():
+            vector_to_parameters(before, self.parameters)
+            old = trpo.full_log_distributions(self.context.policy, rollout, self.context.temperature)
+            vector_to_parameters(after, self.parameters)
+            new = trpo.full_log_distributions(self.context.policy, rollout, self.context.temperature)
+        realised.append(float(mean_categorical_kl(old, new, torch.ones(old.shape[0]))))
+        checked.append(metrics["line_search_kl"])
+        return metrics
+
+    monkeypatch.setattr(trpo.TRPO, "natural_step", measured_step)
+    max_kl = 0.05
+    trpo.run(rl_config("trpo", target_liking_model, prompt_file, reward_file, tmp_path / kl_check, "train.max_steps=4",
+                       f"trpo.max_kl={max_kl}", "trpo.fisher_samples=1", "trpo.cg_damping=0.001", f"trpo.kl_check={kl_check}",
+                       "eval.num_prompts=1", "eval.samples_per_prompt=2"))
+    assert len(realised) == 4 and max(realised) > 0
+    if kl_check == "batch":
+        assert realised == pytest.approx(checked, rel=1e-3, abs=1e-6) and max(realised) <= max_kl
+    else:
+        assert any(batch > 2 * fisher for batch, fisher in zip(realised, checked)), (realised, checked)

@@ -305,7 +305,12 @@ class TRPOSettings(Section):
     cg_iterations: int = Field(10, gt=0, description="Conjugate-gradient iterations for F⁻¹g.")
     cg_damping: float = Field(0.1, ge=0, description="Added to the Fisher diagonal: (F + λI) keeps CG stable.")
     line_search_steps: int = Field(10, gt=0, description="Backtracking halvings tried before rejecting the step.")
-    fisher_samples: int = Field(16, gt=0, description="Sequences of the batch used for Fisher-vector products and the KL check.")
+    fisher_samples: int = Field(16, gt=0, description="Sequences of the batch used for Fisher-vector products.")
+    kl_check: Literal["batch", "fisher"] = Field(
+        "batch",
+        description="Where the line search measures the exact KL against δ: every response position of the batch "
+        "(keeps positions × vocabulary float32 old distributions in memory), or only the Fisher sequences' positions.",
+    )
     baseline: Literal["group", "value"] = Field("group", description="Advantages relative to the prompt's group mean, or from a critic with GAE.")
     value_epochs: int = Field(2, gt=0, description="Critic regression passes per step (baseline: value).")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount γ (baseline: value).")

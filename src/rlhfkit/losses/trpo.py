@@ -26,6 +26,11 @@ def surrogate_objective(
     return masked_mean(torch.exp(logprobs - old_logprobs) * advantages, mask, reduce)
 
 
+def categorical_kl(old_logprobs: torch.Tensor, new_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(π_old ‖ π_new) = Σ_v π_old(v) (log π_old(v) − log π_new(v)) at each position: (..., V) → (...)."""
+    return (old_logprobs.exp() * (old_logprobs - new_logprobs)).sum(dim=-1)
+
+
 def mean_categorical_kl(
     old_logprobs: torch.Tensor, new_logprobs: torch.Tensor, mask: torch.Tensor, reduce: Reduce = alone
 ) -> torch.Tensor:
@@ -35,8 +40,7 @@ def mean_categorical_kl(
         old_logprobs, new_logprobs: (..., V) full log-distributions at each position; mask: (...).
         reduce: sums over processes (see losses.ppo); for values only — it carries no gradient.
     """
-    per_position = (old_logprobs.exp() * (old_logprobs - new_logprobs)).sum(dim=-1)
-    return masked_mean(per_position, mask, reduce)
+    return masked_mean(categorical_kl(old_logprobs, new_logprobs), mask, reduce)
 
 
 @dataclass

@@ -8,7 +8,10 @@ Per RL step, over the trainable (LoRA) parameters θ:
    KL(π_old ‖ π_θ) over the full vocabulary at the sampled positions of `fisher_samples`
    sequences (double backward; the attention runs on its math kernel, which supports it);
 4. scale to the trust region, √(2δ / sᵀFs), and backtrack until the surrogate improves and the
-   exact KL on those positions is ≤ δ; otherwise keep θ_old.
+   exact KL over every response position of the batch (`kl_check: batch`; or only the Fisher
+   sequences' positions) is ≤ δ; otherwise keep θ_old. The Fisher sample only shapes the
+   direction: a few sequences' curvature can miss directions that move the rest of the batch a
+   lot, so the radius is enforced where the surrogate is measured.
 With a value baseline, the critic then regresses on the returns with the engine's optimizer.
 
 Under several processes each holds its share of the rollout (and of the Fisher sequences); g,
@@ -25,8 +28,12 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from rlhfkit.config import TRPOConfig
 from rlhfkit.engine import LossOutput, TrainingError
 from rlhfkit.losses.grpo import group_advantages
-from rlhfkit.losses.ppo import aggregate_loss, clipped_value_loss, explained_variance, generalized_advantages, kl_shaped_rewards, masked_whiten
-from rlhfkit.losses.trpo import backtracking_line_search, conjugate_gradient, mean_categorical_kl, surrogate_objective, trust_region_step_size
+from rlhfkit.losses.ppo import (
+    aggregate_loss, clipped_value_loss, explained_variance, generalized_advantages, kl_shaped_rewards, masked_mean, masked_whiten,
+)
+from rlhfkit.losses.trpo import (
+    backtracking_line_search, categorical_kl, conjugate_gradient, mean_categorical_kl, surrogate_objective, trust_region_step_size,
+)
 from rlhfkit.models import backbone_and_head
 from rlhfkit.rewards import ScoredBatch
 from rlhfkit.rollout import Rollout, response_hidden_states, response_values
@@ -68,6 +75,11 @@ class TRPO:
         advantages, returns = generalized_advantages(rewards, values, mask, self.settings.gamma, self.settings.lam)
         return {"advantages": masked_whiten(advantages, mask, reduce=self.everywhere), "returns": returns, "old_values": values}
 
+    def micro_batches(self, rollout: Rollout, targets: dict[str, torch.Tensor]) -> list[RolloutBatch]:
+        size = self.context.config.train.batch_size
+        return [micro_batch(rollout, targets, torch.arange(start, min(start + size, rollout.size)), "token")
+                for start in range(0, rollout.size, size)]
+
     def surrogate_gradient(self, rollout: Rollout, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """g = ∇_θ L at θ_old, accumulated over micro-batches with every token weighted equally.
 
@@ -78,9 +90,7 @@ class TRPO:
         gradient = torch.zeros(sum(p.numel() for p in self.parameters), device=targets["mask"].device)
         logprobs_all = torch.zeros_like(targets["mask"])
         entropy_all = torch.zeros_like(targets["mask"])
-        batch_size = self.context.config.train.batch_size
-        for start in range(0, rollout.size, batch_size):
-            batch = micro_batch(rollout, targets, torch.arange(start, min(start + batch_size, rollout.size)), "token")
+        for batch in self.micro_batches(rollout, targets):
             logprobs, entropy = self.context.logprobs(self.context.policy, batch.rollout, with_entropy=True)
             logprobs_all[batch.rows, : batch.width] = logprobs.detach()
             entropy_all[batch.rows, : batch.width] = entropy
@@ -108,12 +118,11 @@ class TRPO:
         fisher_batch = micro_batch(rollout, targets, fisher_rows, "token").rollout
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU/GPU kernels have no double backward
             new = full_log_distributions(context.policy, fisher_batch, context.temperature)
-            old = new.detach()
-            every_position = torch.ones(old.shape[0], device=old.device)
+            every_position = torch.ones(new.shape[0], device=new.device)
             # This process's share of the mean KL over every process's positions; the
             # products are summed over processes (one process: share 1, sum = itself).
             positions = every_position.sum()
-            kl = mean_categorical_kl(old, new, every_position) * positions / self.everywhere(positions)
+            kl = mean_categorical_kl(new.detach(), new, every_position) * positions / self.everywhere(positions)
             kl_gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, self.parameters, create_graph=True)])
 
             def fisher_vector(vector: torch.Tensor) -> torch.Tensor:
@@ -126,13 +135,19 @@ class TRPO:
         full_step = trust_region_step_size(solved.solution, curvature_direction, settings.max_kl) * solved.solution
         expected = float(gradient @ full_step)
         start = parameters_to_vector(self.parameters).detach()
+        checked = [fisher_batch] if settings.kl_check == "fisher" else [batch.rollout for batch in self.micro_batches(rollout, targets)]
+        with torch.no_grad():
+            checked_old = [full_log_distributions(context.policy, batch, context.temperature) for batch in checked]
 
         @torch.no_grad()
         def try_fraction(fraction: float) -> tuple[float, float]:
             vector_to_parameters(start + fraction * full_step, self.parameters)
             gain = self.surrogate(rollout, targets) - surrogate_before
-            moved = full_log_distributions(context.policy, fisher_batch, context.temperature)
-            return gain, float(mean_categorical_kl(old, moved, every_position, self.everywhere))
+            per_position = torch.cat([
+                categorical_kl(old_distributions, full_log_distributions(context.policy, batch, context.temperature))
+                for batch, old_distributions in zip(checked, checked_old)
+            ])
+            return gain, float(masked_mean(per_position, torch.ones_like(per_position), self.everywhere))
 
         search = backtracking_line_search(try_fraction, settings.max_kl, expected, settings.line_search_steps)
         with torch.no_grad():
