@@ -1,6 +1,7 @@
-"""Two processes (DDP over gloo on CPU) give the loss curve of one process with the same global batch.
+"""Two processes (DDP, or FSDP2 sharding, over gloo on CPU) give the loss curve of one process with
+the same global batch.
 
-Each run is a real `accelerate launch --config_file configs/accelerate/cpu.yaml -m rlhfkit.cli ...`
+Each run is a real `accelerate launch --config_file configs/accelerate/{cpu,fsdp}.yaml -m rlhfkit.cli ...`
 (accelerate starts torchrun; with no GPU the processes train on CPU and talk over gloo).
 """
 
@@ -36,21 +37,23 @@ def settings(*pairs: str) -> list[str]:
     return [part for pair in pairs for part in ("--set", pair)]
 
 
-def launch(processes: int, stage: str, *pairs: str, resume: bool = False, launch_config: str = "cpu.yaml") -> None:
+def launch(processes: int, stage: str, *pairs: str, resume: bool = False, launch_config: str = "cpu.yaml",
+           launcher: tuple[str, ...] = ()) -> None:
     """One stage run on `processes` processes; the 1-process run goes through the CLI in-process."""
     # model.device stays auto (CPU here): accelerate must still see a CPU launch, not N lone processes.
     arguments = [stage, *settings("train.trackers=[]", *pairs)] + (["--resume"] if resume else [])
     if processes == 1:
         assert main(arguments) == 0
         return
-    done = accelerate_launch(processes, arguments, launch_config)
+    done = accelerate_launch(processes, arguments, launch_config, launcher)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def accelerate_launch(processes: int, arguments: list[str], launch_config: str = "cpu.yaml") -> subprocess.CompletedProcess:
+def accelerate_launch(processes: int, arguments: list[str], launch_config: str = "cpu.yaml",
+                      launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`accelerate launch` of the CLI with a shipped launch config (on a port made free for the test)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate" / launch_config),
-               "--num_processes", str(processes), "--main_process_port", str(free_port()), "-m", "rlhfkit.cli", *arguments]
+               "--num_processes", str(processes), "--main_process_port", str(free_port()), *launcher, "-m", "rlhfkit.cli", *arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
 
@@ -98,14 +101,17 @@ def test_a_two_process_checkpoint_resumes_on_one_process(tiny_model, sft_file, t
     assert logged(resumed) == pytest.approx(logged(tmp_path / "straight"), rel=1e-4)
 
 
-def test_dpo_on_two_processes_follows_the_one_process_loss_curve(tiny_model, sft_rows, tmp_path):
+@pytest.mark.parametrize("launch_config", ["cpu.yaml", "fsdp.yaml"])
+def test_dpo_on_two_processes_follows_the_one_process_loss_curve(tiny_model, sft_rows, tmp_path, launch_config):
+    # fsdp.yaml: sharded, with the reference pass (adapters off) inside the sharded forward and
+    # the reference log-probs precomputed under gathered weights.
     rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "No idea, go away."} for r in sft_rows]
     data = write_jsonl(tmp_path / "prefs.jsonl", rows)
     common = (f"model.name_or_path={tiny_model}", f"data.path={data}", "data.eval_fraction=0.25", "data.max_length=96",
               "train.batch_size=2", "train.grad_accum=2", "train.max_steps=5", "lora.dropout=0.0", "train.lr=5e-3",
-              "generation.num_prompts=0")
+              "generation.num_prompts=0", *(["dpo.precompute_reference=true"] if launch_config == "fsdp.yaml" else []))
     launch(1, "dpo", *common, f"train.output_dir={tmp_path / 'one'}")
-    launch(2, "dpo", *common, f"train.output_dir={tmp_path / 'two'}")
+    launch(2, "dpo", *common, f"train.output_dir={tmp_path / 'two'}", launch_config=launch_config)
     one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
     assert len(one) == 5 and two == pytest.approx(one, rel=1e-4) and one[-1] < one[0]
     assert logged(tmp_path / "two", "train/accuracy") == pytest.approx(logged(tmp_path / "one", "train/accuracy"))
@@ -156,3 +162,56 @@ def test_commands_that_do_not_train_refuse_a_multi_process_launch(monkeypatch, c
     assert main(["pipeline", str(ROOT / "configs/quickstart.yaml")]) == 2
     assert "`rlhfkit pipeline` runs on one process; under accelerate launch run the training stages" in capsys.readouterr().err
     assert main(["evaluate", "--set", f"output_dir={tmp_path}"]) == 2
+
+
+@pytest.mark.parametrize("lora", ["true", "false"])
+def test_sft_sharded_with_fsdp_follows_the_one_process_loss_curve(tiny_model, sft_file, tmp_path, lora):
+    """configs/accelerate/fsdp.yaml: every weight, gradient and Adam moment split over 2 processes
+    (FSDP2 over gloo), LoRA or full fine-tuning; the outputs hold whole tensors."""
+    extra = ["train.max_steps=6", "train.batch_size=2", "train.grad_accum=2", f"lora.enabled={lora}", "train.lr=1e-3"]
+    launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "one", *extra))
+    launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "sharded", *extra), launch_config="fsdp.yaml")
+    one, sharded = logged(tmp_path / "one"), logged(tmp_path / "sharded")
+    assert len(one) == len(sharded) == 6 and sharded == pytest.approx(one, rel=1e-4)
+    assert logged(tmp_path / "sharded", "train/grad_norm") == pytest.approx(logged(tmp_path / "one", "train/grad_norm"), rel=1e-4)
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "sharded")]
+    assert metrics[1]["after"]["perplexity"] == pytest.approx(metrics[0]["after"]["perplexity"], rel=1e-4)
+    assert metrics[1]["after"]["answers"] == metrics[0]["after"]["answers"]
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if lora == "true" else "model.safetensors"
+    saved = [load_file(str(tmp_path / run / "final" / name)) for run in ("one", "sharded")]
+    assert saved[0].keys() == saved[1].keys()
+    assert all(saved[1][key].shape == saved[0][key].shape for key in saved[0])
+    assert max(float((saved[1][key] - saved[0][key]).abs().max()) for key in saved[0]) < 1e-4
+
+
+def test_checkpoints_move_between_sharded_and_unsharded_runs(tiny_model, sft_file, tmp_path):
+    """A sharded (FSDP) checkpoint finishes on one process, and a one-process checkpoint finishes sharded."""
+    extra = ["train.max_steps=6", "train.batch_size=2", "train.grad_accum=2", "train.save_every=3", "train.save_limit=3",
+             "lora.enabled=false", "train.lr=1e-3"]
+    launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "straight", *extra))
+    launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "sharded", *extra), launch_config="fsdp.yaml")
+    for first, then, processes, config in [("sharded", "to-one", 1, "cpu.yaml"), ("straight", "to-sharded", 2, "fsdp.yaml")]:
+        resumed = tmp_path / then
+        shutil.copytree(tmp_path / first, resumed)
+        for path in ["checkpoints/step-000006", "final"]:
+            shutil.rmtree(resumed / path)
+        (resumed / "run.json").write_text(json.dumps({"stage": "sft", "status": "running"}))
+        launch(processes, "sft", *sft_settings(tiny_model, sft_file, resumed, *extra), resume=True, launch_config=config)
+        assert logged(resumed) == pytest.approx(logged(tmp_path / "straight"), rel=1e-4), then
+
+
+def test_sharded_bf16_compute_keeps_float32_shards_and_tracks_the_float32_curve(tiny_model, sft_file, tmp_path):
+    """`--mixed_precision bf16` with fsdp.yaml: weights gathered and used in bf16, shards, gradient
+    reduction and Adam moments in float32; the loss curve stays near the float32 one."""
+    extra = ["train.max_steps=4", "train.batch_size=2", "train.grad_accum=2", "lora.enabled=false", "train.lr=1e-3",
+             "generation.num_prompts=0"]
+    launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "fp32", *extra))
+    launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "bf16", *extra), launch_config="fsdp.yaml",
+           launcher=("--mixed_precision", "bf16"))
+    fp32, bf16 = logged(tmp_path / "fp32"), logged(tmp_path / "bf16")
+    assert bf16 == pytest.approx(fp32, rel=2e-2) and bf16 != pytest.approx(fp32, rel=1e-6)  # near, yet computed in bf16
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "final" / "model.safetensors")).values()} == {__import__("torch").float32}

@@ -210,8 +210,8 @@ def test_a_run_that_died_before_its_first_checkpoint_can_start_again(tiny_model,
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "complete"
 
 
-@pytest.mark.parametrize("launch_type", ["FSDP", "DEEPSPEED"])
-def test_a_model_sharding_launch_is_refused_by_name(monkeypatch, launch_type):
+@pytest.mark.parametrize("launch_type", ["DEEPSPEED", "MEGATRON_LM"])
+def test_unsupported_sharding_launches_are_refused_by_name(monkeypatch, launch_type):
     import accelerate
     from accelerate.utils import DistributedType
 
@@ -222,7 +222,18 @@ def test_a_model_sharding_launch_is_refused_by_name(monkeypatch, launch_type):
             self.distributed_type = DistributedType(launch_type)
 
     monkeypatch.setattr(accelerate, "PartialState", ShardingLaunch)
-    with pytest.raises(UserError, match=f"this launch uses {launch_type}.*configs/accelerate/ddp.yaml"):
+    with pytest.raises(UserError, match=f"this launch uses {launch_type}.*configs/accelerate/fsdp.yaml"):
+        process_state("auto")
+
+
+def test_an_fsdp1_launch_is_refused_with_the_fix(monkeypatch):
+    from rlhfkit.engine import fsdp_launch, process_state
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    assert fsdp_launch()
+    with pytest.raises(UserError, match="set fsdp_version: 2"):
         process_state("auto")
 
 

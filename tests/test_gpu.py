@@ -1,4 +1,5 @@
-"""GPU paths: bf16 weights, QLoRA (4-bit base) for SFT/reward/DPO, data parallelism over GPUs.
+"""GPU paths: bf16 weights, QLoRA (4-bit base) for SFT/reward/DPO, data parallelism over GPUs,
+and the vLLM rollout engine.
 
 Each test runs wherever its hardware is present and is skipped with the reason otherwise (the CPU
 CI machine skips them all). Gradient checkpointing is checked on CPU in test_engine.py.
@@ -23,6 +24,7 @@ needs_bitsandbytes = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (pip install 'rlhfkit[qlora]')"
 )
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (pip install 'rlhfkit[vllm]')")
 
 STAGES = {"sft": sft, "reward": reward, "dpo": dpo}
 
@@ -91,3 +93,52 @@ def test_sft_on_two_gpus_follows_the_one_gpu_loss_curve(tiny_model, stage_data, 
     launch(1, "sft", *common, f"train.output_dir={tmp_path / 'one'}")
     launch(2, "sft", *common, f"train.output_dir={tmp_path / 'two'}", launch_config="ddp.yaml")
     assert logged(tmp_path / "two") == pytest.approx(logged(tmp_path / "one"), rel=1e-3)
+
+
+@needs_cuda
+@needs_vllm
+def test_vllm_samples_the_policy_as_updated_not_as_started(tiny_model):
+    """The engine starts from the policy's fresh-adapter weights; after the adapters change and the
+    version moves, its near-greedy samples are the updated policy's greedy continuations."""
+    from rlhfkit.config import LoraSettings, RolloutSettings
+    from rlhfkit.models import attach_lora, load_tokenizer
+    from rlhfkit.rollout import encode_prompts
+    from rlhfkit.vllm_rollout import VLLMSampler
+
+    source = resolve("smollm2-135m-instruct")
+    tokenizer = load_tokenizer(source)
+    policy = attach_lora(load_causal_lm(source, ModelSettings(device="cuda"), torch.bfloat16), LoraSettings(r=8, dropout=0.0)).cuda().eval()
+    settings = RolloutSettings(engine="vllm", temperature=1e-4, max_new_tokens=12, vllm_gpu_memory=0.2)
+    sampler = VLLMSampler(policy, tokenizer, settings, max_model_len=256, processes=1, seed=0, version=0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_((torch.randn(parameter.shape, generator=generator) * 0.02).to(parameter))
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ["What is 2 + 3?", "Name a colour.", "Why is the sky blue?", "Say hello."]]
+    rollout = sampler.sample(policy, 1, prompts, settings, 1, 128, seeds=[0, 1, 2, 3])
+    ids, mask = encode_prompts(tokenizer, prompts, 128)
+    greedy = policy.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), do_sample=False, max_new_tokens=12,
+                             pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:].cpu()
+    agree = [rollout.response_ids[i, :8].tolist() == greedy[i, :8].tolist() for i in range(4)]
+    assert sum(agree) >= 3, (rollout.completions, tokenizer.batch_decode(greedy))  # bf16 near-ties may flip one
+    sampler.close()
+
+
+@needs_cuda
+@needs_vllm
+def test_grpo_with_vllm_rollouts_trains_and_reports(tmp_path):
+    from rlhfkit.stages import grpo
+
+    rows = [{"prompt": f"What is {a} + {b}?", "answer": a + b} for a in range(2, 9) for b in range(3, 7)]
+    data = write_jsonl(tmp_path / "sums.jsonl", rows)
+    out = tmp_path / "grpo"
+    metrics = grpo.run(load_config("grpo", None, [
+        "model.name_or_path=smollm2-135m-instruct", "model.device=cuda", f"data.path={data}", f"train.output_dir={out}",
+        "train.trackers=[]", "train.max_steps=3", "train.lr=1e-4", "rollout.engine=vllm", "rollout.vllm_gpu_memory=0.2",
+        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=24", "eval.num_prompts=4",
+    ]))
+    log = logged(out, "train/kl")
+    assert len(log) == 3 and log[0] == pytest.approx(0.0, abs=1e-2)  # the first rollout is the reference policy's own
+    assert abs(metrics["after"]["kl"]) > 0 and (out / "final" / "adapter_config.json").exists()

@@ -195,3 +195,14 @@ def test_trpo_line_search_measures_the_kl_on_the_whole_batch(target_liking_model
         assert realised == pytest.approx(checked, rel=1e-3, abs=1e-6) and max(realised) <= max_kl
     else:
         assert any(batch > 2 * fisher for batch, fisher in zip(realised, checked)), (realised, checked)
+
+
+def test_rl_stages_refuse_a_sharded_launch_before_loading(tiny_model, prompt_file, reward_file, tmp_path, monkeypatch):
+    from rlhfkit.errors import UserError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = rl_config("grpo", tiny_model, prompt_file, reward_file, tmp_path / "run", "train.max_steps=1")
+    with pytest.raises(UserError, match=r"grpo does not run sharded \(FSDP\) yet"):
+        grpo.run(config)
+    assert not (tmp_path / "run").exists()

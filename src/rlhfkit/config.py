@@ -248,6 +248,11 @@ class SamplingSettings(Section):
 class RolloutSettings(SamplingSettings):
     prompts_per_step: int = Field(8, gt=0, description="Prompts sampled per RL step.")
     samples_per_prompt: int = Field(4, gt=0, description="Completions per prompt (GRPO's group size G; ≥ 2 for group baselines).")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="Sampler: transformers' generate (CPU or GPU), or vLLM colocated on each process's GPU (weights loaded after each update)."
+    )
+    vllm_gpu_memory: float = Field(0.3, gt=0, lt=1, description="engine vllm: share of the GPU's memory vLLM takes (weights + KV cache); training has the rest.")
+    vllm_sleep: bool = Field(True, description="engine vllm: release vLLM's GPU memory (KV cache dropped, weights to CPU) while the policy trains.")
 
 
 class RewardSourceSettings(Section):
@@ -326,6 +331,12 @@ class RLConfig(StageConfig):
     reward: RewardSourceSettings = Field(default_factory=lambda: RewardSourceSettings(function="rlhfkit.reward_functions:numeric_answer"))
     eval: RLEvalSettings = Field(default_factory=RLEvalSettings)
     train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-5, warmup_ratio=0.0, scheduler="constant", max_steps=20))
+
+    @model_validator(mode="after")
+    def _vllm_on_a_gpu(self) -> "RLConfig":
+        if self.rollout.engine == "vllm" and self.model.device == "cpu":
+            raise ValueError("rollout.engine vllm needs a CUDA GPU, but model.device is cpu")
+        return self
 
 
 class PPOConfig(RLConfig):

@@ -5,25 +5,27 @@ schedule, gradient accumulation with the loss normalised over the whole optimize
 seeding, atomic checkpoints with optimizer/scheduler/RNG state, resume, progress and logging.
 A stage hands it batches and a loss function and reads top to bottom.
 
-Under `accelerate launch` (data parallel, DDP; launches that shard the model are refused) every
-process builds the same list of micro-batches; each optimizer step's micro-batches are dealt out
-across processes and the loss is normalised by the units of the whole step, so global batch
-size, accumulation and learning rate mean the same at any process count. Only the main process
-writes files; checkpoints hold the full state, so a run saved under N processes resumes under M.
+Under `accelerate launch` (data parallel, DDP; or sharded, FSDP2 — configs/accelerate/fsdp.yaml)
+every process builds the same list of micro-batches; each optimizer step's micro-batches are
+dealt out across processes and the loss is normalised by the units of the whole step, so global
+batch size, accumulation and learning rate mean the same at any process count. Only the main
+process writes files; checkpoints hold whole tensors, so a run saved under N processes (sharded
+or not) resumes under M.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ from rlhfkit.models import (
     RUN_MARKER,
     ModelSource,
     attach_lora,
+    full_tensor,
     load_causal_lm,
     load_reward_model,
     pick_dtype,
@@ -84,24 +87,59 @@ def runs_on_cpu(device: str) -> bool:
     return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 
+def fsdp_launch() -> bool:
+    """Launched with an FSDP accelerate config (configs/accelerate/fsdp.yaml): shard the model.
+
+    accelerate's launcher says so in the environment; on CPU processes its Accelerator would
+    ignore FSDP, so the engine shards the model itself with PyTorch's FSDP2 (`fully_shard`), on
+    CPU and GPU alike.
+    """
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def process_state(device: str):
     """This process's place in the launch (accelerate's PartialState; a single process when not launched).
 
-    Data parallelism (DDP: `accelerate launch --multi_gpu`, or configs/accelerate/) is what the
-    engine is built and tested for; a launch that shards the model (FSDP, DeepSpeed) is refused
-    rather than half-working (checkpoints, evaluation and generation would need gathered weights).
+    Data parallelism (DDP) and FSDP2 sharding (configs/accelerate/) are what the engine is built
+    and tested for; DeepSpeed and Megatron launches are refused rather than half-working.
     """
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
+    if fsdp_launch() and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UserError("rlhfkit shards models with FSDP2: set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
     state = PartialState(cpu=runs_on_cpu(device))
-    if state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+    if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise UserError(
             f"this launch uses {state.distributed_type.value}, which rlhfkit does not support yet; launch data-parallel "
-            "instead (accelerate launch --config_file configs/accelerate/ddp.yaml ...) — with LoRA, or QLoRA for large models, "
-            "every process holds the model"
+            "(configs/accelerate/ddp.yaml) or sharded (configs/accelerate/fsdp.yaml) instead"
         )
     return state
+
+
+def shard_model(root: torch.nn.Module, model: torch.nn.Module, device: torch.device, reshard_after_forward: bool,
+                compute_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: each transformer block is a unit (its weights gathered only while it runs), then the root.
+
+    The blocks are the model's `_no_split_modules` classes (what HF marks as not to be split).
+    compute_dtype (e.g. bf16 with float32 weights): weights are gathered and used in it, while the
+    shards, gradients' reduction and Adam moments stay in the weights' own dtype.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    block_names = set()
+    for module in model.modules():
+        block_names.update(getattr(module, "_no_split_modules", None) or [])
+    blocks = [module for module in model.modules() if type(module).__name__ in block_names]
+    if not blocks:
+        raise UserError(f"cannot shard {type(model).__name__}: it names no transformer block class (_no_split_modules)")
+    weights_dtype = next(model.parameters()).dtype
+    precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=weights_dtype) if compute_dtype else MixedPrecisionPolicy()
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=precision)
+    fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=precision)
 
 
 class TrainingError(UserError):
@@ -246,8 +284,11 @@ class ForwardInWrapper(torch.nn.Module):
             if getattr(model, name, None):
                 setattr(self, name, getattr(model, name))
 
-    def forward(self, loss_fn: Callable, batch) -> LossOutput:
-        return loss_fn(self.model, batch)
+    def forward(self, loss_fn: Callable, batch) -> tuple[torch.Tensor, LossOutput]:
+        # The loss tensor is returned on its own too: FSDP hooks its backward through the tensors
+        # of the output (a dataclass is opaque to it).
+        output = loss_fn(self.model, batch)
+        return output.loss_sum, output
 
 
 class Engine:
@@ -263,6 +304,7 @@ class Engine:
         self.run = run
         self.stage = stage
         trackers = [t for t in train.trackers if t == "tensorboard" or _installed(t)]
+        self.sharded = fsdp_launch()  # FSDP2: each process holds a shard of every weight and optimizer state
         self.accelerator = Accelerator(
             cpu=runs_on_cpu(device), log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.root / "logs")),
@@ -329,6 +371,13 @@ class Engine:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
+        wrapper = ForwardInWrapper(model)
+        if self.sharded:  # the optimizer must be built on the sharded parameters
+            wrapper.to(self.device)
+            # `accelerate launch --mixed_precision bf16`: float32 shards, bf16 compute.
+            compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+            shard_model(wrapper, model, self.device, os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true",
+                        compute_dtype)
         optimizer = torch.optim.AdamW(
             _decay_groups(model, self.train.weight_decay), lr=self.train.lr, betas=self.train.adam_betas
         )
@@ -338,11 +387,43 @@ class Engine:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, schedule, warmup, kind))
         # The scheduler stays outside accelerate: prepared, it would step once per process per
         # optimizer step, while our schedule counts optimizer steps of the global batch.
-        self.wrapped, self.optimizer = self.accelerator.prepare(ForwardInWrapper(model), optimizer)
+        if self.sharded:
+            self.wrapped, self.optimizer = wrapper, optimizer
+            # FSDP makes the first module it runs the root of the sharding; evaluation may run a
+            # block on its own first, so one empty pass through the wrapper claims the root.
+            with torch.no_grad():
+                wrapper(lambda _model, _batch: LossOutput(torch.zeros((), device=self.device), {}), None)
+            wrapper.reshard()
+        else:
+            self.wrapped, self.optimizer = self.accelerator.prepare(wrapper, optimizer)
         self.scheduler = scheduler
-        self.model = self.accelerator.unwrap_model(self.wrapped).model
+        self.model = model
         self.total_steps = total_steps
         return self.model
+
+    @contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """Passes outside training (evaluation, generation, reference log-probs) under FSDP: the
+        root's own weights (embeddings, final norm, head) are gathered for the duration; each
+        block gathers its own as it runs. Nothing to do otherwise."""
+        if not self.sharded:
+            yield
+            return
+        self.wrapped.unshard()
+        try:
+            yield
+        finally:
+            self.wrapped.reshard()
+
+    def full_state_dict(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """The model's whole tensors on the CPU (gathered from every process's shards under FSDP).
+
+        Every process must call it (gathering is collective); the same on each afterwards.
+        """
+        model = model if model is not None else self.model
+        # A tied weight (e.g. head = embeddings) is one parameter: saved once, under its first name.
+        names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+        return {name: full_tensor(value).detach().cpu().contiguous() for name, value in model.state_dict().items() if name in names}
 
     def build_model(
         self, source: ModelSource, settings: ModelSettings, lora: LoraSettings, reward_model: bool = False
@@ -366,7 +447,9 @@ class Engine:
     def save_final(self, tokenizer, base_reference: str, info: dict, model: torch.nn.Module | None = None, name: str = FINAL_DIR) -> Path:
         """The trained adapter or full model (default: the prepared one), with its tokenizer, in RUN/final."""
         target = self.run.root / name
-        self.on_main(lambda: save_model(model if model is not None else self.model, tokenizer, target, portable_reference(base_reference), info))
+        model = model if model is not None else self.model
+        state = self.full_state_dict(model) if self.sharded else None
+        self.on_main(lambda: save_model(model, tokenizer, target, portable_reference(base_reference), info, state_dict=state))
         return target
 
     def measure(self, metrics: dict, when: str, evaluate: Callable[[], dict] | None) -> None:
@@ -376,7 +459,8 @@ class Engine:
         """
         if evaluate is None or (when == "before" and when in metrics):
             return
-        metrics[when] = evaluate()
+        with self.full_weights():
+            metrics[when] = evaluate()
         if when == "before":
             self.run.update_json("metrics.json", before=metrics["before"])
         print(f"{when}: {describe(metrics[when])}")
@@ -392,16 +476,20 @@ class Engine:
     # ---- checkpoints -------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
+        """The full state, as one process would hold it (shards gathered), written by the main process."""
         target = self.run.checkpoints / f"step-{self.progress.step:06d}"
-        self.on_main(lambda: self._write_checkpoint(target))
+        trainable = {name: full_tensor(p).detach().contiguous().cpu() for name, p in self.trainable_parameters().items()}
+        optimizer_state = self.optimizer.state_dict()
+        if self.sharded:
+            optimizer_state["state"] = {index: {key: full_tensor(value).cpu() for key, value in entry.items()}
+                                        for index, entry in optimizer_state["state"].items()}
+        self.on_main(lambda: self._write_checkpoint(target, trainable, optimizer_state))
         return target
 
-    def _write_checkpoint(self, target: Path) -> None:
-        trainable = {name: p.detach().contiguous().cpu() for name, p in self.trainable_parameters().items()}
-
+    def _write_checkpoint(self, target: Path, trainable: dict[str, torch.Tensor], optimizer_state: dict) -> None:
         def write(tmp: Path) -> None:
             save_file(trainable, str(tmp / "trainable.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             # state.json is written last: its presence marks a checkpoint as complete.
             (tmp / CHECKPOINT_STATE).write_text(
@@ -439,8 +527,14 @@ class Engine:
             raise UserError(f"{checkpoint} does not match this model's trainable parameters (different model or LoRA?)")
         with torch.no_grad():
             for name, parameter in parameters.items():
-                parameter.copy_(saved[name])
-        self.optimizer.load_state_dict(read_torch_state(checkpoint / "optimizer.pt"))
+                parameter.copy_(like_parameter(saved[name], parameter))
+        optimizer_state = read_torch_state(checkpoint / "optimizer.pt")
+        if self.sharded:  # each process keeps its shard of the saved whole moments
+            by_index = [p for group in self.optimizer.param_groups for p in group["params"]]
+            optimizer_state["state"] = {index: {key: like_parameter(value, by_index[index]) if value.dim() else value
+                                                for key, value in entry.items()}
+                                        for index, entry in optimizer_state["state"].items()}
+        self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(read_torch_state(checkpoint / "scheduler.pt"))
         _set_rng_state(state["rng"])
         self.progress = Progress(**state["progress"])
@@ -493,7 +587,8 @@ class Engine:
                 )
                 bar.update(1)
                 if evaluate is not None and train.eval_every and self.progress.step % train.eval_every == 0:
-                    self.log({f"eval/{k}": v for k, v in evaluate().items()}, self.progress.step)
+                    with self.full_weights():
+                        self.log({f"eval/{k}": v for k, v in evaluate().items()}, self.progress.step)
                 self.checkpoint_if_due()
                 if self.progress.step >= self.total_steps:
                     break
@@ -548,8 +643,10 @@ class Engine:
         loss_total, extra = 0.0, {}
         for index, batch in enumerate(share):
             syncing = index == len(share) - 1
-            with nullcontext() if syncing else self.accelerator.no_sync(self.wrapped):
-                output = self.wrapped(loss_fn, batch.to(self.device))
+            if self.sharded:  # FSDP reduce-scatters gradients after the last micro-batch only
+                self.wrapped.set_requires_gradient_sync(syncing)
+            with nullcontext() if syncing or self.sharded else self.accelerator.no_sync(self.wrapped):
+                _, output = self.wrapped(loss_fn, batch.to(self.device))
                 self.accelerator.backward(output.loss_sum / units * weight)
             loss_total += output.loss_sum.item() * (not idle)
             for key, value in output.metrics.items():
@@ -562,7 +659,11 @@ class Engine:
         if not math.isfinite(loss):
             return self.skip_nonfinite_update(f"loss is {loss}", {"loss": loss, "lr": lr, "grad_norm": math.nan, "units": units})
         max_norm = self.train.max_grad_norm if self.train.max_grad_norm is not None else float("inf")
-        grad_norm = float(self.accelerator.clip_grad_norm_(list(self.trainable_parameters().values()), max_norm))
+        parameters = list(self.trainable_parameters().values())
+        if self.sharded:  # the norm over every shard (a DTensor)
+            grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(parameters, max_norm)))
+        else:
+            grad_norm = float(self.accelerator.clip_grad_norm_(parameters, max_norm))
         if not math.isfinite(grad_norm):
             return self.skip_nonfinite_update(f"gradient norm is {grad_norm}", {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units})
         self.optimizer.step()
@@ -585,6 +686,15 @@ class Engine:
         skipped = self.extra_state["skipped_nonfinite"] = self.extra_state.get("skipped_nonfinite", 0) + 1
         tqdm.write(f"warning: step {self.progress.step + 1}: {what}; update skipped ({skipped} so far; train.on_nonfinite: skip)")
         return {**step_metrics, "skipped_nonfinite": float(skipped)}
+
+
+def like_parameter(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """A whole tensor laid out like the parameter: this process's shard of it under FSDP."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(parameter, DTensor):
+        return distribute_tensor(value.to(parameter.device, parameter.dtype), parameter.device_mesh, parameter.placements)
+    return value
 
 
 def read_torch_state(path: Path) -> dict:

@@ -30,7 +30,7 @@ def lm_loss(chunk_size: int):
     return loss_fn
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP gathers weights into buffers it reuses in training
 def evaluate_perplexity(
     model: torch.nn.Module, batches: Iterable[LMBatch], device: torch.device, chunk_size: int
 ) -> dict[str, float]:

@@ -7,8 +7,10 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from rlhfkit.models import weights_are_sharded
 
-@torch.inference_mode()
+
+@torch.no_grad()  # not inference_mode: FSDP gathers weights into buffers it reuses in training
 def generate_texts(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -40,6 +42,7 @@ def generate_texts(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=weights_are_sharded(model),  # sharded: every process runs each decode step
                 **sampling,
             )
             new_tokens = generated[:, encoded["input_ids"].shape[1] :]  # (B, new)

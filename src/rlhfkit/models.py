@@ -299,11 +299,30 @@ def packs_by_position_ids(model: torch.nn.Module) -> bool:
     return hasattr(module, f"{family}ForCausalLM") and getattr(inner.config, "is_encoder_decoder", False) is False
 
 
-def save_model(model: torch.nn.Module, tokenizer: Any, target: Path, base_reference: str | None, info: dict) -> None:
-    """Write an adapter (LoRA) or full model plus tokenizer atomically to target."""
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP-sharded one (a collective: every process must call it); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def weights_are_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def save_model(
+    model: torch.nn.Module, tokenizer: Any, target: Path, base_reference: str | None, info: dict,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write an adapter (LoRA) or full model plus tokenizer atomically to target.
+
+    state_dict: the model's whole tensors when its own are sharded (FSDP).
+    """
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
         tokenizer.save_pretrained(tmp)
         adapter_config = tmp / "adapter_config.json"
         if adapter_config.exists():

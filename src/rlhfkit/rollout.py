@@ -6,7 +6,9 @@ including that EOS, so the EOS itself is trained (a padding token equal to EOS n
 model's decision to stop). Log-probs for the behaviour policy, the loss and the KL all come from
 :func:`response_logprobs` with the sampling temperature, so they agree exactly on the first pass.
 
-The HF `generate` path is what runs here (CPU and GPU); a vLLM engine is not wired in yet.
+Two engines sample: HF `generate` (CPU and GPU, the default) and, with `rollout.engine: vllm`,
+a vLLM engine colocated on each process's GPU (`rlhfkit.vllm_rollout`); both hand their ids to
+:func:`rollout_from_responses`, so masks and decoding are the same.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from rlhfkit.attention import packed_hidden_states
 from rlhfkit.config import SamplingSettings
 from rlhfkit.losses.lm import IGNORE_INDEX, target_token_logprobs, target_token_logprobs_and_entropy
-from rlhfkit.models import backbone_and_head, backbone_and_score_head, packs_by_position_ids
+from rlhfkit.models import backbone_and_head, backbone_and_score_head, packs_by_position_ids, weights_are_sharded
 
 
 @dataclass
@@ -145,18 +147,31 @@ def sample_rollout(
         ids = prompt_ids[start : start + settings.batch_size].to(device)
         mask = prompt_mask[start : start + settings.batch_size].to(device)
         processors = LogitsProcessorList([RowSeededSampler(seeds[start : start + settings.batch_size], settings)] if seeds is not None else [])
-        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config, logits_processor=processors)
+        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config, logits_processor=processors,
+                                   synced_gpus=weights_are_sharded(model))  # sharded: every process runs each decode step
         new = generated[:, ids.shape[1] :].cpu()
         pad = torch.full((new.shape[0], settings.max_new_tokens - new.shape[1]), tokenizer.pad_token_id, dtype=torch.long)
         pieces.append(torch.cat([new, pad], dim=1))
     model.train(was_training)
-    response_ids = torch.cat(pieces)
+    return rollout_from_responses(prompt_ids, prompt_mask, torch.cat(pieces), tokenizer, samples_per_prompt)
+
+
+def pad_responses(rows: Sequence[Sequence[int]], pad_token_id: int, width: int) -> torch.Tensor:
+    """(N, width) generated ids, right-padded (rows longer than width are cut)."""
+    return torch.tensor([list(row[:width]) + [pad_token_id] * (width - len(row[:width])) for row in rows], dtype=torch.long)
+
+
+def rollout_from_responses(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, tokenizer: Any, samples_per_prompt: int
+) -> Rollout:
+    """A rollout from left-padded prompts and right-padded generated ids (prompt-major groups),
+    whichever engine sampled them: masks up to and including the first EOS, decoded completions."""
     response_mask, ended = response_mask_from(response_ids, tokenizer.eos_token_id)
     completions = [
         tokenizer.decode(row[: int(length)], skip_special_tokens=True).strip()
         for row, length in zip(response_ids, response_mask.sum(dim=1))
     ]
-    prompt_index = torch.arange(len(prompt_texts)).repeat_interleave(samples_per_prompt)
+    prompt_index = torch.arange(response_ids.shape[0] // samples_per_prompt).repeat_interleave(samples_per_prompt)
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, ended, prompt_index, completions)
 
 

@@ -147,7 +147,8 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
 
     engine.resume(resume)
     if reference is not None and config.dpo.precompute_reference:
-        reference.precompute(pair_batches(train_pairs, train.batch_size, seed=None), len(train_pairs))
+        with engine.full_weights():
+            reference.precompute(pair_batches(train_pairs, train.batch_size, seed=None), len(train_pairs))
 
     # Train, measuring implicit-reward accuracy (and the reward model's score of answers) before and after.
     metrics = run_dir.read_json("metrics.json")

@@ -30,7 +30,7 @@ from rlhfkit.config import LoraSettings, RLConfig
 from rlhfkit.data.batching import _order
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.data.kinds import PromptExample, load_examples, prompt_examples
-from rlhfkit.engine import Engine, RunDir, process_state
+from rlhfkit.engine import Engine, RunDir, fsdp_launch, process_state
 from rlhfkit.errors import UserError
 from rlhfkit.models import resolve, resolve_with_tokenizer
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
@@ -236,8 +236,17 @@ def check_process_count(config: RLConfig, stage: str, processes: int, minibatch_
 
 
 def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context], Algorithm], resume: bool = False) -> dict:
+    if fsdp_launch():
+        raise UserError(
+            f"{stage} does not run sharded (FSDP) yet: rollouts and reference passes run outside the sharded forward; "
+            "launch it data-parallel (configs/accelerate/ddp.yaml) with LoRA, or QLoRA for large models"
+        )
     processes = process_state(config.model.device).num_processes
     check_process_count(config, stage, processes, getattr(getattr(config, stage), "minibatch_size", None))
+    if config.rollout.engine == "vllm":
+        from rlhfkit.vllm_rollout import check_vllm_usable
+
+        check_vllm_usable(config.model.device)
     run_dir = RunDir.open(config.train.output_dir, stage, config, resume)
     train, rollout_settings, data = config.train, config.rollout, config.data
 
@@ -262,8 +271,19 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
         frozen.to(engine.device)
     engine.resume(resume)
 
+    vllm = None
+    if rollout_settings.engine == "vllm":
+        from rlhfkit.vllm_rollout import VLLMSampler
+
+        vllm = VLLMSampler(policy, tokenizer, rollout_settings, data.max_length + rollout_settings.max_new_tokens, processes,
+                           train.seed, version=engine.progress.step)
+
     def sample_and_score(examples: list[PromptExample], samples: int, seeds: list[int]) -> tuple[Rollout, ScoredBatch]:
-        rollout = sample_rollout(policy, tokenizer, [render(e) for e in examples], rollout_settings, samples, data.max_length, seeds)
+        texts = [render(e) for e in examples]
+        if vllm is None:
+            rollout = sample_rollout(policy, tokenizer, texts, rollout_settings, samples, data.max_length, seeds)
+        else:  # the policy changes once per step: its weights are loaded into vLLM when the step count moved
+            rollout = vllm.sample(policy, engine.progress.step, texts, rollout_settings, samples, data.max_length, seeds)
         prompts = [examples[i].prompt for i in rollout.prompt_index.tolist()]
         columns = [examples[i].columns for i in rollout.prompt_index.tolist()]
         return rollout.to(engine.device), score_completions(reward, prompts, rollout.completions, columns, rollout.ended)
@@ -325,6 +345,8 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
     if context.critic is not None:
         engine.save_final(tokenizer, context.critic_reference, {**info, "role": "critic"}, model=context.critic, name="critic")
     engine.complete(metrics, report.summary(), samples=([e.prompt for e in eval_examples], []) if eval_examples else None)
+    if vllm is not None:
+        vllm.close()
     return metrics
 
 

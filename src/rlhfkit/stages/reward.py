@@ -47,7 +47,7 @@ def reward_loss(center_coef: float, use_margins: bool):
     return loss_fn
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP gathers weights into buffers it reuses in training
 def evaluate_pairs(model: torch.nn.Module, batches: list[RewardBatch], device: torch.device) -> dict[str, float]:
     """Pair accuracy (ties count half), mean margin r_c − r_r, and reward mean/std over held-out pairs."""
     was_training = model.training
