@@ -1,5 +1,5 @@
 """GPU paths: bf16 weights, QLoRA (4-bit base) for SFT/reward/DPO, data parallelism over GPUs,
-and the vLLM rollout engine.
+FSDP2 sharding over GPUs and the vLLM rollout engine.
 
 Each test runs wherever its hardware is present and is skipped with the reason otherwise (the CPU
 CI machine skips them all). Gradient checkpointing is checked on CPU in test_engine.py.
@@ -142,3 +142,16 @@ def test_grpo_with_vllm_rollouts_trains_and_reports(tmp_path):
     log = logged(out, "train/kl")
     assert len(log) == 3 and log[0] == pytest.approx(0.0, abs=1e-2)  # the first rollout is the reference policy's own
     assert abs(metrics["after"]["kl"]) > 0 and (out / "final" / "adapter_config.json").exists()
+
+
+@needs_two_gpus
+def test_full_fine_tuning_sharded_over_two_gpus_follows_the_one_gpu_loss_curve(tiny_model, stage_data, tmp_path):
+    """configs/accelerate/fsdp.yaml on 2 GPUs (FSDP2 over NCCL), float32 shards with bf16 compute
+    against the one-GPU float32 run."""
+    common = (f"model.name_or_path={tiny_model}", f"data.path={stage_data['sft']}", "data.eval_fraction=0.2", "model.device=cuda",
+              "model.dtype=float32", "train.max_steps=6", "train.batch_size=2", "train.grad_accum=2", "train.lr=1e-3",
+              "lora.enabled=false", "generation.num_prompts=0")
+    launch(1, "sft", *common, f"train.output_dir={tmp_path / 'one'}")
+    launch(2, "sft", *common, f"train.output_dir={tmp_path / 'two'}", launch_config="fsdp.yaml", launcher=("--mixed_precision", "bf16"))
+    assert logged(tmp_path / "two") == pytest.approx(logged(tmp_path / "one"), rel=2e-2)
+    assert (tmp_path / "two" / "final" / "model.safetensors").exists()
