@@ -478,13 +478,21 @@ class Engine:
     def save_checkpoint(self) -> Path:
         """The full state, as one process would hold it (shards gathered), written by the main process."""
         target = self.run.checkpoints / f"step-{self.progress.step:06d}"
+        if self.sharded:  # gathering the shards is collective: every process takes part
+            state = self._whole_training_state()
+            self.on_main(lambda: self._write_checkpoint(target, *state))
+        else:
+            self.on_main(lambda: self._write_checkpoint(target, *self._whole_training_state()))
+        return target
+
+    def _whole_training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(trainable weights, optimizer state) on the CPU, sharded tensors gathered whole."""
         trainable = {name: full_tensor(p).detach().contiguous().cpu() for name, p in self.trainable_parameters().items()}
         optimizer_state = self.optimizer.state_dict()
         if self.sharded:
             optimizer_state["state"] = {index: {key: full_tensor(value).cpu() for key, value in entry.items()}
                                         for index, entry in optimizer_state["state"].items()}
-        self.on_main(lambda: self._write_checkpoint(target, trainable, optimizer_state))
-        return target
+        return trainable, optimizer_state
 
     def _write_checkpoint(self, target: Path, trainable: dict[str, torch.Tensor], optimizer_state: dict) -> None:
         def write(tmp: Path) -> None:
@@ -588,7 +596,8 @@ class Engine:
                 bar.update(1)
                 if evaluate is not None and train.eval_every and self.progress.step % train.eval_every == 0:
                     with self.full_weights():
-                        self.log({f"eval/{k}": v for k, v in evaluate().items()}, self.progress.step)
+                        scores = evaluate()
+                    self.log({f"eval/{k}": v for k, v in scores.items()}, self.progress.step)
                 self.checkpoint_if_due()
                 if self.progress.step >= self.total_steps:
                     break

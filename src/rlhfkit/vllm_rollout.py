@@ -66,11 +66,11 @@ def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
                 yield plain, _with_lora_deltas(layer, parameter)
             else:
                 yield plain, parameter.detach()
-        elif ".modules_to_save." in name or ".original_module." in name:
-            # A fully trained module kept beside its original (peft modules_to_save): the trained copy counts.
-            if ".modules_to_save." in name:
-                prefix, _, rest = name.partition(".modules_to_save.")
-                yield f"{prefix}.{rest.partition('.')[2]}", parameter.detach()
+        elif ".original_module." in name:
+            continue  # a fully trained module (peft modules_to_save) replaces its original
+        elif ".modules_to_save." in name:
+            prefix, _, rest = name.partition(".modules_to_save.")
+            yield f"{prefix}.{rest.partition('.')[2]}", parameter.detach()
         else:
             yield name, parameter.detach()
 
