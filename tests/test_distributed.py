@@ -117,14 +117,34 @@ def test_dpo_on_two_processes_follows_the_one_process_loss_curve(tiny_model, sft
     assert logged(tmp_path / "two", "train/accuracy") == pytest.approx(logged(tmp_path / "one", "train/accuracy"))
 
 
-@pytest.mark.parametrize("stage, extra", [
-    ("grpo", ["grpo.beta=0.04"]),
-    ("ppo", ["ppo.epochs=2", "ppo.critic=head"]),
-    ("ppo", ["ppo.epochs=1", "ppo.target_kl=0.5"]),  # a value model as critic; adaptive KL coefficient
-    ("trpo", ["trpo.fisher_samples=16"]),
-    ("trpo", ["trpo.baseline=value", "trpo.fisher_samples=16"]),  # every row: both runs see one Fisher
+def test_reward_model_on_two_processes_follows_the_one_process_loss_curve(tiny_model, sft_rows, tmp_path):
+    """The score head is new (not in the checkpoint): under fsdp.yaml transformers leaves it on the
+    meta device on the second process, and every process must start from the first's weights."""
+    rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "No idea, go away."} for r in sft_rows]
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    common = (f"model.name_or_path={tiny_model}", f"data.path={data}", "data.eval_fraction=0.25", "data.max_length=96",
+              "train.batch_size=2", "train.grad_accum=2", "train.max_steps=5", "lora.dropout=0.0", "train.lr=5e-3")
+    launch(1, "reward", *common, f"train.output_dir={tmp_path / 'one'}")
+    one = logged(tmp_path / "one")
+    assert len(one) == 5 and one[-1] < one[0]
+    for launch_config in ["cpu.yaml", "fsdp.yaml"]:
+        two = tmp_path / launch_config.removesuffix(".yaml")
+        launch(2, "reward", *common, f"train.output_dir={two}", launch_config=launch_config)
+        assert logged(two) == pytest.approx(one, rel=1e-4), launch_config
+        assert logged(two, "train/accuracy") == pytest.approx(logged(tmp_path / "one", "train/accuracy")), launch_config
+
+
+@pytest.mark.parametrize("stage, extra, launch_configs", [
+    ("grpo", ["grpo.beta=0.04"], ["cpu.yaml", "fsdp.yaml"]),
+    ("ppo", ["ppo.epochs=2", "ppo.critic=head"], ["cpu.yaml", "fsdp.yaml"]),
+    # a value model as critic (sharded with the policy); adaptive KL coefficient
+    ("ppo", ["ppo.epochs=1", "ppo.target_kl=0.5"], ["cpu.yaml", "fsdp.yaml"]),
+    ("trpo", ["trpo.fisher_samples=16"], ["cpu.yaml"]),
+    ("trpo", ["trpo.baseline=value", "trpo.fisher_samples=16"], ["cpu.yaml"]),  # every row: both runs see one Fisher
 ])
-def test_online_rl_on_two_processes_samples_and_learns_what_one_process_does(tiny_model, tmp_path, stage, extra):
+def test_online_rl_on_two_processes_samples_and_learns_what_one_process_does(tiny_model, tmp_path, stage, extra, launch_configs):
+    """cpu.yaml: data-parallel; fsdp.yaml: sharded, with the rollouts, the reference (adapters off)
+    and critic passes gathering the weights outside the sharded training forward."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS * 2])
     (tmp_path / "lengthy.py").write_text(
         "def letters(prompts, completions, **columns):\n    return [float(sum(c.isalpha() for c in text)) / 10 for text in completions]\n"
@@ -133,20 +153,23 @@ def test_online_rl_on_two_processes_samples_and_learns_what_one_process_does(tin
               f"reward.function={tmp_path / 'lengthy.py'}:letters", "train.batch_size=8", "train.lr=1e-2", "lora.dropout=0.0",
               "train.max_steps=3", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=6",
               "eval.num_prompts=2", "eval.samples_per_prompt=2", *extra)
-    launch(1, stage, *common, f"train.output_dir={tmp_path / 'one'}")
-    launch(2, stage, *common, f"train.output_dir={tmp_path / 'two'}")
-    one, two = tmp_path / "one", tmp_path / "two"
-    # Each process sampled its own two prompts' groups, with per-completion seeds: the rewards of
-    # the whole batch are the ones one process sampled, and so is everything learned from them.
+    one = tmp_path / "one"
+    launch(1, stage, *common, f"train.output_dir={one}")
     records = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     names = [name for name in records[0] if name.startswith("train/") and not name.endswith(("_s", "units_per_s"))]
     assert {"train/reward_mean", "train/kl", "train/length"} <= set(names)
-    for name in names:
-        assert logged(two, name) == pytest.approx(logged(one, name), rel=2e-3, abs=1e-5), name
     assert len(set(logged(one, "train/reward_mean"))) > 1  # the policy moved: later batches differ
-    after = [json.loads((run / "metrics.json").read_text())["after"] for run in (one, two)]
-    assert after[1]["reward_mean"] == pytest.approx(after[0]["reward_mean"], rel=1e-3)
-    assert after[1]["answers"] == after[0]["answers"]
+    for launch_config in launch_configs:
+        two = tmp_path / launch_config.removesuffix(".yaml")
+        launch(2, stage, *common, f"train.output_dir={two}", launch_config=launch_config)
+        # Each process sampled its own two prompts' groups, with per-completion seeds: the rewards
+        # of the whole batch are the ones one process sampled, and so is everything learned from them.
+        for name in names:
+            assert logged(two, name) == pytest.approx(logged(one, name), rel=2e-3, abs=1e-5), (launch_config, name)
+        after = [json.loads((run / "metrics.json").read_text())["after"] for run in (one, two)]
+        assert after[1]["reward_mean"] == pytest.approx(after[0]["reward_mean"], rel=1e-3)
+        assert after[1]["answers"] == after[0]["answers"]
+        assert (two / "final").is_dir() and (stage != "ppo" or (two / "critic").is_dir())
 
 
 def test_uneven_prompt_shares_are_refused_before_loading_a_model(tiny_model, tmp_path):

@@ -197,12 +197,18 @@ def test_trpo_line_search_measures_the_kl_on_the_whole_batch(target_liking_model
         assert any(batch > 2 * fisher for batch, fisher in zip(realised, checked)), (realised, checked)
 
 
-def test_rl_stages_refuse_a_sharded_launch_before_loading(tiny_model, prompt_file, reward_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage, module, extra, refusal", [
+    ("trpo", trpo, [], r"trpo does not run sharded \(FSDP\)"),
+    ("grpo", grpo, ["lora.enabled=false"], r"grpo sharded \(FSDP\) needs LoRA"),
+])
+def test_rl_stages_refuse_what_cannot_run_sharded_before_loading(
+    tiny_model, prompt_file, reward_file, tmp_path, monkeypatch, stage, module, extra, refusal
+):
     from rlhfkit.errors import UserError
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    config = rl_config("grpo", tiny_model, prompt_file, reward_file, tmp_path / "run", "train.max_steps=1")
-    with pytest.raises(UserError, match=r"grpo does not run sharded \(FSDP\) yet"):
-        grpo.run(config)
+    config = rl_config(stage, tiny_model, prompt_file, reward_file, tmp_path / "run", "train.max_steps=1", *extra)
+    with pytest.raises(UserError, match=refusal):
+        module.run(config)
     assert not (tmp_path / "run").exists()

@@ -142,6 +142,28 @@ def shard_model(root: torch.nn.Module, model: torch.nn.Module, device: torch.dev
     fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=precision)
 
 
+def start_from_main_process(model: torch.nn.Module, device: torch.device) -> None:
+    """Move the model to `device` with the main process's weights on every process (as DDP does).
+
+    Under an FSDP launch, transformers leaves the weights a checkpoint lacks (e.g. the new score
+    head of a reward model or critic) on the meta device on every process but the first, expecting
+    them to be broadcast from it; sharding would otherwise split weights that differ by process.
+    """
+    replaced: dict[int, torch.Tensor] = {}  # a tied weight is replaced once, and stays tied
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and tensor.is_meta:
+                    if id(tensor) not in replaced:
+                        empty = torch.empty_like(tensor, device=device)
+                        replaced[id(tensor)] = torch.nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else empty
+                    store[name] = replaced[id(tensor)]
+    model.to(device)
+    with torch.no_grad():
+        for tensor in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
+            torch.distributed.broadcast(tensor.data, src=0)
+
+
 class TrainingError(UserError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
@@ -305,6 +327,7 @@ class Engine:
         self.stage = stage
         trackers = [t for t in train.trackers if t == "tensorboard" or _installed(t)]
         self.sharded = fsdp_launch()  # FSDP2: each process holds a shard of every weight and optimizer state
+        self._gathered_depth = 0  # nesting of full_weights()
         self.accelerator = Accelerator(
             cpu=runs_on_cpu(device), log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.root / "logs")),
@@ -373,7 +396,7 @@ class Engine:
                 model.enable_input_require_grads()
         wrapper = ForwardInWrapper(model)
         if self.sharded:  # the optimizer must be built on the sharded parameters
-            wrapper.to(self.device)
+            start_from_main_process(wrapper, self.device)
             # `accelerate launch --mixed_precision bf16`: float32 shards, bf16 compute.
             compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
             shard_model(wrapper, model, self.device, os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true",
@@ -405,15 +428,18 @@ class Engine:
     def full_weights(self) -> Iterator[None]:
         """Passes outside training (evaluation, generation, reference log-probs) under FSDP: the
         root's own weights (embeddings, final norm, head) are gathered for the duration; each
-        block gathers its own as it runs. Nothing to do otherwise."""
-        if not self.sharded:
-            yield
-            return
-        self.wrapped.unshard()
+        block gathers its own as it runs. Nothing to do otherwise. Nests: only the outermost
+        gathers and reshards (an evaluation samples rollouts, which gather too)."""
+        outermost = self.sharded and self._gathered_depth == 0
+        if outermost:
+            self.wrapped.unshard()
+        self._gathered_depth += 1
         try:
             yield
         finally:
-            self.wrapped.reshard()
+            self._gathered_depth -= 1
+            if outermost:
+                self.wrapped.reshard()
 
     def full_state_dict(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
         """The model's whole tensors on the CPU (gathered from every process's shards under FSDP).

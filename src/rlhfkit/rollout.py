@@ -261,11 +261,12 @@ class ValueHead(torch.nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear(features.to(self.linear.weight.dtype)).squeeze(-1).float()
 
-    def save_pretrained(self, directory, **_) -> None:
+    def save_pretrained(self, directory, state_dict: dict[str, torch.Tensor] | None = None, **_) -> None:
+        """state_dict: the whole tensors when the head's own are sharded (FSDP)."""
         from safetensors.torch import save_file
 
-        save_file({name: value.detach().cpu().contiguous() for name, value in self.state_dict().items()},
-                  str(directory / "value_head.safetensors"))
+        state = state_dict if state_dict is not None else self.state_dict()
+        save_file({name: value.detach().cpu().contiguous() for name, value in state.items()}, str(directory / "value_head.safetensors"))
 
 
 def response_values(critic: torch.nn.Module, rollout: Rollout) -> torch.Tensor:

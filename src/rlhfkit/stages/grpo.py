@@ -84,7 +84,7 @@ class GRPO:
             logprobs, entropy = torch.zeros_like(ref_logprobs), torch.zeros_like(ref_logprobs)
             self.seen_logprobs, self.seen_entropy = logprobs, entropy
         else:
-            with torch.no_grad():
+            with torch.no_grad(), engine.full_weights():
                 logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
         rewards = group_scores(scored, group_size)
         advantages = group_advantages(rewards, group_size, settings.scale_rewards).to(logprobs.device)

@@ -147,7 +147,7 @@ class Context:
         """
         reference = self.frozen_reference if self.frozen_reference is not None else self.policy
         adapters_off = self.policy.disable_adapter() if self.frozen_reference is None else nullcontext()
-        with adapters_off:
+        with self.engine.full_weights(), adapters_off:
             logprobs, _, *hidden = response_logprobs(reference, rollout, self.temperature, self.chunk, with_hidden=with_hidden)
         return (logprobs, hidden[0]) if with_hidden else logprobs
 
@@ -235,12 +235,28 @@ def check_process_count(config: RLConfig, stage: str, processes: int, minibatch_
         raise UserError(f"{stage}.minibatch_size ({minibatch_size}) must be a multiple of the {processes} processes")
 
 
+def check_sharded_launch(config: RLConfig, stage: str) -> None:
+    """Under FSDP: GRPO and PPO with LoRA on the HF rollout engine.
+
+    Rollouts, reference and old log-probs and critic values are passes outside the sharded
+    training forward: they run with the root's weights gathered (Engine.full_weights), each block
+    gathering its own; the updates run inside the sharded forward like every other stage's.
+    """
+    if not fsdp_launch():
+        return
+    data_parallel = "launch it data-parallel (configs/accelerate/ddp.yaml) instead"
+    if stage == "trpo":
+        raise UserError(f"trpo does not run sharded (FSDP): its natural-gradient step differentiates the weights outside "
+                        f"the sharded forward (double backward over sharded tensors); {data_parallel}")
+    if not config.lora.enabled:
+        raise UserError(f"{stage} sharded (FSDP) needs LoRA (lora.enabled: true): the reference is the policy with its "
+                        f"adapters off, where full fine-tuning would keep a whole frozen copy on every process; {data_parallel}")
+    if config.rollout.engine == "vllm":
+        raise UserError(f"rollout.engine: vllm does not run with a sharded (FSDP) policy yet; use rollout.engine: hf or {data_parallel}")
+
+
 def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context], Algorithm], resume: bool = False) -> dict:
-    if fsdp_launch():
-        raise UserError(
-            f"{stage} does not run sharded (FSDP) yet: rollouts and reference passes run outside the sharded forward; "
-            "launch it data-parallel (configs/accelerate/ddp.yaml) with LoRA, or QLoRA for large models"
-        )
+    check_sharded_launch(config, stage)
     processes = process_state(config.model.device).num_processes
     check_process_count(config, stage, processes, getattr(getattr(config, stage), "minibatch_size", None))
     if config.rollout.engine == "vllm":
@@ -281,7 +297,8 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
     def sample_and_score(examples: list[PromptExample], samples: int, seeds: list[int]) -> tuple[Rollout, ScoredBatch]:
         texts = [render(e) for e in examples]
         if vllm is None:
-            rollout = sample_rollout(policy, tokenizer, texts, rollout_settings, samples, data.max_length, seeds)
+            with engine.full_weights():
+                rollout = sample_rollout(policy, tokenizer, texts, rollout_settings, samples, data.max_length, seeds)
         else:  # the policy changes once per step: its weights are loaded into vLLM when the step count moved
             rollout = vllm.sample(policy, engine.progress.step, texts, rollout_settings, samples, data.max_length, seeds)
         prompts = [examples[i].prompt for i in rollout.prompt_index.tolist()]

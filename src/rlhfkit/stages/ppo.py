@@ -65,7 +65,7 @@ class PPO:
     def update(self, rollout: Rollout, scored: ScoredBatch, step_seed: int) -> dict[str, float]:
         context, settings, engine = self.context, self.settings, self.context.engine
         head = settings.critic == "head"
-        with torch.no_grad():
+        with torch.no_grad(), engine.full_weights():
             logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
             if head:
                 ref_logprobs, features = context.reference_logprobs(rollout, with_hidden=True)

@@ -52,6 +52,15 @@ def full_log_distributions(policy: torch.nn.Module, rollout: Rollout, temperatur
     return torch.log_softmax((hidden @ head_weight.T).float(), dim=-1)
 
 
+def sampled_token_logprobs(distributions: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+    """(N, R) log-probs of the sampled response tokens, 0 on padding, from the (M, V) distributions
+    that `full_log_distributions` gives at the M response positions."""
+    valid = rollout.response_mask.bool()
+    logprobs = torch.zeros(valid.shape, dtype=distributions.dtype, device=distributions.device)
+    logprobs[valid] = distributions.gather(-1, rollout.response_ids[valid].unsqueeze(-1)).squeeze(-1)
+    return logprobs
+
+
 class TRPO:
     def __init__(self, context: Context) -> None:
         self.context, self.settings = context, context.config.trpo
@@ -100,11 +109,6 @@ class TRPO:
             gradient += torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.parameters)])
         return self.everywhere(gradient), logprobs_all, entropy_all
 
-    @torch.no_grad()
-    def surrogate(self, rollout: Rollout, targets: dict[str, torch.Tensor]) -> float:
-        logprobs, _ = self.context.logprobs(self.context.policy, rollout)
-        return float(surrogate_objective(logprobs, targets["old_logprobs"], targets["advantages"], targets["mask"], self.everywhere))
-
     def natural_step(self, rollout: Rollout, targets: dict[str, torch.Tensor], gradient: torch.Tensor) -> dict[str, float]:
         context, settings = self.context, self.settings
         old_logprobs = targets["old_logprobs"]
@@ -115,7 +119,8 @@ class TRPO:
             return {"grad_norm": 0.0, "step_accepted": 0.0, "step_fraction": 0.0}
         share = max(1, settings.fisher_samples // context.engine.num_processes)  # this process's Fisher sequences
         fisher_rows = torch.arange(min(share, rollout.size))
-        fisher_batch = micro_batch(rollout, targets, fisher_rows, "token").rollout
+        fisher = micro_batch(rollout, targets, fisher_rows, "token")
+        fisher_batch = fisher.rollout
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU/GPU kernels have no double backward
             new = full_log_distributions(context.policy, fisher_batch, context.temperature)
             every_position = torch.ones(new.shape[0], device=new.device)
@@ -135,19 +140,27 @@ class TRPO:
         full_step = trust_region_step_size(solved.solution, curvature_direction, settings.max_kl) * solved.solution
         expected = float(gradient @ full_step)
         start = parameters_to_vector(self.parameters).detach()
-        checked = [fisher_batch] if settings.kl_check == "fisher" else [batch.rollout for batch in self.micro_batches(rollout, targets)]
+        by_batch = settings.kl_check == "batch"
+        checked = self.micro_batches(rollout, targets) if by_batch else [fisher]
         with torch.no_grad():
-            checked_old = [full_log_distributions(context.policy, batch, context.temperature) for batch in checked]
+            checked_old = [full_log_distributions(context.policy, batch.rollout, context.temperature) for batch in checked]
 
         @torch.no_grad()
         def try_fraction(fraction: float) -> tuple[float, float]:
             vector_to_parameters(start + fraction * full_step, self.parameters)
-            gain = self.surrogate(rollout, targets) - surrogate_before
-            per_position = torch.cat([
-                categorical_kl(old_distributions, full_log_distributions(context.policy, batch, context.temperature))
-                for batch, old_distributions in zip(checked, checked_old)
-            ])
-            return gain, float(masked_mean(per_position, torch.ones_like(per_position), self.everywhere))
+            # Checking the whole batch already computes every response position's distribution,
+            # so the surrogate reads its sampled-token log-probs from it: one forward per try.
+            logprobs = torch.zeros_like(targets["mask"]) if by_batch else context.logprobs(context.policy, rollout)[0]
+            per_position = []
+            for batch, old_distributions in zip(checked, checked_old):
+                new = full_log_distributions(context.policy, batch.rollout, context.temperature)
+                per_position.append(categorical_kl(old_distributions, new))
+                if by_batch:
+                    logprobs[batch.rows, : batch.width] = sampled_token_logprobs(new, batch.rollout)
+            gain = float(surrogate_objective(logprobs, targets["old_logprobs"], targets["advantages"], targets["mask"], self.everywhere))
+            kl_per_position = torch.cat(per_position)
+            kl = float(masked_mean(kl_per_position, torch.ones_like(kl_per_position), self.everywhere))
+            return gain - surrogate_before, kl
 
         search = backtracking_line_search(try_fraction, settings.max_kl, expected, settings.line_search_steps)
         with torch.no_grad():
