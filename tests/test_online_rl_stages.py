@@ -200,6 +200,7 @@ def test_trpo_line_search_measures_the_kl_on_the_whole_batch(target_liking_model
 @pytest.mark.parametrize("stage, module, extra, refusal", [
     ("trpo", trpo, [], r"trpo does not run sharded \(FSDP\)"),
     ("grpo", grpo, ["lora.enabled=false"], r"grpo sharded \(FSDP\) needs LoRA"),
+    ("ppo", ppo, ["rollout.engine=vllm"], r"rollout.engine: vllm does not run with a sharded \(FSDP\) policy"),
 ])
 def test_rl_stages_refuse_what_cannot_run_sharded_before_loading(
     tiny_model, prompt_file, reward_file, tmp_path, monkeypatch, stage, module, extra, refusal
