@@ -213,3 +213,22 @@ def test_rl_stages_refuse_what_cannot_run_sharded_before_loading(
     with pytest.raises(UserError, match=refusal):
         module.run(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_trpo_line_search_reads_the_sampled_tokens_log_probs_from_the_full_distributions(tiny_model):
+    """Each line-search try takes the surrogate's log-probs from the distributions it computes for
+    the KL (one forward per try): they must be the rollout log-probs of the sampled tokens."""
+    from rlhfkit.config import RolloutSettings
+    from rlhfkit.rollout import response_logprobs, sample_rollout
+    from rlhfkit.stages.trpo import full_log_distributions, sampled_token_logprobs
+
+    source = resolve(str(tiny_model))
+    tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)
+    settings = RolloutSettings(max_new_tokens=5, temperature=0.7)
+    rollout = sample_rollout(model, tokenizer, ["Why is the sky blue?", "What is a magnet?"], settings, 2, 64, seeds=[1, 2, 3, 4])
+    rollout.response_mask[0, 2:] = 0  # as if row 0 had stopped after 2 tokens: its padding reads 0
+    with torch.no_grad():
+        expected, _ = response_logprobs(model, rollout, 0.7)
+        read = sampled_token_logprobs(full_log_distributions(model, rollout, 0.7), rollout)
+    assert torch.allclose(read, expected, atol=1e-5)
+    assert (read[0, 2:] == 0).all() and (read[rollout.response_mask.bool()] < 0).all()

@@ -116,3 +116,34 @@ def test_repeated_save_and_resume_cycles_leak_no_files_memory_or_disk(tiny_model
     assert last_files <= first_files + 2, samples
     assert last_memory - first_memory < 150, samples  # MB over 11 more load/train/save cycles
     assert train_losses(run_dir)[-1] > 0 and len(train_losses(run_dir)) == STEPS
+
+
+def test_a_removal_killed_midway_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Pruning an old checkpoint is interrupted while its files are being deleted: the checkpoint
+    is gone from sight at once (never a step-N without state.json, which no later prune would
+    recognise), and the hidden remains are cleaned when the run is reopened."""
+    import shutil
+
+    from rlhfkit import files
+
+    checkpoints = tmp_path / "checkpoints"
+    stale = checkpoints / "step-000011"
+    stale.mkdir(parents=True)
+    for name in ("state.json", "trainable.safetensors", "optimizer.pt"):
+        (stale / name).write_text("x")
+    real_rmtree = shutil.rmtree
+
+    def killed_after_one_file(path, ignore_errors=False):
+        if Path(path).exists():
+            next(Path(path).iterdir()).unlink()
+            raise KeyboardInterrupt  # the process dies here
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(files.shutil, "rmtree", killed_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        files.remove_dir_atomically(stale)
+    monkeypatch.setattr(files.shutil, "rmtree", real_rmtree)
+    assert not stale.exists()
+    assert [p.name for p in checkpoints.iterdir()] == [".step-000011.tmp-removed"]
+    files.clean_stale_temporaries(checkpoints)
+    assert list(checkpoints.iterdir()) == []

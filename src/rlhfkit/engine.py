@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ from rlhfkit import __version__
 from rlhfkit.config import LoraSettings, ModelSettings, StageConfig, TrainSettings, dump_config
 from rlhfkit.errors import UserError
 from rlhfkit.evaluate import describe, write_answers_before_after
-from rlhfkit.files import clean_stale_temporaries, write_dir_atomically, write_json_atomically, write_text_atomically
+from rlhfkit.files import clean_stale_temporaries, remove_dir_atomically, write_dir_atomically, write_json_atomically, write_text_atomically
 from rlhfkit.models import (
     FINAL_DIR,
     RUN_MARKER,
@@ -538,7 +537,7 @@ class Engine:
             kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
             raise TrainingError(f"could not write checkpoint {target}: {exc.strerror or exc}{kept}") from None
         for stale in self.run.checkpoint_dirs()[: -self.train.save_limit]:
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_dir_atomically(stale)  # a kill mid-way must not leave a half-deleted checkpoint
 
     def load_checkpoint(self, checkpoint: Path | None = None) -> Path:
         """Restore weights, optimizer, scheduler, RNG and progress from a checkpoint (default: latest)."""

@@ -66,8 +66,21 @@ def _fsync_dir_tree(root: Path) -> None:
                 os.fsync(handle.fileno())
 
 
+def remove_dir_atomically(target: Path) -> None:
+    """Delete a directory so that an interruption leaves it either whole or out of sight.
+
+    It is first renamed to a hidden temporary (one atomic step), then deleted: a process killed
+    while deleting leaves a ``.NAME.tmp-removed`` directory for clean_stale_temporaries, never a
+    half-deleted NAME that readers would take for a damaged one.
+    """
+    hidden = target.with_name(f".{target.name}.tmp-removed")
+    shutil.rmtree(hidden, ignore_errors=True)
+    target.rename(hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def clean_stale_temporaries(folder: Path) -> None:
-    """Remove leftovers of interrupted atomic writes."""
+    """Remove leftovers of interrupted atomic writes and removals."""
     if folder.is_dir():
-        for path in folder.glob(".*.tmp-*"):
+        for path in [*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")]:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
