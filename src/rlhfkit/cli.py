@@ -184,7 +184,10 @@ def _run_stage(args: argparse.Namespace) -> None:
         return
     from rlhfkit.pipeline import stage_runner
 
+    from rlhfkit.engine import leave_process_group
+
     stage_runner(args.command)(config, resume=getattr(args, "resume", False))
+    leave_process_group()
     print(f"done: {config.output_dir if args.command == 'evaluate' else config.train.output_dir}")
 
 

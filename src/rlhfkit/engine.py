@@ -163,6 +163,18 @@ def start_from_main_process(model: torch.nn.Module, device: torch.device) -> Non
             torch.distributed.broadcast(tensor.data, src=0)
 
 
+def leave_process_group() -> None:
+    """At the end of a multi-process launch: wait for every process, then close the process group.
+
+    Left to interpreter teardown, the communication threads of one process can be cut off by
+    another's exit (seen once in CI: a process aborted after a finished sharded run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class TrainingError(UserError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
