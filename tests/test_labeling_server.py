@@ -140,6 +140,9 @@ def test_label_in_a_real_browser_by_click_and_keyboard(store_with_people, tmp_pa
         browser = driver.chromium.launch(executable_path=CHROMIUM, headless=True,
                                          args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         page = browser.new_page(viewport={"width": 1280, "height": 800})
+        # A slow network: the next pair arrives 0.3 s after a judgement is saved, the window in
+        # which a key press used to be dropped (CI once saw "2 / 5" and pressed "2" too early).
+        page.route("**/api/next", lambda route: (time.sleep(0.3), route.continue_()))
         page.goto(url)
         page.fill("#token", "not-a-token")
         page.click("#signin-button")
@@ -152,6 +155,7 @@ def test_label_in_a_real_browser_by_click_and_keyboard(store_with_people, tmp_pa
         shown = []  # (pair, screen choice) in the order labelled
         for action in ("click-left", "click-both-bad", "key-2", "key-3"):
             pair_id = 1 + len(shown)
+            page.wait_for_selector("#choose-left:enabled")  # the page takes input again once the next pair is on screen
             if action.startswith("click"):
                 page.click("#choose-" + action[6:])
                 shown.append((pair_id, {"left": "left", "both-bad": "both_bad"}[action[6:]]))
