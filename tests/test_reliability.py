@@ -147,3 +147,29 @@ def test_a_removal_killed_midway_leaves_no_half_deleted_checkpoint(tmp_path, mon
     assert [p.name for p in checkpoints.iterdir()] == [".step-000011.tmp-removed"]
     files.clean_stale_temporaries(checkpoints)
     assert list(checkpoints.iterdir()) == []
+
+
+def test_a_replacement_killed_between_its_renames_keeps_the_old_directory(tmp_path, monkeypatch):
+    """Rewriting final/ moves the old one aside, then renames the new one in. A process killed
+    between the two renames leaves neither under the name; reopening the run puts the old one back
+    (the new one was never complete), and a later rewrite replaces it as usual."""
+    from rlhfkit import files
+
+    final = tmp_path / "final"
+    files.write_dir_atomically(final, lambda d: (d / "weights").write_text("old"))
+    real_rename = Path.rename
+
+    def killed_before_the_new_one_lands(self, target):
+        if self.name.startswith(".final.tmp-") and "replaced" not in self.name:
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_before_the_new_one_lands)
+    with pytest.raises(KeyboardInterrupt):
+        files.write_dir_atomically(final, lambda d: (d / "weights").write_text("new"))
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert not final.exists() and [p.name for p in tmp_path.iterdir()] == [f".final.tmp-replaced-{os.getpid()}"]
+    files.clean_stale_temporaries(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["final"] and (final / "weights").read_text() == "old"
+    files.write_dir_atomically(final, lambda d: (d / "weights").write_text("new"))
+    assert [p.name for p in tmp_path.iterdir()] == ["final"] and (final / "weights").read_text() == "new"

@@ -228,6 +228,7 @@ class RunDir:
                 raise UserError(f"--resume: {self.root} is a {recorded.get('stage')} run, not a {stage} run")
         write_text_atomically(self.root / "config.yaml", dump_config(config))
         self.write_marker(stage, "running")
+        clean_stale_temporaries(self.root)
         clean_stale_temporaries(self.root / CHECKPOINTS)
 
     def write_marker(self, stage: str, status: str) -> None:

@@ -13,7 +13,8 @@ from typing import Any, Callable
 def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp_dir) in target's parent, then rename tmp_dir to target.
 
-    An interrupted write leaves only a hidden ``.NAME.tmp-*`` directory, which readers ignore.
+    An interrupted write leaves only hidden ``.NAME.tmp-*`` directories (the new one, or the
+    replaced one moved aside), which readers ignore and clean_stale_temporaries removes.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -21,10 +22,10 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         _fsync_dir_tree(tmp)
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
+            replaced = target.with_name(f".{target.name}.tmp-replaced-{os.getpid()}")
+            target.rename(replaced)
             tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(replaced, ignore_errors=True)
         else:
             tmp.rename(target)
     except BaseException:
@@ -80,7 +81,22 @@ def remove_dir_atomically(target: Path) -> None:
 
 
 def clean_stale_temporaries(folder: Path) -> None:
-    """Remove leftovers of interrupted atomic writes and removals."""
-    if folder.is_dir():
-        for path in [*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")]:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    """Remove leftovers of interrupted atomic writes and removals.
+
+    A directory moved aside for a replacement that never landed (the process died between the two
+    renames of write_dir_atomically) is put back instead, so a crash never loses both versions.
+    """
+    if not folder.is_dir():
+        return
+    for path in folder.glob(".*.tmp-*"):
+        name, _, kind = path.name[1:].rpartition(".tmp-")
+        original = folder / name
+        try:
+            if kind.startswith("replaced-") and not original.exists():
+                path.rename(original)
+            elif path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            pass  # another process of the same launch cleaned it first
