@@ -180,6 +180,51 @@ def test_rollout_log_probs_match_the_sampling_distribution(tiny_model, monkeypat
     torch.testing.assert_close(padded, logprobs, rtol=1e-4, atol=1e-5)
 
 
+def test_samples_of_one_prompt_share_it_in_the_packed_pass_with_the_same_values_and_gradients(tiny_model, monkeypatch):
+    """Log-probs, entropies and gradients with each prompt run once per group equal those with
+    the prompt repeated for every sample (the layout before sharing)."""
+    import rlhfkit.rollout as rollout_module
+
+    source = resolve(str(tiny_model))
+    tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)
+    settings = RolloutSettings(max_new_tokens=6, temperature=0.7, batch_size=5)
+    torch.manual_seed(0)
+    rollout = sample_rollout(model, tokenizer, ["Why is the sky blue?", "What is a magnet?", "Hi"], settings, 3, 64)
+    rollout.response_mask[4, 1:] = 0  # a group with a one-token answer
+    results = {}
+    for share in (True, False):
+        monkeypatch.setattr(rollout_module, "shares_prompts", lambda decoder, share=share: share)
+        model.zero_grad()
+        logprobs, entropy = response_logprobs(model, rollout, 0.7, with_entropy=True)
+        (logprobs * torch.linspace(0.5, 1.5, logprobs.numel()).view_as(logprobs)).sum().backward()
+        results[share] = logprobs.detach(), entropy, [p.grad.clone() for p in model.parameters()]
+    _, _, _, layout = rollout_module._packed_sequence_inputs(rollout, share_prompts=True)
+    assert [len(responses) for _, _, responses in layout] == [3, 3, 3]
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-4, atol=1e-5)
+    for shared_grad, separate_grad in zip(results[True][2], results[False][2]):
+        torch.testing.assert_close(shared_grad, separate_grad, rtol=1e-3, atol=1e-5)
+
+
+def test_samples_of_one_prompt_start_from_one_prefill_and_draw_what_a_full_prefill_draws(tiny_model, monkeypatch):
+    import rlhfkit.rollout as rollout_module
+
+    source = resolve(str(tiny_model))
+    tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)
+    settings = RolloutSettings(max_new_tokens=6, temperature=1.0, batch_size=5)  # batches cut through groups
+    prompts = ["Why is the sky blue?", "What is a magnet?", "Hi", "Tell me a story about a fox"]
+    built = []
+    real = rollout_module.shared_prompt_cache
+    monkeypatch.setattr(rollout_module, "shared_prompt_cache", lambda *args: built.append(real(*args)) or built[-1])
+    shared = sample_rollout(model, tokenizer, prompts, settings, 3, 64, seeds=list(range(12)))
+    assert len(built) == 3 and all(cache is not None for cache in built)
+    monkeypatch.setattr(rollout_module, "shared_prompt_cache", lambda *args: None)
+    full = sample_rollout(model, tokenizer, prompts, settings, 3, 64, seeds=list(range(12)))
+    assert torch.equal(shared.response_ids, full.response_ids) and shared.completions == full.completions
+    ids, mask = encode_prompts(tokenizer, prompts[:2], 64)
+    assert real(model, ids, mask, torch.arange(2)) is None  # one sample per prompt: nothing to share
+
+
 def test_bad_prompt_rows_are_named(tmp_path):
     from conftest import write_jsonl
     from rlhfkit.data.kinds import prompt_examples

@@ -25,6 +25,9 @@ def packed_sdpa_attention(
     """query (1, H, T, D), key/value (1, H_kv, T, D) of one packed row → output (1, T, H, D)."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+    shared = kwargs.get("shared_prompt_groups")
+    if shared is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]:
+        return _shared_prompt_attention(module, query, key, value, shared, dropout, scaling)
     boundaries = kwargs.get("cu_seq_lens_q")
     if boundaries is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -40,6 +43,38 @@ def packed_sdpa_attention(
         for start, end in zip(edges[:-1], edges[1:])
         if end > start
     ]
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _shared_prompt_attention(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    groups: list[tuple[int, int, list[tuple[int, int]]]], dropout: float, scaling: float | None,
+) -> tuple[torch.Tensor, None]:
+    """Attention for a packed row laid out as [prompt, response 1, ..., response G] per group.
+
+    The prompt attends causally to itself; each response to the whole prompt and causally to its
+    own tokens, never to a sibling. That is exactly what G separate prompt+response sequences
+    compute, with the prompt's tokens run once instead of G times.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups_per_head = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups_per_head), repeat_kv(value, groups_per_head)
+    if not module.training:
+        dropout = 0.0
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    pieces = []
+    for prompt_start, prompt_end, responses in groups:
+        prompt = slice(prompt_start, prompt_end)
+        pieces.append(sdpa(query[:, :, prompt], key[:, :, prompt], value[:, :, prompt], dropout_p=dropout, scale=scaling, is_causal=True))
+        width = prompt_end - prompt_start
+        for start, end in responses:
+            own = slice(start, end)
+            # rows: this response's tokens; columns: the prompt (all visible), then its own tokens (causal)
+            visible = torch.ones(end - start, width + end - start, dtype=torch.bool, device=query.device).tril(diagonal=width)
+            keys = torch.cat([key[:, :, prompt], key[:, :, own]], dim=2)
+            values = torch.cat([value[:, :, prompt], value[:, :, own]], dim=2)
+            pieces.append(sdpa(query[:, :, own], keys, values, attn_mask=visible, dropout_p=dropout, scale=scaling))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -69,9 +104,23 @@ def sequence_boundaries(position_ids: torch.Tensor) -> dict[str, torch.Tensor | 
     return {"cu_seq_lens_q": edges, "cu_seq_lens_k": edges, "max_length_q": longest, "max_length_k": longest}
 
 
-def packed_hidden_states(backbone: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+def packed_hidden_states(
+    backbone: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+    shared_prompt_groups: list[tuple[int, int, list[tuple[int, int]]]] | None = None,
+) -> torch.Tensor:
     """The backbone's last hidden states (R, T, H) for rows of packed sequences (no padding, no mask),
-    with the sequence boundaries passed on to the attention."""
-    return backbone(
-        input_ids=input_ids, position_ids=position_ids, use_cache=False, **sequence_boundaries(position_ids)
-    ).last_hidden_state
+    with the sequence boundaries passed on to the attention.
+
+    shared_prompt_groups: the row holds groups laid out as [prompt, response 1, ..., response G]
+    (prompt_start, prompt_end, [(response_start, response_end), ...]); only for models loaded with
+    this module's attention (see :func:`shares_prompts`).
+    """
+    layout = sequence_boundaries(position_ids) if shared_prompt_groups is None else {"shared_prompt_groups": shared_prompt_groups}
+    return backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **layout).last_hidden_state
+
+
+def shares_prompts(model: torch.nn.Module) -> bool:
+    """Whether the model runs this module's attention, which understands shared-prompt groups
+    (other kernels, e.g. flash-attention's varlen, would let siblings attend to each other)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == PACKED_SDPA

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhfkit.attention import packed_hidden_states
+from rlhfkit.attention import packed_hidden_states, shares_prompts
 from rlhfkit.config import SamplingSettings
 from rlhfkit.losses.lm import IGNORE_INDEX, target_token_logprobs, target_token_logprobs_and_entropy
 from rlhfkit.models import backbone_and_head, backbone_and_score_head, packs_by_position_ids, weights_are_sharded
@@ -147,13 +147,32 @@ def sample_rollout(
         ids = prompt_ids[start : start + settings.batch_size].to(device)
         mask = prompt_mask[start : start + settings.batch_size].to(device)
         processors = LogitsProcessorList([RowSeededSampler(seeds[start : start + settings.batch_size], settings)] if seeds is not None else [])
+        prefix = shared_prompt_cache(model, ids, mask, torch.arange(start, start + len(ids)) // samples_per_prompt)
         generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config, logits_processor=processors,
+                                   past_key_values=prefix,
                                    synced_gpus=weights_are_sharded(model))  # sharded: every process runs each decode step
         new = generated[:, ids.shape[1] :].cpu()
         pad = torch.full((new.shape[0], settings.max_new_tokens - new.shape[1]), tokenizer.pad_token_id, dtype=torch.long)
         pieces.append(torch.cat([new, pad], dim=1))
     model.train(was_training)
     return rollout_from_responses(prompt_ids, prompt_mask, torch.cat(pieces), tokenizer, samples_per_prompt)
+
+
+def shared_prompt_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, prompt_index: torch.Tensor) -> Any | None:
+    """The KV cache of every row's prompt but its last token, each distinct prompt run once.
+
+    Rows answering one prompt (equal prompt_index) start from one copy of its cache, so with n
+    samples per prompt generate's prefill does 1/n of the work; it then runs the last prompt
+    token and decodes as usual. None when no prompt repeats (generate prefills itself).
+    """
+    first_rows = torch.cat([torch.tensor([0]), (prompt_index[1:] != prompt_index[:-1]).nonzero().flatten() + 1])
+    if len(first_rows) == len(ids) or ids.shape[1] < 2:
+        return None
+    prefix_ids, prefix_mask = ids[first_rows, :-1], mask[first_rows, :-1]
+    positions = (prefix_mask.cumsum(dim=1) - 1).clamp(min=0)
+    cache = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True).past_key_values
+    cache.reorder_cache(torch.searchsorted(first_rows, torch.arange(len(ids)), right=True).to(ids.device) - 1)
+    return cache
 
 
 def pad_responses(rows: Sequence[Sequence[int]], pad_token_id: int, width: int) -> torch.Tensor:
@@ -183,32 +202,66 @@ def _sequence_inputs(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torc
     return input_ids, attention_mask, position_ids
 
 
-def _packed_sequence_inputs(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every prompt+response in one row without padding: (1, T) ids and positions, and the (N, R)
-    index of the position predicting each response token (-1 on response padding)."""
+def _prompt_groups(rollout: Rollout) -> list[list[int]]:
+    """Runs of consecutive rows answering the same prompt (same prompt index and the same tokens)."""
+    groups: list[list[int]] = []
+    for row in range(rollout.size):
+        if groups and rollout.prompt_index[row] == rollout.prompt_index[groups[-1][0]] and torch.equal(
+            rollout.prompt_ids[row][rollout.prompt_mask[row].bool()], rollout.prompt_ids[groups[-1][0]][rollout.prompt_mask[groups[-1][0]].bool()]
+        ):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
+
+
+def _packed_sequence_inputs(rollout: Rollout, share_prompts: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list | None]:
+    """Every prompt+response in one row without padding: (1, T) ids and positions, the (N, R)
+    index of the position predicting each response token (-1 on response padding), and the
+    shared-prompt layout when there is one.
+
+    With share_prompts, the samples of one prompt are laid out as [prompt, response 1, ...,
+    response G] (each response positioned right after the prompt), so the prompt is run once per
+    group rather than once per sample; the layout (for the attention) is returned, else None.
+    """
     prompt_lengths = rollout.prompt_mask.sum(dim=1).tolist()
     response_lengths = rollout.response_mask.sum(dim=1).long().tolist()
     prompt_width, response_width = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
-    pieces, predictors = [], torch.full((rollout.size, response_width), -1, dtype=torch.long)
+    groups = _prompt_groups(rollout) if share_prompts else [[row] for row in range(rollout.size)]
+    shared = share_prompts and any(len(group) > 1 for group in groups)
+    pieces, positions, layout = [], [], []
+    predictors = torch.full((rollout.size, response_width), -1, dtype=torch.long)
     offset = 0
-    for row, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
-        pieces.append(torch.cat([rollout.prompt_ids[row, prompt_width - p :], rollout.response_ids[row, :r]]))
-        predictors[row, :r] = torch.arange(offset + p - 1, offset + p - 1 + r)
-        offset += p + r
+    for group in groups:
+        p = prompt_lengths[group[0]]
+        pieces.append(rollout.prompt_ids[group[0], prompt_width - p :])
+        positions.append(torch.arange(p))
+        prompt_start, offset = offset, offset + p
+        responses = []
+        for row in group:
+            r = response_lengths[row]
+            pieces.append(rollout.response_ids[row, :r])
+            positions.append(torch.arange(p, p + r))
+            if r:  # token 0 is predicted by the prompt's last position, token t by response token t-1
+                predictors[row, :r] = torch.cat([torch.tensor([prompt_start + p - 1]), torch.arange(offset, offset + r - 1)])
+                responses.append((offset, offset + r))
+            offset += r
+        layout.append((prompt_start, prompt_start + p, responses))
     input_ids = torch.cat(pieces)[None, :]
-    position_ids = torch.cat([torch.arange(len(piece)) for piece in pieces])[None, :].to(input_ids.device)
-    return input_ids, position_ids, predictors.to(input_ids.device)
+    position_ids = torch.cat(positions)[None, :].to(input_ids.device)
+    return input_ids, position_ids, predictors.to(input_ids.device), layout if shared else None
 
 
 def response_hidden_states(decoder: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     """(N, R, H): the hidden state that predicts each response token (the state before it).
 
     Decoders whose attention follows position ids run all sequences packed in one row, with no
-    padding (0 on response padding); others run the left/right-padded rows with a mask.
+    padding (0 on response padding), and the samples of one prompt share one copy of it; others
+    run the left/right-padded rows with a mask.
     """
     if packs_by_position_ids(decoder):
-        input_ids, position_ids, predictors = _packed_sequence_inputs(rollout)
-        hidden = packed_hidden_states(decoder, input_ids, position_ids)[0]
+        input_ids, position_ids, predictors, layout = _packed_sequence_inputs(rollout, share_prompts=shares_prompts(decoder))
+        hidden = packed_hidden_states(decoder, input_ids, position_ids, layout)[0]
         gathered = hidden[predictors.clamp(min=0)]  # (N, R, H)
         return gathered * (predictors >= 0).unsqueeze(-1).to(gathered.dtype)
     input_ids, attention_mask, position_ids = _sequence_inputs(rollout)
