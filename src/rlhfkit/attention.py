@@ -13,6 +13,9 @@ Models load with this attention when `model.attn_implementation` is `sdpa` (the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 
 PACKED_SDPA = "rlhfkit_packed_sdpa"
@@ -117,6 +120,57 @@ def packed_hidden_states(
     """
     layout = sequence_boundaries(position_ids) if shared_prompt_groups is None else {"shared_prompt_groups": shared_prompt_groups}
     return backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **layout).last_hidden_state
+
+
+@dataclass
+class SharedPrefixPack:
+    """Sequences packed into one row, the common prefix of each group stored once.
+
+    input_ids, position_ids: (1, T); token_index[i]: where each token of sequence i sits in the
+    row (its shared prefix and its own tokens); layout: for the attention, per group
+    (prefix_start, prefix_end, [(own_start, own_end) per member]), or None when nothing is shared
+    (position ids then restart at 0 per sequence, the plain packed row).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    token_index: list[torch.Tensor]
+    layout: list[tuple[int, int, list[tuple[int, int]]]] | None
+
+
+def pack_shared_prefixes(sequences: Sequence[torch.Tensor], groups: Sequence[Sequence[int]]) -> SharedPrefixPack:
+    """Pack 1-D id tensors; each group's members (e.g. the samples of one prompt) share their
+    longest common prefix, kept short of every member's last token so each has a token of its own.
+    Every token sees what it would see in its sequence alone, so outputs equal separate runs."""
+    pieces, positions, token_index, layout = [], [], [None] * len(sequences), []
+    offset = 0
+    for group in groups:
+        members = [sequences[i] for i in group]
+        shared = 0
+        if len(members) > 1:
+            shortest = min(len(m) for m in members)
+            same = torch.stack([m[: shortest] == members[0][: shortest] for m in members]).all(dim=0)
+            shared = min(int(same.long().cumprod(0).sum()), shortest - 1)
+        prefix = members[0][:shared] if len(members) > 1 else members[0]
+        pieces.append(prefix)
+        positions.append(torch.arange(len(prefix)))
+        prefix_start, offset = offset, offset + len(prefix)
+        owns = []
+        for row, member in zip(group, members):
+            if len(members) == 1:
+                token_index[row] = torch.arange(prefix_start, offset)
+                continue
+            own = member[shared:]
+            pieces.append(own)
+            positions.append(torch.arange(shared, len(member)))
+            token_index[row] = torch.cat([torch.arange(prefix_start, prefix_start + shared), torch.arange(offset, offset + len(own))])
+            owns.append((offset, offset + len(own)))
+            offset += len(own)
+        layout.append((prefix_start, prefix_start + len(prefix), owns))
+    input_ids = torch.cat(pieces)[None, :]
+    position_ids = torch.cat(positions)[None, :].to(input_ids.device)
+    shares = any(len(group) > 1 for group in groups)
+    return SharedPrefixPack(input_ids, position_ids, [i.to(input_ids.device) for i in token_index], layout if shares else None)
 
 
 def shares_prompts(model: torch.nn.Module) -> bool:

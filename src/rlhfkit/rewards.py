@@ -18,12 +18,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.attention import packed_hidden_states
+from rlhfkit.attention import pack_shared_prefixes, packed_hidden_states, shares_prompts
 from rlhfkit.config import ModelSettings, RewardSourceSettings
 from rlhfkit.data.batching import pad_right
 from rlhfkit.data.formatting import fit_pair, prompt_and_response_ids
 from rlhfkit.errors import UserError
-from rlhfkit.models import backbone_and_score_head, load_reward_model, load_tokenizer, resolve
+from rlhfkit.models import backbone_and_score_head, load_reward_model, load_tokenizer, packs_by_position_ids, resolve
 
 Messages = Sequence[dict[str, str]]
 
@@ -45,10 +45,13 @@ def reward_model_forward(model: torch.nn.Module, input_ids: torch.Tensor, attent
     return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
 
 
-def packed_reward_forward(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, last_positions: torch.Tensor) -> torch.Tensor:
+def packed_reward_forward(
+    model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, last_positions: torch.Tensor,
+    shared_prompt_groups: list | None = None,
+) -> torch.Tensor:
     """(S,) float32 rewards of S sequences packed into one row: the score head at each one's last token."""
     backbone, head = backbone_and_score_head(model)
-    hidden = packed_hidden_states(backbone, input_ids, position_ids)
+    hidden = packed_hidden_states(backbone, input_ids, position_ids, shared_prompt_groups)
     return head(hidden[0, last_positions]).squeeze(-1).float()
 
 
@@ -104,6 +107,9 @@ class RewardModelScorer:
     @torch.inference_mode()
     def score(self, prompts: Sequence[Messages | str], responses: Sequence[str], batch_size: int = 8) -> list[float]:
         rows = [self._row(prompt, response) for prompt, response in zip(prompts, responses, strict=True)]
+        backbone, _ = backbone_and_score_head(self.model)
+        if self.label_index is None and packs_by_position_ids(backbone) and shares_prompts(backbone):
+            return self._score_packed(prompts, rows)
         scores: list[float] = []
         for start in range(0, len(rows), batch_size):
             input_ids, attention_mask = pad_right(rows[start : start + batch_size], self.tokenizer.pad_token_id)
@@ -114,6 +120,34 @@ class RewardModelScorer:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
             chosen = logits.softmax(-1) if self.output == "probability" else logits
             scores.extend(chosen[:, self.label_index].tolist())
+        return scores
+
+
+    def _score_packed(self, prompts: Sequence[Messages | str], rows: list[list[int]], pack_tokens: int = 8192) -> list[float]:
+        """Rows packed padding-free, about pack_tokens per forward; consecutive answers to one
+        prompt (a rollout's samples) share their common prefix, run once."""
+        groups: list[list[int]] = []
+        for index, prompt in enumerate(prompts):
+            if groups and prompts[groups[-1][0]] == prompt:
+                groups[-1].append(index)
+            else:
+                groups.append([index])
+        scores = [math.nan] * len(rows)
+        chunk: list[list[int]] = []
+        for position, group in enumerate(groups):
+            chunk.append(group)
+            size = sum(len(rows[i]) for g in chunk for i in g)
+            if size < pack_tokens and position + 1 < len(groups):
+                continue
+            members = [i for g in chunk for i in g]
+            local = {row: k for k, row in enumerate(members)}
+            pack = pack_shared_prefixes([torch.tensor(rows[i]) for i in members], [[local[i] for i in g] for g in chunk])
+            last_positions = torch.stack([index[-1] for index in pack.token_index])
+            values = packed_reward_forward(self.model, pack.input_ids.to(self.device), pack.position_ids.to(self.device),
+                                           last_positions.to(self.device), pack.layout)
+            for row, value in zip(members, values.tolist()):
+                scores[row] = value
+            chunk = []
         return scores
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhfkit.attention import packed_hidden_states, shares_prompts
+from rlhfkit.attention import pack_shared_prefixes, packed_hidden_states, shares_prompts
 from rlhfkit.config import SamplingSettings
 from rlhfkit.losses.lm import IGNORE_INDEX, target_token_logprobs, target_token_logprobs_and_entropy
 from rlhfkit.models import backbone_and_head, backbone_and_score_head, packs_by_position_ids, weights_are_sharded
@@ -218,38 +218,24 @@ def _prompt_groups(rollout: Rollout) -> list[list[int]]:
 def _packed_sequence_inputs(rollout: Rollout, share_prompts: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list | None]:
     """Every prompt+response in one row without padding: (1, T) ids and positions, the (N, R)
     index of the position predicting each response token (-1 on response padding), and the
-    shared-prompt layout when there is one.
+    shared-prompt layout for the attention (None when nothing is shared).
 
-    With share_prompts, the samples of one prompt are laid out as [prompt, response 1, ...,
-    response G] (each response positioned right after the prompt), so the prompt is run once per
-    group rather than once per sample; the layout (for the attention) is returned, else None.
+    With share_prompts, the samples of one prompt store their common prefix (the prompt, and any
+    identical first tokens of the answers) once, so it is run once per group, not per sample.
     """
     prompt_lengths = rollout.prompt_mask.sum(dim=1).tolist()
     response_lengths = rollout.response_mask.sum(dim=1).long().tolist()
     prompt_width, response_width = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    sequences = [
+        torch.cat([rollout.prompt_ids[row, prompt_width - p :], rollout.response_ids[row, :r]])
+        for row, (p, r) in enumerate(zip(prompt_lengths, response_lengths))
+    ]
     groups = _prompt_groups(rollout) if share_prompts else [[row] for row in range(rollout.size)]
-    shared = share_prompts and any(len(group) > 1 for group in groups)
-    pieces, positions, layout = [], [], []
-    predictors = torch.full((rollout.size, response_width), -1, dtype=torch.long)
-    offset = 0
-    for group in groups:
-        p = prompt_lengths[group[0]]
-        pieces.append(rollout.prompt_ids[group[0], prompt_width - p :])
-        positions.append(torch.arange(p))
-        prompt_start, offset = offset, offset + p
-        responses = []
-        for row in group:
-            r = response_lengths[row]
-            pieces.append(rollout.response_ids[row, :r])
-            positions.append(torch.arange(p, p + r))
-            if r:  # token 0 is predicted by the prompt's last position, token t by response token t-1
-                predictors[row, :r] = torch.cat([torch.tensor([prompt_start + p - 1]), torch.arange(offset, offset + r - 1)])
-                responses.append((offset, offset + r))
-            offset += r
-        layout.append((prompt_start, prompt_start + p, responses))
-    input_ids = torch.cat(pieces)[None, :]
-    position_ids = torch.cat(positions)[None, :].to(input_ids.device)
-    return input_ids, position_ids, predictors.to(input_ids.device), layout if shared else None
+    pack = pack_shared_prefixes(sequences, groups)
+    predictors = torch.full((rollout.size, response_width), -1, dtype=torch.long, device=pack.input_ids.device)
+    for row, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
+        predictors[row, :r] = pack.token_index[row][p - 1 : p - 1 + r]  # the position before each response token
+    return pack.input_ids, pack.position_ids, predictors, pack.layout
 
 
 def response_hidden_states(decoder: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
