@@ -58,22 +58,24 @@ def test_packed_attention_matches_a_block_diagonal_mask():
 
 
 def test_shared_prompt_attention_matches_separate_prompt_response_sequences():
-    """A row [prompt A, a1, a2, prompt B, b1] attends as the sequences A+a1, A+a2, B+b1 would."""
+    """A row [prompt A, a1, a2, prompt B, b1, c1, c2] attends as the sequences A+a1, A+a2, B+b1,
+    c1, c2 would (c1 and c2: a group with nothing in common, an empty prefix)."""
     import torch.nn.functional as F
 
     from rlhfkit.attention import packed_sdpa_attention
 
     torch.manual_seed(0)
-    layout = [(0, 4, [(4, 7), (7, 9)]), (9, 11, [(11, 16)])]
-    query, key, value = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    layout = [(0, 4, [(4, 7), (7, 9)]), (9, 11, [(11, 16)]), (16, 16, [(16, 18), (18, 21)])]
+    query, key, value = torch.randn(1, 4, 21, 8), torch.randn(1, 2, 21, 8), torch.randn(1, 2, 21, 8)
     module = torch.nn.Module()
     module.num_key_value_groups, module.training = 2, False
     output, _ = packed_sdpa_attention(module, query, key, value, None, shared_prompt_groups=layout)
     key, value = key.repeat_interleave(2, 1), value.repeat_interleave(2, 1)
     for prompt_start, prompt_end, responses in layout:
         prompt = list(range(prompt_start, prompt_end))
-        expected = F.scaled_dot_product_attention(query[:, :, prompt], key[:, :, prompt], value[:, :, prompt], is_causal=True)
-        torch.testing.assert_close(output[:, prompt], expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+        if prompt:
+            expected = F.scaled_dot_product_attention(query[:, :, prompt], key[:, :, prompt], value[:, :, prompt], is_causal=True)
+            torch.testing.assert_close(output[:, prompt], expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
         for start, end in responses:  # the separate sequence prompt + this response
             sequence = prompt + list(range(start, end))
             expected = F.scaled_dot_product_attention(query[:, :, sequence], key[:, :, sequence], value[:, :, sequence], is_causal=True)

@@ -225,8 +225,7 @@ def test_samples_of_one_prompt_start_from_one_prefill_and_draw_what_a_full_prefi
     assert real(model, ids, mask, torch.arange(2)) is None  # one sample per prompt: nothing to share
 
 
-def test_a_reward_model_scores_packed_answers_sharing_their_prompt_as_padded_rows_alone(tiny_model, tmp_path, monkeypatch):
-    import rlhfkit.rewards as rewards_module
+def test_a_reward_model_scores_packed_answers_sharing_their_prompt_as_padded_rows_alone(tiny_model, tmp_path):
     from rlhfkit.models import load_reward_model
 
     source = resolve(str(tiny_model))
@@ -239,7 +238,8 @@ def test_a_reward_model_scores_packed_answers_sharing_their_prompt_as_padded_row
     packed = scorer.score(prompts, answers)
     rows = [scorer._row(p, a) for p, a in zip(prompts, answers)]
     several_packs = scorer._score_packed(prompts, rows, pack_tokens=30)  # a forward every few groups
-    monkeypatch.setattr(rewards_module, "shares_prompts", lambda backbone: False)
+    assert scorer.packs
+    scorer.packs = False
     padded = scorer.score(prompts, answers)  # right-padded rows of 8, as for models without the packed attention
     assert packed == pytest.approx(padded, abs=1e-4) and several_packs == pytest.approx(padded, abs=1e-4)
     assert len(set(padded)) == len(padded)

@@ -25,58 +25,36 @@ def packed_sdpa_attention(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
     dropout: float = 0.0, scaling: float | None = None, **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """query (1, H, T, D), key/value (1, H_kv, T, D) of one packed row → output (1, T, H, D)."""
+    """query (1, H, T, D), key/value (1, H_kv, T, D) of one packed row → output (1, T, H, D).
+
+    The row's layout comes as sequence boundaries (`cu_seq_lens_q`: each sequence alone) or as
+    `shared_prompt_groups` (per group a prefix, then members that each see it and themselves).
+    """
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    shared = kwargs.get("shared_prompt_groups")
-    if shared is not None and query.shape[0] == 1 and query.shape[2] == key.shape[2]:
-        return _shared_prompt_attention(module, query, key, value, shared, dropout, scaling)
+    groups = kwargs.get("shared_prompt_groups")
     boundaries = kwargs.get("cu_seq_lens_q")
-    if boundaries is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+    if (groups is None and boundaries is None) or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if not module.training:
-        dropout = 0.0
-    edges = boundaries.tolist()
-    pieces = [
-        torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], dropout_p=dropout, scale=scaling, is_causal=True,
-        )
-        for start, end in zip(edges[:-1], edges[1:])
-        if end > start
-    ]
-    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
-
-
-def _shared_prompt_attention(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    groups: list[tuple[int, int, list[tuple[int, int]]]], dropout: float, scaling: float | None,
-) -> tuple[torch.Tensor, None]:
-    """Attention for a packed row laid out as [prompt, response 1, ..., response G] per group.
-
-    The prompt attends causally to itself; each response to the whole prompt and causally to its
-    own tokens, never to a sibling. That is exactly what G separate prompt+response sequences
-    compute, with the prompt's tokens run once instead of G times.
-    """
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    groups_per_head = getattr(module, "num_key_value_groups", 1)
-    key, value = repeat_kv(key, groups_per_head), repeat_kv(value, groups_per_head)
+    if groups is None:  # separate sequences: groups of a prefix alone
+        edges = boundaries.tolist()
+        groups = [(start, end, []) for start, end in zip(edges[:-1], edges[1:]) if end > start]
+    repeats = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, repeats), repeat_kv(value, repeats)
     if not module.training:
         dropout = 0.0
     sdpa = torch.nn.functional.scaled_dot_product_attention
     pieces = []
-    for prompt_start, prompt_end, responses in groups:
-        prompt = slice(prompt_start, prompt_end)
-        pieces.append(sdpa(query[:, :, prompt], key[:, :, prompt], value[:, :, prompt], dropout_p=dropout, scale=scaling, is_causal=True))
-        width = prompt_end - prompt_start
-        for start, end in responses:
+    for prefix_start, prefix_end, members in groups:
+        prefix, width = slice(prefix_start, prefix_end), prefix_end - prefix_start
+        if width:
+            pieces.append(sdpa(query[:, :, prefix], key[:, :, prefix], value[:, :, prefix], dropout_p=dropout, scale=scaling, is_causal=True))
+        for start, end in members:
             own = slice(start, end)
-            # rows: this response's tokens; columns: the prompt (all visible), then its own tokens (causal)
+            # rows: this member's tokens; columns: the prefix (all visible), then its own tokens (causal)
             visible = torch.ones(end - start, width + end - start, dtype=torch.bool, device=query.device).tril(diagonal=width)
-            keys = torch.cat([key[:, :, prompt], key[:, :, own]], dim=2)
-            values = torch.cat([value[:, :, prompt], value[:, :, own]], dim=2)
+            keys = torch.cat([key[:, :, prefix], key[:, :, own]], dim=2)
+            values = torch.cat([value[:, :, prefix], value[:, :, own]], dim=2)
             pieces.append(sdpa(query[:, :, own], keys, values, attn_mask=visible, dropout_p=dropout, scale=scaling))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
@@ -138,35 +116,44 @@ class SharedPrefixPack:
     layout: list[tuple[int, int, list[tuple[int, int]]]] | None
 
 
+def consecutive_runs(keys: Sequence) -> list[list[int]]:
+    """Indices grouped into runs of equal consecutive keys: [a, a, b, a] → [[0, 1], [2], [3]]."""
+    runs: list[list[int]] = []
+    for index, key in enumerate(keys):
+        if runs and keys[runs[-1][0]] == key:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
+
+
 def pack_shared_prefixes(sequences: Sequence[torch.Tensor], groups: Sequence[Sequence[int]]) -> SharedPrefixPack:
     """Pack 1-D id tensors; each group's members (e.g. the samples of one prompt) share their
     longest common prefix, kept short of every member's last token so each has a token of its own.
-    Every token sees what it would see in its sequence alone, so outputs equal separate runs."""
+    Every token sees what it would see in its sequence alone, so outputs equal separate runs
+    (members of a group need not even share a prefix)."""
     pieces, positions, token_index, layout = [], [], [None] * len(sequences), []
     offset = 0
     for group in groups:
         members = [sequences[i] for i in group]
-        shared = 0
+        shared = len(members[0])  # a group of one is all prefix
         if len(members) > 1:
             shortest = min(len(m) for m in members)
-            same = torch.stack([m[: shortest] == members[0][: shortest] for m in members]).all(dim=0)
+            same = torch.stack([m[:shortest] == members[0][:shortest] for m in members]).all(dim=0)
             shared = min(int(same.long().cumprod(0).sum()), shortest - 1)
-        prefix = members[0][:shared] if len(members) > 1 else members[0]
-        pieces.append(prefix)
-        positions.append(torch.arange(len(prefix)))
-        prefix_start, offset = offset, offset + len(prefix)
+        pieces.append(members[0][:shared])
+        positions.append(torch.arange(shared))
+        prefix_start, offset = offset, offset + shared
         owns = []
         for row, member in zip(group, members):
-            if len(members) == 1:
-                token_index[row] = torch.arange(prefix_start, offset)
-                continue
             own = member[shared:]
-            pieces.append(own)
-            positions.append(torch.arange(shared, len(member)))
             token_index[row] = torch.cat([torch.arange(prefix_start, prefix_start + shared), torch.arange(offset, offset + len(own))])
-            owns.append((offset, offset + len(own)))
-            offset += len(own)
-        layout.append((prefix_start, prefix_start + len(prefix), owns))
+            if len(own):
+                pieces.append(own)
+                positions.append(torch.arange(shared, len(member)))
+                owns.append((offset, offset + len(own)))
+                offset += len(own)
+        layout.append((prefix_start, prefix_start + shared, owns))
     input_ids = torch.cat(pieces)[None, :]
     position_ids = torch.cat(positions)[None, :].to(input_ids.device)
     shares = any(len(group) > 1 for group in groups)

@@ -182,9 +182,8 @@ def _run_stage(args: argparse.Namespace) -> None:
     if args.print_config:
         print(dump_config(config), end="")
         return
-    from rlhfkit.pipeline import stage_runner
-
     from rlhfkit.engine import leave_process_group
+    from rlhfkit.pipeline import stage_runner
 
     stage_runner(args.command)(config, resume=getattr(args, "resume", False))
     leave_process_group()

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from rlhfkit.attention import pack_shared_prefixes, packed_hidden_states, shares_prompts
+from rlhfkit.attention import consecutive_runs, pack_shared_prefixes, packed_hidden_states, shares_prompts
 from rlhfkit.config import ModelSettings, RewardSourceSettings
 from rlhfkit.data.batching import pad_right
 from rlhfkit.data.formatting import fit_pair, prompt_and_response_ids
@@ -84,6 +84,9 @@ class RewardModelScorer:
         self.label_index = None if label is None else self._label_index(reference, label)
         self.wrap = special_token_wrapper(self.tokenizer)
         self.max_length = max_length - len(self.wrap([]))  # room for an encoder's [CLS]/[SEP]
+        backbone, _ = backbone_and_score_head(self.model)
+        # one-output decoders running rlhfkit's attention score packed rows, answers sharing their prompt
+        self.packs = self.label_index is None and packs_by_position_ids(backbone) and shares_prompts(backbone)
 
     def _label_index(self, reference: str, label: str | int) -> int:
         labels = self.model.config.id2label
@@ -107,8 +110,7 @@ class RewardModelScorer:
     @torch.inference_mode()
     def score(self, prompts: Sequence[Messages | str], responses: Sequence[str], batch_size: int = 8) -> list[float]:
         rows = [self._row(prompt, response) for prompt, response in zip(prompts, responses, strict=True)]
-        backbone, _ = backbone_and_score_head(self.model)
-        if self.label_index is None and packs_by_position_ids(backbone) and shares_prompts(backbone):
+        if self.packs:
             return self._score_packed(prompts, rows)
         scores: list[float] = []
         for start in range(0, len(rows), batch_size):
@@ -122,21 +124,16 @@ class RewardModelScorer:
             scores.extend(chosen[:, self.label_index].tolist())
         return scores
 
-
     def _score_packed(self, prompts: Sequence[Messages | str], rows: list[list[int]], pack_tokens: int = 8192) -> list[float]:
         """Rows packed padding-free, about pack_tokens per forward; consecutive answers to one
         prompt (a rollout's samples) share their common prefix, run once."""
-        groups: list[list[int]] = []
-        for index, prompt in enumerate(prompts):
-            if groups and prompts[groups[-1][0]] == prompt:
-                groups[-1].append(index)
-            else:
-                groups.append([index])
         scores = [math.nan] * len(rows)
+        groups = consecutive_runs(prompts)
         chunk: list[list[int]] = []
+        size = 0
         for position, group in enumerate(groups):
             chunk.append(group)
-            size = sum(len(rows[i]) for g in chunk for i in g)
+            size += sum(len(rows[i]) for i in group)
             if size < pack_tokens and position + 1 < len(groups):
                 continue
             members = [i for g in chunk for i in g]
@@ -147,7 +144,7 @@ class RewardModelScorer:
                                            last_positions.to(self.device), pack.layout)
             for row, value in zip(members, values.tolist()):
                 scores[row] = value
-            chunk = []
+            chunk, size = [], 0
         return scores
 
 

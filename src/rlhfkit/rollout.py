@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhfkit.attention import pack_shared_prefixes, packed_hidden_states, shares_prompts
+from rlhfkit.attention import consecutive_runs, pack_shared_prefixes, packed_hidden_states, shares_prompts
 from rlhfkit.config import SamplingSettings
 from rlhfkit.losses.lm import IGNORE_INDEX, target_token_logprobs, target_token_logprobs_and_entropy
 from rlhfkit.models import backbone_and_head, backbone_and_score_head, packs_by_position_ids, weights_are_sharded
@@ -165,13 +165,14 @@ def shared_prompt_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.T
     samples per prompt generate's prefill does 1/n of the work; it then runs the last prompt
     token and decodes as usual. None when no prompt repeats (generate prefills itself).
     """
-    first_rows = torch.cat([torch.tensor([0]), (prompt_index[1:] != prompt_index[:-1]).nonzero().flatten() + 1])
-    if len(first_rows) == len(ids) or ids.shape[1] < 2:
+    runs = consecutive_runs(prompt_index.tolist())
+    if len(runs) == len(ids) or ids.shape[1] < 2:
         return None
+    first_rows = [run[0] for run in runs]
     prefix_ids, prefix_mask = ids[first_rows, :-1], mask[first_rows, :-1]
     positions = (prefix_mask.cumsum(dim=1) - 1).clamp(min=0)
     cache = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True).past_key_values
-    cache.reorder_cache(torch.searchsorted(first_rows, torch.arange(len(ids)), right=True).to(ids.device) - 1)
+    cache.reorder_cache(torch.tensor([number for number, run in enumerate(runs) for _ in run], device=ids.device))
     return cache
 
 
@@ -202,26 +203,13 @@ def _sequence_inputs(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torc
     return input_ids, attention_mask, position_ids
 
 
-def _prompt_groups(rollout: Rollout) -> list[list[int]]:
-    """Runs of consecutive rows answering the same prompt (same prompt index and the same tokens)."""
-    groups: list[list[int]] = []
-    for row in range(rollout.size):
-        if groups and rollout.prompt_index[row] == rollout.prompt_index[groups[-1][0]] and torch.equal(
-            rollout.prompt_ids[row][rollout.prompt_mask[row].bool()], rollout.prompt_ids[groups[-1][0]][rollout.prompt_mask[groups[-1][0]].bool()]
-        ):
-            groups[-1].append(row)
-        else:
-            groups.append([row])
-    return groups
-
-
 def _packed_sequence_inputs(rollout: Rollout, share_prompts: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list | None]:
     """Every prompt+response in one row without padding: (1, T) ids and positions, the (N, R)
     index of the position predicting each response token (-1 on response padding), and the
     shared-prompt layout for the attention (None when nothing is shared).
 
-    With share_prompts, the samples of one prompt store their common prefix (the prompt, and any
-    identical first tokens of the answers) once, so it is run once per group, not per sample.
+    With share_prompts, consecutive samples of one prompt store their common prefix (the prompt,
+    and any identical first tokens of the answers) once, so it is run once per group, not per sample.
     """
     prompt_lengths = rollout.prompt_mask.sum(dim=1).tolist()
     response_lengths = rollout.response_mask.sum(dim=1).long().tolist()
@@ -230,7 +218,7 @@ def _packed_sequence_inputs(rollout: Rollout, share_prompts: bool = False) -> tu
         torch.cat([rollout.prompt_ids[row, prompt_width - p :], rollout.response_ids[row, :r]])
         for row, (p, r) in enumerate(zip(prompt_lengths, response_lengths))
     ]
-    groups = _prompt_groups(rollout) if share_prompts else [[row] for row in range(rollout.size)]
+    groups = consecutive_runs(rollout.prompt_index.tolist()) if share_prompts else [[row] for row in range(rollout.size)]
     pack = pack_shared_prefixes(sequences, groups)
     predictors = torch.full((rollout.size, response_width), -1, dtype=torch.long, device=pack.input_ids.device)
     for row, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
