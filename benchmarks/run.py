@@ -50,20 +50,26 @@ def environment() -> dict:
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_model(), "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "versions": versions,
-        "cuda": torch.cuda.is_available(),
+        "cuda": torch.cuda.is_available(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
-def gemm_peak_flops(size: int = 2048, repeats: int = 10) -> float:
-    """The machine's fp32 matrix-multiply rate (FLOP/s): best of `repeats` size×size products."""
+def gemm_peak_flops(suite: Suite, repeats: int = 10) -> float:
+    """The suite's device's matrix-multiply rate in its dtype (FLOP/s): best of `repeats` square products
+    (2048² float32 on a CPU, 8192² on a GPU)."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    device, dtype = torch.device(suite.device), getattr(torch, suite.dtype)
+    size = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.matmul(a, b)  # warm-up
+    synchronize()
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         torch.matmul(a, b)
+        synchronize()
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best
 
@@ -111,6 +117,9 @@ def summarise(results: dict[str, dict[str, dict]], peak_flops: float) -> list[di
 
     def rss(workload: str, ours: dict | None, theirs: dict | None) -> None:
         add(f"{workload}: peak RSS", ours and ours["peak_rss_mb"], theirs and theirs["peak_rss_mb"], "<=1.0", "lower", "MB")
+        gpu = lambda r: r and r.get("peak_gpu_mb")  # noqa: E731
+        if gpu(ours) or gpu(theirs):
+            add(f"{workload}: peak GPU memory", gpu(ours), gpu(theirs), "<=1.0", "lower", "MB")
 
     ours, theirs = pair("sft")
     if ours or theirs:
@@ -150,8 +159,10 @@ def summarise(results: dict[str, dict[str, dict]], peak_flops: float) -> list[di
             rows.append({"metric": f"{workload}: s/step (no TRL trainer; ratio = ÷ rlhfkit GRPO)", "rlhfkit": step, "trl": None,
                          "ratio": step / grpo_step if grpo_step else None, "target": None, "met": None, "better": "lower", "unit": "s",
                          "split": {"generation_s": generation, "training_s": step - generation}})
-            rows.append({"metric": f"{workload}: peak RSS", "rlhfkit": ours["peak_rss_mb"], "trl": None, "ratio": None,
-                         "target": None, "met": None, "better": "lower", "unit": "MB"})
+            for name, key in (("peak RSS", "peak_rss_mb"), ("peak GPU memory", "peak_gpu_mb")):
+                if ours.get(key):
+                    rows.append({"metric": f"{workload}: {name}", "rlhfkit": ours[key], "trl": None, "ratio": None,
+                                 "target": None, "met": None, "better": "lower", "unit": "MB"})
     return rows
 
 
@@ -220,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     env = environment()
-    peak = gemm_peak_flops()
-    print(f"{env['cpu']}, {env['cores']} cores, torch {env['versions']['torch']}; fp32 GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+    peak = gemm_peak_flops(suite)
+    print(f"{env['gpu'] or env['cpu']}, {env['cores']} cores, torch {env['versions']['torch']}; "
+          f"{suite.dtype} GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-") as tmp, open(output.with_suffix(".log"), "w") as log:
         workdir = Path(tmp)
@@ -239,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     report = {"suite": suite.as_dict(), "model": model, "environment": env, "gemm_peak_flops": peak, "data": data,
               "results": results, "table": rows, "total_seconds": time.perf_counter() - started}
     output.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    heading = f"{env['date']} · {env['cpu']} · {env['cores']} cores · torch {env['versions']['torch']} · transformers {env['versions']['transformers']} · trl {env['versions']['trl']}"
+    machine = f"{env['gpu']} · {env['cpu']}" if suite.device == "cuda" else env["cpu"]
+    heading = f"{env['date']} · {machine} · {env['cores']} cores · {suite.dtype}{' (4-bit base)' if suite.load_in_4bit else ''}"
+    heading += f"{' · gradient checkpointing' if suite.gradient_checkpointing else ''} · torch {env['versions']['torch']} · transformers {env['versions']['transformers']} · trl {env['versions']['trl']}"
     output.with_suffix(".md").write_text(f"{heading}\n\n{table}\n")
     plot_ratios(rows, output.parent / f"{output.name}-ratios.png")
     print(f"\n{heading}\n\n{table}\n\nwrote {output}.json/.md/-ratios.png in {report['total_seconds'] / 60:.1f} min")

@@ -1,13 +1,13 @@
 """What each benchmark suite runs: the model, the data sizes and the shared hyperparameters.
 
 Both frameworks get exactly these settings; anything not named here is each tool's default,
-except gradient checkpointing, which is off for both (TRL turns it on by default, trading speed
-for memory; rlhfkit leaves it off).
+except gradient checkpointing, which each suite sets for both (TRL turns it on by default, trading
+speed for memory; rlhfkit leaves it off).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 FRAMEWORKS = ("rlhfkit", "trl")
 WORKLOADS = ("sft", "reward", "dpo", "grpo", "generation", "ppo", "trpo")
@@ -43,10 +43,25 @@ class Suite:
     grpo_beta: float = 0.04
     seed: int = 0
     shared_data: bool = True  # use ../shared/data when present (else the built-in data)
+    # Where and how both tools run: device, weight dtype, recomputation, a 4-bit NF4 base (QLoRA).
+    device: str = "cpu"
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    load_in_4bit: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+
+# One CUDA GPU, bf16 weights, a 1.7B model (SmolLM2-1.7B's shape; offline, build one with random
+# weights: benchmarks/random_model.py) on the same kinds of data as the CPU suite, more of it.
+GPU = Suite(
+    name="gpu", model="HuggingFaceTB/SmolLM2-1.7B-Instruct", device="cuda", dtype="bfloat16",
+    sft_examples=64, sft_batch_size=16, max_length=512,
+    pairs=32, pair_batch_size=8,
+    rl_prompts=8, rl_group=8, rl_new_tokens=128, rl_steps=3,
+    generation_new_tokens=128, generation_batches=((1, 4), (16, 16), (64, 64)),
+)
 
 SUITES = {
     # The embedded SmolLM2-135M-Instruct on real data from ../shared/data (falls back to the built-in data).
@@ -57,6 +72,11 @@ SUITES = {
         rl_prompts=4, rl_group=4, rl_new_tokens=64, rl_steps=2,
         generation_new_tokens=64, generation_batches=((1, 4), (8, 8), (32, 32)),
     ),
+    "gpu": GPU,
+    # The same with gradient checkpointing on for both tools (memory traded for recomputation).
+    "gpu-gc": replace(GPU, name="gpu-gc", gradient_checkpointing=True),
+    # QLoRA: the base held in 4-bit NF4 (bitsandbytes), adapters trained in bf16, checkpointing on.
+    "gpu-qlora": replace(GPU, name="gpu-qlora", gradient_checkpointing=True, load_in_4bit=True),
     # A few steps on a tiny model: proves the benchmark still runs (the test suite's smoke test).
     "smoke": Suite(
         name="smoke", model="smollm2-135m-instruct",

@@ -31,6 +31,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def peak_gpu_mb() -> float | None:
+    """The most GPU memory PyTorch's allocator held for tensors in this process (None without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
 def files(workdir: Path) -> dict[str, str]:
     return json.loads((workdir / "data.json").read_text())["files"]
 
@@ -40,9 +47,10 @@ def files(workdir: Path) -> dict[str, str]:
 
 def _rlhfkit_common(suite: Suite, model: str, output_dir: Path, **train: Any) -> dict:
     return {
-        "model": {"name_or_path": model, "dtype": "float32"},
+        "model": {"name_or_path": model, "dtype": suite.dtype, "device": suite.device, "load_in_4bit": suite.load_in_4bit},
         "lora": {"r": suite.lora_r, "alpha": suite.lora_alpha, "dropout": suite.lora_dropout, "target_modules": "all-linear"},
-        "train": {"output_dir": str(output_dir), "trackers": [], "seed": suite.seed, "log_every": 1, **train},
+        "train": {"output_dir": str(output_dir), "trackers": [], "seed": suite.seed, "log_every": 1,
+                  "gradient_checkpointing": suite.gradient_checkpointing, **train},
     }
 
 
@@ -170,16 +178,17 @@ def measure_generation(suite: Suite, workdir: Path, generate: Callable[[list[str
     return {"batches": results, "unit": "new tokens"}
 
 
-def _load_model(model_name: str, reward_model: bool = False):
-    """The model and tokenizer as rlhfkit loads them (float32)."""
+def _load_model(suite: Suite, model_name: str, reward_model: bool = False):
+    """The model and tokenizer as rlhfkit loads them (the suite's dtype; a 4-bit base for QLoRA), on the suite's device."""
     import torch
 
     from rlhfkit.config import ModelSettings
     from rlhfkit.models import load_causal_lm, load_reward_model, resolve_with_tokenizer
 
-    settings = ModelSettings(name_or_path=model_name, dtype="float32")
+    settings = ModelSettings(name_or_path=model_name, dtype=suite.dtype, device=suite.device, load_in_4bit=suite.load_in_4bit)
     source, tokenizer = resolve_with_tokenizer(settings)
-    return (load_reward_model if reward_model else load_causal_lm)(source, settings, torch.float32), tokenizer
+    model = (load_reward_model if reward_model else load_causal_lm)(source, settings, getattr(torch, suite.dtype))
+    return (model if suite.load_in_4bit else model.to(suite.device)), tokenizer  # a 4-bit model is placed as it loads
 
 
 def rlhfkit_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
@@ -189,7 +198,7 @@ def rlhfkit_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
     from rlhfkit.data.formatting import render_prompt
     from rlhfkit.rollout import sample_rollout
 
-    model, tokenizer = _load_model(model_name)
+    model, tokenizer = _load_model(suite, model_name)
     model.eval()
     torch.manual_seed(suite.seed)
 
@@ -225,8 +234,9 @@ def _step_timer():
 
 def _trl_args(config_class, suite: Suite, workdir: Path, name: str, **overrides: Any):
     return config_class(
-        output_dir=str(workdir / f"trl-{name}"), use_cpu=True, bf16=False, report_to=[], save_strategy="no",
-        logging_steps=1, seed=suite.seed, gradient_checkpointing=False, dataloader_drop_last=False,
+        output_dir=str(workdir / f"trl-{name}"), use_cpu=suite.device == "cpu", bf16=suite.dtype == "bfloat16", report_to=[],
+        save_strategy="no", logging_steps=1, seed=suite.seed, gradient_checkpointing=suite.gradient_checkpointing,
+        dataloader_drop_last=False,
         **overrides,
     )
 
@@ -249,7 +259,7 @@ def _dataset(path: str):
 def trl_sft(suite: Suite, model_name: str, workdir: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    model, tokenizer = _trl_model(model_name)
+    model, tokenizer = _trl_model(suite, model_name)
     timer = _step_timer()
     tokens = {"seen": 0}
 
@@ -267,9 +277,9 @@ def trl_sft(suite: Suite, model_name: str, workdir: Path) -> dict:
     return {"step_seconds": timer.seconds, "units": tokens["seen"], "unit": "tokens"}
 
 
-def _trl_model(model_name: str, reward_model: bool = False):
+def _trl_model(suite: Suite, model_name: str, reward_model: bool = False):
     """The same weights rlhfkit starts from, with transformers' own SDPA attention (not rlhfkit's)."""
-    model, tokenizer = _load_model(model_name, reward_model)
+    model, tokenizer = _load_model(suite, model_name, reward_model)
     model.set_attn_implementation("sdpa")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.train(), tokenizer
@@ -282,7 +292,7 @@ def trl_pairs(trainer_name: str, suite: Suite, model_name: str, workdir: Path) -
     config_class, trainer_class, task = {
         "reward": (trl.RewardConfig, trl.RewardTrainer, "SEQ_CLS"), "dpo": (trl.DPOConfig, trl.DPOTrainer, "CAUSAL_LM"),
     }[trainer_name]
-    model, tokenizer = _trl_model(model_name, reward_model=trainer_name == "reward")
+    model, tokenizer = _trl_model(suite, model_name, reward_model=trainer_name == "reward")
     timer = _step_timer()
     args = _trl_args(config_class, suite, workdir, trainer_name, per_device_train_batch_size=suite.pair_batch_size,
                      num_train_epochs=1, learning_rate=suite.learning_rate, max_length=suite.max_length)
@@ -297,7 +307,7 @@ def trl_grpo(suite: Suite, model_name: str, workdir: Path) -> dict:
 
     from rlhfkit.reward_functions import numeric_answer
 
-    model, tokenizer = _trl_model(model_name)
+    model, tokenizer = _trl_model(suite, model_name)
     timer = _step_timer()
     generation_seconds: list[float] = []
 
@@ -331,7 +341,7 @@ def trl_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
     import torch
     from transformers import GenerationConfig
 
-    model, tokenizer = _trl_model(model_name)
+    model, tokenizer = _trl_model(suite, model_name)
     model.eval()
     tokenizer.padding_side = "left"
     config = GenerationConfig(max_new_tokens=suite.generation_new_tokens, do_sample=True, temperature=suite.temperature,
@@ -341,7 +351,7 @@ def trl_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
     @torch.no_grad()
     def generate(prompts: list[str]) -> list[int]:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         new = model.generate(**inputs, generation_config=config)[:, inputs["input_ids"].shape[1] :]
         is_eos = new == tokenizer.eos_token_id
         # Tokens up to and including the first EOS.
@@ -380,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.framework} has no {args.workload} workload")
     started = time.perf_counter()
     result = runner(suite, args.model or suite.model, args.workdir)
-    result.update({"workload": args.workload, "framework": args.framework, "peak_rss_mb": peak_rss_mb(),
+    result.update({"workload": args.workload, "framework": args.framework, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
                    "wall_seconds": time.perf_counter() - started})
     sys.stdout.flush()
     print(RESULT_PREFIX + json.dumps(result), flush=True)

@@ -62,6 +62,34 @@ def test_stages_train_in_bf16_on_a_gpu(tiny_model, stage_data, tmp_path, stage):
     metrics = STAGES[stage].run(gpu_config(stage, tiny_model, stage_data[stage], tmp_path / stage))
     assert improved(stage, metrics)
     assert all(loss == loss for loss in logged(tmp_path / stage))  # no NaN loss in bf16
+    assert all(peak > 0 for peak in logged(tmp_path / stage, "train/gpu_peak_gb"))  # GPU memory is logged
+
+
+@needs_cuda
+def test_packed_attention_on_a_gpu_matches_a_block_diagonal_mask_forward_and_backward():
+    """bf16 on the GPU, where the per-sequence calls run on flash/memory-efficient attention."""
+    import torch.nn.functional as F
+
+    from rlhfkit.attention import packed_sdpa_attention, sequence_boundaries
+
+    torch.manual_seed(0)
+    lengths = [37, 1, 130, 64]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None, :].cuda()
+    total = sum(lengths)
+    inputs = [torch.randn(1, heads, total, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for heads in (8, 4, 4)]
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = 2, True
+    output, _ = packed_sdpa_attention(module, *inputs, None, **sequence_boundaries(positions))
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).cuda()
+    mask = (segment[:, None] == segment[None, :]) & torch.ones(total, total, dtype=torch.bool, device="cuda").tril()
+    query, key, value = (tensor.detach().float().requires_grad_() for tensor in inputs)
+    expected = F.scaled_dot_product_attention(query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=mask)
+    torch.testing.assert_close(output.float(), expected.transpose(1, 2), rtol=2e-2, atol=2e-2)
+    weights = torch.randn_like(expected.transpose(1, 2))
+    (output.float() * weights).sum().backward()
+    (expected.transpose(1, 2) * weights).sum().backward()
+    for packed, reference in zip(inputs, (query, key, value)):
+        torch.testing.assert_close(packed.grad.float(), reference.grad, rtol=5e-2, atol=5e-2)
 
 
 @needs_cuda

@@ -54,6 +54,10 @@ def test_packed_attention_matches_a_block_diagonal_mask():
     mask = (segment[:, None] == segment[None, :]) & torch.ones(17, 17, dtype=torch.bool).tril()
     expected = F.scaled_dot_product_attention(query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=mask)
     torch.testing.assert_close(output, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
+    # The boundaries also come as host integers (no per-layer device sync); the device edges alone give the same.
+    assert kwargs["shared_prompt_groups"] == [(0, 5, []), (5, 6, []), (6, 14, []), (14, 17, [])]
+    device_only = {k: v for k, v in kwargs.items() if k != "shared_prompt_groups"}
+    torch.testing.assert_close(packed_sdpa_attention(module, query, key, value, None, **device_only)[0], output)
     assert sequence_boundaries(torch.zeros(2, 4, dtype=torch.long)) == {}  # several rows: the mask does it
 
 

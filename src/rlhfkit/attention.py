@@ -8,17 +8,25 @@ function), this attention runs SDPA with `is_causal=True` on each sequence's sli
 measured 6.6× faster than the masked row for 8 sequences of 140–510 tokens on a 2-core CPU,
 with outputs equal to 5e-7. Without boundaries (generation, padded batches) it is plain SDPA.
 
+On a GPU the per-sequence calls are kept off cuDNN's attention: it builds an execution plan for
+every new sequence length, milliseconds each, and packed rows bring new lengths at every step
+(flash and memory-efficient attention take any length as it comes).
+
 Models load with this attention when `model.attn_implementation` is `sdpa` (the default).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PACKED_SDPA = "rlhfkit_packed_sdpa"
+# Every backend but cuDNN's, fastest first (see the module docstring).
+SHAPE_AGNOSTIC_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def packed_sdpa_attention(
@@ -36,27 +44,32 @@ def packed_sdpa_attention(
     boundaries = kwargs.get("cu_seq_lens_q")
     if (groups is None and boundaries is None) or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if groups is None:  # separate sequences: groups of a prefix alone
-        edges = boundaries.tolist()
-        groups = [(start, end, []) for start, end in zip(edges[:-1], edges[1:]) if end > start]
+    if groups is None:  # separate sequences given on the device only: one host sync per layer
+        groups = separate_sequences(boundaries.tolist())
     repeats = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, repeats), repeat_kv(value, repeats)
     if not module.training:
         dropout = 0.0
     sdpa = torch.nn.functional.scaled_dot_product_attention
     pieces = []
-    for prefix_start, prefix_end, members in groups:
-        prefix, width = slice(prefix_start, prefix_end), prefix_end - prefix_start
-        if width:
-            pieces.append(sdpa(query[:, :, prefix], key[:, :, prefix], value[:, :, prefix], dropout_p=dropout, scale=scaling, is_causal=True))
-        for start, end in members:
-            own = slice(start, end)
-            # rows: this member's tokens; columns: the prefix (all visible), then its own tokens (causal)
-            visible = torch.ones(end - start, width + end - start, dtype=torch.bool, device=query.device).tril(diagonal=width)
-            keys = torch.cat([key[:, :, prefix], key[:, :, own]], dim=2)
-            values = torch.cat([value[:, :, prefix], value[:, :, own]], dim=2)
-            pieces.append(sdpa(query[:, :, own], keys, values, attn_mask=visible, dropout_p=dropout, scale=scaling))
+    with sdpa_kernel(SHAPE_AGNOSTIC_BACKENDS) if query.is_cuda else contextlib.nullcontext():
+        for prefix_start, prefix_end, members in groups:
+            prefix, width = slice(prefix_start, prefix_end), prefix_end - prefix_start
+            if width:
+                pieces.append(sdpa(query[:, :, prefix], key[:, :, prefix], value[:, :, prefix], dropout_p=dropout, scale=scaling, is_causal=True))
+            for start, end in members:
+                own = slice(start, end)
+                # rows: this member's tokens; columns: the prefix (all visible), then its own tokens (causal)
+                visible = torch.ones(end - start, width + end - start, dtype=torch.bool, device=query.device).tril(diagonal=width)
+                keys = torch.cat([key[:, :, prefix], key[:, :, own]], dim=2)
+                values = torch.cat([value[:, :, prefix], value[:, :, own]], dim=2)
+                pieces.append(sdpa(query[:, :, own], keys, values, attn_mask=visible, dropout_p=dropout, scale=scaling))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+def separate_sequences(edges: Sequence[int]) -> list[tuple[int, int, list]]:
+    """Sequence edges [0, e1, ..., T] as the attention's layout: each sequence a prefix with no members."""
+    return [(start, end, []) for start, end in zip(edges[:-1], edges[1:]) if end > start]
 
 
 def register() -> str:
@@ -73,7 +86,9 @@ def sequence_boundaries(position_ids: torch.Tensor) -> dict[str, torch.Tensor | 
     """Keywords telling the attention where each sequence of a packed row starts and ends.
 
     position_ids (1, T) restarting at 0 per sequence → cu_seq_lens_q/k (int32 [0, ..., T]) and
-    max_length_q/k, the flash-attention varlen convention (also read by `flash_attention_2`).
+    max_length_q/k, the flash-attention varlen convention (also read by `flash_attention_2`), and
+    the same edges as host integers (`shared_prompt_groups`, each sequence alone), read once here
+    so that no layer waits on the GPU for them; other attentions ignore that keyword.
     Rows of a multi-row batch get no keywords (their mask comes from the position ids).
     """
     if position_ids.shape[0] != 1:
@@ -81,8 +96,10 @@ def sequence_boundaries(position_ids: torch.Tensor) -> dict[str, torch.Tensor | 
     row = position_ids[0]
     starts = (row == 0).nonzero().flatten()
     edges = torch.cat([starts, torch.tensor([row.numel()], device=row.device)]).to(torch.int32)
-    longest = int((edges[1:] - edges[:-1]).max())
-    return {"cu_seq_lens_q": edges, "cu_seq_lens_k": edges, "max_length_q": longest, "max_length_k": longest}
+    host_edges = edges.tolist()
+    longest = max(end - start for start, end in zip(host_edges[:-1], host_edges[1:]))
+    return {"cu_seq_lens_q": edges, "cu_seq_lens_k": edges, "max_length_q": longest, "max_length_k": longest,
+            "shared_prompt_groups": separate_sequences(host_edges)}
 
 
 def packed_hidden_states(

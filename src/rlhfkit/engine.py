@@ -650,8 +650,11 @@ class Engine:
         return tqdm(total=self.total_steps, initial=self.progress.step, desc=self.stage, dynamic_ncols=True, disable=not self.is_main)
 
     def log_step(self, metrics: dict[str, float]) -> None:
-        """Log a finished step's metrics as train/NAME, every train.log_every steps."""
+        """Log a finished step's metrics as train/NAME, every train.log_every steps; on a GPU also
+        train/gpu_peak_gb, the most memory PyTorch's allocator has held for tensors on it so far."""
         if self.progress.step % self.train.log_every == 0:
+            if self.device.type == "cuda":
+                metrics = {**metrics, "gpu_peak_gb": torch.cuda.max_memory_allocated(self.device) / 2**30}
             self.log({f"train/{k}": v for k, v in metrics.items()}, self.progress.step)
 
     def checkpoint_if_due(self) -> None:
