@@ -235,6 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{env['gpu'] or env['cpu']}, {env['cores']} cores, torch {env['versions']['torch']}; "
           f"{suite.dtype} GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
     results: dict[str, dict[str, dict]] = {}
+
+    def write_report() -> dict:
+        """RESULTS.json with every workload finished so far (rewritten after each: a run cut short keeps them)."""
+        report = {"suite": suite.as_dict(), "model": model, "environment": env, "gemm_peak_flops": peak, "data": data,
+                  "results": results, "table": summarise(results, peak), "total_seconds": time.perf_counter() - started}
+        output.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        return report
+
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-") as tmp, open(output.with_suffix(".log"), "w") as log:
         workdir = Path(tmp)
         data = prepare(suite, load_tokenizer(resolve(model)), workdir)
@@ -246,11 +254,10 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_workload(workload, framework, suite, model, workdir, log)
                 results.setdefault(workload, {})[framework] = result
                 print("FAILED: " + result["error"] if "error" in result else f"{result['wall_seconds']:.0f} s", flush=True)
-    rows = summarise(results, peak)
+                write_report()
+    report = write_report()
+    rows = report["table"]
     table = markdown_table(rows)
-    report = {"suite": suite.as_dict(), "model": model, "environment": env, "gemm_peak_flops": peak, "data": data,
-              "results": results, "table": rows, "total_seconds": time.perf_counter() - started}
-    output.with_suffix(".json").write_text(json.dumps(report, indent=2))
     machine = f"{env['gpu']} · {env['cpu']}" if suite.device == "cuda" else env["cpu"]
     heading = f"{env['date']} · {machine} · {env['cores']} cores · {suite.dtype}{' (4-bit base)' if suite.load_in_4bit else ''}"
     heading += f"{' · gradient checkpointing' if suite.gradient_checkpointing else ''} · torch {env['versions']['torch']} · transformers {env['versions']['transformers']} · trl {env['versions']['trl']}"

@@ -8,9 +8,10 @@ function), this attention runs SDPA with `is_causal=True` on each sequence's sli
 measured 6.6× faster than the masked row for 8 sequences of 140–510 tokens on a 2-core CPU,
 with outputs equal to 5e-7. Without boundaries (generation, padded batches) it is plain SDPA.
 
-On a GPU the per-sequence calls are kept off cuDNN's attention: it builds an execution plan for
-every new sequence length, milliseconds each, and packed rows bring new lengths at every step
-(flash and memory-efficient attention take any length as it comes).
+On a GPU the per-sequence calls are kept on flash/memory-efficient attention, off cuDNN's, which
+builds an execution plan per new shape (packed rows bring new lengths at every step). Before
+this, and the sequence edges read once per forward rather than per layer, each SDPA call took
+~3 ms on an H100's host and training steps were 5-6x slower (benchmarks/README.md, "On a GPU").
 
 Models load with this attention when `model.attn_implementation` is `sdpa` (the default).
 """
