@@ -51,6 +51,21 @@ def test_summary_ratios_targets_and_splits_by_hand():
     table = markdown_table(list(rows.values()))
     assert "| sft: training tokens/s | 300 tok/s | 100 tok/s | 3.00 | >=1.5 | yes |" in table
     assert "| grpo: peak RSS | 50.00 MB | 40.00 MB | 1.25 | <=1.0 | **no** |" in table
+    assert not any("GPU" in metric for metric in rows)  # CPU runs report no GPU memory
+
+
+def test_gpu_runs_add_a_peak_gpu_memory_row_per_workload():
+    results = {
+        "reward": {
+            "rlhfkit": {"units": 8, "step_seconds": [2.0], "peak_rss_mb": 100.0, "peak_gpu_mb": 300.0},
+            "trl": {"units": 8, "step_seconds": [4.0], "peak_rss_mb": 100.0, "peak_gpu_mb": 400.0},
+        },
+        "trpo": {"rlhfkit": {"step_seconds": [6.0], "generation_seconds": [2.0], "peak_rss_mb": 70.0, "peak_gpu_mb": 900.0}},
+    }
+    rows = _by_metric(summarise(results, peak_flops=1e12))
+    gpu = rows["reward: peak GPU memory"]
+    assert (gpu["rlhfkit"], gpu["trl"], gpu["ratio"], gpu["met"]) == (300.0, 400.0, 0.75, True)
+    assert rows["trpo: peak GPU memory"]["rlhfkit"] == 900.0 and rows["trpo: peak GPU memory"]["trl"] is None
 
 
 @pytest.mark.slow
