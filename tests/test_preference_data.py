@@ -1,8 +1,8 @@
 import pytest
 import torch
-
 from conftest import write_jsonl
-from rlhfkit.data.batching import IGNORE_INDEX, pack_pairs, reward_batches
+
+from rlhfkit.data.batching import pack_pairs, reward_batches
 from rlhfkit.data.formatting import TokenizedPair, fit_pair
 from rlhfkit.data.kinds import preference_examples, split_shared_prefix
 from rlhfkit.data.loading import read_rows
@@ -99,9 +99,45 @@ def test_pack_pairs_targets_only_answers():
     batch = pack_pairs(pairs, [10, 11])
     # row: [1 2 3][6 7 8][1 2 4 5][6 9] -- chosen sequences first, then rejected
     assert batch.input_ids.tolist() == [[1, 2, 3, 6, 7, 8, 1, 2, 4, 5, 6, 9]]
-    assert batch.targets.tolist() == [[IGNORE_INDEX, 3, IGNORE_INDEX, 7, 8, IGNORE_INDEX, IGNORE_INDEX, 4, 5, IGNORE_INDEX, 9, IGNORE_INDEX]]
-    assert batch.sequence_index.tolist() == [0, 1, 1, 2, 2, 3]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 2, 0, 1, 2, 3, 0, 1]]
+    # each answer token is predicted from the position before it
+    assert batch.predictors.tolist() == [1, 3, 4, 7, 8, 10] and batch.target_ids.tolist() == [3, 7, 8, 4, 5, 9]
+    assert batch.sequence_index.tolist() == [0, 1, 1, 2, 2, 3] and batch.layout is None
     assert batch.answer_lengths.tolist() == [1, 2, 2, 1] and batch.pair_ids.tolist() == [10, 11]
+
+
+def test_pack_pairs_with_shared_prompts_stores_each_prompt_once():
+    pairs = [TokenizedPair([1, 2], [3], [4, 5]), TokenizedPair([6], [7, 8], [9])]
+    batch = pack_pairs(pairs, [10, 11], share_prompts=True)
+    # row: [1 2][3][4 5] [6][7 8][9] -- per pair the prompt, then chosen, then rejected, positions continuing the prompt
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 2, 3, 0, 1, 2, 1]]
+    assert batch.layout == [(0, 2, [(2, 3), (3, 5)]), (5, 6, [(6, 8), (8, 9)])]
+    # the prompt's last position predicts the first token of both answers
+    assert batch.predictors.tolist() == [1, 5, 6, 1, 3, 5] and batch.target_ids.tolist() == [3, 7, 8, 4, 5, 9]
+    assert batch.sequence_index.tolist() == [0, 1, 1, 2, 2, 3] and batch.answer_lengths.tolist() == [1, 2, 2, 1]
+
+
+def test_dpo_answer_logps_and_gradients_with_shared_prompts_equal_separate_sequences(tiny_model):
+    from rlhfkit.attention import shares_prompts
+    from rlhfkit.config import ModelSettings
+    from rlhfkit.forward import answer_logps
+    from rlhfkit.models import backbone_and_head, load_causal_lm, resolve
+
+    model = load_causal_lm(resolve(str(tiny_model)), ModelSettings(name_or_path=str(tiny_model)), torch.float32).eval()
+    assert shares_prompts(backbone_and_head(model)[0])
+    # answers that begin alike (shared beyond the prompt), a one-token answer, a one-token prompt
+    pairs = [TokenizedPair([5, 6, 7], [8, 9, 30], [8, 9, 31, 32]), TokenizedPair([11], [12], [16, 17]), TokenizedPair([18, 19], [20, 21], [22])]
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        logps = answer_logps(model, pack_pairs(pairs, [0, 1, 2], share_prompts=share), chunk_size=4)
+        (logps * torch.arange(1.0, 7.0)).sum().backward()
+        results.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
+    (separate, separate_grads), (shared, shared_grads) = results
+    torch.testing.assert_close(shared, separate, rtol=1e-5, atol=1e-5)
+    for a, b in zip(shared_grads, separate_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_reward_batches_put_chosen_first_and_pad_right():
@@ -129,9 +165,13 @@ def test_packed_reward_batches_score_like_padded_rows(tiny_model):
     assert not packs_by_position_ids(tiny_bert)  # encoders get padded rows
     pairs = [TokenizedPair([5, 6, 7], [8, 9], [10]), TokenizedPair([11], [12, 13, 14, 15], [16, 17]), TokenizedPair([18, 19], [20], [21, 22, 23])]
     [packed] = reward_batches(pairs, batch_size=3, pad_id=0, seed=None, packed=True)
+    [shared] = reward_batches(pairs, batch_size=3, pad_id=0, seed=None, packed=True, share_prompts=True)
     [padded] = reward_batches(pairs, batch_size=3, pad_id=0, seed=None)
-    assert packed.input_ids.shape[0] == 1 and packed.num_pairs == padded.num_pairs == 3
+    assert packed.input_ids.shape[0] == 1 and packed.num_pairs == padded.num_pairs == shared.num_pairs == 3
+    assert shared.input_ids.shape[1] == packed.input_ids.shape[1] - 6  # the three prompts (3 + 1 + 2 tokens) once each
     with torch.no_grad():
         from_packed = packed_reward_forward(model, packed.input_ids, packed.position_ids, packed.last_positions)
+        from_shared = packed_reward_forward(model, shared.input_ids, shared.position_ids, shared.last_positions, shared.layout)
         from_padded = reward_model_forward(model, padded.input_ids, padded.attention_mask)
     torch.testing.assert_close(from_packed, from_padded, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(from_shared, from_padded, rtol=1e-4, atol=1e-5)

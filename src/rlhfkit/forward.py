@@ -57,6 +57,6 @@ def perplexity_evaluator(
 def answer_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int) -> torch.Tensor:
     """(2B,) log π(y|x) summed over answer tokens: B chosen answers, then B rejected."""
     decoder, head_weight = backbone_and_head(model)
-    hidden = packed_hidden_states(decoder, batch.input_ids, batch.position_ids)
-    token_logps = target_token_logprobs(hidden, head_weight, batch.targets, chunk_size)  # (M,)
+    hidden = packed_hidden_states(decoder, batch.input_ids, batch.position_ids, batch.layout)[0]  # (T, H)
+    token_logps = target_token_logprobs(hidden[batch.predictors], head_weight, batch.target_ids, chunk_size)  # (M,)
     return sequence_sums(token_logps, batch.sequence_index, 2 * batch.num_pairs)

@@ -6,6 +6,11 @@ for each sequence and no attention mask. The forward passes hand the sequence bo
 attention (`rlhfkit.attention`), which attends within each sequence only, causally, at Σ L² cost;
 an attention without that support (e.g. eager) builds the same block-diagonal mask from the
 position ids. Either way no example attends to another and no compute is spent on padding.
+
+Preference pairs can go further: a pair's chosen and rejected answers share their prompt, so
+with `share_prompts` (for models running rlhfkit's attention, `attention.shares_prompts`) the row
+holds [prompt, chosen, rejected] per pair, the prompt once, and each answer attends to the prompt
+and to itself only — the same outputs as two separate sequences, for fewer tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from rlhfkit.attention import pack_shared_prefixes
 from rlhfkit.data.formatting import TokenizedExample, TokenizedPair
 
 IGNORE_INDEX = -100
@@ -46,8 +52,8 @@ class LMBatch:
         return LMBatch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device))
 
 
-def _pack(examples: Sequence[TokenizedExample]) -> tuple[LMBatch, torch.Tensor]:
-    """The examples in one row, and (1, T) segment ids: the example index at each position."""
+def pack_examples(examples: Sequence[TokenizedExample]) -> LMBatch:
+    """Concatenate examples into one row; targets never cross an example boundary."""
     input_ids: list[int] = []
     position_ids: list[int] = []
     targets: list[int] = []
@@ -59,13 +65,7 @@ def _pack(examples: Sequence[TokenizedExample]) -> tuple[LMBatch, torch.Tensor]:
         targets.extend(ids[t + 1] if example.loss_mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1))
         targets.append(IGNORE_INDEX)
     as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
-    segments = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor([len(e.input_ids) for e in examples]))
-    return LMBatch(as_row(input_ids), as_row(position_ids), as_row(targets)), segments[None, :]
-
-
-def pack_examples(examples: Sequence[TokenizedExample]) -> LMBatch:
-    """Concatenate examples into one row; targets never cross an example boundary."""
-    return _pack(examples)[0]
+    return LMBatch(as_row(input_ids), as_row(position_ids), as_row(targets))
 
 
 def _order(count: int, seed: int | None) -> list[int]:
@@ -116,6 +116,7 @@ class RewardBatch:
     position_ids: torch.Tensor | None  # (1, T) restarting at 0 per sequence: packed
     last_positions: torch.Tensor | None  # (2B,) index in the packed row of each sequence's last token
     margins: torch.Tensor | None  # (B,) m, or None
+    layout: list | None = None  # packed with shared prompts: the attention's groups (attention.pack_shared_prefixes)
 
     @property
     def num_pairs(self) -> int:
@@ -127,7 +128,8 @@ class RewardBatch:
 
     def to(self, device: torch.device) -> RewardBatch:
         move = lambda tensor: None if tensor is None else tensor.to(device)  # noqa: E731
-        return RewardBatch(*(move(getattr(self, name)) for name in ("input_ids", "attention_mask", "position_ids", "last_positions", "margins")))
+        moved = (move(getattr(self, name)) for name in ("input_ids", "attention_mask", "position_ids", "last_positions", "margins"))
+        return RewardBatch(*moved, self.layout)
 
 
 def _margins(pairs: Sequence[TokenizedPair]) -> torch.Tensor | None:
@@ -149,18 +151,24 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 def reward_batches(
     pairs: Sequence[TokenizedPair], batch_size: int, pad_id: int, seed: int | None, wrap=lambda ids: ids, packed: bool = False,
+    share_prompts: bool = False,
 ) -> list[RewardBatch]:
     """Batches of `batch_size` pairs; `wrap` adds special tokens an encoder expects ([CLS] ... [SEP]).
 
-    packed: one row as in :func:`pack_examples` (decoders, whose attention follows the position ids);
-    otherwise one right-padded row per sequence (encoders).
+    packed: one row as in :func:`pack_examples` (decoders, whose attention follows the position ids),
+    with share_prompts each pair's prompt once (module docstring); otherwise one right-padded row per
+    sequence (encoders).
     """
     order = _order(len(pairs), seed)
     batches = []
     for start in range(0, len(order), batch_size):
         chunk = [pairs[i] for i in order[start : start + batch_size]]
         rows = [wrap(p.prompt_ids + p.chosen_ids) for p in chunk] + [wrap(p.prompt_ids + p.rejected_ids) for p in chunk]
-        if packed:
+        if packed and share_prompts:
+            pack = pack_shared_prefixes([torch.tensor(row) for row in rows], _pair_groups(len(chunk)))
+            last = torch.stack([index[-1] for index in pack.token_index])
+            batches.append(RewardBatch(pack.input_ids, None, pack.position_ids, last, _margins(chunk), pack.layout))
+        elif packed:
             batch = pack_examples([TokenizedExample(row, [False] * len(row)) for row in rows])
             last = torch.tensor([len(row) for row in rows]).cumsum(0) - 1
             batches.append(RewardBatch(batch.input_ids, None, batch.position_ids, last, _margins(chunk)))
@@ -169,16 +177,24 @@ def reward_batches(
     return batches
 
 
+def _pair_groups(pairs: int) -> list[list[int]]:
+    """Sequences 0..B-1 are prompt+chosen, B..2B-1 prompt+rejected: pair i groups i and B+i."""
+    return [[index, pairs + index] for index in range(pairs)]
+
+
 @dataclass
 class PairBatch:
-    """B pairs packed padding-free into one row: B prompt+chosen sequences, then B prompt+rejected."""
+    """B pairs packed padding-free into one row: B prompt+chosen sequences, then B prompt+rejected
+    (or, with shared prompts, [prompt, chosen, rejected] per pair)."""
 
     input_ids: torch.Tensor  # (1, T)
-    position_ids: torch.Tensor  # (1, T), restarting at 0 for each of the 2B sequences
-    targets: torch.Tensor  # (1, T): next token where it is an answer token, else -100
-    sequence_index: torch.Tensor  # (M,) sequence (0..2B-1) of each of the M target tokens, in row order
+    position_ids: torch.Tensor  # (1, T), each sequence's positions counted from 0 at its (shared) prompt
+    predictors: torch.Tensor  # (M,) row position whose hidden state predicts each answer token, sequence by sequence
+    target_ids: torch.Tensor  # (M,) those answer tokens
+    sequence_index: torch.Tensor  # (M,) sequence (0..2B-1) of each of the M target tokens
     answer_lengths: torch.Tensor  # (2B,) answer token counts |y|
     pair_ids: torch.Tensor  # (B,) indices of the pairs in the dataset (for precomputed reference log-probs)
+    layout: list | None = None  # shared prompts: the attention's groups; None = every sequence alone
 
     @property
     def num_pairs(self) -> int:
@@ -189,23 +205,32 @@ class PairBatch:
         return self.num_pairs
 
     def to(self, device: torch.device) -> PairBatch:
-        return PairBatch(*(getattr(self, name).to(device) for name in (
-            "input_ids", "position_ids", "targets", "sequence_index", "answer_lengths", "pair_ids")))
+        moved = (getattr(self, name).to(device) for name in (
+            "input_ids", "position_ids", "predictors", "target_ids", "sequence_index", "answer_lengths", "pair_ids"))
+        return PairBatch(*moved, self.layout)
 
 
-def pack_pairs(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int]) -> PairBatch:
-    """The 2B sequences packed into one row; only answer tokens are targets."""
-    examples = [TokenizedExample(p.prompt_ids + p.chosen_ids, [False] * len(p.prompt_ids) + [True] * len(p.chosen_ids)) for p in pairs]
-    examples += [TokenizedExample(p.prompt_ids + p.rejected_ids, [False] * len(p.prompt_ids) + [True] * len(p.rejected_ids)) for p in pairs]
-    batch, segments = _pack(examples)
-    lengths = [sum(example.loss_mask[1:]) for example in examples]
-    sequence_index = segments[batch.targets != IGNORE_INDEX]  # in row order, as target log-probs come
-    return PairBatch(batch.input_ids, batch.position_ids, batch.targets, sequence_index, torch.tensor(lengths), torch.tensor(list(pair_ids)))
+def pack_pairs(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int], share_prompts: bool = False) -> PairBatch:
+    """The 2B sequences packed into one row (each pair's prompt once with share_prompts); only
+    answer tokens are targets, each predicted from the position before it."""
+    prompts = [p.prompt_ids for p in pairs] * 2
+    sequences = [torch.tensor(p.prompt_ids + p.chosen_ids) for p in pairs] + [torch.tensor(p.prompt_ids + p.rejected_ids) for p in pairs]
+    groups = _pair_groups(len(pairs)) if share_prompts else [[index] for index in range(len(sequences))]
+    pack = pack_shared_prefixes(sequences, groups)
+    predictors, targets, lengths = [], [], []
+    for prompt, sequence, index in zip(prompts, sequences, pack.token_index):
+        first = max(len(prompt), 1)  # a sequence's first token has no position before it
+        predictors.append(index[first - 1 : -1])
+        targets.append(sequence[first:])
+        lengths.append(len(sequence) - first)
+    sequence_index = torch.repeat_interleave(torch.arange(len(sequences)), torch.tensor(lengths))
+    return PairBatch(pack.input_ids, pack.position_ids, torch.cat(predictors), torch.cat(targets), sequence_index,
+                     torch.tensor(lengths), torch.tensor(list(pair_ids)), pack.layout)
 
 
-def pair_batches(pairs: Sequence[TokenizedPair], batch_size: int, seed: int | None) -> list[PairBatch]:
+def pair_batches(pairs: Sequence[TokenizedPair], batch_size: int, seed: int | None, share_prompts: bool = False) -> list[PairBatch]:
     order = _order(len(pairs), seed)
     return [
-        pack_pairs([pairs[i] for i in order[start : start + batch_size]], order[start : start + batch_size])
+        pack_pairs([pairs[i] for i in order[start : start + batch_size]], order[start : start + batch_size], share_prompts)
         for start in range(0, len(order), batch_size)
     ]

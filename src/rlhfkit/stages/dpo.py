@@ -3,7 +3,8 @@
 The policy is the starting model (usually an SFT run) with fresh LoRA adapters; the reference
 policy is that same model with the adapters switched off, so no second copy of the weights
 exists (a frozen copy is kept only when fully fine-tuning). Chosen and rejected answers of a
-batch are packed into one padding-free row and go through one forward pass; per-token log-probs
+batch are packed into one padding-free row and go through one forward pass, each pair's prompt
+stored once when the model runs rlhfkit's attention (data/batching.py); per-token log-probs
 are gathered in chunks without a full [tokens, vocab] tensor. Loss variants: DPO (sigmoid, with
 optional label smoothing), IPO, SimPO.
 """
@@ -15,6 +16,7 @@ from contextlib import nullcontext
 
 import torch
 
+from rlhfkit.attention import shares_prompts
 from rlhfkit.config import DPOConfig
 from rlhfkit.data.batching import PairBatch, pair_batches
 from rlhfkit.data.formatting import render_prompt, tokenize_pairs
@@ -23,7 +25,7 @@ from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.forward import answer_logps
 from rlhfkit.generation import generate_answers
 from rlhfkit.losses.dpo import DPOLoss, dpo_family_loss, implicit_rewards
-from rlhfkit.models import resolve_with_tokenizer
+from rlhfkit.models import backbone_and_head, resolve_with_tokenizer
 from rlhfkit.rewards import RewardModelScorer
 
 STAGE = "dpo"
@@ -112,12 +114,14 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     model = engine.build_model(source, config.model, config.lora)
     frozen_copy = None if config.lora.enabled else copy.deepcopy(model).eval().requires_grad_(False)
     reference = None if DPOLoss(config.dpo.loss) is DPOLoss.simpo else ReferencePolicy(engine, frozen_copy, train.loss_chunk_tokens)
-    batches_for_epoch = lambda epoch: pair_batches(train_pairs, train.batch_size, seed=train.seed + epoch)  # noqa: E731
+    share = shares_prompts(backbone_and_head(model)[0])
+    batches = lambda pairs, seed: pair_batches(pairs, train.batch_size, seed, share)  # noqa: E731
+    batches_for_epoch = lambda epoch: batches(train_pairs, train.seed + epoch)  # noqa: E731
     engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
     if frozen_copy is not None:
         frozen_copy.to(engine.device)
     statistics = pair_statistics(config, reference)
-    eval_batches = pair_batches(eval_pairs, train.batch_size, seed=None)[: config.eval.max_batches]
+    eval_batches = batches(eval_pairs, None)[: config.eval.max_batches]
 
     def loss_fn(model: torch.nn.Module, batch: PairBatch) -> LossOutput:
         losses, stats = statistics(model, batch, training_pairs=True)
@@ -148,7 +152,7 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     engine.resume(resume)
     if reference is not None and config.dpo.precompute_reference:
         with engine.full_weights():
-            reference.precompute(pair_batches(train_pairs, train.batch_size, seed=None), len(train_pairs))
+            reference.precompute(batches(train_pairs, None), len(train_pairs))
 
     # Train, measuring implicit-reward accuracy (and the reward model's score of answers) before and after.
     metrics = run_dir.read_json("metrics.json")

@@ -3,7 +3,8 @@
 A one-output sequence-classification head on the backbone (LoRA on the backbone, the head fully
 trained; or full fine-tuning). Chosen and rejected answers of a batch go through the model in one
 forward pass, packed into rows without padding when the model is a decoder (the reward is read at
-each sequence's last token). Pair accuracy, mean margin and reward statistics are measured on held-out pairs
+each sequence's last token; each pair's prompt stored once when the model runs rlhfkit's
+attention). Pair accuracy, mean margin and reward statistics are measured on held-out pairs
 before and after training.
 """
 
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from rlhfkit.attention import shares_prompts
 from rlhfkit.config import RewardConfig
 from rlhfkit.data.batching import RewardBatch, reward_batches
 from rlhfkit.data.formatting import tokenize_pairs
 from rlhfkit.data.kinds import load_examples, preference_examples
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.losses.reward import bradley_terry_loss
-from rlhfkit.models import packs_by_position_ids, resolve_with_tokenizer
+from rlhfkit.models import backbone_and_score_head, packs_by_position_ids, resolve_with_tokenizer
 from rlhfkit.rewards import packed_reward_forward, reward_model_forward, special_token_wrapper
 
 STAGE = "reward"
@@ -26,7 +28,7 @@ STAGE = "reward"
 def pair_rewards(model: torch.nn.Module, batch: RewardBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) chosen and (B,) rejected rewards from one forward over both halves."""
     if batch.position_ids is not None:
-        rewards = packed_reward_forward(model, batch.input_ids, batch.position_ids, batch.last_positions)
+        rewards = packed_reward_forward(model, batch.input_ids, batch.position_ids, batch.last_positions, batch.layout)
     else:
         rewards = reward_model_forward(model, batch.input_ids, batch.attention_mask)
     return rewards[: batch.num_pairs], rewards[batch.num_pairs :]  # (2B,): chosen, then rejected
@@ -91,9 +93,11 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
     model = engine.build_model(source, config.model, config.lora, reward_model=True)
     model.config.pad_token_id = tokenizer.pad_token_id
     packed = packs_by_position_ids(model)  # decoders: sequences packed into rows, no padding
-    batches_for_epoch = lambda epoch: reward_batches(train_pairs, train.batch_size, tokenizer.pad_token_id, train.seed + epoch, wrap, packed)  # noqa: E731
+    share = packed and shares_prompts(backbone_and_score_head(model)[0])  # and a pair's prompt stored once
+    batches = lambda pairs, seed: reward_batches(pairs, train.batch_size, tokenizer.pad_token_id, seed, wrap, packed, share)  # noqa: E731
+    batches_for_epoch = lambda epoch: batches(train_pairs, train.seed + epoch)  # noqa: E731
     engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
-    eval_batches = reward_batches(eval_pairs, train.batch_size, tokenizer.pad_token_id, None, wrap, packed)[: config.eval.max_batches]
+    eval_batches = batches(eval_pairs, None)[: config.eval.max_batches]
     evaluate = (lambda: evaluate_pairs(engine.model, eval_batches, engine.device)) if eval_batches else None
     engine.resume(resume)
 
