@@ -25,6 +25,11 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model, attn):
             alone = model(input_ids=torch.tensor([sequence]), use_cache=False).logits[0]
             torch.testing.assert_close(packed_logits[offset : offset + len(sequence)], alone, rtol=1e-4, atol=1e-5)
             offset += len(sequence)
+        # Through packed_hidden_states, which adds rlhfkit's boundary keywords: other attentions ignore them.
+        from rlhfkit.attention import packed_hidden_states
+
+        hidden = packed_hidden_states(model.model, packed.input_ids, packed.position_ids)
+        torch.testing.assert_close(model.lm_head(hidden)[0], packed_logits, rtol=1e-4, atol=1e-5)
 
 
 def test_packed_loss_equals_sum_of_separate_losses_with_lora(tiny_model):
