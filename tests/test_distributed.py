@@ -62,6 +62,13 @@ def logged(run_dir: Path, name: str = "train/loss") -> list[float]:
     return [json.loads(line)[name] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def held_out(run_dir: Path) -> dict[str, float]:
+    """The numeric held-out metrics measured before and after training."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {f"{when}/{name}": value for when in ("before", "after") for name, value in metrics[when].items()
+            if isinstance(value, (int, float))}
+
+
 @pytest.fixture()
 def sft_file(tmp_path, sft_rows):
     return write_jsonl(tmp_path / "sft.jsonl", sft_rows)
@@ -115,6 +122,8 @@ def test_dpo_on_two_processes_follows_the_one_process_loss_curve(tiny_model, sft
     one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
     assert len(one) == 5 and two == pytest.approx(one, rel=1e-4) and one[-1] < one[0]
     assert logged(tmp_path / "two", "train/accuracy") == pytest.approx(logged(tmp_path / "one", "train/accuracy"))
+    # held-out pairs split over the processes (one of them repeats a batch it does not count): the same means
+    assert held_out(tmp_path / "two") == pytest.approx(held_out(tmp_path / "one"), rel=1e-4)
 
 
 def test_reward_model_on_two_processes_follows_the_one_process_loss_curve(tiny_model, sft_rows, tmp_path):
@@ -132,6 +141,7 @@ def test_reward_model_on_two_processes_follows_the_one_process_loss_curve(tiny_m
         launch(2, "reward", *common, f"train.output_dir={two}", launch_config=launch_config)
         assert logged(two) == pytest.approx(one, rel=1e-4), launch_config
         assert logged(two, "train/accuracy") == pytest.approx(logged(tmp_path / "one", "train/accuracy")), launch_config
+        assert held_out(two) == pytest.approx(held_out(tmp_path / "one"), rel=1e-4), launch_config
 
 
 @pytest.mark.parametrize("stage, extra, launch_configs", [

@@ -378,6 +378,28 @@ class Engine:
             return values
         return self.accelerator.reduce(values.detach().to(self.device), "sum").to(values.device)
 
+    def held_out_share(self, batches: Sequence) -> Iterator[tuple[object, bool]]:
+        """This process's part of a pass over held-out batches, on its device: batch i goes to
+        process i mod N. Every process makes the same number of passes, as FSDP's gathers need:
+        one left short repeats batch 0 with counted=False, and must ignore what it computes."""
+        share = list(batches[self.accelerator.process_index :: self.num_processes])
+        for index in range(math.ceil(len(batches) / self.num_processes)):
+            counted = index < len(share)
+            yield (share[index] if counted else batches[0]).to(self.device), counted
+
+    def held_out_sums(self, batches: Sequence, sums_of: Callable[[object], dict[str, float]]) -> dict[str, float]:
+        """Σ over held-out batches of sums_of(batch) (a metric's per-batch sums), the batches split
+        over the launch's processes (held_out_share) and the totals summed over them."""
+        totals: dict[str, float] = {}
+        for batch, counted in self.held_out_share(batches):
+            for name, value in sums_of(batch).items():
+                totals[name] = totals.get(name, 0.0) + (value if counted else 0.0)
+        if self.num_processes == 1 or not totals:
+            return totals
+        names = sorted(totals)
+        summed = self.sum_across_processes(torch.tensor([totals[name] for name in names], dtype=torch.float64)).tolist()
+        return dict(zip(names, summed))
+
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenate each process's rows (equal shapes), in process order."""
         if self.num_processes == 1:

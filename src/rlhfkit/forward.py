@@ -8,7 +8,7 @@ import torch
 
 from rlhfkit.attention import packed_hidden_states
 from rlhfkit.data.batching import LMBatch, PairBatch
-from rlhfkit.engine import LossOutput
+from rlhfkit.engine import Engine, LossOutput
 from rlhfkit.losses.lm import causal_lm_nll_sum, perplexity, sequence_sums, target_token_logprobs
 from rlhfkit.models import backbone_and_head
 
@@ -30,6 +30,10 @@ def lm_loss(chunk_size: int):
     return loss_fn
 
 
+def _perplexity_from_sums(nll: float, tokens: int) -> dict[str, float]:
+    return {"loss": nll / max(tokens, 1), "perplexity": perplexity(nll, tokens), "tokens": tokens}
+
+
 @torch.no_grad()  # not inference_mode: FSDP gathers weights into buffers it reuses in training
 def evaluate_perplexity(
     model: torch.nn.Module, batches: Iterable[LMBatch], device: torch.device, chunk_size: int
@@ -42,16 +46,25 @@ def evaluate_perplexity(
         nll += lm_nll_sum(model, batch.to(device), chunk_size).item()
         tokens += batch.num_target_tokens
     model.train(was_training)
-    return {"loss": nll / max(tokens, 1), "perplexity": perplexity(nll, tokens), "tokens": tokens}
+    return _perplexity_from_sums(nll, tokens)
 
 
-def perplexity_evaluator(
-    model: torch.nn.Module, batches: Sequence[LMBatch], device: torch.device, chunk_size: int
-) -> Callable[[], dict[str, float]] | None:
-    """A no-argument held-out evaluation for Engine.fit, or None when there is no held-out data."""
+def perplexity_evaluator(engine: Engine, batches: Sequence[LMBatch], chunk_size: int) -> Callable[[], dict[str, float]] | None:
+    """A no-argument held-out evaluation of the engine's model for Engine.fit (the batches split
+    over the launch's processes), or None when there is no held-out data."""
     if not batches:
         return None
-    return lambda: evaluate_perplexity(model, batches, device, chunk_size)
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model = engine.model
+        was_training = model.training
+        model.eval()
+        sums = engine.held_out_sums(batches, lambda batch: {"nll": lm_nll_sum(model, batch, chunk_size).item(), "tokens": batch.num_target_tokens})
+        model.train(was_training)
+        return _perplexity_from_sums(sums["nll"], int(sums["tokens"]))
+
+    return evaluate
 
 
 def answer_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int) -> torch.Tensor:

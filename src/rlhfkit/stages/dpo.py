@@ -54,11 +54,15 @@ class ReferencePolicy:
         return logps
 
     def precompute(self, batches: list[PairBatch], num_pairs: int) -> None:
+        """The table, each batch computed by one process of the launch; each entry is written by
+        one process, so summing over them assembles it."""
         table = torch.zeros(num_pairs, 2)
-        for batch in batches:
-            logps = self.compute(batch.to(self.engine.device), training_pairs=False).cpu()
-            table[batch.pair_ids, 0], table[batch.pair_ids, 1] = logps[: batch.num_pairs], logps[batch.num_pairs :]
-        self.table = table
+        for batch, counted in self.engine.held_out_share(batches):
+            logps = self.compute(batch, training_pairs=False).cpu()
+            if counted:
+                pair_ids = batch.pair_ids.cpu()
+                table[pair_ids, 0], table[pair_ids, 1] = logps[: batch.num_pairs], logps[batch.num_pairs :]
+        self.table = self.engine.sum_across_processes(table)
 
 
 def pair_statistics(config: DPOConfig, reference: ReferencePolicy | None):
@@ -129,16 +133,17 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
+        """Per-pair means of the loss and statistics over the held-out pairs (split over processes)."""
         was_training = engine.model.training
         engine.model.eval()
-        sums: dict[str, float] = {}
-        pairs = 0
-        for batch in eval_batches:
-            losses, stats = statistics(engine.model, batch.to(engine.device), training_pairs=False)
-            for name, values in {"loss": losses, **stats}.items():
-                sums[name] = sums.get(name, 0.0) + values.sum().item()
-            pairs += batch.num_pairs
+
+        def sums_of(batch: PairBatch) -> dict[str, float]:
+            losses, stats = statistics(engine.model, batch, training_pairs=False)
+            return {"pairs": batch.num_pairs, **{name: values.sum().item() for name, values in {"loss": losses, **stats}.items()}}
+
+        sums = engine.held_out_sums(eval_batches, sums_of)
         engine.model.train(was_training)
+        pairs = sums.pop("pairs")
         return {name: total / max(pairs, 1) for name, total in sums.items()}
 
     def answer_and_score() -> dict:

@@ -37,7 +37,7 @@ def run(config: PretrainConfig, resume: bool = False) -> dict:
     batches_for_epoch = lambda epoch: block_batches(train_blocks, train.batch_size, seed=train.seed + epoch)  # noqa: E731
     engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
     eval_batches = block_batches(eval_blocks, train.batch_size, seed=None)[: config.eval.max_batches]
-    evaluate = perplexity_evaluator(engine.model, eval_batches, engine.device, train.loss_chunk_tokens)
+    evaluate = perplexity_evaluator(engine, eval_batches, train.loss_chunk_tokens)
     engine.resume(resume)
 
     # Train, measuring held-out perplexity before and after.

@@ -50,27 +50,34 @@ def reward_loss(center_coef: float, use_margins: bool):
 
 
 @torch.no_grad()  # not inference_mode: FSDP gathers weights into buffers it reuses in training
-def evaluate_pairs(model: torch.nn.Module, batches: list[RewardBatch], device: torch.device) -> dict[str, float]:
-    """Pair accuracy (ties count half), mean margin r_c − r_r, and reward mean/std over held-out pairs."""
+def evaluate_pairs(engine: Engine, batches: list[RewardBatch]) -> dict[str, float]:
+    """Pair accuracy (ties count half), mean margin r_c − r_r, and reward mean/std over held-out
+    pairs, from sums over the batches (split over the launch's processes)."""
+    model = engine.model
     was_training = model.training
     model.eval()
-    chosen_all, rejected_all = [], []
-    for batch in batches:
-        chosen, rejected = pair_rewards(model, batch.to(device))
-        chosen_all.append(chosen.cpu())
-        rejected_all.append(rejected.cpu())
+
+    def sums_of(batch: RewardBatch) -> dict[str, float]:
+        chosen, rejected = pair_rewards(model, batch)
+        return {
+            "wins": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum().item(),
+            "chosen": chosen.sum().item(), "rejected": rejected.sum().item(),
+            "squares": (chosen.double().square().sum() + rejected.double().square().sum()).item(), "pairs": chosen.numel(),
+        }
+
+    sums = engine.held_out_sums(batches, sums_of)
     model.train(was_training)
-    chosen, rejected = torch.cat(chosen_all), torch.cat(rejected_all)
-    both = torch.cat([chosen, rejected])
-    accuracy = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
+    pairs, total = sums["pairs"], sums["chosen"] + sums["rejected"]
+    rewards = 2 * pairs
+    variance = (sums["squares"] - total * total / rewards) / (rewards - 1) if rewards > 1 else 0.0  # unbiased, as torch.std
     return {
-        "accuracy": accuracy.item(),
-        "margin": (chosen - rejected).mean().item(),
-        "reward_mean": both.mean().item(),
-        "reward_std": both.std().item() if both.numel() > 1 else 0.0,
-        "chosen_mean": chosen.mean().item(),
-        "rejected_mean": rejected.mean().item(),
-        "pairs": chosen.numel(),
+        "accuracy": sums["wins"] / pairs,
+        "margin": (sums["chosen"] - sums["rejected"]) / pairs,
+        "reward_mean": total / rewards,
+        "reward_std": max(variance, 0.0) ** 0.5,
+        "chosen_mean": sums["chosen"] / pairs,
+        "rejected_mean": sums["rejected"] / pairs,
+        "pairs": int(pairs),
     }
 
 
@@ -98,7 +105,7 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
     batches_for_epoch = lambda epoch: batches(train_pairs, train.seed + epoch)  # noqa: E731
     engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
     eval_batches = batches(eval_pairs, None)[: config.eval.max_batches]
-    evaluate = (lambda: evaluate_pairs(engine.model, eval_batches, engine.device)) if eval_batches else None
+    evaluate = (lambda: evaluate_pairs(engine, eval_batches)) if eval_batches else None
     engine.resume(resume)
 
     # Train, measuring held-out pair accuracy before and after.

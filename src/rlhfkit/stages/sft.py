@@ -56,7 +56,7 @@ def run(config: SFTConfig, resume: bool = False) -> dict:
     batches_for_epoch = lambda epoch: packed_batches(train_tokens, train.batch_size, seed=train.seed + epoch)  # noqa: E731
     engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
     eval_batches = packed_batches(eval_tokens, train.batch_size, seed=None)[: config.eval.max_batches]
-    evaluate = perplexity_evaluator(engine.model, eval_batches, engine.device, train.loss_chunk_tokens)
+    evaluate = perplexity_evaluator(engine, eval_batches, train.loss_chunk_tokens)
 
     def answer_and_score() -> dict:
         answers = generate_answers(engine.model, tokenizer, prompt_texts, generation, train.seed)
