@@ -133,6 +133,15 @@ class SharedPrefixPack:
     token_index: list[torch.Tensor]
     layout: list[tuple[int, int, list[tuple[int, int]]]] | None
 
+    def last_positions(self) -> torch.Tensor:
+        """(S,) where each sequence's last token sits in the row (e.g. where a reward head reads)."""
+        return torch.stack([index[-1] for index in self.token_index])
+
+    def predictors(self, sequence: int, first: int) -> torch.Tensor:
+        """Row positions whose hidden states predict tokens first, first+1, ... of a sequence
+        (the position before each), for first ≥ 1."""
+        return self.token_index[sequence][first - 1 : -1]
+
 
 def consecutive_runs(keys: Sequence) -> list[list[int]]:
     """Indices grouped into runs of equal consecutive keys: [a, a, b, a] → [[0, 1], [2], [3]]."""

@@ -387,13 +387,18 @@ class Engine:
             counted = index < len(share)
             yield (share[index] if counted else batches[0]).to(self.device), counted
 
+    @torch.no_grad()  # not inference_mode: FSDP gathers weights into buffers it reuses in training
     def held_out_sums(self, batches: Sequence, sums_of: Callable[[object], dict[str, float]]) -> dict[str, float]:
         """Σ over held-out batches of sums_of(batch) (a metric's per-batch sums), the batches split
-        over the launch's processes (held_out_share) and the totals summed over them."""
+        over the launch's processes (held_out_share) and the totals summed over them; the model
+        is in eval mode meanwhile (no dropout), and back in its own mode after."""
         totals: dict[str, float] = {}
+        was_training = self.model.training
+        self.model.eval()
         for batch, counted in self.held_out_share(batches):
             for name, value in sums_of(batch).items():
                 totals[name] = totals.get(name, 0.0) + (value if counted else 0.0)
+        self.model.train(was_training)
         if self.num_processes == 1 or not totals:
             return totals
         names = sorted(totals)

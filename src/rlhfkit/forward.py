@@ -55,13 +55,9 @@ def perplexity_evaluator(engine: Engine, batches: Sequence[LMBatch], chunk_size:
     if not batches:
         return None
 
-    @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        model = engine.model
-        was_training = model.training
-        model.eval()
-        sums = engine.held_out_sums(batches, lambda batch: {"nll": lm_nll_sum(model, batch, chunk_size).item(), "tokens": batch.num_target_tokens})
-        model.train(was_training)
+        sums_of = lambda batch: {"nll": lm_nll_sum(engine.model, batch, chunk_size).item(), "tokens": batch.num_target_tokens}  # noqa: E731
+        sums = engine.held_out_sums(batches, sums_of)
         return _perplexity_from_sums(sums["nll"], int(sums["tokens"]))
 
     return evaluate

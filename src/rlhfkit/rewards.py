@@ -139,9 +139,8 @@ class RewardModelScorer:
             members = [i for g in chunk for i in g]
             local = {row: k for k, row in enumerate(members)}
             pack = pack_shared_prefixes([torch.tensor(rows[i]) for i in members], [[local[i] for i in g] for g in chunk])
-            last_positions = torch.stack([index[-1] for index in pack.token_index])
             values = packed_reward_forward(self.model, pack.input_ids.to(self.device), pack.position_ids.to(self.device),
-                                           last_positions.to(self.device), pack.layout)
+                                           pack.last_positions().to(self.device), pack.layout)
             for row, value in zip(members, values.tolist()):
                 scores[row] = value
             chunk, size = [], 0

@@ -222,7 +222,7 @@ def _packed_sequence_inputs(rollout: Rollout, share_prompts: bool = False) -> tu
     pack = pack_shared_prefixes(sequences, groups)
     predictors = torch.full((rollout.size, response_width), -1, dtype=torch.long, device=pack.input_ids.device)
     for row, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
-        predictors[row, :r] = pack.token_index[row][p - 1 : p - 1 + r]  # the position before each response token
+        predictors[row, :r] = pack.predictors(row, p)  # the position before each response token
     return pack.input_ids, pack.position_ids, predictors, pack.layout
 
 

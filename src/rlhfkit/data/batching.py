@@ -166,8 +166,7 @@ def reward_batches(
         rows = [wrap(p.prompt_ids + p.chosen_ids) for p in chunk] + [wrap(p.prompt_ids + p.rejected_ids) for p in chunk]
         if packed and share_prompts:
             pack = pack_shared_prefixes([torch.tensor(row) for row in rows], _pair_groups(len(chunk)))
-            last = torch.stack([index[-1] for index in pack.token_index])
-            batches.append(RewardBatch(pack.input_ids, None, pack.position_ids, last, _margins(chunk), pack.layout))
+            batches.append(RewardBatch(pack.input_ids, None, pack.position_ids, pack.last_positions(), _margins(chunk), pack.layout))
         elif packed:
             batch = pack_examples([TokenizedExample(row, [False] * len(row)) for row in rows])
             last = torch.tensor([len(row) for row in rows]).cumsum(0) - 1
@@ -218,9 +217,9 @@ def pack_pairs(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int], share_pr
     groups = _pair_groups(len(pairs)) if share_prompts else [[index] for index in range(len(sequences))]
     pack = pack_shared_prefixes(sequences, groups)
     predictors, targets, lengths = [], [], []
-    for prompt, sequence, index in zip(prompts, sequences, pack.token_index):
+    for number, (prompt, sequence) in enumerate(zip(prompts, sequences)):
         first = max(len(prompt), 1)  # a sequence's first token has no position before it
-        predictors.append(index[first - 1 : -1])
+        predictors.append(pack.predictors(number, first))
         targets.append(sequence[first:])
         lengths.append(len(sequence) - first)
     sequence_index = torch.repeat_interleave(torch.arange(len(sequences)), torch.tensor(lengths))

@@ -131,18 +131,14 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
         losses, stats = statistics(model, batch, training_pairs=True)
         return LossOutput(losses.sum(), {name: values.sum().item() for name, values in stats.items()})
 
-    @torch.no_grad()
     def evaluate() -> dict[str, float]:
         """Per-pair means of the loss and statistics over the held-out pairs (split over processes)."""
-        was_training = engine.model.training
-        engine.model.eval()
 
         def sums_of(batch: PairBatch) -> dict[str, float]:
             losses, stats = statistics(engine.model, batch, training_pairs=False)
             return {"pairs": batch.num_pairs, **{name: values.sum().item() for name, values in {"loss": losses, **stats}.items()}}
 
         sums = engine.held_out_sums(eval_batches, sums_of)
-        engine.model.train(was_training)
         pairs = sums.pop("pairs")
         return {name: total / max(pairs, 1) for name, total in sums.items()}
 

@@ -49,16 +49,12 @@ def reward_loss(center_coef: float, use_margins: bool):
     return loss_fn
 
 
-@torch.no_grad()  # not inference_mode: FSDP gathers weights into buffers it reuses in training
 def evaluate_pairs(engine: Engine, batches: list[RewardBatch]) -> dict[str, float]:
     """Pair accuracy (ties count half), mean margin r_c − r_r, and reward mean/std over held-out
     pairs, from sums over the batches (split over the launch's processes)."""
-    model = engine.model
-    was_training = model.training
-    model.eval()
 
     def sums_of(batch: RewardBatch) -> dict[str, float]:
-        chosen, rejected = pair_rewards(model, batch)
+        chosen, rejected = pair_rewards(engine.model, batch)
         return {
             "wins": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum().item(),
             "chosen": chosen.sum().item(), "rejected": rejected.sum().item(),
@@ -66,7 +62,6 @@ def evaluate_pairs(engine: Engine, batches: list[RewardBatch]) -> dict[str, floa
         }
 
     sums = engine.held_out_sums(batches, sums_of)
-    model.train(was_training)
     pairs, total = sums["pairs"], sums["chosen"] + sums["rejected"]
     rewards = 2 * pairs
     variance = (sums["squares"] - total * total / rewards) / (rewards - 1) if rewards > 1 else 0.0  # unbiased, as torch.std
