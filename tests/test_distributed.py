@@ -46,7 +46,16 @@ def launch(processes: int, stage: str, *pairs: str, resume: bool = False, launch
         assert main(arguments) == 0
         return
     done = accelerate_launch(processes, arguments, launch_config, launcher)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure_report(done.stderr)
+
+
+def failure_report(stderr: str) -> str:
+    """What a failed launch said: the first process traceback (the cause; the launcher's own
+    report comes last and names only exit codes), any abort message, and the end."""
+    first = stderr.find("Traceback")
+    aborts = [line for line in stderr.splitlines() if "terminate called" in line or "Fatal Python error" in line]
+    cause = stderr[first : first + 4000] if first >= 0 else ""
+    return "\n".join([cause, *aborts, "... end of stderr:", stderr[-2000:]])
 
 
 def accelerate_launch(processes: int, arguments: list[str], launch_config: str = "cpu.yaml",
@@ -248,3 +257,71 @@ def test_sharded_bf16_compute_keeps_float32_shards_and_tracks_the_float32_curve(
     from safetensors.torch import load_file
 
     assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "final" / "model.safetensors")).values()} == {__import__("torch").float32}
+
+
+@pytest.mark.parametrize("launch_config, lora", [("zero2.yaml", "true"), ("zero3.yaml", "false"), ("zero3.yaml", "true")])
+def test_sft_under_deepspeed_zero_follows_the_one_process_loss_curve(tiny_model, sft_file, tmp_path, launch_config, lora):
+    """configs/accelerate/zero{2,3}.yaml: DeepSpeed partitions the moments and gradients (and with
+    ZeRO-3 the weights, the LM head's gathered for the losses that use it directly); the engine
+    keeps its global batch, schedule and clipping. 3 micro-batches per step on 2 processes: one
+    process pads its share with a zero-weighted pass (ZeRO reduces after every backward)."""
+    extra = ["train.max_steps=4", "train.batch_size=2", "train.grad_accum=3", f"lora.enabled={lora}", "train.lr=1e-3",
+             "train.warmup_ratio=0.5", "train.max_grad_norm=0.5"]
+    launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "one", *extra))
+    launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "zero", *extra), launch_config=launch_config)
+    for name in ["train/loss", "train/grad_norm", "train/lr"]:
+        assert logged(tmp_path / "zero", name) == pytest.approx(logged(tmp_path / "one", name), rel=1e-4), name
+    assert max(logged(tmp_path / "one", "train/grad_norm")) > 0.5  # clipping took part
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "zero")]
+    assert metrics[1]["after"]["perplexity"] == pytest.approx(metrics[0]["after"]["perplexity"], rel=1e-4)
+    assert metrics[1]["after"]["answers"] == metrics[0]["after"]["answers"]
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if lora == "true" else "model.safetensors"
+    saved = [load_file(str(tmp_path / run / "final" / name)) for run in ("one", "zero")]
+    assert saved[0].keys() == saved[1].keys()
+    assert max(float((saved[1][key] - saved[0][key]).abs().max()) for key in saved[0]) < 1e-4
+
+
+def test_checkpoints_move_between_deepspeed_and_plain_runs(tiny_model, sft_file, tmp_path):
+    """A ZeRO-3 checkpoint (whole tensors gathered from the partitions) finishes on one process,
+    and a one-process checkpoint finishes under ZeRO-2, both on the uninterrupted curve."""
+    extra = ["train.max_steps=6", "train.batch_size=2", "train.grad_accum=2", "train.save_every=3", "train.save_limit=3",
+             "lora.enabled=false", "train.lr=1e-3", "generation.num_prompts=0"]
+    launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "straight", *extra))
+    launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "zero3", *extra), launch_config="zero3.yaml")
+    assert logged(tmp_path / "zero3") == pytest.approx(logged(tmp_path / "straight"), rel=1e-4)
+    for first, then, processes, config in [("zero3", "to-one", 1, "cpu.yaml"), ("straight", "to-zero2", 2, "zero2.yaml")]:
+        resumed = tmp_path / then
+        shutil.copytree(tmp_path / first, resumed)
+        for path in ["checkpoints/step-000006", "final"]:
+            shutil.rmtree(resumed / path)
+        (resumed / "run.json").write_text(json.dumps({"stage": "sft", "status": "running"}))
+        launch(processes, "sft", *sft_settings(tiny_model, sft_file, resumed, *extra), resume=True, launch_config=config)
+        assert logged(resumed) == pytest.approx(logged(tmp_path / "straight"), rel=1e-4), then
+
+
+@pytest.mark.parametrize("stage", ["dpo", "reward"])
+def test_preference_stages_under_deepspeed_zero3_follow_the_one_process_loss_curve(tiny_model, sft_rows, tmp_path, stage):
+    """DPO (the reference = the policy with its adapters off, log-probs precomputed with every
+    weight gathered) and the reward model (a new score head) with ZeRO-3 partitioned weights."""
+    rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "No idea, go away."} for r in sft_rows]
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    common = (f"model.name_or_path={tiny_model}", f"data.path={data}", "data.eval_fraction=0.25", "data.max_length=96",
+              "train.batch_size=2", "train.grad_accum=2", "train.max_steps=4", "lora.dropout=0.0", "train.lr=5e-3",
+              *(["generation.num_prompts=0", "dpo.precompute_reference=true"] if stage == "dpo" else []))
+    launch(1, stage, *common, f"train.output_dir={tmp_path / 'one'}")
+    launch(2, stage, *common, f"train.output_dir={tmp_path / 'zero3'}", launch_config="zero3.yaml")
+    one, zero = logged(tmp_path / "one"), logged(tmp_path / "zero3")
+    assert len(one) == 4 and zero == pytest.approx(one, rel=1e-4) and one[-1] < one[0]
+    assert held_out(tmp_path / "zero3") == pytest.approx(held_out(tmp_path / "one"), rel=1e-4)
+
+
+def test_deepspeed_launches_of_what_the_engine_does_not_drive_are_refused(tiny_model, sft_file, tmp_path):
+    done = accelerate_launch(2, ["grpo", *settings(f"model.name_or_path={tiny_model}", f"data.path={sft_file}", "reward.function=math:fsum",
+                                                   f"train.output_dir={tmp_path / 'rl'}")], "zero2.yaml")
+    assert done.returncode != 0 and "grpo does not run under DeepSpeed" in done.stderr
+    done = accelerate_launch(2, ["sft", *settings(*sft_settings(tiny_model, sft_file, tmp_path / "sft"))], "zero3.yaml",
+                             ("--offload_optimizer_device", "cpu"))
+    assert done.returncode != 0 and "offload_optimizer_device: cpu is not supported" in done.stderr
+    assert "Loading weights" not in done.stderr

@@ -210,7 +210,7 @@ def test_a_run_that_died_before_its_first_checkpoint_can_start_again(tiny_model,
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "complete"
 
 
-@pytest.mark.parametrize("launch_type", ["DEEPSPEED", "MEGATRON_LM"])
+@pytest.mark.parametrize("launch_type", ["MEGATRON_LM"])
 def test_unsupported_sharding_launches_are_refused_by_name(monkeypatch, launch_type):
     import accelerate
     from accelerate.utils import DistributedType
@@ -224,6 +224,36 @@ def test_unsupported_sharding_launches_are_refused_by_name(monkeypatch, launch_t
     monkeypatch.setattr(accelerate, "PartialState", ShardingLaunch)
     with pytest.raises(UserError, match=f"this launch uses {launch_type}.*configs/accelerate/fsdp.yaml"):
         process_state("auto")
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0", "zero_stage 0 is not supported"),
+    ("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds.json", r"deepspeed_config_file \(ds.json\) is not read by rlhfkit"),
+    ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "nvme", "offload_param_device: nvme is not supported"),
+    ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4", r"gradient_accumulation_steps 4: set train.grad_accum.*\(now 2\)"),
+    ("ACCELERATE_GRADIENT_CLIPPING", "0.3", r"gradient_clipping 0.3 differs from train.max_grad_norm \(1.0\)"),
+    ("ACCELERATE_MIXED_PRECISION", "fp16", "fp16 mixed precision"),
+])
+def test_deepspeed_launch_settings_rlhfkit_does_not_honour_are_refused_by_name(monkeypatch, variable, value, message):
+    from rlhfkit.deepspeed_zero import zero_stage
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert zero_stage(grad_accum=2, max_grad_norm=1.0) == 3
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", "1.0")  # the same as train.max_grad_norm: fine
+    assert zero_stage(grad_accum=2, max_grad_norm=1.0) == 3
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(UserError, match=message):
+        zero_stage(grad_accum=2, max_grad_norm=1.0)
+
+
+def test_skipping_nonfinite_updates_is_refused_under_deepspeed_before_a_model_loads(monkeypatch, tmp_path):
+    from rlhfkit.config import TrainSettings
+    from rlhfkit.engine import Engine, RunDir
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(UserError, match="train.on_nonfinite: skip does not run under DeepSpeed"):
+        Engine(TrainSettings(on_nonfinite="skip", trackers=[]), "cpu", RunDir(tmp_path), "sft")
 
 
 def test_an_fsdp1_launch_is_refused_with_the_fix(monkeypatch):

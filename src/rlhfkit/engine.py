@@ -5,8 +5,8 @@ schedule, gradient accumulation with the loss normalised over the whole optimize
 seeding, atomic checkpoints with optimizer/scheduler/RNG state, resume, progress and logging.
 A stage hands it batches and a loss function and reads top to bottom.
 
-Under `accelerate launch` (data parallel, DDP; or sharded, FSDP2 — configs/accelerate/fsdp.yaml)
-every process builds the same list of micro-batches; each optimizer step's micro-batches are
+Under `accelerate launch` (data parallel, DDP; sharded, FSDP2 — configs/accelerate/fsdp.yaml; or
+DeepSpeed ZeRO — configs/accelerate/zero2.yaml, zero3.yaml, see deepspeed_zero.py) every process builds the same list of micro-batches; each optimizer step's micro-batches are
 dealt out across processes and the loss is normalised by the units of the whole step, so global
 batch size, accumulation and learning rate mean the same at any process count. Only the main
 process writes files; checkpoints hold whole tensors, so a run saved under N processes (sharded
@@ -32,7 +32,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from rlhfkit import __version__
+from rlhfkit import deepspeed_zero
 from rlhfkit.config import LoraSettings, ModelSettings, StageConfig, TrainSettings, dump_config
+from rlhfkit.deepspeed_zero import accelerate_without_deepspeed, deepspeed_launch
 from rlhfkit.errors import UserError
 from rlhfkit.evaluate import describe, write_answers_before_after
 from rlhfkit.files import clean_stale_temporaries, remove_dir_atomically, write_dir_atomically, write_json_atomically, write_text_atomically
@@ -44,6 +46,7 @@ from rlhfkit.models import (
     full_tensor,
     load_causal_lm,
     load_reward_model,
+    output_weight,
     pick_dtype,
     portable_reference,
     save_model,
@@ -99,19 +102,22 @@ def fsdp_launch() -> bool:
 def process_state(device: str):
     """This process's place in the launch (accelerate's PartialState; a single process when not launched).
 
-    Data parallelism (DDP) and FSDP2 sharding (configs/accelerate/) are what the engine is built
-    and tested for; DeepSpeed and Megatron launches are refused rather than half-working.
+    Data parallelism (DDP), FSDP2 sharding and DeepSpeed ZeRO (configs/accelerate/) are what the
+    engine is built and tested for; Megatron launches are refused rather than half-working. Under
+    DeepSpeed, accelerate's state is a plain data-parallel one: the engine drives DeepSpeed itself.
     """
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
     if fsdp_launch() and os.environ.get("FSDP_VERSION", "1") != "2":
         raise UserError("rlhfkit shards models with FSDP2: set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
-    state = PartialState(cpu=runs_on_cpu(device))
-    if state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+    with accelerate_without_deepspeed():
+        state = PartialState(cpu=runs_on_cpu(device))
+    if state.distributed_type == DistributedType.MEGATRON_LM:
         raise UserError(
             f"this launch uses {state.distributed_type.value}, which rlhfkit does not support yet; launch data-parallel "
-            "(configs/accelerate/ddp.yaml) or sharded (configs/accelerate/fsdp.yaml) instead"
+            "(configs/accelerate/ddp.yaml), sharded (configs/accelerate/fsdp.yaml) or with DeepSpeed ZeRO "
+            "(configs/accelerate/zero2.yaml, zero3.yaml) instead"
         )
     return state
 
@@ -261,12 +267,14 @@ class RunDir:
 
 
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and norm weights (1-D parameters)."""
+    """No weight decay on biases and norm weights (1-D parameters). An empty group (e.g. LoRA's,
+    all matrices) is left out: DeepSpeed drops empty groups, and a checkpoint's groups must match."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
@@ -339,12 +347,18 @@ class Engine:
         self.stage = stage
         trackers = [t for t in train.trackers if t == "tensorboard" or _installed(t)]
         self.sharded = fsdp_launch()  # FSDP2: each process holds a shard of every weight and optimizer state
+        # DeepSpeed ZeRO stage (checked before any model loads), or None
+        self.zero_stage = deepspeed_zero.zero_stage(train.grad_accum, train.max_grad_norm) if deepspeed_launch() else None
+        if self.zero_stage and train.on_nonfinite == "skip":
+            raise UserError("train.on_nonfinite: skip does not run under DeepSpeed (its partitioned gradients cannot be "
+                            "dropped mid-step); use error, which stops at the step and keeps the last good checkpoint")
         self._gathered_depth = 0  # nesting of full_weights()
-        self.accelerator = Accelerator(
-            cpu=runs_on_cpu(device), log_with=trackers or None,
-            project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.root / "logs")),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=some_parameters_idle)],
-        )
+        with accelerate_without_deepspeed():
+            self.accelerator = Accelerator(
+                cpu=runs_on_cpu(device), log_with=trackers or None,
+                project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.root / "logs")),
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=some_parameters_idle)],
+            )
         if trackers:
             # TensorBoard writes to RUN/logs/PROJECT; W&B and MLflow file the run under the project,
             # named after its directory (e.g. "quickstart/ppo"), with the resolved config attached.
@@ -440,6 +454,7 @@ class Engine:
             compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
             shard_model(wrapper, model, self.device, os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true",
                         compute_dtype)
+        self.decay_groups = [group["params"] for group in _decay_groups(model, self.train.weight_decay)]
         optimizer = torch.optim.AdamW(
             _decay_groups(model, self.train.weight_decay), lr=self.train.lr, betas=self.train.adam_betas
         )
@@ -456,6 +471,14 @@ class Engine:
             with torch.no_grad():
                 wrapper(lambda _model, _batch: LossOutput(torch.zeros((), device=self.device), {}), None)
             wrapper.reshard()
+        elif self.zero_stage:
+            # DeepSpeed partitions the moments (and with ZeRO-3 the weights); `optimizer` stays the
+            # AdamW it steps with, whose learning rate the scheduler sets.
+            bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16" or next(model.parameters()).dtype == torch.bfloat16
+            config = deepspeed_zero.deepspeed_config(self.zero_stage, self.num_processes, self.train.max_grad_norm, bf16)
+            self.wrapped, self.optimizer = deepspeed_zero.initialize(wrapper, optimizer, config), optimizer
+            if self.zero_stage == 3:  # the losses use the LM head's weight outside the head's own forward
+                deepspeed_zero.used_by_whole_forward(wrapper, output_weight(model))
         else:
             self.wrapped, self.optimizer = self.accelerator.prepare(wrapper, optimizer)
         self.scheduler = scheduler
@@ -468,27 +491,33 @@ class Engine:
         """Passes outside training (evaluation, generation, reference log-probs) under FSDP: the
         root's own weights (embeddings, final norm, head) are gathered for the duration; each
         block gathers its own as it runs. Nothing to do otherwise. Nests: only the outermost
-        gathers and reshards (an evaluation samples rollouts, which gather too)."""
-        outermost = self.sharded and self._gathered_depth == 0
-        if outermost:
+        gathers and reshards (an evaluation samples rollouts, which gather too). Under ZeRO-3
+        every weight is gathered for the duration (DeepSpeed's unwrap_model_for_generation)."""
+        outermost = (self.sharded or self.zero_stage == 3) and self._gathered_depth == 0
+        gathered = deepspeed_zero.whole_model(self.wrapped) if outermost and self.zero_stage == 3 else nullcontext()
+        if outermost and self.sharded:
             self.wrapped.unshard()
         self._gathered_depth += 1
         try:
-            yield
+            with gathered:
+                yield
         finally:
             self._gathered_depth -= 1
-            if outermost:
+            if outermost and self.sharded:
                 self.wrapped.reshard()
 
     def full_state_dict(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """The model's whole tensors on the CPU (gathered from every process's shards under FSDP).
+        """The model's whole tensors on the CPU (gathered from every process's shards under FSDP
+        or ZeRO-3).
 
         Every process must call it (gathering is collective); the same on each afterwards.
         """
         model = model if model is not None else self.model
         # A tied weight (e.g. head = embeddings) is one parameter: saved once, under its first name.
         names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-        return {name: full_tensor(value).detach().cpu().contiguous() for name, value in model.state_dict().items() if name in names}
+        with deepspeed_zero.gathered(list(model.parameters())):  # a copy: the gathered weights are freed after
+            return {name: full_tensor(value).detach().cpu().clone().contiguous() for name, value in model.state_dict().items()
+                    if name in names}
 
     def build_model(
         self, source: ModelSource, settings: ModelSettings, lora: LoraSettings, reward_model: bool = False
@@ -513,7 +542,9 @@ class Engine:
         """The trained adapter or full model (default: the prepared one), with its tokenizer, in RUN/final."""
         target = self.run.root / name
         model = model if model is not None else self.model
-        state = self.full_state_dict(model) if self.sharded else None
+        state = self.full_state_dict(model) if self.sharded or self.zero_stage else None
+        if self.zero_stage and model is self.model:  # DeepSpeed's float32 master copies of what was trained
+            state.update(deepspeed_zero.whole_weights(self.trainable_parameters()))
         self.on_main(lambda: save_model(model, tokenizer, target, portable_reference(base_reference), info, state_dict=state))
         return target
 
@@ -543,7 +574,7 @@ class Engine:
     def save_checkpoint(self) -> Path:
         """The full state, as one process would hold it (shards gathered), written by the main process."""
         target = self.run.checkpoints / f"step-{self.progress.step:06d}"
-        if self.sharded:  # gathering the shards is collective: every process takes part
+        if self.sharded or self.zero_stage:  # gathering the shards is collective: every process takes part
             state = self._whole_training_state()
             self.on_main(lambda: self._write_checkpoint(target, *state))
         else:
@@ -552,6 +583,9 @@ class Engine:
 
     def _whole_training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(trainable weights, optimizer state) on the CPU, sharded tensors gathered whole."""
+        if self.zero_stage:
+            return (deepspeed_zero.whole_weights(self.trainable_parameters()),
+                    deepspeed_zero.whole_optimizer_state(self.wrapped, self.decay_groups))
         trainable = {name: full_tensor(p).detach().contiguous().cpu() for name, p in self.trainable_parameters().items()}
         optimizer_state = self.optimizer.state_dict()
         if self.sharded:
@@ -598,16 +632,20 @@ class Engine:
         parameters = self.trainable_parameters()
         if set(saved) != set(parameters):
             raise UserError(f"{checkpoint} does not match this model's trainable parameters (different model or LoRA?)")
-        with torch.no_grad():
-            for name, parameter in parameters.items():
-                parameter.copy_(like_parameter(saved[name], parameter))
         optimizer_state = read_torch_state(checkpoint / "optimizer.pt")
-        if self.sharded:  # each process keeps its shard of the saved whole moments
-            by_index = [p for group in self.optimizer.param_groups for p in group["params"]]
-            optimizer_state["state"] = {index: {key: like_parameter(value, by_index[index]) if value.dim() else value
-                                                for key, value in entry.items()}
-                                        for index, entry in optimizer_state["state"].items()}
-        self.optimizer.load_state_dict(optimizer_state)
+        if self.zero_stage:  # DeepSpeed keeps its partitions of the saved whole tensors
+            deepspeed_zero.set_whole_weights(parameters, saved)
+            deepspeed_zero.set_whole_optimizer_state(self.wrapped, self.decay_groups, optimizer_state)
+        else:
+            with torch.no_grad():
+                for name, parameter in parameters.items():
+                    parameter.copy_(like_parameter(saved[name], parameter))
+            if self.sharded:  # each process keeps its shard of the saved whole moments
+                by_index = [p for group in self.optimizer.param_groups for p in group["params"]]
+                optimizer_state["state"] = {index: {key: like_parameter(value, by_index[index]) if value.dim() else value
+                                                    for key, value in entry.items()}
+                                            for index, entry in optimizer_state["state"].items()}
+            self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(read_torch_state(checkpoint / "scheduler.pt"))
         _set_rng_state(state["rng"])
         self.progress = Progress(**state["progress"])
@@ -702,7 +740,10 @@ class Engine:
         (process r takes micro-batches r, r+N, ...) unless `sharded` says each process already
         holds its own part; units and metrics are summed over processes, and each process's loss
         is multiplied by N because DDP averages the gradients it all-reduces. A process left with
-        no micro-batch still joins the all-reduce, with a zero-weighted pass.
+        no micro-batch still joins the all-reduce, with a zero-weighted pass. Under DeepSpeed
+        ZeRO-2/3 gradients are reduced after every backward pass (and ZeRO-3 gathers weights in
+        every forward), so there every process makes the same number of passes, padding its share
+        with zero-weighted ones.
         """
         world = self.num_processes
         if sharded:
@@ -711,23 +752,28 @@ class Engine:
         else:
             share = list(group[self.accelerator.process_index :: world])
             units = sum(batch.loss_units for batch in group)
-        idle = not share
-        share = share or list(group[:1])
-        weight = 0 if idle else world
+        passes = [(batch, world) for batch in share]
+        equal_passes = math.ceil(len(group) / world) if self.zero_stage and not sharded else 1
+        passes += [(group[0], 0)] * (equal_passes - len(passes))
         if units == 0:
             raise TrainingError(f"step {self.progress.step + 1}: the batch has no target tokens")
         self.wrapped.train(self.train_mode)
         loss_total, extra = 0.0, {}
-        for index, batch in enumerate(share):
-            syncing = index == len(share) - 1
+        for index, (batch, weight) in enumerate(passes):
+            syncing, counted = index == len(passes) - 1, weight != 0
             if self.sharded:  # FSDP reduce-scatters gradients after the last micro-batch only
                 self.wrapped.set_requires_gradient_sync(syncing)
-            with nullcontext() if syncing or self.sharded else self.accelerator.no_sync(self.wrapped):
+            if self.zero_stage:  # the optimizer step's last micro-batch; no scaling by DeepSpeed's own count
+                self.wrapped.set_gradient_accumulation_boundary(syncing)
                 _, output = self.wrapped(loss_fn, batch.to(self.device))
-                self.accelerator.backward(output.loss_sum / units * weight)
-            loss_total += output.loss_sum.item() * (not idle)
+                self.wrapped.backward(output.loss_sum / units * weight, scale_wrt_gas=False)
+            else:
+                with nullcontext() if syncing or self.sharded else self.accelerator.no_sync(self.wrapped):
+                    _, output = self.wrapped(loss_fn, batch.to(self.device))
+                    self.accelerator.backward(output.loss_sum / units * weight)
+            loss_total += output.loss_sum.item() * counted
             for key, value in output.metrics.items():
-                extra[key] = extra.get(key, 0.0) + value * (not idle)
+                extra[key] = extra.get(key, 0.0) + value * counted
         if world > 1:
             totals = self.sum_across_processes(torch.tensor([loss_total, *extra.values()], dtype=torch.float64)).tolist()
             loss_total, extra = totals[0], dict(zip(extra, totals[1:]))
@@ -735,17 +781,24 @@ class Engine:
         lr = self.scheduler.get_last_lr()[0]
         if not math.isfinite(loss):
             return self.skip_nonfinite_update(f"loss is {loss}", {"loss": loss, "lr": lr, "grad_norm": math.nan, "units": units})
-        max_norm = self.train.max_grad_norm if self.train.max_grad_norm is not None else float("inf")
-        parameters = list(self.trainable_parameters().values())
-        if self.sharded:  # the norm over every shard (a DTensor)
-            grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(parameters, max_norm)))
+        if self.zero_stage:
+            # DeepSpeed clips to train.max_grad_norm (its config) and steps AdamW; a non-finite
+            # norm stops the run below (on_nonfinite: skip is refused under DeepSpeed).
+            self.wrapped.step()
+            grad_norm = float(self.wrapped.get_global_grad_norm())
         else:
-            grad_norm = float(self.accelerator.clip_grad_norm_(parameters, max_norm))
+            max_norm = self.train.max_grad_norm if self.train.max_grad_norm is not None else float("inf")
+            parameters = list(self.trainable_parameters().values())
+            if self.sharded:  # the norm over every shard (a DTensor)
+                grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(parameters, max_norm)))
+            else:
+                grad_norm = float(self.accelerator.clip_grad_norm_(parameters, max_norm))
         if not math.isfinite(grad_norm):
             return self.skip_nonfinite_update(f"gradient norm is {grad_norm}", {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units})
-        self.optimizer.step()
+        if not self.zero_stage:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units, **{k: v / units for k, v in extra.items()}}
 
     def skip_nonfinite_update(self, what: str, step_metrics: dict[str, float]) -> dict[str, float]:

@@ -270,6 +270,13 @@ def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Te
     return inner.get_decoder(), head.weight
 
 
+def output_weight(model: torch.nn.Module) -> torch.nn.Parameter | None:
+    """The LM head's weight of a causal LM (LoRA-wrapped or not); None for other models."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return head.weight if head is not None else None
+
+
 def backbone_and_score_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The backbone and the score head of a sequence-classification model (LoRA-wrapped or not),
     e.g. to read a value at every position rather than at the last token only."""
@@ -307,9 +314,10 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
 
 
 def weights_are_sharded(model: torch.nn.Module) -> bool:
+    """Split over processes (FSDP2's DTensors, or DeepSpeed ZeRO-3's partitions): every forward is a collective."""
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
 
 
 def save_model(

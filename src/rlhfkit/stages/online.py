@@ -30,6 +30,7 @@ from rlhfkit.config import LoraSettings, RLConfig
 from rlhfkit.data.batching import _order
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.data.kinds import PromptExample, load_examples, prompt_examples
+from rlhfkit.deepspeed_zero import deepspeed_launch
 from rlhfkit.engine import Engine, RunDir, fsdp_launch, process_state
 from rlhfkit.errors import UserError
 from rlhfkit.models import resolve, resolve_with_tokenizer
@@ -236,12 +237,15 @@ def check_process_count(config: RLConfig, stage: str, processes: int, minibatch_
 
 
 def check_sharded_launch(config: RLConfig, stage: str) -> None:
-    """Under FSDP: GRPO and PPO with LoRA on the HF rollout engine.
+    """Under FSDP: GRPO and PPO with LoRA on the HF rollout engine; none under DeepSpeed.
 
     Rollouts, reference and old log-probs and critic values are passes outside the sharded
     training forward: they run with the root's weights gathered (Engine.full_weights), each block
     gathering its own; the updates run inside the sharded forward like every other stage's.
     """
+    if deepspeed_launch():
+        raise UserError(f"{stage} does not run under DeepSpeed yet (the engine drives DeepSpeed for pretrain, sft, reward "
+                        "and dpo); launch it data-parallel (configs/accelerate/ddp.yaml) or sharded (configs/accelerate/fsdp.yaml)")
     if not fsdp_launch():
         return
     data_parallel = "launch it data-parallel (configs/accelerate/ddp.yaml) instead"
