@@ -325,3 +325,24 @@ def test_deepspeed_launches_of_what_the_engine_does_not_drive_are_refused(tiny_m
                              ("--offload_optimizer_device", "cpu"))
     assert done.returncode != 0 and "offload_optimizer_device: cpu is not supported" in done.stderr
     assert "Loading weights" not in done.stderr
+
+
+@pytest.mark.parametrize("launch_config", ["zero2.yaml", "zero3.yaml"])
+def test_deepspeed_bf16_keeps_float32_master_weights_and_tracks_the_float32_curve(tiny_model, sft_file, tmp_path, launch_config):
+    """`--mixed_precision bf16` under ZeRO: DeepSpeed computes in bf16 and steps float32 master
+    weights, which checkpoints and final/ hold."""
+    extra = ["train.max_steps=4", "train.batch_size=2", "train.grad_accum=2", "lora.enabled=false", "train.lr=1e-3",
+             "generation.num_prompts=0", "train.save_every=4"]
+    launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "fp32", *extra))
+    launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "bf16", *extra), launch_config=launch_config,
+           launcher=("--mixed_precision", "bf16"))
+    fp32, bf16 = logged(tmp_path / "fp32"), logged(tmp_path / "bf16")
+    assert bf16 == pytest.approx(fp32, rel=2e-2) and bf16 != pytest.approx(fp32, rel=1e-6)  # near, yet computed in bf16
+    import torch
+    from safetensors.torch import load_file
+
+    final = load_file(str(tmp_path / "bf16" / "final" / "model.safetensors"))
+    checkpoint = load_file(str(tmp_path / "bf16" / "checkpoints" / "step-000004" / "trainable.safetensors"))
+    assert {t.dtype for t in final.values()} == {t.dtype for t in checkpoint.values()} == {torch.float32}
+    # master weights, not bf16 ones widened: some values are not representable in bf16
+    assert any(not torch.equal(t, t.bfloat16().float()) for t in checkpoint.values())

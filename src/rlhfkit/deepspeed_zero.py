@@ -171,13 +171,16 @@ def set_whole_weights(parameters: dict[str, torch.nn.Parameter], values: dict[st
 def _adam_state(engine) -> torch.optim.Optimizer:
     """The AdamW DeepSpeed steps (its parameters: this process's flat partitions), with its
     state created if it has not stepped yet (AdamW creates it lazily), and ZeRO-1/2's per-weight
-    views of it linked, which DeepSpeed does only after a first step."""
+    views of it linked (DeepSpeed links them itself only after a step)."""
     zero, adam = engine.optimizer, engine.optimizer.optimizer
     for group in adam.param_groups:
         for flat in group["params"]:
             if not adam.state[flat]:
                 adam.state[flat] = {"step": torch.tensor(0.0), **{key: torch.zeros_like(flat) for key in ADAM_MOMENTS}}
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        # Linked anew every time: DeepSpeed 0.19 links after stepping the first of several
+        # parameter groups (bf16), leaving the later groups' views empty for good.
+        zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
     return adam
 
