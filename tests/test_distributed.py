@@ -154,16 +154,17 @@ def test_reward_model_on_two_processes_follows_the_one_process_loss_curve(tiny_m
 
 
 @pytest.mark.parametrize("stage, extra, launch_configs", [
-    ("grpo", ["grpo.beta=0.04"], ["cpu.yaml", "fsdp.yaml"]),
-    ("ppo", ["ppo.epochs=2", "ppo.critic=head"], ["cpu.yaml", "fsdp.yaml"]),
+    ("grpo", ["grpo.beta=0.04"], ["cpu.yaml", "fsdp.yaml", "zero3.yaml"]),
+    ("ppo", ["ppo.epochs=2", "ppo.critic=head"], ["cpu.yaml", "fsdp.yaml", "zero2.yaml"]),
     # a value model as critic (sharded with the policy); adaptive KL coefficient
-    ("ppo", ["ppo.epochs=1", "ppo.target_kl=0.5"], ["cpu.yaml", "fsdp.yaml"]),
+    ("ppo", ["ppo.epochs=1", "ppo.target_kl=0.5"], ["cpu.yaml", "fsdp.yaml", "zero3.yaml"]),
     ("trpo", ["trpo.fisher_samples=16"], ["cpu.yaml"]),
     ("trpo", ["trpo.baseline=value", "trpo.fisher_samples=16"], ["cpu.yaml"]),  # every row: both runs see one Fisher
 ])
 def test_online_rl_on_two_processes_samples_and_learns_what_one_process_does(tiny_model, tmp_path, stage, extra, launch_configs):
     """cpu.yaml: data-parallel; fsdp.yaml: sharded, with the rollouts, the reference (adapters off)
-    and critic passes gathering the weights outside the sharded training forward."""
+    and critic passes gathering the weights outside the sharded training forward; zero2/zero3.yaml:
+    DeepSpeed, ZeRO-3 gathering every weight for those passes."""
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS * 2])
     (tmp_path / "lengthy.py").write_text(
         "def letters(prompts, completions, **columns):\n    return [float(sum(c.isalpha() for c in text)) / 10 for text in completions]\n"
@@ -318,9 +319,9 @@ def test_preference_stages_under_deepspeed_zero3_follow_the_one_process_loss_cur
 
 
 def test_deepspeed_launches_of_what_the_engine_does_not_drive_are_refused(tiny_model, sft_file, tmp_path):
-    done = accelerate_launch(2, ["grpo", *settings(f"model.name_or_path={tiny_model}", f"data.path={sft_file}", "reward.function=math:fsum",
+    done = accelerate_launch(2, ["trpo", *settings(f"model.name_or_path={tiny_model}", f"data.path={sft_file}", "reward.function=math:fsum",
                                                    f"train.output_dir={tmp_path / 'rl'}")], "zero2.yaml")
-    assert done.returncode != 0 and "grpo does not run under DeepSpeed" in done.stderr
+    assert done.returncode != 0 and "trpo does not run under DeepSpeed" in done.stderr
     done = accelerate_launch(2, ["sft", *settings(*sft_settings(tiny_model, sft_file, tmp_path / "sft"))], "zero3.yaml",
                              ("--offload_optimizer_device", "cpu"))
     assert done.returncode != 0 and "offload_optimizer_device: cpu is not supported" in done.stderr

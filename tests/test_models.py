@@ -153,3 +153,18 @@ def test_resolve_errors(tmp_path):
 def test_merge_refuses_a_full_model(tiny_model, tmp_path):
     with pytest.raises(UserError, match="no LoRA adapter"):
         merge_to_directory(str(tiny_model), tmp_path / "out")
+
+
+def test_output_weights_finds_each_lm_head_once_inside_wrappers(tiny_model):
+    """ZeRO-3 registers these as used outside their module's forward: the policy's head (tied to
+    the embeddings, LoRA-wrapped) beside an RL critic, and nothing for a model without an LM head."""
+    from rlhfkit.models import load_reward_model, output_weights
+    from rlhfkit.stages.online import PolicyAndCritic
+
+    source = resolve(str(tiny_model))
+    settings = ModelSettings(name_or_path=str(tiny_model))
+    policy = attach_lora(load_causal_lm(source, settings, torch.float32), LoraSettings(), "CAUSAL_LM")
+    critic = load_reward_model(source, settings, torch.float32)
+    head = policy.get_base_model().lm_head.weight
+    assert [id(w) for w in output_weights(PolicyAndCritic(policy, critic))] == [id(head)]
+    assert output_weights(critic) == []

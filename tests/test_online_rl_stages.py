@@ -197,18 +197,20 @@ def test_trpo_line_search_measures_the_kl_on_the_whole_batch(target_liking_model
         assert any(batch > 2 * fisher for batch, fisher in zip(realised, checked)), (realised, checked)
 
 
+@pytest.mark.parametrize("launch, how", [("ACCELERATE_USE_FSDP", r"sharded \(FSDP\)"), ("ACCELERATE_USE_DEEPSPEED", "under DeepSpeed")])
 @pytest.mark.parametrize("stage, module, extra, refusal", [
-    ("trpo", trpo, [], r"trpo does not run sharded \(FSDP\)"),
-    ("grpo", grpo, ["lora.enabled=false"], r"grpo sharded \(FSDP\) needs LoRA"),
-    ("ppo", ppo, ["rollout.engine=vllm"], r"rollout.engine: vllm does not run with a sharded \(FSDP\) policy"),
+    ("trpo", trpo, [], "trpo does not run {how}"),
+    ("grpo", grpo, ["lora.enabled=false"], "grpo {how} needs LoRA"),
+    ("ppo", ppo, ["rollout.engine=vllm"], "rollout.engine: vllm does not run with a policy {how}"),
 ])
 def test_rl_stages_refuse_what_cannot_run_sharded_before_loading(
-    tiny_model, prompt_file, reward_file, tmp_path, monkeypatch, stage, module, extra, refusal
+    tiny_model, prompt_file, reward_file, tmp_path, monkeypatch, stage, module, extra, refusal, launch, how
 ):
     from rlhfkit.errors import UserError
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv(launch, "true")
     monkeypatch.setenv("WORLD_SIZE", "2")
+    refusal = refusal.format(how=how)
     config = rl_config(stage, tiny_model, prompt_file, reward_file, tmp_path / "run", "train.max_steps=1", *extra)
     with pytest.raises(UserError, match=refusal):
         module.run(config)

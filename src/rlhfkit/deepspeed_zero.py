@@ -120,12 +120,10 @@ def weights_partitioned(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
-def used_by_whole_forward(wrapper: torch.nn.Module, weight: torch.nn.Parameter | None) -> None:
+def used_by_whole_forward(wrapper: torch.nn.Module, weight: torch.nn.Parameter) -> None:
     """ZeRO-3: a weight used outside its own module's forward (the LM head's, which the losses
     multiply hidden states by in chunks) is gathered for the whole training forward instead of
     only while its module runs; DeepSpeed's own way to say so (register_external_parameter)."""
-    if weight is None:
-        return
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
     register_external_parameter(wrapper, weight)

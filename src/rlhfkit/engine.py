@@ -46,7 +46,7 @@ from rlhfkit.models import (
     full_tensor,
     load_causal_lm,
     load_reward_model,
-    output_weight,
+    output_weights,
     pick_dtype,
     portable_reference,
     save_model,
@@ -478,7 +478,8 @@ class Engine:
             config = deepspeed_zero.deepspeed_config(self.zero_stage, self.num_processes, self.train.max_grad_norm, bf16)
             self.wrapped, self.optimizer = deepspeed_zero.initialize(wrapper, optimizer, config), optimizer
             if self.zero_stage == 3:  # the losses use the LM head's weight outside the head's own forward
-                deepspeed_zero.used_by_whole_forward(wrapper, output_weight(model))
+                for weight in output_weights(model):
+                    deepspeed_zero.used_by_whole_forward(wrapper, weight)
         else:
             self.wrapped, self.optimizer = self.accelerator.prepare(wrapper, optimizer)
         self.scheduler = scheduler

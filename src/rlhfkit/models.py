@@ -270,11 +270,17 @@ def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Te
     return inner.get_decoder(), head.weight
 
 
-def output_weight(model: torch.nn.Module) -> torch.nn.Parameter | None:
-    """The LM head's weight of a causal LM (LoRA-wrapped or not); None for other models."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    return head.weight if head is not None else None
+def output_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The LM-head weights of the causal LMs inside `model` (itself, or e.g. an RL stage's policy
+    beside its critic), each once; empty for other models."""
+    from transformers import PreTrainedModel
+
+    weights: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        head = module.get_output_embeddings() if isinstance(module, PreTrainedModel) else None
+        if head is not None:
+            weights.setdefault(id(head.weight), head.weight)
+    return list(weights.values())
 
 
 def backbone_and_score_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:

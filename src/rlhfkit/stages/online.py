@@ -237,26 +237,27 @@ def check_process_count(config: RLConfig, stage: str, processes: int, minibatch_
 
 
 def check_sharded_launch(config: RLConfig, stage: str) -> None:
-    """Under FSDP: GRPO and PPO with LoRA on the HF rollout engine; none under DeepSpeed.
+    """Under FSDP or DeepSpeed: GRPO and PPO with LoRA on the HF rollout engine.
 
     Rollouts, reference and old log-probs and critic values are passes outside the sharded
     training forward: they run with the root's weights gathered (Engine.full_weights), each block
     gathering its own; the updates run inside the sharded forward like every other stage's.
     """
-    if deepspeed_launch():
-        raise UserError(f"{stage} does not run under DeepSpeed yet (the engine drives DeepSpeed for pretrain, sft, reward "
-                        "and dpo); launch it data-parallel (configs/accelerate/ddp.yaml) or sharded (configs/accelerate/fsdp.yaml)")
-    if not fsdp_launch():
+    if fsdp_launch():
+        how = "sharded (FSDP)"
+    elif deepspeed_launch():
+        how = "under DeepSpeed"
+    else:
         return
     data_parallel = "launch it data-parallel (configs/accelerate/ddp.yaml) instead"
     if stage == "trpo":
-        raise UserError(f"trpo does not run sharded (FSDP): its natural-gradient step differentiates the weights outside "
-                        f"the sharded forward (double backward over sharded tensors); {data_parallel}")
+        raise UserError(f"trpo does not run {how}: its natural-gradient step differentiates and sets the weights outside "
+                        f"the training forward (double backward over sharded tensors); {data_parallel}")
     if not config.lora.enabled:
-        raise UserError(f"{stage} sharded (FSDP) needs LoRA (lora.enabled: true): the reference is the policy with its "
+        raise UserError(f"{stage} {how} needs LoRA (lora.enabled: true): the reference is the policy with its "
                         f"adapters off, where full fine-tuning would keep a whole frozen copy on every process; {data_parallel}")
     if config.rollout.engine == "vllm":
-        raise UserError(f"rollout.engine: vllm does not run with a sharded (FSDP) policy yet; use rollout.engine: hf or {data_parallel}")
+        raise UserError(f"rollout.engine: vllm does not run with a policy {how} yet; use rollout.engine: hf or {data_parallel}")
 
 
 def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context], Algorithm], resume: bool = False) -> dict:
