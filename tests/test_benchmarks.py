@@ -97,13 +97,16 @@ def test_processes_benchmark_runs_one_and_two_processes(tiny_model, tmp_path):
     output = tmp_path / "processes"
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.processes", "--suite", "smoke", "--model", str(tiny_model), "--output", str(output),
-         "--workdir", str(tmp_path / "work")],
+         "--workdir", str(tmp_path / "work"), "--launch-configs", "cpu.yaml", "zero2.yaml"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads(output.with_suffix(".json").read_text())["results"]
     for workload in ("sft", "grpo"):
-        alone, split = results[workload]
-        assert (alone["processes"], split["processes"]) == (1, 2)
-        assert split["losses"] == pytest.approx(alone["losses"], rel=1e-3, abs=1e-6)  # one global batch: one loss curve
-    assert "| grpo | 2 |" in output.with_suffix(".md").read_text()
+        alone, *split = results[workload]
+        assert [run["processes"] for run in results[workload]] == [1, 2, 2]
+        assert [run["launch"] for run in split] == ["cpu.yaml", "zero2.yaml"]
+        for run in split:  # one global batch: one loss curve
+            assert run["losses"] == pytest.approx(alone["losses"], rel=1e-3, abs=1e-6)
+        assert all(0 < run["peak_rss_gb"] < 24 for run in results[workload])
+    assert "| grpo | 2 | zero2.yaml |" in output.with_suffix(".md").read_text()

@@ -88,6 +88,29 @@ def sft_settings(model, data, output_dir, *extra):
             "train.lr=5e-3", "lora.dropout=0.0", "generation.num_prompts=2", "generation.max_new_tokens=4", *extra)
 
 
+def finish_from_step_3(model, data, run: Path, resumed: Path, processes: int, launch_config: str, *extra: str) -> None:
+    """A copy of a 6-step SFT run as if killed after its step-3 checkpoint, finished with --resume."""
+    shutil.copytree(run, resumed)
+    for path in ["checkpoints/step-000006", "final"]:
+        shutil.rmtree(resumed / path)
+    (resumed / "run.json").write_text(json.dumps({"stage": "sft", "status": "running"}))
+    launch(processes, "sft", *sft_settings(model, data, resumed, *extra), resume=True, launch_config=launch_config)
+
+
+def assert_same_outputs(one: Path, other: Path, lora: str) -> None:
+    """The same held-out perplexity (relative 1e-4) and answers after training, and final/ weights within 1e-4."""
+    from safetensors.torch import load_file
+
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (one, other)]
+    assert metrics[1]["after"]["perplexity"] == pytest.approx(metrics[0]["after"]["perplexity"], rel=1e-4)
+    assert metrics[1]["after"]["answers"] == metrics[0]["after"]["answers"]
+    name = "adapter_model.safetensors" if lora == "true" else "model.safetensors"
+    saved = [load_file(str(run / "final" / name)) for run in (one, other)]
+    assert saved[0].keys() == saved[1].keys()
+    assert all(saved[1][key].shape == saved[0][key].shape for key in saved[0])
+    assert max(float((saved[1][key] - saved[0][key]).abs().max()) for key in saved[0]) < 1e-4
+
+
 @pytest.mark.parametrize("grad_accum", [2, 1])
 def test_sft_on_two_processes_follows_the_one_process_loss_curve(tiny_model, sft_file, tmp_path, grad_accum):
     # grad_accum 2: each process takes one micro-batch per step; 1: one process sits out each step
@@ -109,11 +132,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process(tiny_model, sft_file, t
     launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "split", *extra))
     # The 2-process run, "killed" after its step-3 checkpoint, finishes on one process.
     resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "split", resumed)
-    for path in ["checkpoints/step-000006", "final"]:
-        shutil.rmtree(resumed / path)
-    (resumed / "run.json").write_text(json.dumps({"stage": "sft", "status": "running"}))
-    launch(1, "sft", *sft_settings(tiny_model, sft_file, resumed, *extra), resume=True)
+    finish_from_step_3(tiny_model, sft_file, tmp_path / "split", resumed, 1, "cpu.yaml", *extra)
     assert logged(resumed) == pytest.approx(logged(tmp_path / "straight"), rel=1e-4)
 
 
@@ -217,16 +236,7 @@ def test_sft_sharded_with_fsdp_follows_the_one_process_loss_curve(tiny_model, sf
     one, sharded = logged(tmp_path / "one"), logged(tmp_path / "sharded")
     assert len(one) == len(sharded) == 6 and sharded == pytest.approx(one, rel=1e-4)
     assert logged(tmp_path / "sharded", "train/grad_norm") == pytest.approx(logged(tmp_path / "one", "train/grad_norm"), rel=1e-4)
-    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "sharded")]
-    assert metrics[1]["after"]["perplexity"] == pytest.approx(metrics[0]["after"]["perplexity"], rel=1e-4)
-    assert metrics[1]["after"]["answers"] == metrics[0]["after"]["answers"]
-    from safetensors.torch import load_file
-
-    name = "adapter_model.safetensors" if lora == "true" else "model.safetensors"
-    saved = [load_file(str(tmp_path / run / "final" / name)) for run in ("one", "sharded")]
-    assert saved[0].keys() == saved[1].keys()
-    assert all(saved[1][key].shape == saved[0][key].shape for key in saved[0])
-    assert max(float((saved[1][key] - saved[0][key]).abs().max()) for key in saved[0]) < 1e-4
+    assert_same_outputs(tmp_path / "one", tmp_path / "sharded", lora)
 
 
 def test_checkpoints_move_between_sharded_and_unsharded_runs(tiny_model, sft_file, tmp_path):
@@ -236,13 +246,8 @@ def test_checkpoints_move_between_sharded_and_unsharded_runs(tiny_model, sft_fil
     launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "straight", *extra))
     launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "sharded", *extra), launch_config="fsdp.yaml")
     for first, then, processes, config in [("sharded", "to-one", 1, "cpu.yaml"), ("straight", "to-sharded", 2, "fsdp.yaml")]:
-        resumed = tmp_path / then
-        shutil.copytree(tmp_path / first, resumed)
-        for path in ["checkpoints/step-000006", "final"]:
-            shutil.rmtree(resumed / path)
-        (resumed / "run.json").write_text(json.dumps({"stage": "sft", "status": "running"}))
-        launch(processes, "sft", *sft_settings(tiny_model, sft_file, resumed, *extra), resume=True, launch_config=config)
-        assert logged(resumed) == pytest.approx(logged(tmp_path / "straight"), rel=1e-4), then
+        finish_from_step_3(tiny_model, sft_file, tmp_path / first, tmp_path / then, processes, config, *extra)
+        assert logged(tmp_path / then) == pytest.approx(logged(tmp_path / "straight"), rel=1e-4), then
 
 
 def test_sharded_bf16_compute_keeps_float32_shards_and_tracks_the_float32_curve(tiny_model, sft_file, tmp_path):
@@ -273,15 +278,7 @@ def test_sft_under_deepspeed_zero_follows_the_one_process_loss_curve(tiny_model,
     for name in ["train/loss", "train/grad_norm", "train/lr"]:
         assert logged(tmp_path / "zero", name) == pytest.approx(logged(tmp_path / "one", name), rel=1e-4), name
     assert max(logged(tmp_path / "one", "train/grad_norm")) > 0.5  # clipping took part
-    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "zero")]
-    assert metrics[1]["after"]["perplexity"] == pytest.approx(metrics[0]["after"]["perplexity"], rel=1e-4)
-    assert metrics[1]["after"]["answers"] == metrics[0]["after"]["answers"]
-    from safetensors.torch import load_file
-
-    name = "adapter_model.safetensors" if lora == "true" else "model.safetensors"
-    saved = [load_file(str(tmp_path / run / "final" / name)) for run in ("one", "zero")]
-    assert saved[0].keys() == saved[1].keys()
-    assert max(float((saved[1][key] - saved[0][key]).abs().max()) for key in saved[0]) < 1e-4
+    assert_same_outputs(tmp_path / "one", tmp_path / "zero", lora)
 
 
 def test_checkpoints_move_between_deepspeed_and_plain_runs(tiny_model, sft_file, tmp_path):
@@ -293,13 +290,8 @@ def test_checkpoints_move_between_deepspeed_and_plain_runs(tiny_model, sft_file,
     launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "zero3", *extra), launch_config="zero3.yaml")
     assert logged(tmp_path / "zero3") == pytest.approx(logged(tmp_path / "straight"), rel=1e-4)
     for first, then, processes, config in [("zero3", "to-one", 1, "cpu.yaml"), ("straight", "to-zero2", 2, "zero2.yaml")]:
-        resumed = tmp_path / then
-        shutil.copytree(tmp_path / first, resumed)
-        for path in ["checkpoints/step-000006", "final"]:
-            shutil.rmtree(resumed / path)
-        (resumed / "run.json").write_text(json.dumps({"stage": "sft", "status": "running"}))
-        launch(processes, "sft", *sft_settings(tiny_model, sft_file, resumed, *extra), resume=True, launch_config=config)
-        assert logged(resumed) == pytest.approx(logged(tmp_path / "straight"), rel=1e-4), then
+        finish_from_step_3(tiny_model, sft_file, tmp_path / first, tmp_path / then, processes, config, *extra)
+        assert logged(tmp_path / then) == pytest.approx(logged(tmp_path / "straight"), rel=1e-4), then
 
 
 @pytest.mark.parametrize("stage", ["dpo", "reward"])
