@@ -339,3 +339,14 @@ def test_deepspeed_bf16_keeps_float32_master_weights_and_tracks_the_float32_curv
     assert {t.dtype for t in final.values()} == {t.dtype for t in checkpoint.values()} == {torch.float32}
     # master weights, not bf16 ones widened: some values are not representable in bf16
     assert any(not torch.equal(t, t.bfloat16().float()) for t in checkpoint.values())
+
+
+def test_a_one_process_deepspeed_launch_trains_as_a_plain_run(tiny_model, sft_file, tmp_path):
+    """`accelerate launch --num_processes 1` with zero3.yaml (DeepSpeed on one device, e.g. one GPU)."""
+    extra = ["train.max_steps=4", "train.batch_size=2", "train.grad_accum=2", "lora.enabled=false", "train.lr=1e-3"]
+    launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "plain", *extra))
+    done = accelerate_launch(1, ["sft", *settings("train.trackers=[]", *sft_settings(tiny_model, sft_file, tmp_path / "zero", *extra))],
+                             "zero3.yaml")
+    assert done.returncode == 0, failure_report(done.stderr)
+    assert logged(tmp_path / "zero") == pytest.approx(logged(tmp_path / "plain"), rel=1e-4)
+    assert_same_outputs(tmp_path / "plain", tmp_path / "zero", "false")

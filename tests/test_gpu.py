@@ -1,5 +1,5 @@
 """GPU paths: bf16 weights, QLoRA (4-bit base) for SFT/reward/DPO, data parallelism over GPUs,
-FSDP2 sharding over GPUs and the vLLM rollout engine.
+FSDP2 sharding and DeepSpeed ZeRO-2/3 over GPUs, and the vLLM rollout engine.
 
 Each test runs wherever its hardware is present and is skipped with the reason otherwise (the CPU
 CI machine skips them all). Gradient checkpointing is checked on CPU in test_engine.py.
@@ -17,13 +17,16 @@ from conftest import write_jsonl
 from rlhfkit.config import ModelSettings, load_config
 from rlhfkit.models import load_causal_lm, resolve
 from rlhfkit.stages import dpo, reward, sft
-from test_distributed import launch, logged
+from test_distributed import accelerate_launch, failure_report, launch, logged, settings
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 needs_bitsandbytes = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (pip install 'rlhfkit[qlora]')"
 )
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed (pip install 'rlhfkit[deepspeed]')"
+)
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (pip install 'rlhfkit[vllm]')")
 
 STAGES = {"sft": sft, "reward": reward, "dpo": dpo}
@@ -173,13 +176,34 @@ def test_grpo_with_vllm_rollouts_trains_and_reports(tmp_path):
 
 
 @needs_two_gpus
-def test_full_fine_tuning_sharded_over_two_gpus_follows_the_one_gpu_loss_curve(tiny_model, stage_data, tmp_path):
-    """configs/accelerate/fsdp.yaml on 2 GPUs (FSDP2 over NCCL), float32 shards with bf16 compute
-    against the one-GPU float32 run."""
+@pytest.mark.parametrize("launch_config", ["fsdp.yaml", pytest.param("zero2.yaml", marks=needs_deepspeed),
+                                           pytest.param("zero3.yaml", marks=needs_deepspeed)])
+def test_full_fine_tuning_sharded_over_two_gpus_follows_the_one_gpu_loss_curve(tiny_model, stage_data, tmp_path, launch_config):
+    """configs/accelerate/fsdp.yaml on 2 GPUs (FSDP2 over NCCL), float32 shards with bf16 compute,
+    or zero2/zero3.yaml (DeepSpeed, bf16 with float32 master weights), against the one-GPU float32 run."""
     common = (f"model.name_or_path={tiny_model}", f"data.path={stage_data['sft']}", "data.eval_fraction=0.2", "model.device=cuda",
               "model.dtype=float32", "train.max_steps=6", "train.batch_size=2", "train.grad_accum=2", "train.lr=1e-3",
               "lora.enabled=false", "generation.num_prompts=0")
     launch(1, "sft", *common, f"train.output_dir={tmp_path / 'one'}")
-    launch(2, "sft", *common, f"train.output_dir={tmp_path / 'two'}", launch_config="fsdp.yaml", launcher=("--mixed_precision", "bf16"))
+    launch(2, "sft", *common, f"train.output_dir={tmp_path / 'two'}", launch_config=launch_config, launcher=("--mixed_precision", "bf16"))
     assert logged(tmp_path / "two") == pytest.approx(logged(tmp_path / "one"), rel=2e-2)
     assert (tmp_path / "two" / "final" / "model.safetensors").exists()
+
+
+@needs_cuda
+@needs_deepspeed
+@pytest.mark.parametrize("launch_config", ["zero2.yaml", "zero3.yaml"])
+def test_deepspeed_on_one_gpu_trains_bf16_with_float32_master_weights(tiny_model, stage_data, tmp_path, launch_config):
+    """A one-process DeepSpeed launch on a GPU (NCCL, DeepSpeed's bf16 optimizer path) against the
+    plain one-GPU float32 run: near the same curve, float32 weights in final/."""
+    common = (f"model.name_or_path={tiny_model}", f"data.path={stage_data['sft']}", "data.eval_fraction=0.2", "model.device=cuda",
+              "model.dtype=float32", "train.max_steps=6", "train.batch_size=2", "train.grad_accum=2", "train.lr=1e-3",
+              "lora.enabled=false", "generation.num_prompts=2")
+    launch(1, "sft", *common, f"train.output_dir={tmp_path / 'plain'}")
+    done = accelerate_launch(1, ["sft", *settings("train.trackers=[]", *common, f"train.output_dir={tmp_path / 'zero'}")],
+                             launch_config, ("--mixed_precision", "bf16"))
+    assert done.returncode == 0, failure_report(done.stderr)
+    assert logged(tmp_path / "zero") == pytest.approx(logged(tmp_path / "plain"), rel=2e-2)
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(tmp_path / "zero" / "final" / "model.safetensors")).values()} == {torch.float32}

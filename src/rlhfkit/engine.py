@@ -475,7 +475,8 @@ class Engine:
             # DeepSpeed partitions the moments (and with ZeRO-3 the weights); `optimizer` stays the
             # AdamW it steps with, whose learning rate the scheduler sets.
             bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16" or next(model.parameters()).dtype == torch.bfloat16
-            config = deepspeed_zero.deepspeed_config(self.zero_stage, self.num_processes, self.train.max_grad_norm, bf16)
+            hidden_size = next((m.config.hidden_size for m in model.modules() if hasattr(getattr(m, "config", None), "hidden_size")), None)
+            config = deepspeed_zero.deepspeed_config(self.zero_stage, self.num_processes, self.train.max_grad_norm, bf16, hidden_size)
             self.wrapped, self.optimizer = deepspeed_zero.initialize(wrapper, optimizer, config), optimizer
             if self.zero_stage == 3:  # the losses use the LM head's weight outside the head's own forward
                 for weight in output_weights(model):
