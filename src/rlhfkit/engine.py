@@ -6,8 +6,8 @@ seeding, atomic checkpoints with optimizer/scheduler/RNG state, resume, progress
 A stage hands it batches and a loss function and reads top to bottom.
 
 Under `accelerate launch` (data parallel, DDP; sharded, FSDP2 — configs/accelerate/fsdp.yaml; or
-DeepSpeed ZeRO — configs/accelerate/zero2.yaml, zero3.yaml, see deepspeed_zero.py) every process builds the same list of micro-batches; each optimizer step's micro-batches are
-dealt out across processes and the loss is normalised by the units of the whole step, so global
+DeepSpeed ZeRO — configs/accelerate/zero2.yaml, zero3.yaml, see deepspeed_zero.py) every process
+builds the same list of micro-batches; each optimizer step's micro-batches are dealt out across processes and the loss is normalised by the units of the whole step, so global
 batch size, accumulation and learning rate mean the same at any process count. Only the main
 process writes files; checkpoints hold whole tensors, so a run saved under N processes (sharded
 or not) resumes under M.
@@ -31,8 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from rlhfkit import __version__
-from rlhfkit import deepspeed_zero
+from rlhfkit import __version__, deepspeed_zero
 from rlhfkit.config import LoraSettings, ModelSettings, StageConfig, TrainSettings, dump_config
 from rlhfkit.deepspeed_zero import accelerate_without_deepspeed, deepspeed_launch
 from rlhfkit.errors import UserError
@@ -454,10 +453,9 @@ class Engine:
             compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
             shard_model(wrapper, model, self.device, os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true",
                         compute_dtype)
-        self.decay_groups = [group["params"] for group in _decay_groups(model, self.train.weight_decay)]
-        optimizer = torch.optim.AdamW(
-            _decay_groups(model, self.train.weight_decay), lr=self.train.lr, betas=self.train.adam_betas
-        )
+        groups = _decay_groups(model, self.train.weight_decay)
+        self.decay_groups = [list(group["params"]) for group in groups]  # DeepSpeed's checkpoints number parameters by them
+        optimizer = torch.optim.AdamW(groups, lr=self.train.lr, betas=self.train.adam_betas)
         schedule = scheduler_steps or total_steps
         warmup = round(self.train.warmup_ratio * schedule)
         kind = self.train.scheduler
@@ -475,8 +473,8 @@ class Engine:
             # DeepSpeed partitions the moments (and with ZeRO-3 the weights); `optimizer` stays the
             # AdamW it steps with, whose learning rate the scheduler sets.
             bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16" or next(model.parameters()).dtype == torch.bfloat16
-            hidden_size = next((m.config.hidden_size for m in model.modules() if hasattr(getattr(m, "config", None), "hidden_size")), None)
-            config = deepspeed_zero.deepspeed_config(self.zero_stage, self.num_processes, self.train.max_grad_norm, bf16, hidden_size)
+            config = deepspeed_zero.deepspeed_config(self.zero_stage, self.num_processes, self.train.max_grad_norm, bf16,
+                                                     deepspeed_zero.hidden_size_of(model))
             self.wrapped, self.optimizer = deepspeed_zero.initialize(wrapper, optimizer, config), optimizer
             if self.zero_stage == 3:  # the losses use the LM head's weight outside the head's own forward
                 for weight in output_weights(model):
