@@ -283,13 +283,14 @@ def test_sft_under_deepspeed_zero_follows_the_one_process_loss_curve(tiny_model,
 
 def test_checkpoints_move_between_deepspeed_and_plain_runs(tiny_model, sft_file, tmp_path):
     """A ZeRO-3 checkpoint (whole tensors gathered from the partitions) finishes on one process,
-    and a one-process checkpoint finishes under ZeRO-2, both on the uninterrupted curve."""
+    and a one-process checkpoint finishes under ZeRO-3 and under ZeRO-2, all on the uninterrupted curve."""
     extra = ["train.max_steps=6", "train.batch_size=2", "train.grad_accum=2", "train.save_every=3", "train.save_limit=3",
              "lora.enabled=false", "train.lr=1e-3", "generation.num_prompts=0"]
     launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "straight", *extra))
     launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "zero3", *extra), launch_config="zero3.yaml")
     assert logged(tmp_path / "zero3") == pytest.approx(logged(tmp_path / "straight"), rel=1e-4)
-    for first, then, processes, config in [("zero3", "to-one", 1, "cpu.yaml"), ("straight", "to-zero2", 2, "zero2.yaml")]:
+    for first, then, processes, config in [("zero3", "to-one", 1, "cpu.yaml"), ("straight", "to-zero3", 2, "zero3.yaml"),
+                                           ("straight", "to-zero2", 2, "zero2.yaml")]:
         finish_from_step_3(tiny_model, sft_file, tmp_path / first, tmp_path / then, processes, config, *extra)
         assert logged(tmp_path / then) == pytest.approx(logged(tmp_path / "straight"), rel=1e-4), then
 

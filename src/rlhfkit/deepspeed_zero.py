@@ -130,11 +130,6 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config:
     return engine
 
 
-def weights_partitioned(model: torch.nn.Module) -> bool:
-    """ZeRO stage 3: every process holds a part of each weight, gathered as a module runs."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 def used_by_whole_forward(wrapper: torch.nn.Module, weight: torch.nn.Parameter) -> None:
     """ZeRO-3: a weight used outside its own module's forward (the LM head's, which the losses
     multiply hidden states by in chunks) is gathered for the whole training forward instead of
@@ -153,13 +148,15 @@ def whole_model(engine):
     return unwrap_model_for_generation(engine)
 
 
-def gathered(parameters: list[torch.nn.Parameter]):
-    """A context in which ZeRO-3 partitioned parameters are whole (a collective); nothing otherwise."""
+def gathered(parameters: list[torch.nn.Parameter], written: bool = False):
+    """A context in which ZeRO-3 partitioned parameters are whole (a collective); nothing otherwise.
+    written: what the first process writes into them is partitioned anew on leaving (otherwise
+    writes are dropped)."""
     if not any(hasattr(p, "ds_id") for p in parameters):
         return nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(parameters, modifier_rank=0 if written else None)
 
 
 def whole_weights(parameters: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -177,7 +174,7 @@ def set_whole_weights(parameters: dict[str, torch.nn.Parameter], values: dict[st
     for name, parameter in parameters.items():
         value = values[name].to(parameter.device)
         safe_set_full_fp32_param(parameter, value.float())
-        with gathered([parameter]), torch.no_grad():
+        with gathered([parameter], written=True), torch.no_grad():
             parameter.data.copy_(value.to(parameter.dtype))  # gathered: every process holds and writes the whole
 
 
@@ -186,10 +183,11 @@ def _adam_state(engine) -> torch.optim.Optimizer:
     state created if it has not stepped yet (AdamW creates it lazily), and ZeRO-1/2's per-weight
     views of it linked (DeepSpeed links them itself only after a step)."""
     zero, adam = engine.optimizer, engine.optimizer.optimizer
-    for group in adam.param_groups:
-        for flat in group["params"]:
-            if not adam.state[flat]:
-                adam.state[flat] = {"step": torch.tensor(0.0), **{key: torch.zeros_like(flat) for key in ADAM_MOMENTS}}
+    # ZeRO-3 swaps its flat partitions into AdamW's groups only while stepping; ZeRO-1/2 leave them there
+    flats = list(getattr(zero, "fp32_partitioned_groups_flat", [])) or [flat for group in adam.param_groups for flat in group["params"]]
+    for flat in flats:
+        if not adam.state[flat]:
+            adam.state[flat] = {"step": torch.tensor(0.0), **{key: torch.zeros_like(flat) for key in ADAM_MOMENTS}}
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
         # Linked anew every time: DeepSpeed 0.19 links after stepping the first of several
         # parameter groups (bf16), leaving the later groups' views empty for good.
