@@ -174,7 +174,7 @@ def test_reward_model_on_two_processes_follows_the_one_process_loss_curve(tiny_m
 
 @pytest.mark.parametrize("stage, extra, launch_configs", [
     ("grpo", ["grpo.beta=0.04"], ["cpu.yaml", "fsdp.yaml", "zero3.yaml"]),
-    ("ppo", ["ppo.epochs=2", "ppo.critic=head"], ["cpu.yaml", "fsdp.yaml", "zero2.yaml"]),
+    ("ppo", ["ppo.epochs=2", "ppo.critic=head"], ["cpu.yaml", "fsdp.yaml"]),
     # a value model as critic (sharded with the policy); adaptive KL coefficient
     ("ppo", ["ppo.epochs=1", "ppo.target_kl=0.5"], ["cpu.yaml", "fsdp.yaml", "zero3.yaml"]),
     ("trpo", ["trpo.fisher_samples=16"], ["cpu.yaml"]),
@@ -265,7 +265,8 @@ def test_sharded_bf16_compute_keeps_float32_shards_and_tracks_the_float32_curve(
     assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "final" / "model.safetensors")).values()} == {__import__("torch").float32}
 
 
-@pytest.mark.parametrize("launch_config, lora", [("zero2.yaml", "true"), ("zero3.yaml", "false"), ("zero3.yaml", "true")])
+# ZeRO-3 with LoRA: the DPO, reward-model and GRPO tests below
+@pytest.mark.parametrize("launch_config, lora", [("zero2.yaml", "true"), ("zero3.yaml", "false")])
 def test_sft_under_deepspeed_zero_follows_the_one_process_loss_curve(tiny_model, sft_file, tmp_path, launch_config, lora):
     """configs/accelerate/zero{2,3}.yaml: DeepSpeed partitions the moments and gradients (and with
     ZeRO-3 the weights, the LM head's gathered for the losses that use it directly); the engine
@@ -321,7 +322,7 @@ def test_deepspeed_launches_of_what_the_engine_does_not_drive_are_refused(tiny_m
     assert "Loading weights" not in done.stderr
 
 
-@pytest.mark.parametrize("launch_config", ["zero2.yaml", "zero3.yaml"])
+@pytest.mark.parametrize("launch_config", ["zero2.yaml"])  # ZeRO-2: where two parameter groups in bf16 needed a fix
 def test_deepspeed_bf16_keeps_float32_master_weights_and_tracks_the_float32_curve(tiny_model, sft_file, tmp_path, launch_config):
     """`--mixed_precision bf16` under ZeRO: DeepSpeed computes in bf16 and steps float32 master
     weights, which checkpoints and final/ hold."""
@@ -351,3 +352,18 @@ def test_a_one_process_deepspeed_launch_trains_as_a_plain_run(tiny_model, sft_fi
     assert done.returncode == 0, failure_report(done.stderr)
     assert logged(tmp_path / "zero") == pytest.approx(logged(tmp_path / "plain"), rel=1e-4)
     assert_same_outputs(tmp_path / "plain", tmp_path / "zero", "false")
+
+
+def test_pretraining_under_deepspeed_zero3_follows_the_data_parallel_loss_curve(tiny_model, text_rows, tmp_path):
+    """ZeRO-3 pretraining logs the losses and held-out metrics of the same 2-process data-parallel
+    run. (Both differ from one process by 1.3e-4 relative at one of the 4 steps, identically: a
+    property of multi-process pretraining on these blocks, not of DeepSpeed; not yet explained.)"""
+    data = write_jsonl(tmp_path / "text.jsonl", text_rows)
+    common = (f"model.name_or_path={tiny_model}", f"data.path={data}", "data.max_length=32", "data.eval_fraction=0.2",
+              "train.max_steps=4", "train.batch_size=2", "train.grad_accum=2", "train.lr=1e-3")
+    launch(1, "pretrain", *common, f"train.output_dir={tmp_path / 'one'}")
+    for launch_config in ["cpu.yaml", "zero3.yaml"]:
+        launch(2, "pretrain", *common, f"train.output_dir={tmp_path / launch_config}", launch_config=launch_config)
+    assert logged(tmp_path / "zero3.yaml") == pytest.approx(logged(tmp_path / "cpu.yaml"), rel=1e-6)
+    assert held_out(tmp_path / "zero3.yaml") == pytest.approx(held_out(tmp_path / "cpu.yaml"), rel=1e-5)
+    assert logged(tmp_path / "zero3.yaml") == pytest.approx(logged(tmp_path / "one"), rel=1e-3)
