@@ -354,16 +354,13 @@ def test_a_one_process_deepspeed_launch_trains_as_a_plain_run(tiny_model, sft_fi
     assert_same_outputs(tmp_path / "plain", tmp_path / "zero", "false")
 
 
-def test_pretraining_under_deepspeed_zero3_follows_the_data_parallel_loss_curve(tiny_model, text_rows, tmp_path):
-    """ZeRO-3 pretraining logs the losses and held-out metrics of the same 2-process data-parallel
-    run. (Both differ from one process by 1.3e-4 relative at one of the 4 steps, identically: a
-    property of multi-process pretraining on these blocks, not of DeepSpeed; not yet explained.)"""
+def test_pretraining_under_deepspeed_zero3_follows_the_one_process_loss_curve(tiny_model, text_rows, tmp_path):
     data = write_jsonl(tmp_path / "text.jsonl", text_rows)
+    # lora.dropout 0: dropout masks are drawn per micro-batch, so they differ with the split
     common = (f"model.name_or_path={tiny_model}", f"data.path={data}", "data.max_length=32", "data.eval_fraction=0.2",
-              "train.max_steps=4", "train.batch_size=2", "train.grad_accum=2", "train.lr=1e-3")
+              "train.max_steps=4", "train.batch_size=2", "train.grad_accum=2", "train.lr=1e-3", "lora.dropout=0.0")
     launch(1, "pretrain", *common, f"train.output_dir={tmp_path / 'one'}")
-    for launch_config in ["cpu.yaml", "zero3.yaml"]:
-        launch(2, "pretrain", *common, f"train.output_dir={tmp_path / launch_config}", launch_config=launch_config)
-    assert logged(tmp_path / "zero3.yaml") == pytest.approx(logged(tmp_path / "cpu.yaml"), rel=1e-6)
-    assert held_out(tmp_path / "zero3.yaml") == pytest.approx(held_out(tmp_path / "cpu.yaml"), rel=1e-5)
-    assert logged(tmp_path / "zero3.yaml") == pytest.approx(logged(tmp_path / "one"), rel=1e-3)
+    launch(2, "pretrain", *common, f"train.output_dir={tmp_path / 'zero3'}", launch_config="zero3.yaml")
+    for name in ["train/loss", "train/grad_norm"]:
+        assert logged(tmp_path / "zero3", name) == pytest.approx(logged(tmp_path / "one", name), rel=1e-4), name
+    assert held_out(tmp_path / "zero3") == pytest.approx(held_out(tmp_path / "one"), rel=1e-4)
