@@ -61,6 +61,20 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_reward_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model as a one-output reward model, its random score head saved (so its scores repeat)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    directory = tmp_path_factory.mktemp("tiny-reward-model")
+    torch.manual_seed(1)
+    model = LlamaForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    model.save_pretrained(directory, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def tiny_plain_model(tmp_path_factory) -> Path:
     """The same tiny model, but its tokenizer has no chat template (the plain template applies)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-plain-model"), chat_template=None)

@@ -14,7 +14,7 @@ from rlhfkit.data.loading import read_rows
 from rlhfkit.errors import UserError
 from rlhfkit.labeling.agreement import agreement_report, cohens_kappa, fleiss_kappa, majority_label, percent_agreement
 from rlhfkit.labeling.commands import export_preferences
-from rlhfkit.labeling.store import LabelStore
+from rlhfkit.labeling.store import SCHEMA, SCHEMA_VERSION, LabelStore, SubmissionConflict
 from rlhfkit.stages import reward
 
 PROMPTS = ["Why is the sky blue?", "What is the sun?", "How does ice form?", "What is a magnet?"]
@@ -129,7 +129,7 @@ def test_export_holds_exactly_the_majority_labels_and_trains_a_reward_model(tmp_
     assert (tmp_path / "rm" / "final").is_dir()
 
 
-def test_generate_judge_and_export_with_the_cli(tmp_path, tiny_model, capsys):
+def test_generate_judge_and_export_with_the_cli(tmp_path, tiny_model, tiny_reward_model, capsys):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in PROMPTS])
     store = tmp_path / "labels.db"
     assert main(["label", "generate", str(store), "--model", str(tiny_model), "--prompts", str(prompts),
@@ -140,8 +140,7 @@ def test_generate_judge_and_export_with_the_cli(tmp_path, tiny_model, capsys):
     assert pair.response_a != pair.response_b and pair.model_a == str(tiny_model)
     assert main(["label", "annotator", str(store), "carol"]) == 0
     assert "sign-in token" in capsys.readouterr().out
-    # The tiny causal LM with a fresh one-output head stands in for a reward model: deterministic scores.
-    assert main(["label", "judge", str(store), "--reward-model", str(tiny_model), "--name", "rm"]) == 0
+    assert main(["label", "judge", str(store), "--reward-model", str(tiny_reward_model), "--name", "rm"]) == 0
     assert f"judged {pair_count} pairs" in capsys.readouterr().out
     judged = LabelStore(store).current_judgements(kinds=("judge",))
     assert [j.annotator for j in judged] == ["rm"] * pair_count
@@ -175,3 +174,74 @@ def test_llm_judge_asks_in_both_orders_so_swapping_the_answers_mirrors_its_verdi
     assert len(judged) == len(PROMPTS) and {j.annotator for j in judged} == {"tiny-judge"}
     with pytest.raises(SystemExit):  # one judge at a time (argparse refuses both)
         main(["label", "judge", str(path), "--llm", str(tiny_model), "--reward-model", str(tiny_model)])
+
+
+def test_submission_ids_are_per_annotator_and_a_reused_id_with_another_body_is_refused(tmp_path):
+    store = filled_store(tmp_path / "labels.db")
+    alice, bob = (store.annotator_for_token(store.add_annotator(name))[0] for name in ("alice", "bob"))
+    assert store.submit(1, alice, "a", left="a", submission_id="same-id") is True
+    assert store.submit(2, bob, "b", left="a", submission_id="same-id") is True  # Bob's own id, not Alice's
+    assert {(j.pair_id, j.annotator, j.choice) for j in store.current_judgements()} == {(1, "alice", "a"), (2, "bob", "b")}
+    with pytest.raises(SubmissionConflict, match="same-id"):
+        store.submit(3, alice, "a", left="a", submission_id="same-id")
+    assert store.submit(1, alice, "a", left="a", submission_id="same-id") is False  # the identical retry
+    assert len(store.current_judgements()) == 2
+    store.close()
+
+
+def test_a_store_written_with_globally_unique_submission_ids_is_upgraded_keeping_every_judgement(tmp_path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(SCHEMA + """
+        CREATE TABLE judgements (
+            id INTEGER PRIMARY KEY, pair_id INTEGER NOT NULL REFERENCES pairs(id),
+            annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+            choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')), comment TEXT NOT NULL DEFAULT '',
+            left TEXT NOT NULL CHECK (left IN ('a', 'b')),
+            submission_id TEXT NOT NULL UNIQUE, current INTEGER CHECK (current = 1), created TEXT NOT NULL);
+        CREATE UNIQUE INDEX one_current ON judgements (pair_id, annotator_id, current);
+        INSERT INTO prompts VALUES (1, '[]', 't');
+        INSERT INTO responses VALUES (1, 1, 'm', 'x', 't'), (2, 1, 'm', 'y', 't');
+        INSERT INTO pairs VALUES (1, 1, 1, 2, 1);
+        INSERT INTO annotators VALUES (1, 'alice', 'human', NULL, 't'), (2, 'bob', 'human', NULL, 't');
+        INSERT INTO judgements VALUES (1, 1, 1, 'a', '', 'a', 's1', NULL, 't'), (2, 1, 1, 'b', 'ok', 'b', 's2', 1, 't');
+    """)
+    old.close()
+    store = LabelStore(path)
+    assert store.history(1, 1) == ["a", "b"]
+    assert [(j.annotator, j.choice, j.comment) for j in store.current_judgements()] == [("alice", "b", "ok")]
+    assert store.submit(1, 2, "a", left="a", submission_id="s2") is True  # Alice's id, now free for Bob
+    with pytest.raises(sqlite3.IntegrityError):  # still one current judgement per annotator and pair
+        store.connection.execute("UPDATE judgements SET current = 1 WHERE id = 1")
+    store.close()
+    assert LabelStore(path).connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("output", ["labels.db", "./labels.db", "labels.db-wal", "folder", "x"])
+def test_export_never_writes_over_its_store_nor_into_a_directory(tmp_path, capsys, output, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = filled_store(tmp_path / "labels.db")
+    alice = store.annotator_for_token(store.add_annotator("alice"))[0]
+    store.submit(1, alice, "a", left="a", submission_id="s1")
+    store.close()
+    (tmp_path / "folder").mkdir()
+    if output == "x":  # x.stats.json, written beside the export, would be the store
+        (tmp_path / "labels.db").rename(tmp_path / "x.stats.json")
+        assert main(["label", "export", "x.stats.json", "x"]) == 2
+        store_path = tmp_path / "x.stats.json"
+    else:
+        assert main(["label", "export", "labels.db", output]) == 2
+        store_path = tmp_path / "labels.db"
+    assert "error: export output" in capsys.readouterr().err
+    assert [j.choice for j in LabelStore(store_path).current_judgements()] == ["a"]
+
+
+def test_label_commands_name_a_file_that_is_not_a_store(tmp_path, capsys):
+    (tmp_path / "prefs.jsonl").write_text('{"prompt": "p"}\n')
+    (tmp_path / "folder").mkdir()
+    for path in ("prefs.jsonl", "folder"):
+        assert main(["label", "export", str(tmp_path / path), str(tmp_path / "out.jsonl")]) == 2
+        assert main(["label", "annotator", str(tmp_path / path), "alice"]) == 2
+        err = capsys.readouterr().err
+        assert "not a labeling store" in err or "is a directory" in err
+    assert (tmp_path / "prefs.jsonl").read_text() == '{"prompt": "p"}\n'

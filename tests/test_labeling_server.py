@@ -176,3 +176,17 @@ def test_label_in_a_real_browser_by_click_and_keyboard(store_with_people, tmp_pa
     rows = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
     assert {row["pair_id"] for row in rows} == {p for p, choice in expected.items() if choice in ("a", "b")}
     assert stats["exported"] == len(rows) and stats["labelled"] == 4
+
+
+def test_two_annotators_may_use_the_same_submission_id_and_a_reused_id_for_another_judgement_is_409(store_with_people):
+    path, tokens = store_with_people
+    client = TestClient(create_app(path))
+    body = {"pair_id": 1, "choice": "left", "submission_id": "shared-id-1"}
+    assert client.post("/api/judgements", json=body, headers=auth(tokens["alice"])).json()["stored"] is True
+    bob = client.post("/api/judgements", json={**body, "pair_id": 2}, headers=auth(tokens["bob"]))
+    assert bob.status_code == 200 and bob.json()["stored"] is True
+    assert {(j.annotator, j.pair_id) for j in LabelStore(path).current_judgements()} == {("alice", 1), ("bob", 2)}
+    conflict = client.post("/api/judgements", json={**body, "choice": "tie"}, headers=auth(tokens["alice"]))
+    assert conflict.status_code == 409 and "shared-id-1" in conflict.json()["detail"]
+    assert client.get("/api/judgements", headers=auth(tokens["alice"])).json()[0]["choice"] == left_response(
+        LabelStore(path).annotator_for_token(tokens["alice"])[0], 1)

@@ -294,8 +294,14 @@ def _score(args: argparse.Namespace) -> None:
     from rlhfkit.data.loading import read_rows
     from rlhfkit.rewards import RewardModelScorer
 
+    from pathlib import Path
+
+    from rlhfkit.files import check_output_files, write_text_atomically
+
     if args.data is None and (not args.prompt or len(args.prompt) != len(args.response)):
         raise UserError("give --data FILE, or as many --prompt as --response values")
+    if args.output:
+        check_output_files([Path(args.output)], [Path(args.data)] if args.data else [], "--output")
     if args.data is not None:
         rows = [row.values for row in read_rows(args.data)]
         for index, row in enumerate(rows):
@@ -309,10 +315,6 @@ def _score(args: argparse.Namespace) -> None:
     scores = RewardModelScorer(args.model, max_length=args.max_length).score(prompts, responses)
     lines = [json.dumps({**row, "score": score}, ensure_ascii=False) for row, score in zip(rows, scores)]
     if args.output:
-        from pathlib import Path
-
-        from rlhfkit.files import write_text_atomically
-
         write_text_atomically(Path(args.output), "\n".join(lines) + "\n")
         print(f"{len(lines)} scores written to {args.output} (mean {sum(scores) / len(scores):.4f})")
     else:

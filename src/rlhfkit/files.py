@@ -7,7 +7,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+from rlhfkit.errors import UserError
 
 
 def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
@@ -31,6 +33,27 @@ def write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    if first.exists() and second.exists():
+        return os.path.samefile(first, second)
+    return first.resolve() == second.resolve()
+
+
+def check_output_files(outputs: Sequence[Path], inputs: Sequence[Path], what: str) -> None:
+    """Refuse output files that are directories or any of the command's inputs, before anything is written.
+
+    An atomic write replaces whatever the path holds, so writing over an input (a labeling store,
+    the data being scored) would destroy it. Inputs include their SQLite sidecars (-wal, -shm).
+    """
+    sidecars = [input.with_name(input.name + suffix) for input in inputs for suffix in ("-wal", "-shm", "-journal")]
+    for output in outputs:
+        if output.is_dir():
+            raise UserError(f"{what} {output}: is a directory; name a file to write")
+        for source in [*inputs, *sidecars]:
+            if _same_file(output, source):
+                raise UserError(f"{what} {output}: is an input of this command ({source}); writing it would destroy it")
 
 
 def write_text_atomically(target: Path, text: str) -> None:

@@ -14,7 +14,7 @@ from rlhfkit.config import ModelSettings, PromptDataSettings, SamplingSettings
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.data.kinds import load_examples, prompt_examples
 from rlhfkit.errors import UserError
-from rlhfkit.files import write_json_atomically, write_text_atomically
+from rlhfkit.files import check_output_files, write_json_atomically, write_text_atomically
 from rlhfkit.labeling.agreement import agreement_report, by_pair, majority_label
 from rlhfkit.labeling.store import LabelStore
 from rlhfkit.models import load_causal_lm, load_tokenizer, resolve
@@ -143,6 +143,9 @@ def export_preferences(
     count) and the majority rule names a winner. Returns counts and agreement figures (also written
     beside the output as OUTPUT.stats.json).
     """
+    target = Path(output)
+    stats_path = target.with_name(target.name + ".stats.json")
+    check_output_files([target, stats_path], [Path(store_path)], "export output")
     store = LabelStore(store_path)
     table = by_pair(store.current_judgements(kinds, annotators))
     rows, counts = [], {"pairs": len(store.pair_ids()), "labelled": 0, "too_few_votes": 0, "no_majority": 0, "exported": 0}
@@ -161,8 +164,7 @@ def export_preferences(
                      "votes": dict(sorted(choices.items()))})
     store.close()
     counts["exported"] = len(rows)
-    target = Path(output)
     write_text_atomically(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     stats = {**counts, "agreement": agreement_report(table)}
-    write_json_atomically(target.with_name(target.name + ".stats.json"), stats)
+    write_json_atomically(stats_path, stats)
     return stats

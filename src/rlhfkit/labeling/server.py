@@ -5,7 +5,8 @@ Bearer TOKEN`). The page shows a prompt and two responses; which stored response
 is fixed per annotator and pair by a hash (so a reload shows the same order) and recorded with
 the judgement. The client answers in screen terms (left, right, tie, both_bad); the server maps
 them to A/B. Each request opens its own SQLite connection; the store's transactions make
-parallel submissions safe. Bodies over the size limit get 413, bad input 422, unknown pairs 404.
+parallel submissions safe. Bodies over the size limit get 413, bad input 422, unknown pairs 404, and a submission id the
+annotator already used for a different judgement 409.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit.labeling.store import LabelStore
+from rlhfkit.labeling.store import LabelStore, SubmissionConflict
 
 MAX_BODY_BYTES = 16_384
 PAGE = Path(__file__).with_name("page.html")
@@ -114,6 +115,8 @@ def create_app(store_path: str | Path, max_body_bytes: int = MAX_BODY_BYTES):
             stored = db.submit(submission.pair_id, who[0], choice, left, submission.submission_id, submission.comment)
         except KeyError:
             raise HTTPException(status_code=404, detail=f"no pair {submission.pair_id}") from None
+        except SubmissionConflict as conflict:
+            raise HTTPException(status_code=409, detail=str(conflict)) from None
         done, total = db.progress(who[0])
         return {"stored": stored, "progress": {"done": done, "total": total}}
 

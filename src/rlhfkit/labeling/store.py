@@ -37,15 +37,25 @@ CREATE TABLE IF NOT EXISTS pairs (
 CREATE TABLE IF NOT EXISTS annotators (
     id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, kind TEXT NOT NULL CHECK (kind IN ('human', 'judge')),
     token_hash TEXT UNIQUE, created TEXT NOT NULL);
+"""
+
+# A submission id is the annotator's own (a client makes it), so it is unique per annotator only.
+JUDGEMENTS = """
 CREATE TABLE IF NOT EXISTS judgements (
     id INTEGER PRIMARY KEY, pair_id INTEGER NOT NULL REFERENCES pairs(id),
     annotator_id INTEGER NOT NULL REFERENCES annotators(id),
     choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')), comment TEXT NOT NULL DEFAULT '',
     left TEXT NOT NULL CHECK (left IN ('a', 'b')),  -- which response was shown on the left
-    submission_id TEXT NOT NULL UNIQUE, current INTEGER CHECK (current = 1), created TEXT NOT NULL);
+    submission_id TEXT NOT NULL, current INTEGER CHECK (current = 1), created TEXT NOT NULL,
+    UNIQUE (annotator_id, submission_id));
 -- At most one current judgement per annotator and pair (NULLs, the history, are not compared).
 CREATE UNIQUE INDEX IF NOT EXISTS one_current ON judgements (pair_id, annotator_id, current);
 """
+SCHEMA_VERSION = 2  # 1: submission ids unique across all annotators
+
+
+class SubmissionConflict(ValueError):
+    """An annotator reused a submission id for a different judgement."""
 
 
 def _now() -> str:
@@ -85,14 +95,42 @@ class LabelStore:
         self.path = Path(path)
         if not create and not self.path.exists():
             raise UserError(f"{self.path}: no labeling store here (create one with `rlhfkit label generate`)")
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: is a directory, not a labeling store")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One request uses a connection at a time, but the web framework may open and close it on
         # different worker threads; hence check_same_thread=False (never share one across requests).
         self.connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self.connection.row_factory = sqlite3.Row
-        self.connection.execute("PRAGMA journal_mode=WAL")
-        self.connection.execute("PRAGMA foreign_keys=ON")
-        self.connection.executescript(SCHEMA)
+        try:
+            self.connection.execute("PRAGMA journal_mode=WAL")
+            self.connection.execute("PRAGMA foreign_keys=ON")
+            self._create_or_upgrade_schema()
+        except sqlite3.DatabaseError as error:
+            self.connection.close()
+            raise UserError(f"{self.path}: not a labeling store ({error})") from None
+
+    def _create_or_upgrade_schema(self) -> None:
+        """Create the tables, or bring a store written by an earlier version up to SCHEMA_VERSION in one transaction."""
+        with self.transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise UserError(f"{self.path}: written by a newer rlhfkit (store version {version}); upgrade rlhfkit")
+            had_judgements = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'judgements'").fetchone()
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if had_judgements and version < 2:
+                db.execute("ALTER TABLE judgements RENAME TO judgements_v1")
+                db.execute("DROP INDEX IF EXISTS one_current")
+            for statement in JUDGEMENTS.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if had_judgements and version < 2:
+                db.execute("INSERT INTO judgements SELECT * FROM judgements_v1")
+                db.execute("DROP TABLE judgements_v1")
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self.connection.close()
@@ -170,13 +208,20 @@ class LabelStore:
     # ---- judgements ------------------------------------------------------------------
 
     def submit(self, pair_id: int, annotator_id: int, choice: str, left: str, submission_id: str, comment: str = "") -> bool:
-        """Record a judgement; False when this submission id was already stored (a retry)."""
+        """Record a judgement; False when this annotator already stored it under this submission id (a retry).
+
+        Raises SubmissionConflict when the annotator's id names a different judgement.
+        """
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
         if left not in ("a", "b"):
             raise ValueError(f"left must be 'a' or 'b', got {left!r}")
         with self.transaction() as db:
-            if db.execute("SELECT 1 FROM judgements WHERE submission_id = ?", (submission_id,)).fetchone():
+            earlier = db.execute("SELECT pair_id, choice, comment, left FROM judgements WHERE annotator_id = ? AND submission_id = ?",
+                                 (annotator_id, submission_id)).fetchone()
+            if earlier is not None:
+                if tuple(earlier) != (pair_id, choice, comment, left):
+                    raise SubmissionConflict(f"submission id {submission_id!r} was already used for another judgement")
                 return False
             if db.execute("SELECT 1 FROM pairs WHERE id = ?", (pair_id,)).fetchone() is None:
                 raise KeyError(pair_id)
