@@ -82,3 +82,33 @@ def test_dpo_scores_generated_answers_with_a_reward_model(tiny_model, preference
     assert isinstance(metrics["before"]["reward_model_score"], float) and isinstance(metrics["after"]["reward_model_score"], float)
     assert "Explain quantum computing" in (tmp_path / "dpo" / "samples.md").read_text()
     assert torch.isfinite(torch.tensor(metrics["after"]["reward_model_score"]))
+
+
+def test_merging_a_reward_run_keeps_its_trained_score_head(tiny_model, preference_file, tmp_path, capsys):
+    reward.run(stage_config("reward", tiny_model, preference_file, tmp_path / "rm", "train.max_steps=3", "train.lr=3e-3"))
+    assert main(["merge", str(tmp_path / "rm"), str(tmp_path / "merged")]) == 0
+    prompts, answers = ["Why is the sky blue?"] * 2, ["Sunlight scatters in the air.", "No idea, go away."]
+    from_run = RewardModelScorer(str(tmp_path / "rm"), max_length=96).score(prompts, answers)
+    merged_once = RewardModelScorer(str(tmp_path / "merged"), max_length=96).score(prompts, answers)
+    merged_again = RewardModelScorer(str(tmp_path / "merged"), max_length=96).score(prompts, answers)
+    assert merged_once == merged_again
+    assert merged_once == pytest.approx(from_run, abs=1e-4)
+
+
+def test_scoring_with_a_model_that_has_no_trained_score_head_is_refused(tiny_model, sft_rows, tmp_path, capsys):
+    assert main(["score", str(tiny_model), "--prompt", "Why?", "--response", "Because."]) == 2
+    assert "not a reward model" in capsys.readouterr().err
+    sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    assert main(["sft", "--set", f"model.name_or_path={tiny_model}", "--set", f"data.path={sft_data}", "--set", "train.max_steps=1",
+                 "--set", f"train.output_dir={tmp_path / 'sft'}", "--set", "generation.num_prompts=0", "--set", "train.trackers=[]"]) == 0
+    assert main(["score", str(tmp_path / "sft"), "--prompt", "Why?", "--response", "Because."]) == 2
+    assert "not a reward model" in capsys.readouterr().err
+
+
+def test_score_never_writes_over_its_data(tiny_model, preference_file, tmp_path, capsys):
+    reward.run(stage_config("reward", tiny_model, preference_file, tmp_path / "rm", "train.max_steps=1"))
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"prompt": "Why?", "completion": "Because."}])
+    before = answers.read_text()
+    assert main(["score", str(tmp_path / "rm"), "--data", str(answers), "--output", str(answers)]) == 2
+    assert main(["score", str(tmp_path / "rm"), "--data", str(answers), "--output", str(tmp_path)]) == 2
+    assert answers.read_text() == before

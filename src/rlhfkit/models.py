@@ -209,8 +209,13 @@ def load_causal_lm(source: ModelSource, settings: ModelSettings, dtype: torch.dt
     return model
 
 
+def adapter_task(adapter_dir: Path) -> str | None:
+    """peft's task type of a saved adapter: SEQ_CLS for a reward model, CAUSAL_LM for a policy."""
+    return json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
+
+
 def load_reward_model(
-    source: ModelSource, settings: ModelSettings, dtype: torch.dtype, num_labels: int | None = 1
+    source: ModelSource, settings: ModelSettings, dtype: torch.dtype, num_labels: int | None = 1, trained_head: bool = False,
 ) -> torch.nn.Module:
     """A sequence-classification model with one output (a scalar reward), adapter chain merged.
 
@@ -218,16 +223,20 @@ def load_reward_model(
 
     A causal LM (or an SFT adapter on one) becomes a reward model by keeping its backbone and
     adding a fresh one-output score head; a saved reward adapter restores its trained head.
+    trained_head=True refuses a model whose head would be freshly initialised: scoring with it
+    gives random numbers, different on every load.
     """
     from transformers import AutoModelForSequenceClassification
 
+    not_a_reward_model = "is not a reward model (it has no trained score head; train one with `rlhfkit reward`)"
     if source.adapter_dir is not None:
-        adapter_task = json.loads((source.adapter_dir / "adapter_config.json").read_text()).get("task_type")
-        if adapter_task == "SEQ_CLS":
+        if adapter_task(source.adapter_dir) == "SEQ_CLS":
             from peft import PeftModel
 
             base = load_reward_model(source.base, settings, dtype)
             return PeftModel.from_pretrained(base, str(source.adapter_dir)).merge_and_unload()
+        if trained_head:
+            raise UserError(f"{source.adapter_dir} {not_a_reward_model}")
         causal = load_causal_lm(source, settings, dtype)
         causal.config.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(causal.config, dtype=dtype)
@@ -240,7 +249,11 @@ def load_reward_model(
                 source.path, gguf_file=source.gguf_file, dtype=dtype, revision=settings.revision,
                 attn_implementation=attention_implementation(settings), trust_remote_code=settings.trust_remote_code,
                 **({} if num_labels is None else {"num_labels": num_labels}), **quantization(settings, dtype),
+                output_loading_info=True,
             )
+        model, info = model
+        if trained_head and any(name.startswith(("score", "classifier")) for name in info["missing_keys"]):
+            raise UserError(f"{source.path} {not_a_reward_model}")
     return model
 
 
@@ -363,7 +376,9 @@ def merge_to_directory(reference: str, target: Path, settings: ModelSettings | N
     source = resolve(reference)
     if source.adapter_dir is None:
         raise UserError(f"{reference}: holds no LoRA adapter to merge (it is already a full model)")
-    model = load_causal_lm(source, settings, torch.float32)
+    # A reward adapter merges into a sequence-classification model, keeping its trained score head.
+    loader = load_reward_model if adapter_task(source.adapter_dir) == "SEQ_CLS" else load_causal_lm
+    model = loader(source, settings, torch.float32)
     tokenizer = load_tokenizer(source)
     save_model(model, tokenizer, target, None, {"merged_from": portable_reference(reference)})
     return target

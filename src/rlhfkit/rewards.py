@@ -75,7 +75,8 @@ class RewardModelScorer:
     ) -> None:
         source = resolve(reference)
         self.tokenizer = load_tokenizer(source)
-        self.model = load_reward_model(source, ModelSettings(), torch.float32, num_labels=None if label is not None else 1).eval()
+        self.model = load_reward_model(
+            source, ModelSettings(), torch.float32, num_labels=None if label is not None else 1, trained_head=True).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
