@@ -97,7 +97,7 @@ def measure(workload: str, processes: int, launch_config: str, suite: Suite, mod
     result = {"processes": processes, "launch": launch_config if processes > 1 else "-", "wall_s": wall,
               "peak_rss_gb": peak_rss_gb, "losses": [s["train/loss"] for s in steps]}
     if workload == "sft":
-        from rlhfkit.config import load_config
+        from rlhfkit.config.loading import load_config
 
         tokens, _ = sft_token_count(load_config("sft", config_path))
         seconds = [s["train/step_s"] for s in steps]

@@ -133,8 +133,7 @@ def rlhfkit_pairs(stage_name: str, suite: Suite, model: str, workdir: Path) -> d
 
 
 def rlhfkit_online(stage_name: str, suite: Suite, model: str, workdir: Path) -> dict:
-    from rlhfkit.config import STAGE_CONFIGS
-    from rlhfkit.stages import grpo, ppo, trpo
+    from rlhfkit import registry
 
     output_dir = workdir / f"rlhfkit-{stage_name}"
     batch = suite.rl_prompts * suite.rl_group
@@ -149,8 +148,8 @@ def rlhfkit_online(stage_name: str, suite: Suite, model: str, workdir: Path) -> 
     }
     if stage_name == "grpo":
         settings["grpo"] = {"beta": suite.grpo_beta}
-    config = STAGE_CONFIGS[stage_name].model_validate(settings)
-    {"grpo": grpo, "ppo": ppo, "trpo": trpo}[stage_name].run(config)
+    stage = registry.stage(stage_name)
+    stage.runner(stage.config_class.model_validate(settings))
     steps = _logged_steps(output_dir)
     generation = [s["train/time_generation_s"] for s in steps]
     update = [s["train/time_update_s"] for s in steps]

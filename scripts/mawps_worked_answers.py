@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from rlhfkit.config import load_config
+from rlhfkit.config.loading import load_config
 from rlhfkit.data.kinds import load_examples, prompt_examples
 
 NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")

@@ -2,7 +2,8 @@ import time
 
 import pytest
 
-from rlhfkit.config import SFTConfig, apply_override, load_config
+from rlhfkit.config import SFTConfig
+from rlhfkit.config.loading import apply_override, load_config
 from rlhfkit.errors import ConfigError
 
 

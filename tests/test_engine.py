@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_jsonl
-from rlhfkit.config import load_config
+from rlhfkit.config.loading import load_config
 from rlhfkit.engine import Engine, RunDir, TrainingError, lr_multiplier
 from rlhfkit.errors import UserError
 from rlhfkit.stages import pretrain, sft

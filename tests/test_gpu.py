@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from rlhfkit.config import ModelSettings, load_config
+from rlhfkit.config import ModelSettings
+from rlhfkit.config.loading import load_config
 from rlhfkit.models import load_causal_lm, resolve
 from rlhfkit.stages import dpo, reward, sft
 from test_distributed import accelerate_launch, failure_report, launch, logged, settings

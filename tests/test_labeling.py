@@ -8,7 +8,7 @@ import pytest
 
 from conftest import write_jsonl
 from rlhfkit.cli import main
-from rlhfkit.config import load_config
+from rlhfkit.config.loading import load_config
 from rlhfkit.data.kinds import preference_examples
 from rlhfkit.data.loading import read_rows
 from rlhfkit.errors import UserError

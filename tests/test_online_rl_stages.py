@@ -7,7 +7,7 @@ import torch
 
 from conftest import write_jsonl
 from rlhfkit.cli import main
-from rlhfkit.config import load_config
+from rlhfkit.config.loading import load_config
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.models import ModelSettings, load_causal_lm, load_tokenizer, resolve
 from rlhfkit.stages import grpo, ppo, trpo

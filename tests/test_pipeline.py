@@ -13,7 +13,7 @@ import yaml
 
 from conftest import write_jsonl
 from rlhfkit.cli import main
-from rlhfkit.config import load_config, load_pipeline
+from rlhfkit.config.loading import load_config, load_pipeline
 from rlhfkit.errors import ConfigError
 from rlhfkit.pipeline import stage_status
 

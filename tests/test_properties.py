@@ -12,7 +12,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhfkit.config import CONFIG_CLASSES, load_config
+from rlhfkit import registry
+from rlhfkit.config.loading import load_config
 from rlhfkit.data.kinds import chat_examples, preference_examples, prompt_examples, text_examples
 from rlhfkit.data.loading import Row
 from rlhfkit.errors import ConfigError, DataError
@@ -45,7 +46,7 @@ def test_row_parsers_accept_or_name_the_row(parse, values, on_invalid):
     assert 1 <= len(examples) == report.kept <= len(values)
 
 
-STAGES = sorted(CONFIG_CLASSES)
+STAGES = sorted(registry.names())
 FIELDS = ["train.lr", "train.batch_size", "train.epochs", "lora.r", "lora.target_modules", "data.path", "data.max_length",
           "model.dtype", "model.name_or_path", "rollout.temperature", "dpo.beta", "grpo.beta", "eval.before", "train",
           "lora", "train.nonsense", "nonsense", "sampling.top_p", "models", "train.adam_betas"]

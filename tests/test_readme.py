@@ -16,7 +16,7 @@ def test_readme_quickstart_uses_the_shipped_config():
 
 
 def test_quickstart_config_validates_as_a_pipeline():
-    from rlhfkit.config import load_pipeline
+    from rlhfkit.config.loading import load_pipeline
 
     pipeline, configs = load_pipeline(ROOT / "configs/quickstart.yaml")
     assert pipeline.stages == ["pretrain", "sft", "reward", "dpo", "evaluate"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from rlhfkit.config import load_config
+from rlhfkit.config.loading import load_config
 from rlhfkit.engine import Engine
 from rlhfkit.stages import pretrain
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import write_jsonl
 from rlhfkit.cli import main
-from rlhfkit.config import load_config
+from rlhfkit.config.loading import load_config
 from rlhfkit.rewards import RewardModelScorer
 from rlhfkit.stages import dpo, reward
 

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import write_jsonl
-from rlhfkit.config import load_config
+from rlhfkit.config.loading import load_config
 from rlhfkit.stages import sft
 
 

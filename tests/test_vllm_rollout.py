@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhfkit.config import LoraSettings, ModelSettings, RolloutSettings, load_config
+from rlhfkit.config import LoraSettings, ModelSettings, RolloutSettings
+from rlhfkit.config.loading import load_config
 from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.models import attach_lora, load_causal_lm, load_tokenizer, resolve
 from rlhfkit.rollout import pad_responses, rollout_from_responses

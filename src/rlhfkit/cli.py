@@ -11,20 +11,10 @@ from typing import Sequence
 from pydantic import BaseModel
 
 from rlhfkit import __version__
-from rlhfkit.config import CONFIG_CLASSES, PIPELINE_ORDER, STAGE_CONFIGS, dump_config, load_config
+from rlhfkit.config import dump_config
+from rlhfkit.config.loading import load_config
+from rlhfkit import registry
 from rlhfkit.errors import UserError
-
-STAGE_SUMMARIES = {
-    "pretrain": "Continue causal-LM training on raw domain text; reports held-out perplexity before and after.",
-    "sft": "Supervised fine-tuning on prompt->response pairs (loss on responses only, LoRA by default).",
-    "reward": "Train a reward model on preference pairs (Bradley-Terry loss); reports held-out pair accuracy.",
-    "dpo": "Direct preference optimisation (DPO / cDPO / IPO / SimPO) of a policy on preference pairs.",
-    "ppo": "Online RL with PPO: critic, GAE, clipped updates and a KL penalty to the reference policy.",
-    "grpo": "Online RL with GRPO: group-relative advantages, no critic, k3 KL to the reference.",
-    "trpo": "Online RL with TRPO: natural-gradient steps inside a KL trust region.",
-    "evaluate": "Compare models on the same held-out prompts: perplexity, ROUGE-L, reward, win rate, KL, length, distinct-n.",
-}
-
 
 def _field_lines(model: type[BaseModel], prefix: str = "") -> list[str]:
     """`section.field (default): description` for every config field, for --help."""
@@ -41,20 +31,19 @@ def _field_lines(model: type[BaseModel], prefix: str = "") -> list[str]:
     return lines
 
 
-def _add_stage(subparsers, stage: str) -> None:
-    config_class = CONFIG_CLASSES[stage]
+def _add_stage(subparsers, stage: registry.Stage) -> None:
     parser = subparsers.add_parser(
-        stage,
-        help=STAGE_SUMMARIES[stage],
-        description=f"{STAGE_SUMMARIES[stage]}\n\nExample:\n  rlhfkit {stage} configs/quickstart.yaml --set "
-        + ("num_prompts=8" if stage == "evaluate" else "train.lr=1e-4"),
-        epilog="config fields (YAML sections; override any with --set SECTION.FIELD=VALUE):\n" + "\n".join(_field_lines(config_class)),
+        stage.name,
+        help=stage.summary,
+        description=f"{stage.summary}\n\nExample:\n  rlhfkit {stage.name} configs/quickstart.yaml --set {stage.example_override}",
+        epilog="config fields (YAML sections; override any with --set SECTION.FIELD=VALUE):\n"
+        + "\n".join(_field_lines(stage.config_class)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("config", nargs="?", help="YAML config (a file with a top-level '%s:' section works too)" % stage)
+    parser.add_argument("config", nargs="?", help="YAML config (a file with a top-level '%s:' section works too)" % stage.name)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
-    if stage in STAGE_CONFIGS:
+    if stage.trains:
         parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its latest checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the validated config as YAML and exit")
 
@@ -67,12 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rlhfkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for stage in CONFIG_CLASSES:
+    for stage in registry.STAGES.values():
         _add_stage(subparsers, stage)
 
     pipeline = subparsers.add_parser(
         "pipeline",
-        help="Run the stages a config lists (pretrain, sft, reward, dpo/ppo/grpo/trpo, evaluate), each from the one before.",
+        help=f"Run the stages a config lists ({', '.join(registry.names())}), each from the one before.",
         description="Run every stage listed in the config's `pipeline:` section, in order, chaining their outputs, then "
         "write report.html and report.md in the run directory. Complete stages are skipped and an interrupted one resumes.\n\n"
         "Examples:\n  rlhfkit pipeline configs/quickstart.yaml\n  rlhfkit pipeline configs/quickstart.yaml --from ppo\n"
@@ -82,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("config", help="YAML with a `pipeline:` section and one section per stage")
     pipeline.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
                           help="override a field of one stage (sft.train.lr=1e-4) or of the pipeline (pipeline.output_dir=...)")
-    pipeline.add_argument("--from", dest="from_stage", choices=PIPELINE_ORDER, help="re-run this stage and every later one")
-    pipeline.add_argument("--only", choices=PIPELINE_ORDER, help="re-run only this stage")
+    pipeline.add_argument("--from", dest="from_stage", choices=registry.names(), help="re-run this stage and every later one")
+    pipeline.add_argument("--only", choices=registry.names(), help="re-run only this stage")
     pipeline.add_argument("--print-config", action="store_true", help="print every stage's resolved config and exit")
 
     label = subparsers.add_parser(
@@ -183,15 +172,15 @@ def _run_stage(args: argparse.Namespace) -> None:
         print(dump_config(config), end="")
         return
     from rlhfkit.engine import leave_process_group
-    from rlhfkit.pipeline import stage_runner
 
-    stage_runner(args.command)(config, resume=getattr(args, "resume", False))
+    stage = registry.stage(args.command)
+    stage.runner(config, resume=getattr(args, "resume", False))
     leave_process_group()
-    print(f"done: {config.output_dir if args.command == 'evaluate' else config.train.output_dir}")
+    print(f"done: {stage.output_dir(config)}")
 
 
 def _pipeline(args: argparse.Namespace) -> None:
-    from rlhfkit.config import load_pipeline
+    from rlhfkit.config.loading import load_pipeline
     from rlhfkit.pipeline import resolved_yaml, run_pipeline
 
     if args.print_config:
@@ -209,9 +198,9 @@ def _report(args: argparse.Namespace) -> None:
     root = Path(args.run_dir)
     if not root.is_dir():
         raise UserError(f"{root}: no such run directory")
-    stages = {stage: root / stage for stage in PIPELINE_ORDER if (root / stage).is_dir()}
+    stages = {stage: root / stage for stage in registry.names() if (root / stage).is_dir()}
     if not stages:
-        raise UserError(f"{root}: holds no stage directories ({', '.join(PIPELINE_ORDER)})")
+        raise UserError(f"{root}: holds no stage directories ({', '.join(registry.names())})")
     print(f"report written to {write_report(root, stages)}")
 
 
@@ -329,17 +318,14 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message="Could not find a config file in .*", category=UserWarning)
 
 
-# Commands that train through the engine, and so run data-parallel under accelerate launch.
-TRAINING_STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "trpo")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_known_warnings()
     args = build_parser().parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in TRAINING_STAGES:
+    # Only the stages that train through the engine run data-parallel under accelerate launch.
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in registry.training_stages():
         print(f"error: `rlhfkit {args.command}` runs on one process; under accelerate launch run the training stages "
-              f"({', '.join(TRAINING_STAGES)}) one at a time", file=sys.stderr)
+              f"({', '.join(registry.training_stages())}) one at a time", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) > 0:
         # Under accelerate launch / torchrun, only the main process reports to the console; the

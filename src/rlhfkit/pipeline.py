@@ -15,16 +15,14 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhfkit.config import dump_config, load_pipeline
+from rlhfkit import registry
+from rlhfkit.config import dump_config
+from rlhfkit.config.loading import load_pipeline
 from rlhfkit.errors import UserError
 from rlhfkit.files import read_json_or_empty, write_json_atomically, write_text_atomically
 from rlhfkit.models import RUN_MARKER
 
 StageStatus = Literal["missing", "complete", "resumable", "restart"]
-
-
-def stage_output(stage: str, config: Any) -> Path:
-    return Path(config.output_dir if stage == "evaluate" else config.train.output_dir).expanduser()
 
 
 def stage_status(directory: Path) -> StageStatus:
@@ -76,7 +74,7 @@ def run_pipeline(path: str, overrides: list[str] | None = None, from_stage: str 
     timings = read_json_or_empty(root / "timings.json")
     for number, stage in enumerate(selected, start=1):
         config = configs[stage]
-        directory = stage_output(stage, config)
+        directory = registry.stage(stage).output_dir(config)
         status = stage_status(directory)
         if stage in rerun and status != "missing":
             set_aside(directory)
@@ -87,12 +85,12 @@ def run_pipeline(path: str, overrides: list[str] | None = None, from_stage: str 
         action = {"missing": "running", "restart": "starting again", "resumable": "resuming"}[status]
         print(f"pipeline [{number}/{len(selected)}] {stage}: {action} -> {directory}")
         started = time.perf_counter()
-        stage_runner(stage)(config, resume=status == "resumable")
+        registry.stage(stage).runner(config, resume=status == "resumable")
         timings[stage] = time.perf_counter() - started  # of this run: a resumed stage counts from its resume
         write_json_atomically(root / "timings.json", timings)
     from rlhfkit.report import write_report
 
-    report = write_report(root, {stage: stage_output(stage, configs[stage]) for stage in pipeline.stages})
+    report = write_report(root, {stage: registry.stage(stage).output_dir(configs[stage]) for stage in pipeline.stages})
     print(f"pipeline: report written to {report}")
     return root
 
@@ -101,13 +99,3 @@ def resolved_yaml(configs: dict[str, Any]) -> str:
     """Every stage's validated config, paths filled in, as one YAML document."""
     return "".join(f"{stage}:\n" + "".join(f"  {line}\n" for line in dump_config(config).splitlines()) for stage, config in configs.items())
 
-
-def stage_runner(stage: str):
-    """The run(config, resume) function of a stage."""
-    from rlhfkit.stages import dpo, evaluate, grpo, ppo, pretrain, reward, sft, trpo
-
-    runners = {
-        "pretrain": pretrain.run, "sft": sft.run, "reward": reward.run, "dpo": dpo.run,
-        "ppo": ppo.run, "grpo": grpo.run, "trpo": trpo.run, "evaluate": evaluate.run,
-    }
-    return runners[stage]

@@ -1,0 +1,209 @@
+"""Config loading: YAML files, dotted ``--set`` overrides, and the pipeline that chains stages.
+
+Stage names and their config classes come from the stage registry; nothing here lists them.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from rlhfkit import registry
+from rlhfkit.config.sections import Section
+from rlhfkit.errors import ConfigError
+
+
+class PipelineSettings(Section):
+    """The `pipeline:` section: which stages run, from which model, into which run directory."""
+
+    output_dir: str = Field("runs/pipeline", description="Run directory: one subdirectory per stage, plus the report.")
+    model: str = Field("smollm2-135m-instruct", description="The starting (base) model of the first stage.")
+    stages: list[str] = Field(
+        default_factory=lambda: list(registry.DEFAULT_PIPELINE), description="Stages to run, in this order."
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _order(cls, stages: list[str]) -> list[str]:
+        order = registry.names()
+        if not stages:
+            raise ValueError("name at least one stage")
+        unknown = [stage for stage in stages if stage not in order]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(map(repr, unknown))} (the stages are {', '.join(order)})")
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"a stage is listed twice: {stages}")
+        expected = [stage for stage in order if stage in stages]
+        if stages != expected:
+            raise ValueError(f"stages must run in the order {', '.join(order)} (got {', '.join(stages)})")
+        return stages
+
+
+def _set_default(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set tree[a][b] = value unless the user's config already sets it."""
+    *sections, key = dotted.split(".")
+    node = tree
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            return  # the user's value is not a section: validation will name it
+    node.setdefault(key, value)
+
+
+def chain_stage_tree(stage: str, tree: dict[str, Any], pipeline: PipelineSettings, sections: dict[str, Any]) -> dict[str, Any]:
+    """A stage's config tree with what the pipeline implies filled in where the user left it unset.
+
+    Each stage writes to OUTPUT_DIR/STAGE; the first policy stage (pretrain) starts from
+    pipeline.model and every later stage from the last policy stage before it; online RL stages are
+    rewarded by the reward stage's model, offline alignment's answers are scored by it, and the
+    evaluation compares the base model, the last policy stage and every aligned model, on the
+    held-out data of the stage that supplies it (SFT).
+    """
+    tree = copy.deepcopy(tree)
+    root = Path(pipeline.output_dir)
+    earlier = pipeline.stages[: pipeline.stages.index(stage)] if stage in pipeline.stages else list(pipeline.stages)
+    output = lambda name: str(root / name)  # noqa: E731
+    policies = [name for name in earlier if registry.stage(name).kind == "policy"]
+    reward_models = [name for name in earlier if registry.stage(name).kind == "reward"]
+    kind = registry.stage(stage).kind
+    if kind == "evaluation":
+        _set_default(tree, "output_dir", output(stage))
+        compared = policies[-1:] + [name for name in earlier if registry.stage(name).kind in registry.ALIGNMENT_KINDS]
+        models = {"base": pipeline.model, **{name: output(name) for name in compared}}
+        tree.setdefault("models", models)
+        if reward_models:
+            tree.setdefault("reward_model", output(reward_models[-1]))
+        for source in registry.names():
+            source_tree = sections.get(source) if registry.stage(source).supplies_evaluation_data else None
+            if isinstance(source_tree, dict):
+                if "data" in source_tree:
+                    tree.setdefault("data", source_tree["data"])
+                if isinstance(source_tree.get("train"), dict) and "seed" in source_tree["train"]:
+                    tree.setdefault("seed", source_tree["train"]["seed"])
+        return tree
+    _set_default(tree, "train.output_dir", output(stage))
+    _set_default(tree, "model.name_or_path", output(policies[-1]) if policies else pipeline.model)
+    if reward_models:
+        if kind == "online":
+            reward = tree.setdefault("reward", {})
+            if isinstance(reward, dict) and "function" not in reward and "model" not in reward:
+                reward["model"] = output(reward_models[-1])
+        elif kind == "offline":
+            _set_default(tree, "eval.reward_model", output(reward_models[-1]))
+    return tree
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML (1e-4, true, [a, b])."""
+    key, sep, raw_value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; `rlhfkit STAGE --help` lists the sections)"
+        elif "input" in item and not isinstance(item["input"], dict):
+            message = f"{message} (got {item['input']!r})"
+        lines.append(f"{source}: {field}: {message}")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise ConfigError(f"config file not found: {config_path}")
+    try:
+        loaded = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config_path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{config_path}: not UTF-8 text") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{config_path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def _validate(config_class: type[Section], tree: dict[str, Any], source: str, pipeline: PipelineSettings | None = None) -> Any:
+    outputs = {str(Path(pipeline.output_dir) / stage) for stage in pipeline.stages} if pipeline else set()
+    try:
+        return config_class.model_validate(tree, context={"pipeline_outputs": outputs})
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def _pipeline_settings(loaded: dict[str, Any], source: str) -> PipelineSettings:
+    section = loaded.get("pipeline")
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: pipeline: expected a section (output_dir, model, stages)")
+    return _validate(PipelineSettings, section, f"{source} [pipeline]")
+
+
+def load_config(stage: str, path: str | Path | None, overrides: list[str] | None = None) -> Any:
+    """Read a stage config from YAML (or defaults when path is None), apply overrides, validate it.
+
+    In a multi-stage file each stage reads its own top-level section; when the file also has a
+    `pipeline:` section, the stage's model and output paths follow the pipeline (chain_stage_tree).
+    """
+    config_class = registry.stage(stage).config_class
+    source = str(path) if path else "(defaults)"
+    tree: dict[str, Any] = {}
+    loaded: dict[str, Any] = {}
+    if path is not None:
+        loaded = _read_yaml(path)
+        tree = loaded
+        # A multi-stage file (configs/quickstart.yaml) keeps each stage under its own key.
+        if isinstance(loaded.get(stage), dict) or "pipeline" in loaded:
+            tree = copy.deepcopy(loaded.get(stage) or {})
+            source = f"{source} [{stage}]"
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    pipeline = _pipeline_settings(loaded, str(path)) if "pipeline" in loaded else None
+    if pipeline is not None:
+        tree = chain_stage_tree(stage, tree, pipeline, loaded)
+    return _validate(config_class, tree, source, pipeline)
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple[PipelineSettings, dict[str, Any]]:
+    """The pipeline settings and every listed stage's validated config, before anything runs.
+
+    Overrides name the stage first: `--set sft.train.lr=1e-4`, `--set pipeline.output_dir=runs/x`.
+    """
+    loaded = _read_yaml(path)
+    for assignment in overrides or []:
+        apply_override(loaded, assignment)
+    loaded.setdefault("pipeline", {})
+    pipeline = _pipeline_settings(loaded, str(path))
+    unknown = sorted(set(loaded) - set(registry.names()) - {"pipeline"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level section(s) {', '.join(unknown)} (expected pipeline, {', '.join(registry.names())})")
+    configs = {}
+    for stage in pipeline.stages:
+        section = loaded.get(stage) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path} [{stage}]: expected a section, got {type(section).__name__}")
+        tree = chain_stage_tree(stage, section, pipeline, loaded)
+        configs[stage] = _validate(registry.stage(stage).config_class, tree, f"{path} [{stage}]", pipeline)
+    return pipeline, configs

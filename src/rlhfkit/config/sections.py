@@ -1,0 +1,188 @@
+"""Config sections every stage shares: model, LoRA, data, training, evaluation, sampling.
+
+Every field has a default and a one-line description. Validation runs in full before any model
+or dataset is loaded: unknown keys, wrong types, impossible sizes and missing local files fail
+at once with the field and the config file named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+BUILTIN_PREFIX = "builtin:"
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelSettings(Section):
+    name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="Built-in model name, hub id, local model dir, .gguf file, adapter dir or run dir.",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside name_or_path, when that is a dir.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype: auto = bf16 on GPUs that support it, else float32."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train: auto picks a GPU if present.")
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention kernel: sdpa attends packed sequences one at a time (fast); eager masks the packed row."
+    )
+    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model (off: safer).")
+    load_in_4bit: bool = Field(
+        False, description="QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes, CUDA GPUs); LoRA adapters train in model.dtype."
+    )
+
+    @model_validator(mode="after")
+    def _four_bit_on_a_gpu(self) -> "ModelSettings":
+        if self.load_in_4bit and self.device == "cpu":
+            raise ValueError("model.load_in_4bit needs a CUDA GPU (bitsandbytes kernels), but model.device is cpu")
+        return self
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _model_path_exists(cls, value: str, info: ValidationInfo) -> str:
+        # A pipeline validates every stage before the first runs: earlier stages' outputs are pending.
+        pending = (info.context or {}).get("pipeline_outputs", ())
+        looks_local = value.startswith((".", "/", "~")) or value.endswith(".gguf")
+        if looks_local and value not in pending and not Path(value).expanduser().exists():
+            raise ValueError(f"model path does not exist: {value}")
+        return value
+
+
+class LoraSettings(Section):
+    enabled: bool = Field(True, description="Train LoRA adapters (true) or all weights (false).")
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator: updates are scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the output head."
+    )
+
+
+class DataSettings(Section):
+    path: str = Field(..., description="Data file (.jsonl/.json/.csv/.parquet), saved dataset dir, hub name or builtin:NAME.")
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "saved", "hub"] = Field(
+        "auto", description="How to read path; auto decides from the suffix or directory contents."
+    )
+    split: str = Field("train", description="Split to read from a hub or saved dataset.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename columns: {expected_name: name_in_your_data}, e.g. {prompt: question}."
+    )
+    eval_path: str | None = Field(None, description="Held-out data; if unset, eval_fraction of path is held out.")
+    eval_split: str | None = Field(None, description="Split of eval_path (or of path) to evaluate on.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of rows held out when eval_path is unset.")
+    max_examples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
+    max_length: int = Field(512, gt=1, description="Longest tokenised example (SFT) or block length (pretrain).")
+    overlong: Literal["truncate", "skip", "error"] = Field(
+        "truncate", description="What to do with an example longer than max_length."
+    )
+    invalid_rows: Literal["error", "skip"] = Field(
+        "error", description="Empty or mistyped rows: stop with the row named, or skip and report a count."
+    )
+
+    @field_validator("path", "eval_path")
+    @classmethod
+    def _local_data_exists(cls, value: str | None) -> str | None:
+        if value is None or value.startswith(BUILTIN_PREFIX):
+            return value
+        looks_local = value.endswith(DATA_FILE_SUFFIXES) or value.startswith((".", "/", "~"))
+        if looks_local and not Path(value).expanduser().exists():
+            raise ValueError(f"data file does not exist: {value}")
+        return value
+
+
+class TextDataSettings(DataSettings):
+    path: str = Field("builtin:tutor-corpus", description="Raw text data with a `text` column.")
+    max_length: int = Field(256, gt=1, description="Block length: texts are concatenated and cut into blocks of this size.")
+
+
+class ChatDataSettings(DataSettings):
+    path: str = Field("builtin:tutor-sft", description="prompt/completion rows, or chat `messages` rows.")
+    template: Literal["auto", "plain"] = Field(
+        "auto", description="auto: the tokenizer's chat template when it has one, else the plain template."
+    )
+
+
+class TrainSettings(Section):
+    output_dir: str = Field("runs/default", description="Run directory: checkpoints, final model, metrics, logs.")
+    epochs: int = Field(1, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to run; overrides epochs.")
+    batch_size: int = Field(8, gt=0, description="Examples (SFT) or blocks (pretrain) per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (not applied to biases and norms).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warmup from 0.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    seed: int = Field(0, description="Seed for data order, dropout and sampling.")
+    save_every: int = Field(0, ge=0, description="Write a checkpoint every N optimizer steps (0: only at the end).")
+    save_limit: int = Field(2, gt=0, description="Keep at most this many checkpoints.")
+    log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
+    eval_every: int = Field(0, ge=0, description="Evaluate held-out loss every N steps (0: before and after only).")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Where metrics go besides the console."
+    )
+    tracker_project: str = Field("rlhfkit", min_length=1, description="Project (W&B) / experiment (MLflow) / log folder (TensorBoard) name.")
+    loss_chunk_tokens: int = Field(
+        1024, gt=0, description="Tokens per chunk when computing logits and the loss (bounds [tokens, vocab] memory)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    on_nonfinite: Literal["error", "skip"] = Field(
+        "error", description="A NaN/inf loss or gradient: stop naming the step (the last good checkpoint stays), or skip that batch's update and count it."
+    )
+
+
+class EvalSettings(Section):
+    before: bool = Field(True, description="Evaluate the starting model too, so the report shows what changed.")
+    max_batches: int | None = Field(None, gt=0, description="Cap on held-out batches for perplexity.")
+
+
+class GenerationSettings(Section):
+    num_prompts: int = Field(16, ge=0, description="Held-out prompts answered for ROUGE-L and side-by-side samples.")
+    max_new_tokens: int = Field(128, gt=0, description="Longest generated answer.")
+    batch_size: int = Field(8, gt=0, description="Prompts per generate call.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy decoding (deterministic evaluation).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (when temperature > 0).")
+    extra_prompts: list[str] = Field(
+        default_factory=list, description="More prompts shown side by side (base vs tuned), without references."
+    )
+
+
+class StageConfig(Section):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    @model_validator(mode="after")
+    def _four_bit_trains_adapters(self) -> "StageConfig":
+        if self.model.load_in_4bit and not self.lora.enabled:
+            raise ValueError("model.load_in_4bit freezes the base in 4 bits, so only adapters can train: set lora.enabled: true")
+        return self
+
+
+
+class SamplingSettings(Section):
+    """How completions are sampled (RL rollouts, evaluation): always with T > 0, so KL is defined."""
+
+    max_new_tokens: int = Field(64, gt=0, description="Longest completion; it must be able to reach an answer.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs for the loss and KL use the same one.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: no limit).")
+    batch_size: int = Field(32, gt=0, description="Sequences per generate call.")
+
+
+def dump_config(config: Section) -> str:
+    """The resolved config as YAML, as written into the run directory."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
