@@ -235,7 +235,7 @@ def test_unsupported_sharding_launches_are_refused_by_name(monkeypatch, launch_t
     ("ACCELERATE_MIXED_PRECISION", "fp16", "fp16 mixed precision"),
 ])
 def test_deepspeed_launch_settings_rlhfkit_does_not_honour_are_refused_by_name(monkeypatch, variable, value, message):
-    from rlhfkit.deepspeed_zero import zero_stage
+    from rlhfkit.engine.deepspeed_zero import zero_stage
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")

@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset is missing, unreadable or has a bad row."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. a non-finite loss, a checkpoint that cannot be written); the last good checkpoint is kept."""

@@ -1,16 +1,15 @@
-"""Forward passes shared by stages: hidden states from the decoder, loss from `losses/`."""
+"""Forward passes shared by stages: hidden states from the decoder, then a loss or log-probs from `losses/`."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Iterable
 
 import torch
 
 from rlhfkit.attention import packed_hidden_states
 from rlhfkit.data.batching import LMBatch, PairBatch
-from rlhfkit.engine import Engine, LossOutput
 from rlhfkit.losses.lm import causal_lm_nll_sum, perplexity, sequence_sums, target_token_logprobs
-from rlhfkit.models import backbone_and_head
+from rlhfkit.models import backbone_and_head, eval_mode
 
 
 def lm_nll_sum(model: torch.nn.Module, batch: LMBatch, chunk_size: int) -> torch.Tensor:
@@ -21,16 +20,7 @@ def lm_nll_sum(model: torch.nn.Module, batch: LMBatch, chunk_size: int) -> torch
     return causal_lm_nll_sum(hidden, head_weight, batch.targets, chunk_size)  # hidden: (B, T, H)
 
 
-def lm_loss(chunk_size: int):
-    """A loss function for Engine.fit: summed token NLL of an LMBatch."""
-
-    def loss_fn(model: torch.nn.Module, batch: LMBatch) -> LossOutput:
-        return LossOutput(lm_nll_sum(model, batch, chunk_size), metrics={})
-
-    return loss_fn
-
-
-def _perplexity_from_sums(nll: float, tokens: int) -> dict[str, float]:
+def perplexity_from_sums(nll: float, tokens: int) -> dict[str, float]:
     return {"loss": nll / max(tokens, 1), "perplexity": perplexity(nll, tokens), "tokens": tokens}
 
 
@@ -39,28 +29,12 @@ def evaluate_perplexity(
     model: torch.nn.Module, batches: Iterable[LMBatch], device: torch.device, chunk_size: int
 ) -> dict[str, float]:
     """Token-weighted mean NLL and perplexity over held-out batches."""
-    was_training = model.training
-    model.eval()
     nll, tokens = 0.0, 0
-    for batch in batches:
-        nll += lm_nll_sum(model, batch.to(device), chunk_size).item()
-        tokens += batch.num_target_tokens
-    model.train(was_training)
-    return _perplexity_from_sums(nll, tokens)
-
-
-def perplexity_evaluator(engine: Engine, batches: Sequence[LMBatch], chunk_size: int) -> Callable[[], dict[str, float]] | None:
-    """A no-argument held-out evaluation of the engine's model for Engine.fit (the batches split
-    over the launch's processes), or None when there is no held-out data."""
-    if not batches:
-        return None
-
-    def evaluate() -> dict[str, float]:
-        sums_of = lambda batch: {"nll": lm_nll_sum(engine.model, batch, chunk_size).item(), "tokens": batch.num_target_tokens}  # noqa: E731
-        sums = engine.held_out_sums(batches, sums_of)
-        return _perplexity_from_sums(sums["nll"], int(sums["tokens"]))
-
-    return evaluate
+    with eval_mode(model):
+        for batch in batches:
+            nll += lm_nll_sum(model, batch.to(device), chunk_size).item()
+            tokens += batch.num_target_tokens
+    return perplexity_from_sums(nll, tokens)
 
 
 def answer_logps(model: torch.nn.Module, batch: PairBatch, chunk_size: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit.models import weights_are_sharded
+from rlhfkit.models import eval_mode, weights_are_sharded
 
 
 @torch.no_grad()  # not inference_mode: FSDP gathers weights into buffers it reuses in training
@@ -22,9 +22,7 @@ def generate_texts(
     seed: int = 0,
     show_progress: bool = True,
 ) -> list[str]:
-    """Continue each already-formatted prompt; returns only the new text. temperature 0 is greedy."""
-    was_training = model.training
-    model.eval()
+    """Continue each already-formatted prompt (in eval mode: no dropout); returns only the new text. temperature 0 is greedy."""
     device = next(model.parameters()).device
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generated tokens must follow the prompt directly
@@ -32,24 +30,24 @@ def generate_texts(
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     outputs: list[str] = []
     starts = range(0, len(prompt_texts), batch_size)
-    try:
-        for start in tqdm(starts, desc="generate", disable=not show_progress or len(starts) < 2):
-            encoded = tokenizer(
-                list(prompt_texts[start : start + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(device)
-            generated = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                synced_gpus=weights_are_sharded(model),  # sharded: every process runs each decode step
-                **sampling,
-            )
-            new_tokens = generated[:, encoded["input_ids"].shape[1] :]  # (B, new)
-            outputs.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for start in tqdm(starts, desc="generate", disable=not show_progress or len(starts) < 2):
+                encoded = tokenizer(
+                    list(prompt_texts[start : start + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(device)
+                generated = model.generate(
+                    **encoded,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    synced_gpus=weights_are_sharded(model),  # sharded: every process runs each decode step
+                    **sampling,
+                )
+                new_tokens = generated[:, encoded["input_ids"].shape[1] :]  # (B, new)
+                outputs.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        finally:
+            tokenizer.padding_side = padding_side
     return outputs
 
 

@@ -11,6 +11,7 @@ A model reference (``model.name_or_path``) may be:
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -113,6 +114,35 @@ def resolve(reference: str, gguf_file: str | None = None) -> ModelSource:
     if reference.startswith((".", "/", "~")) or local.suffix == ".gguf":
         raise UserError(f"model path does not exist: {reference}")
     return ModelSource(reference, gguf_file=gguf_file)  # a hub id
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The block runs with the model in eval mode (no dropout); its own mode is back afterwards, even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def frozen_reference_copy(policy: torch.nn.Module, lora_enabled: bool) -> torch.nn.Module | None:
+    """What the reference policy needs of its own: nothing with LoRA (the policy with its adapters
+    off is the reference, no second copy of the weights), a frozen copy of the starting policy when
+    fully fine-tuning."""
+    return None if lora_enabled else copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+@contextmanager
+def reference_policy(policy: torch.nn.Module, frozen_copy: torch.nn.Module | None) -> Iterator[torch.nn.Module]:
+    """The reference policy for the block, in eval mode: the frozen copy, or the policy with its adapters off."""
+    if frozen_copy is not None:
+        with eval_mode(frozen_copy):
+            yield frozen_copy
+    else:
+        with eval_mode(policy), policy.disable_adapter():
+            yield policy
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -269,6 +299,20 @@ def attach_lora(model: torch.nn.Module, lora: LoraSettings, task_type: str = "CA
         task_type=task_type,
     )
     return get_peft_model(model, config)
+
+
+def load_for_training(
+    source: ModelSource, settings: ModelSettings, lora: LoraSettings, dtype: torch.dtype, reward_model: bool = False
+) -> torch.nn.Module:
+    """The starting model of a training stage, with fresh LoRA adapters unless fully fine-tuning."""
+    loader = load_reward_model if reward_model else load_causal_lm
+    model = loader(source, settings, dtype)
+    if lora.enabled:
+        model = attach_lora(model, lora, "SEQ_CLS" if reward_model else "CAUSAL_LM")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({'LoRA' if lora.enabled else 'full'})")
+    return model
 
 
 def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor]:

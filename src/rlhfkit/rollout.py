@@ -23,7 +23,7 @@ import torch
 from rlhfkit.attention import consecutive_runs, pack_shared_prefixes, packed_hidden_states, shares_prompts
 from rlhfkit.config import SamplingSettings
 from rlhfkit.losses.lm import IGNORE_INDEX, target_token_logprobs, target_token_logprobs_and_entropy
-from rlhfkit.models import backbone_and_head, backbone_and_score_head, packs_by_position_ids, weights_are_sharded
+from rlhfkit.models import backbone_and_head, backbone_and_score_head, eval_mode, packs_by_position_ids, weights_are_sharded
 
 
 @dataclass
@@ -129,8 +129,6 @@ def sample_rollout(
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     repeated = [text for text in prompt_texts for _ in range(samples_per_prompt)]
     prompt_ids, prompt_mask = encode_prompts(tokenizer, repeated, max_prompt_length)
@@ -142,19 +140,19 @@ def sample_rollout(
         do_sample=seeds is None, **warping, max_new_tokens=settings.max_new_tokens,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    pieces = []
-    for start in range(0, len(repeated), settings.batch_size):
-        ids = prompt_ids[start : start + settings.batch_size].to(device)
-        mask = prompt_mask[start : start + settings.batch_size].to(device)
-        processors = LogitsProcessorList([RowSeededSampler(seeds[start : start + settings.batch_size], settings)] if seeds is not None else [])
-        prefix = shared_prompt_cache(model, ids, mask, torch.arange(start, start + len(ids)) // samples_per_prompt)
-        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config, logits_processor=processors,
-                                   past_key_values=prefix,
-                                   synced_gpus=weights_are_sharded(model))  # sharded: every process runs each decode step
-        new = generated[:, ids.shape[1] :].cpu()
-        pad = torch.full((new.shape[0], settings.max_new_tokens - new.shape[1]), tokenizer.pad_token_id, dtype=torch.long)
-        pieces.append(torch.cat([new, pad], dim=1))
-    model.train(was_training)
+    with eval_mode(model):
+        pieces = []
+        for start in range(0, len(repeated), settings.batch_size):
+            ids = prompt_ids[start : start + settings.batch_size].to(device)
+            mask = prompt_mask[start : start + settings.batch_size].to(device)
+            processors = LogitsProcessorList([RowSeededSampler(seeds[start : start + settings.batch_size], settings)] if seeds is not None else [])
+            prefix = shared_prompt_cache(model, ids, mask, torch.arange(start, start + len(ids)) // samples_per_prompt)
+            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config, logits_processor=processors,
+                                       past_key_values=prefix,
+                                       synced_gpus=weights_are_sharded(model))  # sharded: every process runs each decode step
+            new = generated[:, ids.shape[1] :].cpu()
+            pad = torch.full((new.shape[0], settings.max_new_tokens - new.shape[1]), tokenizer.pad_token_id, dtype=torch.long)
+            pieces.append(torch.cat([new, pad], dim=1))
     return rollout_from_responses(prompt_ids, prompt_mask, torch.cat(pieces), tokenizer, samples_per_prompt)
 
 

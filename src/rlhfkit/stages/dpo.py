@@ -11,8 +11,6 @@ optional label smoothing), IPO, SimPO.
 
 from __future__ import annotations
 
-import copy
-from contextlib import nullcontext
 
 import torch
 
@@ -21,11 +19,12 @@ from rlhfkit.config import DPOConfig
 from rlhfkit.data.batching import PairBatch, pair_batches
 from rlhfkit.data.formatting import render_prompt, tokenize_pairs
 from rlhfkit.data.kinds import load_examples, preference_examples
+from rlhfkit.stages.before_after import measure, write_samples
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.forward import answer_logps
 from rlhfkit.generation import generate_answers
 from rlhfkit.losses.dpo import DPOLoss, dpo_family_loss, implicit_rewards
-from rlhfkit.models import backbone_and_head, resolve_with_tokenizer
+from rlhfkit.models import backbone_and_head, frozen_reference_copy, reference_policy, resolve_with_tokenizer
 from rlhfkit.rewards import RewardModelScorer
 
 STAGE = "dpo"
@@ -44,14 +43,8 @@ class ReferencePolicy:
         if self.table is not None and training_pairs:
             rows = self.table[batch.pair_ids.cpu()]  # (B, 2)
             return torch.cat([rows[:, 0], rows[:, 1]]).to(self.engine.device)
-        model = self.frozen_copy if self.frozen_copy is not None else self.engine.model
-        adapters_off = self.engine.model.disable_adapter() if self.frozen_copy is None else nullcontext()
-        was_training = model.training
-        model.eval()  # no dropout in the reference
-        with adapters_off:
-            logps = answer_logps(model, batch, self.chunk_size)
-        model.train(was_training)
-        return logps
+        with reference_policy(self.engine.model, self.frozen_copy) as reference:
+            return answer_logps(reference, batch, self.chunk_size)
 
     def precompute(self, batches: list[PairBatch], num_pairs: int) -> None:
         """The table, each batch computed by one process of the launch; each entry is written by
@@ -116,7 +109,7 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     # Policy, reference and optimiser.
     engine = Engine(train, config.model.device, run_dir, STAGE)
     model = engine.build_model(source, config.model, config.lora)
-    frozen_copy = None if config.lora.enabled else copy.deepcopy(model).eval().requires_grad_(False)
+    frozen_copy = frozen_reference_copy(model, config.lora.enabled)
     reference = None if DPOLoss(config.dpo.loss) is DPOLoss.simpo else ReferencePolicy(engine, frozen_copy, train.loss_chunk_tokens)
     share = shares_prompts(backbone_and_head(model)[0])
     batches = lambda pairs, seed: pair_batches(pairs, train.batch_size, seed, share)  # noqa: E731
@@ -158,12 +151,14 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     # Train, measuring implicit-reward accuracy (and the reward model's score of answers) before and after.
     metrics = run_dir.read_json("metrics.json")
     if config.eval.before:
-        engine.measure(metrics, "before", answer_and_score)
+        measure(engine, metrics, "before", answer_and_score)
     engine.fit(batches_for_epoch, loss_fn, evaluate if eval_batches else None)
-    engine.measure(metrics, "after", answer_and_score)
+    measure(engine, metrics, "after", answer_and_score)
 
     # Save.
     engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled, "loss": config.dpo.loss})
-    engine.complete(metrics, report.summary(), samples=(prompt_turns, []) if prompt_texts else None)
+    if prompt_texts:
+        write_samples(engine, prompt_turns, metrics, [])
+    engine.complete(metrics, report.summary())
     return metrics
 

@@ -16,10 +16,8 @@ single process would sample. Summaries are computed over all processes' completi
 
 from __future__ import annotations
 
-import copy
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -30,10 +28,11 @@ from rlhfkit.config import LoraSettings, RLConfig
 from rlhfkit.data.batching import _order
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.data.kinds import PromptExample, load_examples, prompt_examples
-from rlhfkit.deepspeed_zero import deepspeed_launch
+from rlhfkit.engine.deepspeed_zero import deepspeed_launch
+from rlhfkit.stages.before_after import measure, write_samples
 from rlhfkit.engine import Engine, RunDir, fsdp_launch, process_state
 from rlhfkit.errors import UserError
-from rlhfkit.models import resolve, resolve_with_tokenizer
+from rlhfkit.models import frozen_reference_copy, reference_policy, resolve, resolve_with_tokenizer
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
 from rlhfkit.rollout import Rollout, response_logprobs, row_seed, sample_rollout
 
@@ -146,9 +145,7 @@ class Context:
 
         with_hidden: also return the reference's hidden states at the response positions (N, R, H).
         """
-        reference = self.frozen_reference if self.frozen_reference is not None else self.policy
-        adapters_off = self.policy.disable_adapter() if self.frozen_reference is None else nullcontext()
-        with self.engine.full_weights(), adapters_off:
+        with self.engine.full_weights(), reference_policy(self.policy, self.frozen_reference) as reference:
             logprobs, _, *hidden = response_logprobs(reference, rollout, self.temperature, self.chunk, with_hidden=with_hidden)
         return (logprobs, hidden[0]) if with_hidden else logprobs
 
@@ -282,7 +279,7 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
     # TRPO steps the policy itself; the engine's optimizer then trains only its critic.
     engine = Engine(train, config.model.device, run_dir, stage, some_parameters_idle=stage == "trpo")
     policy = engine.build_model(source, config.model, config.lora)
-    frozen = None if config.lora.enabled else copy.deepcopy(policy).eval().requires_grad_(False)
+    frozen = frozen_reference_copy(policy, config.lora.enabled)
     context = Context(config, engine, tokenizer, policy, frozen)
     algorithm = make_algorithm(context)
     total_steps = train.max_steps or train.epochs * math.ceil(len(train_examples) / rollout_settings.prompts_per_step)
@@ -342,7 +339,7 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
 
     metrics = run_dir.read_json("metrics.json")
     if config.eval.before and eval_examples:
-        engine.measure(metrics, "before", evaluate)
+        measure(engine, metrics, "before", evaluate)
     bar = engine.progress_bar()
     while engine.progress.step < total_steps:
         started = time.perf_counter()
@@ -359,14 +356,16 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
     bar.close()
     engine.checkpoint_at_end()
     if eval_examples:
-        engine.measure(metrics, "after", evaluate)
+        measure(engine, metrics, "after", evaluate)
         metrics["after"].update(paired_gain(metrics.get("before", {}), metrics["after"]))
 
     info = {"stage": stage, "lora": config.lora.enabled, "reward": reward.name}
     engine.save_final(tokenizer, config.model.name_or_path, info, model=policy)
     if context.critic is not None:
         engine.save_final(tokenizer, context.critic_reference, {**info, "role": "critic"}, model=context.critic, name="critic")
-    engine.complete(metrics, report.summary(), samples=([e.prompt for e in eval_examples], []) if eval_examples else None)
+    if eval_examples:
+        write_samples(engine, [e.prompt for e in eval_examples], metrics, [])
+    engine.complete(metrics, report.summary())
     if vllm is not None:
         vllm.close()
     return metrics

@@ -10,9 +10,10 @@ from rlhfkit.config import PretrainConfig
 from rlhfkit.data.batching import block_batches, corpus_blocks
 from rlhfkit.data.kinds import load_examples, text_examples
 from rlhfkit.data.formatting import tokenize_corpus
+from rlhfkit.stages.language_model import lm_loss, perplexity_evaluator
+from rlhfkit.stages.before_after import measure
 from rlhfkit.engine import Engine, RunDir, steps_for
 from rlhfkit.errors import DataError
-from rlhfkit.forward import lm_loss, perplexity_evaluator
 from rlhfkit.models import resolve_with_tokenizer
 
 STAGE = "pretrain"
@@ -43,9 +44,9 @@ def run(config: PretrainConfig, resume: bool = False) -> dict:
     # Train, measuring held-out perplexity before and after.
     metrics = run_dir.read_json("metrics.json")
     if config.eval.before:
-        engine.measure(metrics, "before", evaluate)
+        measure(engine, metrics, "before", evaluate)
     engine.fit(batches_for_epoch, lm_loss(train.loss_chunk_tokens), evaluate)
-    engine.measure(metrics, "after", evaluate)
+    measure(engine, metrics, "after", evaluate)
 
     # Save.
     engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled})

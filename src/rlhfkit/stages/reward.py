@@ -17,6 +17,7 @@ from rlhfkit.config import RewardConfig
 from rlhfkit.data.batching import RewardBatch, reward_batches
 from rlhfkit.data.formatting import tokenize_pairs
 from rlhfkit.data.kinds import load_examples, preference_examples
+from rlhfkit.stages.before_after import measure
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.losses.reward import bradley_terry_loss
 from rlhfkit.models import backbone_and_score_head, packs_by_position_ids, resolve_with_tokenizer
@@ -106,9 +107,9 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
     # Train, measuring held-out pair accuracy before and after.
     metrics = run_dir.read_json("metrics.json")
     if config.eval.before:
-        engine.measure(metrics, "before", evaluate)
+        measure(engine, metrics, "before", evaluate)
     engine.fit(batches_for_epoch, reward_loss(config.loss.center_coef, config.loss.use_margins), evaluate)
-    engine.measure(metrics, "after", evaluate)
+    measure(engine, metrics, "after", evaluate)
 
     # Save.
     engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled, "reward_model": True})

@@ -12,9 +12,10 @@ from rlhfkit.config import SFTConfig
 from rlhfkit.data.batching import packed_batches
 from rlhfkit.data.formatting import render_prompt, tokenize_examples
 from rlhfkit.data.kinds import ChatExample, load_examples, chat_examples
+from rlhfkit.stages.language_model import lm_loss, perplexity_evaluator
+from rlhfkit.stages.before_after import measure, write_samples
 from rlhfkit.engine import Engine, RunDir, steps_for
 from rlhfkit.evaluate import rouge_l
-from rlhfkit.forward import lm_loss, perplexity_evaluator
 from rlhfkit.generation import generate_answers
 from rlhfkit.models import resolve_with_tokenizer
 
@@ -70,12 +71,13 @@ def run(config: SFTConfig, resume: bool = False) -> dict:
     # Train, measuring response perplexity and ROUGE-L before and after.
     metrics = run_dir.read_json("metrics.json")
     if config.eval.before:
-        engine.measure(metrics, "before", answer_and_score)
+        measure(engine, metrics, "before", answer_and_score)
     engine.fit(batches_for_epoch, lm_loss(train.loss_chunk_tokens), evaluate)
-    engine.measure(metrics, "after", answer_and_score)
+    measure(engine, metrics, "after", answer_and_score)
 
     # Save.
     engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled})
-    engine.complete(metrics, report.summary(), samples=(prompt_turns, references))
+    write_samples(engine, prompt_turns, metrics, references)
+    engine.complete(metrics, report.summary())
     return metrics
 

@@ -13,47 +13,38 @@ process writes files; checkpoints hold whole tensors, so a run saved under N pro
 or not) resumes under M.
 """
 
+
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from rlhfkit import __version__, deepspeed_zero
-from rlhfkit.config import LoraSettings, ModelSettings, StageConfig, TrainSettings, dump_config
-from rlhfkit.deepspeed_zero import accelerate_without_deepspeed, deepspeed_launch
-from rlhfkit.errors import UserError
-from rlhfkit.evaluate import describe, write_answers_before_after
-from rlhfkit.files import clean_stale_temporaries, remove_dir_atomically, write_dir_atomically, write_json_atomically, write_text_atomically
+from rlhfkit.config import LoraSettings, ModelSettings, TrainSettings
+from rlhfkit.engine import checkpointing, deepspeed_zero, tracking
+from rlhfkit.engine.deepspeed_zero import accelerate_without_deepspeed, deepspeed_launch
+from rlhfkit.engine.distributed import ForwardInWrapper, fsdp_launch, runs_on_cpu, shard_model, start_from_main_process
+from rlhfkit.engine.optim import decay_groups, warmup_then_decay
+from rlhfkit.engine.run_dir import RunDir
+from rlhfkit.errors import TrainingError, UserError
 from rlhfkit.models import (
     FINAL_DIR,
-    RUN_MARKER,
     ModelSource,
-    attach_lora,
+    eval_mode,
     full_tensor,
-    load_causal_lm,
-    load_reward_model,
+    load_for_training,
     output_weights,
     pick_dtype,
     portable_reference,
     save_model,
 )
-
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_STATE = "state.json"
-METRICS_LOG = "metrics.jsonl"
 
 
 class Batch(Protocol):
@@ -78,260 +69,6 @@ class Progress:
     epoch: int = 0
     group_in_epoch: int = 0  # accumulation groups (optimizer steps) done in this epoch
 
-
-def runs_on_cpu(device: str) -> bool:
-    """model.device cpu, or auto on a machine without a GPU.
-
-    accelerate must be told: launched on several processes without a GPU and not told, each
-    process would train alone (and all of them would write the same run directory).
-    """
-    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-
-
-def fsdp_launch() -> bool:
-    """Launched with an FSDP accelerate config (configs/accelerate/fsdp.yaml): shard the model.
-
-    accelerate's launcher says so in the environment; on CPU processes its Accelerator would
-    ignore FSDP, so the engine shards the model itself with PyTorch's FSDP2 (`fully_shard`), on
-    CPU and GPU alike.
-    """
-    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def process_state(device: str):
-    """This process's place in the launch (accelerate's PartialState; a single process when not launched).
-
-    Data parallelism (DDP), FSDP2 sharding and DeepSpeed ZeRO (configs/accelerate/) are what the
-    engine is built and tested for; Megatron launches are refused rather than half-working. Under
-    DeepSpeed, accelerate's state is a plain data-parallel one: the engine drives DeepSpeed itself.
-    """
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType
-
-    if fsdp_launch() and os.environ.get("FSDP_VERSION", "1") != "2":
-        raise UserError("rlhfkit shards models with FSDP2: set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
-    with accelerate_without_deepspeed():
-        state = PartialState(cpu=runs_on_cpu(device))
-    if state.distributed_type == DistributedType.MEGATRON_LM:
-        raise UserError(
-            f"this launch uses {state.distributed_type.value}, which rlhfkit does not support yet; launch data-parallel "
-            "(configs/accelerate/ddp.yaml), sharded (configs/accelerate/fsdp.yaml) or with DeepSpeed ZeRO "
-            "(configs/accelerate/zero2.yaml, zero3.yaml) instead"
-        )
-    return state
-
-
-def shard_model(root: torch.nn.Module, model: torch.nn.Module, device: torch.device, reshard_after_forward: bool,
-                compute_dtype: torch.dtype | None = None) -> None:
-    """FSDP2: each transformer block is a unit (its weights gathered only while it runs), then the root.
-
-    The blocks are the model's `_no_split_modules` classes (what HF marks as not to be split).
-    compute_dtype (e.g. bf16 with float32 weights): weights are gathered and used in it, while the
-    shards, gradients' reduction and Adam moments stay in the weights' own dtype.
-    """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    block_names = set()
-    for module in model.modules():
-        block_names.update(getattr(module, "_no_split_modules", None) or [])
-    blocks = [module for module in model.modules() if type(module).__name__ in block_names]
-    if not blocks:
-        raise UserError(f"cannot shard {type(model).__name__}: it names no transformer block class (_no_split_modules)")
-    weights_dtype = next(model.parameters()).dtype
-    precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=weights_dtype) if compute_dtype else MixedPrecisionPolicy()
-    for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=precision)
-    fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=precision)
-
-
-def start_from_main_process(model: torch.nn.Module, device: torch.device) -> None:
-    """Move the model to `device` with the main process's weights on every process (as DDP does).
-
-    Under an FSDP launch, transformers leaves the weights a checkpoint lacks (e.g. the new score
-    head of a reward model or critic) on the meta device on every process but the first, expecting
-    them to be broadcast from it; sharding would otherwise split weights that differ by process.
-    """
-    replaced: dict[int, torch.Tensor] = {}  # a tied weight is replaced once, and stays tied
-    for module in model.modules():
-        for store in (module._parameters, module._buffers):
-            for name, tensor in store.items():
-                if tensor is not None and tensor.is_meta:
-                    if id(tensor) not in replaced:
-                        empty = torch.empty_like(tensor, device=device)
-                        replaced[id(tensor)] = torch.nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else empty
-                    store[name] = replaced[id(tensor)]
-    model.to(device)
-    with torch.no_grad():
-        for tensor in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
-            torch.distributed.broadcast(tensor.data, src=0)
-
-
-def leave_process_group() -> None:
-    """At the end of a multi-process launch: wait for every process, then close the process group.
-
-    Left to interpreter teardown, the communication threads of one process can be cut off by
-    another's exit (seen once in CI: a process aborted after a finished sharded run)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-class TrainingError(UserError):
-    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
-
-
-class RunDir:
-    """A stage's output directory: run.json, config.yaml, checkpoints/, final/, metrics."""
-
-    def __init__(self, root: Path, main: bool = True) -> None:
-        self.root = root
-        self.main = main  # only the main process of a launch writes
-
-    @classmethod
-    def open(cls, output_dir: str, stage: str, config: StageConfig, resume: bool) -> RunDir:
-        """Create a run dir, or reopen one to resume; never overwrite a run that is there.
-
-        Every process of a launch checks; the main one writes, and the others wait for it.
-        """
-        state = process_state(config.model.device)
-        run = cls(Path(output_dir).expanduser(), state.is_main_process)
-        with state.main_process_first():
-            if state.is_main_process:
-                run._open(stage, config, resume)
-        return run
-
-    def _open(self, stage: str, config: StageConfig, resume: bool) -> None:
-        marker = self.root / RUN_MARKER
-        holds_work = self.checkpoint_dirs() or (self.root / FINAL_DIR).exists()
-        if marker.exists() and not resume:
-            if holds_work:
-                raise UserError(
-                    f"{self.root} already holds a run; pass --resume to continue it, or choose another train.output_dir"
-                )
-            # A run that stopped before its first checkpoint has nothing to keep: start it afresh.
-            print(f"note: {self.root} holds a run that stopped before its first checkpoint; starting it again")
-            for stale in (METRICS_LOG, "metrics.json"):
-                (self.root / stale).unlink(missing_ok=True)
-        if resume and not marker.exists():
-            raise UserError(f"--resume: {self.root} holds no run to resume")
-        if self.root.exists() and not self.root.is_dir():
-            raise UserError(f"train.output_dir {self.root} exists and is not a directory")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise UserError(f"train.output_dir {self.root} is not writable: {exc.strerror}") from None
-        if resume:
-            recorded = json.loads(marker.read_text())
-            if recorded.get("stage") != stage:
-                raise UserError(f"--resume: {self.root} is a {recorded.get('stage')} run, not a {stage} run")
-        write_text_atomically(self.root / "config.yaml", dump_config(config))
-        self.write_marker(stage, "running")
-        clean_stale_temporaries(self.root)
-        clean_stale_temporaries(self.root / CHECKPOINTS)
-
-    def write_marker(self, stage: str, status: str) -> None:
-        if not self.main:
-            return
-        write_json_atomically(
-            self.root / RUN_MARKER,
-            {"stage": stage, "status": status, "rlhfkit": __version__, "updated": datetime.now(timezone.utc).isoformat()},
-        )
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS
-
-    def checkpoint_dirs(self) -> list[Path]:
-        """Complete checkpoints, oldest first (incomplete ones are hidden temporaries)."""
-        if not self.checkpoints.is_dir():
-            return []
-        found = [p for p in self.checkpoints.glob("step-*") if (p / CHECKPOINT_STATE).exists()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-    def read_json(self, name: str) -> dict:
-        path = self.root / name
-        return json.loads(path.read_text()) if path.exists() else {}
-
-    def update_json(self, name: str, **values) -> None:
-        if not self.main:
-            return
-        write_json_atomically(self.root / name, {**self.read_json(name), **values})
-
-
-def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and norm weights (1-D parameters). An empty group (e.g. LoRA's,
-    all matrices) is left out: DeepSpeed drops empty groups, and a checkpoint's groups must match."""
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
-
-
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
-    """Linear warmup from 0 to 1 over warmup_steps, then cosine/linear decay to 0, or constant."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if kind == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if kind == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _rng_state() -> dict:
-    numpy_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-        "torch": torch.get_rng_state().tolist(),
-        "cuda": [state.tolist() for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
-class ForwardInWrapper(torch.nn.Module):
-    """Holds the model behind accelerate's wrapper (DDP, FSDP, DeepSpeed).
-
-    Stages compute losses from the model's decoder and head directly, which would bypass the
-    wrapper's hooks (DDP's gradient all-reduce, FSDP's parameter gathering). Running the loss
-    function as this module's forward puts every training pass inside the wrapper.
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        # accelerate keeps a 4-bit (QLoRA) model where it was loaded instead of moving it; it
-        # looks for these on the module it prepares.
-        for name in ("is_loaded_in_4bit", "is_loaded_in_8bit", "hf_device_map"):
-            if getattr(model, name, None):
-                setattr(self, name, getattr(model, name))
-
-    def forward(self, loss_fn: Callable, batch) -> tuple[torch.Tensor, LossOutput]:
-        # The loss tensor is returned on its own too: FSDP hooks its backward through the tensors
-        # of the output (a dataclass is opaque to it).
-        output = loss_fn(self.model, batch)
-        return output.loss_sum, output
-
-
 class Engine:
     """Training plumbing for one stage run."""
 
@@ -344,7 +81,7 @@ class Engine:
         self.train = train
         self.run = run
         self.stage = stage
-        trackers = [t for t in train.trackers if t == "tensorboard" or _installed(t)]
+        trackers = tracking.available_trackers(train.trackers)
         self.sharded = fsdp_launch()  # FSDP2: each process holds a shard of every weight and optimizer state
         # DeepSpeed ZeRO stage (checked before any model loads), or None
         self.zero_stage = deepspeed_zero.zero_stage(train.grad_accum, train.max_grad_norm) if deepspeed_launch() else None
@@ -359,11 +96,7 @@ class Engine:
                 kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=some_parameters_idle)],
             )
         if trackers:
-            # TensorBoard writes to RUN/logs/PROJECT; W&B and MLflow file the run under the project,
-            # named after its directory (e.g. "quickstart/ppo"), with the resolved config attached.
-            name = f"{run.root.parent.name}/{run.root.name}"
-            init_kwargs = {"wandb": {"name": name, "dir": str(run.root), "config": {"stage": stage}}, "mlflow": {"run_name": name}}
-            self.accelerator.init_trackers(train.tracker_project, config=_flat_config(run.root), init_kwargs=init_kwargs)
+            tracking.start_trackers(self.accelerator, train.tracker_project, run.root, stage)
         set_seed(train.seed)
         self.model: torch.nn.Module | None = None  # the model itself: for evaluation, generation, saving
         self.wrapped: torch.nn.Module | None = None  # ForwardInWrapper(model) as accelerate prepared it: for training passes
@@ -406,12 +139,10 @@ class Engine:
         over the launch's processes (held_out_share) and the totals summed over them; the model
         is in eval mode meanwhile (no dropout), and back in its own mode after."""
         totals: dict[str, float] = {}
-        was_training = self.model.training
-        self.model.eval()
-        for batch, counted in self.held_out_share(batches):
-            for name, value in sums_of(batch).items():
-                totals[name] = totals.get(name, 0.0) + (value if counted else 0.0)
-        self.model.train(was_training)
+        with eval_mode(self.model):
+            for batch, counted in self.held_out_share(batches):
+                for name, value in sums_of(batch).items():
+                    totals[name] = totals.get(name, 0.0) + (value if counted else 0.0)
         if self.num_processes == 1 or not totals:
             return totals
         names = sorted(totals)
@@ -453,13 +184,10 @@ class Engine:
             compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
             shard_model(wrapper, model, self.device, os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true",
                         compute_dtype)
-        groups = _decay_groups(model, self.train.weight_decay)
+        groups = decay_groups(model, self.train.weight_decay)
         self.decay_groups = [list(group["params"]) for group in groups]  # DeepSpeed's checkpoints number parameters by them
         optimizer = torch.optim.AdamW(groups, lr=self.train.lr, betas=self.train.adam_betas)
-        schedule = scheduler_steps or total_steps
-        warmup = round(self.train.warmup_ratio * schedule)
-        kind = self.train.scheduler
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, schedule, warmup, kind))
+        scheduler = warmup_then_decay(optimizer, self.train, scheduler_steps or total_steps)
         # The scheduler stays outside accelerate: prepared, it would step once per process per
         # optimizer step, while our schedule counts optimizer steps of the global batch.
         if self.sharded:
@@ -512,25 +240,13 @@ class Engine:
 
         Every process must call it (gathering is collective); the same on each afterwards.
         """
-        model = model if model is not None else self.model
-        # A tied weight (e.g. head = embeddings) is one parameter: saved once, under its first name.
-        names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-        with deepspeed_zero.gathered(list(model.parameters())):  # a copy: the gathered weights are freed after
-            return {name: full_tensor(value).detach().cpu().clone().contiguous() for name, value in model.state_dict().items()
-                    if name in names}
+        return checkpointing.whole_state_dict(model if model is not None else self.model)
 
     def build_model(
         self, source: ModelSource, settings: ModelSettings, lora: LoraSettings, reward_model: bool = False
     ) -> torch.nn.Module:
-        """Load the starting model in the chosen dtype, with fresh LoRA adapters unless fully fine-tuning."""
-        loader = load_reward_model if reward_model else load_causal_lm
-        model = loader(source, settings, self.dtype(settings.dtype))
-        if lora.enabled:
-            model = attach_lora(model, lora, "SEQ_CLS" if reward_model else "CAUSAL_LM")
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({'LoRA' if lora.enabled else 'full'})")
-        return model
+        """Load the starting model in the dtype for this device, with fresh LoRA adapters unless fully fine-tuning."""
+        return load_for_training(source, settings, lora, self.dtype(settings.dtype), reward_model)
 
     def resume(self, requested: bool) -> None:
         """Continue from the latest complete checkpoint when asked to."""
@@ -548,23 +264,8 @@ class Engine:
         self.on_main(lambda: save_model(model, tokenizer, target, portable_reference(base_reference), info, state_dict=state))
         return target
 
-    def measure(self, metrics: dict, when: str, evaluate: Callable[[], dict] | None) -> None:
-        """Held-out metrics of the model now, stored as metrics[when] and printed.
-
-        "before" is measured once per run and written at once, so a resumed run keeps it.
-        """
-        if evaluate is None or (when == "before" and when in metrics):
-            return
-        with self.full_weights():
-            metrics[when] = evaluate()
-        if when == "before":
-            self.run.update_json("metrics.json", before=metrics["before"])
-        print(f"{when}: {describe(metrics[when])}")
-
-    def complete(self, metrics: dict, data_summary: str, samples: tuple[Sequence, Sequence[str | None]] | None = None) -> None:
-        """Record the final metrics (and samples.md from (prompt turns, references)), mark the run complete, close the trackers."""
-        if samples is not None and self.is_main:
-            write_answers_before_after(self.run.root, samples[0], metrics, samples[1])
+    def complete(self, metrics: dict, data_summary: str) -> None:
+        """Record the final metrics, mark the run complete, close the trackers."""
         self.run.update_json("metrics.json", **{**metrics, "data": data_summary})
         self.run.write_marker(self.stage, "complete")
         self.accelerator.end_training()
@@ -583,91 +284,38 @@ class Engine:
 
     def _whole_training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(trainable weights, optimizer state) on the CPU, sharded tensors gathered whole."""
-        if self.zero_stage:
-            return (deepspeed_zero.whole_weights(self.trainable_parameters()),
-                    deepspeed_zero.whole_optimizer_state(self.wrapped, self.decay_groups))
-        trainable = {name: full_tensor(p).detach().contiguous().cpu() for name, p in self.trainable_parameters().items()}
-        optimizer_state = self.optimizer.state_dict()
-        if self.sharded:
-            optimizer_state["state"] = {index: {key: full_tensor(value).cpu() for key, value in entry.items()}
-                                        for index, entry in optimizer_state["state"].items()}
-        return trainable, optimizer_state
+        return checkpointing.whole_training_state(self.trainable_parameters(), self.optimizer, self.wrapped, self.zero_stage,
+                                                  self.sharded, self.decay_groups)
 
     def _write_checkpoint(self, target: Path, trainable: dict[str, torch.Tensor], optimizer_state: dict) -> None:
-        def write(tmp: Path) -> None:
-            save_file(trainable, str(tmp / "trainable.safetensors"))
-            torch.save(optimizer_state, tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            # state.json is written last: its presence marks a checkpoint as complete.
-            (tmp / CHECKPOINT_STATE).write_text(
-                json.dumps({"progress": asdict(self.progress), "rng": _rng_state(), "total_steps": self.total_steps,
-                            "extra": self.extra_state})
-            )
-
-        try:
-            write_dir_atomically(target, write)
-        except OSError as exc:
-            previous = self.run.checkpoint_dirs()
-            kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-            raise TrainingError(f"could not write checkpoint {target}: {exc.strerror or exc}{kept}") from None
-        for stale in self.run.checkpoint_dirs()[: -self.train.save_limit]:
-            remove_dir_atomically(stale)  # a kill mid-way must not leave a half-deleted checkpoint
+        state = {"progress": asdict(self.progress), "total_steps": self.total_steps, "extra": self.extra_state}
+        checkpointing.write_checkpoint(self.run, target, trainable, optimizer_state, self.scheduler.state_dict(), state,
+                                       self.train.save_limit)
 
     def load_checkpoint(self, checkpoint: Path | None = None) -> Path:
         """Restore weights, optimizer, scheduler, RNG and progress from a checkpoint (default: latest)."""
-        if checkpoint is None:
-            found = self.run.checkpoint_dirs()
-            if not found:
-                raise UserError(f"--resume: {self.run.checkpoints} holds no complete checkpoint")
-            checkpoint = found[-1]
-        if not (checkpoint / CHECKPOINT_STATE).exists() or not (checkpoint / "trainable.safetensors").exists():
-            raise UserError(f"{checkpoint} is not an rlhfkit checkpoint (no {CHECKPOINT_STATE} / trainable.safetensors)")
-        state = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
-        if state["total_steps"] != self.total_steps:
-            raise UserError(
-                f"{checkpoint} was written for {state['total_steps']} total steps, this config gives "
-                f"{self.total_steps}; resume with the same data and train settings"
-            )
-        saved = load_file(str(checkpoint / "trainable.safetensors"))
+        checkpoint, state, saved = checkpointing.read_checkpoint(self.run, checkpoint, self.total_steps)
         parameters = self.trainable_parameters()
         if set(saved) != set(parameters):
             raise UserError(f"{checkpoint} does not match this model's trainable parameters (different model or LoRA?)")
-        optimizer_state = read_torch_state(checkpoint / "optimizer.pt")
-        if self.zero_stage:  # DeepSpeed keeps its partitions of the saved whole tensors
-            deepspeed_zero.set_whole_weights(parameters, saved)
-            deepspeed_zero.set_whole_optimizer_state(self.wrapped, self.decay_groups, optimizer_state)
-        else:
-            with torch.no_grad():
-                for name, parameter in parameters.items():
-                    parameter.copy_(like_parameter(saved[name], parameter))
-            if self.sharded:  # each process keeps its shard of the saved whole moments
-                by_index = [p for group in self.optimizer.param_groups for p in group["params"]]
-                optimizer_state["state"] = {index: {key: like_parameter(value, by_index[index]) if value.dim() else value
-                                                    for key, value in entry.items()}
-                                            for index, entry in optimizer_state["state"].items()}
-            self.optimizer.load_state_dict(optimizer_state)
-        self.scheduler.load_state_dict(read_torch_state(checkpoint / "scheduler.pt"))
-        _set_rng_state(state["rng"])
+        optimizer_state = checkpointing.read_torch_state(checkpoint / "optimizer.pt")
+        checkpointing.restore_training_state(parameters, saved, optimizer_state, self.optimizer, self.wrapped, self.zero_stage,
+                                             self.sharded, self.decay_groups)
+        self.scheduler.load_state_dict(checkpointing.read_torch_state(checkpoint / "scheduler.pt"))
+        checkpointing.set_rng_state(state["rng"])
         self.progress = Progress(**state["progress"])
         self.extra_state = state.get("extra", {})
-        self.on_main(lambda: self._truncate_metrics_log(self.progress.step))
+        self.on_main(lambda: tracking.truncate_metrics_log(self.run.root, self.progress.step))
         return checkpoint
 
     # ---- logging -----------------------------------------------------------------------
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """Append to metrics.jsonl and send to the trackers (main process only)."""
         if not self.is_main:
             return
-        with (self.run.root / METRICS_LOG).open("a", encoding="utf-8") as out:
-            out.write(json.dumps({"step": step, **metrics}) + "\n")
+        tracking.append_metrics(self.run.root, step, metrics)
         self.accelerator.log(metrics, step=step)
-
-    def _truncate_metrics_log(self, step: int) -> None:
-        """After a resume, drop records of steps the resumed run will redo."""
-        path = self.run.root / METRICS_LOG
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
-            write_text_atomically(path, "".join(line + "\n" for line in kept))
 
     # ---- the loop ----------------------------------------------------------------------
 
@@ -817,65 +465,3 @@ class Engine:
         tqdm.write(f"warning: step {self.progress.step + 1}: {what}; update skipped ({skipped} so far; train.on_nonfinite: skip)")
         return {**step_metrics, "skipped_nonfinite": float(skipped)}
 
-
-def like_parameter(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
-    """A whole tensor laid out like the parameter: this process's shard of it under FSDP."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(parameter, DTensor):
-        return distribute_tensor(value.to(parameter.device, parameter.dtype), parameter.device_mesh, parameter.placements)
-    return value
-
-
-def read_torch_state(path: Path) -> dict:
-    """A state dict saved with torch.save, read with weights_only: tensors and plain containers only.
-
-    A file that would need arbitrary objects unpickled (which can run code) is refused.
-    """
-    import pickle
-
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        raise UserError(f"{path}: refused: it holds more than tensors and plain values ({str(exc).splitlines()[0]})") from None
-
-
-def _flat_config(root: Path) -> dict[str, str | int | float | bool]:
-    """The run's resolved config as flat `section.field` hyperparameters, for the trackers."""
-    import yaml
-
-    flat: dict[str, str | int | float | bool] = {}
-
-    def walk(node, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value if isinstance(value, (str, int, float, bool)) else str(value)
-
-    walk(yaml.safe_load((root / "config.yaml").read_text()) or {}, "")
-    return flat
-
-
-def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl record; inf for a line a crash cut short (it is dropped)."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    available = importlib.util.find_spec(module) is not None
-    if not available:
-        print(f"warning: tracker {module!r} requested but not installed (pip install {module}); skipping it")
-    return available
-
-
-def steps_for(num_batches: int, train: TrainSettings) -> int:
-    """Optimizer steps for the configured epochs (or max_steps)."""
-    if train.max_steps is not None:
-        return train.max_steps
-    return train.epochs * math.ceil(num_batches / train.grad_accum)

@@ -1,0 +1,148 @@
+"""Where this process stands in a launch, and sharding: DDP, FSDP2 and the process group.
+
+DeepSpeed ZeRO's side lives in deepspeed_zero.py.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from rlhfkit.engine.deepspeed_zero import accelerate_without_deepspeed
+from rlhfkit.errors import UserError
+
+
+def runs_on_cpu(device: str) -> bool:
+    """model.device cpu, or auto on a machine without a GPU.
+
+    accelerate must be told: launched on several processes without a GPU and not told, each
+    process would train alone (and all of them would write the same run directory).
+    """
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def fsdp_launch() -> bool:
+    """Launched with an FSDP accelerate config (configs/accelerate/fsdp.yaml): shard the model.
+
+    accelerate's launcher says so in the environment; on CPU processes its Accelerator would
+    ignore FSDP, so the engine shards the model itself with PyTorch's FSDP2 (`fully_shard`), on
+    CPU and GPU alike.
+    """
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_state(device: str):
+    """This process's place in the launch (accelerate's PartialState; a single process when not launched).
+
+    Data parallelism (DDP), FSDP2 sharding and DeepSpeed ZeRO (configs/accelerate/) are what the
+    engine is built and tested for; Megatron launches are refused rather than half-working. Under
+    DeepSpeed, accelerate's state is a plain data-parallel one: the engine drives DeepSpeed itself.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    if fsdp_launch() and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UserError("rlhfkit shards models with FSDP2: set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
+    with accelerate_without_deepspeed():
+        state = PartialState(cpu=runs_on_cpu(device))
+    if state.distributed_type == DistributedType.MEGATRON_LM:
+        raise UserError(
+            f"this launch uses {state.distributed_type.value}, which rlhfkit does not support yet; launch data-parallel "
+            "(configs/accelerate/ddp.yaml), sharded (configs/accelerate/fsdp.yaml) or with DeepSpeed ZeRO "
+            "(configs/accelerate/zero2.yaml, zero3.yaml) instead"
+        )
+    return state
+
+
+def shard_model(root: torch.nn.Module, model: torch.nn.Module, device: torch.device, reshard_after_forward: bool,
+                compute_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: each transformer block is a unit (its weights gathered only while it runs), then the root.
+
+    The blocks are the model's `_no_split_modules` classes (what HF marks as not to be split).
+    compute_dtype (e.g. bf16 with float32 weights): weights are gathered and used in it, while the
+    shards, gradients' reduction and Adam moments stay in the weights' own dtype.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    block_names = set()
+    for module in model.modules():
+        block_names.update(getattr(module, "_no_split_modules", None) or [])
+    blocks = [module for module in model.modules() if type(module).__name__ in block_names]
+    if not blocks:
+        raise UserError(f"cannot shard {type(model).__name__}: it names no transformer block class (_no_split_modules)")
+    weights_dtype = next(model.parameters()).dtype
+    precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=weights_dtype) if compute_dtype else MixedPrecisionPolicy()
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=precision)
+    fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=precision)
+
+
+def start_from_main_process(model: torch.nn.Module, device: torch.device) -> None:
+    """Move the model to `device` with the main process's weights on every process (as DDP does).
+
+    Under an FSDP launch, transformers leaves the weights a checkpoint lacks (e.g. the new score
+    head of a reward model or critic) on the meta device on every process but the first, expecting
+    them to be broadcast from it; sharding would otherwise split weights that differ by process.
+    """
+    replaced: dict[int, torch.Tensor] = {}  # a tied weight is replaced once, and stays tied
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and tensor.is_meta:
+                    if id(tensor) not in replaced:
+                        empty = torch.empty_like(tensor, device=device)
+                        replaced[id(tensor)] = torch.nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else empty
+                    store[name] = replaced[id(tensor)]
+    model.to(device)
+    with torch.no_grad():
+        for tensor in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
+            torch.distributed.broadcast(tensor.data, src=0)
+
+
+def leave_process_group() -> None:
+    """At the end of a multi-process launch: wait for every process, then close the process group.
+
+    Left to interpreter teardown, the communication threads of one process can be cut off by
+    another's exit (seen once in CI: a process aborted after a finished sharded run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def like_parameter(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """A whole tensor laid out like the parameter: this process's shard of it under FSDP."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(parameter, DTensor):
+        return distribute_tensor(value.to(parameter.device, parameter.dtype), parameter.device_mesh, parameter.placements)
+    return value
+
+
+class ForwardInWrapper(torch.nn.Module):
+    """Holds the model behind accelerate's wrapper (DDP, FSDP, DeepSpeed).
+
+    Stages compute losses from the model's decoder and head directly, which would bypass the
+    wrapper's hooks (DDP's gradient all-reduce, FSDP's parameter gathering). Running the loss
+    function as this module's forward puts every training pass inside the wrapper.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        # accelerate keeps a 4-bit (QLoRA) model where it was loaded instead of moving it; it
+        # looks for these on the module it prepares.
+        for name in ("is_loaded_in_4bit", "is_loaded_in_8bit", "hf_device_map"):
+            if getattr(model, name, None):
+                setattr(self, name, getattr(model, name))
+
+    def forward(self, loss_fn: Callable, batch) -> tuple[torch.Tensor, object]:
+        # The loss tensor is returned on its own too: FSDP hooks its backward through the tensors
+        # of the output (a dataclass is opaque to it).
+        output = loss_fn(self.model, batch)
+        return output.loss_sum, output
