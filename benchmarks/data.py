@@ -57,7 +57,11 @@ def sft_pairs(suite: Suite, tokenizer: Any, data_dir: Path | None) -> tuple[list
     """(prompt, response) pairs no longer than max_length tokens, and where they came from."""
     if data_dir is not None:
         path = data_dir / OASST / "oasst_sft_best_reply.jsonl"
-        rows = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in _read_jsonl(path) if len(r["messages"]) == 2]
+        rows = [
+            (r["messages"][0]["content"], r["messages"][1]["content"])
+            for r in _read_jsonl(path)
+            if len(r["messages"]) == 2
+        ]
         source = f"{OASST}/oasst_sft_best_reply.jsonl (single-turn)"
     else:
         from rlhfkit.data.loading import builtin_file
@@ -72,7 +76,9 @@ def preference_triples(suite: Suite, tokenizer: Any, data_dir: Path | None) -> t
     """(prompt, chosen, rejected) whose longer answer fits max_length tokens, and their source."""
     if data_dir is not None:
         path = data_dir / OASST / "oasst_pairs_best_vs_worst.jsonl"
-        rows = [(r["prompt"][0]["content"], r["chosen"], r["rejected"]) for r in _read_jsonl(path) if len(r["prompt"]) == 1]
+        rows = [
+            (r["prompt"][0]["content"], r["chosen"], r["rejected"]) for r in _read_jsonl(path) if len(r["prompt"]) == 1
+        ]
         source = f"{OASST}/oasst_pairs_best_vs_worst.jsonl (single-turn)"
     else:
         from rlhfkit.data.loading import builtin_file
@@ -80,7 +86,8 @@ def preference_triples(suite: Suite, tokenizer: Any, data_dir: Path | None) -> t
         rows = [(r["prompt"], r["chosen"], r["rejected"]) for r in _read_jsonl(builtin_file("tutor-prefs")[0])]
         source = "builtin:tutor-prefs"
     fitting = [
-        row for row in rows
+        row
+        for row in rows
         if max(_chat_length(tokenizer, [_user(row[0]), _assistant(answer)]) for answer in row[1:]) <= suite.max_length
     ]
     return _sample(fitting, suite.pairs, suite.seed), source
@@ -96,23 +103,45 @@ def prepare(suite: Suite, tokenizer: Any, workdir: Path) -> dict[str, Any]:
     pairs, pair_source = preference_triples(suite, tokenizer, data_dir)
     arithmetic = _read_jsonl(builtin_file("arithmetic")[0])
     files = {
-        "sft_rlhfkit": _write_jsonl(workdir / "sft_rlhfkit.jsonl", [{"messages": [_user(p), _assistant(a)]} for p, a in sft]),
-        "sft_trl": _write_jsonl(workdir / "sft_trl.jsonl", [{"prompt": [_user(p)], "completion": [_assistant(a)]} for p, a in sft]),
-        "pairs_rlhfkit": _write_jsonl(workdir / "pairs_rlhfkit.jsonl", [{"prompt": [_user(p)], "chosen": c, "rejected": r} for p, c, r in pairs]),
+        "sft_rlhfkit": _write_jsonl(
+            workdir / "sft_rlhfkit.jsonl", [{"messages": [_user(p), _assistant(a)]} for p, a in sft]
+        ),
+        "sft_trl": _write_jsonl(
+            workdir / "sft_trl.jsonl", [{"prompt": [_user(p)], "completion": [_assistant(a)]} for p, a in sft]
+        ),
+        "pairs_rlhfkit": _write_jsonl(
+            workdir / "pairs_rlhfkit.jsonl", [{"prompt": [_user(p)], "chosen": c, "rejected": r} for p, c, r in pairs]
+        ),
         "pairs_trl": _write_jsonl(
             workdir / "pairs_trl.jsonl",
             [{"prompt": [_user(p)], "chosen": [_assistant(c)], "rejected": [_assistant(r)]} for p, c, r in pairs],
         ),
-        "prompts_rlhfkit": _write_jsonl(workdir / "prompts_rlhfkit.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]} for r in arithmetic]),
-        "prompts_trl": _write_jsonl(workdir / "prompts_trl.jsonl", [{"prompt": [_user(r["prompt"])], "answer": r["answer"]} for r in arithmetic]),
+        "prompts_rlhfkit": _write_jsonl(
+            workdir / "prompts_rlhfkit.jsonl", [{"prompt": r["prompt"], "answer": r["answer"]} for r in arithmetic]
+        ),
+        "prompts_trl": _write_jsonl(
+            workdir / "prompts_trl.jsonl", [{"prompt": [_user(r["prompt"])], "answer": r["answer"]} for r in arithmetic]
+        ),
     }
     sft_lengths = [_chat_length(tokenizer, [_user(p), _assistant(a)]) for p, a in sft]
-    pair_lengths = [_chat_length(tokenizer, [_user(p), _assistant(answer)]) for p, *answers in pairs for answer in answers]
+    pair_lengths = [
+        _chat_length(tokenizer, [_user(p), _assistant(answer)]) for p, *answers in pairs for answer in answers
+    ]
     summary = {
         "files": files,
         "sources": {"sft": sft_source, "pairs": pair_source, "prompts": "builtin:arithmetic"},
-        "sft_tokens": {"examples": len(sft), "total": sum(sft_lengths), "min": min(sft_lengths), "max": max(sft_lengths)},
-        "pair_tokens": {"sequences": len(pair_lengths), "total": sum(pair_lengths), "min": min(pair_lengths), "max": max(pair_lengths)},
+        "sft_tokens": {
+            "examples": len(sft),
+            "total": sum(sft_lengths),
+            "min": min(sft_lengths),
+            "max": max(sft_lengths),
+        },
+        "pair_tokens": {
+            "sequences": len(pair_lengths),
+            "total": sum(pair_lengths),
+            "min": min(pair_lengths),
+            "max": max(pair_lengths),
+        },
     }
     (workdir / "data.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -38,24 +38,48 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def stage_settings(workload: str, suite: Suite, model: str, files: dict, output_dir: Path, full_finetune: bool = False) -> dict:
+def stage_settings(
+    workload: str, suite: Suite, model: str, files: dict, output_dir: Path, full_finetune: bool = False
+) -> dict:
     """SFT: one epoch, global batch = the suite's micro-batch (split in 2 accumulated halves), LoRA
     or every weight; GRPO: the suite's steps."""
     if workload == "sft":
-        common = _rlhfkit_common(suite, model, output_dir, batch_size=suite.sft_batch_size // 2, grad_accum=2, epochs=1,
-                                 lr=suite.learning_rate)
+        common = _rlhfkit_common(
+            suite,
+            model,
+            output_dir,
+            batch_size=suite.sft_batch_size // 2,
+            grad_accum=2,
+            epochs=1,
+            lr=suite.learning_rate,
+        )
         return {
-            **common, "lora": {**common["lora"], "enabled": not full_finetune},
+            **common,
+            "lora": {**common["lora"], "enabled": not full_finetune},
             "data": {"path": files["sft_rlhfkit"], "eval_fraction": 0.0, "max_length": suite.max_length},
-            "eval": {"before": False}, "generation": {"num_prompts": 0},
+            "eval": {"before": False},
+            "generation": {"num_prompts": 0},
         }
     batch = suite.rl_prompts * suite.rl_group
     return {
-        **_rlhfkit_common(suite, model, output_dir, batch_size=batch, max_steps=suite.rl_steps, lr=suite.rl_learning_rate,
-                          scheduler="constant", warmup_ratio=0.0),
+        **_rlhfkit_common(
+            suite,
+            model,
+            output_dir,
+            batch_size=batch,
+            max_steps=suite.rl_steps,
+            lr=suite.rl_learning_rate,
+            scheduler="constant",
+            warmup_ratio=0.0,
+        ),
         "data": {"path": files["prompts_rlhfkit"], "eval_fraction": 0.0},
-        "rollout": {"prompts_per_step": suite.rl_prompts, "samples_per_prompt": suite.rl_group,
-                    "max_new_tokens": suite.rl_new_tokens, "temperature": suite.temperature, "batch_size": batch},
+        "rollout": {
+            "prompts_per_step": suite.rl_prompts,
+            "samples_per_prompt": suite.rl_group,
+            "max_new_tokens": suite.rl_new_tokens,
+            "temperature": suite.temperature,
+            "batch_size": batch,
+        },
         "reward": {"function": "rlhfkit.reward_functions:numeric_answer"},
         "grpo": {"beta": suite.grpo_beta},
         "eval": {"before": False, "num_prompts": 0},
@@ -71,8 +95,16 @@ def launch(workload: str, processes: int, launch_config: str, config_path: Path,
     else:
         threads = max(1, (os.cpu_count() or processes) // processes)
         environment_variables["OMP_NUM_THREADS"] = str(threads)
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate" / launch_config),
-                   "--num_processes", str(processes), *cli]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "configs/accelerate" / launch_config),
+            "--num_processes",
+            str(processes),
+            *cli,
+        ]
     # GNU time reports the maximum resident set of the command and every descendant it waited for
     command = ["/usr/bin/time", "-f", "PEAK_RSS_KB %M", *command]
     started = time.perf_counter()
@@ -85,8 +117,16 @@ def launch(workload: str, processes: int, launch_config: str, config_path: Path,
     return wall, peak_kb / 2**20
 
 
-def measure(workload: str, processes: int, launch_config: str, suite: Suite, model: str, files: dict, workdir: Path,
-            full_finetune: bool = False) -> dict:
+def measure(
+    workload: str,
+    processes: int,
+    launch_config: str,
+    suite: Suite,
+    model: str,
+    files: dict,
+    workdir: Path,
+    full_finetune: bool = False,
+) -> dict:
     name = f"{workload}-{processes}" + (f"-{launch_config.removesuffix('.yaml')}" if processes > 1 else "")
     output_dir = workdir / name
     settings = stage_settings(workload, suite, model, files, output_dir, full_finetune)
@@ -94,8 +134,13 @@ def measure(workload: str, processes: int, launch_config: str, suite: Suite, mod
     config_path.write_text(yaml.safe_dump({workload: settings}))  # under its stage key: the grpo section would clash
     wall, peak_rss_gb = launch(workload, processes, launch_config, config_path, workdir / "processes.log")
     steps = _logged_steps(output_dir)
-    result = {"processes": processes, "launch": launch_config if processes > 1 else "-", "wall_s": wall,
-              "peak_rss_gb": peak_rss_gb, "losses": [s["train/loss"] for s in steps]}
+    result = {
+        "processes": processes,
+        "launch": launch_config if processes > 1 else "-",
+        "wall_s": wall,
+        "peak_rss_gb": peak_rss_gb,
+        "losses": [s["train/loss"] for s in steps],
+    }
     if workload == "sft":
         from rlhfkit.config.loading import load_config
 
@@ -105,9 +150,15 @@ def measure(workload: str, processes: int, launch_config: str, suite: Suite, mod
     else:
         generation = [s["train/time_generation_s"] for s in steps]
         update = [s["train/time_update_s"] for s in steps]
-        result.update(step_seconds=[g + u for g, u in zip(generation, update)], generation_seconds=generation,
-                      update_seconds=update, units=len(steps), unit="steps", per_s=len(steps) / sum(generation + update),
-                      rewards=[s["train/reward_mean"] for s in steps])
+        result.update(
+            step_seconds=[g + u for g, u in zip(generation, update)],
+            generation_seconds=generation,
+            update_seconds=update,
+            units=len(steps),
+            unit="steps",
+            per_s=len(steps) / sum(generation + update),
+            rewards=[s["train/reward_mean"] for s in steps],
+        )
     return result
 
 
@@ -116,8 +167,10 @@ def largest_relative_difference(a: list[float], b: list[float]) -> float:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    lines = ["| workload | processes | launch | throughput | step s (median) | wall s | peak RSS, largest process | loss vs 1 process (max rel. diff) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| workload | processes | launch | throughput | step s (median) | wall s | peak RSS, largest process | loss vs 1 process (max rel. diff) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for workload, runs in results.items():
         alone = runs[0]
         for run in runs:
@@ -137,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model (default: the suite's)")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--workloads", nargs="+", default=["sft", "grpo"], choices=["sft", "grpo"])
-    parser.add_argument("--launch-configs", nargs="+", default=["cpu.yaml"], help="configs/accelerate/ files for the N-process runs")
-    parser.add_argument("--full-finetune", action="store_true", help="SFT trains every weight (the sharding configs' case)")
+    parser.add_argument(
+        "--launch-configs", nargs="+", default=["cpu.yaml"], help="configs/accelerate/ files for the N-process runs"
+    )
+    parser.add_argument(
+        "--full-finetune", action="store_true", help="SFT trains every weight (the sharding configs' case)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "processes", help="results file stem (.json, .md)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/benchmarks-processes"))
     args = parser.parse_args(argv)
@@ -153,13 +210,25 @@ def main(argv: list[str] | None = None) -> int:
     (args.workdir / "processes.log").write_text("")
     for workload in args.workloads:
         runs = [(1, "-")] + [(args.processes, launch_config) for launch_config in args.launch_configs]
-        results[workload] = [measure(workload, n, launch_config, suite, model, data["files"], args.workdir, args.full_finetune)
-                             for n, launch_config in runs]
+        results[workload] = [
+            measure(workload, n, launch_config, suite, model, data["files"], args.workdir, args.full_finetune)
+            for n, launch_config in runs
+        ]
         print(table({workload: results[workload]}), end="", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.with_suffix(".json").write_text(json.dumps(
-        {"suite": suite.as_dict(), "model": model, "environment": environment(), "data": data, "full_finetune": args.full_finetune,
-         "results": results}, indent=2))
+    args.output.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "suite": suite.as_dict(),
+                "model": model,
+                "environment": environment(),
+                "data": data,
+                "full_finetune": args.full_finetune,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     args.output.with_suffix(".md").write_text(table(results))
     return 0
 

@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     suite = SUITES[args.suite]
     # A shorter run: a quarter of the data (at least one micro-batch) and one RL step.
     suite = dataclasses.replace(
-        suite, sft_examples=max(suite.sft_batch_size, suite.sft_examples // 4), pairs=max(suite.pair_batch_size, suite.pairs // 4), rl_steps=1,
+        suite,
+        sft_examples=max(suite.sft_batch_size, suite.sft_examples // 4),
+        pairs=max(suite.pair_batch_size, suite.pairs // 4),
+        rl_steps=1,
     )
     model = args.model or suite.model
     with tempfile.TemporaryDirectory(prefix="rlhfkit-profile-") as tmp:
@@ -50,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
             result = RUNNERS[(args.workload, "rlhfkit")](suite, model, workdir)
     table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
     steps = ", ".join(f"{s:.1f}" for s in result["step_seconds"])
-    text = f"rlhfkit {args.workload}, suite {suite.name} (reduced), step seconds under the profiler: {steps}\n\n{table}\n"
+    text = (
+        f"rlhfkit {args.workload}, suite {suite.name} (reduced), step seconds under the profiler: {steps}\n\n{table}\n"
+    )
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / f"profile-{args.workload}.txt").write_text(text)
     print(text)

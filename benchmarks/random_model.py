@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--like", required=True, help="a model reference rlhfkit resolves (name, directory, .gguf)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config field to change (YAML value)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="config field to change (YAML value)"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
     args = parser.parse_args(argv)
     overrides = {}

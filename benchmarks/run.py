@@ -48,9 +48,14 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             versions[package] = None
     return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_model(), "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "versions": versions,
-        "cuda": torch.cuda.is_available(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
@@ -76,8 +81,19 @@ def gemm_peak_flops(suite: Suite, repeats: int = 10) -> float:
 
 def run_workload(workload: str, framework: str, suite: Suite, model: str, workdir: Path, log) -> dict:
     """One workload in a subprocess; its RESULT line, or the error when it failed."""
-    command = [sys.executable, "-m", "benchmarks.workloads", workload, framework, "--suite", suite.name,
-               "--model", model, "--workdir", str(workdir)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.workloads",
+        workload,
+        framework,
+        "--suite",
+        suite.name,
+        "--model",
+        model,
+        "--workdir",
+        str(workdir),
+    ]
     started = time.perf_counter()
     process = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     log.write(f"==== {workload} / {framework} (exit {process.returncode})\n{process.stdout}\n{process.stderr}\n")
@@ -101,14 +117,31 @@ def summarise(results: dict[str, dict[str, dict]], peak_flops: float) -> list[di
     """Table rows: metric, rlhfkit value, TRL value, ratio (rlhfkit / TRL), target and whether it is met."""
     rows: list[dict] = []
 
-    def add(metric: str, ours: float | None, theirs: float | None, target: str | None = None, better: str = "higher", unit: str = "") -> None:
+    def add(
+        metric: str,
+        ours: float | None,
+        theirs: float | None,
+        target: str | None = None,
+        better: str = "higher",
+        unit: str = "",
+    ) -> None:
         ratio = ours / theirs if ours is not None and theirs else None
         met = None
         if target is not None and ratio is not None:
             bound = float(target[2:])
             met = ratio >= bound if target.startswith(">=") else ratio <= bound
-        rows.append({"metric": metric, "rlhfkit": ours, "trl": theirs, "ratio": ratio, "target": target, "met": met,
-                     "better": better, "unit": unit})
+        rows.append(
+            {
+                "metric": metric,
+                "rlhfkit": ours,
+                "trl": theirs,
+                "ratio": ratio,
+                "target": target,
+                "met": met,
+                "better": better,
+                "unit": unit,
+            }
+        )
 
     def pair(workload: str) -> tuple[dict | None, dict | None]:
         found = results.get(workload, {})
@@ -116,7 +149,14 @@ def summarise(results: dict[str, dict[str, dict]], peak_flops: float) -> list[di
         return ok(found.get("rlhfkit")), ok(found.get("trl"))
 
     def rss(workload: str, ours: dict | None, theirs: dict | None) -> None:
-        add(f"{workload}: peak RSS", ours and ours["peak_rss_mb"], theirs and theirs["peak_rss_mb"], "<=1.0", "lower", "MB")
+        add(
+            f"{workload}: peak RSS",
+            ours and ours["peak_rss_mb"],
+            theirs and theirs["peak_rss_mb"],
+            "<=1.0",
+            "lower",
+            "MB",
+        )
         gpu = lambda r: r and r.get("peak_gpu_mb")  # noqa: E731
         if gpu(ours) or gpu(theirs):
             add(f"{workload}: peak GPU memory", gpu(ours), gpu(theirs), "<=1.0", "lower", "MB")
@@ -131,24 +171,53 @@ def summarise(results: dict[str, dict[str, dict]], peak_flops: float) -> list[di
     for workload in ("reward", "dpo"):
         ours, theirs = pair(workload)
         if ours or theirs:
-            add(f"{workload}: pairs/s", ours and per_second(ours), theirs and per_second(theirs), ">=1.5", unit="pairs/s")
+            add(
+                f"{workload}: pairs/s",
+                ours and per_second(ours),
+                theirs and per_second(theirs),
+                ">=1.5",
+                unit="pairs/s",
+            )
             rss(workload, ours, theirs)
     ours, theirs = pair("grpo")
     grpo_step = ours and mean(ours["step_seconds"])
     if ours or theirs:
         add("grpo: s/step", grpo_step, theirs and mean(theirs["step_seconds"]), "<=0.67", "lower", "s")
-        for name, result in (("rlhfkit", ours), ("trl", theirs)):
+        for _framework, result in (("rlhfkit", ours), ("trl", theirs)):
             if result:
-                result["split"] = {"generation_s": mean(result["generation_seconds"]),
-                                   "training_s": mean(result["step_seconds"]) - mean(result["generation_seconds"])}
-        add("grpo: generation s/step", ours and ours["split"]["generation_s"], theirs and theirs["split"]["generation_s"], None, "lower", "s")
-        add("grpo: training s/step", ours and ours["split"]["training_s"], theirs and theirs["split"]["training_s"], None, "lower", "s")
-        add("grpo: mean completion length", ours and ours["completion_length"], theirs and theirs["completion_length"], None, "", "tokens")
+                result["split"] = {
+                    "generation_s": mean(result["generation_seconds"]),
+                    "training_s": mean(result["step_seconds"]) - mean(result["generation_seconds"]),
+                }
+        add(
+            "grpo: generation s/step",
+            ours and ours["split"]["generation_s"],
+            theirs and theirs["split"]["generation_s"],
+            None,
+            "lower",
+            "s",
+        )
+        add(
+            "grpo: training s/step",
+            ours and ours["split"]["training_s"],
+            theirs and theirs["split"]["training_s"],
+            None,
+            "lower",
+            "s",
+        )
+        add(
+            "grpo: mean completion length",
+            ours and ours["completion_length"],
+            theirs and theirs["completion_length"],
+            None,
+            "",
+            "tokens",
+        )
         rss("grpo", ours, theirs)
     ours, theirs = pair("generation")
     if ours or theirs:
         for batch in (ours or theirs)["batches"]:
-            rate = lambda r: r and r["batches"][batch]["new_tokens"] / r["batches"][batch]["seconds"]  # noqa: E731
+            rate = lambda r: r and r["batches"][batch]["new_tokens"] / r["batches"][batch]["seconds"]  # noqa: B023 (called at once)
             add(f"generation: new tokens/s, batch {batch}", rate(ours), rate(theirs), None, unit="tok/s")
         rss("generation", ours, theirs)
     for workload in RLHFKIT_ONLY:
@@ -156,13 +225,33 @@ def summarise(results: dict[str, dict[str, dict]], peak_flops: float) -> list[di
         if ours:
             step = mean(ours["step_seconds"])
             generation = mean(ours["generation_seconds"])
-            rows.append({"metric": f"{workload}: s/step (no TRL trainer; ratio = ÷ rlhfkit GRPO)", "rlhfkit": step, "trl": None,
-                         "ratio": step / grpo_step if grpo_step else None, "target": None, "met": None, "better": "lower", "unit": "s",
-                         "split": {"generation_s": generation, "training_s": step - generation}})
+            rows.append(
+                {
+                    "metric": f"{workload}: s/step (no TRL trainer; ratio = ÷ rlhfkit GRPO)",
+                    "rlhfkit": step,
+                    "trl": None,
+                    "ratio": step / grpo_step if grpo_step else None,
+                    "target": None,
+                    "met": None,
+                    "better": "lower",
+                    "unit": "s",
+                    "split": {"generation_s": generation, "training_s": step - generation},
+                }
+            )
             for name, key in (("peak RSS", "peak_rss_mb"), ("peak GPU memory", "peak_gpu_mb")):
                 if ours.get(key):
-                    rows.append({"metric": f"{workload}: {name}", "rlhfkit": ours[key], "trl": None, "ratio": None,
-                                 "target": None, "met": None, "better": "lower", "unit": "MB"})
+                    rows.append(
+                        {
+                            "metric": f"{workload}: {name}",
+                            "rlhfkit": ours[key],
+                            "trl": None,
+                            "ratio": None,
+                            "target": None,
+                            "met": None,
+                            "better": "lower",
+                            "unit": "MB",
+                        }
+                    )
     return rows
 
 
@@ -178,11 +267,14 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| metric | rlhfkit | TRL | rlhfkit ÷ TRL | target | met |", "|---|---|---|---|---|---|"]
     for row in rows:
         met = {True: "yes", False: "**no**", None: ""}[row["met"]]
-        value = lambda v: _number(v) + (f" {row['unit']}" if v is not None and row["unit"] not in ("", "fraction") else "")  # noqa: E731
+        unit = row["unit"]
+        value = lambda v: _number(v) + (f" {unit}" if v is not None and unit not in ("", "fraction") else "")  # noqa: B023
         ours = value(row["rlhfkit"])
         if "split" in row:
             ours += f" (gen {_number(row['split']['generation_s'])} + train {_number(row['split']['training_s'])})"
-        lines.append(f"| {row['metric']} | {ours} | {value(row['trl'])} | {_number(row['ratio'])} | {row['target'] or ''} | {met} |")
+        lines.append(
+            f"| {row['metric']} | {ours} | {value(row['trl'])} | {_number(row['ratio'])} | {row['target'] or ''} | {met} |"
+        )
     return "\n".join(lines)
 
 
@@ -217,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="override the suite's model (e.g. a local tiny model dir)")
     parser.add_argument("--only", nargs="+", choices=WORKLOADS, default=None, help="run only these workloads")
     parser.add_argument("--frameworks", nargs="+", choices=("rlhfkit", "trl"), default=["rlhfkit", "trl"])
-    parser.add_argument("--output", type=Path, default=None, help="results file stem (default: benchmarks/results/SUITE)")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="results file stem (default: benchmarks/results/SUITE)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     suite = SUITES[args.suite]
@@ -225,21 +319,31 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or RESULTS_DIR / suite.name
     output.parent.mkdir(parents=True, exist_ok=True)
 
-    from rlhfkit.models import load_tokenizer, resolve
-
     from benchmarks.data import prepare
+    from rlhfkit.models import load_tokenizer, resolve
 
     started = time.perf_counter()
     env = environment()
     peak = gemm_peak_flops(suite)
-    print(f"{env['gpu'] or env['cpu']}, {env['cores']} cores, torch {env['versions']['torch']}; "
-          f"{suite.dtype} GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+    print(
+        f"{env['gpu'] or env['cpu']}, {env['cores']} cores, torch {env['versions']['torch']}; "
+        f"{suite.dtype} GEMM peak {peak / 1e9:.1f} GFLOP/s",
+        flush=True,
+    )
     results: dict[str, dict[str, dict]] = {}
 
     def write_report() -> dict:
         """RESULTS.json with every workload finished so far (rewritten after each: a run cut short keeps them)."""
-        report = {"suite": suite.as_dict(), "model": model, "environment": env, "gemm_peak_flops": peak, "data": data,
-                  "results": results, "table": summarise(results, peak), "total_seconds": time.perf_counter() - started}
+        report = {
+            "suite": suite.as_dict(),
+            "model": model,
+            "environment": env,
+            "gemm_peak_flops": peak,
+            "data": data,
+            "results": results,
+            "table": summarise(results, peak),
+            "total_seconds": time.perf_counter() - started,
+        }
         output.with_suffix(".json").write_text(json.dumps(report, indent=2))
         return report
 
@@ -253,14 +357,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{workload:>10} / {framework:<8} ...", end=" ", flush=True)
                 result = run_workload(workload, framework, suite, model, workdir, log)
                 results.setdefault(workload, {})[framework] = result
-                print("FAILED: " + result["error"] if "error" in result else f"{result['wall_seconds']:.0f} s", flush=True)
+                print(
+                    "FAILED: " + result["error"] if "error" in result else f"{result['wall_seconds']:.0f} s", flush=True
+                )
                 write_report()
     report = write_report()
     rows = report["table"]
     table = markdown_table(rows)
     machine = f"{env['gpu']} · {env['cpu']}" if suite.device == "cuda" else env["cpu"]
     heading = f"{env['date']} · {machine} · {env['cores']} cores · {suite.dtype}{' (4-bit base)' if suite.load_in_4bit else ''}"
-    heading += f"{' · gradient checkpointing' if suite.gradient_checkpointing else ''} · torch {env['versions']['torch']} · transformers {env['versions']['transformers']} · trl {env['versions']['trl']}"
+    versions = env["versions"]
+    heading += " · gradient checkpointing" if suite.gradient_checkpointing else ""
+    heading += f" · torch {versions['torch']} · transformers {versions['transformers']} · trl {versions['trl']}"
     output.with_suffix(".md").write_text(f"{heading}\n\n{table}\n")
     plot_ratios(rows, output.parent / f"{output.name}-ratios.png")
     print(f"\n{heading}\n\n{table}\n\nwrote {output}.json/.md/-ratios.png in {report['total_seconds'] / 60:.1f} min")

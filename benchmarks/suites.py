@@ -36,7 +36,9 @@ class Suite:
     generation_batches: tuple[tuple[int, int], ...]
     lora_r: int = 16
     lora_alpha: float = 32.0
-    lora_dropout: float = 0.0  # PEFT's default; 0.05 costs both tools ~20% of a CPU step in dropout RNG (see profile-sft.txt)
+    lora_dropout: float = (
+        0.0  # PEFT's default; 0.05 costs both tools ~20% of a CPU step in dropout RNG (see profile-sft.txt)
+    )
     learning_rate: float = 2e-4
     rl_learning_rate: float = 1e-5
     temperature: float = 0.7
@@ -56,21 +58,39 @@ class Suite:
 # One CUDA GPU, bf16 weights, a 1.7B model (SmolLM2-1.7B's shape; offline, build one with random
 # weights: benchmarks/random_model.py) on the same kinds of data as the CPU suite, more of it.
 GPU = Suite(
-    name="gpu", model="HuggingFaceTB/SmolLM2-1.7B-Instruct", device="cuda", dtype="bfloat16",
-    sft_examples=64, sft_batch_size=16, max_length=512,
-    pairs=32, pair_batch_size=8,
-    rl_prompts=8, rl_group=8, rl_new_tokens=128, rl_steps=3,
-    generation_new_tokens=128, generation_batches=((1, 4), (16, 16), (64, 64)),
+    name="gpu",
+    model="HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    device="cuda",
+    dtype="bfloat16",
+    sft_examples=64,
+    sft_batch_size=16,
+    max_length=512,
+    pairs=32,
+    pair_batch_size=8,
+    rl_prompts=8,
+    rl_group=8,
+    rl_new_tokens=128,
+    rl_steps=3,
+    generation_new_tokens=128,
+    generation_batches=((1, 4), (16, 16), (64, 64)),
 )
 
 SUITES = {
     # The embedded SmolLM2-135M-Instruct on real data from ../shared/data (falls back to the built-in data).
     "cpu": Suite(
-        name="cpu", model="smollm2-135m-instruct",
-        sft_examples=32, sft_batch_size=8, max_length=512,
-        pairs=16, pair_batch_size=4,
-        rl_prompts=4, rl_group=4, rl_new_tokens=64, rl_steps=2,
-        generation_new_tokens=64, generation_batches=((1, 4), (8, 8), (32, 32)),
+        name="cpu",
+        model="smollm2-135m-instruct",
+        sft_examples=32,
+        sft_batch_size=8,
+        max_length=512,
+        pairs=16,
+        pair_batch_size=4,
+        rl_prompts=4,
+        rl_group=4,
+        rl_new_tokens=64,
+        rl_steps=2,
+        generation_new_tokens=64,
+        generation_batches=((1, 4), (8, 8), (32, 32)),
     ),
     "gpu": GPU,
     # The same with gradient checkpointing on for both tools (memory traded for recomputation).
@@ -79,10 +99,19 @@ SUITES = {
     "gpu-qlora": replace(GPU, name="gpu-qlora", gradient_checkpointing=True, load_in_4bit=True),
     # A few steps on a tiny model: proves the benchmark still runs (the test suite's smoke test).
     "smoke": Suite(
-        name="smoke", model="smollm2-135m-instruct",
-        sft_examples=8, sft_batch_size=4, max_length=512,
-        pairs=4, pair_batch_size=2,
-        rl_prompts=2, rl_group=2, rl_new_tokens=8, rl_steps=1,
-        generation_new_tokens=8, generation_batches=((1, 2), (2, 2)), shared_data=False,
+        name="smoke",
+        model="smollm2-135m-instruct",
+        sft_examples=8,
+        sft_batch_size=4,
+        max_length=512,
+        pairs=4,
+        pair_batch_size=2,
+        rl_prompts=2,
+        rl_group=2,
+        rl_new_tokens=8,
+        rl_steps=1,
+        generation_new_tokens=8,
+        generation_batches=((1, 2), (2, 2)),
+        shared_data=False,
     ),
 }

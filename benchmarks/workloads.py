@@ -16,8 +16,9 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -35,7 +36,9 @@ def peak_gpu_mb() -> float | None:
     """The most GPU memory PyTorch's allocator held for tensors in this process (None without CUDA)."""
     import torch
 
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return (
+        torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
 
 
 def files(workdir: Path) -> dict[str, str]:
@@ -47,10 +50,26 @@ def files(workdir: Path) -> dict[str, str]:
 
 def _rlhfkit_common(suite: Suite, model: str, output_dir: Path, **train: Any) -> dict:
     return {
-        "model": {"name_or_path": model, "dtype": suite.dtype, "device": suite.device, "load_in_4bit": suite.load_in_4bit},
-        "lora": {"r": suite.lora_r, "alpha": suite.lora_alpha, "dropout": suite.lora_dropout, "target_modules": "all-linear"},
-        "train": {"output_dir": str(output_dir), "trackers": [], "seed": suite.seed, "log_every": 1,
-                  "gradient_checkpointing": suite.gradient_checkpointing, **train},
+        "model": {
+            "name_or_path": model,
+            "dtype": suite.dtype,
+            "device": suite.device,
+            "load_in_4bit": suite.load_in_4bit,
+        },
+        "lora": {
+            "r": suite.lora_r,
+            "alpha": suite.lora_alpha,
+            "dropout": suite.lora_dropout,
+            "target_modules": "all-linear",
+        },
+        "train": {
+            "output_dir": str(output_dir),
+            "trackers": [],
+            "seed": suite.seed,
+            "log_every": 1,
+            "gradient_checkpointing": suite.gradient_checkpointing,
+            **train,
+        },
     }
 
 
@@ -66,7 +85,9 @@ def sft_token_count(config) -> tuple[int, dict[str, int]]:
 
     examples, _, _ = load_examples(config.data, config.train.seed, chat_examples)
     _, tokenizer = resolve_with_tokenizer(config.model)
-    tokenized, _ = tokenize_examples(tokenizer, examples, config.data.template, config.data.max_length, config.data.overlong)
+    tokenized, _ = tokenize_examples(
+        tokenizer, examples, config.data.template, config.data.max_length, config.data.overlong
+    )
     lengths = [len(example.input_ids) for example in tokenized]
     targets = [sum(example.loss_mask[1:]) for example in tokenized]
     return sum(lengths), {"squared_lengths": sum(n * n for n in lengths), "target_tokens": sum(targets)}
@@ -89,12 +110,15 @@ def model_shape(model: str) -> dict[str, int]:
 def sft_useful_flops(shape: dict[str, int], tokens: int, counts: dict[str, int]) -> float:
     """FLOPs LoRA training must do on these examples, whatever the tool:
 
-        4·N_body per token (forward 2N, input-gradient backward 2N; frozen weights get no gradient)
-      + 4·N_head per target token (logits are only needed where there is a loss)
-      + 6·layers·d·L² per example of length L (causal attention: QKᵀ and AV, forward + backward).
+      4·N_body per token (forward 2N, input-gradient backward 2N; frozen weights get no gradient)
+    + 4·N_head per target token (logits are only needed where there is a loss)
+    + 6·layers·d·L² per example of length L (causal attention: QKᵀ and AV, forward + backward).
     """
-    return (4 * shape["body_params"] * tokens + 4 * shape["head_params"] * counts["target_tokens"]
-            + 6 * shape["layers"] * shape["hidden"] * counts["squared_lengths"])
+    return (
+        4 * shape["body_params"] * tokens
+        + 4 * shape["head_params"] * counts["target_tokens"]
+        + 6 * shape["layers"] * shape["hidden"] * counts["squared_lengths"]
+    )
 
 
 def rlhfkit_sft(suite: Suite, model: str, workdir: Path) -> dict:
@@ -102,16 +126,26 @@ def rlhfkit_sft(suite: Suite, model: str, workdir: Path) -> dict:
     from rlhfkit.stages import sft
 
     output_dir = workdir / "rlhfkit-sft"
-    config = SFTConfig.model_validate({
-        **_rlhfkit_common(suite, model, output_dir, batch_size=suite.sft_batch_size, epochs=1, lr=suite.learning_rate),
-        "data": {"path": files(workdir)["sft_rlhfkit"], "eval_fraction": 0.0, "max_length": suite.max_length},
-        "eval": {"before": False}, "generation": {"num_prompts": 0},
-    })
+    config = SFTConfig.model_validate(
+        {
+            **_rlhfkit_common(
+                suite, model, output_dir, batch_size=suite.sft_batch_size, epochs=1, lr=suite.learning_rate
+            ),
+            "data": {"path": files(workdir)["sft_rlhfkit"], "eval_fraction": 0.0, "max_length": suite.max_length},
+            "eval": {"before": False},
+            "generation": {"num_prompts": 0},
+        }
+    )
     sft.run(config)
     tokens, counts = sft_token_count(config)
     steps = _logged_steps(output_dir)
-    return {"step_seconds": [s["train/step_s"] for s in steps], "units": tokens, "unit": "tokens",
-            "useful_flops": sft_useful_flops(model_shape(model), tokens, counts), **counts}
+    return {
+        "step_seconds": [s["train/step_s"] for s in steps],
+        "units": tokens,
+        "unit": "tokens",
+        "useful_flops": sft_useful_flops(model_shape(model), tokens, counts),
+        **counts,
+    }
 
 
 def rlhfkit_pairs(stage_name: str, suite: Suite, model: str, workdir: Path) -> dict:
@@ -138,11 +172,24 @@ def rlhfkit_online(stage_name: str, suite: Suite, model: str, workdir: Path) -> 
     output_dir = workdir / f"rlhfkit-{stage_name}"
     batch = suite.rl_prompts * suite.rl_group
     settings = {
-        **_rlhfkit_common(suite, model, output_dir, batch_size=batch, max_steps=suite.rl_steps, lr=suite.rl_learning_rate,
-                          scheduler="constant", warmup_ratio=0.0),
+        **_rlhfkit_common(
+            suite,
+            model,
+            output_dir,
+            batch_size=batch,
+            max_steps=suite.rl_steps,
+            lr=suite.rl_learning_rate,
+            scheduler="constant",
+            warmup_ratio=0.0,
+        ),
         "data": {"path": files(workdir)["prompts_rlhfkit"], "eval_fraction": 0.0},
-        "rollout": {"prompts_per_step": suite.rl_prompts, "samples_per_prompt": suite.rl_group,
-                    "max_new_tokens": suite.rl_new_tokens, "temperature": suite.temperature, "batch_size": batch},
+        "rollout": {
+            "prompts_per_step": suite.rl_prompts,
+            "samples_per_prompt": suite.rl_group,
+            "max_new_tokens": suite.rl_new_tokens,
+            "temperature": suite.temperature,
+            "batch_size": batch,
+        },
         "reward": {"function": "rlhfkit.reward_functions:numeric_answer"},
         "eval": {"before": False, "num_prompts": 0},
     }
@@ -154,8 +201,11 @@ def rlhfkit_online(stage_name: str, suite: Suite, model: str, workdir: Path) -> 
     generation = [s["train/time_generation_s"] for s in steps]
     update = [s["train/time_update_s"] for s in steps]
     return {
-        "step_seconds": [g + u for g, u in zip(generation, update)], "generation_seconds": generation,
-        "units": len(steps), "unit": "steps", "completion_length": sum(s["train/length"] for s in steps) / len(steps),
+        "step_seconds": [g + u for g, u in zip(generation, update)],
+        "generation_seconds": generation,
+        "units": len(steps),
+        "unit": "steps",
+        "completion_length": sum(s["train/length"] for s in steps) / len(steps),
     }
 
 
@@ -184,7 +234,9 @@ def _load_model(suite: Suite, model_name: str, reward_model: bool = False):
     from rlhfkit.config import ModelSettings
     from rlhfkit.models import load_causal_lm, load_reward_model, resolve_with_tokenizer
 
-    settings = ModelSettings(name_or_path=model_name, dtype=suite.dtype, device=suite.device, load_in_4bit=suite.load_in_4bit)
+    settings = ModelSettings(
+        name_or_path=model_name, dtype=suite.dtype, device=suite.device, load_in_4bit=suite.load_in_4bit
+    )
     source, tokenizer = resolve_with_tokenizer(settings)
     model = (load_reward_model if reward_model else load_causal_lm)(source, settings, getattr(torch, suite.dtype))
     return (model if suite.load_in_4bit else model.to(suite.device)), tokenizer  # a 4-bit model is placed as it loads
@@ -202,7 +254,9 @@ def rlhfkit_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
     torch.manual_seed(suite.seed)
 
     def generate(prompts: list[str]) -> list[int]:
-        settings = SamplingSettings(max_new_tokens=suite.generation_new_tokens, temperature=suite.temperature, batch_size=len(prompts))
+        settings = SamplingSettings(
+            max_new_tokens=suite.generation_new_tokens, temperature=suite.temperature, batch_size=len(prompts)
+        )
         texts = [render_prompt(tokenizer, ({"role": "user", "content": p},), "auto") for p in prompts]
         rollout = sample_rollout(model, tokenizer, texts, settings, 1, suite.max_length)
         return [int(n) for n in rollout.lengths]
@@ -233,8 +287,14 @@ def _step_timer():
 
 def _trl_args(config_class, suite: Suite, workdir: Path, name: str, **overrides: Any):
     return config_class(
-        output_dir=str(workdir / f"trl-{name}"), use_cpu=suite.device == "cpu", bf16=suite.dtype == "bfloat16", report_to=[],
-        save_strategy="no", logging_steps=1, seed=suite.seed, gradient_checkpointing=suite.gradient_checkpointing,
+        output_dir=str(workdir / f"trl-{name}"),
+        use_cpu=suite.device == "cpu",
+        bf16=suite.dtype == "bfloat16",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        seed=suite.seed,
+        gradient_checkpointing=suite.gradient_checkpointing,
         dataloader_drop_last=False,
         **overrides,
     )
@@ -244,8 +304,12 @@ def _trl_lora(suite: Suite, task_type: str):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=suite.lora_r, lora_alpha=suite.lora_alpha, lora_dropout=suite.lora_dropout, target_modules="all-linear",
-        task_type=task_type, **({"modules_to_save": ["score"]} if task_type == "SEQ_CLS" else {}),
+        r=suite.lora_r,
+        lora_alpha=suite.lora_alpha,
+        lora_dropout=suite.lora_dropout,
+        target_modules="all-linear",
+        task_type=task_type,
+        **({"modules_to_save": ["score"]} if task_type == "SEQ_CLS" else {}),
     )
 
 
@@ -268,10 +332,24 @@ def trl_sft(suite: Suite, model_name: str, workdir: Path) -> dict:
             tokens["seen"] += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
             return super().compute_loss(model, inputs, *args, **kwargs)
 
-    args = _trl_args(SFTConfig, suite, workdir, "sft", per_device_train_batch_size=suite.sft_batch_size, num_train_epochs=1,
-                     learning_rate=suite.learning_rate, max_length=suite.max_length)
-    trainer = CountingSFTTrainer(model=model, args=args, train_dataset=_dataset(files(workdir)["sft_trl"]),
-                                 processing_class=tokenizer, peft_config=_trl_lora(suite, "CAUSAL_LM"), callbacks=[timer])
+    args = _trl_args(
+        SFTConfig,
+        suite,
+        workdir,
+        "sft",
+        per_device_train_batch_size=suite.sft_batch_size,
+        num_train_epochs=1,
+        learning_rate=suite.learning_rate,
+        max_length=suite.max_length,
+    )
+    trainer = CountingSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=_dataset(files(workdir)["sft_trl"]),
+        processing_class=tokenizer,
+        peft_config=_trl_lora(suite, "CAUSAL_LM"),
+        callbacks=[timer],
+    )
     trainer.train()
     return {"step_seconds": timer.seconds, "units": tokens["seen"], "unit": "tokens"}
 
@@ -289,14 +367,29 @@ def trl_pairs(trainer_name: str, suite: Suite, model_name: str, workdir: Path) -
     import trl
 
     config_class, trainer_class, task = {
-        "reward": (trl.RewardConfig, trl.RewardTrainer, "SEQ_CLS"), "dpo": (trl.DPOConfig, trl.DPOTrainer, "CAUSAL_LM"),
+        "reward": (trl.RewardConfig, trl.RewardTrainer, "SEQ_CLS"),
+        "dpo": (trl.DPOConfig, trl.DPOTrainer, "CAUSAL_LM"),
     }[trainer_name]
     model, tokenizer = _trl_model(suite, model_name, reward_model=trainer_name == "reward")
     timer = _step_timer()
-    args = _trl_args(config_class, suite, workdir, trainer_name, per_device_train_batch_size=suite.pair_batch_size,
-                     num_train_epochs=1, learning_rate=suite.learning_rate, max_length=suite.max_length)
-    trainer = trainer_class(model=model, args=args, train_dataset=_dataset(files(workdir)["pairs_trl"]),
-                            processing_class=tokenizer, peft_config=_trl_lora(suite, task), callbacks=[timer])
+    args = _trl_args(
+        config_class,
+        suite,
+        workdir,
+        trainer_name,
+        per_device_train_batch_size=suite.pair_batch_size,
+        num_train_epochs=1,
+        learning_rate=suite.learning_rate,
+        max_length=suite.max_length,
+    )
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=_dataset(files(workdir)["pairs_trl"]),
+        processing_class=tokenizer,
+        peft_config=_trl_lora(suite, task),
+        callbacks=[timer],
+    )
     trainer.train()
     return {"step_seconds": timer.seconds, "units": suite.pairs, "unit": "pairs"}
 
@@ -311,7 +404,9 @@ def trl_grpo(suite: Suite, model_name: str, workdir: Path) -> dict:
     generation_seconds: list[float] = []
 
     def arithmetic_reward(prompts, completions, answer, **_):
-        return numeric_answer(prompts, [c[0]["content"] if isinstance(c, list) else c for c in completions], answer=answer)
+        return numeric_answer(
+            prompts, [c[0]["content"] if isinstance(c, list) else c for c in completions], answer=answer
+        )
 
     class TimedGRPOTrainer(GRPOTrainer):
         def _generate(self, prompts):
@@ -322,17 +417,41 @@ def trl_grpo(suite: Suite, model_name: str, workdir: Path) -> dict:
 
     batch = suite.rl_prompts * suite.rl_group
     args = _trl_args(
-        GRPOConfig, suite, workdir, "grpo", per_device_train_batch_size=batch, num_generations=suite.rl_group,
-        max_completion_length=suite.rl_new_tokens, temperature=suite.temperature, top_p=1.0, top_k=0,
-        beta=suite.grpo_beta, max_steps=suite.rl_steps, learning_rate=suite.rl_learning_rate, lr_scheduler_type="constant",
+        GRPOConfig,
+        suite,
+        workdir,
+        "grpo",
+        per_device_train_batch_size=batch,
+        num_generations=suite.rl_group,
+        max_completion_length=suite.rl_new_tokens,
+        temperature=suite.temperature,
+        top_p=1.0,
+        top_k=0,
+        beta=suite.grpo_beta,
+        max_steps=suite.rl_steps,
+        learning_rate=suite.rl_learning_rate,
+        lr_scheduler_type="constant",
     )
-    trainer = TimedGRPOTrainer(model=model, reward_funcs=[arithmetic_reward], args=args,
-                               train_dataset=_dataset(files(workdir)["prompts_trl"]), processing_class=tokenizer,
-                               peft_config=_trl_lora(suite, "CAUSAL_LM"), callbacks=[timer])
+    trainer = TimedGRPOTrainer(
+        model=model,
+        reward_funcs=[arithmetic_reward],
+        args=args,
+        train_dataset=_dataset(files(workdir)["prompts_trl"]),
+        processing_class=tokenizer,
+        peft_config=_trl_lora(suite, "CAUSAL_LM"),
+        callbacks=[timer],
+    )
     trainer.train()
-    lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history if "completions/mean_length" in entry]
-    return {"step_seconds": timer.seconds, "generation_seconds": generation_seconds, "units": len(timer.seconds),
-            "unit": "steps", "completion_length": sum(lengths) / max(len(lengths), 1)}
+    lengths = [
+        entry["completions/mean_length"] for entry in trainer.state.log_history if "completions/mean_length" in entry
+    ]
+    return {
+        "step_seconds": timer.seconds,
+        "generation_seconds": generation_seconds,
+        "units": len(timer.seconds),
+        "unit": "steps",
+        "completion_length": sum(lengths) / max(len(lengths), 1),
+    }
 
 
 def trl_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
@@ -343,13 +462,23 @@ def trl_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
     model, tokenizer = _trl_model(suite, model_name)
     model.eval()
     tokenizer.padding_side = "left"
-    config = GenerationConfig(max_new_tokens=suite.generation_new_tokens, do_sample=True, temperature=suite.temperature,
-                              top_p=1.0, top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GenerationConfig(
+        max_new_tokens=suite.generation_new_tokens,
+        do_sample=True,
+        temperature=suite.temperature,
+        top_p=1.0,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(suite.seed)
 
     @torch.no_grad()
     def generate(prompts: list[str]) -> list[int]:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         new = model.generate(**inputs, generation_config=config)[:, inputs["input_ids"].shape[1] :]
         is_eos = new == tokenizer.eos_token_id
@@ -389,8 +518,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.framework} has no {args.workload} workload")
     started = time.perf_counter()
     result = runner(suite, args.model or suite.model, args.workdir)
-    result.update({"workload": args.workload, "framework": args.framework, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu_mb(),
-                   "wall_seconds": time.perf_counter() - started})
+    result.update(
+        {
+            "workload": args.workload,
+            "framework": args.framework,
+            "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_mb": peak_gpu_mb(),
+            "wall_seconds": time.perf_counter() - started,
+        }
+    )
     sys.stdout.flush()
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 

@@ -25,7 +25,12 @@ from rlhfkit.config.loading import load_config
 from rlhfkit.data.kinds import load_examples, prompt_examples
 
 NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
-OPERATIONS = [("+", lambda a, b: a + b), ("-", lambda a, b: a - b), ("*", lambda a, b: a * b), ("/", lambda a, b: a / b if b else math.nan)]
+OPERATIONS = [
+    ("+", lambda a, b: a + b),
+    ("-", lambda a, b: a - b),
+    ("*", lambda a, b: a * b),
+    ("/", lambda a, b: a / b if b else math.nan),
+]
 
 
 def show(value: float) -> str:
@@ -59,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"messages": [*system, *example.prompt, {"role": "assistant", "content": answer}]})
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    print(f"{args.output}: {len(rows)} worked answers from {len(train_examples)} training problems "
-          f"({unworked} without a single-operation answer; {len(eval_examples)} held-out problems left out)")
+    print(
+        f"{args.output}: {len(rows)} worked answers from {len(train_examples)} training problems "
+        f"({unworked} without a single-operation answer; {len(eval_examples)} held-out problems left out)"
+    )
     return 0
 
 

@@ -19,8 +19,8 @@ Models load with this attention when `model.attn_implementation` is `sdpa` (the 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -31,8 +31,14 @@ SHAPE_AGNOSTIC_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTE
 
 
 def packed_sdpa_attention(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
-    dropout: float = 0.0, scaling: float | None = None, **kwargs,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query (1, H, T, D), key/value (1, H_kv, T, D) of one packed row → output (1, T, H, D).
 
@@ -44,7 +50,9 @@ def packed_sdpa_attention(
     groups = kwargs.get("shared_prompt_groups")
     boundaries = kwargs.get("cu_seq_lens_q")
     if (groups is None and boundaries is None) or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     if groups is None:  # separate sequences given on the device only: one host sync per layer
         groups = separate_sequences(boundaries.tolist())
     repeats = getattr(module, "num_key_value_groups", 1)
@@ -57,11 +65,22 @@ def packed_sdpa_attention(
         for prefix_start, prefix_end, members in groups:
             prefix, width = slice(prefix_start, prefix_end), prefix_end - prefix_start
             if width:
-                pieces.append(sdpa(query[:, :, prefix], key[:, :, prefix], value[:, :, prefix], dropout_p=dropout, scale=scaling, is_causal=True))
+                pieces.append(
+                    sdpa(
+                        query[:, :, prefix],
+                        key[:, :, prefix],
+                        value[:, :, prefix],
+                        dropout_p=dropout,
+                        scale=scaling,
+                        is_causal=True,
+                    )
+                )
             for start, end in members:
                 own = slice(start, end)
                 # rows: this member's tokens; columns: the prefix (all visible), then its own tokens (causal)
-                visible = torch.ones(end - start, width + end - start, dtype=torch.bool, device=query.device).tril(diagonal=width)
+                visible = torch.ones(end - start, width + end - start, dtype=torch.bool, device=query.device).tril(
+                    diagonal=width
+                )
                 keys = torch.cat([key[:, :, prefix], key[:, :, own]], dim=2)
                 values = torch.cat([value[:, :, prefix], value[:, :, own]], dim=2)
                 pieces.append(sdpa(query[:, :, own], keys, values, attn_mask=visible, dropout_p=dropout, scale=scaling))
@@ -99,12 +118,19 @@ def sequence_boundaries(position_ids: torch.Tensor) -> dict[str, torch.Tensor | 
     edges = torch.cat([starts, torch.tensor([row.numel()], device=row.device)]).to(torch.int32)
     host_edges = edges.tolist()
     longest = max(end - start for start, end in zip(host_edges[:-1], host_edges[1:]))
-    return {"cu_seq_lens_q": edges, "cu_seq_lens_k": edges, "max_length_q": longest, "max_length_k": longest,
-            "shared_prompt_groups": separate_sequences(host_edges)}
+    return {
+        "cu_seq_lens_q": edges,
+        "cu_seq_lens_k": edges,
+        "max_length_q": longest,
+        "max_length_k": longest,
+        "shared_prompt_groups": separate_sequences(host_edges),
+    }
 
 
 def packed_hidden_states(
-    backbone: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+    backbone: torch.nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
     shared_prompt_groups: list[tuple[int, int, list[tuple[int, int]]]] | None = None,
 ) -> torch.Tensor:
     """The backbone's last hidden states (R, T, H) for rows of packed sequences (no padding, no mask),
@@ -114,7 +140,11 @@ def packed_hidden_states(
     (prompt_start, prompt_end, [(response_start, response_end), ...]); only for models loaded with
     this module's attention (see :func:`shares_prompts`).
     """
-    layout = sequence_boundaries(position_ids) if shared_prompt_groups is None else {"shared_prompt_groups": shared_prompt_groups}
+    layout = (
+        sequence_boundaries(position_ids)
+        if shared_prompt_groups is None
+        else {"shared_prompt_groups": shared_prompt_groups}
+    )
     return backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, **layout).last_hidden_state
 
 
@@ -174,7 +204,9 @@ def pack_shared_prefixes(sequences: Sequence[torch.Tensor], groups: Sequence[Seq
         owns = []
         for row, member in zip(group, members):
             own = member[shared:]
-            token_index[row] = torch.cat([torch.arange(prefix_start, prefix_start + shared), torch.arange(offset, offset + len(own))])
+            token_index[row] = torch.cat(
+                [torch.arange(prefix_start, prefix_start + shared), torch.arange(offset, offset + len(own))]
+            )
             if len(own):
                 pieces.append(own)
                 positions.append(torch.arange(shared, len(member)))
@@ -184,7 +216,9 @@ def pack_shared_prefixes(sequences: Sequence[torch.Tensor], groups: Sequence[Seq
     input_ids = torch.cat(pieces)[None, :]
     position_ids = torch.cat(positions)[None, :].to(input_ids.device)
     shares = any(len(group) > 1 for group in groups)
-    return SharedPrefixPack(input_ids, position_ids, [i.to(input_ids.device) for i in token_index], layout if shares else None)
+    return SharedPrefixPack(
+        input_ids, position_ids, [i.to(input_ids.device) for i in token_index], layout if shares else None
+    )
 
 
 def shares_prompts(model: torch.nn.Module) -> bool:

@@ -6,15 +6,15 @@ import argparse
 import os
 import sys
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from rlhfkit import __version__
+from rlhfkit import __version__, registry
 from rlhfkit.config import dump_config
 from rlhfkit.config.loading import load_config
-from rlhfkit import registry
 from rlhfkit.errors import UserError
+
 
 def _field_lines(model: type[BaseModel], prefix: str = "") -> list[str]:
     """`section.field (default): description` for every config field, for --help."""
@@ -40,11 +40,21 @@ def _add_stage(subparsers, stage: registry.Stage) -> None:
         + "\n".join(_field_lines(stage.config_class)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("config", nargs="?", help="YAML config (a file with a top-level '%s:' section works too)" % stage.name)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
+    parser.add_argument(
+        "config", nargs="?", help=f"YAML config (a file with a top-level '{stage.name}:' section works too)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.lr=1e-4 (repeatable)",
+    )
     if stage.trains:
-        parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its latest checkpoint")
+        parser.add_argument(
+            "--resume", action="store_true", help="continue the run in train.output_dir from its latest checkpoint"
+        )
     parser.add_argument("--print-config", action="store_true", help="print the validated config as YAML and exit")
 
 
@@ -69,14 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pipeline.add_argument("config", help="YAML with a `pipeline:` section and one section per stage")
-    pipeline.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                          help="override a field of one stage (sft.train.lr=1e-4) or of the pipeline (pipeline.output_dir=...)")
-    pipeline.add_argument("--from", dest="from_stage", choices=registry.names(), help="re-run this stage and every later one")
+    pipeline.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="STAGE.KEY=VALUE",
+        help="override a field of one stage (sft.train.lr=1e-4) or of the pipeline (pipeline.output_dir=...)",
+    )
+    pipeline.add_argument(
+        "--from", dest="from_stage", choices=registry.names(), help="re-run this stage and every later one"
+    )
     pipeline.add_argument("--only", choices=registry.names(), help="re-run only this stage")
     pipeline.add_argument("--print-config", action="store_true", help="print every stage's resolved config and exit")
 
     label = subparsers.add_parser(
-        "label", help="Collect preferences: candidate pairs, annotators, an AI judge, export to a preference dataset.",
+        "label",
+        help="Collect preferences: candidate pairs, annotators, an AI judge, export to a preference dataset.",
         description="The preference-collection loop: sample candidate pairs into a labeling store, create annotators, "
         "label with a judge (or people), export majority labels as a preference dataset for `rlhfkit reward` / `dpo`.\n\n"
         "Examples:\n  rlhfkit label generate labels.db --model runs/quickstart/sft --prompts builtin:tutor-sft --limit 50\n"
@@ -89,8 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate_pairs = actions.add_parser("generate", help="sample answers per prompt and store them as pairs")
     generate_pairs.add_argument("store", help="SQLite labeling store (created if absent)")
     generate_pairs.add_argument("--model", required=True, help="model, adapter or run dir that answers")
-    generate_pairs.add_argument("--prompts", required=True, help="prompt dataset (a `prompt` column), e.g. builtin:tutor-sft")
-    generate_pairs.add_argument("--responses", type=int, default=2, help="answers per prompt (consecutive ones are paired)")
+    generate_pairs.add_argument(
+        "--prompts", required=True, help="prompt dataset (a `prompt` column), e.g. builtin:tutor-sft"
+    )
+    generate_pairs.add_argument(
+        "--responses", type=int, default=2, help="answers per prompt (consecutive ones are paired)"
+    )
     generate_pairs.add_argument("--limit", type=int, help="use the first N prompts")
     generate_pairs.add_argument("--required", type=int, default=1, help="judgements each pair needs before export")
     generate_pairs.add_argument("--max-new-tokens", type=int, default=128)
@@ -102,25 +125,41 @@ def build_parser() -> argparse.ArgumentParser:
     judge = actions.add_parser("judge", help="label every pair with a reward model (stored under the judge's name)")
     judge.add_argument("store")
     judge_source = judge.add_mutually_exclusive_group(required=True)
-    judge_source.add_argument("--reward-model", help="reward run dir, adapter or one-output model: the higher score wins")
+    judge_source.add_argument(
+        "--reward-model", help="reward run dir, adapter or one-output model: the higher score wins"
+    )
     judge_source.add_argument("--llm", help="a local chat model asked 'which is better, A or B?' in both orders")
-    judge.add_argument("--tie-margin", type=float, help="ties: reward differences up to this (default 0), or "
-                       "|P(A better) - 0.5| up to this for --llm (default 0.05)")
+    judge.add_argument(
+        "--tie-margin",
+        type=float,
+        help="ties: reward differences up to this (default 0), or "
+        "|P(A better) - 0.5| up to this for --llm (default 0.05)",
+    )
     judge.add_argument("--name", help="the judge's name in the store (default: reward-model:REF or llm:REF)")
     serve = actions.add_parser("serve", help="serve the labeling page (annotators sign in with their token)")
     serve.add_argument("store")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
-    export = actions.add_parser("export", help="majority labels -> preference JSONL (+ OUTPUT.stats.json with agreement)")
+    export = actions.add_parser(
+        "export", help="majority labels -> preference JSONL (+ OUTPUT.stats.json with agreement)"
+    )
     export.add_argument("store")
     export.add_argument("output", help="preference .jsonl to write (prompt, chosen, rejected)")
-    export.add_argument("--from", dest="sources", default="human", choices=["human", "judge", "all"],
-                        help="whose judgements count (default: human)")
+    export.add_argument(
+        "--from",
+        dest="sources",
+        default="human",
+        choices=["human", "judge", "all"],
+        help="whose judgements count (default: human)",
+    )
     export.add_argument("--annotator", action="append", help="only these annotators or judges (repeatable)")
     export.add_argument("--min-votes", type=int, help="judgements a pair needs (default: its required count)")
 
-    report = subparsers.add_parser("report", help="Rewrite report.html / report.md of a pipeline run directory.",
-                                   description="Rewrite the report of a pipeline run directory from what its stages wrote.")
+    report = subparsers.add_parser(
+        "report",
+        help="Rewrite report.html / report.md of a pipeline run directory.",
+        description="Rewrite the report of a pipeline run directory from what its stages wrote.",
+    )
     report.add_argument("run_dir", help="the pipeline's output_dir")
 
     generate = subparsers.add_parser(
@@ -136,8 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.7, help="0 for greedy decoding")
     generate.add_argument("--top-p", type=float, default=0.9)
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--template", choices=["auto", "plain"], default="auto",
-                          help="chat template: the tokenizer's (auto) or rlhfkit's plain one")
+    generate.add_argument(
+        "--template",
+        choices=["auto", "plain"],
+        default="auto",
+        help="chat template: the tokenizer's (auto) or rlhfkit's plain one",
+    )
     generate.add_argument("--raw", action="store_true", help="continue the prompt text as is, without a chat template")
 
     merge = subparsers.add_parser(
@@ -211,11 +254,17 @@ def _label(args: argparse.Namespace) -> None:
     if args.label_command == "generate":
         from rlhfkit.config import SamplingSettings
 
-        if args.max_new_tokens <= 0 or args.temperature <= 0 or args.required <= 0 or (args.limit is not None and args.limit <= 0):
+        if (
+            args.max_new_tokens <= 0
+            or args.temperature <= 0
+            or args.required <= 0
+            or (args.limit is not None and args.limit <= 0)
+        ):
             raise UserError("--max-new-tokens, --temperature, --required and --limit must be > 0")
         sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-        added = commands.generate_candidates(args.store, args.model, args.prompts, args.responses, args.limit, sampling,
-                                             args.required, args.seed)
+        added = commands.generate_candidates(
+            args.store, args.model, args.prompts, args.responses, args.limit, sampling, args.required, args.seed
+        )
         print(f"{added} pairs added to {args.store}")
     elif args.label_command == "annotator":
         store = LabelStore(args.store)
@@ -230,17 +279,23 @@ def _label(args: argparse.Namespace) -> None:
         if args.tie_margin is not None and args.tie_margin < 0:
             raise UserError("--tie-margin must be >= 0")
         if args.llm:
-            counts = commands.judge_with_llm(args.store, args.llm, 0.05 if args.tie_margin is None else args.tie_margin, args.name)
+            counts = commands.judge_with_llm(
+                args.store, args.llm, 0.05 if args.tie_margin is None else args.tie_margin, args.name
+            )
         else:
             counts = commands.judge_with_reward_model(args.store, args.reward_model, args.tie_margin or 0.0, args.name)
-        print(f"judged {sum(counts.values())} pairs: A better {counts['a']}, B better {counts['b']}, ties {counts['tie']}")
+        print(
+            f"judged {sum(counts.values())} pairs: A better {counts['a']}, B better {counts['b']}, ties {counts['tie']}"
+        )
     else:
         kinds = {"human": ("human",), "judge": ("judge",), "all": ("human", "judge")}[args.sources]
         stats = commands.export_preferences(args.store, args.output, kinds, args.annotator, args.min_votes)
         agreement = stats["agreement"]["percent_agreement"]
-        print(f"{stats['exported']} preference pairs written to {args.output} ({stats['labelled']} of {stats['pairs']} pairs "
-              f"labelled; {stats['too_few_votes']} with too few votes, {stats['no_majority']} without a majority; "
-              f"percent agreement {agreement:.3f}); details in {args.output}.stats.json")
+        print(
+            f"{stats['exported']} preference pairs written to {args.output} ({stats['labelled']} of {stats['pairs']} pairs "
+            f"labelled; {stats['too_few_votes']} with too few votes, {stats['no_majority']} without a majority; "
+            f"percent agreement {agreement:.3f}); details in {args.output}.stats.json"
+        )
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -279,13 +334,11 @@ def _merge(args: argparse.Namespace) -> None:
 
 def _score(args: argparse.Namespace) -> None:
     import json
-
-    from rlhfkit.data.loading import read_rows
-    from rlhfkit.rewards import RewardModelScorer
-
     from pathlib import Path
 
+    from rlhfkit.data.loading import read_rows
     from rlhfkit.files import check_output_files, write_text_atomically
+    from rlhfkit.rewards import RewardModelScorer
 
     if args.data is None and (not args.prompt or len(args.prompt) != len(args.response)):
         raise UserError("give --data FILE, or as many --prompt as --response values")
@@ -294,8 +347,12 @@ def _score(args: argparse.Namespace) -> None:
     if args.data is not None:
         rows = [row.values for row in read_rows(args.data)]
         for index, row in enumerate(rows):
-            if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion", row.get("response")), str):
-                raise UserError(f"{args.data}: row {index}: needs string `prompt` and `completion` (or `response`) columns")
+            if not isinstance(row.get("prompt"), str) or not isinstance(
+                row.get("completion", row.get("response")), str
+            ):
+                raise UserError(
+                    f"{args.data}: row {index}: needs string `prompt` and `completion` (or `response`) columns"
+                )
         prompts = [row["prompt"] for row in rows]
         responses = [row.get("completion", row.get("response")) for row in rows]
     else:
@@ -324,14 +381,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Only the stages that train through the engine run data-parallel under accelerate launch.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in registry.training_stages():
-        print(f"error: `rlhfkit {args.command}` runs on one process; under accelerate launch run the training stages "
-              f"({', '.join(registry.training_stages())}) one at a time", file=sys.stderr)
+        print(
+            f"error: `rlhfkit {args.command}` runs on one process; under accelerate launch run the training stages "
+            f"({', '.join(registry.training_stages())}) one at a time",
+            file=sys.stderr,
+        )
         return 2
     if int(os.environ.get("RANK", "0")) > 0:
         # Under accelerate launch / torchrun, only the main process reports to the console; the
         # others still print errors (stderr).
         sys.stdout = open(os.devnull, "w")
-    handlers = {"generate": _generate, "merge": _merge, "score": _score, "pipeline": _pipeline, "report": _report, "label": _label}
+    handlers = {
+        "generate": _generate,
+        "merge": _merge,
+        "score": _score,
+        "pipeline": _pipeline,
+        "report": _report,
+        "label": _label,
+    }
     try:
         handlers.get(args.command, _run_stage)(args)
     except UserError as error:

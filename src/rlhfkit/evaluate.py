@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from rlhfkit.files import write_text_atomically
 
@@ -19,7 +19,9 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     if not predictions:
         return float("nan")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(reference, prediction)["rougeL"].fmeasure for prediction, reference in zip(predictions, references)]
+    scores = [
+        scorer.score(reference, prediction)["rougeL"].fmeasure for prediction, reference in zip(predictions, references)
+    ]
     return sum(scores) / len(scores)
 
 
@@ -63,7 +65,9 @@ def win_rate(scores: Sequence[float], baseline_scores: Sequence[float], tie_marg
     """
     if len(scores) != len(baseline_scores):
         raise ValueError(f"{len(scores)} scores for {len(baseline_scores)} baseline scores")
-    outcomes = [1.0 if s - b > tie_margin else 0.0 if b - s > tie_margin else 0.5 for s, b in zip(scores, baseline_scores)]
+    outcomes = [
+        1.0 if s - b > tie_margin else 0.0 if b - s > tie_margin else 0.5 for s, b in zip(scores, baseline_scores)
+    ]
     if not outcomes:
         return {"win_rate": math.nan, "win_rate_low": math.nan, "win_rate_high": math.nan, "ties": 0}
     rate = sum(outcomes) / len(outcomes)
@@ -82,7 +86,9 @@ def reward_hacking_signs(model: dict, baseline: dict, thresholds) -> list[str]:
         signs.append(f"KL to the reference is {model['kl']:.1f} nats per answer (> {thresholds.kl:g})")
     base_distinct = baseline.get("distinct_2")
     if base_distinct and model.get("distinct_2", math.inf) < thresholds.distinct_ratio * base_distinct:
-        signs.append(f"distinct-2 fell to {model['distinct_2']:.2f} from the baseline's {base_distinct:.2f} (repetitive answers)")
+        signs.append(
+            f"distinct-2 fell to {model['distinct_2']:.2f} from the baseline's {base_distinct:.2f} (repetitive answers)"
+        )
     return signs
 
 
@@ -102,7 +108,9 @@ def write_side_by_side(
             lines += [f"**{name}:**", "", answers[index] or "_(empty)_", ""]
         if references[index] is not None:
             lines += ["**reference:**", "", references[index], ""]
-    write_text_atomically(directory / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_text_atomically(
+        directory / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    )
     write_text_atomically(directory / "samples.md", "\n".join(lines))
 
 
@@ -129,7 +137,9 @@ def describe(scores: dict) -> str:
     return ", ".join(parts) or "no held-out data"
 
 
-def write_answers_before_after(directory: Path, prompt_turns: Sequence[Sequence[dict]], metrics: dict, references: Sequence[str | None]) -> None:
+def write_answers_before_after(
+    directory: Path, prompt_turns: Sequence[Sequence[dict]], metrics: dict, references: Sequence[str | None]
+) -> None:
     """samples.md/.jsonl comparing the answers generated before and after a stage."""
     columns = {when: metrics[when]["answers"] for when in ("before", "after") if "answers" in metrics.get(when, {})}
     prompts = [turns[-1]["content"] for turns in prompt_turns]

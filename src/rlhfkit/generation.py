@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -27,14 +28,19 @@ def generate_texts(
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generated tokens must follow the prompt directly
     torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
     outputs: list[str] = []
     starts = range(0, len(prompt_texts), batch_size)
     with eval_mode(model):
         try:
             for start in tqdm(starts, desc="generate", disable=not show_progress or len(starts) < 2):
                 encoded = tokenizer(
-                    list(prompt_texts[start : start + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False
+                    list(prompt_texts[start : start + batch_size]),
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=False,
                 ).to(device)
                 generated = model.generate(
                     **encoded,
@@ -51,10 +57,19 @@ def generate_texts(
     return outputs
 
 
-def generate_answers(model: torch.nn.Module, tokenizer: Any, prompt_texts: Sequence[str], settings: Any, seed: int) -> list[str]:
+def generate_answers(
+    model: torch.nn.Module, tokenizer: Any, prompt_texts: Sequence[str], settings: Any, seed: int
+) -> list[str]:
     """generate_texts with a stage's `generation` settings."""
     if not prompt_texts:
         return []
     return generate_texts(
-        model, tokenizer, prompt_texts, settings.max_new_tokens, settings.temperature, settings.top_p, settings.batch_size, seed=seed
+        model,
+        tokenizer,
+        prompt_texts,
+        settings.max_new_tokens,
+        settings.temperature,
+        settings.top_p,
+        settings.batch_size,
+        seed=seed,
     )

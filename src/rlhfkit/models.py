@@ -15,10 +15,11 @@ import copy
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -177,7 +178,9 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     while root.base is not None and not (root.adapter_dir and _has_tokenizer(root.adapter_dir)):
         root = root.base
     with _loading("a tokenizer", root.path):
-        tokenizer = AutoTokenizer.from_pretrained(root.path, gguf_file=root.gguf_file, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            root.path, gguf_file=root.gguf_file, trust_remote_code=trust_remote_code
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -245,7 +248,11 @@ def adapter_task(adapter_dir: Path) -> str | None:
 
 
 def load_reward_model(
-    source: ModelSource, settings: ModelSettings, dtype: torch.dtype, num_labels: int | None = 1, trained_head: bool = False,
+    source: ModelSource,
+    settings: ModelSettings,
+    dtype: torch.dtype,
+    num_labels: int | None = 1,
+    trained_head: bool = False,
 ) -> torch.nn.Module:
     """A sequence-classification model with one output (a scalar reward), adapter chain merged.
 
@@ -276,9 +283,14 @@ def load_reward_model(
     else:
         with _loading("a model", source.path):
             model = AutoModelForSequenceClassification.from_pretrained(
-                source.path, gguf_file=source.gguf_file, dtype=dtype, revision=settings.revision,
-                attn_implementation=attention_implementation(settings), trust_remote_code=settings.trust_remote_code,
-                **({} if num_labels is None else {"num_labels": num_labels}), **quantization(settings, dtype),
+                source.path,
+                gguf_file=source.gguf_file,
+                dtype=dtype,
+                revision=settings.revision,
+                attn_implementation=attention_implementation(settings),
+                trust_remote_code=settings.trust_remote_code,
+                **({} if num_labels is None else {"num_labels": num_labels}),
+                **quantization(settings, dtype),
                 output_loading_info=True,
             )
         model, info = model
@@ -311,7 +323,9 @@ def load_for_training(
         model = attach_lora(model, lora, "SEQ_CLS" if reward_model else "CAUSAL_LM")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    print(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({'LoRA' if lora.enabled else 'full'})")
+    print(
+        f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({'LoRA' if lora.enabled else 'full'})"
+    )
     return model
 
 
@@ -384,7 +398,11 @@ def weights_are_sharded(model: torch.nn.Module) -> bool:
 
 
 def save_model(
-    model: torch.nn.Module, tokenizer: Any, target: Path, base_reference: str | None, info: dict,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    target: Path,
+    base_reference: str | None,
+    info: dict,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write an adapter (LoRA) or full model plus tokenizer atomically to target.
@@ -393,7 +411,9 @@ def save_model(
     """
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+        model.save_pretrained(
+            tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {})
+        )
         tokenizer.save_pretrained(tmp)
         adapter_config = tmp / "adapter_config.json"
         if adapter_config.exists():

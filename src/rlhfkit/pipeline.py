@@ -63,13 +63,18 @@ def stages_to_rerun(stages: list[str], from_stage: str | None, only: str | None)
     return set()
 
 
-def run_pipeline(path: str, overrides: list[str] | None = None, from_stage: str | None = None, only: str | None = None) -> Path:
+def run_pipeline(
+    path: str, overrides: list[str] | None = None, from_stage: str | None = None, only: str | None = None
+) -> Path:
     """Run (or finish) the pipeline in `path`; returns the run directory."""
     pipeline, configs = load_pipeline(path, overrides)  # every stage's config is validated first
     rerun = stages_to_rerun(pipeline.stages, from_stage, only)
     root = Path(pipeline.output_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(root / "pipeline.yaml", "# The resolved config of every stage, as this pipeline ran them.\n" + resolved_yaml(configs))
+    write_text_atomically(
+        root / "pipeline.yaml",
+        "# The resolved config of every stage, as this pipeline ran them.\n" + resolved_yaml(configs),
+    )
     selected = [s for s in pipeline.stages if not only or s == only]
     timings = read_json_or_empty(root / "timings.json")
     for number, stage in enumerate(selected, start=1):
@@ -97,5 +102,7 @@ def run_pipeline(path: str, overrides: list[str] | None = None, from_stage: str 
 
 def resolved_yaml(configs: dict[str, Any]) -> str:
     """Every stage's validated config, paths filled in, as one YAML document."""
-    return "".join(f"{stage}:\n" + "".join(f"  {line}\n" for line in dump_config(config).splitlines()) for stage, config in configs.items())
-
+    return "".join(
+        f"{stage}:\n" + "".join(f"  {line}\n" for line in dump_config(config).splitlines())
+        for stage, config in configs.items()
+    )

@@ -8,9 +8,10 @@ list is in pipeline order: a pipeline runs the stages it names in this order.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from rlhfkit.config import (
     DPOConfig,
@@ -39,7 +40,9 @@ class Stage:
     kind: StageKind
     summary: str  # one line, for `rlhfkit --help`
     example_override: str = "train.lr=1e-4"  # shown in the stage's --help
-    supplies_evaluation_data: bool = False  # a pipeline's evaluation uses this stage's data (and seed) for its held-out set
+    supplies_evaluation_data: bool = (
+        False  # a pipeline's evaluation uses this stage's data (and seed) for its held-out set
+    )
 
     @property
     def trains(self) -> bool:
@@ -59,24 +62,64 @@ class Stage:
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
-        Stage("pretrain", PretrainConfig, "rlhfkit.stages.pretrain", "policy",
-              "Continue causal-LM training on raw domain text; reports held-out perplexity before and after."),
-        Stage("sft", SFTConfig, "rlhfkit.stages.sft", "policy",
-              "Supervised fine-tuning on prompt->response pairs (loss on responses only, LoRA by default).",
-              supplies_evaluation_data=True),
-        Stage("reward", RewardConfig, "rlhfkit.stages.reward", "reward",
-              "Train a reward model on preference pairs (Bradley-Terry loss); reports held-out pair accuracy."),
-        Stage("dpo", DPOConfig, "rlhfkit.stages.dpo", "offline",
-              "Direct preference optimisation (DPO / cDPO / IPO / SimPO) of a policy on preference pairs."),
-        Stage("ppo", PPOConfig, "rlhfkit.stages.ppo", "online",
-              "Online RL with PPO: critic, GAE, clipped updates and a KL penalty to the reference policy."),
-        Stage("grpo", GRPOConfig, "rlhfkit.stages.grpo", "online",
-              "Online RL with GRPO: group-relative advantages, no critic, k3 KL to the reference."),
-        Stage("trpo", TRPOConfig, "rlhfkit.stages.trpo", "online",
-              "Online RL with TRPO: natural-gradient steps inside a KL trust region."),
-        Stage("evaluate", EvaluateConfig, "rlhfkit.stages.evaluate", "evaluation",
-              "Compare models on the same held-out prompts: perplexity, ROUGE-L, reward, win rate, KL, length, distinct-n.",
-              example_override="num_prompts=8"),
+        Stage(
+            "pretrain",
+            PretrainConfig,
+            "rlhfkit.stages.pretrain",
+            "policy",
+            "Continue causal-LM training on raw domain text; reports held-out perplexity before and after.",
+        ),
+        Stage(
+            "sft",
+            SFTConfig,
+            "rlhfkit.stages.sft",
+            "policy",
+            "Supervised fine-tuning on prompt->response pairs (loss on responses only, LoRA by default).",
+            supplies_evaluation_data=True,
+        ),
+        Stage(
+            "reward",
+            RewardConfig,
+            "rlhfkit.stages.reward",
+            "reward",
+            "Train a reward model on preference pairs (Bradley-Terry loss); reports held-out pair accuracy.",
+        ),
+        Stage(
+            "dpo",
+            DPOConfig,
+            "rlhfkit.stages.dpo",
+            "offline",
+            "Direct preference optimisation (DPO / cDPO / IPO / SimPO) of a policy on preference pairs.",
+        ),
+        Stage(
+            "ppo",
+            PPOConfig,
+            "rlhfkit.stages.ppo",
+            "online",
+            "Online RL with PPO: critic, GAE, clipped updates and a KL penalty to the reference policy.",
+        ),
+        Stage(
+            "grpo",
+            GRPOConfig,
+            "rlhfkit.stages.grpo",
+            "online",
+            "Online RL with GRPO: group-relative advantages, no critic, k3 KL to the reference.",
+        ),
+        Stage(
+            "trpo",
+            TRPOConfig,
+            "rlhfkit.stages.trpo",
+            "online",
+            "Online RL with TRPO: natural-gradient steps inside a KL trust region.",
+        ),
+        Stage(
+            "evaluate",
+            EvaluateConfig,
+            "rlhfkit.stages.evaluate",
+            "evaluation",
+            "Compare models on the same held-out prompts: perplexity, ROUGE-L, reward, win rate, KL, length, distinct-n.",
+            example_override="num_prompts=8",
+        ),
     )
 }
 

@@ -20,21 +20,39 @@ PLOTS_DIR = "report_files"
 # What each stage's held-out before/after shows, in order: (key, label, format).
 STAGE_METRICS = {
     "pretrain": [("perplexity", "domain perplexity (held-out text)", "{:.2f}")],
-    "sft": [("perplexity", "response perplexity (held-out pairs)", "{:.2f}"), ("rouge_l", "ROUGE-L of answers", "{:.3f}")],
+    "sft": [
+        ("perplexity", "response perplexity (held-out pairs)", "{:.2f}"),
+        ("rouge_l", "ROUGE-L of answers", "{:.3f}"),
+    ],
     "reward": [("accuracy", "pair accuracy (held-out pairs)", "{:.3f}"), ("margin", "mean reward margin", "{:.2f}")],
-    "dpo": [("accuracy", "implicit-reward accuracy", "{:.3f}"), ("margin", "implicit-reward margin", "{:.3f}"),
-            ("reward_model_score", "reward-model score of answers", "{:.3f}")],
+    "dpo": [
+        ("accuracy", "implicit-reward accuracy", "{:.3f}"),
+        ("margin", "implicit-reward margin", "{:.3f}"),
+        ("reward_model_score", "reward-model score of answers", "{:.3f}"),
+    ],
 }
-RL_METRICS = [("reward_mean", "mean reward (held-out prompts)", "{:.3f}"), ("kl", "KL to reference (nats/answer)", "{:.2f}"),
-              ("length", "answer length (tokens)", "{:.1f}")]
+RL_METRICS = [
+    ("reward_mean", "mean reward (held-out prompts)", "{:.3f}"),
+    ("kl", "KL to reference (nats/answer)", "{:.2f}"),
+    ("length", "answer length (tokens)", "{:.1f}"),
+]
 CURVES = [
-    ("train/loss", "loss"), ("eval/perplexity", "held-out perplexity"), ("train/accuracy", "pair accuracy (train)"),
-    ("train/reward_mean", "reward"), ("train/kl", "KL to reference"), ("train/entropy", "entropy"), ("train/length", "length (tokens)"),
+    ("train/loss", "loss"),
+    ("eval/perplexity", "held-out perplexity"),
+    ("train/accuracy", "pair accuracy (train)"),
+    ("train/reward_mean", "reward"),
+    ("train/kl", "KL to reference"),
+    ("train/entropy", "entropy"),
+    ("train/length", "length (tokens)"),
 ]
 EVAL_COLUMNS = [
-    ("perplexity", "perplexity", "{:.2f}"), ("rouge_l", "ROUGE-L", "{:.3f}"), ("reward_mean", "reward", "{:.3f}"),
-    ("win_rate", "win rate vs baseline", "{:.2f}"), ("judge_win_rate", "judge's win rate", "{:.2f}"),
-    ("kl", "KL to reference", "{:.2f}"), ("length", "length", "{:.1f}"),
+    ("perplexity", "perplexity", "{:.2f}"),
+    ("rouge_l", "ROUGE-L", "{:.3f}"),
+    ("reward_mean", "reward", "{:.3f}"),
+    ("win_rate", "win rate vs baseline", "{:.2f}"),
+    ("judge_win_rate", "judge's win rate", "{:.2f}"),
+    ("kl", "KL to reference", "{:.2f}"),
+    ("length", "length", "{:.1f}"),
     ("distinct_2", "distinct-2", "{:.3f}"),
 ]
 
@@ -52,7 +70,11 @@ def _read_curves(path: Path) -> list[dict]:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+    return (
+        float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else None
+    )
 
 
 def _stderr(metrics: dict, key: str) -> Any:
@@ -76,9 +98,21 @@ def stage_rows(stage: str, metrics: dict) -> list[tuple[str, str, str]]:
     rows = []
     for key, label, fmt in STAGE_METRICS.get(stage, RL_METRICS):
         if key in before or key in after:
-            rows.append((label, _format(before.get(key), fmt, _stderr(before, key)), _format(after.get(key), fmt, _stderr(after, key))))
+            rows.append(
+                (
+                    label,
+                    _format(before.get(key), fmt, _stderr(before, key)),
+                    _format(after.get(key), fmt, _stderr(after, key)),
+                )
+            )
     if "reward_gain" in after:
-        rows.append(("paired reward gain (same prompts)", "", _format(after["reward_gain"], "{:+.3f}", after.get("reward_gain_stderr"))))
+        rows.append(
+            (
+                "paired reward gain (same prompts)",
+                "",
+                _format(after["reward_gain"], "{:+.3f}", after.get("reward_gain_stderr")),
+            )
+        )
     return rows
 
 
@@ -127,7 +161,9 @@ def plot_curves(stage: str, records: list[dict], target: Path) -> bool:
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
     for axis, (key, label) in zip(axes.flat, panels):
         points = [(r["step"], r[key]) for r in records if _number(r.get(key)) is not None]
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None, color="#3b6ea8")
+        axis.plot(
+            [p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None, color="#3b6ea8"
+        )
         axis.set_title(label, fontsize=10)
         axis.set_xlabel("step", fontsize=8)
         axis.grid(alpha=0.3)
@@ -144,7 +180,9 @@ def plot_curves(stage: str, records: list[dict], target: Path) -> bool:
 def plot_comparison(summary: dict, target: Path) -> bool:
     """Bar charts of reward and win rate per model (95% intervals); False without reward scores."""
     models = summary.get("models", {})
-    order = [name for name in summary.get("order", list(models)) if _number(models[name].get("reward_mean")) is not None]
+    order = [
+        name for name in summary.get("order", list(models)) if _number(models[name].get("reward_mean")) is not None
+    ]
     if not order:
         return False
     plt = _pyplot()
@@ -231,13 +269,23 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
         eval_header, eval_rows = evaluation_rows(evaluation)
         with_references = evaluation.get("prompts_with_references", evaluation["prompts"])
         per_prompt = evaluation["samples_per_prompt"]
-        note = (f"{evaluation['prompts']} prompts ({with_references} held-out with references) × {per_prompt} "
-                f"answer{'s' if per_prompt != 1 else ''} per model, sampled at "
-                f"temperature {evaluation['sampling']['temperature']} with the same seed; ± is a 95% interval. KL is measured "
-                f"to {evaluation['reference']}, win rate against {evaluation['baseline']}"
-                + (f" as judged by the reward model {evaluation['reward_model']}." if evaluation.get("reward_model") else "."))
+        note = (
+            f"{evaluation['prompts']} prompts ({with_references} held-out with references) × {per_prompt} "
+            f"answer{'s' if per_prompt != 1 else ''} per model, sampled at "
+            f"temperature {evaluation['sampling']['temperature']} with the same seed; ± is a 95% interval. KL is measured "
+            f"to {evaluation['reference']}, win rate against {evaluation['baseline']}"
+            + (
+                f" as judged by the reward model {evaluation['reward_model']}."
+                if evaluation.get("reward_model")
+                else "."
+            )
+        )
         warnings = [f"{name}: {'; '.join(signs)}" for name, signs in evaluation.get("warnings", {}).items()]
-        html_parts.append("<h2>Models compared</h2>" + _html_table(eval_header, eval_rows, "models") + f'<p class="note">{html.escape(note)}</p>')
+        html_parts.append(
+            "<h2>Models compared</h2>"
+            + _html_table(eval_header, eval_rows, "models")
+            + f'<p class="note">{html.escape(note)}</p>'
+        )
         html_parts += [f'<div class="warning">Possible reward hacking — {html.escape(w)}</div>' for w in warnings]
         md_parts.append("## Models compared\n\n" + _md_table(eval_header, eval_rows) + f"\n{note}\n")
         md_parts += [f"\n> **Possible reward hacking** — {w}\n" for w in warnings]
@@ -250,7 +298,9 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
     for stage, directory in stage_dirs.items():
         image = plots / f"{stage}-curves.png"
         if stage != "evaluate" and plot_curves(stage, _read_curves(directory / "metrics.jsonl"), image):
-            curve_html.append(f'<h3>{html.escape(stage)}</h3><img src="{PLOTS_DIR}/{image.name}" alt="{html.escape(stage)} training curves">')
+            curve_html.append(
+                f'<h3>{html.escape(stage)}</h3><img src="{PLOTS_DIR}/{image.name}" alt="{html.escape(stage)} training curves">'
+            )
             curve_md.append(f"![{stage} training curves]({PLOTS_DIR}/{image.name})\n")
     if curve_html:
         html_parts.append("<h2>Training curves</h2>" + "".join(curve_html))
@@ -261,7 +311,11 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
     if samples:
         names = evaluation.get("order") or [k for k in samples[0] if k not in ("prompt", "reference")]
         sample_header = ["prompt", *names] + (["reference"] if any("reference" in s for s in samples) else [])
-        sample_rows = [[s["prompt"], *(s.get(n, "") for n in names)] + ([s.get("reference", "")] if "reference" in sample_header else []) for s in samples]
+        sample_rows = [
+            [s["prompt"], *(s.get(n, "") for n in names)]
+            + ([s.get("reference", "")] if "reference" in sample_header else [])
+            for s in samples
+        ]
         html_parts.append("<h2>Side by side</h2>" + _html_table(sample_header, sample_rows, "samples"))
         md_parts.append(f"## Side by side\n\n{len(samples)} prompts: see `evaluate/samples.md`.\n")
 
@@ -270,8 +324,9 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><p class=\"note\">{html.escape(str(root))} · written {stamp}</p>"
-        + "".join(html_parts) + "</body></html>\n"
+        f'<h1>{html.escape(title)}</h1><p class="note">{html.escape(str(root))} · written {stamp}</p>'
+        + "".join(html_parts)
+        + "</body></html>\n"
     )
     target = root / "report.html"
     write_text_atomically(target, page)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
 # Explicit answer markers, strongest first; the last number of the text is the fallback.
@@ -52,7 +53,9 @@ def _reference(value: Any) -> float:
     return parsed
 
 
-def numeric_answer(prompts: Sequence[str], completions: Sequence[str], answer: Sequence[Any] | None = None, **_: Any) -> list[float]:
+def numeric_answer(
+    prompts: Sequence[str], completions: Sequence[str], answer: Sequence[Any] | None = None, **_: Any
+) -> list[float]:
     """1.0 when the completion's final number equals the row's `answer` (relative tolerance 1e-6), else 0.0.
 
     `answer` may be a number or a text ending in one (GSM8K's "... #### 18" works).
@@ -63,5 +66,7 @@ def numeric_answer(prompts: Sequence[str], completions: Sequence[str], answer: S
     for completion, reference in zip(completions, answer, strict=True):
         predicted = final_number(completion)
         target = _reference(reference)
-        rewards.append(1.0 if predicted is not None and math.isclose(predicted, target, rel_tol=1e-6, abs_tol=1e-9) else 0.0)
+        rewards.append(
+            1.0 if predicted is not None and math.isclose(predicted, target, rel_tol=1e-6, abs_tol=1e-9) else 0.0
+        )
     return rewards

@@ -12,9 +12,10 @@ import importlib
 import importlib.util
 import math
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -46,7 +47,10 @@ def reward_model_forward(model: torch.nn.Module, input_ids: torch.Tensor, attent
 
 
 def packed_reward_forward(
-    model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, last_positions: torch.Tensor,
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    last_positions: torch.Tensor,
     shared_prompt_groups: list | None = None,
 ) -> torch.Tensor:
     """(S,) float32 rewards of S sequences packed into one row: the score head at each one's last token."""
@@ -70,13 +74,19 @@ class RewardModelScorer:
     """
 
     def __init__(
-        self, reference: str, max_length: int = 512, template: str = "auto", device: str | None = None,
-        label: str | int | None = None, output: str = "logit",
+        self,
+        reference: str,
+        max_length: int = 512,
+        template: str = "auto",
+        device: str | None = None,
+        label: str | int | None = None,
+        output: str = "logit",
     ) -> None:
         source = resolve(reference)
         self.tokenizer = load_tokenizer(source)
         self.model = load_reward_model(
-            source, ModelSettings(), torch.float32, num_labels=None if label is not None else 1, trained_head=True).eval()
+            source, ModelSettings(), torch.float32, num_labels=None if label is not None else 1, trained_head=True
+        ).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -93,18 +103,24 @@ class RewardModelScorer:
         labels = self.model.config.id2label
         if isinstance(label, int):
             if label not in labels:
-                raise UserError(f"reward.label: {reference} has labels {dict(labels)}; index {label} is not one of them")
+                raise UserError(
+                    f"reward.label: {reference} has labels {dict(labels)}; index {label} is not one of them"
+                )
             return label
         by_name = {str(name).lower(): index for index, name in labels.items()}
         if label.lower() not in by_name:
-            raise UserError(f"reward.label: {reference} has labels {sorted(labels.values())}; {label!r} is not one of them")
+            raise UserError(
+                f"reward.label: {reference} has labels {sorted(labels.values())}; {label!r} is not one of them"
+            )
         return by_name[label.lower()]
 
     def _row(self, prompt: Messages | str, response: str) -> list[int]:
         if self.label_index is not None:
             text = f"{_as_turns(prompt)[-1]['content']} {response}"
             return self.wrap(self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_length])
-        prompt_ids, (response_ids,) = prompt_and_response_ids(self.tokenizer, _as_turns(prompt), [response or " "], self.template)
+        prompt_ids, (response_ids,) = prompt_and_response_ids(
+            self.tokenizer, _as_turns(prompt), [response or " "], self.template
+        )
         fitted_prompt, fitted_response, _ = fit_pair(prompt_ids, response_ids, response_ids, self.max_length)
         return self.wrap(fitted_prompt + fitted_response)
 
@@ -125,7 +141,9 @@ class RewardModelScorer:
             scores.extend(chosen[:, self.label_index].tolist())
         return scores
 
-    def _score_packed(self, prompts: Sequence[Messages | str], rows: list[list[int]], pack_tokens: int = 8192) -> list[float]:
+    def _score_packed(
+        self, prompts: Sequence[Messages | str], rows: list[list[int]], pack_tokens: int = 8192
+    ) -> list[float]:
         """Rows packed padding-free, about pack_tokens per forward; consecutive answers to one
         prompt (a rollout's samples) share their common prefix, run once."""
         scores = [math.nan] * len(rows)
@@ -139,9 +157,16 @@ class RewardModelScorer:
                 continue
             members = [i for g in chunk for i in g]
             local = {row: k for k, row in enumerate(members)}
-            pack = pack_shared_prefixes([torch.tensor(rows[i]) for i in members], [[local[i] for i in g] for g in chunk])
-            values = packed_reward_forward(self.model, pack.input_ids.to(self.device), pack.position_ids.to(self.device),
-                                           pack.last_positions().to(self.device), pack.layout)
+            pack = pack_shared_prefixes(
+                [torch.tensor(rows[i]) for i in members], [[local[i] for i in g] for g in chunk]
+            )
+            values = packed_reward_forward(
+                self.model,
+                pack.input_ids.to(self.device),
+                pack.position_ids.to(self.device),
+                pack.last_positions().to(self.device),
+                pack.layout,
+            )
             for row, value in zip(members, values.tolist()):
                 scores[row] = value
             chunk, size = [], 0
@@ -192,7 +217,9 @@ class RewardSource:
         else:
             self.name = settings.model
             self.function = None
-            self.scorer = RewardModelScorer(settings.model, settings.max_length, template, label=settings.label, output=settings.output)
+            self.scorer = RewardModelScorer(
+                settings.model, settings.max_length, template, label=settings.label, output=settings.output
+            )
 
     def raw_scores(self, prompts: Sequence[Messages], completions: Sequence[str], columns: Sequence[dict]) -> list[Any]:
         if self.scorer is not None:
@@ -205,7 +232,9 @@ class RewardSource:
             raise RewardError(f"reward function {self.name} raised {type(exc).__name__}: {exc}") from None
         if not isinstance(scores, (list, tuple, torch.Tensor)) or len(scores) != len(completions):
             got = len(scores) if hasattr(scores, "__len__") else type(scores).__name__
-            raise RewardError(f"reward function {self.name} must return one float per completion ({len(completions)}); got {got}")
+            raise RewardError(
+                f"reward function {self.name} must return one float per completion ({len(completions)}); got {got}"
+            )
         return list(scores.tolist() if isinstance(scores, torch.Tensor) else scores)
 
 
@@ -218,7 +247,11 @@ class ScoredBatch:
 
 
 def score_completions(
-    source: RewardSource, prompts: Sequence[Messages], completions: Sequence[str], columns: Sequence[dict], ended: torch.Tensor
+    source: RewardSource,
+    prompts: Sequence[Messages],
+    completions: Sequence[str],
+    columns: Sequence[dict],
+    ended: torch.Tensor,
 ) -> ScoredBatch:
     """Rewards of a batch of completions with validity checks and EOS shaping."""
     settings = source.settings

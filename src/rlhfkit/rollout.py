@@ -15,15 +15,22 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from rlhfkit.attention import consecutive_runs, pack_shared_prefixes, packed_hidden_states, shares_prompts
 from rlhfkit.config import SamplingSettings
 from rlhfkit.losses.lm import IGNORE_INDEX, target_token_logprobs, target_token_logprobs_and_entropy
-from rlhfkit.models import backbone_and_head, backbone_and_score_head, eval_mode, packs_by_position_ids, weights_are_sharded
+from rlhfkit.models import (
+    backbone_and_head,
+    backbone_and_score_head,
+    eval_mode,
+    packs_by_position_ids,
+    weights_are_sharded,
+)
 
 
 @dataclass
@@ -54,7 +61,9 @@ class Rollout:
         picked = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            picked[f.name] = [value[i] for i in indices.tolist()] if isinstance(value, list) else value[indices.to(value.device)]
+            picked[f.name] = (
+                [value[i] for i in indices.tolist()] if isinstance(value, list) else value[indices.to(value.device)]
+            )
         return Rollout(**picked)
 
 
@@ -76,7 +85,9 @@ def response_mask_from(response_ids: torch.Tensor, eos_token_id: int) -> tuple[t
     """(mask (N, R) float up to and including the first EOS, ended (N,) bool)."""
     is_eos = response_ids == eos_token_id
     ended = is_eos.any(dim=1)
-    first_eos = torch.where(ended, is_eos.float().argmax(dim=1), torch.full_like(ended, response_ids.shape[1], dtype=torch.long))
+    first_eos = torch.where(
+        ended, is_eos.float().argmax(dim=1), torch.full_like(ended, response_ids.shape[1], dtype=torch.long)
+    )
     positions = torch.arange(response_ids.shape[1], device=response_ids.device)
     return (positions[None, :] <= first_eos[:, None]).float(), ended
 
@@ -119,8 +130,13 @@ class RowSeededSampler:
 
 @torch.no_grad()
 def sample_rollout(
-    model: torch.nn.Module, tokenizer: Any, prompt_texts: Sequence[str], settings: SamplingSettings, samples_per_prompt: int,
-    max_prompt_length: int, seeds: Sequence[int] | None = None,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt_texts: Sequence[str],
+    settings: SamplingSettings,
+    samples_per_prompt: int,
+    max_prompt_length: int,
+    seeds: Sequence[int] | None = None,
 ) -> Rollout:
     """Sample `samples_per_prompt` completions for each formatted prompt with the KV cache.
 
@@ -135,28 +151,46 @@ def sample_rollout(
     # A full config replaces the model's defaults (e.g. a top_k of 50 or a repetition penalty), so
     # the distribution sampled is exactly softmax(logits / temperature) restricted by top-p/top-k.
     # With seeds, RowSeededSampler applies temperature/top-k/top-p itself and generate decodes greedily.
-    warping = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k or None} if seeds is None else {}
+    warping = (
+        {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k or None}
+        if seeds is None
+        else {}
+    )
     generation_config = GenerationConfig(
-        do_sample=seeds is None, **warping, max_new_tokens=settings.max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        do_sample=seeds is None,
+        **warping,
+        max_new_tokens=settings.max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     with eval_mode(model):
         pieces = []
         for start in range(0, len(repeated), settings.batch_size):
             ids = prompt_ids[start : start + settings.batch_size].to(device)
             mask = prompt_mask[start : start + settings.batch_size].to(device)
-            processors = LogitsProcessorList([RowSeededSampler(seeds[start : start + settings.batch_size], settings)] if seeds is not None else [])
+            processors = LogitsProcessorList(
+                [RowSeededSampler(seeds[start : start + settings.batch_size], settings)] if seeds is not None else []
+            )
             prefix = shared_prompt_cache(model, ids, mask, torch.arange(start, start + len(ids)) // samples_per_prompt)
-            generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation_config, logits_processor=processors,
-                                       past_key_values=prefix,
-                                       synced_gpus=weights_are_sharded(model))  # sharded: every process runs each decode step
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=generation_config,
+                logits_processor=processors,
+                past_key_values=prefix,
+                synced_gpus=weights_are_sharded(model),
+            )  # sharded: every process runs each decode step
             new = generated[:, ids.shape[1] :].cpu()
-            pad = torch.full((new.shape[0], settings.max_new_tokens - new.shape[1]), tokenizer.pad_token_id, dtype=torch.long)
+            pad = torch.full(
+                (new.shape[0], settings.max_new_tokens - new.shape[1]), tokenizer.pad_token_id, dtype=torch.long
+            )
             pieces.append(torch.cat([new, pad], dim=1))
     return rollout_from_responses(prompt_ids, prompt_mask, torch.cat(pieces), tokenizer, samples_per_prompt)
 
 
-def shared_prompt_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, prompt_index: torch.Tensor) -> Any | None:
+def shared_prompt_cache(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, prompt_index: torch.Tensor
+) -> Any | None:
     """The KV cache of every row's prompt but its last token, each distinct prompt run once.
 
     Rows answering one prompt (equal prompt_index) start from one copy of its cache, so with n
@@ -169,18 +203,26 @@ def shared_prompt_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.T
     first_rows = [run[0] for run in runs]
     prefix_ids, prefix_mask = ids[first_rows, :-1], mask[first_rows, :-1]
     positions = (prefix_mask.cumsum(dim=1) - 1).clamp(min=0)
-    cache = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True).past_key_values
+    cache = model(
+        input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True
+    ).past_key_values
     cache.reorder_cache(torch.tensor([number for number, run in enumerate(runs) for _ in run], device=ids.device))
     return cache
 
 
 def pad_responses(rows: Sequence[Sequence[int]], pad_token_id: int, width: int) -> torch.Tensor:
     """(N, width) generated ids, right-padded (rows longer than width are cut)."""
-    return torch.tensor([list(row[:width]) + [pad_token_id] * (width - len(row[:width])) for row in rows], dtype=torch.long)
+    return torch.tensor(
+        [list(row[:width]) + [pad_token_id] * (width - len(row[:width])) for row in rows], dtype=torch.long
+    )
 
 
 def rollout_from_responses(
-    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor, tokenizer: Any, samples_per_prompt: int
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    tokenizer: Any,
+    samples_per_prompt: int,
 ) -> Rollout:
     """A rollout from left-padded prompts and right-padded generated ids (prompt-major groups),
     whichever engine sampled them: masks up to and including the first EOS, decoded completions."""
@@ -201,7 +243,9 @@ def _sequence_inputs(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torc
     return input_ids, attention_mask, position_ids
 
 
-def _packed_sequence_inputs(rollout: Rollout, share_prompts: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list | None]:
+def _packed_sequence_inputs(
+    rollout: Rollout, share_prompts: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list | None]:
     """Every prompt+response in one row without padding: (1, T) ids and positions, the (N, R)
     index of the position predicting each response token (-1 on response padding), and the
     shared-prompt layout for the attention (None when nothing is shared).
@@ -216,7 +260,9 @@ def _packed_sequence_inputs(rollout: Rollout, share_prompts: bool = False) -> tu
         torch.cat([rollout.prompt_ids[row, prompt_width - p :], rollout.response_ids[row, :r]])
         for row, (p, r) in enumerate(zip(prompt_lengths, response_lengths))
     ]
-    groups = consecutive_runs(rollout.prompt_index.tolist()) if share_prompts else [[row] for row in range(rollout.size)]
+    groups = (
+        consecutive_runs(rollout.prompt_index.tolist()) if share_prompts else [[row] for row in range(rollout.size)]
+    )
     pack = pack_shared_prefixes(sequences, groups)
     predictors = torch.full((rollout.size, response_width), -1, dtype=torch.long, device=pack.input_ids.device)
     for row, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
@@ -232,18 +278,26 @@ def response_hidden_states(decoder: torch.nn.Module, rollout: Rollout) -> torch.
     run the left/right-padded rows with a mask.
     """
     if packs_by_position_ids(decoder):
-        input_ids, position_ids, predictors, layout = _packed_sequence_inputs(rollout, share_prompts=shares_prompts(decoder))
+        input_ids, position_ids, predictors, layout = _packed_sequence_inputs(
+            rollout, share_prompts=shares_prompts(decoder)
+        )
         hidden = packed_hidden_states(decoder, input_ids, position_ids, layout)[0]
         gathered = hidden[predictors.clamp(min=0)]  # (N, R, H)
         return gathered * (predictors >= 0).unsqueeze(-1).to(gathered.dtype)
     input_ids, attention_mask, position_ids = _sequence_inputs(rollout)
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     prompt_width = rollout.prompt_ids.shape[1]
     return hidden[:, prompt_width - 1 : -1]
 
 
 def response_logprobs(
-    model: torch.nn.Module, rollout: Rollout, temperature: float, chunk_size: int = 1024, with_entropy: bool = False,
+    model: torch.nn.Module,
+    rollout: Rollout,
+    temperature: float,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
     with_hidden: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Per-token log π(y_t | x, y_<t) under softmax(logits / temperature), (N, R), 0 on padding.
@@ -291,7 +345,10 @@ class ValueHead(torch.nn.Module):
         from safetensors.torch import save_file
 
         state = state_dict if state_dict is not None else self.state_dict()
-        save_file({name: value.detach().cpu().contiguous() for name, value in state.items()}, str(directory / "value_head.safetensors"))
+        save_file(
+            {name: value.detach().cpu().contiguous() for name, value in state.items()},
+            str(directory / "value_head.safetensors"),
+        )
 
 
 def response_values(critic: torch.nn.Module, rollout: Rollout) -> torch.Tensor:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -92,9 +93,18 @@ def sampling_arguments(settings: SamplingSettings, seeds: Sequence[int]) -> list
     other knobs (repetition penalties, min-p) stay at their neutral values, and EOS is never ignored.
     """
     common = {
-        "n": 1, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k or -1,
-        "max_tokens": settings.max_new_tokens, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-        "frequency_penalty": 0.0, "ignore_eos": False, "skip_special_tokens": True, "detokenize": False,
+        "n": 1,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "top_k": settings.top_k or -1,
+        "max_tokens": settings.max_new_tokens,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "ignore_eos": False,
+        "skip_special_tokens": True,
+        "detokenize": False,
     }
     return [{**common, "seed": int(seed)} for seed in seeds]
 
@@ -115,8 +125,16 @@ def response_rows(outputs: Sequence[Any], eos_token_id: int) -> list[list[int]]:
 class VLLMSampler:
     """One colocated vLLM engine per process; `sample` mirrors `rollout.sample_rollout`."""
 
-    def __init__(self, policy: torch.nn.Module, tokenizer: Any, settings: RolloutSettings, max_model_len: int,
-                 processes: int, seed: int, version: int) -> None:
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        tokenizer: Any,
+        settings: RolloutSettings,
+        max_model_len: int,
+        processes: int,
+        seed: int,
+        version: int,
+    ) -> None:
         from vllm import LLM
 
         self.tokenizer, self.settings = tokenizer, settings
@@ -126,14 +144,20 @@ class VLLMSampler:
         write_checkpoint(policy, tokenizer, Path(self.start_dir.name))
         dtype = next(policy.parameters()).dtype
         options: dict[str, Any] = {
-            "model": self.start_dir.name, "dtype": str(dtype).removeprefix("torch."), "seed": seed,
-            "gpu_memory_utilization": settings.vllm_gpu_memory, "max_model_len": max_model_len,
-            "enable_sleep_mode": settings.vllm_sleep, "enable_prefix_caching": True,
+            "model": self.start_dir.name,
+            "dtype": str(dtype).removeprefix("torch."),
+            "seed": seed,
+            "gpu_memory_utilization": settings.vllm_gpu_memory,
+            "max_model_len": max_model_len,
+            "enable_sleep_mode": settings.vllm_sleep,
+            "enable_prefix_caching": True,
         }
         if processes > 1:
             # Under accelerate/torchrun each process drives its own engine on its own GPU.
             options["distributed_executor_backend"] = "external_launcher"
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights load without copies between processes
+        os.environ.setdefault(
+            "VLLM_ENABLE_V1_MULTIPROCESSING", "0"
+        )  # in-process: weights load without copies between processes
         self.llm = LLM(**options)
         self.synced_version = version  # the checkpoint written above holds the policy's weights now
         self.asleep = False
@@ -160,8 +184,16 @@ class VLLMSampler:
         self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights
 
     @torch.no_grad()
-    def sample(self, policy: torch.nn.Module, version: int, prompt_texts: Sequence[str], settings: SamplingSettings,
-               samples_per_prompt: int, max_prompt_length: int, seeds: Sequence[int]) -> Rollout:
+    def sample(
+        self,
+        policy: torch.nn.Module,
+        version: int,
+        prompt_texts: Sequence[str],
+        settings: SamplingSettings,
+        samples_per_prompt: int,
+        max_prompt_length: int,
+        seeds: Sequence[int],
+    ) -> Rollout:
         """Completions of the policy at `version` (an update counter): weights are loaded only when it changed."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -172,12 +204,15 @@ class VLLMSampler:
             self.synced_version = version
         repeated = [text for text in prompt_texts for _ in range(samples_per_prompt)]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, repeated, max_prompt_length)
-        requests = [TokensPrompt(prompt_token_ids=row[mask.bool()].tolist()) for row, mask in zip(prompt_ids, prompt_mask)]
+        requests = [
+            TokensPrompt(prompt_token_ids=row[mask.bool()].tolist()) for row, mask in zip(prompt_ids, prompt_mask)
+        ]
         params = [SamplingParams(**arguments) for arguments in sampling_arguments(settings, seeds)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         self.sleep()
-        response_ids = pad_responses(response_rows(outputs, self.tokenizer.eos_token_id), self.tokenizer.pad_token_id,
-                                     settings.max_new_tokens)
+        response_ids = pad_responses(
+            response_rows(outputs, self.tokenizer.eos_token_id), self.tokenizer.pad_token_id, settings.max_new_tokens
+        )
         return rollout_from_responses(prompt_ids, prompt_mask, response_ids, self.tokenizer, samples_per_prompt)
 
     def close(self) -> None:

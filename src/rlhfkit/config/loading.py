@@ -54,7 +54,9 @@ def _set_default(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node.setdefault(key, value)
 
 
-def chain_stage_tree(stage: str, tree: dict[str, Any], pipeline: PipelineSettings, sections: dict[str, Any]) -> dict[str, Any]:
+def chain_stage_tree(
+    stage: str, tree: dict[str, Any], pipeline: PipelineSettings, sections: dict[str, Any]
+) -> dict[str, Any]:
     """A stage's config tree with what the pipeline implies filled in where the user left it unset.
 
     Each stage writes to OUTPUT_DIR/STAGE; the first policy stage (pretrain) starts from
@@ -146,7 +148,9 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def _validate(config_class: type[Section], tree: dict[str, Any], source: str, pipeline: PipelineSettings | None = None) -> Any:
+def _validate(
+    config_class: type[Section], tree: dict[str, Any], source: str, pipeline: PipelineSettings | None = None
+) -> Any:
     outputs = {str(Path(pipeline.output_dir) / stage) for stage in pipeline.stages} if pipeline else set()
     try:
         return config_class.model_validate(tree, context={"pipeline_outputs": outputs})
@@ -198,7 +202,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
     pipeline = _pipeline_settings(loaded, str(path))
     unknown = sorted(set(loaded) - set(registry.names()) - {"pipeline"})
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level section(s) {', '.join(unknown)} (expected pipeline, {', '.join(registry.names())})")
+        raise ConfigError(
+            f"{path}: unknown top-level section(s) {', '.join(unknown)} (expected pipeline, {', '.join(registry.names())})"
+        )
     configs = {}
     for stage in pipeline.stages:
         section = loaded.get(stage) or {}

@@ -6,7 +6,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from rlhfkit.config.sections import ChatDataSettings, EvalSettings, GenerationSettings, Section, StageConfig, TextDataSettings
+from rlhfkit.config.sections import (
+    ChatDataSettings,
+    EvalSettings,
+    GenerationSettings,
+    Section,
+    StageConfig,
+    TextDataSettings,
+)
 
 
 class PretrainConfig(StageConfig):
@@ -23,12 +30,19 @@ class SFTConfig(StageConfig):
 
 
 class PreferenceDataSettings(ChatDataSettings):
-    path: str = Field("builtin:tutor-prefs", description="prompt/chosen/rejected rows, or chosen/rejected transcripts sharing a prompt.")
-    max_length: int = Field(512, gt=3, description="Longest prompt+answer; the prompt loses its start first (final turns kept).")
+    path: str = Field(
+        "builtin:tutor-prefs",
+        description="prompt/chosen/rejected rows, or chosen/rejected transcripts sharing a prompt.",
+    )
+    max_length: int = Field(
+        512, gt=3, description="Longest prompt+answer; the prompt loses its start first (final turns kept)."
+    )
 
 
 class RewardLossSettings(Section):
-    center_coef: float = Field(0.0, ge=0, description="η in + η (r_c + r_r)^2: keeps rewards centred on 0 (0 disables).")
+    center_coef: float = Field(
+        0.0, ge=0, description="η in + η (r_c + r_r)^2: keeps rewards centred on 0 (0 disables)."
+    )
     use_margins: bool = Field(True, description="Subtract a `margin` column from r_c - r_r when the data has one.")
 
 
@@ -40,15 +54,23 @@ class RewardConfig(StageConfig):
 
 
 class DPOSettings(Section):
-    loss: Literal["sigmoid", "ipo", "simpo"] = Field("sigmoid", description="sigmoid = DPO (with label_smoothing: cDPO), ipo, or reference-free simpo.")
+    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
+        "sigmoid", description="sigmoid = DPO (with label_smoothing: cDPO), ipo, or reference-free simpo."
+    )
     beta: float = Field(0.1, gt=0, description="β: strength of the KL anchor to the reference (SimPO: reward scale).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="ε: assumed label-flip rate (conservative DPO); sigmoid only.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="ε: assumed label-flip rate (conservative DPO); sigmoid only."
+    )
     simpo_gamma: float = Field(0.5, ge=0, description="γ: SimPO's target reward margin.")
-    precompute_reference: bool = Field(False, description="Compute reference log-probs once before training instead of every step.")
+    precompute_reference: bool = Field(
+        False, description="Compute reference log-probs once before training instead of every step."
+    )
 
 
 class PreferenceEvalSettings(EvalSettings):
-    reward_model: str | None = Field(None, description="Reward model (run dir, adapter or model) to score generated answers before/after.")
+    reward_model: str | None = Field(
+        None, description="Reward model (run dir, adapter or model) to score generated answers before/after."
+    )
 
 
 class DPOConfig(StageConfig):
@@ -58,4 +80,3 @@ class DPOConfig(StageConfig):
     dpo: DPOSettings = Field(default_factory=DPOSettings)
     eval: PreferenceEvalSettings = Field(default_factory=PreferenceEvalSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
-

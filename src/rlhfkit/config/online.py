@@ -6,51 +6,92 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhfkit.config.sections import ChatDataSettings, EvalSettings, SamplingSettings, Section, StageConfig, TrainSettings
+from rlhfkit.config.sections import (
+    ChatDataSettings,
+    EvalSettings,
+    SamplingSettings,
+    Section,
+    StageConfig,
+    TrainSettings,
+)
 
 
 class PromptDataSettings(ChatDataSettings):
-    path: str = Field("builtin:arithmetic", description="Prompts: a `prompt` column (text or chat messages); other columns go to reward functions.")
-    max_length: int = Field(256, gt=1, description="Longest formatted prompt in tokens; longer prompts lose their start.")
-    system_prompt: str | None = Field(None, description="A system message put before every prompt that has none (e.g. the answer format wanted).")
-
+    path: str = Field(
+        "builtin:arithmetic",
+        description="Prompts: a `prompt` column (text or chat messages); other columns go to reward functions.",
+    )
+    max_length: int = Field(
+        256, gt=1, description="Longest formatted prompt in tokens; longer prompts lose their start."
+    )
+    system_prompt: str | None = Field(
+        None, description="A system message put before every prompt that has none (e.g. the answer format wanted)."
+    )
 
 
 class RolloutSettings(SamplingSettings):
     prompts_per_step: int = Field(8, gt=0, description="Prompts sampled per RL step.")
-    samples_per_prompt: int = Field(4, gt=0, description="Completions per prompt (GRPO's group size G; ≥ 2 for group baselines).")
-    engine: Literal["hf", "vllm"] = Field(
-        "hf", description="Sampler: transformers' generate (CPU or GPU), or vLLM colocated on each process's GPU (weights loaded after each update)."
+    samples_per_prompt: int = Field(
+        4, gt=0, description="Completions per prompt (GRPO's group size G; ≥ 2 for group baselines)."
     )
-    vllm_gpu_memory: float = Field(0.3, gt=0, lt=1, description="engine vllm: share of the GPU's memory vLLM takes (weights + KV cache); training has the rest.")
-    vllm_sleep: bool = Field(True, description="engine vllm: release vLLM's GPU memory (KV cache dropped, weights to CPU) while the policy trains.")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="Sampler: transformers' generate (CPU or GPU), or vLLM colocated on each process's GPU (weights loaded after each update).",
+    )
+    vllm_gpu_memory: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="engine vllm: share of the GPU's memory vLLM takes (weights + KV cache); training has the rest.",
+    )
+    vllm_sleep: bool = Field(
+        True,
+        description="engine vllm: release vLLM's GPU memory (KV cache dropped, weights to CPU) while the policy trains.",
+    )
 
 
 class RewardSourceSettings(Section):
     function: str | None = Field(None, description="A Python reward: `module:function` or `path/to/file.py:function`.")
-    model: str | None = Field(None, description="A reward model (run dir, adapter, model dir or hub id): its scalar output is the reward.")
-    label: str | int | None = Field(None, description="For a classifier with several labels: the label (name or index) whose score is the reward.")
-    output: Literal["logit", "probability"] = Field("logit", description="For a labelled classifier: that label's logit or softmax probability.")
+    model: str | None = Field(
+        None, description="A reward model (run dir, adapter, model dir or hub id): its scalar output is the reward."
+    )
+    label: str | int | None = Field(
+        None, description="For a classifier with several labels: the label (name or index) whose score is the reward."
+    )
+    output: Literal["logit", "probability"] = Field(
+        "logit", description="For a labelled classifier: that label's logit or softmax probability."
+    )
     max_length: int = Field(512, gt=3, description="Longest prompt+completion the reward model reads.")
-    missing_eos_penalty: float | None = Field(None, description="Subtract this from the reward of a completion that hit max_new_tokens without EOS.")
-    on_invalid: Literal["error", "skip"] = Field("error", description="A reward that raises or is NaN/inf: stop naming the sample, or leave it out of the update (counted).")
+    missing_eos_penalty: float | None = Field(
+        None, description="Subtract this from the reward of a completion that hit max_new_tokens without EOS."
+    )
+    on_invalid: Literal["error", "skip"] = Field(
+        "error",
+        description="A reward that raises or is NaN/inf: stop naming the sample, or leave it out of the update (counted).",
+    )
 
     @model_validator(mode="after")
-    def _one_source(self) -> "RewardSourceSettings":
+    def _one_source(self) -> RewardSourceSettings:
         if (self.function is None) == (self.model is None):
             raise ValueError("set exactly one of reward.function and reward.model")
         return self
 
 
 class RLEvalSettings(EvalSettings):
-    num_prompts: int = Field(32, ge=0, description="Held-out prompts whose mean reward and KL are measured before and after.")
-    samples_per_prompt: int = Field(2, gt=0, description="Completions per held-out prompt (same sampling settings as the rollouts).")
+    num_prompts: int = Field(
+        32, ge=0, description="Held-out prompts whose mean reward and KL are measured before and after."
+    )
+    samples_per_prompt: int = Field(
+        2, gt=0, description="Completions per held-out prompt (same sampling settings as the rollouts)."
+    )
     seed: int = Field(1234, description="Sampling seed for evaluation, the same before and after.")
 
 
 class PPOSettings(Section):
     epochs: int = Field(2, gt=0, description="Passes of PPO updates over each rollout batch.")
-    minibatch_size: int | None = Field(None, gt=0, description="Sequences per optimizer step (default: the whole rollout batch).")
+    minibatch_size: int | None = Field(
+        None, gt=0, description="Sequences per optimizer step (default: the whole rollout batch)."
+    )
     clip: float = Field(0.2, gt=0, description="ε: policy-ratio clip range.")
     value_clip: float = Field(0.2, gt=0, description="ε_v: how far the value may move from its rollout-time value.")
     value_coef: float = Field(0.1, ge=0, description="Weight of the value loss beside the policy loss.")
@@ -58,22 +99,38 @@ class PPOSettings(Section):
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ.")
     kl_coef: float = Field(0.05, ge=0, description="β: per-token KL penalty coefficient (initial value when adaptive).")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimate in the reward.")
-    target_kl: float | None = Field(None, gt=0, description="Adapt β towards this KL per sequence (Ziegler et al.); null = fixed β.")
+    target_kl: float | None = Field(
+        None, gt=0, description="Adapt β towards this KL per sequence (Ziegler et al.); null = fixed β."
+    )
     kl_horizon: int = Field(10000, gt=0, description="Horizon of the adaptive KL controller, in samples.")
     whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, std 1 per rollout batch.")
     critic: Literal["model", "head"] = Field(
-        "model", description="model: a value model with its own LoRA and head; head: a linear value head on the reference's frozen hidden states (no extra passes; for CPUs)."
+        "model",
+        description="model: a value model with its own LoRA and head; head: a linear value head on the reference's "
+        "frozen hidden states (no extra passes; for CPUs).",
     )
-    critic_model: str | None = Field(None, description="critic: model starts from this model (e.g. the reward run); default: the policy's backbone.")
+    critic_model: str | None = Field(
+        None, description="critic: model starts from this model (e.g. the reward run); default: the policy's backbone."
+    )
 
 
 class GRPOSettings(Section):
     epochs: int = Field(1, gt=0, description="Passes over each rollout batch (1 = on-policy, ratio 1).")
-    minibatch_size: int | None = Field(None, gt=0, description="Sequences per optimizer step (default: the whole rollout batch).")
+    minibatch_size: int | None = Field(
+        None, gt=0, description="Sequences per optimizer step (default: the whole rollout batch)."
+    )
     clip: float = Field(0.2, gt=0, description="ε: policy-ratio clip range.")
-    beta: float = Field(0.04, ge=0, description="KL coefficient (k3 estimator) of the loss term to the reference; 0 drops the term (KL is still reported).")
-    scale_rewards: bool = Field(True, description="Divide group advantages by the group's reward std (false: Dr. GRPO).")
-    loss_aggregation: Literal["token", "sequence"] = Field("token", description="Average the loss over all tokens, or per sequence then over sequences.")
+    beta: float = Field(
+        0.04,
+        ge=0,
+        description="KL coefficient (k3 estimator) of the loss term to the reference; 0 drops the term (KL is still reported).",
+    )
+    scale_rewards: bool = Field(
+        True, description="Divide group advantages by the group's reward std (false: Dr. GRPO)."
+    )
+    loss_aggregation: Literal["token", "sequence"] = Field(
+        "token", description="Average the loss over all tokens, or per sequence then over sequences."
+    )
 
 
 class TRPOSettings(Section):
@@ -87,11 +144,15 @@ class TRPOSettings(Section):
         description="Where the line search measures the exact KL against δ: every response position of the batch "
         "(keeps positions × vocabulary float32 old distributions in memory), or only the Fisher sequences' positions.",
     )
-    baseline: Literal["group", "value"] = Field("group", description="Advantages relative to the prompt's group mean, or from a critic with GAE.")
+    baseline: Literal["group", "value"] = Field(
+        "group", description="Advantages relative to the prompt's group mean, or from a critic with GAE."
+    )
     value_epochs: int = Field(2, gt=0, description="Critic regression passes per step (baseline: value).")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount γ (baseline: value).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ (baseline: value).")
-    critic_model: str | None = Field(None, description="Start the critic from this model (baseline: value); default: the policy's backbone.")
+    critic_model: str | None = Field(
+        None, description="Start the critic from this model (baseline: value); default: the policy's backbone."
+    )
 
 
 class RLConfig(StageConfig):
@@ -99,12 +160,16 @@ class RLConfig(StageConfig):
 
     data: PromptDataSettings = Field(default_factory=PromptDataSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
-    reward: RewardSourceSettings = Field(default_factory=lambda: RewardSourceSettings(function="rlhfkit.reward_functions:numeric_answer"))
+    reward: RewardSourceSettings = Field(
+        default_factory=lambda: RewardSourceSettings(function="rlhfkit.reward_functions:numeric_answer")
+    )
     eval: RLEvalSettings = Field(default_factory=RLEvalSettings)
-    train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-5, warmup_ratio=0.0, scheduler="constant", max_steps=20))
+    train: TrainSettings = Field(
+        default_factory=lambda: TrainSettings(lr=1e-5, warmup_ratio=0.0, scheduler="constant", max_steps=20)
+    )
 
     @model_validator(mode="after")
-    def _vllm_on_a_gpu(self) -> "RLConfig":
+    def _vllm_on_a_gpu(self) -> RLConfig:
         if self.rollout.engine == "vllm" and self.model.device == "cpu":
             raise ValueError("rollout.engine vllm needs a CUDA GPU, but model.device is cpu")
         return self
@@ -118,7 +183,9 @@ class PPOConfig(RLConfig):
 
 def _check_group_size(config: RLConfig, why: str) -> None:
     if config.rollout.samples_per_prompt < 2:
-        raise ValueError(f"rollout.samples_per_prompt must be at least 2 for {why} (got {config.rollout.samples_per_prompt})")
+        raise ValueError(
+            f"rollout.samples_per_prompt must be at least 2 for {why} (got {config.rollout.samples_per_prompt})"
+        )
 
 
 class GRPOConfig(RLConfig):
@@ -127,7 +194,7 @@ class GRPOConfig(RLConfig):
     grpo: GRPOSettings = Field(default_factory=GRPOSettings)
 
     @model_validator(mode="after")
-    def _groups(self) -> "GRPOConfig":
+    def _groups(self) -> GRPOConfig:
         _check_group_size(self, "group-relative advantages")
         return self
 
@@ -138,9 +205,7 @@ class TRPOConfig(RLConfig):
     trpo: TRPOSettings = Field(default_factory=TRPOSettings)
 
     @model_validator(mode="after")
-    def _groups(self) -> "TRPOConfig":
+    def _groups(self) -> TRPOConfig:
         if self.trpo.baseline == "group":
             _check_group_size(self, "the group baseline (or set trpo.baseline: value)")
         return self
-
-

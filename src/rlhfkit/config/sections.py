@@ -35,15 +35,17 @@ class ModelSettings(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train: auto picks a GPU if present.")
     attn_implementation: Literal["sdpa", "eager"] = Field(
-        "sdpa", description="Attention kernel: sdpa attends packed sequences one at a time (fast); eager masks the packed row."
+        "sdpa",
+        description="Attention kernel: sdpa attends packed sequences one at a time (fast); eager masks the packed row.",
     )
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model (off: safer).")
     load_in_4bit: bool = Field(
-        False, description="QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes, CUDA GPUs); LoRA adapters train in model.dtype."
+        False,
+        description="QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes, CUDA GPUs); LoRA adapters train in model.dtype.",
     )
 
     @model_validator(mode="after")
-    def _four_bit_on_a_gpu(self) -> "ModelSettings":
+    def _four_bit_on_a_gpu(self) -> ModelSettings:
         if self.load_in_4bit and self.device == "cpu":
             raise ValueError("model.load_in_4bit needs a CUDA GPU (bitsandbytes kernels), but model.device is cpu")
         return self
@@ -70,7 +72,9 @@ class LoraSettings(Section):
 
 
 class DataSettings(Section):
-    path: str = Field(..., description="Data file (.jsonl/.json/.csv/.parquet), saved dataset dir, hub name or builtin:NAME.")
+    path: str = Field(
+        ..., description="Data file (.jsonl/.json/.csv/.parquet), saved dataset dir, hub name or builtin:NAME."
+    )
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "saved", "hub"] = Field(
         "auto", description="How to read path; auto decides from the suffix or directory contents."
     )
@@ -103,7 +107,9 @@ class DataSettings(Section):
 
 class TextDataSettings(DataSettings):
     path: str = Field("builtin:tutor-corpus", description="Raw text data with a `text` column.")
-    max_length: int = Field(256, gt=1, description="Block length: texts are concatenated and cut into blocks of this size.")
+    max_length: int = Field(
+        256, gt=1, description="Block length: texts are concatenated and cut into blocks of this size."
+    )
 
 
 class ChatDataSettings(DataSettings):
@@ -120,7 +126,9 @@ class TrainSettings(Section):
     batch_size: int = Field(8, gt=0, description="Examples (SFT) or blocks (pretrain) per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay (not applied to biases and norms).")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW decoupled weight decay (not applied to biases and norms)."
+    )
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warmup from 0.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
@@ -133,13 +141,16 @@ class TrainSettings(Section):
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"], description="Where metrics go besides the console."
     )
-    tracker_project: str = Field("rlhfkit", min_length=1, description="Project (W&B) / experiment (MLflow) / log folder (TensorBoard) name.")
+    tracker_project: str = Field(
+        "rlhfkit", min_length=1, description="Project (W&B) / experiment (MLflow) / log folder (TensorBoard) name."
+    )
     loss_chunk_tokens: int = Field(
         1024, gt=0, description="Tokens per chunk when computing logits and the loss (bounds [tokens, vocab] memory)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     on_nonfinite: Literal["error", "skip"] = Field(
-        "error", description="A NaN/inf loss or gradient: stop naming the step (the last good checkpoint stays), or skip that batch's update and count it."
+        "error",
+        description="A NaN/inf loss or gradient: stop naming the step (the last good checkpoint stays), or skip that batch's update and count it.",
     )
 
 
@@ -166,18 +177,21 @@ class StageConfig(Section):
     eval: EvalSettings = Field(default_factory=EvalSettings)
 
     @model_validator(mode="after")
-    def _four_bit_trains_adapters(self) -> "StageConfig":
+    def _four_bit_trains_adapters(self) -> StageConfig:
         if self.model.load_in_4bit and not self.lora.enabled:
-            raise ValueError("model.load_in_4bit freezes the base in 4 bits, so only adapters can train: set lora.enabled: true")
+            raise ValueError(
+                "model.load_in_4bit freezes the base in 4 bits, so only adapters can train: set lora.enabled: true"
+            )
         return self
-
 
 
 class SamplingSettings(Section):
     """How completions are sampled (RL rollouts, evaluation): always with T > 0, so KL is defined."""
 
     max_new_tokens: int = Field(64, gt=0, description="Longest completion; it must be able to reach an answer.")
-    temperature: float = Field(0.7, gt=0, description="Sampling temperature; log-probs for the loss and KL use the same one.")
+    temperature: float = Field(
+        0.7, gt=0, description="Sampling temperature; log-probs for the loss and KL use the same one."
+    )
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: no limit).")
     batch_size: int = Field(32, gt=0, description="Sequences per generate call.")

@@ -16,8 +16,8 @@ and to itself only — the same outputs as two separate sequences, for fewer tok
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -79,7 +79,10 @@ def _order(count: int, seed: int | None) -> list[int]:
 def packed_batches(examples: Sequence[TokenizedExample], batch_size: int, seed: int | None) -> list[LMBatch]:
     """Micro-batches of `batch_size` examples each, packed padding-free; shuffled when seed is given."""
     order = _order(len(examples), seed)
-    return [pack_examples([examples[i] for i in order[start : start + batch_size]]) for start in range(0, len(order), batch_size)]
+    return [
+        pack_examples([examples[i] for i in order[start : start + batch_size]])
+        for start in range(0, len(order), batch_size)
+    ]
 
 
 def corpus_blocks(stream: Sequence[int], block_size: int) -> torch.Tensor:
@@ -128,7 +131,10 @@ class RewardBatch:
 
     def to(self, device: torch.device) -> RewardBatch:
         move = lambda tensor: None if tensor is None else tensor.to(device)  # noqa: E731
-        moved = (move(getattr(self, name)) for name in ("input_ids", "attention_mask", "position_ids", "last_positions", "margins"))
+        moved = (
+            move(getattr(self, name))
+            for name in ("input_ids", "attention_mask", "position_ids", "last_positions", "margins")
+        )
         return RewardBatch(*moved, self.layout)
 
 
@@ -150,7 +156,12 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 def reward_batches(
-    pairs: Sequence[TokenizedPair], batch_size: int, pad_id: int, seed: int | None, wrap=lambda ids: ids, packed: bool = False,
+    pairs: Sequence[TokenizedPair],
+    batch_size: int,
+    pad_id: int,
+    seed: int | None,
+    wrap=lambda ids: ids,
+    packed: bool = False,
     share_prompts: bool = False,
 ) -> list[RewardBatch]:
     """Batches of `batch_size` pairs; `wrap` adds special tokens an encoder expects ([CLS] ... [SEP]).
@@ -166,7 +177,11 @@ def reward_batches(
         rows = [wrap(p.prompt_ids + p.chosen_ids) for p in chunk] + [wrap(p.prompt_ids + p.rejected_ids) for p in chunk]
         if packed and share_prompts:
             pack = pack_shared_prefixes([torch.tensor(row) for row in rows], _pair_groups(len(chunk)))
-            batches.append(RewardBatch(pack.input_ids, None, pack.position_ids, pack.last_positions(), _margins(chunk), pack.layout))
+            batches.append(
+                RewardBatch(
+                    pack.input_ids, None, pack.position_ids, pack.last_positions(), _margins(chunk), pack.layout
+                )
+            )
         elif packed:
             batch = pack_examples([TokenizedExample(row, [False] * len(row)) for row in rows])
             last = torch.tensor([len(row) for row in rows]).cumsum(0) - 1
@@ -204,8 +219,18 @@ class PairBatch:
         return self.num_pairs
 
     def to(self, device: torch.device) -> PairBatch:
-        moved = (getattr(self, name).to(device) for name in (
-            "input_ids", "position_ids", "predictors", "target_ids", "sequence_index", "answer_lengths", "pair_ids"))
+        moved = (
+            getattr(self, name).to(device)
+            for name in (
+                "input_ids",
+                "position_ids",
+                "predictors",
+                "target_ids",
+                "sequence_index",
+                "answer_lengths",
+                "pair_ids",
+            )
+        )
         return PairBatch(*moved, self.layout)
 
 
@@ -213,7 +238,9 @@ def pack_pairs(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int], share_pr
     """The 2B sequences packed into one row (each pair's prompt once with share_prompts); only
     answer tokens are targets, each predicted from the position before it."""
     prompts = [p.prompt_ids for p in pairs] * 2
-    sequences = [torch.tensor(p.prompt_ids + p.chosen_ids) for p in pairs] + [torch.tensor(p.prompt_ids + p.rejected_ids) for p in pairs]
+    sequences = [torch.tensor(p.prompt_ids + p.chosen_ids) for p in pairs] + [
+        torch.tensor(p.prompt_ids + p.rejected_ids) for p in pairs
+    ]
     groups = _pair_groups(len(pairs)) if share_prompts else [[index] for index in range(len(sequences))]
     pack = pack_shared_prefixes(sequences, groups)
     predictors, targets, lengths = [], [], []
@@ -223,13 +250,25 @@ def pack_pairs(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int], share_pr
         targets.append(sequence[first:])
         lengths.append(len(sequence) - first)
     sequence_index = torch.repeat_interleave(torch.arange(len(sequences)), torch.tensor(lengths))
-    return PairBatch(pack.input_ids, pack.position_ids, torch.cat(predictors), torch.cat(targets), sequence_index,
-                     torch.tensor(lengths), torch.tensor(list(pair_ids)), pack.layout)
+    return PairBatch(
+        pack.input_ids,
+        pack.position_ids,
+        torch.cat(predictors),
+        torch.cat(targets),
+        sequence_index,
+        torch.tensor(lengths),
+        torch.tensor(list(pair_ids)),
+        pack.layout,
+    )
 
 
-def pair_batches(pairs: Sequence[TokenizedPair], batch_size: int, seed: int | None, share_prompts: bool = False) -> list[PairBatch]:
+def pair_batches(
+    pairs: Sequence[TokenizedPair], batch_size: int, seed: int | None, share_prompts: bool = False
+) -> list[PairBatch]:
     order = _order(len(pairs), seed)
     return [
-        pack_pairs([pairs[i] for i in order[start : start + batch_size]], order[start : start + batch_size], share_prompts)
+        pack_pairs(
+            [pairs[i] for i in order[start : start + batch_size]], order[start : start + batch_size], share_prompts
+        )
         for start in range(0, len(order), batch_size)
     ]

@@ -16,8 +16,9 @@ and the generation prompt is ``Assistant: ``.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from rlhfkit.data.kinds import ChatExample, TextExample
 from rlhfkit.errors import DataError
@@ -65,7 +66,9 @@ def _bos_text(tokenizer: Any) -> str:
 
 def _render(tokenizer: Any, messages: Sequence[dict[str, str]], template: str, add_generation_prompt: bool) -> str:
     if uses_chat_template(tokenizer, template):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     return _bos_text(tokenizer) + render_plain(messages, tokenizer.eos_token or "", add_generation_prompt)
 
 
@@ -165,14 +168,20 @@ def prompt_and_response_ids(
     prompt_text = _render(tokenizer, prompt, template, add_generation_prompt=True)
     answers = []
     for response in responses:
-        full_text = _render(tokenizer, [*prompt, {"role": "assistant", "content": response}], template, add_generation_prompt=False)
+        full_text = _render(
+            tokenizer, [*prompt, {"role": "assistant", "content": response}], template, add_generation_prompt=False
+        )
         if not full_text.startswith(prompt_text):
-            raise DataError("the chat template does not render the prompt as a prefix of the conversation; use data.template: plain")
+            raise DataError(
+                "the chat template does not render the prompt as a prefix of the conversation; use data.template: plain"
+            )
         answers.append(encode(full_text[len(prompt_text) :]))
     return encode(prompt_text), answers
 
 
-def fit_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int) -> tuple[list[int], list[int], list[int]]:
+def fit_pair(
+    prompt: list[int], chosen: list[int], rejected: list[int], max_length: int
+) -> tuple[list[int], list[int], list[int]]:
     """Truncate to max_length: the prompt loses its start (the final turns are kept), an answer its end.
 
     A long prompt and a long answer split max_length evenly; a short one leaves its unused room to
@@ -193,7 +202,9 @@ def tokenize_pairs(
     counts: Counter = Counter()
     pairs = []
     for example in examples:
-        prompt, (chosen, rejected) = prompt_and_response_ids(tokenizer, example.prompt, [example.chosen, example.rejected], template)
+        prompt, (chosen, rejected) = prompt_and_response_ids(
+            tokenizer, example.prompt, [example.chosen, example.rejected], template
+        )
         fitted = fit_pair(prompt, chosen, rejected, max_length)
         if fitted != (prompt, chosen, rejected):
             counts["truncated to max_length"] += 1

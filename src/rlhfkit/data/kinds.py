@@ -147,7 +147,9 @@ def chat_examples(rows: list[Row], on_invalid: str = "error") -> tuple[list[Chat
             return ChatExample(_messages_field(row.values), row.where)
         prompt = _string_field(row.values, "prompt")
         completion = _string_field(row.values, "completion")
-        return ChatExample(({"role": "user", "content": prompt}, {"role": "assistant", "content": completion}), row.where)
+        return ChatExample(
+            ({"role": "user", "content": prompt}, {"role": "assistant", "content": completion}), row.where
+        )
 
     return _validate(rows, parse, on_invalid)
 
@@ -212,9 +214,13 @@ def _answer_field(values: dict, column: str, prompt: tuple[dict[str, str], ...])
         # prompt's turns, then the answer (as in UltraFeedback) — whose last turn is the answer.
         turns = [(m.get("role"), m.get("content")) if isinstance(m, dict) else None for m in value]
         if not turns or turns[-1] is None or turns[-1][0] != "assistant":
-            raise _BadRow(f"bad {column}", f"column {column!r} must be a string or messages ending with an assistant turn")
+            raise _BadRow(
+                f"bad {column}", f"column {column!r} must be a string or messages ending with an assistant turn"
+            )
         if len(turns) > 1 and turns[:-1] != [(m["role"], m["content"]) for m in prompt]:
-            raise _BadRow(f"bad {column}", f"column {column!r} holds a conversation that does not start with the row's prompt")
+            raise _BadRow(
+                f"bad {column}", f"column {column!r} holds a conversation that does not start with the row's prompt"
+            )
         value = turns[-1][1]
     if not isinstance(value, str):
         raise _BadRow(f"non-string {column}", f"column {column!r} must be a string, got {type(value).__name__}")

@@ -147,7 +147,9 @@ def _read_hub(name: str, split: str) -> list[Row]:
     return _rows_from_dataset(loaded, f"{name}[{split}]")
 
 
-def read_rows(path: str, data_format: str = "auto", split: str = "train", columns: dict[str, str] | None = None) -> list[Row]:
+def read_rows(
+    path: str, data_format: str = "auto", split: str = "train", columns: dict[str, str] | None = None
+) -> list[Row]:
     """All rows of one data source, with columns renamed to the names rlhfkit expects."""
     kind = _detect_format(path, data_format)
     local = Path(path).expanduser()

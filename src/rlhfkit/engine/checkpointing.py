@@ -45,10 +45,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-
 def write_checkpoint(
-    run: RunDir, target: Path, trainable: dict[str, torch.Tensor], optimizer_state: dict, scheduler_state: dict,
-    state: dict[str, Any], save_limit: int,
+    run: RunDir,
+    target: Path,
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    scheduler_state: dict,
+    state: dict[str, Any],
+    save_limit: int,
 ) -> None:
     """Write one checkpoint (state: progress, total_steps, extra; the RNG state is added here), then
     drop the oldest beyond save_limit. A failed write keeps the previous checkpoints and says so."""
@@ -70,7 +74,9 @@ def write_checkpoint(
         remove_dir_atomically(stale)  # a kill mid-way must not leave a half-deleted checkpoint
 
 
-def read_checkpoint(run: RunDir, checkpoint: Path | None, total_steps: int) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+def read_checkpoint(
+    run: RunDir, checkpoint: Path | None, total_steps: int
+) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
     """(checkpoint, its state.json, its trainable weights) of the given checkpoint, default the latest
     complete one; refused when it was written for another number of total steps."""
     if checkpoint is None:
@@ -99,7 +105,9 @@ def read_torch_state(path: Path) -> dict:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:
-        raise UserError(f"{path}: refused: it holds more than tensors and plain values ({str(exc).splitlines()[0]})") from None
+        raise UserError(
+            f"{path}: refused: it holds more than tensors and plain values ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -110,13 +118,20 @@ def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     # A tied weight (e.g. head = embeddings) is one parameter: saved once, under its first name.
     names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     with deepspeed_zero.gathered(list(model.parameters())):  # a copy: the gathered weights are freed after
-        return {name: full_tensor(value).detach().cpu().clone().contiguous() for name, value in model.state_dict().items()
-                if name in names}
+        return {
+            name: full_tensor(value).detach().cpu().clone().contiguous()
+            for name, value in model.state_dict().items()
+            if name in names
+        }
 
 
 def whole_training_state(
-    trainable: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, wrapped: torch.nn.Module,
-    zero_stage: int | None, sharded: bool, decay_groups: list[list[torch.nn.Parameter]],
+    trainable: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    wrapped: torch.nn.Module,
+    zero_stage: int | None,
+    sharded: bool,
+    decay_groups: list[list[torch.nn.Parameter]],
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """(trainable weights, optimizer state) on the CPU, FSDP shards and ZeRO partitions gathered whole."""
     if zero_stage:
@@ -124,14 +139,21 @@ def whole_training_state(
     weights = {name: full_tensor(p).detach().contiguous().cpu() for name, p in trainable.items()}
     optimizer_state = optimizer.state_dict()
     if sharded:
-        optimizer_state["state"] = {index: {key: full_tensor(value).cpu() for key, value in entry.items()}
-                                    for index, entry in optimizer_state["state"].items()}
+        optimizer_state["state"] = {
+            index: {key: full_tensor(value).cpu() for key, value in entry.items()}
+            for index, entry in optimizer_state["state"].items()
+        }
     return weights, optimizer_state
 
 
 def restore_training_state(
-    trainable: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor], optimizer_state: dict,
-    optimizer: torch.optim.Optimizer, wrapped: torch.nn.Module, zero_stage: int | None, sharded: bool,
+    trainable: dict[str, torch.nn.Parameter],
+    saved: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    optimizer: torch.optim.Optimizer,
+    wrapped: torch.nn.Module,
+    zero_stage: int | None,
+    sharded: bool,
     decay_groups: list[list[torch.nn.Parameter]],
 ) -> None:
     """Put saved whole tensors back: each process keeps its shard (FSDP) or partition (ZeRO) of them."""
@@ -144,7 +166,10 @@ def restore_training_state(
             parameter.copy_(like_parameter(saved[name], parameter))
     if sharded:
         by_index = [p for group in optimizer.param_groups for p in group["params"]]
-        optimizer_state["state"] = {index: {key: like_parameter(value, by_index[index]) if value.dim() else value
-                                            for key, value in entry.items()}
-                                    for index, entry in optimizer_state["state"].items()}
+        optimizer_state["state"] = {
+            index: {
+                key: like_parameter(value, by_index[index]) if value.dim() else value for key, value in entry.items()
+            }
+            for index, entry in optimizer_state["state"].items()
+        }
     optimizer.load_state_dict(optimizer_state)

@@ -18,8 +18,8 @@ What is DeepSpeed's: partitioning Adam moments and gradients (stage 2) and the w
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Iterator
 
 import torch
 
@@ -53,40 +53,54 @@ def zero_stage(grad_accum: int, max_grad_norm: float | None) -> int:
     env = os.environ.get
     config_file = env("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if config_file.lower() != "none":
-        raise UserError(f"accelerate config: deepspeed_config_file ({config_file}) is not read by rlhfkit, which builds "
-                        "DeepSpeed's config from train.* and the accelerate config's zero_stage; use "
-                        "configs/accelerate/zero2.yaml or zero3.yaml")
+        raise UserError(
+            f"accelerate config: deepspeed_config_file ({config_file}) is not read by rlhfkit, which builds "
+            "DeepSpeed's config from train.* and the accelerate config's zero_stage; use "
+            "configs/accelerate/zero2.yaml or zero3.yaml"
+        )
     stage = env("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     if stage not in ("1", "2", "3"):
-        raise UserError(f"accelerate config: zero_stage {stage} is not supported; use 1, 2 or 3 "
-                        "(or configs/accelerate/ddp.yaml for plain data parallelism)")
+        raise UserError(
+            f"accelerate config: zero_stage {stage} is not supported; use 1, 2 or 3 "
+            "(or configs/accelerate/ddp.yaml for plain data parallelism)"
+        )
     for field in ("offload_optimizer_device", "offload_param_device"):
         device = env(f"ACCELERATE_DEEPSPEED_{field.upper()}", "none").lower()
         if device != "none":
-            raise UserError(f"accelerate config: {field}: {device} is not supported by rlhfkit yet (set it to none); "
-                            "for a model that does not fit, use zero_stage 3 on more GPUs, or QLoRA")
+            raise UserError(
+                f"accelerate config: {field}: {device} is not supported by rlhfkit yet (set it to none); "
+                "for a model that does not fit, use zero_stage 3 on more GPUs, or QLoRA"
+            )
     accumulation = env("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
     if accumulation not in ("1", "auto"):
-        raise UserError(f"accelerate config: gradient_accumulation_steps {accumulation}: set train.grad_accum in the "
-                        f"rlhfkit config instead (now {grad_accum}) and leave the accelerate config's at 1")
+        raise UserError(
+            f"accelerate config: gradient_accumulation_steps {accumulation}: set train.grad_accum in the "
+            f"rlhfkit config instead (now {grad_accum}) and leave the accelerate config's at 1"
+        )
     clipping = env("ACCELERATE_GRADIENT_CLIPPING", "none").lower()
     if clipping not in ("none", "auto") and (max_grad_norm is None or float(clipping) != max_grad_norm):
-        raise UserError(f"accelerate config: gradient_clipping {clipping} differs from train.max_grad_norm "
-                        f"({max_grad_norm}); rlhfkit clips to train.max_grad_norm — remove gradient_clipping from the "
-                        "accelerate config")
+        raise UserError(
+            f"accelerate config: gradient_clipping {clipping} differs from train.max_grad_norm "
+            f"({max_grad_norm}); rlhfkit clips to train.max_grad_norm — remove gradient_clipping from the "
+            "accelerate config"
+        )
     mixed_precision = env("ACCELERATE_MIXED_PRECISION", "no")
     if mixed_precision == "fp16":
         raise UserError("DeepSpeed with fp16 mixed precision (loss scaling) is not supported; use bf16 or no")
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        raise UserError("this launch uses DeepSpeed, which is not installed: pip install 'rlhfkit[deepspeed]'") from None
+        raise UserError(
+            "this launch uses DeepSpeed, which is not installed: pip install 'rlhfkit[deepspeed]'"
+        ) from None
     if env("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true":
         print("note: zero3_init_flag is ignored: each process loads the whole model, then DeepSpeed partitions it")
     return int(stage)
 
 
-def deepspeed_config(stage: int, world_size: int, max_grad_norm: float | None, bf16: bool, hidden_size: int | None) -> dict:
+def deepspeed_config(
+    stage: int, world_size: int, max_grad_norm: float | None, bf16: bool, hidden_size: int | None
+) -> dict:
     """DeepSpeed's config for the engine's way of stepping.
 
     One micro-batch per DeepSpeed step and no accumulation of its own: the engine marks the last
@@ -98,11 +112,21 @@ def deepspeed_config(stage: int, world_size: int, max_grad_norm: float | None, b
     outweigh a small model (measured, SmolLM2-135M on 2 CPU processes: ZeRO-3 peak RSS 6.4 GB
     with them, 5.7 GB without).
     """
-    buckets = {} if hidden_size is None else {
-        "reduce_bucket_size": hidden_size * hidden_size,
-        **({"stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-            "stage3_param_persistence_threshold": 10 * hidden_size} if stage == 3 else {}),
-    }
+    buckets = (
+        {}
+        if hidden_size is None
+        else {
+            "reduce_bucket_size": hidden_size * hidden_size,
+            **(
+                {
+                    "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                    "stage3_param_persistence_threshold": 10 * hidden_size,
+                }
+                if stage == 3
+                else {}
+            ),
+        }
+    )
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -118,7 +142,9 @@ def deepspeed_config(stage: int, world_size: int, max_grad_norm: float | None, b
 
 def hidden_size_of(model: torch.nn.Module) -> int | None:
     """The hidden size of the first transformers model inside `model` (None if there is none)."""
-    return next((m.config.hidden_size for m in model.modules() if hasattr(getattr(m, "config", None), "hidden_size")), None)
+    return next(
+        (m.config.hidden_size for m in model.modules() if hasattr(getattr(m, "config", None), "hidden_size")), None
+    )
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict) -> torch.nn.Module:
@@ -184,7 +210,9 @@ def _adam_state(engine) -> torch.optim.Optimizer:
     views of it linked (DeepSpeed links them itself only after a step)."""
     zero, adam = engine.optimizer, engine.optimizer.optimizer
     # ZeRO-3 swaps its flat partitions into AdamW's groups only while stepping; ZeRO-1/2 leave them there
-    flats = list(getattr(zero, "fp32_partitioned_groups_flat", [])) or [flat for group in adam.param_groups for flat in group["params"]]
+    flats = list(getattr(zero, "fp32_partitioned_groups_flat", [])) or [
+        flat for group in adam.param_groups for flat in group["params"]
+    ]
     for flat in flats:
         if not adam.state[flat]:
             adam.state[flat] = {"step": torch.tensor(0.0), **{key: torch.zeros_like(flat) for key in ADAM_MOMENTS}}
@@ -221,15 +249,44 @@ def set_whole_optimizer_state(engine, groups: list[list[torch.nn.Parameter]], sa
 
     adam = _adam_state(engine)
     if len(saved["param_groups"]) != len(groups):
-        raise UserError(f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter groups, this run {len(groups)}")
+        raise UserError(
+            f"the checkpoint's optimizer has {len(saved['param_groups'])} parameter groups, this run {len(groups)}"
+        )
     for hyper, saved_group in zip(adam.param_groups, saved["param_groups"]):
         hyper.update({k: v for k, v in saved_group.items() if k != "params"})
     parameters = [p for group in groups for p in group]
     for number, parameter in enumerate(parameters):
         entry = saved["state"].get(number)
         for key in ADAM_MOMENTS:
-            whole = entry[key] if entry is not None else torch.zeros(parameter.ds_shape if hasattr(parameter, "ds_id") else parameter.shape)
+            whole = (
+                entry[key]
+                if entry is not None
+                else torch.zeros(parameter.ds_shape if hasattr(parameter, "ds_id") else parameter.shape)
+            )
             safe_set_full_optimizer_state(parameter, whole.to(parameter.device, torch.float32), key)
     step = max((float(entry["step"]) for entry in saved["state"].values()), default=0.0)
     for flat_state in adam.state.values():
         flat_state["step"] = torch.tensor(step)
+
+
+def prepare(
+    wrapper: torch.nn.Module,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stage: int,
+    num_processes: int,
+    max_grad_norm: float | None,
+) -> torch.nn.Module:
+    """The DeepSpeed engine around the wrapped model: it partitions the Adam moments (and with ZeRO-3
+    the weights) and steps `optimizer`; bf16 when the launch or the weights ask for it."""
+    from rlhfkit.models import output_weights
+
+    bf16 = (
+        os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16" or next(model.parameters()).dtype == torch.bfloat16
+    )
+    config = deepspeed_config(stage, num_processes, max_grad_norm, bf16, hidden_size_of(model))
+    engine = initialize(wrapper, optimizer, config)
+    if stage == 3:  # the losses use the LM head's weight outside the head's own forward
+        for weight in output_weights(model):
+            used_by_whole_forward(wrapper, weight)
+    return engine

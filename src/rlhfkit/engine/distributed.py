@@ -6,7 +6,11 @@ DeepSpeed ZeRO's side lives in deepspeed_zero.py.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -44,7 +48,9 @@ def process_state(device: str):
     from accelerate.utils import DistributedType
 
     if fsdp_launch() and os.environ.get("FSDP_VERSION", "1") != "2":
-        raise UserError("rlhfkit shards models with FSDP2: set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
+        raise UserError(
+            "rlhfkit shards models with FSDP2: set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)"
+        )
     with accelerate_without_deepspeed():
         state = PartialState(cpu=runs_on_cpu(device))
     if state.distributed_type == DistributedType.MEGATRON_LM:
@@ -56,8 +62,28 @@ def process_state(device: str):
     return state
 
 
-def shard_model(root: torch.nn.Module, model: torch.nn.Module, device: torch.device, reshard_after_forward: bool,
-                compute_dtype: torch.dtype | None = None) -> None:
+def make_accelerator(device: str, root: Path, trackers: list[str], find_unused_parameters: bool) -> Any:
+    """accelerate's Accelerator for a stage run: its device and process group, trackers logging
+    under RUN/logs, and DDP told whether some passes leave trainable parameters idle."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    with accelerate_without_deepspeed():
+        return Accelerator(
+            cpu=runs_on_cpu(device),
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(root), logging_dir=str(root / "logs")),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+        )
+
+
+def shard_model(
+    root: torch.nn.Module,
+    model: torch.nn.Module,
+    device: torch.device,
+    reshard_after_forward: bool,
+    compute_dtype: torch.dtype | None = None,
+) -> None:
     """FSDP2: each transformer block is a unit (its weights gathered only while it runs), then the root.
 
     The blocks are the model's `_no_split_modules` classes (what HF marks as not to be split).
@@ -75,10 +101,52 @@ def shard_model(root: torch.nn.Module, model: torch.nn.Module, device: torch.dev
     if not blocks:
         raise UserError(f"cannot shard {type(model).__name__}: it names no transformer block class (_no_split_modules)")
     weights_dtype = next(model.parameters()).dtype
-    precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=weights_dtype) if compute_dtype else MixedPrecisionPolicy()
+    precision = (
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=weights_dtype)
+        if compute_dtype
+        else MixedPrecisionPolicy()
+    )
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=precision)
     fully_shard(root, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=precision)
+
+
+def shard_for_launch(wrapper: torch.nn.Module, model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 for this launch: every process starts from the main one's weights, then each keeps its
+    shards; `accelerate launch --mixed_precision bf16` gives float32 shards and bf16 compute."""
+    start_from_main_process(wrapper, device)
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    )
+    reshard_after_forward = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true"
+    shard_model(wrapper, model, device, reshard_after_forward, compute_dtype)
+
+
+def claim_fsdp_root(wrapper: torch.nn.Module, device: torch.device) -> None:
+    """FSDP makes the first module it runs the root of the sharding; evaluation may run a block on
+    its own first, so one empty pass through the wrapper claims the root."""
+    with torch.no_grad():
+        wrapper(lambda _model, _batch: SimpleNamespace(loss_sum=torch.zeros((), device=device)), None)
+    wrapper.reshard()
+
+
+@contextmanager
+def whole_weights_gathered(wrapped: torch.nn.Module, sharded: bool, zero_stage: int | None) -> Iterator[None]:
+    """Under FSDP the root's own weights (embeddings, final norm, head) gathered for the block, each
+    transformer block gathering its own as it runs; under ZeRO-3 every weight; otherwise nothing."""
+    from rlhfkit.engine import deepspeed_zero
+
+    if zero_stage == 3:
+        with deepspeed_zero.whole_model(wrapped):
+            yield
+    elif sharded:
+        wrapped.unshard()
+        try:
+            yield
+        finally:
+            wrapped.reshard()
+    else:
+        yield
 
 
 def start_from_main_process(model: torch.nn.Module, device: torch.device) -> None:
@@ -95,7 +163,11 @@ def start_from_main_process(model: torch.nn.Module, device: torch.device) -> Non
                 if tensor is not None and tensor.is_meta:
                     if id(tensor) not in replaced:
                         empty = torch.empty_like(tensor, device=device)
-                        replaced[id(tensor)] = torch.nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) else empty
+                        replaced[id(tensor)] = (
+                            torch.nn.Parameter(empty, tensor.requires_grad)
+                            if isinstance(tensor, torch.nn.Parameter)
+                            else empty
+                        )
                     store[name] = replaced[id(tensor)]
     model.to(device)
     with torch.no_grad():
@@ -120,7 +192,9 @@ def like_parameter(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(parameter, DTensor):
-        return distribute_tensor(value.to(parameter.device, parameter.dtype), parameter.device_mesh, parameter.placements)
+        return distribute_tensor(
+            value.to(parameter.device, parameter.dtype), parameter.device_mesh, parameter.placements
+        )
     return value
 
 

@@ -7,76 +7,60 @@ A stage hands it batches and a loss function and reads top to bottom.
 
 Under `accelerate launch` (data parallel, DDP; sharded, FSDP2 — configs/accelerate/fsdp.yaml; or
 DeepSpeed ZeRO — configs/accelerate/zero2.yaml, zero3.yaml, see deepspeed_zero.py) every process
-builds the same list of micro-batches; each optimizer step's micro-batches are dealt out across processes and the loss is normalised by the units of the whole step, so global
-batch size, accumulation and learning rate mean the same at any process count. Only the main
-process writes files; checkpoints hold whole tensors, so a run saved under N processes (sharded
-or not) resumes under M.
+builds the same list of micro-batches; each optimizer step's micro-batches are dealt out across
+processes and the loss is normalised by the units of the whole step, so global batch size,
+accumulation and learning rate mean the same at any process count. Only the main process writes
+files; checkpoints hold whole tensors, so a run saved under N processes (sharded or not) resumes
+under M.
 """
-
 
 from __future__ import annotations
 
 import math
-import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from rlhfkit.config import LoraSettings, ModelSettings, TrainSettings
 from rlhfkit.engine import checkpointing, deepspeed_zero, tracking
-from rlhfkit.engine.deepspeed_zero import accelerate_without_deepspeed, deepspeed_launch
-from rlhfkit.engine.distributed import ForwardInWrapper, fsdp_launch, runs_on_cpu, shard_model, start_from_main_process
+from rlhfkit.engine.deepspeed_zero import deepspeed_launch
+from rlhfkit.engine.distributed import (
+    ForwardInWrapper,
+    claim_fsdp_root,
+    fsdp_launch,
+    make_accelerator,
+    shard_for_launch,
+    whole_weights_gathered,
+)
 from rlhfkit.engine.optim import decay_groups, warmup_then_decay
+from rlhfkit.engine.protocol import Batch, LossOutput, Progress
 from rlhfkit.engine.run_dir import RunDir
 from rlhfkit.errors import TrainingError, UserError
 from rlhfkit.models import (
     FINAL_DIR,
     ModelSource,
-    eval_mode,
     full_tensor,
     load_for_training,
-    output_weights,
     pick_dtype,
     portable_reference,
     save_model,
 )
 
 
-class Batch(Protocol):
-    @property
-    def loss_units(self) -> int:
-        """How many units (target tokens, pairs) the batch's summed loss runs over."""
-
-    def to(self, device: torch.device) -> Batch: ...
-
-
-@dataclass
-class LossOutput:
-    loss_sum: torch.Tensor  # scalar: the loss summed over the batch's loss units
-    metrics: dict[str, float]  # extra per-batch sums to log, averaged over the step's loss units
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    group_in_epoch: int = 0  # accumulation groups (optimizer steps) done in this epoch
-
 class Engine:
     """Training plumbing for one stage run."""
 
-    def __init__(self, train: TrainSettings, device: str, run: RunDir, stage: str, some_parameters_idle: bool = False) -> None:
+    def __init__(
+        self, train: TrainSettings, device: str, run: RunDir, stage: str, some_parameters_idle: bool = False
+    ) -> None:
         """some_parameters_idle: some training passes use only part of the trainable parameters
         (e.g. a critic-only update), which DDP must be told to expect."""
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+        from accelerate.utils import set_seed
 
         self.train = train
         self.run = run
@@ -84,22 +68,22 @@ class Engine:
         trackers = tracking.available_trackers(train.trackers)
         self.sharded = fsdp_launch()  # FSDP2: each process holds a shard of every weight and optimizer state
         # DeepSpeed ZeRO stage (checked before any model loads), or None
-        self.zero_stage = deepspeed_zero.zero_stage(train.grad_accum, train.max_grad_norm) if deepspeed_launch() else None
+        self.zero_stage = (
+            deepspeed_zero.zero_stage(train.grad_accum, train.max_grad_norm) if deepspeed_launch() else None
+        )
         if self.zero_stage and train.on_nonfinite == "skip":
-            raise UserError("train.on_nonfinite: skip does not run under DeepSpeed (its partitioned gradients cannot be "
-                            "dropped mid-step); use error, which stops at the step and keeps the last good checkpoint")
-        self._gathered_depth = 0  # nesting of full_weights()
-        with accelerate_without_deepspeed():
-            self.accelerator = Accelerator(
-                cpu=runs_on_cpu(device), log_with=trackers or None,
-                project_config=ProjectConfiguration(project_dir=str(run.root), logging_dir=str(run.root / "logs")),
-                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=some_parameters_idle)],
+            raise UserError(
+                "train.on_nonfinite: skip does not run under DeepSpeed (its partitioned gradients cannot be "
+                "dropped mid-step); use error, which stops at the step and keeps the last good checkpoint"
             )
+        self._gathered_depth = 0  # nesting of full_weights()
+        self.accelerator = make_accelerator(device, run.root, trackers, find_unused_parameters=some_parameters_idle)
         if trackers:
             tracking.start_trackers(self.accelerator, train.tracker_project, run.root, stage)
         set_seed(train.seed)
         self.model: torch.nn.Module | None = None  # the model itself: for evaluation, generation, saving
-        self.wrapped: torch.nn.Module | None = None  # ForwardInWrapper(model) as accelerate prepared it: for training passes
+        # ForwardInWrapper(model) as accelerate prepared it: for training passes
+        self.wrapped: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.progress = Progress()
@@ -123,31 +107,6 @@ class Engine:
         if self.num_processes == 1:
             return values
         return self.accelerator.reduce(values.detach().to(self.device), "sum").to(values.device)
-
-    def held_out_share(self, batches: Sequence) -> Iterator[tuple[object, bool]]:
-        """This process's part of a pass over held-out batches, on its device: batch i goes to
-        process i mod N. Every process makes the same number of passes, as FSDP's gathers need:
-        one left short repeats batch 0 with counted=False, and must ignore what it computes."""
-        share = list(batches[self.accelerator.process_index :: self.num_processes])
-        for index in range(math.ceil(len(batches) / self.num_processes)):
-            counted = index < len(share)
-            yield (share[index] if counted else batches[0]).to(self.device), counted
-
-    @torch.no_grad()  # not inference_mode: FSDP gathers weights into buffers it reuses in training
-    def held_out_sums(self, batches: Sequence, sums_of: Callable[[object], dict[str, float]]) -> dict[str, float]:
-        """Σ over held-out batches of sums_of(batch) (a metric's per-batch sums), the batches split
-        over the launch's processes (held_out_share) and the totals summed over them; the model
-        is in eval mode meanwhile (no dropout), and back in its own mode after."""
-        totals: dict[str, float] = {}
-        with eval_mode(self.model):
-            for batch, counted in self.held_out_share(batches):
-                for name, value in sums_of(batch).items():
-                    totals[name] = totals.get(name, 0.0) + (value if counted else 0.0)
-        if self.num_processes == 1 or not totals:
-            return totals
-        names = sorted(totals)
-        summed = self.sum_across_processes(torch.tensor([totals[name] for name in names], dtype=torch.float64)).tolist()
-        return dict(zip(names, summed))
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenate each process's rows (equal shapes), in process order."""
@@ -179,34 +138,23 @@ class Engine:
                 model.enable_input_require_grads()
         wrapper = ForwardInWrapper(model)
         if self.sharded:  # the optimizer must be built on the sharded parameters
-            start_from_main_process(wrapper, self.device)
-            # `accelerate launch --mixed_precision bf16`: float32 shards, bf16 compute.
-            compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
-            shard_model(wrapper, model, self.device, os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "true",
-                        compute_dtype)
+            shard_for_launch(wrapper, model, self.device)
         groups = decay_groups(model, self.train.weight_decay)
-        self.decay_groups = [list(group["params"]) for group in groups]  # DeepSpeed's checkpoints number parameters by them
+        # DeepSpeed's checkpoints number parameters by these groups
+        self.decay_groups = [list(group["params"]) for group in groups]
         optimizer = torch.optim.AdamW(groups, lr=self.train.lr, betas=self.train.adam_betas)
         scheduler = warmup_then_decay(optimizer, self.train, scheduler_steps or total_steps)
         # The scheduler stays outside accelerate: prepared, it would step once per process per
         # optimizer step, while our schedule counts optimizer steps of the global batch.
         if self.sharded:
             self.wrapped, self.optimizer = wrapper, optimizer
-            # FSDP makes the first module it runs the root of the sharding; evaluation may run a
-            # block on its own first, so one empty pass through the wrapper claims the root.
-            with torch.no_grad():
-                wrapper(lambda _model, _batch: LossOutput(torch.zeros((), device=self.device), {}), None)
-            wrapper.reshard()
+            claim_fsdp_root(wrapper, self.device)
         elif self.zero_stage:
-            # DeepSpeed partitions the moments (and with ZeRO-3 the weights); `optimizer` stays the
-            # AdamW it steps with, whose learning rate the scheduler sets.
-            bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "bf16" or next(model.parameters()).dtype == torch.bfloat16
-            config = deepspeed_zero.deepspeed_config(self.zero_stage, self.num_processes, self.train.max_grad_norm, bf16,
-                                                     deepspeed_zero.hidden_size_of(model))
-            self.wrapped, self.optimizer = deepspeed_zero.initialize(wrapper, optimizer, config), optimizer
-            if self.zero_stage == 3:  # the losses use the LM head's weight outside the head's own forward
-                for weight in output_weights(model):
-                    deepspeed_zero.used_by_whole_forward(wrapper, weight)
+            # `optimizer` stays the AdamW DeepSpeed steps with, whose learning rate the scheduler sets.
+            engine = deepspeed_zero.prepare(
+                wrapper, model, optimizer, self.zero_stage, self.num_processes, self.train.max_grad_norm
+            )
+            self.wrapped, self.optimizer = engine, optimizer
         else:
             self.wrapped, self.optimizer = self.accelerator.prepare(wrapper, optimizer)
         self.scheduler = scheduler
@@ -221,18 +169,13 @@ class Engine:
         block gathers its own as it runs. Nothing to do otherwise. Nests: only the outermost
         gathers and reshards (an evaluation samples rollouts, which gather too). Under ZeRO-3
         every weight is gathered for the duration (DeepSpeed's unwrap_model_for_generation)."""
-        outermost = (self.sharded or self.zero_stage == 3) and self._gathered_depth == 0
-        gathered = deepspeed_zero.whole_model(self.wrapped) if outermost and self.zero_stage == 3 else nullcontext()
-        if outermost and self.sharded:
-            self.wrapped.unshard()
+        outermost = self._gathered_depth == 0
         self._gathered_depth += 1
         try:
-            with gathered:
+            with whole_weights_gathered(self.wrapped, self.sharded, self.zero_stage) if outermost else nullcontext():
                 yield
         finally:
             self._gathered_depth -= 1
-            if outermost and self.sharded:
-                self.wrapped.reshard()
 
     def full_state_dict(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
         """The model's whole tensors on the CPU (gathered from every process's shards under FSDP
@@ -254,14 +197,18 @@ class Engine:
             checkpoint = self.load_checkpoint()
             print(f"resumed from {checkpoint} (step {self.progress.step} of {self.total_steps})")
 
-    def save_final(self, tokenizer, base_reference: str, info: dict, model: torch.nn.Module | None = None, name: str = FINAL_DIR) -> Path:
+    def save_final(
+        self, tokenizer, base_reference: str, info: dict, model: torch.nn.Module | None = None, name: str = FINAL_DIR
+    ) -> Path:
         """The trained adapter or full model (default: the prepared one), with its tokenizer, in RUN/final."""
         target = self.run.root / name
         model = model if model is not None else self.model
         state = self.full_state_dict(model) if self.sharded or self.zero_stage else None
         if self.zero_stage and model is self.model:  # DeepSpeed's float32 master copies of what was trained
             state.update(deepspeed_zero.whole_weights(self.trainable_parameters()))
-        self.on_main(lambda: save_model(model, tokenizer, target, portable_reference(base_reference), info, state_dict=state))
+        self.on_main(
+            lambda: save_model(model, tokenizer, target, portable_reference(base_reference), info, state_dict=state)
+        )
         return target
 
     def complete(self, metrics: dict, data_summary: str) -> None:
@@ -284,13 +231,17 @@ class Engine:
 
     def _whole_training_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(trainable weights, optimizer state) on the CPU, sharded tensors gathered whole."""
-        return checkpointing.whole_training_state(self.trainable_parameters(), self.optimizer, self.wrapped, self.zero_stage,
-                                                  self.sharded, self.decay_groups)
+        return checkpointing.whole_training_state(self.trainable_parameters(), *self._placement())
 
     def _write_checkpoint(self, target: Path, trainable: dict[str, torch.Tensor], optimizer_state: dict) -> None:
         state = {"progress": asdict(self.progress), "total_steps": self.total_steps, "extra": self.extra_state}
-        checkpointing.write_checkpoint(self.run, target, trainable, optimizer_state, self.scheduler.state_dict(), state,
-                                       self.train.save_limit)
+        checkpointing.write_checkpoint(
+            self.run, target, trainable, optimizer_state, self.scheduler.state_dict(), state, self.train.save_limit
+        )
+
+    def _placement(self) -> tuple:
+        """How this process holds the training state: (optimizer, wrapped model, ZeRO stage, FSDP, decay groups)."""
+        return self.optimizer, self.wrapped, self.zero_stage, self.sharded, self.decay_groups
 
     def load_checkpoint(self, checkpoint: Path | None = None) -> Path:
         """Restore weights, optimizer, scheduler, RNG and progress from a checkpoint (default: latest)."""
@@ -299,8 +250,7 @@ class Engine:
         if set(saved) != set(parameters):
             raise UserError(f"{checkpoint} does not match this model's trainable parameters (different model or LoRA?)")
         optimizer_state = checkpointing.read_torch_state(checkpoint / "optimizer.pt")
-        checkpointing.restore_training_state(parameters, saved, optimizer_state, self.optimizer, self.wrapped, self.zero_stage,
-                                             self.sharded, self.decay_groups)
+        checkpointing.restore_training_state(parameters, saved, optimizer_state, *self._placement())
         self.scheduler.load_state_dict(checkpointing.read_torch_state(checkpoint / "scheduler.pt"))
         checkpointing.set_rng_state(state["rng"])
         self.progress = Progress(**state["progress"])
@@ -342,7 +292,9 @@ class Engine:
                 step_metrics["units_per_s"] = units_seen / (time.perf_counter() - started)
                 self.log_step(step_metrics)
                 bar.set_postfix(
-                    loss=f"{step_metrics['loss']:.4f}", lr=f"{step_metrics['lr']:.2e}", per_s=f"{step_metrics['units_per_s']:.1f}"
+                    loss=f"{step_metrics['loss']:.4f}",
+                    lr=f"{step_metrics['lr']:.2e}",
+                    per_s=f"{step_metrics['units_per_s']:.1f}",
                 )
                 bar.update(1)
                 if evaluate is not None and train.eval_every and self.progress.step % train.eval_every == 0:
@@ -360,7 +312,13 @@ class Engine:
         return self.progress
 
     def progress_bar(self) -> tqdm:
-        return tqdm(total=self.total_steps, initial=self.progress.step, desc=self.stage, dynamic_ncols=True, disable=not self.is_main)
+        return tqdm(
+            total=self.total_steps,
+            initial=self.progress.step,
+            desc=self.stage,
+            dynamic_ncols=True,
+            disable=not self.is_main,
+        )
 
     def log_step(self, metrics: dict[str, float]) -> None:
         """Log a finished step's metrics as train/NAME, every train.log_every steps; on a GPU also
@@ -423,12 +381,16 @@ class Engine:
             for key, value in output.metrics.items():
                 extra[key] = extra.get(key, 0.0) + value * counted
         if world > 1:
-            totals = self.sum_across_processes(torch.tensor([loss_total, *extra.values()], dtype=torch.float64)).tolist()
+            totals = self.sum_across_processes(
+                torch.tensor([loss_total, *extra.values()], dtype=torch.float64)
+            ).tolist()
             loss_total, extra = totals[0], dict(zip(extra, totals[1:]))
         loss = loss_total / units
         lr = self.scheduler.get_last_lr()[0]
         if not math.isfinite(loss):
-            return self.skip_nonfinite_update(f"loss is {loss}", {"loss": loss, "lr": lr, "grad_norm": math.nan, "units": units})
+            return self.skip_nonfinite_update(
+                f"loss is {loss}", {"loss": loss, "lr": lr, "grad_norm": math.nan, "units": units}
+            )
         if self.zero_stage:
             # DeepSpeed clips to train.max_grad_norm (its config) and steps AdamW; a non-finite
             # norm stops the run below (on_nonfinite: skip is refused under DeepSpeed).
@@ -442,12 +404,20 @@ class Engine:
             else:
                 grad_norm = float(self.accelerator.clip_grad_norm_(parameters, max_norm))
         if not math.isfinite(grad_norm):
-            return self.skip_nonfinite_update(f"gradient norm is {grad_norm}", {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units})
+            return self.skip_nonfinite_update(
+                f"gradient norm is {grad_norm}", {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units}
+            )
         if not self.zero_stage:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units, **{k: v / units for k, v in extra.items()}}
+        return {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "units": units,
+            **{k: v / units for k, v in extra.items()},
+        }
 
     def skip_nonfinite_update(self, what: str, step_metrics: dict[str, float]) -> dict[str, float]:
         """A NaN/inf loss or gradient: stop (train.on_nonfinite: error), or drop this update and count it.
@@ -462,6 +432,7 @@ class Engine:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         skipped = self.extra_state["skipped_nonfinite"] = self.extra_state.get("skipped_nonfinite", 0) + 1
-        tqdm.write(f"warning: step {self.progress.step + 1}: {what}; update skipped ({skipped} so far; train.on_nonfinite: skip)")
+        tqdm.write(
+            f"warning: step {self.progress.step + 1}: {what}; update skipped ({skipped} so far; train.on_nonfinite: skip)"
+        )
         return {**step_metrics, "skipped_nonfinite": float(skipped)}
-

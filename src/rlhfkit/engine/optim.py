@@ -32,8 +32,9 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-
-def warmup_then_decay(optimizer: torch.optim.Optimizer, train: TrainSettings, schedule_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_then_decay(
+    optimizer: torch.optim.Optimizer, train: TrainSettings, schedule_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """train.scheduler over schedule_steps optimizer steps, after train.warmup_ratio of them warm up."""
     warmup = round(train.warmup_ratio * schedule_steps)
     kind = train.scheduler

@@ -75,7 +75,12 @@ class RunDir:
             return
         write_json_atomically(
             self.root / RUN_MARKER,
-            {"stage": stage, "status": status, "rlhfkit": __version__, "updated": datetime.now(timezone.utc).isoformat()},
+            {
+                "stage": stage,
+                "status": status,
+                "rlhfkit": __version__,
+                "updated": datetime.now(timezone.utc).isoformat(),
+            },
         )
 
     @property

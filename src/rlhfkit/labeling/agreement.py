@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from itertools import combinations
-from typing import Iterable, Sequence
 
 from rlhfkit.labeling.store import CHOICES, Judgement
 
@@ -89,10 +89,17 @@ def agreement_report(table: dict[int, dict[str, str]]) -> dict[str, float | dict
     for first, second in combinations(annotators, 2):
         shared = [choices for choices in table.values() if first in choices and second in choices]
         if shared:
-            cohen[f"{first} vs {second}"] = {"items": len(shared), "kappa": cohens_kappa([c[first] for c in shared], [c[second] for c in shared])}
+            cohen[f"{first} vs {second}"] = {
+                "items": len(shared),
+                "kappa": cohens_kappa([c[first] for c in shared], [c[second] for c in shared]),
+            }
     multi = [choices for choices in table.values() if len(choices) >= 2]
-    report: dict[str, float | dict] = {"items": len(table), "items_with_2_or_more": len(multi),
-                                       "percent_agreement": percent_agreement(table), "cohens_kappa": cohen}
+    report: dict[str, float | dict] = {
+        "items": len(table),
+        "items_with_2_or_more": len(multi),
+        "percent_agreement": percent_agreement(table),
+        "cohens_kappa": cohen,
+    }
     if multi:
         modal = Counter(len(choices) for choices in multi).most_common(1)[0][0]
         same = [Counter(choices.values()) for choices in multi if len(choices) == modal]

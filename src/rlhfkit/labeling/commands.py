@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
-
 from pydantic import ValidationError
 
 from rlhfkit.config import ModelSettings, PromptDataSettings, SamplingSettings
@@ -22,8 +21,14 @@ from rlhfkit.rollout import sample_rollout
 
 
 def generate_candidates(
-    store_path: str, model: str, prompts_path: str, responses: int = 2, limit: int | None = None,
-    sampling: SamplingSettings | None = None, required: int = 1, seed: int = 0,
+    store_path: str,
+    model: str,
+    prompts_path: str,
+    responses: int = 2,
+    limit: int | None = None,
+    sampling: SamplingSettings | None = None,
+    required: int = 1,
+    seed: int = 0,
 ) -> int:
     """Sample `responses` answers per prompt from `model` and store them as pairs; returns the pairs added.
 
@@ -54,7 +59,11 @@ def generate_candidates(
             rollout = sample_rollout(policy, tokenizer, [texts[i] for i in pending], sampling, responses, 4096)
             for slot, index in enumerate(pending):
                 answers[index] = rollout.completions[slot * responses : (slot + 1) * responses]
-            pending = [i for i in pending if len({a.strip() for a in answers[i]}) < responses or not all(a.strip() for a in answers[i])]
+            pending = [
+                i
+                for i in pending
+                if len({a.strip() for a in answers[i]}) < responses or not all(a.strip() for a in answers[i])
+            ]
             if not pending:
                 break
     for index, example in enumerate(examples):
@@ -68,7 +77,9 @@ def generate_candidates(
     return added
 
 
-def judge_with_reward_model(store_path: str, reward_model: str, tie_margin: float = 0.0, name: str | None = None) -> dict[str, int]:
+def judge_with_reward_model(
+    store_path: str, reward_model: str, tie_margin: float = 0.0, name: str | None = None
+) -> dict[str, int]:
     """Label every pair with a reward model: the higher-scored response wins unless within tie_margin."""
     from rlhfkit.rewards import RewardModelScorer
 
@@ -77,12 +88,16 @@ def judge_with_reward_model(store_path: str, reward_model: str, tie_margin: floa
     scorer = RewardModelScorer(reward_model)
     scores_a = scorer.score([p.prompt for p in pairs], [p.response_a for p in pairs])
     scores_b = scorer.score([p.prompt for p in pairs], [p.response_b for p in pairs])
-    counts = _record_verdicts(store, name or f"reward-model:{reward_model}", pairs, [a - b for a, b in zip(scores_a, scores_b)], tie_margin)
+    counts = _record_verdicts(
+        store, name or f"reward-model:{reward_model}", pairs, [a - b for a, b in zip(scores_a, scores_b)], tie_margin
+    )
     store.close()
     return counts
 
 
-def _record_verdicts(store: LabelStore, judge: str, pairs: Sequence, differences: Sequence[float], tie_margin: float) -> dict[str, int]:
+def _record_verdicts(
+    store: LabelStore, judge: str, pairs: Sequence, differences: Sequence[float], tie_margin: float
+) -> dict[str, int]:
     """Store a judge's labels: A when its A-over-B difference exceeds tie_margin, B when below −tie_margin, else a tie."""
     choices = ["a" if d > tie_margin else "b" if d < -tie_margin else "tie" for d in differences]
     store.record_judge(judge, [(pair.id, choice) for pair, choice in zip(pairs, choices)])
@@ -97,8 +112,15 @@ JUDGE_TEMPLATE = (
 
 
 @torch.inference_mode()
-def llm_preferences(model: torch.nn.Module, tokenizer, prompts: Sequence[str], first: Sequence[str], second: Sequence[str],
-                    batch_size: int = 8, max_length: int = 2048) -> list[float]:
+def llm_preferences(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    first: Sequence[str],
+    second: Sequence[str],
+    batch_size: int = 8,
+    max_length: int = 2048,
+) -> list[float]:
     """P(first answer better) per item: the judge's next-token probability of "A" against "B",
     averaged over both orders (A/B swapped), which cancels the judge's position bias."""
     from rlhfkit.rollout import encode_prompts
@@ -106,8 +128,14 @@ def llm_preferences(model: torch.nn.Module, tokenizer, prompts: Sequence[str], f
     letter_a, letter_b = (tokenizer(letter, add_special_tokens=False)["input_ids"][0] for letter in ("A", "B"))
 
     def p_first_letter(lefts: Sequence[str], rights: Sequence[str]) -> list[float]:
-        texts = [render_prompt(tokenizer, [{"role": "user", "content": JUDGE_TEMPLATE.format(prompt=p, first=l, second=r)}], "auto")
-                 for p, l, r in zip(prompts, lefts, rights)]
+        texts = [
+            render_prompt(
+                tokenizer,
+                [{"role": "user", "content": JUDGE_TEMPLATE.format(prompt=p, first=left, second=right)}],
+                "auto",
+            )
+            for p, left, right in zip(prompts, lefts, rights)
+        ]
         probabilities = []
         for start in range(0, len(texts), batch_size):
             ids, mask = encode_prompts(tokenizer, texts[start : start + batch_size], max_length)
@@ -120,7 +148,9 @@ def llm_preferences(model: torch.nn.Module, tokenizer, prompts: Sequence[str], f
     return [(a + (1.0 - b)) / 2 for a, b in zip(in_order, swapped)]
 
 
-def judge_with_llm(store_path: str, judge_model: str, tie_margin: float = 0.05, name: str | None = None) -> dict[str, int]:
+def judge_with_llm(
+    store_path: str, judge_model: str, tie_margin: float = 0.05, name: str | None = None
+) -> dict[str, int]:
     """Label every pair with a local LLM judge asked in both orders: A when P(A better) > 0.5 + tie_margin."""
     store = LabelStore(store_path)
     pairs = [store.pair(pair_id) for pair_id in store.pair_ids()]
@@ -128,14 +158,20 @@ def judge_with_llm(store_path: str, judge_model: str, tie_margin: float = 0.05, 
     tokenizer = load_tokenizer(source)
     model = load_causal_lm(source, ModelSettings(), torch.float32).eval()
     prompts = ["\n\n".join(m["content"] for m in p.prompt if m["role"] != "system") for p in pairs]
-    preference = llm_preferences(model, tokenizer, prompts, [p.response_a for p in pairs], [p.response_b for p in pairs])
+    preference = llm_preferences(
+        model, tokenizer, prompts, [p.response_a for p in pairs], [p.response_b for p in pairs]
+    )
     counts = _record_verdicts(store, name or f"llm:{judge_model}", pairs, [q - 0.5 for q in preference], tie_margin)
     store.close()
     return counts
 
 
 def export_preferences(
-    store_path: str, output: str, kinds: Sequence[str] = ("human",), annotators: Sequence[str] | None = None, min_votes: int | None = None,
+    store_path: str,
+    output: str,
+    kinds: Sequence[str] = ("human",),
+    annotators: Sequence[str] | None = None,
+    min_votes: int | None = None,
 ) -> dict:
     """Write the majority-vote labels as preference rows (prompt, chosen, rejected) in JSONL.
 
@@ -148,7 +184,10 @@ def export_preferences(
     check_output_files([target, stats_path], [Path(store_path)], "export output")
     store = LabelStore(store_path)
     table = by_pair(store.current_judgements(kinds, annotators))
-    rows, counts = [], {"pairs": len(store.pair_ids()), "labelled": 0, "too_few_votes": 0, "no_majority": 0, "exported": 0}
+    rows, counts = (
+        [],
+        {"pairs": len(store.pair_ids()), "labelled": 0, "too_few_votes": 0, "no_majority": 0, "exported": 0},
+    )
     for pair_id, choices in sorted(table.items()):
         pair = store.pair(pair_id)
         counts["labelled"] += 1
@@ -160,8 +199,15 @@ def export_preferences(
             counts["no_majority"] += 1
             continue
         chosen, rejected = (pair.response_a, pair.response_b) if label == "a" else (pair.response_b, pair.response_a)
-        rows.append({"prompt": list(pair.prompt), "chosen": chosen, "rejected": rejected, "pair_id": pair_id,
-                     "votes": dict(sorted(choices.items()))})
+        rows.append(
+            {
+                "prompt": list(pair.prompt),
+                "chosen": chosen,
+                "rejected": rejected,
+                "pair_id": pair_id,
+                "votes": dict(sorted(choices.items())),
+            }
+        )
     store.close()
     counts["exported"] = len(rows)
     write_text_atomically(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

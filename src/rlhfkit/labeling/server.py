@@ -68,7 +68,9 @@ def create_app(store_path: str | Path, max_body_bytes: int = MAX_BODY_BYTES):
         token = authorization[7:] if authorization and authorization.startswith("Bearer ") else None
         found = db.annotator_for_token(token) if token else None
         if found is None:
-            raise HTTPException(status_code=401, detail="sign in with your annotator token", headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                status_code=401, detail="sign in with your annotator token", headers={"WWW-Authenticate": "Bearer"}
+            )
         return found
 
     def shown(db: LabelStore, who: tuple[int, str], pair_id: int) -> dict:
@@ -78,8 +80,13 @@ def create_app(store_path: str | Path, max_body_bytes: int = MAX_BODY_BYTES):
         left = left_response(who[0], pair_id)
         texts = {"a": pair.response_a, "b": pair.response_b}
         done, total = db.progress(who[0])
-        return {"pair_id": pair_id, "prompt": list(pair.prompt), "left": texts[left], "right": texts["b" if left == "a" else "a"],
-                "progress": {"done": done, "total": total}}
+        return {
+            "pair_id": pair_id,
+            "prompt": list(pair.prompt),
+            "left": texts[left],
+            "right": texts["b" if left == "a" else "a"],
+            "progress": {"done": done, "total": total},
+        }
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:

@@ -12,11 +12,12 @@ import hashlib
 import json
 import secrets
 import sqlite3
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 from rlhfkit.errors import UserError
 
@@ -116,7 +117,9 @@ class LabelStore:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise UserError(f"{self.path}: written by a newer rlhfkit (store version {version}); upgrade rlhfkit")
-            had_judgements = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'judgements'").fetchone()
+            had_judgements = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'judgements'"
+            ).fetchone()
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
@@ -156,10 +159,20 @@ class LabelStore:
             key = json.dumps(list(prompt), ensure_ascii=False, sort_keys=True)
             db.execute("INSERT OR IGNORE INTO prompts (messages, created) VALUES (?, ?)", (key, _now()))
             prompt_id = db.execute("SELECT id FROM prompts WHERE messages = ?", (key,)).fetchone()["id"]
-            ids = [db.execute("INSERT INTO responses (prompt_id, model, text, created) VALUES (?, ?, ?, ?)",
-                              (prompt_id, model, text, _now())).lastrowid for model, text in responses]
-            return [db.execute("INSERT INTO pairs (prompt_id, response_a, response_b, required) VALUES (?, ?, ?, ?)",
-                               (prompt_id, first, second, required)).lastrowid for first, second in zip(ids, ids[1:])]
+            ids = [
+                db.execute(
+                    "INSERT INTO responses (prompt_id, model, text, created) VALUES (?, ?, ?, ?)",
+                    (prompt_id, model, text, _now()),
+                ).lastrowid
+                for model, text in responses
+            ]
+            return [
+                db.execute(
+                    "INSERT INTO pairs (prompt_id, response_a, response_b, required) VALUES (?, ?, ?, ?)",
+                    (prompt_id, first, second, required),
+                ).lastrowid
+                for first, second in zip(ids, ids[1:])
+            ]
 
     def pair(self, pair_id: int) -> Pair | None:
         row = self.connection.execute(
@@ -167,7 +180,9 @@ class LabelStore:
                       pairs.required
                FROM pairs JOIN prompts ON prompts.id = pairs.prompt_id
                JOIN responses a ON a.id = pairs.response_a JOIN responses b ON b.id = pairs.response_b
-               WHERE pairs.id = ?""", (pair_id,)).fetchone()
+               WHERE pairs.id = ?""",
+            (pair_id,),
+        ).fetchone()
         if row is None:
             return None
         prompt = tuple(json.loads(row["messages"]))
@@ -185,8 +200,10 @@ class LabelStore:
         token = secrets.token_urlsafe(24) if kind == "human" else None
         try:
             with self.transaction() as db:
-                db.execute("INSERT INTO annotators (name, kind, token_hash, created) VALUES (?, ?, ?, ?)",
-                           (name, kind, hash_token(token) if token else None, _now()))
+                db.execute(
+                    "INSERT INTO annotators (name, kind, token_hash, created) VALUES (?, ?, ?, ?)",
+                    (name, kind, hash_token(token) if token else None, _now()),
+                )
         except sqlite3.IntegrityError:
             raise UserError(f"annotator {name!r} already exists") from None
         return token
@@ -194,20 +211,27 @@ class LabelStore:
     def annotator_for_token(self, token: str) -> tuple[int, str] | None:
         """(id, name) of the human annotator with this token, or None."""
         row = self.connection.execute(
-            "SELECT id, name FROM annotators WHERE kind = 'human' AND token_hash = ?", (hash_token(token),)).fetchone()
+            "SELECT id, name FROM annotators WHERE kind = 'human' AND token_hash = ?", (hash_token(token),)
+        ).fetchone()
         return (row["id"], row["name"]) if row else None
 
     def _annotator_id(self, db: sqlite3.Connection, name: str, kind: str) -> int:
         row = db.execute("SELECT id, kind FROM annotators WHERE name = ?", (name,)).fetchone()
         if row is None:
-            return db.execute("INSERT INTO annotators (name, kind, created) VALUES (?, ?, ?)", (name, kind, _now())).lastrowid
+            return db.execute(
+                "INSERT INTO annotators (name, kind, created) VALUES (?, ?, ?)", (name, kind, _now())
+            ).lastrowid
         if row["kind"] != kind:
-            raise UserError(f"{name!r} is already a {row['kind']} annotator in this store; give the {kind} another name")
+            raise UserError(
+                f"{name!r} is already a {row['kind']} annotator in this store; give the {kind} another name"
+            )
         return row["id"]
 
     # ---- judgements ------------------------------------------------------------------
 
-    def submit(self, pair_id: int, annotator_id: int, choice: str, left: str, submission_id: str, comment: str = "") -> bool:
+    def submit(
+        self, pair_id: int, annotator_id: int, choice: str, left: str, submission_id: str, comment: str = ""
+    ) -> bool:
         """Record a judgement; False when this annotator already stored it under this submission id (a retry).
 
         Raises SubmissionConflict when the annotator's id names a different judgement.
@@ -217,19 +241,25 @@ class LabelStore:
         if left not in ("a", "b"):
             raise ValueError(f"left must be 'a' or 'b', got {left!r}")
         with self.transaction() as db:
-            earlier = db.execute("SELECT pair_id, choice, comment, left FROM judgements WHERE annotator_id = ? AND submission_id = ?",
-                                 (annotator_id, submission_id)).fetchone()
+            earlier = db.execute(
+                "SELECT pair_id, choice, comment, left FROM judgements WHERE annotator_id = ? AND submission_id = ?",
+                (annotator_id, submission_id),
+            ).fetchone()
             if earlier is not None:
                 if tuple(earlier) != (pair_id, choice, comment, left):
                     raise SubmissionConflict(f"submission id {submission_id!r} was already used for another judgement")
                 return False
             if db.execute("SELECT 1 FROM pairs WHERE id = ?", (pair_id,)).fetchone() is None:
                 raise KeyError(pair_id)
-            db.execute("UPDATE judgements SET current = NULL WHERE pair_id = ? AND annotator_id = ? AND current = 1",
-                       (pair_id, annotator_id))
+            db.execute(
+                "UPDATE judgements SET current = NULL WHERE pair_id = ? AND annotator_id = ? AND current = 1",
+                (pair_id, annotator_id),
+            )
             db.execute(
                 "INSERT INTO judgements (pair_id, annotator_id, choice, comment, left, submission_id, current, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, 1, ?)", (pair_id, annotator_id, choice, comment, left, submission_id, _now()))
+                "VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
+                (pair_id, annotator_id, choice, comment, left, submission_id, _now()),
+            )
         return True
 
     def record_judge(self, judge: str, judgements: Sequence[tuple[int, str]]) -> None:
@@ -237,19 +267,29 @@ class LabelStore:
         with self.transaction() as db:
             judge_id = self._annotator_id(db, judge, "judge")
             for pair_id, choice in judgements:
-                db.execute("UPDATE judgements SET current = NULL WHERE pair_id = ? AND annotator_id = ? AND current = 1",
-                           (pair_id, judge_id))
+                db.execute(
+                    "UPDATE judgements SET current = NULL WHERE pair_id = ? AND annotator_id = ? AND current = 1",
+                    (pair_id, judge_id),
+                )
                 db.execute(
                     "INSERT INTO judgements (pair_id, annotator_id, choice, left, submission_id, current, created) "
-                    "VALUES (?, ?, ?, 'a', ?, 1, ?)", (pair_id, judge_id, choice, secrets.token_hex(16), _now()))
+                    "VALUES (?, ?, ?, 'a', ?, 1, ?)",
+                    (pair_id, judge_id, choice, secrets.token_hex(16), _now()),
+                )
 
-    def current_judgements(self, kinds: Sequence[str] = ("human",), annotators: Sequence[str] | None = None) -> list[Judgement]:
+    def current_judgements(
+        self, kinds: Sequence[str] = ("human",), annotators: Sequence[str] | None = None
+    ) -> list[Judgement]:
         """Every annotator's current judgement of every pair, filtered by annotator kind or name."""
         rows = self.connection.execute(
             """SELECT j.pair_id, a.name, a.kind, j.choice, j.comment, j.left, j.created FROM judgements j
-               JOIN annotators a ON a.id = j.annotator_id WHERE j.current = 1 ORDER BY j.pair_id, a.name""").fetchall()
-        return [Judgement(*row) for row in rows
-                if (annotators is not None and row["name"] in annotators) or (annotators is None and row["kind"] in kinds)]
+               JOIN annotators a ON a.id = j.annotator_id WHERE j.current = 1 ORDER BY j.pair_id, a.name"""
+        ).fetchall()
+        return [
+            Judgement(*row)
+            for row in rows
+            if (annotators is not None and row["name"] in annotators) or (annotators is None and row["kind"] in kinds)
+        ]
 
     def next_pair_id(self, annotator_id: int) -> int | None:
         """The next pair this annotator has not judged: pairs still short of their required judgements first."""
@@ -258,24 +298,29 @@ class LabelStore:
                WHERE NOT EXISTS (SELECT 1 FROM judgements j WHERE j.pair_id = p.id AND j.annotator_id = ? AND j.current = 1)
                ORDER BY (SELECT COUNT(*) FROM judgements j JOIN annotators a ON a.id = j.annotator_id
                          WHERE j.pair_id = p.id AND j.current = 1 AND a.kind = 'human') >= p.required, p.id
-               LIMIT 1""", (annotator_id,)).fetchone()
+               LIMIT 1""",
+            (annotator_id,),
+        ).fetchone()
         return row["id"] if row else None
 
     def progress(self, annotator_id: int) -> tuple[int, int]:
         """(pairs this annotator has judged, all pairs)."""
         done = self.connection.execute(
-            "SELECT COUNT(*) FROM judgements WHERE annotator_id = ? AND current = 1", (annotator_id,)).fetchone()[0]
+            "SELECT COUNT(*) FROM judgements WHERE annotator_id = ? AND current = 1", (annotator_id,)
+        ).fetchone()[0]
         return done, self.connection.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
 
     def judgements_of(self, annotator_id: int) -> list[dict]:
         """An annotator's own current judgements (pair, choice, comment, left side, time)."""
         rows = self.connection.execute(
             "SELECT pair_id, choice, comment, left, created FROM judgements WHERE annotator_id = ? AND current = 1 ORDER BY pair_id",
-            (annotator_id,))
+            (annotator_id,),
+        )
         return [dict(row) for row in rows]
 
     def history(self, pair_id: int, annotator_id: int) -> list[str]:
         """An annotator's choices for a pair, oldest first (the last is the current one)."""
         rows = self.connection.execute(
-            "SELECT choice FROM judgements WHERE pair_id = ? AND annotator_id = ? ORDER BY id", (pair_id, annotator_id))
+            "SELECT choice FROM judgements WHERE pair_id = ? AND annotator_id = ? ORDER BY id", (pair_id, annotator_id)
+        )
         return [row["choice"] for row in rows]

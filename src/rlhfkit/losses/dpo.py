@@ -93,7 +93,9 @@ def dpo_family_loss(
 ) -> torch.Tensor:
     """Per-pair loss of the chosen variant; all tensors are (B,)."""
     if loss_type is DPOLoss.simpo:
-        return simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta, simpo_gamma)
+        return simpo_loss(
+            policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta, simpo_gamma
+        )
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     if loss_type is DPOLoss.ipo:

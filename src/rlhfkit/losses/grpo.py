@@ -7,7 +7,9 @@ import torch
 from rlhfkit.losses.ppo import KLEstimator, clipped_policy_loss, kl_estimate
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
     """Each completion's reward relative to the other completions of its prompt.
 
         A_i = (r_i − mean_g(r)) / (std_g(r) + ε)     (std_g: sample std of group g)

@@ -71,7 +71,9 @@ def _chunk_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
-def _chunk_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_logprobs_and_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     log_probs = torch.log_softmax((hidden @ weight.T).float(), dim=-1)  # (n, V)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     return log_probs.gather(1, targets[:, None]).squeeze(1), entropy.detach()

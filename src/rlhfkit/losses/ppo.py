@@ -9,7 +9,8 @@ follow "The N Implementation Details of RLHF with PPO" (Huang et al. 2022) and Z
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 
@@ -64,7 +65,11 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: K
 
 
 def kl_shaped_rewards(
-    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float,
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
     estimator: KLEstimator = "k1",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards r_t = −β·KL_t, plus the sequence score s at the last response token.
@@ -154,7 +159,9 @@ def adaptive_kl_coef(coef: float, observed_kl: float, target_kl: float, horizon:
     return coef * (1.0 + error * steps / horizon)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce: Reduce = alone) -> float:
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce: Reduce = alone
+) -> float:
     """1 − Var[R − V] / Var[R] over masked tokens: 1 is a perfect critic, ≤ 0 no better than a constant."""
     variance = masked_mean((returns - masked_mean(returns, mask, reduce)) ** 2, mask, reduce)
     residual = returns - values

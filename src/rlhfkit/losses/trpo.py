@@ -11,8 +11,8 @@ while keeping the exact KL within δ.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -20,7 +20,11 @@ from rlhfkit.losses.ppo import Reduce, alone, masked_mean
 
 
 def surrogate_objective(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, reduce: Reduce = alone
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    reduce: Reduce = alone,
 ) -> torch.Tensor:
     """L = mean over masked tokens of exp(log π − log π_old) · A  (to maximise; equals mean A at θ_old)."""
     return masked_mean(torch.exp(logprobs - old_logprobs) * advantages, mask, reduce)
@@ -51,7 +55,10 @@ class ConjugateGradientResult:
 
 
 def conjugate_gradient(
-    matrix_vector: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, iterations: int = 10, tolerance: float = 1e-10
+    matrix_vector: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    iterations: int = 10,
+    tolerance: float = 1e-10,
 ) -> ConjugateGradientResult:
     """Solve A x = b for symmetric positive-definite A given only x ↦ A x (Hestenes & Stiefel 1952).
 
@@ -66,7 +73,7 @@ def conjugate_gradient(
     direction = b.clone()
     residual_sq = residual @ residual
     done = 0
-    for done in range(1, iterations + 1):
+    for done in range(1, iterations + 1):  # noqa: B007 (the count is returned)
         product = matrix_vector(direction)
         alpha = residual_sq / (direction @ product)
         x = x + alpha * direction

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from rlhfkit.engine import Engine
 from rlhfkit.evaluate import describe, write_answers_before_after

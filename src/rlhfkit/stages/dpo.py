@@ -11,7 +11,6 @@ optional label smoothing), IPO, SimPO.
 
 from __future__ import annotations
 
-
 import torch
 
 from rlhfkit.attention import shares_prompts
@@ -19,13 +18,14 @@ from rlhfkit.config import DPOConfig
 from rlhfkit.data.batching import PairBatch, pair_batches
 from rlhfkit.data.formatting import render_prompt, tokenize_pairs
 from rlhfkit.data.kinds import load_examples, preference_examples
-from rlhfkit.stages.before_after import measure, write_samples
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
+from rlhfkit.engine.held_out import held_out_share, held_out_sums
 from rlhfkit.forward import answer_logps
 from rlhfkit.generation import generate_answers
 from rlhfkit.losses.dpo import DPOLoss, dpo_family_loss, implicit_rewards
 from rlhfkit.models import backbone_and_head, frozen_reference_copy, reference_policy, resolve_with_tokenizer
 from rlhfkit.rewards import RewardModelScorer
+from rlhfkit.stages.before_after import measure, write_samples
 
 STAGE = "dpo"
 
@@ -50,7 +50,7 @@ class ReferencePolicy:
         """The table, each batch computed by one process of the launch; each entry is written by
         one process, so summing over them assembles it."""
         table = torch.zeros(num_pairs, 2)
-        for batch, counted in self.engine.held_out_share(batches):
+        for batch, counted in held_out_share(self.engine, batches):
             logps = self.compute(batch, training_pairs=False).cpu()
             if counted:
                 pair_ids = batch.pair_ids.cpu()
@@ -62,7 +62,9 @@ def pair_statistics(config: DPOConfig, reference: ReferencePolicy | None):
     """Per-pair DPO loss and diagnostics of a batch, shared by training and evaluation."""
     loss_type, settings = DPOLoss(config.dpo.loss), config.dpo
 
-    def statistics(model: torch.nn.Module, batch: PairBatch, training_pairs: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def statistics(
+        model: torch.nn.Module, batch: PairBatch, training_pairs: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         pairs = batch.num_pairs
         logps = answer_logps(model, batch, config.train.loss_chunk_tokens)  # (2B,)
         ref = reference.compute(batch, training_pairs) if reference is not None else None
@@ -70,8 +72,16 @@ def pair_statistics(config: DPOConfig, reference: ReferencePolicy | None):
         chosen, rejected, len_chosen, len_rejected = logps[:pairs], logps[pairs:], lengths[:pairs], lengths[pairs:]
         ref_chosen, ref_rejected = (ref[:pairs], ref[pairs:]) if ref is not None else (None, None)
         losses = dpo_family_loss(
-            loss_type, chosen, rejected, ref_chosen, ref_rejected, len_chosen, len_rejected,
-            settings.beta, settings.label_smoothing, settings.simpo_gamma,
+            loss_type,
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            len_chosen,
+            len_rejected,
+            settings.beta,
+            settings.label_smoothing,
+            settings.simpo_gamma,
         )
         reward_chosen = implicit_rewards(chosen.detach(), ref_chosen, settings.beta, len_chosen)
         reward_rejected = implicit_rewards(rejected.detach(), ref_rejected, settings.beta, len_rejected)
@@ -100,17 +110,27 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     adjustments = "".join(f"; {count} {reason}" for reason, count in counts.items())
     print(f"data: {report.summary()}{adjustments}; {len(train_pairs)} train / {len(eval_pairs)} eval pairs")
     # A question may have several pairs; answer each once.
-    unique_prompts = {tuple((m["role"], m["content"]) for m in example.prompt): example.prompt for example in eval_examples}
+    unique_prompts = {
+        tuple((m["role"], m["content"]) for m in example.prompt): example.prompt for example in eval_examples
+    }
     prompt_turns = list(unique_prompts.values())[: generation.num_prompts]
     prompt_turns += [({"role": "user", "content": text},) for text in generation.extra_prompts]
     prompt_texts = [render_prompt(tokenizer, turns, data.template) for turns in prompt_turns]
-    scorer = RewardModelScorer(config.eval.reward_model, data.max_length, data.template) if config.eval.reward_model and prompt_texts else None
+    scorer = (
+        RewardModelScorer(config.eval.reward_model, data.max_length, data.template)
+        if config.eval.reward_model and prompt_texts
+        else None
+    )
 
     # Policy, reference and optimiser.
     engine = Engine(train, config.model.device, run_dir, STAGE)
     model = engine.build_model(source, config.model, config.lora)
     frozen_copy = frozen_reference_copy(model, config.lora.enabled)
-    reference = None if DPOLoss(config.dpo.loss) is DPOLoss.simpo else ReferencePolicy(engine, frozen_copy, train.loss_chunk_tokens)
+    reference = (
+        None
+        if DPOLoss(config.dpo.loss) is DPOLoss.simpo
+        else ReferencePolicy(engine, frozen_copy, train.loss_chunk_tokens)
+    )
     share = shares_prompts(backbone_and_head(model)[0])
     batches = lambda pairs, seed: pair_batches(pairs, train.batch_size, seed, share)  # noqa: E731
     batches_for_epoch = lambda epoch: batches(train_pairs, train.seed + epoch)  # noqa: E731
@@ -129,9 +149,12 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
 
         def sums_of(batch: PairBatch) -> dict[str, float]:
             losses, stats = statistics(engine.model, batch, training_pairs=False)
-            return {"pairs": batch.num_pairs, **{name: values.sum().item() for name, values in {"loss": losses, **stats}.items()}}
+            return {
+                "pairs": batch.num_pairs,
+                **{name: values.sum().item() for name, values in {"loss": losses, **stats}.items()},
+            }
 
-        sums = engine.held_out_sums(eval_batches, sums_of)
+        sums = held_out_sums(engine, eval_batches, sums_of)
         pairs = sums.pop("pairs")
         return {name: total / max(pairs, 1) for name, total in sums.items()}
 
@@ -156,9 +179,10 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     measure(engine, metrics, "after", answer_and_score)
 
     # Save.
-    engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled, "loss": config.dpo.loss})
+    engine.save_final(
+        tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled, "loss": config.dpo.loss}
+    )
     if prompt_texts:
         write_samples(engine, prompt_turns, metrics, [])
     engine.complete(metrics, report.summary())
     return metrics
-

@@ -20,7 +20,15 @@ from rlhfkit.data.formatting import render_prompt, tokenize_examples
 from rlhfkit.data.kinds import chat_examples, load_examples
 from rlhfkit.engine import RunDir
 from rlhfkit.errors import UserError
-from rlhfkit.evaluate import describe, distinct_n, mean_and_stderr, reward_hacking_signs, rouge_l, win_rate, write_side_by_side
+from rlhfkit.evaluate import (
+    describe,
+    distinct_n,
+    mean_and_stderr,
+    reward_hacking_signs,
+    rouge_l,
+    win_rate,
+    write_side_by_side,
+)
 from rlhfkit.files import write_json_atomically, write_text_atomically
 from rlhfkit.forward import evaluate_perplexity
 from rlhfkit.labeling.commands import llm_preferences
@@ -39,8 +47,14 @@ def same_vocabulary(tokenizer: Any, other: Any) -> bool:
 
 @torch.inference_mode()
 def measure_policy(
-    model: torch.nn.Module, tokenizer: Any, reference: tuple[torch.nn.Module, Any] | None, config: EvaluateConfig,
-    eval_examples: list, prompt_turns: list, references: list[str], device: torch.device,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    reference: tuple[torch.nn.Module, Any] | None,
+    config: EvaluateConfig,
+    eval_examples: list,
+    prompt_turns: list,
+    references: list[str],
+    device: torch.device,
 ) -> tuple[dict[str, Any], list[str]]:
     """One model's metrics (all but the reward ones) and its answers, samples_per_prompt per prompt."""
     metrics: dict[str, Any] = {}
@@ -52,7 +66,9 @@ def measure_policy(
     texts = [render_prompt(tokenizer, turns, config.data.template) for turns in prompt_turns]
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        rollout = sample_rollout(model, tokenizer, texts, config.sampling, config.samples_per_prompt, config.max_prompt_length)
+        rollout = sample_rollout(
+            model, tokenizer, texts, config.sampling, config.samples_per_prompt, config.max_prompt_length
+        )
     answers = rollout.completions
     rollout = rollout.to(device)
     first_answers = answers[:: config.samples_per_prompt]
@@ -89,13 +105,19 @@ def run(config: EvaluateConfig, resume: bool = False) -> dict:
     prompt_turns, references = held_out_prompts(eval_examples, config.num_prompts)
     prompt_turns += [({"role": "user", "content": text},) for text in config.extra_prompts]
     if not prompt_turns:
-        raise UserError(f"evaluate: no prompts ({config.data.path} has no held-out conversations and extra_prompts is empty)")
+        raise UserError(
+            f"evaluate: no prompts ({config.data.path} has no held-out conversations and extra_prompts is empty)"
+        )
     sources = {name: resolve(reference) for name, reference in config.models.items()}
-    device = torch.device("cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(
+        "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     dtype = pick_dtype(config.dtype, device)
     settings = ModelSettings(dtype=config.dtype, device=config.device)
-    print(f"evaluate: {len(config.models)} models on {len(prompt_turns)} prompts x {config.samples_per_prompt} "
-          f"({len(references)} with references); data: {report.summary()}")
+    print(
+        f"evaluate: {len(config.models)} models on {len(prompt_turns)} prompts x {config.samples_per_prompt} "
+        f"({len(references)} with references); data: {report.summary()}"
+    )
 
     def load(name: str) -> tuple[torch.nn.Module, Any]:
         return load_causal_lm(sources[name], settings, dtype).to(device).eval(), load_tokenizer(sources[name])
@@ -107,8 +129,12 @@ def run(config: EvaluateConfig, resume: bool = False) -> dict:
         model, tokenizer = reference if name == config.reference_name else load(name)
         against = reference if same_vocabulary(tokenizer, reference[1]) else None
         if against is None:
-            print(f"warning: {name} and the reference {config.reference_name} have different vocabularies; KL is not measured")
-        results[name], answers[name] = measure_policy(model, tokenizer, against, config, eval_examples, prompt_turns, references, device)
+            print(
+                f"warning: {name} and the reference {config.reference_name} have different vocabularies; KL is not measured"
+            )
+        results[name], answers[name] = measure_policy(
+            model, tokenizer, against, config, eval_examples, prompt_turns, references, device
+        )
         print(f"{name}: {describe(results[name])}")
         del model
     del reference
@@ -131,24 +157,39 @@ def run(config: EvaluateConfig, resume: bool = False) -> dict:
         questions = [turns[-1]["content"] for turns in prompts_per_answer]
         for name in config.models:
             if name != config.baseline_name:
-                preference = llm_preferences(judge_model, judge_tokenizer, questions, answers[name], answers[config.baseline_name])
+                preference = llm_preferences(
+                    judge_model, judge_tokenizer, questions, answers[name], answers[config.baseline_name]
+                )
                 outcome = win_rate(preference, [0.5] * len(preference), config.judge_tie_margin)
                 results[name].update({f"judge_{key}": value for key, value in outcome.items()})
         del judge_model
 
     warnings = {}
     for name, metrics in results.items():
-        signs = reward_hacking_signs(metrics, results[config.baseline_name], config.warn) if name != config.baseline_name else []
+        signs = (
+            reward_hacking_signs(metrics, results[config.baseline_name], config.warn)
+            if name != config.baseline_name
+            else []
+        )
         if signs:
             warnings[name] = signs
             print(f"warning: possible reward hacking by {name}: " + "; ".join(signs))
 
     summary = {
-        "models": results, "order": list(config.models), "references": dict(config.models),
-        "baseline": config.baseline_name, "reference": config.reference_name, "reward_model": config.reward_model, "judge": config.judge,
-        "prompts": len(prompt_turns), "prompts_with_references": len(references), "samples_per_prompt": config.samples_per_prompt,
+        "models": results,
+        "order": list(config.models),
+        "references": dict(config.models),
+        "baseline": config.baseline_name,
+        "reference": config.reference_name,
+        "reward_model": config.reward_model,
+        "judge": config.judge,
+        "prompts": len(prompt_turns),
+        "prompts_with_references": len(references),
+        "samples_per_prompt": config.samples_per_prompt,
         "warnings": warnings,
-        "sampling": config.sampling.model_dump(), "data": report.summary(), "finished": datetime.now(timezone.utc).isoformat(),
+        "sampling": config.sampling.model_dump(),
+        "data": report.summary(),
+        "finished": datetime.now(timezone.utc).isoformat(),
     }
     write_json_atomically(run_dir.root / "metrics.json", summary)
     columns = {name: answers[name][:: config.samples_per_prompt] for name in config.models}

@@ -17,7 +17,14 @@ from rlhfkit.losses.ppo import aggregate_loss
 from rlhfkit.rewards import ScoredBatch
 from rlhfkit.rollout import Rollout
 from rlhfkit.stages.online import (
-    Context, RolloutBatch, optimizer_steps_per_step, rollout_summary, run_online, run_updates, training_mask, warn,
+    Context,
+    RolloutBatch,
+    optimizer_steps_per_step,
+    rollout_summary,
+    run_online,
+    run_updates,
+    training_mask,
+    warn,
 )
 
 STAGE = "grpo"
@@ -48,7 +55,9 @@ def describe_flat_groups(fraction: float, rewards: torch.Tensor, max_new_tokens:
 class GRPO:
     def __init__(self, context: Context) -> None:
         self.context, self.settings = context, context.config.grpo
-        self.optimizer_steps_per_step = optimizer_steps_per_step(context.config, self.settings.epochs, self.settings.minibatch_size)
+        self.optimizer_steps_per_step = optimizer_steps_per_step(
+            context.config, self.settings.epochs, self.settings.minibatch_size
+        )
         # Updating after every minibatch makes later minibatches off-policy; only one pass over
         # the whole batch in one step is truly on-policy.
         self.on_policy = self.settings.epochs == 1 and self.settings.minibatch_size in (None, self.batch_size)
@@ -71,10 +80,13 @@ class GRPO:
         )
         mask = targets["mask"]
         loss_sum, _ = aggregate_loss(per_token, mask, settings.loss_aggregation)
-        return LossOutput(loss_sum, {
-            "clip_fraction": float(aggregate_loss(clipped, mask, settings.loss_aggregation)[0]),
-            "kl_term": float(aggregate_loss(kl.detach(), mask, settings.loss_aggregation)[0]),
-        })
+        return LossOutput(
+            loss_sum,
+            {
+                "clip_fraction": float(aggregate_loss(clipped, mask, settings.loss_aggregation)[0]),
+                "kl_term": float(aggregate_loss(kl.detach(), mask, settings.loss_aggregation)[0]),
+            },
+        )
 
     def update(self, rollout: Rollout, scored: ScoredBatch, step_seed: int) -> dict[str, float]:
         context, settings, engine = self.context, self.settings, self.context.engine
@@ -89,17 +101,32 @@ class GRPO:
         rewards = group_scores(scored, group_size)
         advantages = group_advantages(rewards, group_size, settings.scale_rewards).to(logprobs.device)
         # Every process holds the same number of groups: the mean of their fractions is the batch's.
-        flat_fraction = float(engine.sum_across_processes(torch.tensor([zero_variance_fraction(rewards, group_size)]))[0]) / engine.num_processes
+        flat_fraction = (
+            float(engine.sum_across_processes(torch.tensor([zero_variance_fraction(rewards, group_size)]))[0])
+            / engine.num_processes
+        )
         message = describe_flat_groups(flat_fraction, rewards, context.config.rollout.max_new_tokens)
         if message:
             warn(f"step {engine.progress.step + 1}: {message}")
         mask = training_mask(rollout, scored)
-        targets = {"advantages": advantages, "mask": mask} if self.on_policy else {"old_logprobs": logprobs, "advantages": advantages, "mask": mask}
+        targets = (
+            {"advantages": advantages, "mask": mask}
+            if self.on_policy
+            else {"old_logprobs": logprobs, "advantages": advantages, "mask": mask}
+        )
         if settings.beta > 0:
             targets["ref_logprobs"] = ref_logprobs
 
-        updates = run_updates(engine, rollout, targets, settings.epochs, settings.minibatch_size, settings.loss_aggregation,
-                              step_seed, self.loss)
+        updates = run_updates(
+            engine,
+            rollout,
+            targets,
+            settings.epochs,
+            settings.minibatch_size,
+            settings.loss_aggregation,
+            step_seed,
+            self.loss,
+        )
         return {
             **rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy, gather=engine.gather),
             **updates,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from rlhfkit.data.batching import LMBatch
 from rlhfkit.engine import Engine, LossOutput
+from rlhfkit.engine.held_out import held_out_sums
 from rlhfkit.forward import lm_nll_sum, perplexity_from_sums
 
 
@@ -20,15 +21,20 @@ def lm_loss(chunk_size: int):
     return loss_fn
 
 
-def perplexity_evaluator(engine: Engine, batches: Sequence[LMBatch], chunk_size: int) -> Callable[[], dict[str, float]] | None:
+def perplexity_evaluator(
+    engine: Engine, batches: Sequence[LMBatch], chunk_size: int
+) -> Callable[[], dict[str, float]] | None:
     """A no-argument held-out evaluation of the engine's model for Engine.fit (the batches split
     over the launch's processes), or None when there is no held-out data."""
     if not batches:
         return None
 
     def evaluate() -> dict[str, float]:
-        sums_of = lambda batch: {"nll": lm_nll_sum(engine.model, batch, chunk_size).item(), "tokens": batch.num_target_tokens}  # noqa: E731
-        sums = engine.held_out_sums(batches, sums_of)
+        sums_of = lambda batch: {
+            "nll": lm_nll_sum(engine.model, batch, chunk_size).item(),
+            "tokens": batch.num_target_tokens,
+        }  # noqa: E731
+        sums = held_out_sums(engine, batches, sums_of)
         return perplexity_from_sums(sums["nll"], int(sums["tokens"]))
 
     return evaluate

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -28,13 +29,13 @@ from rlhfkit.config import LoraSettings, RLConfig
 from rlhfkit.data.batching import _order
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.data.kinds import PromptExample, load_examples, prompt_examples
-from rlhfkit.engine.deepspeed_zero import deepspeed_launch
-from rlhfkit.stages.before_after import measure, write_samples
 from rlhfkit.engine import Engine, RunDir, fsdp_launch, process_state
+from rlhfkit.engine.deepspeed_zero import deepspeed_launch
 from rlhfkit.errors import UserError
 from rlhfkit.models import frozen_reference_copy, reference_policy, resolve, resolve_with_tokenizer
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
 from rlhfkit.rollout import Rollout, response_logprobs, row_seed, sample_rollout
+from rlhfkit.stages.before_after import measure, write_samples
 
 
 class PolicyAndCritic(torch.nn.Module):
@@ -60,7 +61,9 @@ class RolloutBatch:
         return self.rollout.response_ids.shape[1]
 
     def to(self, device: torch.device) -> RolloutBatch:
-        return RolloutBatch(self.rollout.to(device), {k: v.to(device) for k, v in self.tensors.items()}, self.loss_units, self.rows)
+        return RolloutBatch(
+            self.rollout.to(device), {k: v.to(device) for k, v in self.tensors.items()}, self.loss_units, self.rows
+        )
 
 
 def loss_units(mask: torch.Tensor, aggregation: str) -> int:
@@ -68,7 +71,9 @@ def loss_units(mask: torch.Tensor, aggregation: str) -> int:
     return int(mask.sum().item()) if aggregation == "token" else int((mask.sum(dim=1) > 0).sum().item())
 
 
-def micro_batch(rollout: Rollout, tensors: dict[str, torch.Tensor], indices: torch.Tensor, aggregation: str) -> RolloutBatch:
+def micro_batch(
+    rollout: Rollout, tensors: dict[str, torch.Tensor], indices: torch.Tensor, aggregation: str
+) -> RolloutBatch:
     """Rows `indices`, with columns that hold only padding cut off (left of prompts, right of responses)."""
     picked = rollout.select(indices)
     prompt_start = int((picked.prompt_mask.sum(dim=0) > 0).float().argmax())
@@ -81,8 +86,12 @@ def micro_batch(rollout: Rollout, tensors: dict[str, torch.Tensor], indices: tor
 
 
 def minibatch_groups(
-    rollout: Rollout, tensors: dict[str, torch.Tensor], minibatch_size: int | None, micro_batch_size: int,
-    aggregation: str, generator: torch.Generator,
+    rollout: Rollout,
+    tensors: dict[str, torch.Tensor],
+    minibatch_size: int | None,
+    micro_batch_size: int,
+    aggregation: str,
+    generator: torch.Generator,
 ) -> list[list[RolloutBatch]]:
     """Shuffled minibatches (one optimizer step each), each split into micro-batches (accumulated)."""
     count = rollout.size
@@ -91,14 +100,24 @@ def minibatch_groups(
     groups = []
     for start in range(0, count, size):
         members = order[start : start + size]
-        groups.append([micro_batch(rollout, tensors, members[i : i + micro_batch_size], aggregation)
-                       for i in range(0, len(members), micro_batch_size)])
+        groups.append(
+            [
+                micro_batch(rollout, tensors, members[i : i + micro_batch_size], aggregation)
+                for i in range(0, len(members), micro_batch_size)
+            ]
+        )
     return groups
 
 
 def run_updates(
-    engine: Engine, rollout: Rollout, targets: dict[str, torch.Tensor], epochs: int, minibatch_size: int | None,
-    aggregation: str, step_seed: int, loss_fn,
+    engine: Engine,
+    rollout: Rollout,
+    targets: dict[str, torch.Tensor],
+    epochs: int,
+    minibatch_size: int | None,
+    aggregation: str,
+    step_seed: int,
+    loss_fn,
 ) -> dict[str, float]:
     """`epochs` passes of optimizer steps over shuffled minibatches; returns the steps' mean metrics.
 
@@ -109,7 +128,9 @@ def run_updates(
     steps = 0
     local_minibatch = minibatch_size // engine.num_processes if minibatch_size else None
     for _ in range(epochs):
-        for group in minibatch_groups(rollout, targets, local_minibatch, engine.train.batch_size, aggregation, generator):
+        for group in minibatch_groups(
+            rollout, targets, local_minibatch, engine.train.batch_size, aggregation, generator
+        ):
             for name, value in engine.optimizer_step(group, loss_fn, sharded=True).items():
                 totals[name] = totals.get(name, 0.0) + value
             steps += 1
@@ -119,7 +140,14 @@ def run_updates(
 class Context:
     """The pieces an algorithm needs: engine, config, tokenizer, policy, critic, and reference log-probs."""
 
-    def __init__(self, config: RLConfig, engine: Engine, tokenizer, policy: torch.nn.Module, frozen_reference: torch.nn.Module | None) -> None:
+    def __init__(
+        self,
+        config: RLConfig,
+        engine: Engine,
+        tokenizer,
+        policy: torch.nn.Module,
+        frozen_reference: torch.nn.Module | None,
+    ) -> None:
         self.config, self.engine, self.tokenizer = config, engine, tokenizer
         self.policy, self.frozen_reference = policy, frozen_reference
         self.critic: torch.nn.Module | None = None
@@ -146,7 +174,9 @@ class Context:
         with_hidden: also return the reference's hidden states at the response positions (N, R, H).
         """
         with self.engine.full_weights(), reference_policy(self.policy, self.frozen_reference) as reference:
-            logprobs, _, *hidden = response_logprobs(reference, rollout, self.temperature, self.chunk, with_hidden=with_hidden)
+            logprobs, _, *hidden = response_logprobs(
+                reference, rollout, self.temperature, self.chunk, with_hidden=with_hidden
+            )
         return (logprobs, hidden[0]) if with_hidden else logprobs
 
 
@@ -168,22 +198,31 @@ def training_mask(rollout: Rollout, scored: ScoredBatch) -> torch.Tensor:
     return rollout.response_mask * scored.valid[:, None].to(rollout.response_mask.device)
 
 
-def rollout_summary(rollout: Rollout, scored: ScoredBatch, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                    entropy: torch.Tensor | None, gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+def rollout_summary(
+    rollout: Rollout,
+    scored: ScoredBatch,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    entropy: torch.Tensor | None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
     """Reward, KL to the reference, entropy and length statistics of a scored rollout.
 
     gather: concatenates per-completion rows over processes, when each holds a share of the rollout.
     """
     mask = training_mask(rollout, scored)
-    per_completion = torch.stack([
-        scored.scores.float(),  # 0 where invalid
-        scored.valid.float(),
-        ((logprobs - ref_logprobs) * mask).sum(dim=1).float().cpu(),  # Σ_t log π/π_ref: unbiased KL(π‖π_ref)
-        rollout.lengths.float().cpu(),
-        rollout.ended.float().cpu(),
-        (entropy * mask).sum(dim=1).float().cpu() if entropy is not None else torch.zeros(rollout.size),
-        mask.sum(dim=1).float().cpu(),
-    ], dim=1)
+    per_completion = torch.stack(
+        [
+            scored.scores.float(),  # 0 where invalid
+            scored.valid.float(),
+            ((logprobs - ref_logprobs) * mask).sum(dim=1).float().cpu(),  # Σ_t log π/π_ref: unbiased KL(π‖π_ref)
+            rollout.lengths.float().cpu(),
+            rollout.ended.float().cpu(),
+            (entropy * mask).sum(dim=1).float().cpu() if entropy is not None else torch.zeros(rollout.size),
+            mask.sum(dim=1).float().cpu(),
+        ],
+        dim=1,
+    )
     if gather is not None:
         per_completion = gather(per_completion)
     scores, valid, sequence_kl, lengths, ended, entropy_sums, tokens = per_completion.unbind(dim=1)
@@ -210,7 +249,11 @@ def paired_gain(before: dict, after: dict) -> dict[str, float]:
     Pairing removes the spread between prompts (some are easy for every policy), so the error of
     the gain is much smaller than that of either mean.
     """
-    pairs = [(a, b) for a, b in zip(after.get("sample_rewards", []), before.get("sample_rewards", [])) if a is not None and b is not None]
+    pairs = [
+        (a, b)
+        for a, b in zip(after.get("sample_rewards", []), before.get("sample_rewards", []))
+        if a is not None and b is not None
+    ]
     if len(pairs) < 2:
         return {}
     gains = torch.tensor([a - b for a, b in pairs])
@@ -228,7 +271,9 @@ def check_process_count(config: RLConfig, stage: str, processes: int, minibatch_
     if processes == 1:
         return
     if config.rollout.prompts_per_step % processes:
-        raise UserError(f"rollout.prompts_per_step ({config.rollout.prompts_per_step}) must be a multiple of the {processes} processes")
+        raise UserError(
+            f"rollout.prompts_per_step ({config.rollout.prompts_per_step}) must be a multiple of the {processes} processes"
+        )
     if minibatch_size and minibatch_size % processes:
         raise UserError(f"{stage}.minibatch_size ({minibatch_size}) must be a multiple of the {processes} processes")
 
@@ -248,16 +293,24 @@ def check_sharded_launch(config: RLConfig, stage: str) -> None:
         return
     data_parallel = "launch it data-parallel (configs/accelerate/ddp.yaml) instead"
     if stage == "trpo":
-        raise UserError(f"trpo does not run {how}: its natural-gradient step differentiates and sets the weights outside "
-                        f"the training forward (double backward over sharded tensors); {data_parallel}")
+        raise UserError(
+            f"trpo does not run {how}: its natural-gradient step differentiates and sets the weights outside "
+            f"the training forward (double backward over sharded tensors); {data_parallel}"
+        )
     if not config.lora.enabled:
-        raise UserError(f"{stage} {how} needs LoRA (lora.enabled: true): the reference is the policy with its "
-                        f"adapters off, where full fine-tuning would keep a whole frozen copy on every process; {data_parallel}")
+        raise UserError(
+            f"{stage} {how} needs LoRA (lora.enabled: true): the reference is the policy with its "
+            f"adapters off, where full fine-tuning would keep a whole frozen copy on every process; {data_parallel}"
+        )
     if config.rollout.engine == "vllm":
-        raise UserError(f"rollout.engine: vllm does not run with a policy {how} yet; use rollout.engine: hf or {data_parallel}")
+        raise UserError(
+            f"rollout.engine: vllm does not run with a policy {how} yet; use rollout.engine: hf or {data_parallel}"
+        )
 
 
-def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context], Algorithm], resume: bool = False) -> dict:
+def run_online(
+    config: RLConfig, stage: str, make_algorithm: Callable[[Context], Algorithm], resume: bool = False
+) -> dict:
     check_sharded_launch(config, stage)
     processes = process_state(config.model.device).num_processes
     check_process_count(config, stage, processes, getattr(getattr(config, stage), "minibatch_size", None))
@@ -271,10 +324,14 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
     # Prompts, tokenizer and the reward are loaded and checked before any policy weights.
     train_examples, eval_examples, report = load_examples(data, train.seed, prompt_examples)
     source, tokenizer = resolve_with_tokenizer(config.model)
-    render = lambda example: render_prompt(tokenizer, with_system_prompt(example.prompt, data.system_prompt), data.template)  # noqa: E731
+    render = lambda example: render_prompt(
+        tokenizer, with_system_prompt(example.prompt, data.system_prompt), data.template
+    )  # noqa: E731
     reward = RewardSource(config.reward, data.template)
     eval_examples = eval_examples[: config.eval.num_prompts]
-    print(f"data: {report.summary()}; {len(train_examples)} train / {len(eval_examples)} eval prompts; reward: {reward.name}")
+    print(
+        f"data: {report.summary()}; {len(train_examples)} train / {len(eval_examples)} eval prompts; reward: {reward.name}"
+    )
 
     # TRPO steps the policy itself; the engine's optimizer then trains only its critic.
     engine = Engine(train, config.model.device, run_dir, stage, some_parameters_idle=stage == "trpo")
@@ -283,7 +340,9 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
     context = Context(config, engine, tokenizer, policy, frozen)
     algorithm = make_algorithm(context)
     total_steps = train.max_steps or train.epochs * math.ceil(len(train_examples) / rollout_settings.prompts_per_step)
-    engine.prepare(PolicyAndCritic(policy, context.critic), total_steps, max(1, total_steps * algorithm.optimizer_steps_per_step))
+    engine.prepare(
+        PolicyAndCritic(policy, context.critic), total_steps, max(1, total_steps * algorithm.optimizer_steps_per_step)
+    )
     engine.train_mode = False  # no dropout: log-probs must match the rollout's on the first pass
     if frozen is not None:
         frozen.to(engine.device)
@@ -293,8 +352,15 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
     if rollout_settings.engine == "vllm":
         from rlhfkit.vllm_rollout import VLLMSampler
 
-        vllm = VLLMSampler(policy, tokenizer, rollout_settings, data.max_length + rollout_settings.max_new_tokens, processes,
-                           train.seed, version=engine.progress.step)
+        vllm = VLLMSampler(
+            policy,
+            tokenizer,
+            rollout_settings,
+            data.max_length + rollout_settings.max_new_tokens,
+            processes,
+            train.seed,
+            version=engine.progress.step,
+        )
 
     def sample_and_score(examples: list[PromptExample], samples: int, seeds: list[int]) -> tuple[Rollout, ScoredBatch]:
         texts = [render(e) for e in examples]
@@ -302,10 +368,14 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
             with engine.full_weights():
                 rollout = sample_rollout(policy, tokenizer, texts, rollout_settings, samples, data.max_length, seeds)
         else:  # the policy changes once per step: its weights are loaded into vLLM when the step count moved
-            rollout = vllm.sample(policy, engine.progress.step, texts, rollout_settings, samples, data.max_length, seeds)
+            rollout = vllm.sample(
+                policy, engine.progress.step, texts, rollout_settings, samples, data.max_length, seeds
+            )
         prompts = [examples[i].prompt for i in rollout.prompt_index.tolist()]
         columns = [examples[i].columns for i in rollout.prompt_index.tolist()]
-        return rollout.to(engine.device), score_completions(reward, prompts, rollout.completions, columns, rollout.ended)
+        return rollout.to(engine.device), score_completions(
+            reward, prompts, rollout.completions, columns, rollout.ended
+        )
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -350,7 +420,11 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
         step_metrics.update({"time_generation_s": generated - started, "time_update_s": finished - generated})
         engine.progress.step += 1
         engine.log_step(step_metrics)
-        bar.set_postfix(reward=f"{step_metrics['reward_mean']:.3f}", kl=f"{step_metrics['kl']:.3f}", len=f"{step_metrics['length']:.0f}")
+        bar.set_postfix(
+            reward=f"{step_metrics['reward_mean']:.3f}",
+            kl=f"{step_metrics['kl']:.3f}",
+            len=f"{step_metrics['length']:.0f}",
+        )
         bar.update(1)
         engine.checkpoint_if_due()
     bar.close()
@@ -362,7 +436,9 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
     info = {"stage": stage, "lora": config.lora.enabled, "reward": reward.name}
     engine.save_final(tokenizer, config.model.name_or_path, info, model=policy)
     if context.critic is not None:
-        engine.save_final(tokenizer, context.critic_reference, {**info, "role": "critic"}, model=context.critic, name="critic")
+        engine.save_final(
+            tokenizer, context.critic_reference, {**info, "role": "critic"}, model=context.critic, name="critic"
+        )
     if eval_examples:
         write_samples(engine, [e.prompt for e in eval_examples], metrics, [])
     engine.complete(metrics, report.summary())
@@ -373,4 +449,3 @@ def run_online(config: RLConfig, stage: str, make_algorithm: Callable[[Context],
 
 def warn(message: str) -> None:
     tqdm.write(f"warning: {message}")
-

@@ -25,7 +25,13 @@ from rlhfkit.losses.ppo import (
 from rlhfkit.rewards import ScoredBatch
 from rlhfkit.rollout import Rollout, ValueHead, response_values
 from rlhfkit.stages.online import (
-    Context, RolloutBatch, optimizer_steps_per_step, rollout_summary, run_online, run_updates, training_mask,
+    Context,
+    RolloutBatch,
+    optimizer_steps_per_step,
+    rollout_summary,
+    run_online,
+    run_updates,
+    training_mask,
 )
 
 STAGE = "ppo"
@@ -39,7 +45,9 @@ class PPO:
             context.critic_reference = context.config.model.name_or_path  # its features come from this model
         else:
             context.build_critic(self.settings.critic_model)
-        self.optimizer_steps_per_step = optimizer_steps_per_step(context.config, self.settings.epochs, self.settings.minibatch_size)
+        self.optimizer_steps_per_step = optimizer_steps_per_step(
+            context.config, self.settings.epochs, self.settings.minibatch_size
+        )
 
     def values(self, critic: torch.nn.Module, rollout: Rollout, features: torch.Tensor | None) -> torch.Tensor:
         """(N, R) V(x, y_<t): from the value head on reference features, or the value model's own pass."""
@@ -50,17 +58,24 @@ class PPO:
         logprobs, _ = self.context.logprobs(module.policy, batch.rollout)
         mask = targets["mask"]
         values = self.values(module.critic, batch.rollout, targets.get("critic_features")) * mask
-        policy_loss, clipped = clipped_policy_loss(logprobs, targets["old_logprobs"], targets["advantages"], settings.clip)
-        value_loss, value_clipped = clipped_value_loss(values, targets["old_values"], targets["returns"], settings.value_clip)
+        policy_loss, clipped = clipped_policy_loss(
+            logprobs, targets["old_logprobs"], targets["advantages"], settings.clip
+        )
+        value_loss, value_clipped = clipped_value_loss(
+            values, targets["old_values"], targets["returns"], settings.value_clip
+        )
         loss_sum, _ = aggregate_loss(policy_loss + settings.value_coef * value_loss, mask, "token")
         log_ratio = (logprobs - targets["old_logprobs"]).detach()
-        return LossOutput(loss_sum, {
-            "policy_loss": float((policy_loss.detach() * mask).sum()),
-            "value_loss": float((value_loss.detach() * mask).sum()),
-            "clip_fraction": float((clipped * mask).sum()),
-            "value_clip_fraction": float((value_clipped * mask).sum()),
-            "approx_kl": float((0.5 * log_ratio**2 * mask).sum()),  # KL(old ‖ new) of this pass, per token
-        })
+        return LossOutput(
+            loss_sum,
+            {
+                "policy_loss": float((policy_loss.detach() * mask).sum()),
+                "value_loss": float((value_loss.detach() * mask).sum()),
+                "clip_fraction": float((clipped * mask).sum()),
+                "value_clip_fraction": float((value_clipped * mask).sum()),
+                "approx_kl": float((0.5 * log_ratio**2 * mask).sum()),  # KL(old ‖ new) of this pass, per token
+            },
+        )
 
     def update(self, rollout: Rollout, scored: ScoredBatch, step_seed: int) -> dict[str, float]:
         context, settings, engine = self.context, self.settings, self.context.engine
@@ -74,22 +89,36 @@ class PPO:
             mask = training_mask(rollout, scored)
             values = self.values(context.critic, rollout, features) * mask
         kl_coef = engine.extra_state.setdefault("kl_coef", settings.kl_coef)
-        rewards, kl = kl_shaped_rewards(scored.scores.to(mask.device), logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator)
+        rewards, kl = kl_shaped_rewards(
+            scored.scores.to(mask.device), logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator
+        )
         advantages, returns = generalized_advantages(rewards, values, mask, settings.gamma, settings.lam)
         everywhere = engine.sum_across_processes  # batch statistics over every process's completions
         if settings.whiten_advantages:
             advantages = masked_whiten(advantages, mask, reduce=everywhere)
-        targets = {"old_logprobs": logprobs, "old_values": values, "advantages": advantages, "returns": returns, "mask": mask}
+        targets = {
+            "old_logprobs": logprobs,
+            "old_values": values,
+            "advantages": advantages,
+            "returns": returns,
+            "mask": mask,
+        }
         if head:
             targets["critic_features"] = features
 
-        updates = run_updates(engine, rollout, targets, settings.epochs, settings.minibatch_size, "token", step_seed, self.loss)
+        updates = run_updates(
+            engine, rollout, targets, settings.epochs, settings.minibatch_size, "token", step_seed, self.loss
+        )
         summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy, gather=engine.gather)
         penalty = scored.scores.to(rewards.device).sum() - rewards.sum()  # Σ β·KL over this process's completions
-        totals = everywhere(torch.stack([kl.sum(), penalty, torch.tensor(float(rollout.size), device=kl.device)]).float()).tolist()
+        totals = everywhere(
+            torch.stack([kl.sum(), penalty, torch.tensor(float(rollout.size), device=kl.device)]).float()
+        ).tolist()
         sequence_kl, batch_size = totals[0] / totals[2], int(totals[2])
         if settings.target_kl is not None:
-            engine.extra_state["kl_coef"] = adaptive_kl_coef(kl_coef, sequence_kl, settings.target_kl, settings.kl_horizon, batch_size)
+            engine.extra_state["kl_coef"] = adaptive_kl_coef(
+                kl_coef, sequence_kl, settings.target_kl, settings.kl_horizon, batch_size
+            )
         return {
             **summary,
             **updates,

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from rlhfkit.config import PretrainConfig
 from rlhfkit.data.batching import block_batches, corpus_blocks
-from rlhfkit.data.kinds import load_examples, text_examples
 from rlhfkit.data.formatting import tokenize_corpus
-from rlhfkit.stages.language_model import lm_loss, perplexity_evaluator
-from rlhfkit.stages.before_after import measure
+from rlhfkit.data.kinds import load_examples, text_examples
 from rlhfkit.engine import Engine, RunDir, steps_for
 from rlhfkit.errors import DataError
 from rlhfkit.models import resolve_with_tokenizer
+from rlhfkit.stages.before_after import measure
+from rlhfkit.stages.language_model import lm_loss, perplexity_evaluator
 
 STAGE = "pretrain"
 
@@ -30,7 +30,9 @@ def run(config: PretrainConfig, resume: bool = False) -> dict:
     eval_blocks = corpus_blocks(tokenize_corpus(tokenizer, eval_texts), data.max_length)
     if len(train_blocks) == 0:
         raise DataError(f"{data.path}: the training text is shorter than one block of {data.max_length} tokens")
-    print(f"data: {report.summary()}; {len(train_blocks)} train / {len(eval_blocks)} eval blocks of {data.max_length} tokens")
+    print(
+        f"data: {report.summary()}; {len(train_blocks)} train / {len(eval_blocks)} eval blocks of {data.max_length} tokens"
+    )
 
     # Model and optimiser.
     engine = Engine(train, config.model.device, run_dir, STAGE)

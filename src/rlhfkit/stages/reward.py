@@ -17,11 +17,12 @@ from rlhfkit.config import RewardConfig
 from rlhfkit.data.batching import RewardBatch, reward_batches
 from rlhfkit.data.formatting import tokenize_pairs
 from rlhfkit.data.kinds import load_examples, preference_examples
-from rlhfkit.stages.before_after import measure
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
+from rlhfkit.engine.held_out import held_out_sums
 from rlhfkit.losses.reward import bradley_terry_loss
 from rlhfkit.models import backbone_and_score_head, packs_by_position_ids, resolve_with_tokenizer
 from rlhfkit.rewards import packed_reward_forward, reward_model_forward, special_token_wrapper
+from rlhfkit.stages.before_after import measure
 
 STAGE = "reward"
 
@@ -40,12 +41,15 @@ def reward_loss(center_coef: float, use_margins: bool):
         chosen, rejected = pair_rewards(model, batch)
         losses = bradley_terry_loss(chosen, rejected, batch.margins if use_margins else None, center_coef)
         difference = (chosen - rejected).detach()
-        return LossOutput(losses.sum(), {
-            "accuracy": (difference > 0).sum().item(),
-            "margin": difference.sum().item(),
-            "chosen_mean": chosen.detach().sum().item(),
-            "rejected_mean": rejected.detach().sum().item(),
-        })
+        return LossOutput(
+            losses.sum(),
+            {
+                "accuracy": (difference > 0).sum().item(),
+                "margin": difference.sum().item(),
+                "chosen_mean": chosen.detach().sum().item(),
+                "rejected_mean": rejected.detach().sum().item(),
+            },
+        )
 
     return loss_fn
 
@@ -58,14 +62,18 @@ def evaluate_pairs(engine: Engine, batches: list[RewardBatch]) -> dict[str, floa
         chosen, rejected = pair_rewards(engine.model, batch)
         return {
             "wins": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum().item(),
-            "chosen": chosen.sum().item(), "rejected": rejected.sum().item(),
-            "squares": (chosen.double().square().sum() + rejected.double().square().sum()).item(), "pairs": chosen.numel(),
+            "chosen": chosen.sum().item(),
+            "rejected": rejected.sum().item(),
+            "squares": (chosen.double().square().sum() + rejected.double().square().sum()).item(),
+            "pairs": chosen.numel(),
         }
 
-    sums = engine.held_out_sums(batches, sums_of)
+    sums = held_out_sums(engine, batches, sums_of)
     pairs, total = sums["pairs"], sums["chosen"] + sums["rejected"]
     rewards = 2 * pairs
-    variance = (sums["squares"] - total * total / rewards) / (rewards - 1) if rewards > 1 else 0.0  # unbiased, as torch.std
+    variance = (
+        (sums["squares"] - total * total / rewards) / (rewards - 1) if rewards > 1 else 0.0
+    )  # unbiased, as torch.std
     return {
         "accuracy": sums["wins"] / pairs,
         "margin": (sums["chosen"] - sums["rejected"]) / pairs,
@@ -97,7 +105,9 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
     model.config.pad_token_id = tokenizer.pad_token_id
     packed = packs_by_position_ids(model)  # decoders: sequences packed into rows, no padding
     share = packed and shares_prompts(backbone_and_score_head(model)[0])  # and a pair's prompt stored once
-    batches = lambda pairs, seed: reward_batches(pairs, train.batch_size, tokenizer.pad_token_id, seed, wrap, packed, share)  # noqa: E731
+    batches = lambda pairs, seed: reward_batches(
+        pairs, train.batch_size, tokenizer.pad_token_id, seed, wrap, packed, share
+    )  # noqa: E731
     batches_for_epoch = lambda epoch: batches(train_pairs, train.seed + epoch)  # noqa: E731
     engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
     eval_batches = batches(eval_pairs, None)[: config.eval.max_batches]
@@ -112,6 +122,8 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
     measure(engine, metrics, "after", evaluate)
 
     # Save.
-    engine.save_final(tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled, "reward_model": True})
+    engine.save_final(
+        tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled, "reward_model": True}
+    )
     engine.complete(metrics, report.summary())
     return metrics

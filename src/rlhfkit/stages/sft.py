@@ -11,13 +11,13 @@ from __future__ import annotations
 from rlhfkit.config import SFTConfig
 from rlhfkit.data.batching import packed_batches
 from rlhfkit.data.formatting import render_prompt, tokenize_examples
-from rlhfkit.data.kinds import ChatExample, load_examples, chat_examples
-from rlhfkit.stages.language_model import lm_loss, perplexity_evaluator
-from rlhfkit.stages.before_after import measure, write_samples
+from rlhfkit.data.kinds import ChatExample, chat_examples, load_examples
 from rlhfkit.engine import Engine, RunDir, steps_for
 from rlhfkit.evaluate import rouge_l
 from rlhfkit.generation import generate_answers
 from rlhfkit.models import resolve_with_tokenizer
+from rlhfkit.stages.before_after import measure, write_samples
+from rlhfkit.stages.language_model import lm_loss, perplexity_evaluator
 
 STAGE = "sft"
 
@@ -43,7 +43,9 @@ def run(config: SFTConfig, resume: bool = False) -> dict:
     # Data: every row is read and checked before any weights load.
     train_examples, eval_examples, report = load_examples(data, train.seed, chat_examples)
     source, tokenizer = resolve_with_tokenizer(config.model)
-    train_tokens, length_counts = tokenize_examples(tokenizer, train_examples, data.template, data.max_length, data.overlong)
+    train_tokens, length_counts = tokenize_examples(
+        tokenizer, train_examples, data.template, data.max_length, data.overlong
+    )
     eval_tokens, _ = tokenize_examples(tokenizer, eval_examples, data.template, data.max_length, data.overlong)
     adjustments = "".join(f"; {count} {reason}" for reason, count in length_counts.items())
     print(f"data: {report.summary()}{adjustments}; {len(train_tokens)} train / {len(eval_tokens)} eval examples")
@@ -80,4 +82,3 @@ def run(config: SFTConfig, resume: bool = False) -> dict:
     write_samples(engine, prompt_turns, metrics, references)
     engine.complete(metrics, report.summary())
     return metrics
-

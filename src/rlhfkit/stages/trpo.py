@@ -29,17 +29,35 @@ from rlhfkit.config import TRPOConfig
 from rlhfkit.engine import LossOutput, TrainingError
 from rlhfkit.losses.grpo import group_advantages
 from rlhfkit.losses.ppo import (
-    aggregate_loss, clipped_value_loss, explained_variance, generalized_advantages, kl_shaped_rewards, masked_mean, masked_whiten,
+    aggregate_loss,
+    clipped_value_loss,
+    explained_variance,
+    generalized_advantages,
+    kl_shaped_rewards,
+    masked_mean,
+    masked_whiten,
 )
 from rlhfkit.losses.trpo import (
-    backtracking_line_search, categorical_kl, conjugate_gradient, mean_categorical_kl, surrogate_objective, trust_region_step_size,
+    backtracking_line_search,
+    categorical_kl,
+    conjugate_gradient,
+    mean_categorical_kl,
+    surrogate_objective,
+    trust_region_step_size,
 )
 from rlhfkit.models import backbone_and_head
 from rlhfkit.rewards import ScoredBatch
 from rlhfkit.rollout import Rollout, response_hidden_states, response_values
 from rlhfkit.stages.grpo import group_scores
 from rlhfkit.stages.online import (
-    Context, RolloutBatch, micro_batch, optimizer_steps_per_step, rollout_summary, run_online, run_updates, training_mask,
+    Context,
+    RolloutBatch,
+    micro_batch,
+    optimizer_steps_per_step,
+    rollout_summary,
+    run_online,
+    run_updates,
+    training_mask,
 )
 
 STAGE = "trpo"
@@ -82,14 +100,22 @@ class TRPO:
             values = response_values(self.context.critic, rollout)
         rewards, _ = kl_shaped_rewards(scores, torch.zeros_like(mask), torch.zeros_like(mask), mask, 0.0)
         advantages, returns = generalized_advantages(rewards, values, mask, self.settings.gamma, self.settings.lam)
-        return {"advantages": masked_whiten(advantages, mask, reduce=self.everywhere), "returns": returns, "old_values": values}
+        return {
+            "advantages": masked_whiten(advantages, mask, reduce=self.everywhere),
+            "returns": returns,
+            "old_values": values,
+        }
 
     def micro_batches(self, rollout: Rollout, targets: dict[str, torch.Tensor]) -> list[RolloutBatch]:
         size = self.context.config.train.batch_size
-        return [micro_batch(rollout, targets, torch.arange(start, min(start + size, rollout.size)), "token")
-                for start in range(0, rollout.size, size)]
+        return [
+            micro_batch(rollout, targets, torch.arange(start, min(start + size, rollout.size)), "token")
+            for start in range(0, rollout.size, size)
+        ]
 
-    def surrogate_gradient(self, rollout: Rollout, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def surrogate_gradient(
+        self, rollout: Rollout, targets: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """g = ∇_θ L at θ_old, accumulated over micro-batches with every token weighted equally.
 
         At θ_old the ratio is 1 and π_old is the policy itself, so the same pass yields the
@@ -104,17 +130,27 @@ class TRPO:
             logprobs_all[batch.rows, : batch.width] = logprobs.detach()
             entropy_all[batch.rows, : batch.width] = entropy
             rows = batch.tensors
-            objective = (torch.exp(logprobs - logprobs.detach()) * rows["advantages"] * rows["mask"]).sum() / total_tokens
+            objective = (
+                torch.exp(logprobs - logprobs.detach()) * rows["advantages"] * rows["mask"]
+            ).sum() / total_tokens
             grads = torch.autograd.grad(objective, self.parameters, allow_unused=True)
-            gradient += torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.parameters)])
+            gradient += torch.cat(
+                [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.parameters)]
+            )
         return self.everywhere(gradient), logprobs_all, entropy_all
 
-    def natural_step(self, rollout: Rollout, targets: dict[str, torch.Tensor], gradient: torch.Tensor) -> dict[str, float]:
+    def natural_step(
+        self, rollout: Rollout, targets: dict[str, torch.Tensor], gradient: torch.Tensor
+    ) -> dict[str, float]:
         context, settings = self.context, self.settings
         old_logprobs = targets["old_logprobs"]
-        surrogate_before = float(surrogate_objective(old_logprobs, old_logprobs, targets["advantages"], targets["mask"], self.everywhere))
+        surrogate_before = float(
+            surrogate_objective(old_logprobs, old_logprobs, targets["advantages"], targets["mask"], self.everywhere)
+        )
         if not torch.isfinite(gradient).all():
-            raise TrainingError(f"step {context.engine.progress.step + 1}: the surrogate gradient is not finite; stopping")
+            raise TrainingError(
+                f"step {context.engine.progress.step + 1}: the surrogate gradient is not finite; stopping"
+            )
         if float(gradient.norm()) == 0.0:
             return {"grad_norm": 0.0, "step_accepted": 0.0, "step_fraction": 0.0}
         share = max(1, settings.fisher_samples // context.engine.num_processes)  # this process's Fisher sequences
@@ -128,7 +164,9 @@ class TRPO:
             # products are summed over processes (one process: share 1, sum = itself).
             positions = every_position.sum()
             kl = mean_categorical_kl(new.detach(), new, every_position) * positions / self.everywhere(positions)
-            kl_gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, self.parameters, create_graph=True)])
+            kl_gradient = torch.cat(
+                [g.reshape(-1) for g in torch.autograd.grad(kl, self.parameters, create_graph=True)]
+            )
 
             def fisher_vector(vector: torch.Tensor) -> torch.Tensor:
                 product = torch.autograd.grad(kl_gradient @ vector, self.parameters, retain_graph=True)
@@ -136,14 +174,16 @@ class TRPO:
 
             solved = conjugate_gradient(fisher_vector, gradient, settings.cg_iterations)
             curvature_direction = fisher_vector(solved.solution)
-        del kl_gradient, new
+        kl_gradient = new = None  # frees the double-backward graph before the line search
         full_step = trust_region_step_size(solved.solution, curvature_direction, settings.max_kl) * solved.solution
         expected = float(gradient @ full_step)
         start = parameters_to_vector(self.parameters).detach()
         by_batch = settings.kl_check == "batch"
         checked = self.micro_batches(rollout, targets) if by_batch else [fisher]
         with torch.no_grad():
-            checked_old = [full_log_distributions(context.policy, batch.rollout, context.temperature) for batch in checked]
+            checked_old = [
+                full_log_distributions(context.policy, batch.rollout, context.temperature) for batch in checked
+            ]
 
         @torch.no_grad()
         def try_fraction(fraction: float) -> tuple[float, float]:
@@ -157,7 +197,11 @@ class TRPO:
                 per_position.append(categorical_kl(old_distributions, new))
                 if by_batch:
                     logprobs[batch.rows, : batch.width] = sampled_token_logprobs(new, batch.rollout)
-            gain = float(surrogate_objective(logprobs, targets["old_logprobs"], targets["advantages"], targets["mask"], self.everywhere))
+            gain = float(
+                surrogate_objective(
+                    logprobs, targets["old_logprobs"], targets["advantages"], targets["mask"], self.everywhere
+                )
+            )
             kl_per_position = torch.cat(per_position)
             kl = float(masked_mean(kl_per_position, torch.ones_like(kl_per_position), self.everywhere))
             return gain - surrogate_before, kl
@@ -195,9 +239,13 @@ class TRPO:
         step = self.natural_step(rollout, targets, gradient)
         summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy, gather=context.engine.gather)
         if self.settings.baseline == "value":
-            critic_metrics = run_updates(context.engine, rollout, targets, self.settings.value_epochs, None, "token", step_seed, self.value_loss)
+            critic_metrics = run_updates(
+                context.engine, rollout, targets, self.settings.value_epochs, None, "token", step_seed, self.value_loss
+            )
             step["value_loss"] = critic_metrics["loss"]
-            step["explained_variance"] = explained_variance(targets["old_values"], targets["returns"], mask, reduce=self.everywhere)
+            step["explained_variance"] = explained_variance(
+                targets["old_values"], targets["returns"], mask, reduce=self.everywhere
+            )
         return {**summary, **step}
 
 
