@@ -17,6 +17,18 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# Questions the stage tests use as prompts (one list, shared).
+QUESTIONS = [
+    "Why is the sky blue?",
+    "What is the sun?",
+    "How does ice form?",
+    "What is a magnet?",
+    "Why does the moon move?",
+    "What is sound?",
+    "How do plants eat?",
+    "What is a star?",
+]
+
 TRAINING_TEXT = [
     "The sun is a star. Plants use sunlight to make food. Water freezes into ice when it is cold.",
     "Why is the sky blue? Sunlight scatters in the air and blue light scatters the most.",
@@ -46,9 +58,17 @@ def build_tiny_model(directory: Path, chat_template: str | None = CHATML_TEMPLAT
         fast.chat_template = chat_template
     fast.save_pretrained(directory)
     config = LlamaConfig(
-        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)

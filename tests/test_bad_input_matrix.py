@@ -16,7 +16,15 @@ GOOD_ROWS = {
     "ppo": '{"prompt": "What is 2 + 2?", "answer": 4}',
     "trpo": '{"prompt": "What is 2 + 2?", "answer": 4}',
 }
-MAIN_COLUMN = {"pretrain": "text", "sft": "completion", "reward": "chosen", "dpo": "rejected", "grpo": "prompt", "ppo": "prompt", "trpo": "prompt"}
+MAIN_COLUMN = {
+    "pretrain": "text",
+    "sft": "completion",
+    "reward": "chosen",
+    "dpo": "rejected",
+    "grpo": "prompt",
+    "ppo": "prompt",
+    "trpo": "prompt",
+}
 STAGES = list(GOOD_ROWS)
 
 
@@ -29,10 +37,10 @@ def data_cases(stage: str) -> dict[str, tuple[bytes, str]]:
     with_value = lambda value: json.dumps({**row, column: value})  # noqa: E731
     cases = {
         "empty file": (b"", "FILE: no rows"),
-        "malformed JSON line": (f"{good}\n{{\"text\": \n".encode(), "FILE:2"),
-        "wrong encoding": (f"{good}\n".encode() + "{\"text\": \"caf\u00e9\"}\n".encode("latin-1"), "FILE:2: not UTF-8"),
+        "malformed JSON line": (f'{good}\n{{"text": \n'.encode(), "FILE:2"),
+        "wrong encoding": (f"{good}\n".encode() + '{"text": "caf\u00e9"}\n'.encode("latin-1"), "FILE:2: not UTF-8"),
         "not an object": (f"{good}\n[1, 2]\n".encode(), "FILE:2"),
-        "missing column": (f"{good}\n{{\"other\": \"x\"}}\n".encode(), "FILE:2: missing column"),
+        "missing column": (f'{good}\n{{"other": "x"}}\n'.encode(), "FILE:2: missing column"),
         "empty string": (f"{good}\n{with_value('')}\n".encode(), "FILE:2"),
         "whitespace-only string": (f"{good}\n{with_value('   ')}\n".encode(), "FILE:2"),
         "non-string value": (f"{good}\n{with_value(17)}\n".encode(), "FILE:2"),
@@ -62,8 +70,18 @@ def test_bad_data_is_named_for_every_stage(stage, tiny_model, tmp_path, capsys):
     for case, (content, expected) in data_cases(stage).items():
         path = tmp_path / f"{stage}-{case.replace(' ', '_')}.jsonl"
         path.write_bytes(content)
-        code, stderr = run_cli(capsys, stage, "--set", f"data.path={path}", "--set", f"model.name_or_path={tiny_model}",
-                               "--set", f"train.output_dir={tmp_path / 'runs' / case.replace(' ', '_')}", "--set", "data.eval_fraction=0")
+        code, stderr = run_cli(
+            capsys,
+            stage,
+            "--set",
+            f"data.path={path}",
+            "--set",
+            f"model.name_or_path={tiny_model}",
+            "--set",
+            f"train.output_dir={tmp_path / 'runs' / case.replace(' ', '_')}",
+            "--set",
+            "data.eval_fraction=0",
+        )
         assert_one_line_error(code, stderr, expected.replace("FILE", str(path)))
 
 
@@ -80,7 +98,7 @@ CONFIG_CASES = {
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_bad_config_values_are_named_for_every_stage(stage, tmp_path, capsys):
-    for case, (assignment, expected) in CONFIG_CASES.items():
+    for assignment, expected in CONFIG_CASES.values():
         code, stderr = run_cli(capsys, stage, "--set", assignment, "--set", f"train.output_dir={tmp_path / 'run'}")
         assert_one_line_error(code, stderr, expected)
 
@@ -91,16 +109,37 @@ def test_an_output_dir_that_cannot_be_created_is_named(stage, tiny_model, tmp_pa
     blocker.write_text("not a directory")
     data = tmp_path / "data.jsonl"
     data.write_text(GOOD_ROWS[stage] + "\n")
-    code, stderr = run_cli(capsys, stage, "--set", f"data.path={data}", "--set", f"model.name_or_path={tiny_model}",
-                           "--set", f"train.output_dir={blocker / 'run'}")
+    code, stderr = run_cli(
+        capsys,
+        stage,
+        "--set",
+        f"data.path={data}",
+        "--set",
+        f"model.name_or_path={tiny_model}",
+        "--set",
+        f"train.output_dir={blocker / 'run'}",
+    )
     assert_one_line_error(code, stderr, f"train.output_dir {blocker / 'run'} is not writable")
 
 
 def test_an_example_longer_than_max_length_is_named_when_asked_to_stop(tiny_model, tmp_path, capsys):
     data = tmp_path / "long.jsonl"
     data.write_text(GOOD_ROWS["sft"] + "\n" + '{"prompt": "Why?", "completion": "' + "very long answer " * 40 + '"}\n')
-    code, stderr = run_cli(capsys, "sft", "--set", f"data.path={data}", "--set", f"model.name_or_path={tiny_model}",
-                           "--set", "data.max_length=64", "--set", "data.overlong=error", "--set", "data.eval_fraction=0",
-                           "--set", f"train.output_dir={tmp_path / 'run'}")
+    code, stderr = run_cli(
+        capsys,
+        "sft",
+        "--set",
+        f"data.path={data}",
+        "--set",
+        f"model.name_or_path={tiny_model}",
+        "--set",
+        "data.max_length=64",
+        "--set",
+        "data.overlong=error",
+        "--set",
+        "data.eval_fraction=0",
+        "--set",
+        f"train.output_dir={tmp_path / 'run'}",
+    )
     assert_one_line_error(code, stderr, f"{data}:2: ")
     assert "longer than data.max_length=64" in stderr

@@ -28,8 +28,18 @@ def test_summary_ratios_targets_and_splits_by_hand():
             "trl": {"units": 300, "step_seconds": [2.0, 1.0], "peak_rss_mb": 200.0},
         },
         "grpo": {
-            "rlhfkit": {"step_seconds": [2.0, 4.0], "generation_seconds": [1.0, 1.0], "completion_length": 10.0, "peak_rss_mb": 50.0},
-            "trl": {"step_seconds": [6.0, 6.0], "generation_seconds": [3.0, 3.0], "completion_length": 12.0, "peak_rss_mb": 40.0},
+            "rlhfkit": {
+                "step_seconds": [2.0, 4.0],
+                "generation_seconds": [1.0, 1.0],
+                "completion_length": 10.0,
+                "peak_rss_mb": 50.0,
+            },
+            "trl": {
+                "step_seconds": [6.0, 6.0],
+                "generation_seconds": [3.0, 3.0],
+                "completion_length": 12.0,
+                "peak_rss_mb": 40.0,
+            },
         },
         "ppo": {"rlhfkit": {"step_seconds": [6.0, 6.0], "generation_seconds": [2.0, 2.0], "peak_rss_mb": 70.0}},
         "dpo": {"rlhfkit": {"units": 8, "step_seconds": [4.0], "peak_rss_mb": 10.0}, "trl": {"error": "boom"}},
@@ -60,7 +70,9 @@ def test_gpu_runs_add_a_peak_gpu_memory_row_per_workload():
             "rlhfkit": {"units": 8, "step_seconds": [2.0], "peak_rss_mb": 100.0, "peak_gpu_mb": 300.0},
             "trl": {"units": 8, "step_seconds": [4.0], "peak_rss_mb": 100.0, "peak_gpu_mb": 400.0},
         },
-        "trpo": {"rlhfkit": {"step_seconds": [6.0], "generation_seconds": [2.0], "peak_rss_mb": 70.0, "peak_gpu_mb": 900.0}},
+        "trpo": {
+            "rlhfkit": {"step_seconds": [6.0], "generation_seconds": [2.0], "peak_rss_mb": 70.0, "peak_gpu_mb": 900.0}
+        },
     }
     rows = _by_metric(summarise(results, peak_flops=1e12))
     gpu = rows["reward: peak GPU memory"]
@@ -72,8 +84,21 @@ def test_gpu_runs_add_a_peak_gpu_memory_row_per_workload():
 def test_smoke_suite_runs_every_workload_for_both_tools(tiny_model, tmp_path):
     output = tmp_path / "smoke"
     process = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--suite", "smoke", "--model", str(tiny_model), "--output", str(output)],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--suite",
+            "smoke",
+            "--model",
+            str(tiny_model),
+            "--output",
+            str(output),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     report = json.loads(output.with_suffix(".json").read_text())
@@ -96,9 +121,26 @@ def test_smoke_suite_runs_every_workload_for_both_tools(tiny_model, tmp_path):
 def test_processes_benchmark_runs_one_and_two_processes(tiny_model, tmp_path):
     output = tmp_path / "processes"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.processes", "--suite", "smoke", "--model", str(tiny_model), "--output", str(output),
-         "--workdir", str(tmp_path / "work"), "--launch-configs", "cpu.yaml", "zero2.yaml"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.processes",
+            "--suite",
+            "smoke",
+            "--model",
+            str(tiny_model),
+            "--output",
+            str(output),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--launch-configs",
+            "cpu.yaml",
+            "zero2.yaml",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads(output.with_suffix(".json").read_text())["results"]

@@ -9,7 +9,9 @@ from rlhfkit.cli import main
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "rlhfkit.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "rlhfkit.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 @pytest.mark.parametrize("command", ["pretrain", "sft", "generate", "merge"])
@@ -40,18 +42,38 @@ def test_config_errors_exit_cleanly(tmp_path):
 def test_data_errors_stop_before_the_model_loads(tmp_path, tiny_model):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c",\n')
-    message = user_error("sft", "--set", f"data.path={bad}", "--set", f"train.output_dir={tmp_path / 'run'}",
-                         "--set", "model.name_or_path=/definitely/not/loaded")
+    message = user_error(
+        "sft",
+        "--set",
+        f"data.path={bad}",
+        "--set",
+        f"train.output_dir={tmp_path / 'run'}",
+        "--set",
+        "model.name_or_path=/definitely/not/loaded",
+    )
     # the model path is checked by the config first; with a real model, the data row is named
     assert "model path does not exist" in message
-    message = user_error("sft", "--set", f"data.path={bad}", "--set", f"train.output_dir={tmp_path / 'run2'}",
-                         "--set", f"model.name_or_path={tiny_model}")
+    message = user_error(
+        "sft",
+        "--set",
+        f"data.path={bad}",
+        "--set",
+        f"train.output_dir={tmp_path / 'run2'}",
+        "--set",
+        f"model.name_or_path={tiny_model}",
+    )
     assert "bad.jsonl:2: malformed JSON" in message
 
 
 def test_resume_without_a_run(tmp_path, tiny_model):
-    message = user_error("pretrain", "--resume", "--set", f"train.output_dir={tmp_path / 'nothing'}",
-                         "--set", f"model.name_or_path={tiny_model}")
+    message = user_error(
+        "pretrain",
+        "--resume",
+        "--set",
+        f"train.output_dir={tmp_path / 'nothing'}",
+        "--set",
+        f"model.name_or_path={tiny_model}",
+    )
     assert "holds no run to resume" in message
 
 
@@ -65,11 +87,11 @@ pretrain:
   model: {{name_or_path: {tiny_model}}}
   lora: {{enabled: false}}
   data: {{path: {text}, max_length: 32, eval_fraction: 0.2}}
-  train: {{output_dir: {tmp_path / 'pretrain'}, epochs: 4, lr: 3.0e-3, batch_size: 4, trackers: [tensorboard]}}
+  train: {{output_dir: {tmp_path / "pretrain"}, epochs: 4, lr: 3.0e-3, batch_size: 4, trackers: [tensorboard]}}
 sft:
-  model: {{name_or_path: {tmp_path / 'pretrain'}}}
+  model: {{name_or_path: {tmp_path / "pretrain"}}}
   data: {{path: {pairs}, eval_fraction: 0.25}}
-  train: {{output_dir: {tmp_path / 'sft'}, epochs: 6, lr: 1.0e-2, batch_size: 4}}
+  train: {{output_dir: {tmp_path / "sft"}, epochs: 6, lr: 1.0e-2, batch_size: 4}}
   generation: {{num_prompts: 3, max_new_tokens: 8, extra_prompts: [Explain quantum computing to a 10-year-old.]}}
 """
     )

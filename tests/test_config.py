@@ -20,7 +20,11 @@ def test_defaults_validate():
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
-    config = load_config("sft", write(tmp_path, "train:\n  lr: 1.0e-3\n"), ["train.lr=5e-5", "lora.target_modules=[q_proj, v_proj]", "lora.enabled=false"])
+    config = load_config(
+        "sft",
+        write(tmp_path, "train:\n  lr: 1.0e-3\n"),
+        ["train.lr=5e-5", "lora.target_modules=[q_proj, v_proj]", "lora.enabled=false"],
+    )
     assert config.train.lr == 5e-5
     assert config.lora.target_modules == ["q_proj", "v_proj"]
     assert config.lora.enabled is False
@@ -137,16 +141,27 @@ def test_rl_stage_fields_are_checked(stage, override, field):
     assert field in str(error.value)
 
 
-@pytest.mark.parametrize("name", ["llama3-8b-qlora-1gpu.yaml", "llama3-8b-lora-8gpu.yaml", "llama3-8b-full-8gpu-fsdp.yaml",
-                                  "llama3-8b-full-8gpu-zero3.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama3-8b-qlora-1gpu.yaml",
+        "llama3-8b-lora-8gpu.yaml",
+        "llama3-8b-full-8gpu-fsdp.yaml",
+        "llama3-8b-full-8gpu-zero3.yaml",
+    ],
+)
 def test_large_model_example_configs_validate(name, tmp_path):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "configs/examples" / name
     sft_config = load_config("sft", path)
     assert sft_config.train.gradient_checkpointing and sft_config.model.load_in_4bit == ("qlora" in name)
-    if "fsdp" in name or "zero3" in name:  # float32 shards (master weights), bf16 compute from the launcher; full fine-tuning
-        assert sft_config.model.dtype == "float32" and not sft_config.lora.enabled and sft_config.train.grad_accum % 8 == 0
+    if (
+        "fsdp" in name or "zero3" in name
+    ):  # float32 shards (master weights), bf16 compute from the launcher; full fine-tuning
+        assert (
+            sft_config.model.dtype == "float32" and not sft_config.lora.enabled and sft_config.train.grad_accum % 8 == 0
+        )
         return
     assert sft_config.model.dtype == "bfloat16"
     # DPO starts from the SFT run, which must exist before its config validates.

@@ -65,8 +65,13 @@ def test_bad_rows_named_or_skipped_with_counts(tmp_path):
 
 
 def test_duplicate_rows_are_kept_and_counted(tmp_path):
-    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}, {"completion": "b", "prompt": "a"},
-            {"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": "B"}]
+    rows = [
+        {"prompt": "a", "completion": "b"},
+        {"prompt": "c", "completion": "d"},
+        {"completion": "b", "prompt": "a"},
+        {"prompt": "a", "completion": "b"},
+        {"prompt": "a", "completion": "B"},
+    ]
     examples, report = chat_examples(read_rows(str(write_jsonl(tmp_path / "sft.jsonl", rows))))
     assert len(examples) == 5 and report.duplicates == 2  # key order does not matter; case does
     assert report.summary() == "5 rows (2 duplicates of earlier rows, kept)"

@@ -93,10 +93,20 @@ def test_resume_matches_an_uninterrupted_run(tiny_model, tmp_path, sft_rows, mon
 def small_pretrain_config(model, tmp_path, text_rows, *extra: str):
     """4 pretraining steps on the tiny model with a checkpoint every 2, into tmp_path/run."""
     data = write_jsonl(tmp_path / "text.jsonl", text_rows)
-    return load_config("pretrain", None, [
-        f"model.name_or_path={model}", f"data.path={data}", "data.max_length=32", f"train.output_dir={tmp_path / 'run'}",
-        "train.max_steps=4", "train.save_every=2", "train.trackers=[]", *extra,
-    ])
+    return load_config(
+        "pretrain",
+        None,
+        [
+            f"model.name_or_path={model}",
+            f"data.path={data}",
+            "data.max_length=32",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=4",
+            "train.save_every=2",
+            "train.trackers=[]",
+            *extra,
+        ],
+    )
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tiny_model, tmp_path, text_rows, monkeypatch):
@@ -125,7 +135,9 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_model, tmp_path, te
     assert metrics["after"]["perplexity"] > 0
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_good_checkpoint(tiny_model, tmp_path, text_rows, monkeypatch):
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_good_checkpoint(
+    tiny_model, tmp_path, text_rows, monkeypatch
+):
     import rlhfkit.forward as forward
 
     config = small_pretrain_config(tiny_model, tmp_path, text_rows, "train.batch_size=1")
@@ -161,23 +173,42 @@ def test_an_infinite_gradient_stops_the_run_or_is_skipped_and_counted(tiny_model
         return norm
 
     monkeypatch.setattr(Accelerator, "clip_grad_norm_", gradient_blows_up_at_step_3)
-    with pytest.raises(TrainingError, match=r"step 3: gradient norm is inf; stopping \(last good checkpoint: .*step-000002\)"):
+    with pytest.raises(
+        TrainingError, match=r"step 3: gradient norm is inf; stopping \(last good checkpoint: .*step-000002\)"
+    ):
         pretrain.run(small_pretrain_config(tiny_model, tmp_path, text_rows, "train.batch_size=1"))
 
     calls["n"] = 0
     (tmp_path / "skip").mkdir()
-    skipping = small_pretrain_config(tiny_model, tmp_path / "skip", text_rows, "train.batch_size=1", "train.on_nonfinite=skip")
+    skipping = small_pretrain_config(
+        tiny_model, tmp_path / "skip", text_rows, "train.batch_size=1", "train.on_nonfinite=skip"
+    )
     pretrain.run(skipping)
-    log = [json.loads(line) for line in (tmp_path / "skip" / "run" / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
+    log = [
+        json.loads(line)
+        for line in (tmp_path / "skip" / "run" / "metrics.jsonl").read_text().splitlines()
+        if "train/loss" in line
+    ]
     assert [entry.get("train/skipped_nonfinite", 0) for entry in log] == [0, 0, 1, 0]
     adapter = final_adapter(tmp_path / "skip" / "run")
-    assert all(torch.isfinite(weight).all() for weight in adapter.values())  # the inf gradient never reached the weights
+    assert all(
+        torch.isfinite(weight).all() for weight in adapter.values()
+    )  # the inf gradient never reached the weights
 
 
 def test_checkpoint_dir_that_is_not_one(tiny_model, tmp_path, text_rows):
     data = write_jsonl(tmp_path / "text.jsonl", text_rows)
-    config = load_config("pretrain", None, [f"model.name_or_path={tiny_model}", f"data.path={data}", "data.max_length=32",
-                                            f"train.output_dir={tmp_path / 'run'}", "train.trackers=[]"])
+    config = load_config(
+        "pretrain",
+        None,
+        [
+            f"model.name_or_path={tiny_model}",
+            f"data.path={data}",
+            "data.max_length=32",
+            f"train.output_dir={tmp_path / 'run'}",
+            "train.trackers=[]",
+        ],
+    )
     run = RunDir.open(str(tmp_path / "run"), "pretrain", config, resume=False)
     engine = Engine(config.train, "cpu", run, "pretrain")
     from rlhfkit.models import resolve
@@ -226,14 +257,21 @@ def test_unsupported_sharding_launches_are_refused_by_name(monkeypatch, launch_t
         process_state("auto")
 
 
-@pytest.mark.parametrize("variable, value, message", [
-    ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0", "zero_stage 0 is not supported"),
-    ("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds.json", r"deepspeed_config_file \(ds.json\) is not read by rlhfkit"),
-    ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "nvme", "offload_param_device: nvme is not supported"),
-    ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4", r"gradient_accumulation_steps 4: set train.grad_accum.*\(now 2\)"),
-    ("ACCELERATE_GRADIENT_CLIPPING", "0.3", r"gradient_clipping 0.3 differs from train.max_grad_norm \(1.0\)"),
-    ("ACCELERATE_MIXED_PRECISION", "fp16", "fp16 mixed precision"),
-])
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0", "zero_stage 0 is not supported"),
+        ("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds.json", r"deepspeed_config_file \(ds.json\) is not read by rlhfkit"),
+        ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "nvme", "offload_param_device: nvme is not supported"),
+        (
+            "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+            "4",
+            r"gradient_accumulation_steps 4: set train.grad_accum.*\(now 2\)",
+        ),
+        ("ACCELERATE_GRADIENT_CLIPPING", "0.3", r"gradient_clipping 0.3 differs from train.max_grad_norm \(1.0\)"),
+        ("ACCELERATE_MIXED_PRECISION", "fp16", "fp16 mixed precision"),
+    ],
+)
 def test_deepspeed_launch_settings_rlhfkit_does_not_honour_are_refused_by_name(monkeypatch, variable, value, message):
     from rlhfkit.engine.deepspeed_zero import zero_stage
 
@@ -269,7 +307,13 @@ def test_an_fsdp1_launch_is_refused_with_the_fix(monkeypatch):
 
 def test_gradient_checkpointing_keeps_the_loss_curve(tiny_model, tmp_path, sft_rows):
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
-    common = ["train.max_steps=3", "lora.dropout=0.0", "eval.before=false", "generation.num_prompts=0", "train.batch_size=4"]
+    common = [
+        "train.max_steps=3",
+        "lora.dropout=0.0",
+        "eval.before=false",
+        "generation.num_prompts=0",
+        "train.batch_size=4",
+    ]
     sft.run(sft_config(tiny_model, data, tmp_path / "plain", *common))
     sft.run(sft_config(tiny_model, data, tmp_path / "checkpointed", *common, "train.gradient_checkpointing=true"))
     assert losses(tmp_path / "checkpointed") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)

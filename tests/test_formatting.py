@@ -23,7 +23,9 @@ def plain_tokenizer(tiny_plain_model):
 
 
 def test_prompt_tokens_are_masked_with_chat_template(chat_tokenizer):
-    [example], _ = tokenize_examples(chat_tokenizer, [pair("Why is the sky blue?", "Light scatters.")], "auto", 512, "truncate")
+    [example], _ = tokenize_examples(
+        chat_tokenizer, [pair("Why is the sky blue?", "Light scatters.")], "auto", 512, "truncate"
+    )
     target_text = chat_tokenizer.decode([t for t, m in zip(example.input_ids, example.loss_mask) if m])
     prompt_text = chat_tokenizer.decode([t for t, m in zip(example.input_ids, example.loss_mask) if not m])
     assert target_text == "Light scatters.<|im_end|>\n"
@@ -53,7 +55,9 @@ def test_only_assistant_turns_of_a_multi_turn_chat_train(chat_tokenizer):
 
 
 def test_text_rows_train_on_all_tokens(chat_tokenizer):
-    [example], _ = tokenize_examples(chat_tokenizer, [TextExample("The sun is a star.", "row 1")], "auto", 512, "truncate")
+    [example], _ = tokenize_examples(
+        chat_tokenizer, [TextExample("The sun is a star.", "row 1")], "auto", 512, "truncate"
+    )
     assert all(example.loss_mask)
 
 
@@ -99,4 +103,3 @@ def test_corpus_blocks_and_block_targets():
     assert batch.targets.tolist() == [[1, 2, 3, IGNORE_INDEX], [5, 6, 7, IGNORE_INDEX]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
     assert torch.equal(batch.input_ids, blocks)
-

@@ -12,13 +12,13 @@ import json
 
 import pytest
 import torch
+from launching import accelerate_launch, failure_report, launch, logged, settings
 
 from conftest import write_jsonl
 from rlhfkit.config import ModelSettings
 from rlhfkit.config.loading import load_config
 from rlhfkit.models import load_causal_lm, resolve
 from rlhfkit.stages import dpo, reward, sft
-from test_distributed import accelerate_launch, failure_report, launch, logged, settings
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 needs_bitsandbytes = pytest.mark.skipif(
@@ -28,7 +28,9 @@ needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed (pip install 'rlhfkit[deepspeed]')"
 )
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (pip install 'rlhfkit[vllm]')")
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="needs vLLM (pip install 'rlhfkit[vllm]')"
+)
 
 STAGES = {"sft": sft, "reward": reward, "dpo": dpo}
 
@@ -41,11 +43,24 @@ def stage_data(tmp_path, sft_rows):
 
 
 def gpu_config(stage, model, data, output_dir, *overrides):
-    return load_config(stage, None, [
-        f"model.name_or_path={model}", f"data.path={data}", "data.eval_fraction=0.25", "model.device=cuda",
-        f"train.output_dir={output_dir}", "train.trackers=[]", "train.batch_size=4", "train.max_steps=6", "train.lr=5e-3",
-        "lora.dropout=0.0", *(["generation.num_prompts=0"] if stage != "reward" else []), *overrides,
-    ])
+    return load_config(
+        stage,
+        None,
+        [
+            f"model.name_or_path={model}",
+            f"data.path={data}",
+            "data.eval_fraction=0.25",
+            "model.device=cuda",
+            f"train.output_dir={output_dir}",
+            "train.trackers=[]",
+            "train.batch_size=4",
+            "train.max_steps=6",
+            "train.lr=5e-3",
+            "lora.dropout=0.0",
+            *(["generation.num_prompts=0"] if stage != "reward" else []),
+            *overrides,
+        ],
+    )
 
 
 def improved(stage: str, metrics: dict) -> bool:
@@ -80,14 +95,18 @@ def test_packed_attention_on_a_gpu_matches_a_block_diagonal_mask_forward_and_bac
     lengths = [37, 1, 130, 64]
     positions = torch.cat([torch.arange(n) for n in lengths])[None, :].cuda()
     total = sum(lengths)
-    inputs = [torch.randn(1, heads, total, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for heads in (8, 4, 4)]
+    inputs = [
+        torch.randn(1, heads, total, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for heads in (8, 4, 4)
+    ]
     module = torch.nn.Module()
     module.num_key_value_groups, module.training = 2, True
     output, _ = packed_sdpa_attention(module, *inputs, None, **sequence_boundaries(positions))
     segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).cuda()
     mask = (segment[:, None] == segment[None, :]) & torch.ones(total, total, dtype=torch.bool, device="cuda").tril()
     query, key, value = (tensor.detach().float().requires_grad_() for tensor in inputs)
-    expected = F.scaled_dot_product_attention(query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=mask)
+    expected = F.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=mask
+    )
     torch.testing.assert_close(output.float(), expected.transpose(1, 2), rtol=2e-2, atol=2e-2)
     weights = torch.randn_like(expected.transpose(1, 2))
     (output.float() * weights).sum().backward()
@@ -119,9 +138,19 @@ def test_qlora_trains_adapters_on_a_4bit_base(tiny_model, stage_data, tmp_path, 
 
 @needs_two_gpus
 def test_sft_on_two_gpus_follows_the_one_gpu_loss_curve(tiny_model, stage_data, tmp_path):
-    common = (f"model.name_or_path={tiny_model}", f"data.path={stage_data['sft']}", "data.eval_fraction=0.2", "model.device=cuda",
-              "model.dtype=float32", "train.max_steps=6", "train.batch_size=2", "train.grad_accum=2", "train.lr=5e-3",
-              "lora.dropout=0.0", "generation.num_prompts=0")
+    common = (
+        f"model.name_or_path={tiny_model}",
+        f"data.path={stage_data['sft']}",
+        "data.eval_fraction=0.2",
+        "model.device=cuda",
+        "model.dtype=float32",
+        "train.max_steps=6",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.lr=5e-3",
+        "lora.dropout=0.0",
+        "generation.num_prompts=0",
+    )
     launch(1, "sft", *common, f"train.output_dir={tmp_path / 'one'}")
     launch(2, "sft", *common, f"train.output_dir={tmp_path / 'two'}", launch_config="ddp.yaml")
     assert logged(tmp_path / "two") == pytest.approx(logged(tmp_path / "one"), rel=1e-3)
@@ -139,7 +168,13 @@ def test_vllm_samples_the_policy_as_updated_not_as_started(tiny_model):
 
     source = resolve("smollm2-135m-instruct")
     tokenizer = load_tokenizer(source)
-    policy = attach_lora(load_causal_lm(source, ModelSettings(device="cuda"), torch.bfloat16), LoraSettings(r=8, dropout=0.0)).cuda().eval()
+    policy = (
+        attach_lora(
+            load_causal_lm(source, ModelSettings(device="cuda"), torch.bfloat16), LoraSettings(r=8, dropout=0.0)
+        )
+        .cuda()
+        .eval()
+    )
     settings = RolloutSettings(engine="vllm", temperature=1e-4, max_new_tokens=12, vllm_gpu_memory=0.2)
     sampler = VLLMSampler(policy, tokenizer, settings, max_model_len=256, processes=1, seed=0, version=0)
     generator = torch.Generator().manual_seed(0)
@@ -147,12 +182,19 @@ def test_vllm_samples_the_policy_as_updated_not_as_started(tiny_model):
         for name, parameter in policy.named_parameters():
             if "lora_B" in name:
                 parameter.copy_((torch.randn(parameter.shape, generator=generator) * 0.02).to(parameter))
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in ["What is 2 + 3?", "Name a colour.", "Why is the sky blue?", "Say hello."]]
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in ["What is 2 + 3?", "Name a colour.", "Why is the sky blue?", "Say hello."]
+    ]
     rollout = sampler.sample(policy, 1, prompts, settings, 1, 128, seeds=[0, 1, 2, 3])
     ids, mask = encode_prompts(tokenizer, prompts, 128)
-    greedy = policy.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), do_sample=False, max_new_tokens=12,
-                             pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:].cpu()
+    greedy = policy.generate(
+        input_ids=ids.cuda(),
+        attention_mask=mask.cuda(),
+        do_sample=False,
+        max_new_tokens=12,
+        pad_token_id=tokenizer.pad_token_id,
+    )[:, ids.shape[1] :].cpu()
     agree = [rollout.response_ids[i, :8].tolist() == greedy[i, :8].tolist() for i in range(4)]
     assert sum(agree) >= 3, (rollout.completions, tokenizer.batch_decode(greedy))  # bf16 near-ties may flip one
     sampler.close()
@@ -166,27 +208,64 @@ def test_grpo_with_vllm_rollouts_trains_and_reports(tmp_path):
     rows = [{"prompt": f"What is {a} + {b}?", "answer": a + b} for a in range(2, 9) for b in range(3, 7)]
     data = write_jsonl(tmp_path / "sums.jsonl", rows)
     out = tmp_path / "grpo"
-    metrics = grpo.run(load_config("grpo", None, [
-        "model.name_or_path=smollm2-135m-instruct", "model.device=cuda", f"data.path={data}", f"train.output_dir={out}",
-        "train.trackers=[]", "train.max_steps=3", "train.lr=1e-4", "rollout.engine=vllm", "rollout.vllm_gpu_memory=0.2",
-        "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=24", "eval.num_prompts=4",
-    ]))
+    metrics = grpo.run(
+        load_config(
+            "grpo",
+            None,
+            [
+                "model.name_or_path=smollm2-135m-instruct",
+                "model.device=cuda",
+                f"data.path={data}",
+                f"train.output_dir={out}",
+                "train.trackers=[]",
+                "train.max_steps=3",
+                "train.lr=1e-4",
+                "rollout.engine=vllm",
+                "rollout.vllm_gpu_memory=0.2",
+                "rollout.prompts_per_step=4",
+                "rollout.samples_per_prompt=4",
+                "rollout.max_new_tokens=24",
+                "eval.num_prompts=4",
+            ],
+        )
+    )
     log = logged(out, "train/kl")
     assert len(log) == 3 and log[0] == pytest.approx(0.0, abs=1e-2)  # the first rollout is the reference policy's own
     assert abs(metrics["after"]["kl"]) > 0 and (out / "final" / "adapter_config.json").exists()
 
 
 @needs_two_gpus
-@pytest.mark.parametrize("launch_config", ["fsdp.yaml", pytest.param("zero2.yaml", marks=needs_deepspeed),
-                                           pytest.param("zero3.yaml", marks=needs_deepspeed)])
-def test_full_fine_tuning_sharded_over_two_gpus_follows_the_one_gpu_loss_curve(tiny_model, stage_data, tmp_path, launch_config):
+@pytest.mark.parametrize(
+    "launch_config",
+    ["fsdp.yaml", pytest.param("zero2.yaml", marks=needs_deepspeed), pytest.param("zero3.yaml", marks=needs_deepspeed)],
+)
+def test_full_fine_tuning_sharded_over_two_gpus_follows_the_one_gpu_loss_curve(
+    tiny_model, stage_data, tmp_path, launch_config
+):
     """configs/accelerate/fsdp.yaml on 2 GPUs (FSDP2 over NCCL), float32 shards with bf16 compute,
     or zero2/zero3.yaml (DeepSpeed, bf16 with float32 master weights), against the one-GPU float32 run."""
-    common = (f"model.name_or_path={tiny_model}", f"data.path={stage_data['sft']}", "data.eval_fraction=0.2", "model.device=cuda",
-              "model.dtype=float32", "train.max_steps=6", "train.batch_size=2", "train.grad_accum=2", "train.lr=1e-3",
-              "lora.enabled=false", "generation.num_prompts=0")
+    common = (
+        f"model.name_or_path={tiny_model}",
+        f"data.path={stage_data['sft']}",
+        "data.eval_fraction=0.2",
+        "model.device=cuda",
+        "model.dtype=float32",
+        "train.max_steps=6",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.lr=1e-3",
+        "lora.enabled=false",
+        "generation.num_prompts=0",
+    )
     launch(1, "sft", *common, f"train.output_dir={tmp_path / 'one'}")
-    launch(2, "sft", *common, f"train.output_dir={tmp_path / 'two'}", launch_config=launch_config, launcher=("--mixed_precision", "bf16"))
+    launch(
+        2,
+        "sft",
+        *common,
+        f"train.output_dir={tmp_path / 'two'}",
+        launch_config=launch_config,
+        launcher=("--mixed_precision", "bf16"),
+    )
     assert logged(tmp_path / "two") == pytest.approx(logged(tmp_path / "one"), rel=2e-2)
     assert (tmp_path / "two" / "final" / "model.safetensors").exists()
 
@@ -197,14 +276,30 @@ def test_full_fine_tuning_sharded_over_two_gpus_follows_the_one_gpu_loss_curve(t
 def test_deepspeed_on_one_gpu_trains_bf16_with_float32_master_weights(tiny_model, stage_data, tmp_path, launch_config):
     """A one-process DeepSpeed launch on a GPU (NCCL, DeepSpeed's bf16 optimizer path) against the
     plain one-GPU float32 run: near the same curve, float32 weights in final/."""
-    common = (f"model.name_or_path={tiny_model}", f"data.path={stage_data['sft']}", "data.eval_fraction=0.2", "model.device=cuda",
-              "model.dtype=float32", "train.max_steps=6", "train.batch_size=2", "train.grad_accum=2", "train.lr=1e-3",
-              "lora.enabled=false", "generation.num_prompts=2")
+    common = (
+        f"model.name_or_path={tiny_model}",
+        f"data.path={stage_data['sft']}",
+        "data.eval_fraction=0.2",
+        "model.device=cuda",
+        "model.dtype=float32",
+        "train.max_steps=6",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.lr=1e-3",
+        "lora.enabled=false",
+        "generation.num_prompts=2",
+    )
     launch(1, "sft", *common, f"train.output_dir={tmp_path / 'plain'}")
-    done = accelerate_launch(1, ["sft", *settings("train.trackers=[]", *common, f"train.output_dir={tmp_path / 'zero'}")],
-                             launch_config, ("--mixed_precision", "bf16"))
+    done = accelerate_launch(
+        1,
+        ["sft", *settings("train.trackers=[]", *common, f"train.output_dir={tmp_path / 'zero'}")],
+        launch_config,
+        ("--mixed_precision", "bf16"),
+    )
     assert done.returncode == 0, failure_report(done.stderr)
     assert logged(tmp_path / "zero") == pytest.approx(logged(tmp_path / "plain"), rel=2e-2)
     from safetensors.torch import load_file
 
-    assert {t.dtype for t in load_file(str(tmp_path / "zero" / "final" / "model.safetensors")).values()} == {torch.float32}
+    assert {t.dtype for t in load_file(str(tmp_path / "zero" / "final" / "model.safetensors")).values()} == {
+        torch.float32
+    }

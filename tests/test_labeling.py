@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import QUESTIONS, write_jsonl
 from rlhfkit.cli import main
 from rlhfkit.config.loading import load_config
 from rlhfkit.data.kinds import preference_examples
@@ -17,7 +17,7 @@ from rlhfkit.labeling.commands import export_preferences
 from rlhfkit.labeling.store import SCHEMA, SCHEMA_VERSION, LabelStore, SubmissionConflict
 from rlhfkit.stages import reward
 
-PROMPTS = ["Why is the sky blue?", "What is the sun?", "How does ice form?", "What is a magnet?"]
+PROMPTS = QUESTIONS[:4]
 
 
 def filled_store(path, required=1):
@@ -63,7 +63,7 @@ def test_parallel_writers_store_every_judgement_exactly_once(tmp_path):
         local = LabelStore(path)  # one connection per thread, as the server has
         try:
             for pair_id in range(1, len(PROMPTS) + 1):
-                for attempt in range(3):  # every submission is sent three times
+                for _ in range(3):  # every submission is sent three times
                     local.submit(pair_id, annotator_id, "a", left="a", submission_id=f"{annotator_id}-{pair_id}")
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
@@ -80,10 +80,19 @@ def test_parallel_writers_store_every_judgement_exactly_once(tmp_path):
     assert rows == (4 * len(PROMPTS), 4 * len(PROMPTS))
 
 
-@pytest.mark.parametrize("choices, label", [
-    (["a", "a", "b"], "a"), (["b"], "b"), (["a", "b"], None), (["a", "tie", "tie"], "a"),
-    (["both_bad", "both_bad", "a"], None), (["both_bad", "a", "a"], "a"), (["tie"], None), ([], None),
-])
+@pytest.mark.parametrize(
+    "choices, label",
+    [
+        (["a", "a", "b"], "a"),
+        (["b"], "b"),
+        (["a", "b"], None),
+        (["a", "tie", "tie"], "a"),
+        (["both_bad", "both_bad", "a"], None),
+        (["both_bad", "a", "a"], "a"),
+        (["tie"], None),
+        ([], None),
+    ],
+)
 def test_majority_rule(choices, label):
     assert majority_label(choices) == label
 
@@ -115,16 +124,32 @@ def test_export_holds_exactly_the_majority_labels_and_trains_a_reward_model(tmp_
     stats = export_preferences(str(path), str(tmp_path / "prefs.jsonl"))
     assert (stats["exported"], stats["no_majority"], stats["too_few_votes"]) == (1, 2, 1)
     (row,) = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
-    assert row["chosen"] == "A clear answer 0." and row["rejected"] == "No idea 0." and row["votes"] == {"alice": "a", "bob": "a"}
-    assert json.loads((tmp_path / "prefs.jsonl.stats.json").read_text())["agreement"]["percent_agreement"] == pytest.approx(2 / 3)
+    assert (
+        row["chosen"] == "A clear answer 0."
+        and row["rejected"] == "No idea 0."
+        and row["votes"] == {"alice": "a", "bob": "a"}
+    )
+    assert json.loads((tmp_path / "prefs.jsonl.stats.json").read_text())["agreement"][
+        "percent_agreement"
+    ] == pytest.approx(2 / 3)
 
     # With min_votes 1 every pair with a winner is exported; that file trains a reward model unchanged.
     assert main(["label", "export", str(path), str(tmp_path / "all.jsonl"), "--min-votes", "1"]) == 0
     examples, _ = preference_examples(read_rows(str(tmp_path / "all.jsonl")))
     assert len(examples) == 2 and examples[0].prompt == ({"role": "user", "content": "Why is the sky blue?"},)
-    config = load_config("reward", None, [f"model.name_or_path={tiny_model}", f"data.path={tmp_path / 'all.jsonl'}",
-                                          "data.eval_fraction=0", f"train.output_dir={tmp_path / 'rm'}", "train.trackers=[]",
-                                          "train.max_steps=2", "train.batch_size=2"])
+    config = load_config(
+        "reward",
+        None,
+        [
+            f"model.name_or_path={tiny_model}",
+            f"data.path={tmp_path / 'all.jsonl'}",
+            "data.eval_fraction=0",
+            f"train.output_dir={tmp_path / 'rm'}",
+            "train.trackers=[]",
+            "train.max_steps=2",
+            "train.batch_size=2",
+        ],
+    )
     reward.run(config)
     assert (tmp_path / "rm" / "final").is_dir()
 
@@ -132,8 +157,24 @@ def test_export_holds_exactly_the_majority_labels_and_trains_a_reward_model(tmp_
 def test_generate_judge_and_export_with_the_cli(tmp_path, tiny_model, tiny_reward_model, capsys):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in PROMPTS])
     store = tmp_path / "labels.db"
-    assert main(["label", "generate", str(store), "--model", str(tiny_model), "--prompts", str(prompts),
-                 "--max-new-tokens", "8", "--temperature", "1.0"]) == 0
+    assert (
+        main(
+            [
+                "label",
+                "generate",
+                str(store),
+                "--model",
+                str(tiny_model),
+                "--prompts",
+                str(prompts),
+                "--max-new-tokens",
+                "8",
+                "--temperature",
+                "1.0",
+            ]
+        )
+        == 0
+    )
     pair_count = len(LabelStore(store).pair_ids())
     assert 1 <= pair_count <= len(PROMPTS)
     pair = LabelStore(store).pair(1)
@@ -147,7 +188,10 @@ def test_generate_judge_and_export_with_the_cli(tmp_path, tiny_model, tiny_rewar
     assert main(["label", "export", str(store), str(tmp_path / "judge.jsonl"), "--from", "judge"]) == 0
     assert main(["label", "export", str(store), str(tmp_path / "human.jsonl")]) == 0
     assert (tmp_path / "human.jsonl").read_text() == ""  # carol has labelled nothing yet
-    assert main(["label", "generate", str(store), "--model", str(tiny_model), "--prompts", str(tmp_path / "absent.jsonl")]) == 2
+    assert (
+        main(["label", "generate", str(store), "--model", str(tiny_model), "--prompts", str(tmp_path / "absent.jsonl")])
+        == 2
+    )
     assert main(["label", "export", str(tmp_path / "absent.db"), str(tmp_path / "x.jsonl")]) == 2
 
 
@@ -159,7 +203,11 @@ def test_llm_judge_asks_in_both_orders_so_swapping_the_answers_mirrors_its_verdi
 
     tokenizer = load_tokenizer(resolve(str(tiny_model)))
     model = load_causal_lm(resolve(str(tiny_model)), ModelSettings(), torch.float32).eval()
-    prompts, first, second = ["Why is the sky blue?", "What is the sun?"], ["Light scatters.", "A star."], ["No idea.", "Go away, it is hot."]
+    prompts, first, second = (
+        ["Why is the sky blue?", "What is the sun?"],
+        ["Light scatters.", "A star."],
+        ["No idea.", "Go away, it is hot."],
+    )
     forward = llm_preferences(model, tokenizer, prompts, first, second)
     backward = llm_preferences(model, tokenizer, prompts, second, first)
     assert all(0 <= p <= 1 for p in forward)
@@ -169,7 +217,9 @@ def test_llm_judge_asks_in_both_orders_so_swapping_the_answers_mirrors_its_verdi
 
     path = tmp_path / "labels.db"
     filled_store(path).close()
-    assert main(["label", "judge", str(path), "--llm", str(tiny_model), "--name", "tiny-judge", "--tie-margin", "0"]) == 0
+    assert (
+        main(["label", "judge", str(path), "--llm", str(tiny_model), "--name", "tiny-judge", "--tie-margin", "0"]) == 0
+    )
     judged = LabelStore(path).current_judgements(kinds=("judge",))
     assert len(judged) == len(PROMPTS) and {j.annotator for j in judged} == {"tiny-judge"}
     with pytest.raises(SystemExit):  # one judge at a time (argparse refuses both)
@@ -181,7 +231,10 @@ def test_submission_ids_are_per_annotator_and_a_reused_id_with_another_body_is_r
     alice, bob = (store.annotator_for_token(store.add_annotator(name))[0] for name in ("alice", "bob"))
     assert store.submit(1, alice, "a", left="a", submission_id="same-id") is True
     assert store.submit(2, bob, "b", left="a", submission_id="same-id") is True  # Bob's own id, not Alice's
-    assert {(j.pair_id, j.annotator, j.choice) for j in store.current_judgements()} == {(1, "alice", "a"), (2, "bob", "b")}
+    assert {(j.pair_id, j.annotator, j.choice) for j in store.current_judgements()} == {
+        (1, "alice", "a"),
+        (2, "bob", "b"),
+    }
     with pytest.raises(SubmissionConflict, match="same-id"):
         store.submit(3, alice, "a", left="a", submission_id="same-id")
     assert store.submit(1, alice, "a", left="a", submission_id="same-id") is False  # the identical retry
@@ -192,7 +245,9 @@ def test_submission_ids_are_per_annotator_and_a_reused_id_with_another_body_is_r
 def test_a_store_written_with_globally_unique_submission_ids_is_upgraded_keeping_every_judgement(tmp_path):
     path = tmp_path / "old.db"
     old = sqlite3.connect(path)
-    old.executescript(SCHEMA + """
+    old.executescript(
+        SCHEMA
+        + """
         CREATE TABLE judgements (
             id INTEGER PRIMARY KEY, pair_id INTEGER NOT NULL REFERENCES pairs(id),
             annotator_id INTEGER NOT NULL REFERENCES annotators(id),
@@ -205,7 +260,8 @@ def test_a_store_written_with_globally_unique_submission_ids_is_upgraded_keeping
         INSERT INTO pairs VALUES (1, 1, 1, 2, 1);
         INSERT INTO annotators VALUES (1, 'alice', 'human', NULL, 't'), (2, 'bob', 'human', NULL, 't');
         INSERT INTO judgements VALUES (1, 1, 1, 'a', '', 'a', 's1', NULL, 't'), (2, 1, 1, 'b', 'ok', 'b', 's2', 1, 't');
-    """)
+    """
+    )
     old.close()
     store = LabelStore(path)
     assert store.history(1, 1) == ["a", "b"]

@@ -59,25 +59,34 @@ def test_tokens_isolation_and_idempotent_submissions(store_with_people):
     assert first.json()["stored"] is True and again.json()["stored"] is False and again.json()["progress"]["done"] == 1
     (mine,) = client.get("/api/judgements", headers=auth(tokens["alice"])).json()
     alice_id = LabelStore(path).annotator_for_token(tokens["alice"])[0]
-    assert mine["choice"] == left_response(alice_id, 1) and mine["left"] == left_response(alice_id, 1) and mine["comment"] == "clear"
+    assert (
+        mine["choice"] == left_response(alice_id, 1)
+        and mine["left"] == left_response(alice_id, 1)
+        and mine["comment"] == "clear"
+    )
     # Bob sees none of Alice's labels, and his judgement of the same pair leaves hers as it was.
     assert client.get("/api/judgements", headers=auth(tokens["bob"])).json() == []
-    assert client.get("/api/next", headers=auth(tokens["bob"])).json()["pair_id"] == 2  # pairs short of judgements first
+    assert (
+        client.get("/api/next", headers=auth(tokens["bob"])).json()["pair_id"] == 2
+    )  # pairs short of judgements first
     client.post("/api/judgements", json=submission(1, "tie"), headers=auth(tokens["bob"]))
     assert client.get("/api/judgements", headers=auth(tokens["alice"])).json() == [mine]
     assert client.get("/api/next", headers=auth(tokens["alice"])).json()["pair_id"] == 2
 
 
-@pytest.mark.parametrize("request_kwargs, status", [
-    ({"json": submission(99, "left")}, 404),
-    ({"json": submission(1, "A")}, 422),
-    ({"json": {"pair_id": 1, "choice": "left"}}, 422),  # no submission id
-    ({"json": submission(1, "left", extra="x")}, 422),
-    ({"json": submission(1, "left", comment="x" * 2001)}, 422),
-    ({"json": {**submission(1, "left"), "submission_id": "../../x"}}, 422),
-    ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 422),
-    ({"content": b"x" * 20_000, "headers": {"Content-Type": "application/json"}}, 413),
-])
+@pytest.mark.parametrize(
+    "request_kwargs, status",
+    [
+        ({"json": submission(99, "left")}, 404),
+        ({"json": submission(1, "A")}, 422),
+        ({"json": {"pair_id": 1, "choice": "left"}}, 422),  # no submission id
+        ({"json": submission(1, "left", extra="x")}, 422),
+        ({"json": submission(1, "left", comment="x" * 2001)}, 422),
+        ({"json": {**submission(1, "left"), "submission_id": "../../x"}}, 422),
+        ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 422),
+        ({"content": b"x" * 20_000, "headers": {"Content-Type": "application/json"}}, 413),
+    ],
+)
 def test_bad_requests_get_4xx_never_500(store_with_people, request_kwargs, status):
     path, tokens = store_with_people
     client = TestClient(create_app(path), raise_server_exceptions=False)
@@ -96,7 +105,9 @@ class LiveServer:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(create_app(path), host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(path), host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
@@ -115,7 +126,9 @@ def test_parallel_clients_store_every_judgement_exactly_once(tmp_path):
     path = tmp_path / "labels.db"
     store = LabelStore(path, create=True)
     for index in range(12):
-        store.add_candidates(({"role": "user", "content": f"Question {index}?"},), [("m", f"yes {index}"), ("m", f"no {index}")])
+        store.add_candidates(
+            ({"role": "user", "content": f"Question {index}?"},), [("m", f"yes {index}"), ("m", f"no {index}")]
+        )
     tokens = [store.add_annotator(f"annotator{i}") for i in range(4)]
     store.close()
 
@@ -132,13 +145,18 @@ def test_parallel_clients_store_every_judgement_exactly_once(tmp_path):
     assert len(judgements) == 4 * 12 and len({(j.pair_id, j.annotator) for j in judgements}) == 4 * 12
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"
+)
 def test_label_in_a_real_browser_by_click_and_keyboard(store_with_people, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     path, tokens = store_with_people
     with LiveServer(path) as url, playwright.sync_playwright() as driver:
-        browser = driver.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = driver.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         # A slow network: the next pair arrives 0.3 s after a judgement is saved, the window in
         # which a key press used to be dropped (CI once saw "2 / 5" and pressed "2" too early).
@@ -189,4 +207,5 @@ def test_two_annotators_may_use_the_same_submission_id_and_a_reused_id_for_anoth
     conflict = client.post("/api/judgements", json={**body, "choice": "tie"}, headers=auth(tokens["alice"]))
     assert conflict.status_code == 409 and "shared-id-1" in conflict.json()["detail"]
     assert client.get("/api/judgements", headers=auth(tokens["alice"])).json()[0]["choice"] == left_response(
-        LabelStore(path).annotator_for_token(tokens["alice"])[0], 1)
+        LabelStore(path).annotator_for_token(tokens["alice"])[0], 1
+    )

@@ -21,7 +21,9 @@ def test_bradley_terry_by_hand():
     # with margin 0.5: -log σ(0.5) = 0.474077;  centring η=0.1 adds 0.1 * (2 + 1)^2 = 0.9
     chosen, rejected = torch.tensor([2.0]), torch.tensor([1.0])
     assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
-    assert bradley_terry_loss(chosen, rejected, torch.tensor([0.5])).item() == pytest.approx(-math.log(sigmoid(0.5)), abs=1e-6)
+    assert bradley_terry_loss(chosen, rejected, torch.tensor([0.5])).item() == pytest.approx(
+        -math.log(sigmoid(0.5)), abs=1e-6
+    )
     assert bradley_terry_loss(chosen, rejected, center_coef=0.1).item() == pytest.approx(0.313262 + 0.9, abs=1e-5)
 
 
@@ -94,19 +96,35 @@ def trl_dpo_loss(loss_type, policy_chosen, policy_rejected, ref_chosen, ref_reje
         training = True
 
         def __call__(self, **kwargs):
-            return types.SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros,
-                                         log_sum_sq_probs=zeros, is_top1=zeros.bool())
+            return types.SimpleNamespace(
+                log_probs=per_token, entropy=zeros, mean_logits=zeros, log_sum_sq_probs=zeros, is_top1=zeros.bool()
+            )
 
     model = StandIn()
     identity = lambda x: x  # noqa: E731
     trainer = types.SimpleNamespace(
-        model=model, accelerator=types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=identity, gather=identity),
-        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=0.0, use_weighting=False,
-        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+        model=model,
+        accelerator=types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=identity, gather=identity),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=0.0,
+        use_weighting=False,
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
     )
-    inputs = {"input_ids": torch.ones(2 * pairs, width, dtype=torch.long), "attention_mask": torch.ones(2 * pairs, width, dtype=torch.long),
-              "completion_mask": completion_mask, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    inputs = {
+        "input_ids": torch.ones(2 * pairs, width, dtype=torch.long),
+        "attention_mask": torch.ones(2 * pairs, width, dtype=torch.long),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected,
+    }
     return DPOTrainer._compute_loss(trainer, model, inputs, False)
 
 
@@ -116,8 +134,12 @@ def test_matches_trl_on_the_same_tensors(loss_type):
     torch.manual_seed(0)
     policy_chosen, policy_rejected, ref_chosen, ref_rejected = (torch.randn(6) * 4 - 20 for _ in range(4))
     chosen_len, rejected_len = torch.tensor([3.0, 5, 7, 2, 9, 4]), torch.tensor([4.0, 6, 1, 8, 3, 5])
-    ours = dpo_family_loss(loss_type, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, beta=0.1)
-    theirs = trl_dpo_loss(loss_type.value, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, 0.1)
+    ours = dpo_family_loss(
+        loss_type, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, beta=0.1
+    )
+    theirs = trl_dpo_loss(
+        loss_type.value, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, 0.1
+    )
     assert ours.mean().item() == pytest.approx(theirs.item(), rel=1e-5)
 
 
@@ -127,7 +149,11 @@ def test_token_logprobs_and_sequence_sums():
     weight = torch.randn(20, 8)
     targets = torch.tensor([3, IGNORE_INDEX, 5, 9, IGNORE_INDEX, 1, 0])
     chunked = target_token_logprobs(hidden, weight, targets, chunk_size=2)
-    full = torch.log_softmax(hidden @ weight.T, dim=-1)[targets != IGNORE_INDEX].gather(1, targets[targets != IGNORE_INDEX][:, None]).squeeze(1)
+    full = (
+        torch.log_softmax(hidden @ weight.T, dim=-1)[targets != IGNORE_INDEX]
+        .gather(1, targets[targets != IGNORE_INDEX][:, None])
+        .squeeze(1)
+    )
     torch.testing.assert_close(chunked, full)
     (grad_chunked,) = torch.autograd.grad(chunked.sum(), hidden)
     (grad_full,) = torch.autograd.grad(full.sum(), hidden)

@@ -7,20 +7,31 @@ from scripts.mawps_worked_answers import main, worked_answer
 
 
 def test_worked_answers_by_hand():
-    assert worked_answer("Jose starts with 7 bottle caps. He gets 2 more. How many?", 9.0) == "7 + 2 = 9. The answer is 9."
-    assert worked_answer("Joan had 70 seashells and gave some away. She has 27 left. How many did she give?", 43.0) == \
-        "70 - 27 = 43. The answer is 43."
+    assert (
+        worked_answer("Jose starts with 7 bottle caps. He gets 2 more. How many?", 9.0) == "7 + 2 = 9. The answer is 9."
+    )
+    assert (
+        worked_answer("Joan had 70 seashells and gave some away. She has 27 left. How many did she give?", 43.0)
+        == "70 - 27 = 43. The answer is 43."
+    )
     assert worked_answer("12 cookies are shared by 4 children. How many each?", 3.0) == "12 / 4 = 3. The answer is 3."
-    assert worked_answer("A box holds 1,200 nails; 2.5 boxes hold how many?", 3000.0) == "1200 * 2.5 = 3000. The answer is 3000."
+    assert (
+        worked_answer("A box holds 1,200 nails; 2.5 boxes hold how many?", 3000.0)
+        == "1200 * 2.5 = 3000. The answer is 3000."
+    )
     assert worked_answer("Tom has 3 apples and 5 pears.", 100.0) is None
 
 
 def test_only_the_grpo_training_problems_are_used(tmp_path):
-    problems = [{"input": f"Ann has {n} apples and gets {n + 1} more. How many?", "target": 2 * n + 1} for n in range(20)]
+    problems = [
+        {"input": f"Ann has {n} apples and gets {n + 1} more. How many?", "target": 2 * n + 1} for n in range(20)
+    ]
     data = write_jsonl(tmp_path / "problems.jsonl", problems)
     config = tmp_path / "grpo.yaml"
-    config.write_text(f"grpo:\n  model: {{name_or_path: smollm2-135m-instruct}}\n  data: {{path: {data}, columns: {{prompt: input, answer: target}}, "
-                      "eval_fraction: 0.25, system_prompt: 'Answer.'}\n  reward: {function: rlhfkit.reward_functions:numeric_answer}\n")
+    config.write_text(
+        f"grpo:\n  model: {{name_or_path: smollm2-135m-instruct}}\n  data: {{path: {data}, columns: {{prompt: input, answer: target}}, "
+        "eval_fraction: 0.25, system_prompt: 'Answer.'}\n  reward: {function: rlhfkit.reward_functions:numeric_answer}\n"
+    )
     output = tmp_path / "worked.jsonl"
     assert main(["--grpo-config", str(config), "--output", str(output)]) == 0
     rows = [json.loads(line) for line in output.read_text().splitlines()]

@@ -57,7 +57,9 @@ def test_packed_attention_matches_a_block_diagonal_mask():
     output, _ = packed_sdpa_attention(module, query, key, value, None, **kwargs)
     segment = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))
     mask = (segment[:, None] == segment[None, :]) & torch.ones(17, 17, dtype=torch.bool).tril()
-    expected = F.scaled_dot_product_attention(query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=mask)
+    expected = F.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=mask
+    )
     torch.testing.assert_close(output, expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
     # The boundaries also come as host integers (no per-layer device sync); the device edges alone give the same.
     assert kwargs["shared_prompt_groups"] == [(0, 5, []), (5, 6, []), (6, 14, []), (14, 17, [])]
@@ -83,12 +85,18 @@ def test_shared_prompt_attention_matches_separate_prompt_response_sequences():
     for prompt_start, prompt_end, responses in layout:
         prompt = list(range(prompt_start, prompt_end))
         if prompt:
-            expected = F.scaled_dot_product_attention(query[:, :, prompt], key[:, :, prompt], value[:, :, prompt], is_causal=True)
+            expected = F.scaled_dot_product_attention(
+                query[:, :, prompt], key[:, :, prompt], value[:, :, prompt], is_causal=True
+            )
             torch.testing.assert_close(output[:, prompt], expected.transpose(1, 2), rtol=1e-5, atol=1e-6)
         for start, end in responses:  # the separate sequence prompt + this response
             sequence = prompt + list(range(start, end))
-            expected = F.scaled_dot_product_attention(query[:, :, sequence], key[:, :, sequence], value[:, :, sequence], is_causal=True)
-            torch.testing.assert_close(output[:, start:end], expected.transpose(1, 2)[:, len(prompt) :], rtol=1e-5, atol=1e-6)
+            expected = F.scaled_dot_product_attention(
+                query[:, :, sequence], key[:, :, sequence], value[:, :, sequence], is_causal=True
+            )
+            torch.testing.assert_close(
+                output[:, start:end], expected.transpose(1, 2)[:, len(prompt) :], rtol=1e-5, atol=1e-6
+            )
 
 
 def test_models_load_with_packed_attention_and_packed_loss_equals_separate_losses(tiny_model, tmp_path):

@@ -5,15 +5,13 @@ import json
 import pytest
 import torch
 
-from conftest import write_jsonl
+from conftest import QUESTIONS, write_jsonl
 from rlhfkit.cli import main
 from rlhfkit.config.loading import load_config
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.models import ModelSettings, load_causal_lm, load_tokenizer, resolve
 from rlhfkit.stages import grpo, ppo, trpo
 
-QUESTIONS = ["Why is the sky blue?", "What is the sun?", "How does ice form?", "What is a magnet?",
-             "Why does the moon move?", "What is sound?", "How do plants eat?", "What is a star?"]
 TARGET = "Why"
 
 REWARD_SOURCE = f'''
@@ -70,27 +68,62 @@ def target_liking_model(tiny_model, tmp_path_factory):
 
 
 def rl_config(stage, model, prompts, reward, output_dir, *overrides):
-    return load_config(stage, None, [
-        f"model.name_or_path={model}", f"data.path={prompts}", "data.eval_fraction=0.25", f"reward.function={reward}:target_count",
-        f"train.output_dir={output_dir}", "train.trackers=[]", "train.batch_size=16", "lora.dropout=0.0", "train.lr=2e-2",
-        "rollout.prompts_per_step=8", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=6", "rollout.temperature=1.0",
-        "eval.num_prompts=4", "eval.samples_per_prompt=16", *overrides,
-    ])
+    return load_config(
+        stage,
+        None,
+        [
+            f"model.name_or_path={model}",
+            f"data.path={prompts}",
+            "data.eval_fraction=0.25",
+            f"reward.function={reward}:target_count",
+            f"train.output_dir={output_dir}",
+            "train.trackers=[]",
+            "train.batch_size=16",
+            "lora.dropout=0.0",
+            "train.lr=2e-2",
+            "rollout.prompts_per_step=8",
+            "rollout.samples_per_prompt=4",
+            "rollout.max_new_tokens=6",
+            "rollout.temperature=1.0",
+            "eval.num_prompts=4",
+            "eval.samples_per_prompt=16",
+            *overrides,
+        ],
+    )
 
 
 def metrics_steps(overrides):
     return next(int(o.split("=")[1]) for o in overrides if o.startswith("train.max_steps="))
 
 
-@pytest.mark.parametrize("stage, module, extra", [
-    # PPO's critic starts untrained, so its advantages are noisy at first: more steps, smaller ones.
-    ("ppo", ppo, ["train.max_steps=16", "ppo.kl_coef=0.01", "ppo.epochs=4", "ppo.minibatch_size=16", "train.lr=3e-3"]),
-    ("ppo", ppo, ["train.max_steps=16", "ppo.kl_coef=0.01", "ppo.epochs=4", "ppo.minibatch_size=16", "train.lr=3e-3",
-                  "ppo.critic=head"]),
-    ("grpo", grpo, ["train.max_steps=12", "grpo.beta=0.0"]),
-    ("trpo", trpo, ["train.max_steps=12", "trpo.max_kl=0.05"]),
-])
-def test_rewarding_one_token_makes_it_more_likely(target_liking_model, prompt_file, reward_file, tmp_path, stage, module, extra):
+@pytest.mark.parametrize(
+    "stage, module, extra",
+    [
+        # PPO's critic starts untrained, so its advantages are noisy at first: more steps, smaller ones.
+        (
+            "ppo",
+            ppo,
+            ["train.max_steps=16", "ppo.kl_coef=0.01", "ppo.epochs=4", "ppo.minibatch_size=16", "train.lr=3e-3"],
+        ),
+        (
+            "ppo",
+            ppo,
+            [
+                "train.max_steps=16",
+                "ppo.kl_coef=0.01",
+                "ppo.epochs=4",
+                "ppo.minibatch_size=16",
+                "train.lr=3e-3",
+                "ppo.critic=head",
+            ],
+        ),
+        ("grpo", grpo, ["train.max_steps=12", "grpo.beta=0.0"]),
+        ("trpo", trpo, ["train.max_steps=12", "trpo.max_kl=0.05"]),
+    ],
+)
+def test_rewarding_one_token_makes_it_more_likely(
+    target_liking_model, prompt_file, reward_file, tmp_path, stage, module, extra
+):
     out = tmp_path / stage
     metrics = module.run(rl_config(stage, target_liking_model, prompt_file, reward_file, out, *extra))
     # The held-out reward is how often TARGET appears in sampled answers (same prompts and seeds
@@ -102,18 +135,32 @@ def test_rewarding_one_token_makes_it_more_likely(target_liking_model, prompt_fi
     gains = [a - b for a, b in zip(metrics["after"]["sample_rewards"], metrics["before"]["sample_rewards"])]
     assert metrics["after"]["reward_gain"] == pytest.approx(sum(gains) / len(gains))
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(log) == metrics_steps(extra) and {"train/reward_mean", "train/kl", "train/entropy", "train/length", "train/time_generation_s"} <= set(log[0])
+    assert len(log) == metrics_steps(extra) and {
+        "train/reward_mean",
+        "train/kl",
+        "train/entropy",
+        "train/length",
+        "train/time_generation_s",
+    } <= set(log[0])
     assert (out / "final" / "adapter_config.json").exists() and (out / "samples.md").exists()
     if stage == "ppo":
         assert any((out / "critic" / name).exists() for name in ("adapter_config.json", "value_head.safetensors"))
 
 
-def test_an_interrupted_ppo_run_resumes_to_the_same_policy_critic_and_kl_coefficient(tiny_model, prompt_file, reward_file, tmp_path):
+def test_an_interrupted_ppo_run_resumes_to_the_same_policy_critic_and_kl_coefficient(
+    tiny_model, prompt_file, reward_file, tmp_path
+):
     import shutil
 
     from safetensors.torch import load_file
 
-    overrides = ["train.max_steps=4", "train.save_every=2", "train.save_limit=5", "ppo.target_kl=0.5", "ppo.kl_horizon=100"]
+    overrides = [
+        "train.max_steps=4",
+        "train.save_every=2",
+        "train.save_limit=5",
+        "ppo.target_kl=0.5",
+        "ppo.kl_horizon=100",
+    ]
     straight = tmp_path / "straight"
     ppo.run(rl_config("ppo", tiny_model, prompt_file, reward_file, straight, *overrides))
     # The same run, "killed" after its step-2 checkpoint: later checkpoints and outputs removed.
@@ -123,7 +170,11 @@ def test_an_interrupted_ppo_run_resumes_to_the_same_policy_critic_and_kl_coeffic
         shutil.rmtree(resumed / path)
     (resumed / "run.json").write_text(json.dumps({"stage": "ppo", "status": "running"}))
     ppo.run(rl_config("ppo", tiny_model, prompt_file, reward_file, resumed, *overrides), resume=True)
-    for part in ["final/adapter_model.safetensors", "critic/adapter_model.safetensors", "checkpoints/step-000004/trainable.safetensors"]:
+    for part in [
+        "final/adapter_model.safetensors",
+        "critic/adapter_model.safetensors",
+        "checkpoints/step-000004/trainable.safetensors",
+    ]:
         a, b = load_file(str(straight / part)), load_file(str(resumed / part))
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), part
     state = lambda run: json.loads((run / "checkpoints/step-000004/state.json").read_text())["extra"]  # noqa: E731
@@ -133,13 +184,43 @@ def test_an_interrupted_ppo_run_resumes_to_the_same_policy_critic_and_kl_coeffic
 
 
 def test_cli_rl_errors_are_one_line_and_early(tiny_model, prompt_file, reward_file, tmp_path, capsys):
-    base = ["--set", f"model.name_or_path={tiny_model}", "--set", f"data.path={prompt_file}", "--set", "train.trackers=[]",
-            "--set", "rollout.max_new_tokens=4", "--set", "train.max_steps=1", "--set", "eval.num_prompts=2"]
-    assert main(["grpo", *base, "--set", "reward.function=nowhere.py:fn", "--set", f"train.output_dir={tmp_path / 'a'}"]) == 2
+    base = [
+        "--set",
+        f"model.name_or_path={tiny_model}",
+        "--set",
+        f"data.path={prompt_file}",
+        "--set",
+        "train.trackers=[]",
+        "--set",
+        "rollout.max_new_tokens=4",
+        "--set",
+        "train.max_steps=1",
+        "--set",
+        "eval.num_prompts=2",
+    ]
+    assert (
+        main(["grpo", *base, "--set", "reward.function=nowhere.py:fn", "--set", f"train.output_dir={tmp_path / 'a'}"])
+        == 2
+    )
     assert "reward.function 'nowhere.py:fn': file nowhere.py does not exist" in capsys.readouterr().err
-    assert main(["grpo", *base, "--set", "rollout.samples_per_prompt=1", "--set", f"train.output_dir={tmp_path / 'b'}"]) == 2
+    assert (
+        main(["grpo", *base, "--set", "rollout.samples_per_prompt=1", "--set", f"train.output_dir={tmp_path / 'b'}"])
+        == 2
+    )
     assert "samples_per_prompt must be at least 2" in capsys.readouterr().err
-    assert main(["ppo", *base, "--set", f"reward.function={reward_file}:broken", "--set", f"train.output_dir={tmp_path / 'c'}"]) == 2
+    assert (
+        main(
+            [
+                "ppo",
+                *base,
+                "--set",
+                f"reward.function={reward_file}:broken",
+                "--set",
+                f"train.output_dir={tmp_path / 'c'}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "my_rewards.py:broken returned nan for sample 0" in err and "Traceback" not in err
     assert main(["trpo", "--print-config", "--set", "trpo.max_kl=0.02"]) == 0
@@ -160,7 +241,9 @@ def test_uneven_splits_over_processes_are_named(tiny_model, prompt_file, reward_
 
 
 @pytest.mark.parametrize("kl_check", ["batch", "fisher"])
-def test_trpo_line_search_measures_the_kl_on_the_whole_batch(target_liking_model, prompt_file, reward_file, tmp_path, monkeypatch, kl_check):
+def test_trpo_line_search_measures_the_kl_on_the_whole_batch(
+    target_liking_model, prompt_file, reward_file, tmp_path, monkeypatch, kl_check
+):
     """The realised KL(old ‖ new) over every response position of the batch, computed here from the
     parameters before and after each step, is the KL the line search held to δ (`kl_check: batch`).
     Measured on one Fisher sequence only (`kl_check: fisher`), it understates how far the rest of
@@ -187,9 +270,22 @@ def test_trpo_line_search_measures_the_kl_on_the_whole_batch(target_liking_model
 
     monkeypatch.setattr(trpo.TRPO, "natural_step", measured_step)
     max_kl = 0.05
-    trpo.run(rl_config("trpo", target_liking_model, prompt_file, reward_file, tmp_path / kl_check, "train.max_steps=4",
-                       f"trpo.max_kl={max_kl}", "trpo.fisher_samples=1", "trpo.cg_damping=0.001", f"trpo.kl_check={kl_check}",
-                       "eval.num_prompts=1", "eval.samples_per_prompt=2"))
+    trpo.run(
+        rl_config(
+            "trpo",
+            target_liking_model,
+            prompt_file,
+            reward_file,
+            tmp_path / kl_check,
+            "train.max_steps=4",
+            f"trpo.max_kl={max_kl}",
+            "trpo.fisher_samples=1",
+            "trpo.cg_damping=0.001",
+            f"trpo.kl_check={kl_check}",
+            "eval.num_prompts=1",
+            "eval.samples_per_prompt=2",
+        )
+    )
     assert len(realised) == 4 and max(realised) > 0
     if kl_check == "batch":
         assert realised == pytest.approx(checked, rel=1e-3, abs=1e-6) and max(realised) <= max_kl
@@ -197,12 +293,17 @@ def test_trpo_line_search_measures_the_kl_on_the_whole_batch(target_liking_model
         assert any(batch > 2 * fisher for batch, fisher in zip(realised, checked)), (realised, checked)
 
 
-@pytest.mark.parametrize("launch, how", [("ACCELERATE_USE_FSDP", r"sharded \(FSDP\)"), ("ACCELERATE_USE_DEEPSPEED", "under DeepSpeed")])
-@pytest.mark.parametrize("stage, module, extra, refusal", [
-    ("trpo", trpo, [], "trpo does not run {how}"),
-    ("grpo", grpo, ["lora.enabled=false"], "grpo {how} needs LoRA"),
-    ("ppo", ppo, ["rollout.engine=vllm"], "rollout.engine: vllm does not run with a policy {how}"),
-])
+@pytest.mark.parametrize(
+    "launch, how", [("ACCELERATE_USE_FSDP", r"sharded \(FSDP\)"), ("ACCELERATE_USE_DEEPSPEED", "under DeepSpeed")]
+)
+@pytest.mark.parametrize(
+    "stage, module, extra, refusal",
+    [
+        ("trpo", trpo, [], "trpo does not run {how}"),
+        ("grpo", grpo, ["lora.enabled=false"], "grpo {how} needs LoRA"),
+        ("ppo", ppo, ["rollout.engine=vllm"], "rollout.engine: vllm does not run with a policy {how}"),
+    ],
+)
 def test_rl_stages_refuse_what_cannot_run_sharded_before_loading(
     tiny_model, prompt_file, reward_file, tmp_path, monkeypatch, stage, module, extra, refusal, launch, how
 ):
@@ -227,7 +328,9 @@ def test_trpo_line_search_reads_the_sampled_tokens_log_probs_from_the_full_distr
     source = resolve(str(tiny_model))
     tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)
     settings = RolloutSettings(max_new_tokens=5, temperature=0.7)
-    rollout = sample_rollout(model, tokenizer, ["Why is the sky blue?", "What is a magnet?"], settings, 2, 64, seeds=[1, 2, 3, 4])
+    rollout = sample_rollout(
+        model, tokenizer, ["Why is the sky blue?", "What is a magnet?"], settings, 2, 64, seeds=[1, 2, 3, 4]
+    )
     rollout.response_mask[0, 2:] = 0  # as if row 0 had stopped after 2 tokens: its padding reads 0
     with torch.no_grad():
         expected, _ = response_logprobs(model, rollout, 0.7)

@@ -11,14 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import write_jsonl
+from conftest import QUESTIONS, write_jsonl
 from rlhfkit.cli import main
 from rlhfkit.config.loading import load_config, load_pipeline
 from rlhfkit.errors import ConfigError
 from rlhfkit.pipeline import stage_status
-
-QUESTIONS = ["Why is the sky blue?", "What is the sun?", "How does ice form?", "What is a magnet?",
-             "Why does the moon move?", "What is sound?", "How do plants eat?", "What is a star?"]
 
 
 @pytest.fixture()
@@ -26,24 +23,47 @@ def pipeline_file(tmp_path, tiny_model, sft_rows, text_rows):
     """A five-stage pipeline (pretrain, sft, reward, grpo rewarded by the reward model, evaluate) on the tiny model."""
     texts = write_jsonl(tmp_path / "corpus.jsonl", text_rows)
     sft = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
-    prefs = write_jsonl(tmp_path / "prefs.jsonl", [
-        {"prompt": r["prompt"], "chosen": r["completion"], "rejected": "No idea, go away."} for r in sft_rows])
+    prefs = write_jsonl(
+        tmp_path / "prefs.jsonl",
+        [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "No idea, go away."} for r in sft_rows],
+    )
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS * 2])
     common = {"lora": {"dropout": 0.0}}
     config = {
-        "pipeline": {"output_dir": str(tmp_path / "run"), "model": str(tiny_model),
-                     "stages": ["pretrain", "sft", "reward", "grpo", "evaluate"]},
-        "pretrain": {**common, "data": {"path": str(texts), "max_length": 32},
-                     "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "trackers": [], "save_every": 1}},
-        "sft": {**common, "data": {"path": str(sft), "eval_fraction": 0.25, "max_length": 96},
-                "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "trackers": []}, "generation": {"num_prompts": 2, "max_new_tokens": 4}},
-        "reward": {**common, "data": {"path": str(prefs), "eval_fraction": 0.25, "max_length": 96},
-                   "train": {"max_steps": 3, "batch_size": 4, "lr": 3e-3, "trackers": []}},
-        "grpo": {**common, "data": {"path": str(prompts), "eval_fraction": 0.25},
-                 "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 4},
-                 "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "trackers": []}, "eval": {"num_prompts": 2}},
-        "evaluate": {"num_prompts": 3, "samples_per_prompt": 2, "sampling": {"max_new_tokens": 5},
-                     "extra_prompts": ["Explain quantum computing to a 10-year-old."]},
+        "pipeline": {
+            "output_dir": str(tmp_path / "run"),
+            "model": str(tiny_model),
+            "stages": ["pretrain", "sft", "reward", "grpo", "evaluate"],
+        },
+        "pretrain": {
+            **common,
+            "data": {"path": str(texts), "max_length": 32},
+            "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "trackers": [], "save_every": 1},
+        },
+        "sft": {
+            **common,
+            "data": {"path": str(sft), "eval_fraction": 0.25, "max_length": 96},
+            "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "trackers": []},
+            "generation": {"num_prompts": 2, "max_new_tokens": 4},
+        },
+        "reward": {
+            **common,
+            "data": {"path": str(prefs), "eval_fraction": 0.25, "max_length": 96},
+            "train": {"max_steps": 3, "batch_size": 4, "lr": 3e-3, "trackers": []},
+        },
+        "grpo": {
+            **common,
+            "data": {"path": str(prompts), "eval_fraction": 0.25},
+            "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 4},
+            "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "trackers": []},
+            "eval": {"num_prompts": 2},
+        },
+        "evaluate": {
+            "num_prompts": 3,
+            "samples_per_prompt": 2,
+            "sampling": {"max_new_tokens": 5},
+            "extra_prompts": ["Explain quantum computing to a 10-year-old."],
+        },
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -58,7 +78,9 @@ def test_stage_configs_chain_outputs_to_inputs(pipeline_file, tiny_model, tmp_pa
     assert configs["reward"].model.name_or_path == str(run / "sft")
     assert configs["grpo"].model.name_or_path == str(run / "sft")
     assert configs["grpo"].reward.model == str(run / "reward") and configs["grpo"].reward.function is None
-    assert [configs[s].train.output_dir for s in ("pretrain", "sft", "reward", "grpo")] == [str(run / s) for s in ("pretrain", "sft", "reward", "grpo")]
+    assert [configs[s].train.output_dir for s in ("pretrain", "sft", "reward", "grpo")] == [
+        str(run / s) for s in ("pretrain", "sft", "reward", "grpo")
+    ]
     evaluate = configs["evaluate"]
     assert evaluate.models == {"base": str(tiny_model), "sft": str(run / "sft"), "grpo": str(run / "grpo")}
     assert evaluate.reward_model == str(run / "reward") and evaluate.baseline_name == "sft"
@@ -70,16 +92,19 @@ def test_stage_configs_chain_outputs_to_inputs(pipeline_file, tiny_model, tmp_pa
     assert configs["sft"].train.output_dir == str(Path("other") / "sft") and configs["sft"].train.lr == 0.5
 
 
-@pytest.mark.parametrize("override, message", [
-    ("pipeline.stages=[sft, pretrain]", "stages must run in the order"),
-    ("pipeline.stages=[sft, sft]", "listed twice"),
-    ("pipeline.stages=[]", "at least one stage"),
-    ("sft.train.lr=-1", "[sft]: train.lr"),
-    ("evaluate.baseline=nobody", "baseline: 'nobody' is not one of models"),
-    ("sftt.train.lr=1", "unknown top-level section(s) sftt"),
-    ("sft=5", "[sft]: expected a section, got int"),
-    ("pipeline.model=./no-such-model", "[pretrain]: model.name_or_path: Value error, model path does not exist"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pipeline.stages=[sft, pretrain]", "stages must run in the order"),
+        ("pipeline.stages=[sft, sft]", "listed twice"),
+        ("pipeline.stages=[]", "at least one stage"),
+        ("sft.train.lr=-1", "[sft]: train.lr"),
+        ("evaluate.baseline=nobody", "baseline: 'nobody' is not one of models"),
+        ("sftt.train.lr=1", "unknown top-level section(s) sftt"),
+        ("sft=5", "[sft]: expected a section, got int"),
+        ("pipeline.model=./no-such-model", "[pretrain]: model.name_or_path: Value error, model path does not exist"),
+    ],
+)
 def test_pipeline_config_errors_name_the_stage_and_field(pipeline_file, override, message):
     with pytest.raises(ConfigError) as error:
         load_pipeline(pipeline_file, [override])
@@ -104,7 +129,13 @@ def test_pipeline_runs_skips_and_reruns(pipeline_file, tmp_path, capsys):
     assert {"base", "sft", "grpo"} <= set(samples[0])
 
     report = (run / "report.html").read_text()
-    for text in ("What each stage did", "Models compared", "Training curves", "Side by side", "report_files/grpo-curves.png"):
+    for text in (
+        "What each stage did",
+        "Models compared",
+        "Training curves",
+        "Side by side",
+        "report_files/grpo-curves.png",
+    ):
         assert text in report
     assert (run / "report_files" / "comparison.png").stat().st_size > 1000
     assert "## Models compared" in (run / "report.md").read_text()
@@ -135,8 +166,12 @@ def test_killed_pipeline_resumes_from_the_last_checkpoint(pipeline_file, tmp_pat
     config["pretrain"]["train"]["max_steps"] = 40
     pipeline_file.write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "rlhfkit.cli", "pipeline", str(pipeline_file)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rlhfkit.cli", "pipeline", str(pipeline_file)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoints = run / "pretrain" / "checkpoints"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(checkpoints.glob("step-*"))) < 2 and process.poll() is None:
@@ -147,8 +182,13 @@ def test_killed_pipeline_resumes_from_the_last_checkpoint(pipeline_file, tmp_pat
     killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*"))
     assert killed_at < 40
 
-    result = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "pipeline", str(pipeline_file)], env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhfkit.cli", "pipeline", str(pipeline_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "pretrain: resuming" in result.stdout
     assert stage_status(run / "pretrain") == "complete" and stage_status(run / "sft") == "complete"
@@ -166,14 +206,25 @@ def test_held_out_prompts_honours_a_limit_of_zero():
     assert held_out_prompts([example] * 3, 2)[1] == ["A.", "A."]
 
 
-def test_evaluate_command_compares_models_without_a_reward_model(tiny_model, tiny_plain_model, sft_rows, tmp_path, capsys):
+def test_evaluate_command_compares_models_without_a_reward_model(
+    tiny_model, tiny_plain_model, sft_rows, tmp_path, capsys
+):
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
     config = tmp_path / "evaluate.yaml"
-    config.write_text(yaml.safe_dump({"evaluate": {
-        "models": {"first": str(tiny_model), "second": str(tiny_model), "plain": str(tiny_plain_model)},
-        "data": {"path": str(data), "eval_fraction": 0.25}, "num_prompts": 3, "sampling": {"max_new_tokens": 4}, "judge": str(tiny_model),
-        "output_dir": str(tmp_path / "eval"),
-    }}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "evaluate": {
+                    "models": {"first": str(tiny_model), "second": str(tiny_model), "plain": str(tiny_plain_model)},
+                    "data": {"path": str(data), "eval_fraction": 0.25},
+                    "num_prompts": 3,
+                    "sampling": {"max_new_tokens": 4},
+                    "judge": str(tiny_model),
+                    "output_dir": str(tmp_path / "eval"),
+                }
+            }
+        )
+    )
     assert main(["evaluate", str(config)]) == 0
     summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert summary["baseline"] == "first" and summary["reference"] == "first"
@@ -182,7 +233,9 @@ def test_evaluate_command_compares_models_without_a_reward_model(tiny_model, tin
     assert first["length"] == second["length"] and "reward_mean" not in first and "win_rate" not in second
     # The LLM judge compares each model's answers with the baseline's; identical answers are ties.
     assert second["judge_win_rate"] == 0.5 and second["judge_ties"] == 3 and "judge_win_rate" not in first
-    assert 0 <= summary["models"]["plain"]["judge_win_rate_low"] <= summary["models"]["plain"]["judge_win_rate_high"] <= 1
+    assert (
+        0 <= summary["models"]["plain"]["judge_win_rate_low"] <= summary["models"]["plain"]["judge_win_rate_high"] <= 1
+    )
     assert "| first (baseline) |" in (tmp_path / "eval" / "metrics.md").read_text()
     capsys.readouterr()
     assert main(["evaluate", str(config), "--set", "baseline=nobody"]) == 2

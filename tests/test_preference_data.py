@@ -1,7 +1,7 @@
 import pytest
 import torch
-from conftest import write_jsonl
 
+from conftest import write_jsonl
 from rlhfkit.data.batching import pack_pairs, reward_batches
 from rlhfkit.data.formatting import TokenizedPair, fit_pair
 from rlhfkit.data.kinds import preference_examples, split_shared_prefix
@@ -16,8 +16,11 @@ def examples(tmp_path, rows, on_invalid="error"):
 def test_explicit_and_conversational_rows(tmp_path):
     rows = [
         {"prompt": "Why?", "chosen": "Because.", "rejected": "No.", "margin": 1.5},
-        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hello!"}],
-         "rejected": [{"role": "assistant", "content": "Go away."}]},
+        {
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "chosen": [{"role": "assistant", "content": "Hello!"}],
+            "rejected": [{"role": "assistant", "content": "Go away."}],
+        },
     ]
     (first, second), _ = examples(tmp_path, rows)
     assert first.prompt == ({"role": "user", "content": "Why?"},) and first.margin == 1.5
@@ -27,13 +30,20 @@ def test_explicit_and_conversational_rows(tmp_path):
 def test_whole_conversations_in_chosen_and_rejected_keep_their_last_turn(tmp_path):
     """UltraFeedback-style rows: chosen/rejected repeat the prompt's turns, then the answer."""
     prompt = "What is 2 + 2?"
-    row = {"prompt": prompt,
-           "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "4"}],
-           "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "5"}]}
+    row = {
+        "prompt": prompt,
+        "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "5"}],
+    }
     (example,), _ = examples(tmp_path, [row])
     assert example.prompt == ({"role": "user", "content": prompt},) and (example.chosen, example.rejected) == ("4", "5")
-    other = {**row, "rejected": [{"role": "user", "content": "Another question"}, {"role": "assistant", "content": "5"}]}
-    with pytest.raises(DataError, match="prefs.jsonl:1: .*'rejected' holds a conversation that does not start with the row's prompt"):
+    other = {
+        **row,
+        "rejected": [{"role": "user", "content": "Another question"}, {"role": "assistant", "content": "5"}],
+    }
+    with pytest.raises(
+        DataError, match="prefs.jsonl:1: .*'rejected' holds a conversation that does not start with the row's prompt"
+    ):
         examples(tmp_path, [other])
     ends_with_user = {**row, "chosen": [{"role": "user", "content": prompt}]}
     with pytest.raises(DataError, match="prefs.jsonl:1: .*messages ending with an assistant turn"):
@@ -127,7 +137,11 @@ def test_dpo_answer_logps_and_gradients_with_shared_prompts_equal_separate_seque
     model = load_causal_lm(resolve(str(tiny_model)), ModelSettings(name_or_path=str(tiny_model)), torch.float32).eval()
     assert shares_prompts(backbone_and_head(model)[0])
     # answers that begin alike (shared beyond the prompt), a one-token answer, a one-token prompt
-    pairs = [TokenizedPair([5, 6, 7], [8, 9, 30], [8, 9, 31, 32]), TokenizedPair([11], [12], [16, 17]), TokenizedPair([18, 19], [20, 21], [22])]
+    pairs = [
+        TokenizedPair([5, 6, 7], [8, 9, 30], [8, 9, 31, 32]),
+        TokenizedPair([11], [12], [16, 17]),
+        TokenizedPair([18, 19], [20, 21], [22]),
+    ]
     results = []
     for share in (False, True):
         model.zero_grad()
@@ -148,7 +162,9 @@ def test_reward_batches_put_chosen_first_and_pad_right():
     assert batch.margins is None and batch.loss_units == 1
     wrapped = reward_batches(pairs, 4, 0, None, wrap=lambda ids: [101] + ids + [102])[0]
     assert wrapped.input_ids[0].tolist() == [101, 1, 2, 3, 102, 0]
-    assert torch.equal(reward_batches([TokenizedPair([1], [2], [3], margin=2.0)], 4, 0, None)[0].margins, torch.tensor([2.0]))
+    assert torch.equal(
+        reward_batches([TokenizedPair([1], [2], [3], margin=2.0)], 4, 0, None)[0].margins, torch.tensor([2.0])
+    )
 
 
 def test_packed_reward_batches_score_like_padded_rows(tiny_model):
@@ -158,12 +174,20 @@ def test_packed_reward_batches_score_like_padded_rows(tiny_model):
     from rlhfkit.models import load_reward_model, packs_by_position_ids, resolve
     from rlhfkit.rewards import packed_reward_forward, reward_model_forward
 
-    model = load_reward_model(resolve(str(tiny_model)), ModelSettings(name_or_path=str(tiny_model)), torch.float32).eval()
+    model = load_reward_model(
+        resolve(str(tiny_model)), ModelSettings(name_or_path=str(tiny_model)), torch.float32
+    ).eval()
     model.config.pad_token_id = 0
     assert packs_by_position_ids(model)
-    tiny_bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+    tiny_bert = BertForSequenceClassification(
+        BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    )
     assert not packs_by_position_ids(tiny_bert)  # encoders get padded rows
-    pairs = [TokenizedPair([5, 6, 7], [8, 9], [10]), TokenizedPair([11], [12, 13, 14, 15], [16, 17]), TokenizedPair([18, 19], [20], [21, 22, 23])]
+    pairs = [
+        TokenizedPair([5, 6, 7], [8, 9], [10]),
+        TokenizedPair([11], [12, 13, 14, 15], [16, 17]),
+        TokenizedPair([18, 19], [20], [21, 22, 23]),
+    ]
     [packed] = reward_batches(pairs, batch_size=3, pad_id=0, seed=None, packed=True)
     [shared] = reward_batches(pairs, batch_size=3, pad_id=0, seed=None, packed=True, share_prompts=True)
     [padded] = reward_batches(pairs, batch_size=3, pad_id=0, seed=None)
@@ -171,7 +195,9 @@ def test_packed_reward_batches_score_like_padded_rows(tiny_model):
     assert shared.input_ids.shape[1] == packed.input_ids.shape[1] - 6  # the three prompts (3 + 1 + 2 tokens) once each
     with torch.no_grad():
         from_packed = packed_reward_forward(model, packed.input_ids, packed.position_ids, packed.last_positions)
-        from_shared = packed_reward_forward(model, shared.input_ids, shared.position_ids, shared.last_positions, shared.layout)
+        from_shared = packed_reward_forward(
+            model, shared.input_ids, shared.position_ids, shared.last_positions, shared.layout
+        )
         from_padded = reward_model_forward(model, padded.input_ids, padded.attention_mask)
     torch.testing.assert_close(from_packed, from_padded, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(from_shared, from_padded, rtol=1e-4, atol=1e-5)

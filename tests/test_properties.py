@@ -19,14 +19,25 @@ from rlhfkit.data.loading import Row
 from rlhfkit.errors import ConfigError, DataError
 
 COLUMNS = ["text", "prompt", "completion", "messages", "chosen", "rejected", "answer", "role", "content", "x"]
-json_scalars = st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 5)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(["role", "content", "x"]), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(["role", "content", "x"]), children, max_size=3)
+    ),
     max_leaves=8,
 )
 messages = st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", ""]), "content": json_scalars}),
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant", "tool", ""]), "content": json_scalars}
+    ),
     max_size=4,
 )
 rows = st.lists(st.dictionaries(st.sampled_from(COLUMNS), json_values | messages, max_size=4), min_size=1, max_size=5)
@@ -47,10 +58,31 @@ def test_row_parsers_accept_or_name_the_row(parse, values, on_invalid):
 
 
 STAGES = sorted(registry.names())
-FIELDS = ["train.lr", "train.batch_size", "train.epochs", "lora.r", "lora.target_modules", "data.path", "data.max_length",
-          "model.dtype", "model.name_or_path", "rollout.temperature", "dpo.beta", "grpo.beta", "eval.before", "train",
-          "lora", "train.nonsense", "nonsense", "sampling.top_p", "models", "train.adam_betas"]
-override_values = st.sampled_from(["0", "-1", "1e-4", "true", "null", "[]", "{}", "abc", "[1, 2]", "'8'", "1.5", "", "{a: 1}"])
+FIELDS = [
+    "train.lr",
+    "train.batch_size",
+    "train.epochs",
+    "lora.r",
+    "lora.target_modules",
+    "data.path",
+    "data.max_length",
+    "model.dtype",
+    "model.name_or_path",
+    "rollout.temperature",
+    "dpo.beta",
+    "grpo.beta",
+    "eval.before",
+    "train",
+    "lora",
+    "train.nonsense",
+    "nonsense",
+    "sampling.top_p",
+    "models",
+    "train.adam_betas",
+]
+override_values = st.sampled_from(
+    ["0", "-1", "1e-4", "true", "null", "[]", "{}", "abc", "[1, 2]", "'8'", "1.5", "", "{a: 1}"]
+)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -82,7 +114,9 @@ def test_a_jsonl_file_with_any_bytes_is_read_or_named(tmp_path):
     from rlhfkit.config import ChatDataSettings
     from rlhfkit.data.kinds import load_examples
 
-    for index, content in enumerate([b"\xff\xfe\x00bad", b"{not json}\n", b"[1, 2]\n", json.dumps({"messages": 5}).encode() + b"\n"]):
+    for index, content in enumerate(
+        [b"\xff\xfe\x00bad", b"{not json}\n", b"[1, 2]\n", json.dumps({"messages": 5}).encode() + b"\n"]
+    ):
         path = tmp_path / f"data{index}.jsonl"
         path.write_bytes(content)
         with pytest.raises(DataError, match=str(path)):

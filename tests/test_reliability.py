@@ -23,9 +23,18 @@ STEPS = 40
 
 def pretrain_settings(model: Path, data: Path, output_dir: Path) -> list[str]:
     # A checkpoint after every step: kills land mid-step and mid-checkpoint-write alike.
-    return [f"model.name_or_path={model}", f"data.path={data}", "data.max_length=32", f"train.output_dir={output_dir}",
-            f"train.max_steps={STEPS}", "train.save_every=1", "train.save_limit=2", "train.batch_size=1", "train.trackers=[]",
-            "train.epochs=1"]
+    return [
+        f"model.name_or_path={model}",
+        f"data.path={data}",
+        "data.max_length=32",
+        f"train.output_dir={output_dir}",
+        f"train.max_steps={STEPS}",
+        "train.save_every=1",
+        "train.save_limit=2",
+        "train.batch_size=1",
+        "train.trackers=[]",
+        "train.epochs=1",
+    ]
 
 
 def train_losses(run_dir: Path) -> list[float]:

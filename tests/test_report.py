@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from rlhfkit.cli import main
-from rlhfkit.evaluate import distinct_n, mean_and_stderr, reward_hacking_signs, wilson_interval, win_rate
 from rlhfkit.config import RewardHackingThresholds
+from rlhfkit.evaluate import distinct_n, mean_and_stderr, reward_hacking_signs, wilson_interval, win_rate
 from rlhfkit.report import evaluation_markdown, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -42,13 +42,20 @@ def test_reward_hacking_signs_need_a_reward_gain():
     signs = reward_hacking_signs(hacked, baseline, thresholds)
     assert len(signs) == 3 and "2.2x as long" in signs[0]
     assert reward_hacking_signs({**hacked, "reward_mean": 0.5}, baseline, thresholds) == []
-    assert reward_hacking_signs({"reward_mean": 1.5, "length": 45.0, "kl": 3.0, "distinct_2": 0.75}, baseline, thresholds) == []
+    assert (
+        reward_hacking_signs({"reward_mean": 1.5, "length": 45.0, "kl": 3.0, "distinct_2": 0.75}, baseline, thresholds)
+        == []
+    )
 
 
 def write_run(root: Path) -> dict[str, Path]:
     """A pipeline run directory as the stages write it (metrics.json, metrics.jsonl, evaluate/)."""
-    stages = {"pretrain": {"perplexity": (18.2, 13.1)}, "sft": {"perplexity": (11.8, 9.2), "rouge_l": (0.19, 0.25)},
-              "reward": {"accuracy": (0.46, 1.0)}, "ppo": {"reward_mean": (2.7, 3.6), "kl": (0.0, 3.4)}}
+    stages = {
+        "pretrain": {"perplexity": (18.2, 13.1)},
+        "sft": {"perplexity": (11.8, 9.2), "rouge_l": (0.19, 0.25)},
+        "reward": {"accuracy": (0.46, 1.0)},
+        "ppo": {"reward_mean": (2.7, 3.6), "kl": (0.0, 3.4)},
+    }
     for stage, values in stages.items():
         directory = root / stage
         directory.mkdir(parents=True)
@@ -56,25 +63,81 @@ def write_run(root: Path) -> dict[str, Path]:
         (directory / "metrics.json").write_text(json.dumps(metrics))
         curve = [{"step": s, "train/loss": 2.0 / s, "train/lr": 1e-4} for s in range(1, 6)]
         if stage == "ppo":
-            curve = [{**r, "train/reward_mean": 0.5 * r["step"], "train/kl": 0.1 * r["step"], "train/entropy": 1.0,
-                      "train/length": 40.0} for r in curve]
+            curve = [
+                {
+                    **r,
+                    "train/reward_mean": 0.5 * r["step"],
+                    "train/kl": 0.1 * r["step"],
+                    "train/entropy": 1.0,
+                    "train/length": 40.0,
+                }
+                for r in curve
+            ]
         (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve) + '{"step": 6, "trai')
     evaluate = root / "evaluate"
     evaluate.mkdir()
     models = {
-        "base": {"perplexity": 12.0, "rouge_l": 0.18, "reward_mean": 1.0, "reward_stderr": 0.2, "kl": 4.0, "length": 50.0,
-                 "distinct_2": 0.8, "win_rate": 0.3, "win_rate_low": 0.15, "win_rate_high": 0.5},
-        "sft": {"perplexity": 9.0, "rouge_l": 0.25, "reward_mean": 2.0, "reward_stderr": 0.2, "kl": 0.0, "length": 45.0, "distinct_2": 0.75},
-        "ppo": {"perplexity": 9.5, "rouge_l": 0.24, "reward_mean": 3.0, "reward_stderr": 0.2, "kl": 3.0, "length": 48.0,
-                "distinct_2": 0.7, "win_rate": 0.8, "win_rate_low": 0.6, "win_rate_high": 0.9},
+        "base": {
+            "perplexity": 12.0,
+            "rouge_l": 0.18,
+            "reward_mean": 1.0,
+            "reward_stderr": 0.2,
+            "kl": 4.0,
+            "length": 50.0,
+            "distinct_2": 0.8,
+            "win_rate": 0.3,
+            "win_rate_low": 0.15,
+            "win_rate_high": 0.5,
+        },
+        "sft": {
+            "perplexity": 9.0,
+            "rouge_l": 0.25,
+            "reward_mean": 2.0,
+            "reward_stderr": 0.2,
+            "kl": 0.0,
+            "length": 45.0,
+            "distinct_2": 0.75,
+        },
+        "ppo": {
+            "perplexity": 9.5,
+            "rouge_l": 0.24,
+            "reward_mean": 3.0,
+            "reward_stderr": 0.2,
+            "kl": 3.0,
+            "length": 48.0,
+            "distinct_2": 0.7,
+            "win_rate": 0.8,
+            "win_rate_low": 0.6,
+            "win_rate_high": 0.9,
+        },
     }
-    summary = {"models": models, "order": ["base", "sft", "ppo"], "baseline": "sft", "reference": "sft", "reward_model": "runs/x/reward",
-               "prompts": 13, "samples_per_prompt": 1, "sampling": {"temperature": 0.7}, "warnings": {"ppo": ["an example warning"]}}
+    summary = {
+        "models": models,
+        "order": ["base", "sft", "ppo"],
+        "baseline": "sft",
+        "reference": "sft",
+        "reward_model": "runs/x/reward",
+        "prompts": 13,
+        "samples_per_prompt": 1,
+        "sampling": {"temperature": 0.7},
+        "warnings": {"ppo": ["an example warning"]},
+    }
     (evaluate / "metrics.json").write_text(json.dumps(summary))
-    samples = [{"prompt": "Explain quantum computing to a 10-year-old.", "base": "Quantum is hard.", "sft": "Tiny bits can be two things.",
-                "ppo": "<script>document.title='pwned'</script>Qubits are like coins spinning."},
-               {"prompt": "Why is the sky blue?", "base": "Sun.", "sft": "Blue light scatters.", "ppo": "Air scatters blue light most.",
-                "reference": "Sunlight scatters; blue scatters most."}]
+    samples = [
+        {
+            "prompt": "Explain quantum computing to a 10-year-old.",
+            "base": "Quantum is hard.",
+            "sft": "Tiny bits can be two things.",
+            "ppo": "<script>document.title='pwned'</script>Qubits are like coins spinning.",
+        },
+        {
+            "prompt": "Why is the sky blue?",
+            "base": "Sun.",
+            "sft": "Blue light scatters.",
+            "ppo": "Air scatters blue light most.",
+            "reference": "Sunlight scatters; blue scatters most.",
+        },
+    ]
     (evaluate / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     (root / "timings.json").write_text(json.dumps({"pretrain": 75.2, "sft": 190.0}))
     return {stage: root / stage for stage in [*stages, "evaluate"]}
@@ -103,14 +166,24 @@ def test_report_command_and_metrics_table(tmp_path, capsys):
     assert "| sft (baseline) |" in table
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"
+)
 def test_report_renders_in_headless_chromium(tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     write_report(tmp_path, write_run(tmp_path))
     with playwright.sync_playwright() as driver:
         browser = driver.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto((tmp_path / "report.html").as_uri())
@@ -121,7 +194,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
         images = page.locator("img")
         assert images.count() == 5  # comparison + four stages' curves
         for index in range(images.count()):
-            assert images.nth(index).evaluate("img => img.complete && img.naturalWidth > 300"), images.nth(index).get_attribute("src")
+            assert images.nth(index).evaluate("img => img.complete && img.naturalWidth > 300"), images.nth(
+                index
+            ).get_attribute("src")
         assert "<script>" in page.locator("table.samples").inner_text()  # shown as text
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()

@@ -19,34 +19,75 @@ def preference_file(tmp_path, sft_rows):
 
 
 def stage_config(stage, model, data, output_dir, *overrides):
-    return load_config(stage, None, [
-        f"model.name_or_path={model}", f"data.path={data}", "data.eval_fraction=0.25", "data.max_length=96",
-        f"train.output_dir={output_dir}", "train.trackers=[]", "train.batch_size=4", "lora.dropout=0.0", *overrides,
-    ])
+    return load_config(
+        stage,
+        None,
+        [
+            f"model.name_or_path={model}",
+            f"data.path={data}",
+            "data.eval_fraction=0.25",
+            "data.max_length=96",
+            f"train.output_dir={output_dir}",
+            "train.trackers=[]",
+            "train.batch_size=4",
+            "lora.dropout=0.0",
+            *overrides,
+        ],
+    )
 
 
 def test_reward_model_learns_a_simple_preference(tiny_model, preference_file, tmp_path):
-    metrics = reward.run(stage_config("reward", tiny_model, preference_file, tmp_path / "rm", "train.epochs=4", "train.lr=3e-3"))
+    metrics = reward.run(
+        stage_config("reward", tiny_model, preference_file, tmp_path / "rm", "train.epochs=4", "train.lr=3e-3")
+    )
     assert metrics["after"]["accuracy"] == 1.0
     assert metrics["after"]["margin"] > metrics["before"]["margin"] + 1.0
     assert {"reward_mean", "reward_std", "chosen_mean", "rejected_mean"} <= set(metrics["after"])
     scorer = RewardModelScorer(str(tmp_path / "rm"), max_length=96)
-    good, bad = scorer.score(["Why is the sky blue?"] * 2, ["Sunlight scatters in the air, and blue light scatters the most.", "No idea, go away."])
+    good, bad = scorer.score(
+        ["Why is the sky blue?"] * 2,
+        ["Sunlight scatters in the air, and blue light scatters the most.", "No idea, go away."],
+    )
     assert good > bad
 
 
-def test_reward_model_on_an_sft_adapter_backbone_and_score_command(tiny_model, preference_file, sft_rows, tmp_path, capsys):
+def test_reward_model_on_an_sft_adapter_backbone_and_score_command(
+    tiny_model, preference_file, sft_rows, tmp_path, capsys
+):
     sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
-    assert main(["sft", "--set", f"model.name_or_path={tiny_model}", "--set", f"data.path={sft_data}", "--set", "train.max_steps=2",
-                 "--set", f"train.output_dir={tmp_path / 'sft'}", "--set", "generation.num_prompts=0", "--set", "train.trackers=[]"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--set",
+                f"model.name_or_path={tiny_model}",
+                "--set",
+                f"data.path={sft_data}",
+                "--set",
+                "train.max_steps=2",
+                "--set",
+                f"train.output_dir={tmp_path / 'sft'}",
+                "--set",
+                "generation.num_prompts=0",
+                "--set",
+                "train.trackers=[]",
+            ]
+        )
+        == 0
+    )
     reward.run(stage_config("reward", tmp_path / "sft", preference_file, tmp_path / "rm", "train.max_steps=2"))
     adapter = json.loads((tmp_path / "rm" / "final" / "adapter_config.json").read_text())
     assert adapter["task_type"] == "SEQ_CLS" and adapter["base_model_name_or_path"] == str(tmp_path / "sft")
     capsys.readouterr()
     assert main(["score", str(tmp_path / "rm"), "--prompt", "Why?", "--response", "Because."]) == 0
     assert isinstance(json.loads(capsys.readouterr().out)["score"], float)
-    answers = write_jsonl(tmp_path / "answers.jsonl", [{"prompt": "Why?", "completion": "Because."}, {"prompt": "How?", "completion": "Slowly."}])
-    assert main(["score", str(tmp_path / "rm"), "--data", str(answers), "--output", str(tmp_path / "scored.jsonl")]) == 0
+    answers = write_jsonl(
+        tmp_path / "answers.jsonl",
+        [{"prompt": "Why?", "completion": "Because."}, {"prompt": "How?", "completion": "Slowly."}],
+    )
+    assert (
+        main(["score", str(tmp_path / "rm"), "--data", str(answers), "--output", str(tmp_path / "scored.jsonl")]) == 0
+    )
     assert len((tmp_path / "scored.jsonl").read_text().splitlines()) == 2
     assert main(["score", str(tmp_path / "rm"), "--prompt", "only a prompt"]) == 2
 
@@ -54,8 +95,19 @@ def test_reward_model_on_an_sft_adapter_backbone_and_score_command(tiny_model, p
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo"])
 def test_dpo_moves_chosen_log_probs_above_rejected(tiny_model, preference_file, tmp_path, loss):
     beta = "0.5" if loss == "simpo" else "0.1"
-    metrics = dpo.run(stage_config("dpo", tiny_model, preference_file, tmp_path / "dpo", f"dpo.loss={loss}", f"dpo.beta={beta}",
-                                   "train.epochs=3", "train.lr=5e-3", "generation.num_prompts=0"))
+    metrics = dpo.run(
+        stage_config(
+            "dpo",
+            tiny_model,
+            preference_file,
+            tmp_path / "dpo",
+            f"dpo.loss={loss}",
+            f"dpo.beta={beta}",
+            "train.epochs=3",
+            "train.lr=5e-3",
+            "generation.num_prompts=0",
+        )
+    )
     before, after = metrics["before"], metrics["after"]
     gap = lambda m: m["logps_chosen"] - m["logps_rejected"]  # noqa: E731
     assert gap(after) > gap(before) + 1.0
@@ -67,7 +119,9 @@ def test_dpo_moves_chosen_log_probs_above_rejected(tiny_model, preference_file, 
 def test_precomputed_reference_equals_live_reference_and_full_fine_tuning_works(tiny_model, preference_file, tmp_path):
     common = ["train.max_steps=3", "train.lr=5e-3", "generation.num_prompts=0", "eval.before=false"]
     live = dpo.run(stage_config("dpo", tiny_model, preference_file, tmp_path / "live", *common))
-    table = dpo.run(stage_config("dpo", tiny_model, preference_file, tmp_path / "table", "dpo.precompute_reference=true", *common))
+    table = dpo.run(
+        stage_config("dpo", tiny_model, preference_file, tmp_path / "table", "dpo.precompute_reference=true", *common)
+    )
     assert table["after"]["loss"] == pytest.approx(live["after"]["loss"], rel=1e-4)
     full = dpo.run(stage_config("dpo", tiny_model, preference_file, tmp_path / "full", "lora.enabled=false", *common))
     assert full["after"]["accuracy"] > 0.5
@@ -76,16 +130,30 @@ def test_precomputed_reference_equals_live_reference_and_full_fine_tuning_works(
 
 def test_dpo_scores_generated_answers_with_a_reward_model(tiny_model, preference_file, tmp_path):
     reward.run(stage_config("reward", tiny_model, preference_file, tmp_path / "rm", "train.max_steps=2"))
-    metrics = dpo.run(stage_config("dpo", tiny_model, preference_file, tmp_path / "dpo", "train.max_steps=2",
-                                   f"eval.reward_model={tmp_path / 'rm'}", "generation.num_prompts=2", "generation.max_new_tokens=4",
-                                   "generation.extra_prompts=[Explain quantum computing to a 10-year-old.]"))
-    assert isinstance(metrics["before"]["reward_model_score"], float) and isinstance(metrics["after"]["reward_model_score"], float)
+    metrics = dpo.run(
+        stage_config(
+            "dpo",
+            tiny_model,
+            preference_file,
+            tmp_path / "dpo",
+            "train.max_steps=2",
+            f"eval.reward_model={tmp_path / 'rm'}",
+            "generation.num_prompts=2",
+            "generation.max_new_tokens=4",
+            "generation.extra_prompts=[Explain quantum computing to a 10-year-old.]",
+        )
+    )
+    assert isinstance(metrics["before"]["reward_model_score"], float) and isinstance(
+        metrics["after"]["reward_model_score"], float
+    )
     assert "Explain quantum computing" in (tmp_path / "dpo" / "samples.md").read_text()
     assert torch.isfinite(torch.tensor(metrics["after"]["reward_model_score"]))
 
 
 def test_merging_a_reward_run_keeps_its_trained_score_head(tiny_model, preference_file, tmp_path, capsys):
-    reward.run(stage_config("reward", tiny_model, preference_file, tmp_path / "rm", "train.max_steps=3", "train.lr=3e-3"))
+    reward.run(
+        stage_config("reward", tiny_model, preference_file, tmp_path / "rm", "train.max_steps=3", "train.lr=3e-3")
+    )
     assert main(["merge", str(tmp_path / "rm"), str(tmp_path / "merged")]) == 0
     prompts, answers = ["Why is the sky blue?"] * 2, ["Sunlight scatters in the air.", "No idea, go away."]
     from_run = RewardModelScorer(str(tmp_path / "rm"), max_length=96).score(prompts, answers)
@@ -99,8 +167,26 @@ def test_scoring_with_a_model_that_has_no_trained_score_head_is_refused(tiny_mod
     assert main(["score", str(tiny_model), "--prompt", "Why?", "--response", "Because."]) == 2
     assert "not a reward model" in capsys.readouterr().err
     sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
-    assert main(["sft", "--set", f"model.name_or_path={tiny_model}", "--set", f"data.path={sft_data}", "--set", "train.max_steps=1",
-                 "--set", f"train.output_dir={tmp_path / 'sft'}", "--set", "generation.num_prompts=0", "--set", "train.trackers=[]"]) == 0
+    assert (
+        main(
+            [
+                "sft",
+                "--set",
+                f"model.name_or_path={tiny_model}",
+                "--set",
+                f"data.path={sft_data}",
+                "--set",
+                "train.max_steps=1",
+                "--set",
+                f"train.output_dir={tmp_path / 'sft'}",
+                "--set",
+                "generation.num_prompts=0",
+                "--set",
+                "train.trackers=[]",
+            ]
+        )
+        == 0
+    )
     assert main(["score", str(tmp_path / "sft"), "--prompt", "Why?", "--response", "Because."]) == 2
     assert "not a reward model" in capsys.readouterr().err
 

@@ -13,16 +13,19 @@ from rlhfkit.rollout import encode_prompts, response_logprobs, response_mask_fro
 PROMPTS = [({"role": "user", "content": "What is 2 + 2?"},), ({"role": "user", "content": "What is 3 + 4?"},)]
 
 
-@pytest.mark.parametrize("text, number", [
-    ("The answer is 14.", 14.0),
-    ("7 + 5 = 12", 12.0),
-    ("First 23 and 45. Adding them gives 68", 68.0),
-    ("#### 1,234", 1234.0),
-    ("so it costs $36.50 in total", 36.5),
-    ("\\boxed{7} and then 9", 7.0),
-    ("The answer is: **-3**, not 5", -3.0),
-    ("no digits here", None),
-])
+@pytest.mark.parametrize(
+    "text, number",
+    [
+        ("The answer is 14.", 14.0),
+        ("7 + 5 = 12", 12.0),
+        ("First 23 and 45. Adding them gives 68", 68.0),
+        ("#### 1,234", 1234.0),
+        ("so it costs $36.50 in total", 36.5),
+        ("\\boxed{7} and then 9", 7.0),
+        ("The answer is: **-3**, not 5", -3.0),
+        ("no digits here", None),
+    ],
+)
 def test_final_number(text, number):
     assert final_number(text) == number
 
@@ -41,10 +44,13 @@ def write_module(tmp_path, source):
 
 
 def test_reward_function_from_a_file_gets_prompts_completions_and_columns(tmp_path):
-    path = write_module(tmp_path, (
-        "def score(prompts, completions, answer, **columns):\n"
-        "    return [float(p.endswith('?')) + float(c == str(a)) for p, c, a in zip(prompts, completions, answer)]\n"
-    ))
+    path = write_module(
+        tmp_path,
+        (
+            "def score(prompts, completions, answer, **columns):\n"
+            "    return [float(p.endswith('?')) + float(c == str(a)) for p, c, a in zip(prompts, completions, answer)]\n"
+        ),
+    )
     source = RewardSource(RewardSourceSettings(function=f"{path}:score"))
     scored = score_completions(source, PROMPTS, ["4", "8"], [{"answer": 4}, {"answer": 7}], torch.tensor([True, True]))
     assert scored.scores.tolist() == [2.0, 1.0] and scored.valid.all() and scored.skipped == 0
@@ -55,12 +61,15 @@ def test_reward_function_from_a_module():
     assert function is numeric_answer
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("no_colon", "expected module:function"),
-    ("missing_file.py:fn", "does not exist"),
-    ("rlhfkit.reward_functions:nope", "has no function 'nope'"),
-    ("rlhfkit.not_a_module:fn", "cannot import"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no_colon", "expected module:function"),
+        ("missing_file.py:fn", "does not exist"),
+        ("rlhfkit.reward_functions:nope", "has no function 'nope'"),
+        ("rlhfkit.not_a_module:fn", "cannot import"),
+    ],
+)
 def test_bad_reward_function_specs_are_named(spec, message):
     with pytest.raises(UserError, match=message):
         load_reward_function(spec)
@@ -72,13 +81,16 @@ def test_a_reward_file_that_fails_to_import_is_named(tmp_path):
         load_reward_function(f"{path}:score")
 
 
-@pytest.mark.parametrize("body, message", [
-    ("return [float('nan'), 1.0]", r"returned nan for sample 0 \(prompt 'What is 2 \+ 2\?'"),
-    ("return [1.0, float('inf')]", "returned inf for sample 1"),
-    ("return [1.0, 'good']", "returned 'good' for sample 1"),
-    ("return [1.0]", "must return one float per completion"),
-    ("raise KeyError('answer')", "raised KeyError"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("return [float('nan'), 1.0]", r"returned nan for sample 0 \(prompt 'What is 2 \+ 2\?'"),
+        ("return [1.0, float('inf')]", "returned inf for sample 1"),
+        ("return [1.0, 'good']", "returned 'good' for sample 1"),
+        ("return [1.0]", "must return one float per completion"),
+        ("raise KeyError('answer')", "raised KeyError"),
+    ],
+)
 def test_invalid_rewards_stop_the_step_naming_function_and_sample(tmp_path, body, message):
     path = write_module(tmp_path, f"def score(prompts, completions, **columns):\n    {body}\n")
     source = RewardSource(RewardSourceSettings(function=f"{path}:score"))
@@ -115,8 +127,9 @@ def sentiment_classifier(tmp_path_factory, tiny_model):
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     directory = tmp_path_factory.mktemp("classifier")
-    config = AutoConfig.from_pretrained(tiny_model, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"},
-                                        label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    config = AutoConfig.from_pretrained(
+        tiny_model, num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}
+    )
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(directory)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(directory)
@@ -127,7 +140,9 @@ def test_a_classifier_label_as_reward(sentiment_classifier):
     answers = ["The sun is a star.", "Sound is a wave."]
     prompts = ["Tell me something.", "And another?"]
     logits = RewardModelScorer(str(sentiment_classifier), label="POSITIVE").score(prompts, answers)
-    probability = RewardModelScorer(str(sentiment_classifier), label="positive", output="probability").score(prompts, answers)
+    probability = RewardModelScorer(str(sentiment_classifier), label="positive", output="probability").score(
+        prompts, answers
+    )
     negative = RewardModelScorer(str(sentiment_classifier), label=0, output="probability").score(prompts, answers)
     assert all(0 < p < 1 for p in probability)
     assert [p + n for p, n in zip(probability, negative)] == pytest.approx([1.0, 1.0], abs=1e-5)
@@ -234,7 +249,14 @@ def test_a_reward_model_scores_packed_answers_sharing_their_prompt_as_padded_row
     load_tokenizer(source).save_pretrained(tmp_path / "rm")
     scorer = RewardModelScorer(str(tmp_path / "rm"), max_length=64)
     prompts = ["Why is the sky blue?"] * 3 + ["What is 2 + 2?"] * 2 + ["Hi"]
-    answers = ["Because of scattering.", "Because of the sun.", "No idea", "The answer is 4", "The answer is 5", "Hello!"]
+    answers = [
+        "Because of scattering.",
+        "Because of the sun.",
+        "No idea",
+        "The answer is 4",
+        "The answer is 5",
+        "Hello!",
+    ]
     packed = scorer.score(prompts, answers)
     rows = [scorer._row(p, a) for p, a in zip(prompts, answers)]
     several_packs = scorer._score_packed(prompts, rows, pack_tokens=30)  # a forward every few groups
@@ -254,17 +276,22 @@ def test_bad_prompt_rows_are_named(tmp_path):
     missing = write_jsonl(tmp_path / "questions.jsonl", [{"question": "Why?"}])
     with pytest.raises(DataError, match=r"questions.jsonl:1: missing column: expected `prompt`.*data.columns"):
         prompt_examples(read_rows(str(missing)))
-    bad = write_jsonl(tmp_path / "bad.jsonl", [
-        {"prompt": "Why?", "answer": 1},
-        {"prompt": "   "},
-        {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
-        {"prompt": 7},
-    ])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"prompt": "Why?", "answer": 1},
+            {"prompt": "   "},
+            {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+            {"prompt": 7},
+        ],
+    )
     with pytest.raises(DataError, match=r"bad.jsonl:2: column 'prompt' is empty"):
         prompt_examples(read_rows(str(bad)))
     kept, report = prompt_examples(read_rows(str(bad)), "skip")
     assert [e.columns for e in kept] == [{"answer": 1}] and sum(report.skipped.values()) == 3
-    assert "must not end with an assistant turn" in str(pytest.raises(DataError, prompt_examples, read_rows(str(bad))[2:3]).value)
+    assert "must not end with an assistant turn" in str(
+        pytest.raises(DataError, prompt_examples, read_rows(str(bad))[2:3]).value
+    )
 
 
 def test_row_seeded_sampler_draws_from_the_processed_distribution():

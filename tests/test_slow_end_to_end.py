@@ -23,7 +23,12 @@ def test_quickstart_pipeline_runs_on_the_embedded_model(tmp_path):
         "sft": ["train.max_steps=1", "train.batch_size=2", "eval.max_batches=1"],
         "reward": ["train.max_steps=1", "train.batch_size=2", "eval.max_batches=1"],
         "dpo": ["train.max_steps=1", "train.batch_size=2", "eval.max_batches=1"],
-        "evaluate": ["num_prompts=2", "extra_prompts=[Explain quantum computing to a 10-year-old.]", "sampling.max_new_tokens=8", "max_batches=1"],
+        "evaluate": [
+            "num_prompts=2",
+            "extra_prompts=[Explain quantum computing to a 10-year-old.]",
+            "sampling.max_new_tokens=8",
+            "max_batches=1",
+        ],
     }
     overrides = [f"pipeline.output_dir={tmp_path}"] + [f"{stage}.{o}" for stage, items in short.items() for o in items]
     assert main(["pipeline", str(ROOT / "configs/quickstart.yaml"), *[a for o in overrides for a in ("--set", o)]]) == 0
@@ -41,9 +46,31 @@ def test_quickstart_pipeline_runs_on_the_embedded_model(tmp_path):
 def test_online_rl_example_configs_run_on_the_embedded_model(tmp_path, stage, config):
     """The shipped RL example configs, shortened: rollouts, the numeric reward and an update on the real model."""
     out = tmp_path / stage
-    assert main([stage, str(ROOT / "configs/examples" / config), "--set", "train.max_steps=1", "--set", "rollout.prompts_per_step=2",
-                 "--set", "rollout.max_new_tokens=24", "--set", "eval.num_prompts=2", "--set", "eval.samples_per_prompt=1",
-                 "--set", "train.batch_size=4", "--set", f"{stage}.minibatch_size=4", "--set", f"train.output_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                stage,
+                str(ROOT / "configs/examples" / config),
+                "--set",
+                "train.max_steps=1",
+                "--set",
+                "rollout.prompts_per_step=2",
+                "--set",
+                "rollout.max_new_tokens=24",
+                "--set",
+                "eval.num_prompts=2",
+                "--set",
+                "eval.samples_per_prompt=1",
+                "--set",
+                "train.batch_size=4",
+                "--set",
+                f"{stage}.minibatch_size=4",
+                "--set",
+                f"train.output_dir={out}",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["before"]["kl"] == pytest.approx(0.0, abs=1e-3) and 0 <= metrics["after"]["reward_mean"] <= 1
     assert len(metrics["after"]["answers"]) == 2 and any(ch.isdigit() for ch in "".join(metrics["after"]["answers"]))
@@ -55,14 +82,40 @@ def test_online_rl_example_configs_run_on_the_embedded_model(tmp_path, stage, co
 @pytest.mark.skipif(not PEPS.exists(), reason=f"real-data test needs {PEPS} (the shared data folder)")
 def test_pretraining_on_peps_lowers_held_out_perplexity(tmp_path):
     """Domain pretraining on real Python Enhancement Proposals lowers perplexity on held-out PEPs."""
-    assert main([
-        "pretrain",
-        "--set", f"data.path={PEPS}", "--set", "data.eval_fraction=0.1", "--set", "data.max_examples=12",
-        "--set", "data.max_length=256", "--set", "eval.max_batches=3",
-        "--set", "train.batch_size=4", "--set", "train.max_steps=8", "--set", "train.lr=1e-3",
-        "--set", "lora.r=32", "--set", "lora.alpha=64", "--set", "lora.dropout=0.0",
-        "--set", f"train.output_dir={tmp_path / 'peps'}", "--set", "train.trackers=[]",
-    ]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--set",
+                f"data.path={PEPS}",
+                "--set",
+                "data.eval_fraction=0.1",
+                "--set",
+                "data.max_examples=12",
+                "--set",
+                "data.max_length=256",
+                "--set",
+                "eval.max_batches=3",
+                "--set",
+                "train.batch_size=4",
+                "--set",
+                "train.max_steps=8",
+                "--set",
+                "train.lr=1e-3",
+                "--set",
+                "lora.r=32",
+                "--set",
+                "lora.alpha=64",
+                "--set",
+                "lora.dropout=0.0",
+                "--set",
+                f"train.output_dir={tmp_path / 'peps'}",
+                "--set",
+                "train.trackers=[]",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "peps" / "metrics.json").read_text())
     print("PEP held-out perplexity:", metrics["before"]["perplexity"], "->", metrics["after"]["perplexity"])
     assert metrics["after"]["perplexity"] < 0.95 * metrics["before"]["perplexity"]
@@ -76,12 +129,31 @@ def test_encoder_reward_model_on_real_human_preferences(tmp_path):
     """configs/examples/reward_hh_minilm.yaml on a slice of the HH pairs: the implicit prompts split,
     the encoder trains, and over two epochs the Bradley-Terry loss falls (the full run's held-out
     accuracy is in the README)."""
-    assert main([
-        "reward", str(ROOT / "configs/examples/reward_hh_minilm.yaml"),
-        "--set", f"data.path={HH_PAIRS}", "--set", "data.max_examples=320", "--set", "data.max_length=128",
-        "--set", "eval.max_batches=4", "--set", "train.epochs=2", "--set", "train.lr=3e-4", "--set", f"train.output_dir={tmp_path / 'hh'}",
-        "--set", "train.trackers=[]",
-    ]) == 0
+    assert (
+        main(
+            [
+                "reward",
+                str(ROOT / "configs/examples/reward_hh_minilm.yaml"),
+                "--set",
+                f"data.path={HH_PAIRS}",
+                "--set",
+                "data.max_examples=320",
+                "--set",
+                "data.max_length=128",
+                "--set",
+                "eval.max_batches=4",
+                "--set",
+                "train.epochs=2",
+                "--set",
+                "train.lr=3e-4",
+                "--set",
+                f"train.output_dir={tmp_path / 'hh'}",
+                "--set",
+                "train.trackers=[]",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "hh" / "metrics.json").read_text())
     assert metrics["after"]["pairs"] == 64 and 0.0 <= metrics["after"]["accuracy"] <= 1.0
     losses = [json.loads(line)["train/loss"] for line in (tmp_path / "hh" / "metrics.jsonl").read_text().splitlines()]

@@ -10,10 +10,21 @@ from rlhfkit.stages import sft
 def run_sft(model, rows, tmp_path, trackers):
     data = write_jsonl(tmp_path / "sft.jsonl", rows)
     out = tmp_path / "run" / "sft"
-    config = load_config("sft", None, [
-        f"model.name_or_path={model}", f"data.path={data}", "data.eval_fraction=0.25", f"train.output_dir={out}",
-        f"train.trackers={trackers}", "train.max_steps=2", "train.batch_size=4", "generation.num_prompts=0", "train.tracker_project=tests",
-    ])
+    config = load_config(
+        "sft",
+        None,
+        [
+            f"model.name_or_path={model}",
+            f"data.path={data}",
+            "data.eval_fraction=0.25",
+            f"train.output_dir={out}",
+            f"train.trackers={trackers}",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "generation.num_prompts=0",
+            "train.tracker_project=tests",
+        ],
+    )
     sft.run(config)
     return out
 

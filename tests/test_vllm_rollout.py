@@ -41,7 +41,9 @@ def test_merged_weights_equal_merge_and_unload_and_leave_the_base_alone(trained_
     # The deltas are really in there (B ≠ 0), and the training copy's base weights did not move.
     changed = [name for name in expected if "q_proj.weight" in name]
     base = dict(trained_lora_policy.get_base_model().named_parameters())
-    assert changed and all(not torch.allclose(merged[n], base[n.replace("q_proj.", "q_proj.base_layer.")]) for n in changed)
+    assert changed and all(
+        not torch.allclose(merged[n], base[n.replace("q_proj.", "q_proj.base_layer.")]) for n in changed
+    )
     assert all(torch.equal(p, base_before[n]) for n, p in trained_lora_policy.named_parameters() if "base_layer" in n)
 
 
@@ -72,7 +74,9 @@ def test_vllm_outputs_become_a_rollout_that_trains_the_stop(tiny_model):
     rows = response_rows([output([5, 6, eos], "stop"), output([5], "stop"), output([7, 8, 9, 10], "length")], eos)
     assert rows == [[5, 6, eos], [5, eos], [7, 8, 9, 10]]
     prompt_ids, prompt_mask = torch.tensor([[pad, 3], [4, 3], [pad, 2]]), torch.tensor([[0, 1], [1, 1], [0, 1]])
-    rollout = rollout_from_responses(prompt_ids, prompt_mask, pad_responses(rows, pad, 4), tokenizer, samples_per_prompt=1)
+    rollout = rollout_from_responses(
+        prompt_ids, prompt_mask, pad_responses(rows, pad, 4), tokenizer, samples_per_prompt=1
+    )
     assert rollout.response_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
     assert rollout.ended.tolist() == [True, True, False] and rollout.prompt_index.tolist() == [0, 1, 2]
 

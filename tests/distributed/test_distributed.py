@@ -8,74 +8,16 @@ Each run is a real `accelerate launch --config_file configs/accelerate/{cpu,fsdp
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launching import ROOT, accelerate_launch, failure_report, held_out, launch, logged, settings
 
-from conftest import write_jsonl
+from conftest import QUESTIONS, write_jsonl
 from rlhfkit.cli import main
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-
-QUESTIONS = ["Why is the sky blue?", "What is the sun?", "How does ice form?", "What is a magnet?",
-             "Why does the moon move?", "What is sound?", "How do plants eat?", "What is a star?"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def settings(*pairs: str) -> list[str]:
-    return [part for pair in pairs for part in ("--set", pair)]
-
-
-def launch(processes: int, stage: str, *pairs: str, resume: bool = False, launch_config: str = "cpu.yaml",
-           launcher: tuple[str, ...] = ()) -> None:
-    """One stage run on `processes` processes; the 1-process run goes through the CLI in-process."""
-    # model.device stays auto (CPU here): accelerate must still see a CPU launch, not N lone processes.
-    arguments = [stage, *settings("train.trackers=[]", *pairs)] + (["--resume"] if resume else [])
-    if processes == 1:
-        assert main(arguments) == 0
-        return
-    done = accelerate_launch(processes, arguments, launch_config, launcher)
-    assert done.returncode == 0, failure_report(done.stderr)
-
-
-def failure_report(stderr: str) -> str:
-    """What a failed launch said: the first process traceback (the cause; the launcher's own
-    report comes last and names only exit codes), any abort message, and the end."""
-    first = stderr.find("Traceback")
-    aborts = [line for line in stderr.splitlines() if "terminate called" in line or "Fatal Python error" in line]
-    cause = stderr[first : first + 4000] if first >= 0 else ""
-    return "\n".join([cause, *aborts, "... end of stderr:", stderr[-2000:]])
-
-
-def accelerate_launch(processes: int, arguments: list[str], launch_config: str = "cpu.yaml",
-                      launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """`accelerate launch` of the CLI with a shipped launch config (on a port made free for the test)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate" / launch_config),
-               "--num_processes", str(processes), "--main_process_port", str(free_port()), *launcher, "-m", "rlhfkit.cli", *arguments]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-
-
-def logged(run_dir: Path, name: str = "train/loss") -> list[float]:
-    return [json.loads(line)[name] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def held_out(run_dir: Path) -> dict[str, float]:
-    """The numeric held-out metrics measured before and after training."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {f"{when}/{name}": value for when in ("before", "after") for name, value in metrics[when].items()
-            if isinstance(value, (int, float))}
 
 
 @pytest.fixture()
@@ -84,8 +26,17 @@ def sft_file(tmp_path, sft_rows):
 
 
 def sft_settings(model, data, output_dir, *extra):
-    return (f"model.name_or_path={model}", f"data.path={data}", f"train.output_dir={output_dir}", "data.eval_fraction=0.2",
-            "train.lr=5e-3", "lora.dropout=0.0", "generation.num_prompts=2", "generation.max_new_tokens=4", *extra)
+    return (
+        f"model.name_or_path={model}",
+        f"data.path={data}",
+        f"train.output_dir={output_dir}",
+        "data.eval_fraction=0.2",
+        "train.lr=5e-3",
+        "lora.dropout=0.0",
+        "generation.num_prompts=2",
+        "generation.max_new_tokens=4",
+        *extra,
+    )
 
 
 def finish_from_step_3(model, data, run: Path, resumed: Path, processes: int, launch_config: str, *extra: str) -> None:
@@ -121,13 +72,23 @@ def test_sft_on_two_processes_follows_the_one_process_loss_curve(tiny_model, sft
     one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
     assert len(one) == len(two) == 6 and two == pytest.approx(one, rel=1e-4)
     assert logged(tmp_path / "two", "train/lr") == pytest.approx(logged(tmp_path / "one", "train/lr"))
-    metrics = [json.loads((tmp_path / run / "metrics.json").read_text())["after"]["perplexity"] for run in ("one", "two")]
+    metrics = [
+        json.loads((tmp_path / run / "metrics.json").read_text())["after"]["perplexity"] for run in ("one", "two")
+    ]
     assert metrics[1] == pytest.approx(metrics[0], rel=1e-3)
-    assert (tmp_path / "two" / "final" / "adapter_model.safetensors").exists() and (tmp_path / "two" / "samples.md").exists()
+    assert (tmp_path / "two" / "final" / "adapter_model.safetensors").exists() and (
+        tmp_path / "two" / "samples.md"
+    ).exists()
 
 
 def test_a_two_process_checkpoint_resumes_on_one_process(tiny_model, sft_file, tmp_path):
-    extra = ["train.max_steps=6", "train.batch_size=2", "train.grad_accum=2", "train.save_every=3", "train.save_limit=3"]
+    extra = [
+        "train.max_steps=6",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.save_every=3",
+        "train.save_limit=3",
+    ]
     launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "straight", *extra))
     launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "split", *extra))
     # The 2-process run, "killed" after its step-3 checkpoint, finishes on one process.
@@ -142,9 +103,19 @@ def test_dpo_on_two_processes_follows_the_one_process_loss_curve(tiny_model, sft
     # the reference log-probs precomputed under gathered weights.
     rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "No idea, go away."} for r in sft_rows]
     data = write_jsonl(tmp_path / "prefs.jsonl", rows)
-    common = (f"model.name_or_path={tiny_model}", f"data.path={data}", "data.eval_fraction=0.25", "data.max_length=96",
-              "train.batch_size=2", "train.grad_accum=2", "train.max_steps=5", "lora.dropout=0.0", "train.lr=5e-3",
-              "generation.num_prompts=0", *(["dpo.precompute_reference=true"] if launch_config == "fsdp.yaml" else []))
+    common = (
+        f"model.name_or_path={tiny_model}",
+        f"data.path={data}",
+        "data.eval_fraction=0.25",
+        "data.max_length=96",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.max_steps=5",
+        "lora.dropout=0.0",
+        "train.lr=5e-3",
+        "generation.num_prompts=0",
+        *(["dpo.precompute_reference=true"] if launch_config == "fsdp.yaml" else []),
+    )
     launch(1, "dpo", *common, f"train.output_dir={tmp_path / 'one'}")
     launch(2, "dpo", *common, f"train.output_dir={tmp_path / 'two'}", launch_config=launch_config)
     one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
@@ -159,8 +130,17 @@ def test_reward_model_on_two_processes_follows_the_one_process_loss_curve(tiny_m
     meta device on the second process, and every process must start from the first's weights."""
     rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "No idea, go away."} for r in sft_rows]
     data = write_jsonl(tmp_path / "prefs.jsonl", rows)
-    common = (f"model.name_or_path={tiny_model}", f"data.path={data}", "data.eval_fraction=0.25", "data.max_length=96",
-              "train.batch_size=2", "train.grad_accum=2", "train.max_steps=5", "lora.dropout=0.0", "train.lr=5e-3")
+    common = (
+        f"model.name_or_path={tiny_model}",
+        f"data.path={data}",
+        "data.eval_fraction=0.25",
+        "data.max_length=96",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.max_steps=5",
+        "lora.dropout=0.0",
+        "train.lr=5e-3",
+    )
     launch(1, "reward", *common, f"train.output_dir={tmp_path / 'one'}")
     one = logged(tmp_path / "one")
     assert len(one) == 5 and one[-1] < one[0]
@@ -172,15 +152,24 @@ def test_reward_model_on_two_processes_follows_the_one_process_loss_curve(tiny_m
         assert held_out(two) == pytest.approx(held_out(tmp_path / "one"), rel=1e-4), launch_config
 
 
-@pytest.mark.parametrize("stage, extra, launch_configs", [
-    ("grpo", ["grpo.beta=0.04"], ["cpu.yaml", "fsdp.yaml", "zero3.yaml"]),
-    ("ppo", ["ppo.epochs=2", "ppo.critic=head"], ["cpu.yaml", "fsdp.yaml"]),
-    # a value model as critic (sharded with the policy); adaptive KL coefficient
-    ("ppo", ["ppo.epochs=1", "ppo.target_kl=0.5"], ["cpu.yaml", "fsdp.yaml", "zero3.yaml"]),
-    ("trpo", ["trpo.fisher_samples=16"], ["cpu.yaml"]),
-    ("trpo", ["trpo.baseline=value", "trpo.fisher_samples=16"], ["cpu.yaml"]),  # every row: both runs see one Fisher
-])
-def test_online_rl_on_two_processes_samples_and_learns_what_one_process_does(tiny_model, tmp_path, stage, extra, launch_configs):
+@pytest.mark.parametrize(
+    "stage, extra, launch_configs",
+    [
+        ("grpo", ["grpo.beta=0.04"], ["cpu.yaml", "fsdp.yaml", "zero3.yaml"]),
+        ("ppo", ["ppo.epochs=2", "ppo.critic=head"], ["cpu.yaml", "fsdp.yaml"]),
+        # a value model as critic (sharded with the policy); adaptive KL coefficient
+        ("ppo", ["ppo.epochs=1", "ppo.target_kl=0.5"], ["cpu.yaml", "fsdp.yaml", "zero3.yaml"]),
+        ("trpo", ["trpo.fisher_samples=16"], ["cpu.yaml"]),
+        (
+            "trpo",
+            ["trpo.baseline=value", "trpo.fisher_samples=16"],
+            ["cpu.yaml"],
+        ),  # every row: both runs see one Fisher
+    ],
+)
+def test_online_rl_on_two_processes_samples_and_learns_what_one_process_does(
+    tiny_model, tmp_path, stage, extra, launch_configs
+):
     """cpu.yaml: data-parallel; fsdp.yaml: sharded, with the rollouts, the reference (adapters off)
     and critic passes gathering the weights outside the sharded training forward; zero2/zero3.yaml:
     DeepSpeed, ZeRO-3 gathering every weight for those passes."""
@@ -188,10 +177,22 @@ def test_online_rl_on_two_processes_samples_and_learns_what_one_process_does(tin
     (tmp_path / "lengthy.py").write_text(
         "def letters(prompts, completions, **columns):\n    return [float(sum(c.isalpha() for c in text)) / 10 for text in completions]\n"
     )
-    common = (f"model.name_or_path={tiny_model}", f"data.path={prompts}", "data.eval_fraction=0.25",
-              f"reward.function={tmp_path / 'lengthy.py'}:letters", "train.batch_size=8", "train.lr=1e-2", "lora.dropout=0.0",
-              "train.max_steps=3", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=6",
-              "eval.num_prompts=2", "eval.samples_per_prompt=2", *extra)
+    common = (
+        f"model.name_or_path={tiny_model}",
+        f"data.path={prompts}",
+        "data.eval_fraction=0.25",
+        f"reward.function={tmp_path / 'lengthy.py'}:letters",
+        "train.batch_size=8",
+        "train.lr=1e-2",
+        "lora.dropout=0.0",
+        "train.max_steps=3",
+        "rollout.prompts_per_step=4",
+        "rollout.samples_per_prompt=4",
+        "rollout.max_new_tokens=6",
+        "eval.num_prompts=2",
+        "eval.samples_per_prompt=2",
+        *extra,
+    )
     one = tmp_path / "one"
     launch(1, stage, *common, f"train.output_dir={one}")
     records = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
@@ -213,16 +214,33 @@ def test_online_rl_on_two_processes_samples_and_learns_what_one_process_does(tin
 
 def test_uneven_prompt_shares_are_refused_before_loading_a_model(tiny_model, tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
-    done = accelerate_launch(2, ["ppo", *settings(f"model.name_or_path={tiny_model}", f"data.path={prompts}", "reward.function=math:fsum",
-                                                  f"train.output_dir={tmp_path / 'run'}", "rollout.prompts_per_step=3")])
-    assert done.returncode != 0 and "error: rollout.prompts_per_step (3) must be a multiple of the 2 processes" in done.stderr
+    done = accelerate_launch(
+        2,
+        [
+            "ppo",
+            *settings(
+                f"model.name_or_path={tiny_model}",
+                f"data.path={prompts}",
+                "reward.function=math:fsum",
+                f"train.output_dir={tmp_path / 'run'}",
+                "rollout.prompts_per_step=3",
+            ),
+        ],
+    )
+    assert (
+        done.returncode != 0
+        and "error: rollout.prompts_per_step (3) must be a multiple of the 2 processes" in done.stderr
+    )
     assert "Loading weights" not in done.stderr and not (tmp_path / "run").exists()
 
 
 def test_commands_that_do_not_train_refuse_a_multi_process_launch(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["pipeline", str(ROOT / "configs/quickstart.yaml")]) == 2
-    assert "`rlhfkit pipeline` runs on one process; under accelerate launch run the training stages" in capsys.readouterr().err
+    assert (
+        "`rlhfkit pipeline` runs on one process; under accelerate launch run the training stages"
+        in capsys.readouterr().err
+    )
     assert main(["evaluate", "--set", f"output_dir={tmp_path}"]) == 2
 
 
@@ -235,17 +253,29 @@ def test_sft_sharded_with_fsdp_follows_the_one_process_loss_curve(tiny_model, sf
     launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "sharded", *extra), launch_config="fsdp.yaml")
     one, sharded = logged(tmp_path / "one"), logged(tmp_path / "sharded")
     assert len(one) == len(sharded) == 6 and sharded == pytest.approx(one, rel=1e-4)
-    assert logged(tmp_path / "sharded", "train/grad_norm") == pytest.approx(logged(tmp_path / "one", "train/grad_norm"), rel=1e-4)
+    assert logged(tmp_path / "sharded", "train/grad_norm") == pytest.approx(
+        logged(tmp_path / "one", "train/grad_norm"), rel=1e-4
+    )
     assert_same_outputs(tmp_path / "one", tmp_path / "sharded", lora)
 
 
 def test_checkpoints_move_between_sharded_and_unsharded_runs(tiny_model, sft_file, tmp_path):
     """A sharded (FSDP) checkpoint finishes on one process, and a one-process checkpoint finishes sharded."""
-    extra = ["train.max_steps=6", "train.batch_size=2", "train.grad_accum=2", "train.save_every=3", "train.save_limit=3",
-             "lora.enabled=false", "train.lr=1e-3"]
+    extra = [
+        "train.max_steps=6",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.save_every=3",
+        "train.save_limit=3",
+        "lora.enabled=false",
+        "train.lr=1e-3",
+    ]
     launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "straight", *extra))
     launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "sharded", *extra), launch_config="fsdp.yaml")
-    for first, then, processes, config in [("sharded", "to-one", 1, "cpu.yaml"), ("straight", "to-sharded", 2, "fsdp.yaml")]:
+    for first, then, processes, config in [
+        ("sharded", "to-one", 1, "cpu.yaml"),
+        ("straight", "to-sharded", 2, "fsdp.yaml"),
+    ]:
         finish_from_step_3(tiny_model, sft_file, tmp_path / first, tmp_path / then, processes, config, *extra)
         assert logged(tmp_path / then) == pytest.approx(logged(tmp_path / "straight"), rel=1e-4), then
 
@@ -253,27 +283,49 @@ def test_checkpoints_move_between_sharded_and_unsharded_runs(tiny_model, sft_fil
 def test_sharded_bf16_compute_keeps_float32_shards_and_tracks_the_float32_curve(tiny_model, sft_file, tmp_path):
     """`--mixed_precision bf16` with fsdp.yaml: weights gathered and used in bf16, shards, gradient
     reduction and Adam moments in float32; the loss curve stays near the float32 one."""
-    extra = ["train.max_steps=4", "train.batch_size=2", "train.grad_accum=2", "lora.enabled=false", "train.lr=1e-3",
-             "generation.num_prompts=0"]
+    extra = [
+        "train.max_steps=4",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "lora.enabled=false",
+        "train.lr=1e-3",
+        "generation.num_prompts=0",
+    ]
     launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "fp32", *extra))
-    launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "bf16", *extra), launch_config="fsdp.yaml",
-           launcher=("--mixed_precision", "bf16"))
+    launch(
+        2,
+        "sft",
+        *sft_settings(tiny_model, sft_file, tmp_path / "bf16", *extra),
+        launch_config="fsdp.yaml",
+        launcher=("--mixed_precision", "bf16"),
+    )
     fp32, bf16 = logged(tmp_path / "fp32"), logged(tmp_path / "bf16")
     assert bf16 == pytest.approx(fp32, rel=2e-2) and bf16 != pytest.approx(fp32, rel=1e-6)  # near, yet computed in bf16
     from safetensors.torch import load_file
 
-    assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "final" / "model.safetensors")).values()} == {__import__("torch").float32}
+    assert {t.dtype for t in load_file(str(tmp_path / "bf16" / "final" / "model.safetensors")).values()} == {
+        __import__("torch").float32
+    }
 
 
 # ZeRO-3 with LoRA: the DPO, reward-model and GRPO tests below
 @pytest.mark.parametrize("launch_config, lora", [("zero2.yaml", "true"), ("zero3.yaml", "false")])
-def test_sft_under_deepspeed_zero_follows_the_one_process_loss_curve(tiny_model, sft_file, tmp_path, launch_config, lora):
+def test_sft_under_deepspeed_zero_follows_the_one_process_loss_curve(
+    tiny_model, sft_file, tmp_path, launch_config, lora
+):
     """configs/accelerate/zero{2,3}.yaml: DeepSpeed partitions the moments and gradients (and with
     ZeRO-3 the weights, the LM head's gathered for the losses that use it directly); the engine
     keeps its global batch, schedule and clipping. 3 micro-batches per step on 2 processes: one
     process pads its share with a zero-weighted pass (ZeRO reduces after every backward)."""
-    extra = ["train.max_steps=4", "train.batch_size=2", "train.grad_accum=3", f"lora.enabled={lora}", "train.lr=1e-3",
-             "train.warmup_ratio=0.5", "train.max_grad_norm=0.5"]
+    extra = [
+        "train.max_steps=4",
+        "train.batch_size=2",
+        "train.grad_accum=3",
+        f"lora.enabled={lora}",
+        "train.lr=1e-3",
+        "train.warmup_ratio=0.5",
+        "train.max_grad_norm=0.5",
+    ]
     launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "one", *extra))
     launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "zero", *extra), launch_config=launch_config)
     for name in ["train/loss", "train/grad_norm", "train/lr"]:
@@ -285,26 +337,48 @@ def test_sft_under_deepspeed_zero_follows_the_one_process_loss_curve(tiny_model,
 def test_checkpoints_move_between_deepspeed_and_plain_runs(tiny_model, sft_file, tmp_path):
     """A ZeRO-3 checkpoint (whole tensors gathered from the partitions) finishes on one process,
     and a one-process checkpoint finishes under ZeRO-3 and under ZeRO-2, all on the uninterrupted curve."""
-    extra = ["train.max_steps=6", "train.batch_size=2", "train.grad_accum=2", "train.save_every=3", "train.save_limit=3",
-             "lora.enabled=false", "train.lr=1e-3", "generation.num_prompts=0"]
+    extra = [
+        "train.max_steps=6",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.save_every=3",
+        "train.save_limit=3",
+        "lora.enabled=false",
+        "train.lr=1e-3",
+        "generation.num_prompts=0",
+    ]
     launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "straight", *extra))
     launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "zero3", *extra), launch_config="zero3.yaml")
     assert logged(tmp_path / "zero3") == pytest.approx(logged(tmp_path / "straight"), rel=1e-4)
-    for first, then, processes, config in [("zero3", "to-one", 1, "cpu.yaml"), ("straight", "to-zero3", 2, "zero3.yaml"),
-                                           ("straight", "to-zero2", 2, "zero2.yaml")]:
+    for first, then, processes, config in [
+        ("zero3", "to-one", 1, "cpu.yaml"),
+        ("straight", "to-zero3", 2, "zero3.yaml"),
+        ("straight", "to-zero2", 2, "zero2.yaml"),
+    ]:
         finish_from_step_3(tiny_model, sft_file, tmp_path / first, tmp_path / then, processes, config, *extra)
         assert logged(tmp_path / then) == pytest.approx(logged(tmp_path / "straight"), rel=1e-4), then
 
 
 @pytest.mark.parametrize("stage", ["dpo", "reward"])
-def test_preference_stages_under_deepspeed_zero3_follow_the_one_process_loss_curve(tiny_model, sft_rows, tmp_path, stage):
+def test_preference_stages_under_deepspeed_zero3_follow_the_one_process_loss_curve(
+    tiny_model, sft_rows, tmp_path, stage
+):
     """DPO (the reference = the policy with its adapters off, log-probs precomputed with every
     weight gathered) and the reward model (a new score head) with ZeRO-3 partitioned weights."""
     rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "No idea, go away."} for r in sft_rows]
     data = write_jsonl(tmp_path / "prefs.jsonl", rows)
-    common = (f"model.name_or_path={tiny_model}", f"data.path={data}", "data.eval_fraction=0.25", "data.max_length=96",
-              "train.batch_size=2", "train.grad_accum=2", "train.max_steps=4", "lora.dropout=0.0", "train.lr=5e-3",
-              *(["generation.num_prompts=0", "dpo.precompute_reference=true"] if stage == "dpo" else []))
+    common = (
+        f"model.name_or_path={tiny_model}",
+        f"data.path={data}",
+        "data.eval_fraction=0.25",
+        "data.max_length=96",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.max_steps=4",
+        "lora.dropout=0.0",
+        "train.lr=5e-3",
+        *(["generation.num_prompts=0", "dpo.precompute_reference=true"] if stage == "dpo" else []),
+    )
     launch(1, stage, *common, f"train.output_dir={tmp_path / 'one'}")
     launch(2, stage, *common, f"train.output_dir={tmp_path / 'zero3'}", launch_config="zero3.yaml")
     one, zero = logged(tmp_path / "one"), logged(tmp_path / "zero3")
@@ -313,24 +387,53 @@ def test_preference_stages_under_deepspeed_zero3_follow_the_one_process_loss_cur
 
 
 def test_deepspeed_launches_of_what_the_engine_does_not_drive_are_refused(tiny_model, sft_file, tmp_path):
-    done = accelerate_launch(2, ["trpo", *settings(f"model.name_or_path={tiny_model}", f"data.path={sft_file}", "reward.function=math:fsum",
-                                                   f"train.output_dir={tmp_path / 'rl'}")], "zero2.yaml")
+    done = accelerate_launch(
+        2,
+        [
+            "trpo",
+            *settings(
+                f"model.name_or_path={tiny_model}",
+                f"data.path={sft_file}",
+                "reward.function=math:fsum",
+                f"train.output_dir={tmp_path / 'rl'}",
+            ),
+        ],
+        "zero2.yaml",
+    )
     assert done.returncode != 0 and "trpo does not run under DeepSpeed" in done.stderr
-    done = accelerate_launch(2, ["sft", *settings(*sft_settings(tiny_model, sft_file, tmp_path / "sft"))], "zero3.yaml",
-                             ("--offload_optimizer_device", "cpu"))
+    done = accelerate_launch(
+        2,
+        ["sft", *settings(*sft_settings(tiny_model, sft_file, tmp_path / "sft"))],
+        "zero3.yaml",
+        ("--offload_optimizer_device", "cpu"),
+    )
     assert done.returncode != 0 and "offload_optimizer_device: cpu is not supported" in done.stderr
     assert "Loading weights" not in done.stderr
 
 
 @pytest.mark.parametrize("launch_config", ["zero2.yaml"])  # ZeRO-2: where two parameter groups in bf16 needed a fix
-def test_deepspeed_bf16_keeps_float32_master_weights_and_tracks_the_float32_curve(tiny_model, sft_file, tmp_path, launch_config):
+def test_deepspeed_bf16_keeps_float32_master_weights_and_tracks_the_float32_curve(
+    tiny_model, sft_file, tmp_path, launch_config
+):
     """`--mixed_precision bf16` under ZeRO: DeepSpeed computes in bf16 and steps float32 master
     weights, which checkpoints and final/ hold."""
-    extra = ["train.max_steps=4", "train.batch_size=2", "train.grad_accum=2", "lora.enabled=false", "train.lr=1e-3",
-             "generation.num_prompts=0", "train.save_every=4"]
+    extra = [
+        "train.max_steps=4",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "lora.enabled=false",
+        "train.lr=1e-3",
+        "generation.num_prompts=0",
+        "train.save_every=4",
+    ]
     launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "fp32", *extra))
-    launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "bf16", *extra), launch_config=launch_config,
-           launcher=("--mixed_precision", "bf16"))
+    launch(
+        2,
+        "sft",
+        *sft_settings(tiny_model, sft_file, tmp_path / "bf16", *extra),
+        launch_config=launch_config,
+        launcher=("--mixed_precision", "bf16"),
+    )
     fp32, bf16 = logged(tmp_path / "fp32"), logged(tmp_path / "bf16")
     assert bf16 == pytest.approx(fp32, rel=2e-2) and bf16 != pytest.approx(fp32, rel=1e-6)  # near, yet computed in bf16
     import torch
@@ -347,8 +450,11 @@ def test_a_one_process_deepspeed_launch_trains_as_a_plain_run(tiny_model, sft_fi
     """`accelerate launch --num_processes 1` with zero3.yaml (DeepSpeed on one device, e.g. one GPU)."""
     extra = ["train.max_steps=4", "train.batch_size=2", "train.grad_accum=2", "lora.enabled=false", "train.lr=1e-3"]
     launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "plain", *extra))
-    done = accelerate_launch(1, ["sft", *settings("train.trackers=[]", *sft_settings(tiny_model, sft_file, tmp_path / "zero", *extra))],
-                             "zero3.yaml")
+    done = accelerate_launch(
+        1,
+        ["sft", *settings("train.trackers=[]", *sft_settings(tiny_model, sft_file, tmp_path / "zero", *extra))],
+        "zero3.yaml",
+    )
     assert done.returncode == 0, failure_report(done.stderr)
     assert logged(tmp_path / "zero") == pytest.approx(logged(tmp_path / "plain"), rel=1e-4)
     assert_same_outputs(tmp_path / "plain", tmp_path / "zero", "false")
@@ -357,8 +463,17 @@ def test_a_one_process_deepspeed_launch_trains_as_a_plain_run(tiny_model, sft_fi
 def test_pretraining_under_deepspeed_zero3_follows_the_one_process_loss_curve(tiny_model, text_rows, tmp_path):
     data = write_jsonl(tmp_path / "text.jsonl", text_rows)
     # lora.dropout 0: dropout masks are drawn per micro-batch, so they differ with the split
-    common = (f"model.name_or_path={tiny_model}", f"data.path={data}", "data.max_length=32", "data.eval_fraction=0.2",
-              "train.max_steps=4", "train.batch_size=2", "train.grad_accum=2", "train.lr=1e-3", "lora.dropout=0.0")
+    common = (
+        f"model.name_or_path={tiny_model}",
+        f"data.path={data}",
+        "data.max_length=32",
+        "data.eval_fraction=0.2",
+        "train.max_steps=4",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.lr=1e-3",
+        "lora.dropout=0.0",
+    )
     launch(1, "pretrain", *common, f"train.output_dir={tmp_path / 'one'}")
     launch(2, "pretrain", *common, f"train.output_dir={tmp_path / 'zero3'}", launch_config="zero3.yaml")
     for name in ["train/loss", "train/grad_norm"]:
