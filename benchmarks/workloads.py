@@ -247,7 +247,7 @@ def rlhfkit_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
 
     from rlhfkit.config import SamplingSettings
     from rlhfkit.data.formatting import render_prompt
-    from rlhfkit.rollout import sample_rollout
+    from rlhfkit.sampling import sample_rollout
 
     model, tokenizer = _load_model(suite, model_name)
     model.eval()

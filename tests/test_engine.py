@@ -138,7 +138,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny_model, tmp_path, te
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_good_checkpoint(
     tiny_model, tmp_path, text_rows, monkeypatch
 ):
-    import rlhfkit.forward as forward
+    import rlhfkit.passes as forward
 
     config = small_pretrain_config(tiny_model, tmp_path, text_rows, "train.batch_size=1")
     real_loss, training_calls = forward.causal_lm_nll_sum, {"n": 0}

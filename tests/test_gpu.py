@@ -163,7 +163,7 @@ def test_vllm_samples_the_policy_as_updated_not_as_started(tiny_model):
     version moves, its near-greedy samples are the updated policy's greedy continuations."""
     from rlhfkit.config import LoraSettings, RolloutSettings
     from rlhfkit.models import attach_lora, load_tokenizer
-    from rlhfkit.rollout import encode_prompts
+    from rlhfkit.sampling import encode_prompts
     from rlhfkit.vllm_rollout import VLLMSampler
 
     source = resolve("smollm2-135m-instruct")

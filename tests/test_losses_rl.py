@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rlhfkit.losses.grpo import group_advantages, grpo_per_token_loss, zero_variance_fraction
+from rlhfkit.losses.masked import masked_mean, masked_whiten
 from rlhfkit.losses.ppo import (
     adaptive_kl_coef,
     aggregate_loss,
@@ -15,7 +16,6 @@ from rlhfkit.losses.ppo import (
     generalized_advantages,
     kl_estimate,
     kl_shaped_rewards,
-    masked_whiten,
 )
 from rlhfkit.losses.trpo import (
     backtracking_line_search,
@@ -212,7 +212,6 @@ def test_surrogate_and_categorical_kl():
 
 
 def test_batch_statistics_sum_over_processes_through_reduce():
-    from rlhfkit.losses.ppo import explained_variance, masked_mean, masked_whiten
 
     values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])

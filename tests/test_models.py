@@ -8,8 +8,8 @@ from rlhfkit.config import LoraSettings, ModelSettings
 from rlhfkit.data.batching import pack_examples
 from rlhfkit.data.formatting import TokenizedExample
 from rlhfkit.errors import UserError
-from rlhfkit.forward import lm_nll_sum
 from rlhfkit.models import attach_lora, load_causal_lm, load_tokenizer, merge_to_directory, resolve, save_model
+from rlhfkit.passes import lm_nll_sum
 
 SEQUENCES = [[5, 17, 33, 2, 90], [44, 12, 7, 7, 61, 150, 3, 9], [300, 21, 8]]
 
@@ -166,8 +166,8 @@ def test_merge_refuses_a_full_model(tiny_model, tmp_path):
 def test_output_weights_finds_each_lm_head_once_inside_wrappers(tiny_model):
     """ZeRO-3 registers these as used outside their module's forward: the policy's head (tied to
     the embeddings, LoRA-wrapped) beside an RL critic, and nothing for a model without an LM head."""
+    from rlhfkit.critic import PolicyAndCritic
     from rlhfkit.models import load_reward_model, output_weights
-    from rlhfkit.stages.online import PolicyAndCritic
 
     source = resolve(str(tiny_model))
     settings = ModelSettings(name_or_path=str(tiny_model))

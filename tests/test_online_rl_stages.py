@@ -322,8 +322,8 @@ def test_trpo_line_search_reads_the_sampled_tokens_log_probs_from_the_full_distr
     """Each line-search try takes the surrogate's log-probs from the distributions it computes for
     the KL (one forward per try): they must be the rollout log-probs of the sampled tokens."""
     from rlhfkit.config import RolloutSettings
-    from rlhfkit.rollout import response_logprobs, sample_rollout
-    from rlhfkit.stages.trpo import full_log_distributions, sampled_token_logprobs
+    from rlhfkit.passes import full_log_distributions, response_logprobs, sampled_token_logprobs
+    from rlhfkit.sampling import sample_rollout
 
     source = resolve(str(tiny_model))
     tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)

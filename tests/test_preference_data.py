@@ -131,8 +131,8 @@ def test_pack_pairs_with_shared_prompts_stores_each_prompt_once():
 def test_dpo_answer_logps_and_gradients_with_shared_prompts_equal_separate_sequences(tiny_model):
     from rlhfkit.attention import shares_prompts
     from rlhfkit.config import ModelSettings
-    from rlhfkit.forward import answer_logps
     from rlhfkit.models import backbone_and_head, load_causal_lm, resolve
+    from rlhfkit.passes import answer_logps
 
     model = load_causal_lm(resolve(str(tiny_model)), ModelSettings(name_or_path=str(tiny_model)), torch.float32).eval()
     assert shares_prompts(backbone_and_head(model)[0])
@@ -172,7 +172,7 @@ def test_packed_reward_batches_score_like_padded_rows(tiny_model):
 
     from rlhfkit.config import ModelSettings
     from rlhfkit.models import load_reward_model, packs_by_position_ids, resolve
-    from rlhfkit.rewards import packed_reward_forward, reward_model_forward
+    from rlhfkit.passes import packed_reward_forward, reward_model_forward
 
     model = load_reward_model(
         resolve(str(tiny_model)), ModelSettings(name_or_path=str(tiny_model)), torch.float32

@@ -6,9 +6,10 @@ import torch
 from rlhfkit.config import RewardSourceSettings, RolloutSettings
 from rlhfkit.errors import UserError
 from rlhfkit.models import ModelSettings, load_causal_lm, load_tokenizer, resolve
+from rlhfkit.passes import response_logprobs
 from rlhfkit.reward_functions import final_number, numeric_answer
 from rlhfkit.rewards import RewardError, RewardModelScorer, RewardSource, load_reward_function, score_completions
-from rlhfkit.rollout import encode_prompts, response_logprobs, response_mask_from, sample_rollout
+from rlhfkit.sampling import encode_prompts, response_mask_from, sample_rollout
 
 PROMPTS = [({"role": "user", "content": "What is 2 + 2?"},), ({"role": "user", "content": "What is 3 + 4?"},)]
 
@@ -168,7 +169,7 @@ def test_prompts_are_left_padded_and_keep_their_end(tiny_model):
 
 
 def test_rollout_log_probs_match_the_sampling_distribution(tiny_model, monkeypatch):
-    import rlhfkit.rollout as rollout_module
+    import rlhfkit.passes as rollout_module
 
     """The behaviour log-probs equal log softmax(logits / T) of a plain forward, token by token."""
     source = resolve(str(tiny_model))
@@ -198,7 +199,7 @@ def test_rollout_log_probs_match_the_sampling_distribution(tiny_model, monkeypat
 def test_samples_of_one_prompt_share_it_in_the_packed_pass_with_the_same_values_and_gradients(tiny_model, monkeypatch):
     """Log-probs, entropies and gradients with each prompt run once per group equal those with
     the prompt repeated for every sample (the layout before sharing)."""
-    import rlhfkit.rollout as rollout_module
+    import rlhfkit.passes as rollout_module
 
     source = resolve(str(tiny_model))
     tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)
@@ -222,7 +223,7 @@ def test_samples_of_one_prompt_share_it_in_the_packed_pass_with_the_same_values_
 
 
 def test_samples_of_one_prompt_start_from_one_prefill_and_draw_what_a_full_prefill_draws(tiny_model, monkeypatch):
-    import rlhfkit.rollout as rollout_module
+    import rlhfkit.sampling as rollout_module
 
     source = resolve(str(tiny_model))
     tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)
@@ -295,7 +296,7 @@ def test_bad_prompt_rows_are_named(tmp_path):
 
 
 def test_row_seeded_sampler_draws_from_the_processed_distribution():
-    from rlhfkit.rollout import RowSeededSampler, row_seed
+    from rlhfkit.sampling import RowSeededSampler, row_seed
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
     settings = RolloutSettings(temperature=0.5, top_k=3, top_p=1.0)
@@ -311,7 +312,7 @@ def test_row_seeded_sampler_draws_from_the_processed_distribution():
 
 def test_seeded_completions_do_not_depend_on_their_batch(tiny_model):
     """A completion drawn with its own seed is the same alone or beside other prompts."""
-    from rlhfkit.rollout import row_seed
+    from rlhfkit.sampling import row_seed
 
     source = resolve(str(tiny_model))
     tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)

@@ -14,7 +14,7 @@ from rlhfkit.config import LoraSettings, ModelSettings, RolloutSettings
 from rlhfkit.config.loading import load_config
 from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.models import attach_lora, load_causal_lm, load_tokenizer, resolve
-from rlhfkit.rollout import pad_responses, rollout_from_responses
+from rlhfkit.sampling import pad_responses, rollout_from_responses
 from rlhfkit.vllm_rollout import check_vllm_usable, merged_weights, response_rows, sampling_arguments, write_checkpoint
 
 

@@ -303,8 +303,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     from rlhfkit.config import ModelSettings
     from rlhfkit.data.formatting import render_prompt
-    from rlhfkit.generation import generate_texts
     from rlhfkit.models import load_causal_lm, load_tokenizer, resolve
+    from rlhfkit.sampling import generate_texts
 
     if args.max_new_tokens <= 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise UserError("--max-new-tokens must be > 0, --temperature >= 0 and --top-p in (0, 1]")

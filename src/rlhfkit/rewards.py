@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
-from rlhfkit.attention import consecutive_runs, pack_shared_prefixes, packed_hidden_states, shares_prompts
+from rlhfkit.attention import consecutive_runs, pack_shared_prefixes, shares_prompts
 from rlhfkit.config import ModelSettings, RewardSourceSettings
 from rlhfkit.data.batching import pad_right
 from rlhfkit.data.formatting import fit_pair, prompt_and_response_ids
 from rlhfkit.errors import UserError
 from rlhfkit.models import backbone_and_score_head, load_reward_model, load_tokenizer, packs_by_position_ids, resolve
+from rlhfkit.passes import packed_reward_forward, reward_model_forward
 
 Messages = Sequence[dict[str, str]]
 
@@ -39,24 +40,6 @@ def special_token_wrapper(tokenizer: Any):
     if cls is not None and sep is not None:
         return lambda ids: [cls, *ids, sep]
     return lambda ids: ids
-
-
-def reward_model_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(N,) float32 scalar rewards of N right-padded rows."""
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1).float()
-
-
-def packed_reward_forward(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    position_ids: torch.Tensor,
-    last_positions: torch.Tensor,
-    shared_prompt_groups: list | None = None,
-) -> torch.Tensor:
-    """(S,) float32 rewards of S sequences packed into one row: the score head at each one's last token."""
-    backbone, head = backbone_and_score_head(model)
-    hidden = packed_hidden_states(backbone, input_ids, position_ids, shared_prompt_groups)
-    return head(hidden[0, last_positions]).squeeze(-1).float()
 
 
 def _as_turns(prompt: Messages | str) -> list[dict[str, str]]:

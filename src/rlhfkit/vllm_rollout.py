@@ -30,7 +30,7 @@ import torch
 
 from rlhfkit.config import RolloutSettings, SamplingSettings
 from rlhfkit.errors import UserError
-from rlhfkit.rollout import Rollout, encode_prompts, pad_responses, rollout_from_responses
+from rlhfkit.sampling import Rollout, encode_prompts, pad_responses, rollout_from_responses
 
 
 def check_vllm_usable(device: str) -> None:

@@ -17,7 +17,7 @@ from rlhfkit.files import check_output_files, write_json_atomically, write_text_
 from rlhfkit.labeling.agreement import agreement_report, by_pair, majority_label
 from rlhfkit.labeling.store import LabelStore
 from rlhfkit.models import load_causal_lm, load_tokenizer, resolve
-from rlhfkit.rollout import sample_rollout
+from rlhfkit.sampling import sample_rollout
 
 
 def generate_candidates(
@@ -123,7 +123,7 @@ def llm_preferences(
 ) -> list[float]:
     """P(first answer better) per item: the judge's next-token probability of "A" against "B",
     averaged over both orders (A/B swapped), which cancels the judge's position bias."""
-    from rlhfkit.rollout import encode_prompts
+    from rlhfkit.sampling import encode_prompts
 
     letter_a, letter_b = (tokenizer(letter, add_special_tokens=False)["input_ids"][0] for letter in ("A", "B"))
 

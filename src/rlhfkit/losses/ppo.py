@@ -3,47 +3,19 @@
 Shapes: B sequences × T response positions; ``mask`` is 1 on response tokens (up to and including
 EOS) and 0 on padding after them. Every function is pure; the stage composes them. Statistics
 over a batch take an optional ``reduce`` that sums a tensor over the processes holding its parts
-(data-parallel runs), so a mean or variance is the whole batch's; alone, it is the identity. The choices
+(data-parallel runs), so a mean or variance is the whole batch's (losses/masked.py). The choices
 follow "The N Implementation Details of RLHF with PPO" (Huang et al. 2022) and Ziegler et al. 2019.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 
+from rlhfkit.losses.masked import Reduce, masked_mean, this_process_only
+
 KLEstimator = Literal["k1", "k2", "k3"]
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def alone(values: torch.Tensor) -> torch.Tensor:
-    """The reduce of a single process: nothing to add."""
-    return values
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, reduce: Reduce = alone) -> torch.Tensor:
-    """Σ v·m / Σ m over all elements (0 when the mask is empty)."""
-    # At least float32: the token count must stay exact when the values are half precision.
-    dtype = torch.promote_types(values.dtype, torch.float32)
-    sums = reduce(torch.stack([(values * mask).sum().to(dtype), mask.sum().to(dtype)]))
-    return sums[0] / sums[1].clamp(min=1)
-
-
-def masked_whiten(
-    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce: Reduce = alone
-) -> torch.Tensor:
-    """(v − μ)/σ over masked elements (σ the population std); with shift_mean=False the mean is added back.
-
-    Padding positions come back as 0.
-    """
-    mean = masked_mean(values, mask, reduce)
-    variance = masked_mean((values - mean) ** 2, mask, reduce)
-    whitened = (values - mean) * torch.rsqrt(variance + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
@@ -160,7 +132,7 @@ def adaptive_kl_coef(coef: float, observed_kl: float, target_kl: float, horizon:
 
 
 def explained_variance(
-    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce: Reduce = alone
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce: Reduce = this_process_only
 ) -> float:
     """1 − Var[R − V] / Var[R] over masked tokens: 1 is a perfect critic, ≤ 0 no better than a constant."""
     variance = masked_mean((returns - masked_mean(returns, mask, reduce)) ** 2, mask, reduce)

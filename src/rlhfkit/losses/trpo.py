@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.losses.ppo import Reduce, alone, masked_mean
+from rlhfkit.losses.masked import Reduce, masked_mean, this_process_only
 
 
 def surrogate_objective(
@@ -24,7 +24,7 @@ def surrogate_objective(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    reduce: Reduce = alone,
+    reduce: Reduce = this_process_only,
 ) -> torch.Tensor:
     """L = mean over masked tokens of exp(log π − log π_old) · A  (to maximise; equals mean A at θ_old)."""
     return masked_mean(torch.exp(logprobs - old_logprobs) * advantages, mask, reduce)
@@ -36,7 +36,7 @@ def categorical_kl(old_logprobs: torch.Tensor, new_logprobs: torch.Tensor) -> to
 
 
 def mean_categorical_kl(
-    old_logprobs: torch.Tensor, new_logprobs: torch.Tensor, mask: torch.Tensor, reduce: Reduce = alone
+    old_logprobs: torch.Tensor, new_logprobs: torch.Tensor, mask: torch.Tensor, reduce: Reduce = this_process_only
 ) -> torch.Tensor:
     """KL̄ = mean over masked positions of Σ_v π_old(v) (log π_old(v) − log π_new(v)).
 

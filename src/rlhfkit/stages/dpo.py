@@ -20,11 +20,11 @@ from rlhfkit.data.formatting import render_prompt, tokenize_pairs
 from rlhfkit.data.kinds import load_examples, preference_examples
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.engine.held_out import held_out_share, held_out_sums
-from rlhfkit.forward import answer_logps
-from rlhfkit.generation import generate_answers
 from rlhfkit.losses.dpo import DPOLoss, dpo_family_loss, implicit_rewards
 from rlhfkit.models import backbone_and_head, frozen_reference_copy, reference_policy, resolve_with_tokenizer
+from rlhfkit.passes import answer_logps
 from rlhfkit.rewards import RewardModelScorer
+from rlhfkit.sampling import generate_answers
 from rlhfkit.stages.before_after import measure, write_samples
 
 STAGE = "dpo"

@@ -30,12 +30,12 @@ from rlhfkit.evaluate import (
     write_side_by_side,
 )
 from rlhfkit.files import write_json_atomically, write_text_atomically
-from rlhfkit.forward import evaluate_perplexity
 from rlhfkit.labeling.commands import llm_preferences
 from rlhfkit.models import load_causal_lm, load_tokenizer, pick_dtype, resolve
+from rlhfkit.passes import evaluate_perplexity, response_logprobs
 from rlhfkit.report import evaluation_markdown
 from rlhfkit.rewards import RewardModelScorer
-from rlhfkit.rollout import response_logprobs, sample_rollout
+from rlhfkit.sampling import sample_rollout
 from rlhfkit.stages.sft import held_out_prompts
 
 STAGE = "evaluate"

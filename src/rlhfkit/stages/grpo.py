@@ -15,7 +15,7 @@ from rlhfkit.engine import LossOutput
 from rlhfkit.losses.grpo import group_advantages, grpo_per_token_loss, zero_variance_fraction
 from rlhfkit.losses.ppo import aggregate_loss
 from rlhfkit.rewards import ScoredBatch
-from rlhfkit.rollout import Rollout
+from rlhfkit.sampling import Rollout
 from rlhfkit.stages.online import (
     Context,
     RolloutBatch,

@@ -9,7 +9,7 @@ import torch
 from rlhfkit.data.batching import LMBatch
 from rlhfkit.engine import Engine, LossOutput
 from rlhfkit.engine.held_out import held_out_sums
-from rlhfkit.forward import lm_nll_sum, perplexity_from_sums
+from rlhfkit.passes import lm_nll_sum, perplexity_from_sums
 
 
 def lm_loss(chunk_size: int):

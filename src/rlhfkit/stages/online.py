@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhfkit.config import LoraSettings, RLConfig
+from rlhfkit.critic import PolicyAndCritic
 from rlhfkit.data.batching import _order
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.data.kinds import PromptExample, load_examples, prompt_examples
@@ -33,18 +34,10 @@ from rlhfkit.engine import Engine, RunDir, fsdp_launch, process_state
 from rlhfkit.engine.deepspeed_zero import deepspeed_launch
 from rlhfkit.errors import UserError
 from rlhfkit.models import frozen_reference_copy, reference_policy, resolve, resolve_with_tokenizer
+from rlhfkit.passes import response_logprobs
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
-from rlhfkit.rollout import Rollout, response_logprobs, row_seed, sample_rollout
+from rlhfkit.sampling import Rollout, row_seed, sample_rollout
 from rlhfkit.stages.before_after import measure, write_samples
-
-
-class PolicyAndCritic(torch.nn.Module):
-    """The trainable models of an RL stage; the critic is None for critic-free algorithms."""
-
-    def __init__(self, policy: torch.nn.Module, critic: torch.nn.Module | None) -> None:
-        super().__init__()
-        self.policy = policy
-        self.critic = critic
 
 
 @dataclass

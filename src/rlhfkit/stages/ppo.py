@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from rlhfkit.config import PPOConfig
+from rlhfkit.critic import ValueHead
 from rlhfkit.engine import LossOutput
+from rlhfkit.losses.masked import masked_whiten
 from rlhfkit.losses.ppo import (
     adaptive_kl_coef,
     aggregate_loss,
@@ -20,10 +22,10 @@ from rlhfkit.losses.ppo import (
     explained_variance,
     generalized_advantages,
     kl_shaped_rewards,
-    masked_whiten,
 )
+from rlhfkit.passes import response_values
 from rlhfkit.rewards import ScoredBatch
-from rlhfkit.rollout import Rollout, ValueHead, response_values
+from rlhfkit.sampling import Rollout
 from rlhfkit.stages.online import (
     Context,
     RolloutBatch,
@@ -93,9 +95,9 @@ class PPO:
             scored.scores.to(mask.device), logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator
         )
         advantages, returns = generalized_advantages(rewards, values, mask, settings.gamma, settings.lam)
-        everywhere = engine.sum_across_processes  # batch statistics over every process's completions
+        sum_over_processes = engine.sum_across_processes  # batch statistics over every process's completions
         if settings.whiten_advantages:
-            advantages = masked_whiten(advantages, mask, reduce=everywhere)
+            advantages = masked_whiten(advantages, mask, reduce=sum_over_processes)
         targets = {
             "old_logprobs": logprobs,
             "old_values": values,
@@ -111,7 +113,7 @@ class PPO:
         )
         summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy, gather=engine.gather)
         penalty = scored.scores.to(rewards.device).sum() - rewards.sum()  # Σ β·KL over this process's completions
-        totals = everywhere(
+        totals = sum_over_processes(
             torch.stack([kl.sum(), penalty, torch.tensor(float(rollout.size), device=kl.device)]).float()
         ).tolist()
         sequence_kl, batch_size = totals[0] / totals[2], int(totals[2])
@@ -124,7 +126,7 @@ class PPO:
             **updates,
             "kl_coef": kl_coef,
             "kl_penalty": totals[1] / totals[2],  # mean β·KL per sequence
-            "explained_variance": explained_variance(values, returns, mask, reduce=everywhere),
+            "explained_variance": explained_variance(values, returns, mask, reduce=sum_over_processes),
         }
 
 

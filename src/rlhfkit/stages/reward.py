@@ -21,7 +21,8 @@ from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.engine.held_out import held_out_sums
 from rlhfkit.losses.reward import bradley_terry_loss
 from rlhfkit.models import backbone_and_score_head, packs_by_position_ids, resolve_with_tokenizer
-from rlhfkit.rewards import packed_reward_forward, reward_model_forward, special_token_wrapper
+from rlhfkit.passes import packed_reward_forward, reward_model_forward
+from rlhfkit.rewards import special_token_wrapper
 from rlhfkit.stages.before_after import measure
 
 STAGE = "reward"

@@ -14,8 +14,8 @@ from rlhfkit.data.formatting import render_prompt, tokenize_examples
 from rlhfkit.data.kinds import ChatExample, chat_examples, load_examples
 from rlhfkit.engine import Engine, RunDir, steps_for
 from rlhfkit.evaluate import rouge_l
-from rlhfkit.generation import generate_answers
 from rlhfkit.models import resolve_with_tokenizer
+from rlhfkit.sampling import generate_answers
 from rlhfkit.stages.before_after import measure, write_samples
 from rlhfkit.stages.language_model import lm_loss, perplexity_evaluator
 

@@ -28,14 +28,13 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from rlhfkit.config import TRPOConfig
 from rlhfkit.engine import LossOutput, TrainingError
 from rlhfkit.losses.grpo import group_advantages
+from rlhfkit.losses.masked import masked_mean, masked_whiten
 from rlhfkit.losses.ppo import (
     aggregate_loss,
     clipped_value_loss,
     explained_variance,
     generalized_advantages,
     kl_shaped_rewards,
-    masked_mean,
-    masked_whiten,
 )
 from rlhfkit.losses.trpo import (
     backtracking_line_search,
@@ -45,9 +44,9 @@ from rlhfkit.losses.trpo import (
     surrogate_objective,
     trust_region_step_size,
 )
-from rlhfkit.models import backbone_and_head
+from rlhfkit.passes import full_log_distributions, response_values, sampled_token_logprobs
 from rlhfkit.rewards import ScoredBatch
-from rlhfkit.rollout import Rollout, response_hidden_states, response_values
+from rlhfkit.sampling import Rollout
 from rlhfkit.stages.grpo import group_scores
 from rlhfkit.stages.online import (
     Context,
@@ -63,22 +62,6 @@ from rlhfkit.stages.online import (
 STAGE = "trpo"
 
 
-def full_log_distributions(policy: torch.nn.Module, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """(M, V) log-softmax(logits / T) at the M response positions of the rollout."""
-    decoder, head_weight = backbone_and_head(policy)
-    hidden = response_hidden_states(decoder, rollout)[rollout.response_mask.bool()] / temperature
-    return torch.log_softmax((hidden @ head_weight.T).float(), dim=-1)
-
-
-def sampled_token_logprobs(distributions: torch.Tensor, rollout: Rollout) -> torch.Tensor:
-    """(N, R) log-probs of the sampled response tokens, 0 on padding, from the (M, V) distributions
-    that `full_log_distributions` gives at the M response positions."""
-    valid = rollout.response_mask.bool()
-    logprobs = torch.zeros(valid.shape, dtype=distributions.dtype, device=distributions.device)
-    logprobs[valid] = distributions.gather(-1, rollout.response_ids[valid].unsqueeze(-1)).squeeze(-1)
-    return logprobs
-
-
 class TRPO:
     def __init__(self, context: Context) -> None:
         self.context, self.settings = context, context.config.trpo
@@ -88,7 +71,7 @@ class TRPO:
             context.build_critic(self.settings.critic_model)
             self.optimizer_steps_per_step = optimizer_steps_per_step(context.config, self.settings.value_epochs, None)
         self.parameters = [p for p in context.policy.parameters() if p.requires_grad]
-        self.everywhere = context.engine.sum_across_processes  # sums over processes
+        self.sum_over_processes = context.engine.sum_across_processes  # sums over processes
 
     def advantages(self, rollout: Rollout, scored: ScoredBatch, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         scores = scored.scores.to(mask.device)
@@ -101,7 +84,7 @@ class TRPO:
         rewards, _ = kl_shaped_rewards(scores, torch.zeros_like(mask), torch.zeros_like(mask), mask, 0.0)
         advantages, returns = generalized_advantages(rewards, values, mask, self.settings.gamma, self.settings.lam)
         return {
-            "advantages": masked_whiten(advantages, mask, reduce=self.everywhere),
+            "advantages": masked_whiten(advantages, mask, reduce=self.sum_over_processes),
             "returns": returns,
             "old_values": values,
         }
@@ -121,7 +104,7 @@ class TRPO:
         At θ_old the ratio is 1 and π_old is the policy itself, so the same pass yields the
         behaviour log-probs (and entropies) the line search compares against.
         """
-        total_tokens = float(self.everywhere(targets["mask"].sum()))
+        total_tokens = float(self.sum_over_processes(targets["mask"].sum()))
         gradient = torch.zeros(sum(p.numel() for p in self.parameters), device=targets["mask"].device)
         logprobs_all = torch.zeros_like(targets["mask"])
         entropy_all = torch.zeros_like(targets["mask"])
@@ -137,7 +120,7 @@ class TRPO:
             gradient += torch.cat(
                 [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.parameters)]
             )
-        return self.everywhere(gradient), logprobs_all, entropy_all
+        return self.sum_over_processes(gradient), logprobs_all, entropy_all
 
     def natural_step(
         self, rollout: Rollout, targets: dict[str, torch.Tensor], gradient: torch.Tensor
@@ -145,7 +128,9 @@ class TRPO:
         context, settings = self.context, self.settings
         old_logprobs = targets["old_logprobs"]
         surrogate_before = float(
-            surrogate_objective(old_logprobs, old_logprobs, targets["advantages"], targets["mask"], self.everywhere)
+            surrogate_objective(
+                old_logprobs, old_logprobs, targets["advantages"], targets["mask"], self.sum_over_processes
+            )
         )
         if not torch.isfinite(gradient).all():
             raise TrainingError(
@@ -163,14 +148,16 @@ class TRPO:
             # This process's share of the mean KL over every process's positions; the
             # products are summed over processes (one process: share 1, sum = itself).
             positions = every_position.sum()
-            kl = mean_categorical_kl(new.detach(), new, every_position) * positions / self.everywhere(positions)
+            kl = mean_categorical_kl(new.detach(), new, every_position) * positions / self.sum_over_processes(positions)
             kl_gradient = torch.cat(
                 [g.reshape(-1) for g in torch.autograd.grad(kl, self.parameters, create_graph=True)]
             )
 
             def fisher_vector(vector: torch.Tensor) -> torch.Tensor:
                 product = torch.autograd.grad(kl_gradient @ vector, self.parameters, retain_graph=True)
-                return self.everywhere(torch.cat([p.reshape(-1) for p in product])) + settings.cg_damping * vector
+                return (
+                    self.sum_over_processes(torch.cat([p.reshape(-1) for p in product])) + settings.cg_damping * vector
+                )
 
             solved = conjugate_gradient(fisher_vector, gradient, settings.cg_iterations)
             curvature_direction = fisher_vector(solved.solution)
@@ -199,11 +186,11 @@ class TRPO:
                     logprobs[batch.rows, : batch.width] = sampled_token_logprobs(new, batch.rollout)
             gain = float(
                 surrogate_objective(
-                    logprobs, targets["old_logprobs"], targets["advantages"], targets["mask"], self.everywhere
+                    logprobs, targets["old_logprobs"], targets["advantages"], targets["mask"], self.sum_over_processes
                 )
             )
             kl_per_position = torch.cat(per_position)
-            kl = float(masked_mean(kl_per_position, torch.ones_like(kl_per_position), self.everywhere))
+            kl = float(masked_mean(kl_per_position, torch.ones_like(kl_per_position), self.sum_over_processes))
             return gain - surrogate_before, kl
 
         search = backtracking_line_search(try_fraction, settings.max_kl, expected, settings.line_search_steps)
@@ -244,7 +231,7 @@ class TRPO:
             )
             step["value_loss"] = critic_metrics["loss"]
             step["explained_variance"] = explained_variance(
-                targets["old_values"], targets["returns"], mask, reduce=self.everywhere
+                targets["old_values"], targets["returns"], mask, reduce=self.sum_over_processes
             )
         return {**summary, **step}
 

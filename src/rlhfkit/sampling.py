@@ -1,13 +1,11 @@
-"""Rollouts for online RL: batched sampling with the KV cache, and the log-probs of what was sampled.
+"""Sampling: every caller that generates text goes through here (RL rollouts, evaluation, label
+generation, SFT/DPO sample answers, `rlhfkit generate`), on HF `generate` with the KV cache.
 
 Prompts are left-padded so every completion starts at the same column; completions are
 right-padded after their first EOS. The response mask covers the generated tokens up to and
 including that EOS, so the EOS itself is trained (a padding token equal to EOS never masks the
-model's decision to stop). Log-probs for the behaviour policy, the loss and the KL all come from
-:func:`response_logprobs` with the sampling temperature, so they agree exactly on the first pass.
-
-Two engines sample: HF `generate` (CPU and GPU, the default) and, with `rollout.engine: vllm`,
-a vLLM engine colocated on each process's GPU (`rlhfkit.vllm_rollout`); both hand their ids to
+model's decision to stop). With `rollout.engine: vllm` the RL stages sample with a vLLM engine
+colocated on each process's GPU (`rlhfkit.vllm_rollout`) instead; both engines hand their ids to
 :func:`rollout_from_responses`, so masks and decoding are the same.
 """
 
@@ -20,17 +18,11 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from rlhfkit.attention import consecutive_runs, pack_shared_prefixes, packed_hidden_states, shares_prompts
+from rlhfkit.attention import consecutive_runs
 from rlhfkit.config import SamplingSettings
-from rlhfkit.losses.lm import IGNORE_INDEX, target_token_logprobs, target_token_logprobs_and_entropy
-from rlhfkit.models import (
-    backbone_and_head,
-    backbone_and_score_head,
-    eval_mode,
-    packs_by_position_ids,
-    weights_are_sharded,
-)
+from rlhfkit.models import eval_mode, weights_are_sharded
 
 
 @dataclass
@@ -172,20 +164,41 @@ def sample_rollout(
                 [RowSeededSampler(seeds[start : start + settings.batch_size], settings)] if seeds is not None else []
             )
             prefix = shared_prompt_cache(model, ids, mask, torch.arange(start, start + len(ids)) // samples_per_prompt)
-            generated = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                generation_config=generation_config,
-                logits_processor=processors,
-                past_key_values=prefix,
-                synced_gpus=weights_are_sharded(model),
-            )  # sharded: every process runs each decode step
-            new = generated[:, ids.shape[1] :].cpu()
+            new = generate_new_tokens(
+                model, ids, mask, prefix, generation_config=generation_config, logits_processor=processors
+            ).cpu()
             pad = torch.full(
                 (new.shape[0], settings.max_new_tokens - new.shape[1]), tokenizer.pad_token_id, dtype=torch.long
             )
             pieces.append(torch.cat([new, pad], dim=1))
     return rollout_from_responses(prompt_ids, prompt_mask, torch.cat(pieces), tokenizer, samples_per_prompt)
+
+
+def _generate_cache_keyword() -> str:
+    """generate's keyword for a ready KV cache: transformers 5.24 renames `past_key_values` to `cache`
+    (the old name warns, and goes in 6.0)."""
+    import transformers
+
+    release = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
+    return "cache" if release >= (5, 24) else "past_key_values"
+
+
+def generate_new_tokens(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_cache: Any | None = None,
+    **generation: Any,
+) -> torch.Tensor:
+    """(B, new) the tokens HF `generate` adds after left-padded prompts: the one call of `generate`
+    that every sampler here makes. prompt_cache: a KV cache of all but each prompt's last token."""
+    if prompt_cache is not None:
+        generation[_generate_cache_keyword()] = prompt_cache
+    # Sharded weights (FSDP, ZeRO-3): every process runs each decode step, as the gathers need.
+    generated = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, synced_gpus=weights_are_sharded(model), **generation
+    )
+    return generated[:, input_ids.shape[1] :]
 
 
 def shared_prompt_cache(
@@ -203,9 +216,8 @@ def shared_prompt_cache(
     first_rows = [run[0] for run in runs]
     prefix_ids, prefix_mask = ids[first_rows, :-1], mask[first_rows, :-1]
     positions = (prefix_mask.cumsum(dim=1) - 1).clamp(min=0)
-    cache = model(
-        input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True
-    ).past_key_values
+    output = model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=True)
+    cache = next(value for key, value in output.items() if key in ("cache", "past_key_values"))
     cache.reorder_cache(torch.tensor([number for number, run in enumerate(runs) for _ in run], device=ids.device))
     return cache
 
@@ -235,124 +247,65 @@ def rollout_from_responses(
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, ended, prompt_index, completions)
 
 
-def _sequence_inputs(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
-    # Response padding sits after every valid token, so causal attention never reads it.
-    attention_mask = torch.cat([rollout.prompt_mask, torch.ones_like(rollout.response_ids)], dim=1)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return input_ids, attention_mask, position_ids
-
-
-def _packed_sequence_inputs(
-    rollout: Rollout, share_prompts: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list | None]:
-    """Every prompt+response in one row without padding: (1, T) ids and positions, the (N, R)
-    index of the position predicting each response token (-1 on response padding), and the
-    shared-prompt layout for the attention (None when nothing is shared).
-
-    With share_prompts, consecutive samples of one prompt store their common prefix (the prompt,
-    and any identical first tokens of the answers) once, so it is run once per group, not per sample.
-    """
-    prompt_lengths = rollout.prompt_mask.sum(dim=1).tolist()
-    response_lengths = rollout.response_mask.sum(dim=1).long().tolist()
-    prompt_width, response_width = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
-    sequences = [
-        torch.cat([rollout.prompt_ids[row, prompt_width - p :], rollout.response_ids[row, :r]])
-        for row, (p, r) in enumerate(zip(prompt_lengths, response_lengths))
-    ]
-    groups = (
-        consecutive_runs(rollout.prompt_index.tolist()) if share_prompts else [[row] for row in range(rollout.size)]
-    )
-    pack = pack_shared_prefixes(sequences, groups)
-    predictors = torch.full((rollout.size, response_width), -1, dtype=torch.long, device=pack.input_ids.device)
-    for row, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
-        predictors[row, :r] = pack.predictors(row, p)  # the position before each response token
-    return pack.input_ids, pack.position_ids, predictors, pack.layout
-
-
-def response_hidden_states(decoder: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
-    """(N, R, H): the hidden state that predicts each response token (the state before it).
-
-    Decoders whose attention follows position ids run all sequences packed in one row, with no
-    padding (0 on response padding), and the samples of one prompt share one copy of it; others
-    run the left/right-padded rows with a mask.
-    """
-    if packs_by_position_ids(decoder):
-        input_ids, position_ids, predictors, layout = _packed_sequence_inputs(
-            rollout, share_prompts=shares_prompts(decoder)
-        )
-        hidden = packed_hidden_states(decoder, input_ids, position_ids, layout)[0]
-        gathered = hidden[predictors.clamp(min=0)]  # (N, R, H)
-        return gathered * (predictors >= 0).unsqueeze(-1).to(gathered.dtype)
-    input_ids, attention_mask, position_ids = _sequence_inputs(rollout)
-    hidden = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    prompt_width = rollout.prompt_ids.shape[1]
-    return hidden[:, prompt_width - 1 : -1]
-
-
-def response_logprobs(
+@torch.no_grad()  # not inference_mode: FSDP gathers weights into buffers it reuses in training
+def generate_texts(
     model: torch.nn.Module,
-    rollout: Rollout,
-    temperature: float,
-    chunk_size: int = 1024,
-    with_entropy: bool = False,
-    with_hidden: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Per-token log π(y_t | x, y_<t) under softmax(logits / temperature), (N, R), 0 on padding.
-
-    With with_entropy, also the (detached) entropy of each position's distribution, (N, R); with
-    with_hidden, also the (detached) final hidden states at those positions, (N, R, H), e.g. as
-    features for a value head.
-    """
-    decoder, head_weight = backbone_and_head(model)
-    hidden = response_hidden_states(decoder, rollout)
-    valid = rollout.response_mask.bool()
-    targets = rollout.response_ids.masked_fill(~valid, IGNORE_INDEX)
-    logprobs = torch.zeros(rollout.response_ids.shape, dtype=torch.float32, device=hidden.device)
-    scaled = hidden / temperature  # (h·W)/T = (h/T)·W
-    if with_entropy:
-        values, entropy_values = target_token_logprobs_and_entropy(scaled, head_weight, targets, chunk_size)
-        entropy = torch.zeros_like(logprobs)
-        entropy[valid] = entropy_values
-    else:
-        values, entropy = target_token_logprobs(scaled, head_weight, targets, chunk_size), None
-    logprobs = logprobs.masked_scatter(valid, values)
-    if with_hidden:
-        return logprobs, entropy, hidden.detach()
-    return logprobs, entropy
-
-
-class ValueHead(torch.nn.Module):
-    """A linear value head V = w·h + b on frozen hidden states (of the reference policy).
-
-    The cheap critic for CPUs: its features come from the reference pass the KL needs anyway, so
-    the critic costs no forward or backward pass of its own. Starts at V = 0.
-    """
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.zeros_(self.linear.weight)
-        torch.nn.init.zeros_(self.linear.bias)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(features.to(self.linear.weight.dtype)).squeeze(-1).float()
-
-    def save_pretrained(self, directory, state_dict: dict[str, torch.Tensor] | None = None, **_) -> None:
-        """state_dict: the whole tensors when the head's own are sharded (FSDP)."""
-        from safetensors.torch import save_file
-
-        state = state_dict if state_dict is not None else self.state_dict()
-        save_file(
-            {name: value.detach().cpu().contiguous() for name, value in state.items()},
-            str(directory / "value_head.safetensors"),
-        )
+    tokenizer: Any,
+    prompt_texts: Sequence[str],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> list[str]:
+    """Continue each already-formatted prompt (in eval mode: no dropout); returns only the new text. temperature 0 is greedy."""
+    device = next(model.parameters()).device
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generated tokens must follow the prompt directly
+    torch.manual_seed(seed)
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
+    outputs: list[str] = []
+    starts = range(0, len(prompt_texts), batch_size)
+    with eval_mode(model):
+        try:
+            for start in tqdm(starts, desc="generate", disable=not show_progress or len(starts) < 2):
+                encoded = tokenizer(
+                    list(prompt_texts[start : start + batch_size]),
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=False,
+                ).to(device)
+                new_tokens = generate_new_tokens(
+                    model,
+                    encoded["input_ids"],
+                    encoded["attention_mask"],
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    **sampling,
+                )
+                outputs.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        finally:
+            tokenizer.padding_side = padding_side
+    return outputs
 
 
-def response_values(critic: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
-    """(N, R) the critic's value V(x, y_<t) before each response token, 0 on padding."""
-    backbone, head = backbone_and_score_head(critic)
-    values = head(response_hidden_states(backbone, rollout)).squeeze(-1).float()
-    return values * rollout.response_mask
+def generate_answers(
+    model: torch.nn.Module, tokenizer: Any, prompt_texts: Sequence[str], settings: Any, seed: int
+) -> list[str]:
+    """generate_texts with a stage's `generation` settings."""
+    if not prompt_texts:
+        return []
+    return generate_texts(
+        model,
+        tokenizer,
+        prompt_texts,
+        settings.max_new_tokens,
+        settings.temperature,
+        settings.top_p,
+        settings.batch_size,
+        seed=seed,
+    )
