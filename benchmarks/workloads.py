@@ -79,8 +79,8 @@ def _logged_steps(output_dir: Path) -> list[dict]:
 
 def sft_token_count(config) -> tuple[int, dict[str, int]]:
     """Tokens rlhfkit trains on (prompt + response) and the per-example lengths behind the FLOP count."""
+    from rlhfkit.data.examples import chat_examples, load_examples
     from rlhfkit.data.formatting import tokenize_examples
-    from rlhfkit.data.kinds import chat_examples, load_examples
     from rlhfkit.models import resolve_with_tokenizer
 
     examples, _, _ = load_examples(config.data, config.train.seed, chat_examples)

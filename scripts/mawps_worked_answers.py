@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from rlhfkit.config.loading import load_config
-from rlhfkit.data.kinds import load_examples, prompt_examples
+from rlhfkit.data.examples import load_examples, prompt_examples
 
 NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 OPERATIONS = [

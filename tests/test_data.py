@@ -4,7 +4,7 @@ import pytest
 
 from conftest import write_jsonl
 from rlhfkit.config import ChatDataSettings, TextDataSettings
-from rlhfkit.data.kinds import chat_examples, text_examples
+from rlhfkit.data.examples import chat_examples, text_examples
 from rlhfkit.data.loading import builtin_file, load_splits, read_rows
 from rlhfkit.errors import DataError
 

@@ -3,8 +3,8 @@ import torch
 from transformers import AutoTokenizer
 
 from rlhfkit.data.batching import IGNORE_INDEX, block_batches, corpus_blocks, pack_examples, packed_batches
+from rlhfkit.data.examples import ChatExample, TextExample
 from rlhfkit.data.formatting import TokenizedExample, chat_segments, render_plain, tokenize_examples
-from rlhfkit.data.kinds import ChatExample, TextExample
 from rlhfkit.errors import DataError
 
 

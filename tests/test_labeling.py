@@ -9,7 +9,7 @@ import pytest
 from conftest import QUESTIONS, write_jsonl
 from rlhfkit.cli import main
 from rlhfkit.config.loading import load_config
-from rlhfkit.data.kinds import preference_examples
+from rlhfkit.data.examples import preference_examples
 from rlhfkit.data.loading import read_rows
 from rlhfkit.errors import UserError
 from rlhfkit.labeling.agreement import agreement_report, cohens_kappa, fleiss_kappa, majority_label, percent_agreement

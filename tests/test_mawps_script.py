@@ -38,7 +38,7 @@ def test_only_the_grpo_training_problems_are_used(tmp_path):
     assert len(rows) == 15  # 20 problems, 5 held out
     assert rows[0]["messages"][0] == {"role": "system", "content": "Answer."}
     from rlhfkit.config.loading import load_config
-    from rlhfkit.data.kinds import load_examples, prompt_examples
+    from rlhfkit.data.examples import load_examples, prompt_examples
 
     grpo = load_config("grpo", config)
     _, held_out, _ = load_examples(grpo.data, grpo.train.seed, prompt_examples)

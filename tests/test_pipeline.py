@@ -198,7 +198,7 @@ def test_killed_pipeline_resumes_from_the_last_checkpoint(pipeline_file, tmp_pat
 
 
 def test_held_out_prompts_honours_a_limit_of_zero():
-    from rlhfkit.data.kinds import ChatExample
+    from rlhfkit.data.examples import ChatExample
     from rlhfkit.stages.sft import held_out_prompts
 
     example = ChatExample(({"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}), "f:1")

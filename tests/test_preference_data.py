@@ -3,8 +3,8 @@ import torch
 
 from conftest import write_jsonl
 from rlhfkit.data.batching import pack_pairs, reward_batches
+from rlhfkit.data.examples import preference_examples, split_shared_prefix
 from rlhfkit.data.formatting import TokenizedPair, fit_pair
-from rlhfkit.data.kinds import preference_examples, split_shared_prefix
 from rlhfkit.data.loading import read_rows
 from rlhfkit.errors import DataError
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from rlhfkit import registry
 from rlhfkit.config.loading import load_config
-from rlhfkit.data.kinds import chat_examples, preference_examples, prompt_examples, text_examples
+from rlhfkit.data.examples import chat_examples, preference_examples, prompt_examples, text_examples
 from rlhfkit.data.loading import Row
 from rlhfkit.errors import ConfigError, DataError
 
@@ -112,7 +112,7 @@ def test_config_files_of_any_shape_validate_or_name_the_file(tree, tmp_path_fact
 
 def test_a_jsonl_file_with_any_bytes_is_read_or_named(tmp_path):
     from rlhfkit.config import ChatDataSettings
-    from rlhfkit.data.kinds import load_examples
+    from rlhfkit.data.examples import load_examples
 
     for index, content in enumerate(
         [b"\xff\xfe\x00bad", b"{not json}\n", b"[1, 2]\n", json.dumps({"messages": 5}).encode() + b"\n"]

@@ -8,7 +8,7 @@ import pytest
 
 from rlhfkit.cli import main
 from rlhfkit.config import RewardHackingThresholds
-from rlhfkit.evaluate import distinct_n, mean_and_stderr, reward_hacking_signs, wilson_interval, win_rate
+from rlhfkit.metrics import distinct_n, mean_and_stderr, reward_hacking_signs, wilson_interval, win_rate
 from rlhfkit.report import evaluation_markdown, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

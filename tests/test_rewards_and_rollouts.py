@@ -270,7 +270,7 @@ def test_a_reward_model_scores_packed_answers_sharing_their_prompt_as_padded_row
 
 def test_bad_prompt_rows_are_named(tmp_path):
     from conftest import write_jsonl
-    from rlhfkit.data.kinds import prompt_examples
+    from rlhfkit.data.examples import prompt_examples
     from rlhfkit.data.loading import read_rows
     from rlhfkit.errors import DataError
 

@@ -383,11 +383,11 @@ def packs_by_position_ids(model: torch.nn.Module) -> bool:
     return hasattr(module, f"{family}ForCausalLM") and getattr(inner.config, "is_encoder_decoder", False) is False
 
 
-def full_tensor(value: torch.Tensor) -> torch.Tensor:
+def whole_tensor(value: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind an FSDP-sharded one (a collective: every process must call it); others as they are."""
     from torch.distributed.tensor import DTensor
 
-    return value.full_tensor() if isinstance(value, DTensor) else value
+    return value.whole_tensor() if isinstance(value, DTensor) else value
 
 
 def weights_are_sharded(model: torch.nn.Module) -> bool:

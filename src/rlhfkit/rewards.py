@@ -260,3 +260,11 @@ def score_completions(
     if settings.missing_eos_penalty is not None:
         scores = scores - settings.missing_eos_penalty * (~ended.cpu()).float()
     return ScoredBatch(scores * valid_mask, valid_mask, raw_mean, int((~valid_mask).sum()))
+
+
+def group_scores(scored: ScoredBatch, group_size: int) -> torch.Tensor:
+    """Rewards with left-out (invalid) samples set to their group's valid mean, so they shift nothing."""
+    scores = scored.scores.reshape(-1, group_size).clone()
+    valid = scored.valid.reshape(-1, group_size)
+    means = (scores * valid).sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.where(valid, scores, means).reshape(-1)

@@ -68,7 +68,7 @@ def pack_examples(examples: Sequence[TokenizedExample]) -> LMBatch:
     return LMBatch(as_row(input_ids), as_row(position_ids), as_row(targets))
 
 
-def _order(count: int, seed: int | None) -> list[int]:
+def example_order(count: int, seed: int | None) -> list[int]:
     """Indices 0..count-1, shuffled when a seed is given."""
     order = list(range(count))
     if seed is not None:
@@ -78,7 +78,7 @@ def _order(count: int, seed: int | None) -> list[int]:
 
 def packed_batches(examples: Sequence[TokenizedExample], batch_size: int, seed: int | None) -> list[LMBatch]:
     """Micro-batches of `batch_size` examples each, packed padding-free; shuffled when seed is given."""
-    order = _order(len(examples), seed)
+    order = example_order(len(examples), seed)
     return [
         pack_examples([examples[i] for i in order[start : start + batch_size]])
         for start in range(0, len(order), batch_size)
@@ -170,7 +170,7 @@ def reward_batches(
     with share_prompts each pair's prompt once (module docstring); otherwise one right-padded row per
     sequence (encoders).
     """
-    order = _order(len(pairs), seed)
+    order = example_order(len(pairs), seed)
     batches = []
     for start in range(0, len(order), batch_size):
         chunk = [pairs[i] for i in order[start : start + batch_size]]
@@ -265,7 +265,7 @@ def pack_pairs(pairs: Sequence[TokenizedPair], pair_ids: Sequence[int], share_pr
 def pair_batches(
     pairs: Sequence[TokenizedPair], batch_size: int, seed: int | None, share_prompts: bool = False
 ) -> list[PairBatch]:
-    order = _order(len(pairs), seed)
+    order = example_order(len(pairs), seed)
     return [
         pack_pairs(
             [pairs[i] for i in order[start : start + batch_size]], order[start : start + batch_size], share_prompts

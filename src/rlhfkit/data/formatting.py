@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from rlhfkit.data.kinds import ChatExample, TextExample
+from rlhfkit.data.examples import ChatExample, TextExample
 from rlhfkit.errors import DataError
 
 PLAIN_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}

@@ -22,7 +22,7 @@ from rlhfkit.engine.distributed import like_parameter
 from rlhfkit.engine.run_dir import CHECKPOINT_STATE, RunDir
 from rlhfkit.errors import TrainingError, UserError
 from rlhfkit.files import remove_dir_atomically, write_dir_atomically
-from rlhfkit.models import full_tensor
+from rlhfkit.models import whole_tensor
 
 
 def rng_state() -> dict:
@@ -119,7 +119,7 @@ def whole_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     with deepspeed_zero.gathered(list(model.parameters())):  # a copy: the gathered weights are freed after
         return {
-            name: full_tensor(value).detach().cpu().clone().contiguous()
+            name: whole_tensor(value).detach().cpu().clone().contiguous()
             for name, value in model.state_dict().items()
             if name in names
         }
@@ -136,11 +136,11 @@ def whole_training_state(
     """(trainable weights, optimizer state) on the CPU, FSDP shards and ZeRO partitions gathered whole."""
     if zero_stage:
         return deepspeed_zero.whole_weights(trainable), deepspeed_zero.whole_optimizer_state(wrapped, decay_groups)
-    weights = {name: full_tensor(p).detach().contiguous().cpu() for name, p in trainable.items()}
+    weights = {name: whole_tensor(p).detach().contiguous().cpu() for name, p in trainable.items()}
     optimizer_state = optimizer.state_dict()
     if sharded:
         optimizer_state["state"] = {
-            index: {key: full_tensor(value).cpu() for key, value in entry.items()}
+            index: {key: whole_tensor(value).cpu() for key, value in entry.items()}
             for index, entry in optimizer_state["state"].items()
         }
     return weights, optimizer_state

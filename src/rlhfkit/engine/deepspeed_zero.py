@@ -148,7 +148,7 @@ def hidden_size_of(model: torch.nn.Module) -> int | None:
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict) -> torch.nn.Module:
-    """The DeepSpeed engine around `model` (the engine's ForwardInWrapper); `optimizer` stays
+    """The DeepSpeed engine around `model` (the engine's LossInsideWrapper); `optimizer` stays
     the one whose param_groups DeepSpeed steps with, so a scheduler on it sets the learning rate."""
     import deepspeed
 

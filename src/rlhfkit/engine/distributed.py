@@ -179,7 +179,7 @@ def leave_process_group() -> None:
     """At the end of a multi-process launch: wait for every process, then close the process group.
 
     Left to interpreter teardown, the communication threads of one process can be cut off by
-    another's exit (seen once in CI: a process aborted after a finished sharded run)."""
+    another's exit, which aborts that process after a finished run."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -198,7 +198,7 @@ def like_parameter(value: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor
     return value
 
 
-class ForwardInWrapper(torch.nn.Module):
+class LossInsideWrapper(torch.nn.Module):
     """Holds the model behind accelerate's wrapper (DDP, FSDP, DeepSpeed).
 
     Stages compute losses from the model's decoder and head directly, which would bypass the

@@ -30,7 +30,7 @@ from rlhfkit.config import LoraSettings, ModelSettings, TrainSettings
 from rlhfkit.engine import checkpointing, deepspeed_zero, tracking
 from rlhfkit.engine.deepspeed_zero import deepspeed_launch
 from rlhfkit.engine.distributed import (
-    ForwardInWrapper,
+    LossInsideWrapper,
     claim_fsdp_root,
     fsdp_launch,
     make_accelerator,
@@ -44,11 +44,11 @@ from rlhfkit.errors import TrainingError, UserError
 from rlhfkit.models import (
     FINAL_DIR,
     ModelSource,
-    full_tensor,
     load_for_training,
     pick_dtype,
     portable_reference,
     save_model,
+    whole_tensor,
 )
 
 
@@ -56,9 +56,9 @@ class Engine:
     """Training plumbing for one stage run."""
 
     def __init__(
-        self, train: TrainSettings, device: str, run: RunDir, stage: str, some_parameters_idle: bool = False
+        self, train: TrainSettings, device: str, run: RunDir, stage: str, find_unused_parameters: bool = False
     ) -> None:
-        """some_parameters_idle: some training passes use only part of the trainable parameters
+        """find_unused_parameters: some training passes use only part of the trainable parameters
         (e.g. a critic-only update), which DDP must be told to expect."""
         from accelerate.utils import set_seed
 
@@ -77,18 +77,18 @@ class Engine:
                 "dropped mid-step); use error, which stops at the step and keeps the last good checkpoint"
             )
         self._gathered_depth = 0  # nesting of full_weights()
-        self.accelerator = make_accelerator(device, run.root, trackers, find_unused_parameters=some_parameters_idle)
+        self.accelerator = make_accelerator(device, run.root, trackers, find_unused_parameters=find_unused_parameters)
         if trackers:
             tracking.start_trackers(self.accelerator, train.tracker_project, run.root, stage)
         set_seed(train.seed)
         self.model: torch.nn.Module | None = None  # the model itself: for evaluation, generation, saving
-        # ForwardInWrapper(model) as accelerate prepared it: for training passes
+        # LossInsideWrapper(model) as accelerate prepared it: for training passes
         self.wrapped: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self.progress = Progress()
         self.extra_state: dict = {}  # stage state saved with every checkpoint (e.g. an adaptive KL coefficient)
-        self.train_mode = True  # False keeps dropout off while training (RL: the first-pass ratio must be 1)
+        self.train_with_dropout = True  # False keeps dropout off while training (RL: the first-pass ratio must be 1)
 
     @property
     def device(self) -> torch.device:
@@ -136,7 +136,7 @@ class Engine:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
-        wrapper = ForwardInWrapper(model)
+        wrapper = LossInsideWrapper(model)
         if self.sharded:  # the optimizer must be built on the sharded parameters
             shard_for_launch(wrapper, model, self.device)
         groups = decay_groups(model, self.train.weight_decay)
@@ -163,7 +163,7 @@ class Engine:
         return self.model
 
     @contextmanager
-    def full_weights(self) -> Iterator[None]:
+    def whole_weights(self) -> Iterator[None]:
         """Passes outside training (evaluation, generation, reference log-probs) under FSDP: the
         root's own weights (embeddings, final norm, head) are gathered for the duration; each
         block gathers its own as it runs. Nothing to do otherwise. Nests: only the outermost
@@ -177,7 +177,7 @@ class Engine:
         finally:
             self._gathered_depth -= 1
 
-    def full_state_dict(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    def whole_state_dict_of(self, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
         """The model's whole tensors on the CPU (gathered from every process's shards under FSDP
         or ZeRO-3).
 
@@ -203,7 +203,7 @@ class Engine:
         """The trained adapter or full model (default: the prepared one), with its tokenizer, in RUN/final."""
         target = self.run.root / name
         model = model if model is not None else self.model
-        state = self.full_state_dict(model) if self.sharded or self.zero_stage else None
+        state = self.whole_state_dict_of(model) if self.sharded or self.zero_stage else None
         if self.zero_stage and model is self.model:  # DeepSpeed's float32 master copies of what was trained
             state.update(deepspeed_zero.whole_weights(self.trainable_parameters()))
         self.on_main(
@@ -298,7 +298,7 @@ class Engine:
                 )
                 bar.update(1)
                 if evaluate is not None and train.eval_every and self.progress.step % train.eval_every == 0:
-                    with self.full_weights():
+                    with self.whole_weights():
                         scores = evaluate()
                     self.log({f"eval/{k}": v for k, v in scores.items()}, self.progress.step)
                 self.checkpoint_if_due()
@@ -338,12 +338,12 @@ class Engine:
         if not self.train.save_every or self.progress.step % self.train.save_every:
             self.save_checkpoint()
 
-    def optimizer_step(self, group: Sequence[Batch], loss_fn, sharded: bool = False) -> dict[str, float]:
+    def optimizer_step(self, group: Sequence[Batch], loss_fn, already_split: bool = False) -> dict[str, float]:
         """Accumulate gradients over the group with the loss averaged over all its units, then step.
 
         Dividing every micro-batch's summed loss by the step's total units makes 8 micro-batches
         of 1 example equal 1 micro-batch of 8. Under several processes, the group is dealt out
-        (process r takes micro-batches r, r+N, ...) unless `sharded` says each process already
+        (process r takes micro-batches r, r+N, ...) unless `already_split` says each process already
         holds its own part; units and metrics are summed over processes, and each process's loss
         is multiplied by N because DDP averages the gradients it all-reduces. A process left with
         no micro-batch still joins the all-reduce, with a zero-weighted pass. Under DeepSpeed
@@ -352,18 +352,18 @@ class Engine:
         with zero-weighted ones.
         """
         world = self.num_processes
-        if sharded:
+        if already_split:
             share = list(group)
             units = int(self.sum_across_processes(torch.tensor([sum(batch.loss_units for batch in share)]))[0])
         else:
             share = list(group[self.accelerator.process_index :: world])
             units = sum(batch.loss_units for batch in group)
         passes = [(batch, world) for batch in share]
-        equal_passes = math.ceil(len(group) / world) if self.zero_stage and not sharded else 1
+        equal_passes = math.ceil(len(group) / world) if self.zero_stage and not already_split else 1
         passes += [(group[0], 0)] * (equal_passes - len(passes))
         if units == 0:
             raise TrainingError(f"step {self.progress.step + 1}: the batch has no target tokens")
-        self.wrapped.train(self.train_mode)
+        self.wrapped.train(self.train_with_dropout)
         loss_total, extra = 0.0, {}
         for index, (batch, weight) in enumerate(passes):
             syncing, counted = index == len(passes) - 1, weight != 0
@@ -400,7 +400,7 @@ class Engine:
             max_norm = self.train.max_grad_norm if self.train.max_grad_norm is not None else float("inf")
             parameters = list(self.trainable_parameters().values())
             if self.sharded:  # the norm over every shard (a DTensor)
-                grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(parameters, max_norm)))
+                grad_norm = float(whole_tensor(torch.nn.utils.clip_grad_norm_(parameters, max_norm)))
             else:
                 grad_norm = float(self.accelerator.clip_grad_norm_(parameters, max_norm))
         if not math.isfinite(grad_norm):

@@ -10,8 +10,8 @@ import torch
 from pydantic import ValidationError
 
 from rlhfkit.config import ModelSettings, PromptDataSettings, SamplingSettings
+from rlhfkit.data.examples import load_examples, prompt_examples
 from rlhfkit.data.formatting import render_prompt
-from rlhfkit.data.kinds import load_examples, prompt_examples
 from rlhfkit.errors import UserError
 from rlhfkit.files import check_output_files, write_json_atomically, write_text_atomically
 from rlhfkit.labeling.agreement import agreement_report, by_pair, majority_label

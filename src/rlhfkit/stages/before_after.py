@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from rlhfkit.engine import Engine
-from rlhfkit.evaluate import describe, write_answers_before_after
+from rlhfkit.metrics import describe, write_answers_before_after
 
 
 def measure(engine: Engine, metrics: dict, when: str, evaluate: Callable[[], dict] | None) -> None:
@@ -15,7 +15,7 @@ def measure(engine: Engine, metrics: dict, when: str, evaluate: Callable[[], dic
     """
     if evaluate is None or (when == "before" and when in metrics):
         return
-    with engine.full_weights():
+    with engine.whole_weights():
         metrics[when] = evaluate()
     if when == "before":
         engine.run.update_json("metrics.json", before=metrics["before"])

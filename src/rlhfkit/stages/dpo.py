@@ -16,8 +16,8 @@ import torch
 from rlhfkit.attention import shares_prompts
 from rlhfkit.config import DPOConfig
 from rlhfkit.data.batching import PairBatch, pair_batches
+from rlhfkit.data.examples import load_examples, preference_examples
 from rlhfkit.data.formatting import render_prompt, tokenize_pairs
-from rlhfkit.data.kinds import load_examples, preference_examples
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.engine.held_out import held_out_share, held_out_sums
 from rlhfkit.losses.dpo import DPOLoss, dpo_family_loss, implicit_rewards
@@ -168,7 +168,7 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
 
     engine.resume(resume)
     if reference is not None and config.dpo.precompute_reference:
-        with engine.full_weights():
+        with engine.whole_weights():
             reference.precompute(batches(train_pairs, None), len(train_pairs))
 
     # Train, measuring implicit-reward accuracy (and the reward model's score of answers) before and after.

@@ -16,11 +16,13 @@ import torch
 
 from rlhfkit.config import EvaluateConfig, ModelSettings, dump_config
 from rlhfkit.data.batching import packed_batches
+from rlhfkit.data.examples import chat_examples, load_examples
 from rlhfkit.data.formatting import render_prompt, tokenize_examples
-from rlhfkit.data.kinds import chat_examples, load_examples
 from rlhfkit.engine import RunDir
 from rlhfkit.errors import UserError
-from rlhfkit.evaluate import (
+from rlhfkit.files import write_json_atomically, write_text_atomically
+from rlhfkit.labeling.commands import llm_preferences
+from rlhfkit.metrics import (
     describe,
     distinct_n,
     mean_and_stderr,
@@ -29,8 +31,6 @@ from rlhfkit.evaluate import (
     win_rate,
     write_side_by_side,
 )
-from rlhfkit.files import write_json_atomically, write_text_atomically
-from rlhfkit.labeling.commands import llm_preferences
 from rlhfkit.models import load_causal_lm, load_tokenizer, pick_dtype, resolve
 from rlhfkit.passes import evaluate_perplexity, response_logprobs
 from rlhfkit.report import evaluation_markdown

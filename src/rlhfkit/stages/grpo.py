@@ -14,10 +14,10 @@ from rlhfkit.config import GRPOConfig
 from rlhfkit.engine import LossOutput
 from rlhfkit.losses.grpo import group_advantages, grpo_per_token_loss, zero_variance_fraction
 from rlhfkit.losses.ppo import aggregate_loss
-from rlhfkit.rewards import ScoredBatch
+from rlhfkit.rewards import ScoredBatch, group_scores
 from rlhfkit.sampling import Rollout
 from rlhfkit.stages.online import (
-    Context,
+    RLSetup,
     RolloutBatch,
     optimizer_steps_per_step,
     rollout_summary,
@@ -28,14 +28,6 @@ from rlhfkit.stages.online import (
 )
 
 STAGE = "grpo"
-
-
-def group_scores(scored: ScoredBatch, group_size: int) -> torch.Tensor:
-    """Rewards with left-out (invalid) samples set to their group's valid mean, so they shift nothing."""
-    scores = scored.scores.reshape(-1, group_size).clone()
-    valid = scored.valid.reshape(-1, group_size)
-    means = (scores * valid).sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True).clamp(min=1)
-    return torch.where(valid, scores, means).reshape(-1)
 
 
 def describe_flat_groups(fraction: float, rewards: torch.Tensor, max_new_tokens: int) -> str | None:
@@ -53,7 +45,7 @@ def describe_flat_groups(fraction: float, rewards: torch.Tensor, max_new_tokens:
 
 
 class GRPO:
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: RLSetup) -> None:
         self.context, self.settings = context, context.config.grpo
         self.optimizer_steps_per_step = optimizer_steps_per_step(
             context.config, self.settings.epochs, self.settings.minibatch_size
@@ -96,7 +88,7 @@ class GRPO:
             logprobs, entropy = torch.zeros_like(ref_logprobs), torch.zeros_like(ref_logprobs)
             self.seen_logprobs, self.seen_entropy = logprobs, entropy
         else:
-            with torch.no_grad(), engine.full_weights():
+            with torch.no_grad(), engine.whole_weights():
                 logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
         rewards = group_scores(scored, group_size)
         advantages = group_advantages(rewards, group_size, settings.scale_rewards).to(logprobs.device)

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from rlhfkit.config import LoraSettings, RLConfig
 from rlhfkit.critic import PolicyAndCritic
-from rlhfkit.data.batching import _order
+from rlhfkit.data.batching import example_order
+from rlhfkit.data.examples import PromptExample, load_examples, prompt_examples
 from rlhfkit.data.formatting import render_prompt
-from rlhfkit.data.kinds import PromptExample, load_examples, prompt_examples
 from rlhfkit.engine import Engine, RunDir, fsdp_launch, process_state
 from rlhfkit.engine.deepspeed_zero import deepspeed_launch
 from rlhfkit.errors import UserError
@@ -124,13 +124,13 @@ def run_updates(
         for group in minibatch_groups(
             rollout, targets, local_minibatch, engine.train.batch_size, aggregation, generator
         ):
-            for name, value in engine.optimizer_step(group, loss_fn, sharded=True).items():
+            for name, value in engine.optimizer_step(group, loss_fn, already_split=True).items():
                 totals[name] = totals.get(name, 0.0) + value
             steps += 1
     return {name: value / max(steps, 1) for name, value in totals.items() if name != "units"}
 
 
-class Context:
+class RLSetup:
     """The pieces an algorithm needs: engine, config, tokenizer, policy, critic, and reference log-probs."""
 
     def __init__(
@@ -166,7 +166,7 @@ class Context:
 
         with_hidden: also return the reference's hidden states at the response positions (N, R, H).
         """
-        with self.engine.full_weights(), reference_policy(self.policy, self.frozen_reference) as reference:
+        with self.engine.whole_weights(), reference_policy(self.policy, self.frozen_reference) as reference:
             logprobs, _, *hidden = response_logprobs(
                 reference, rollout, self.temperature, self.chunk, with_hidden=with_hidden
             )
@@ -302,7 +302,7 @@ def check_sharded_launch(config: RLConfig, stage: str) -> None:
 
 
 def run_online(
-    config: RLConfig, stage: str, make_algorithm: Callable[[Context], Algorithm], resume: bool = False
+    config: RLConfig, stage: str, make_algorithm: Callable[[RLSetup], Algorithm], resume: bool = False
 ) -> dict:
     check_sharded_launch(config, stage)
     processes = process_state(config.model.device).num_processes
@@ -327,16 +327,16 @@ def run_online(
     )
 
     # TRPO steps the policy itself; the engine's optimizer then trains only its critic.
-    engine = Engine(train, config.model.device, run_dir, stage, some_parameters_idle=stage == "trpo")
+    engine = Engine(train, config.model.device, run_dir, stage, find_unused_parameters=stage == "trpo")
     policy = engine.build_model(source, config.model, config.lora)
     frozen = frozen_reference_copy(policy, config.lora.enabled)
-    context = Context(config, engine, tokenizer, policy, frozen)
+    context = RLSetup(config, engine, tokenizer, policy, frozen)
     algorithm = make_algorithm(context)
     total_steps = train.max_steps or train.epochs * math.ceil(len(train_examples) / rollout_settings.prompts_per_step)
     engine.prepare(
         PolicyAndCritic(policy, context.critic), total_steps, max(1, total_steps * algorithm.optimizer_steps_per_step)
     )
-    engine.train_mode = False  # no dropout: log-probs must match the rollout's on the first pass
+    engine.train_with_dropout = False  # no dropout: log-probs must match the rollout's on the first pass
     if frozen is not None:
         frozen.to(engine.device)
     engine.resume(resume)
@@ -358,7 +358,7 @@ def run_online(
     def sample_and_score(examples: list[PromptExample], samples: int, seeds: list[int]) -> tuple[Rollout, ScoredBatch]:
         texts = [render(e) for e in examples]
         if vllm is None:
-            with engine.full_weights():
+            with engine.whole_weights():
                 rollout = sample_rollout(policy, tokenizer, texts, rollout_settings, samples, data.max_length, seeds)
         else:  # the policy changes once per step: its weights are loaded into vLLM when the step count moved
             rollout = vllm.sample(
@@ -390,7 +390,7 @@ def run_online(
         """The step's prompts: a seeded shuffle per epoch, so a resumed run sees the same ones."""
         count, per_step = len(train_examples), rollout_settings.prompts_per_step
         positions = range(step * per_step, (step + 1) * per_step)
-        orders = {epoch: _order(count, train.seed + epoch) for epoch in {p // count for p in positions}}
+        orders = {epoch: example_order(count, train.seed + epoch) for epoch in {p // count for p in positions}}
         return [train_examples[orders[p // count][p % count]] for p in positions]
 
     def local_rollout(step: int) -> tuple[Rollout, ScoredBatch]:

@@ -27,7 +27,7 @@ from rlhfkit.passes import response_values
 from rlhfkit.rewards import ScoredBatch
 from rlhfkit.sampling import Rollout
 from rlhfkit.stages.online import (
-    Context,
+    RLSetup,
     RolloutBatch,
     optimizer_steps_per_step,
     rollout_summary,
@@ -40,7 +40,7 @@ STAGE = "ppo"
 
 
 class PPO:
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: RLSetup) -> None:
         self.context, self.settings = context, context.config.ppo
         if self.settings.critic == "head":
             context.critic = ValueHead(context.policy.config.hidden_size)
@@ -82,7 +82,7 @@ class PPO:
     def update(self, rollout: Rollout, scored: ScoredBatch, step_seed: int) -> dict[str, float]:
         context, settings, engine = self.context, self.settings, self.context.engine
         head = settings.critic == "head"
-        with torch.no_grad(), engine.full_weights():
+        with torch.no_grad(), engine.whole_weights():
             logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
             if head:
                 ref_logprobs, features = context.reference_logprobs(rollout, with_hidden=True)

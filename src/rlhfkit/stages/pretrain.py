@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from rlhfkit.config import PretrainConfig
 from rlhfkit.data.batching import block_batches, corpus_blocks
+from rlhfkit.data.examples import load_examples, text_examples
 from rlhfkit.data.formatting import tokenize_corpus
-from rlhfkit.data.kinds import load_examples, text_examples
 from rlhfkit.engine import Engine, RunDir, steps_for
 from rlhfkit.errors import DataError
 from rlhfkit.models import resolve_with_tokenizer

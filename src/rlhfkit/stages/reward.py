@@ -15,8 +15,8 @@ import torch
 from rlhfkit.attention import shares_prompts
 from rlhfkit.config import RewardConfig
 from rlhfkit.data.batching import RewardBatch, reward_batches
+from rlhfkit.data.examples import load_examples, preference_examples
 from rlhfkit.data.formatting import tokenize_pairs
-from rlhfkit.data.kinds import load_examples, preference_examples
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.engine.held_out import held_out_sums
 from rlhfkit.losses.reward import bradley_terry_loss

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from rlhfkit.config import SFTConfig
 from rlhfkit.data.batching import packed_batches
+from rlhfkit.data.examples import ChatExample, chat_examples, load_examples
 from rlhfkit.data.formatting import render_prompt, tokenize_examples
-from rlhfkit.data.kinds import ChatExample, chat_examples, load_examples
 from rlhfkit.engine import Engine, RunDir, steps_for
-from rlhfkit.evaluate import rouge_l
+from rlhfkit.metrics import rouge_l
 from rlhfkit.models import resolve_with_tokenizer
 from rlhfkit.sampling import generate_answers
 from rlhfkit.stages.before_after import measure, write_samples

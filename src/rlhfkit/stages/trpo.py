@@ -45,11 +45,10 @@ from rlhfkit.losses.trpo import (
     trust_region_step_size,
 )
 from rlhfkit.passes import full_log_distributions, response_values, sampled_token_logprobs
-from rlhfkit.rewards import ScoredBatch
+from rlhfkit.rewards import ScoredBatch, group_scores
 from rlhfkit.sampling import Rollout
-from rlhfkit.stages.grpo import group_scores
 from rlhfkit.stages.online import (
-    Context,
+    RLSetup,
     RolloutBatch,
     micro_batch,
     optimizer_steps_per_step,
@@ -63,7 +62,7 @@ STAGE = "trpo"
 
 
 class TRPO:
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: RLSetup) -> None:
         self.context, self.settings = context, context.config.trpo
         if self.settings.baseline == "group":
             self.optimizer_steps_per_step = 0
