@@ -209,3 +209,90 @@ def test_two_annotators_may_use_the_same_submission_id_and_a_reused_id_for_anoth
     assert client.get("/api/judgements", headers=auth(tokens["alice"])).json()[0]["choice"] == left_response(
         LabelStore(path).annotator_for_token(tokens["alice"])[0], 1
     )
+
+
+def run_asgi(app, method, path, headers, chunks):
+    """Drive the app as a server would, with a request body arriving in `chunks` (no declared
+    length, as with chunked transfer); returns (status, response headers, chunks the app pulled)."""
+    import asyncio
+
+    pulled, sent = [0], []
+
+    async def receive():
+        if pulled[0] < len(chunks):
+            pulled[0] += 1
+            return {"type": "http.request", "body": chunks[pulled[0] - 1], "more_body": pulled[0] < len(chunks)}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, pulled[0]
+
+
+def test_a_chunked_body_is_refused_once_past_the_limit_and_only_after_the_token_is_checked(store_with_people):
+    path, tokens = store_with_people
+    app = create_app(path)
+    chunks = [b"x" * 1024] * 2000  # 2 MB, never declared
+    status, _, pulled = run_asgi(app, "POST", "/api/judgements", {"Content-Type": "application/json"}, chunks)
+    assert (status, pulled) == (401, 0)  # no token: not one byte of the body is read
+    status, _, pulled = run_asgi(app, "POST", "/api/judgements", auth(tokens["alice"]), chunks)
+    assert status == 413 and pulled == 17  # 16 KiB is the limit: the 17th KiB crosses it, and reading stops
+    body = json.dumps(submission(1, "left")).encode()
+    status, _, _ = run_asgi(
+        app,
+        "POST",
+        "/api/judgements",
+        {**auth(tokens["alice"]), "Content-Type": "application/json"},
+        [body[:10], body[10:]],
+    )
+    assert status == 200 and LabelStore(path).current_judgements()[0].pair_id == 1
+
+
+def test_ids_past_sqlites_range_are_422_not_500(store_with_people):
+    path, tokens = store_with_people
+    client = TestClient(create_app(path), raise_server_exceptions=False)
+    for pair_id in (2**63, 2**64, -1):
+        assert client.get(f"/api/pairs/{pair_id}", headers=auth(tokens["alice"])).status_code == 422
+        assert (
+            client.post("/api/judgements", json=submission(pair_id, "left"), headers=auth(tokens["alice"])).status_code
+            == 422
+        )
+    assert client.get(f"/api/pairs/{2**63 - 1}", headers=auth(tokens["alice"])).status_code == 404
+
+
+def test_every_response_carries_the_headers_a_public_form_needs(store_with_people):
+    path, tokens = store_with_people
+    client = TestClient(create_app(path))
+    for response in (client.get("/"), client.get("/api/me", headers=auth(tokens["alice"])), client.get("/api/me")):
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        policy = response.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy and "default-src 'none'" in policy and "'unsafe-inline'" not in policy
+        assert "script-src 'sha256-" in policy
+
+
+def test_each_token_has_a_request_budget(store_with_people):
+    path, tokens = store_with_people
+    client = TestClient(create_app(path, rate=0.5, burst=3))
+    codes = [client.get("/api/me", headers=auth(tokens["alice"])).status_code for _ in range(5)]
+    assert codes == [200, 200, 200, 429, 429]
+    assert client.get("/api/me", headers=auth(tokens["bob"])).status_code == 200  # Bob has his own budget
+    refused = client.get("/api/me", headers=auth(tokens["alice"]))
+    assert refused.headers["retry-after"] == "1"

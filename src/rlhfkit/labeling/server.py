@@ -5,29 +5,153 @@ Bearer TOKEN`). The page shows a prompt and two responses; which stored response
 is fixed per annotator and pair by a hash (so a reload shows the same order) and recorded with
 the judgement. The client answers in screen terms (left, right, tie, both_bad); the server maps
 them to A/B. Each request opens its own SQLite connection; the store's transactions make
-parallel submissions safe. Bodies over the size limit get 413, bad input 422, unknown pairs 404, and a submission id the
-annotator already used for a different judgement 409.
+parallel submissions safe. Every API request is authenticated before its body is read; bodies over the size limit get 413
+(counted while reading), a token over its request rate 429, bad input 422, unknown pairs 404,
+and a submission id the annotator already used for a different judgement 409.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
+import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit.labeling.store import LabelStore, SubmissionConflict
+from rlhfkit.labeling.store import LabelStore, SubmissionConflict, hash_token
 
 MAX_BODY_BYTES = 16_384
+MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id is refused (422), never an overflow (500)
+REQUESTS_PER_SECOND, BURST = 20.0, 100  # each token's budget: a person labels far slower, a script cannot flood
 PAGE = Path(__file__).with_name("page.html")
+
+
+def _json(status: int, detail: str, headers: dict[str, str] | None = None) -> tuple[int, list, bytes]:
+    body = json.dumps({"detail": detail}).encode()
+    header_list = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return status, header_list + [(k.encode(), v.encode()) for k, v in (headers or {}).items()], body
+
+
+def security_headers() -> list[tuple[bytes, bytes]]:
+    """What a public form sends with every response: a CSP allowing only the page's own inline
+    script and style (by hash) and requests to this origin, no framing, no MIME sniffing."""
+    page = PAGE.read_text(encoding="utf-8")
+
+    def inline_hash(tag: str) -> str:
+        inner = page.split(f"<{tag}>", 1)[1].split(f"</{tag}>", 1)[0]
+        return "'sha256-" + base64.b64encode(hashlib.sha256(inner.encode("utf-8")).digest()).decode() + "'"
+
+    policy = (
+        f"default-src 'none'; script-src {inline_hash('script')}; style-src {inline_hash('style')}; "
+        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    values = {
+        "content-security-policy": policy,
+        "x-frame-options": "DENY",
+        "x-content-type-options": "nosniff",
+        "referrer-policy": "no-referrer",
+        "cache-control": "no-store",
+    }
+    return [(name.encode(), value.encode()) for name, value in values.items()]
+
+
+class Guard:
+    """ASGI middleware in front of the app: security headers on every response; for the API, the
+    token checked before any body is read (401), each token's request rate limited (429), and a
+    body refused (413) as soon as it passes the limit, whether its length is declared or chunked."""
+
+    def __init__(self, app, store_path: str | Path, max_body_bytes: int, rate: float, burst: int) -> None:
+        self.app, self.store_path, self.max_body_bytes, self.rate, self.burst = (
+            app,
+            store_path,
+            max_body_bytes,
+            rate,
+            burst,
+        )
+        self.headers = security_headers()
+        self.buckets: dict[str, tuple[float, float]] = {}  # token hash -> (tokens left, last refill time)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.headers]}
+            await send(message)
+
+        refusal, receive = await self.check(scope, receive)
+        if refusal is not None:
+            status, headers, body = refusal
+            await send_with_headers({"type": "http.response.start", "status": status, "headers": headers})
+            await send_with_headers({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send_with_headers)
+
+    async def check(self, scope, receive):
+        """(refusal or None, the receive to hand on): a refusal is (status, headers, body)."""
+        if not scope["path"].startswith("/api/"):
+            return None, receive
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        authorization = headers.get("authorization", "")
+        token = authorization[7:] if authorization.startswith("Bearer ") else ""
+        store = LabelStore(self.store_path)
+        try:
+            known = bool(token) and store.annotator_for_token(token) is not None
+        finally:
+            store.close()
+        if not known:
+            return _json(401, "sign in with your annotator token", {"WWW-Authenticate": "Bearer"}), receive
+        if not self.take(hash_token(token)):
+            return _json(429, "too many requests; slow down", {"Retry-After": "1"}), receive
+        declared = headers.get("content-length")
+        too_big = _json(413, f"request body over {self.max_body_bytes} bytes")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            return too_big, receive
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return None, receive
+        chunks, size = [], 0
+        while True:  # read no further than the limit allows
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, receive
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return too_big, receive
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return None, replay
+
+    def take(self, key: str) -> bool:
+        """Token bucket per annotator: `burst` requests at once, refilled at `rate` per second."""
+        now = time.monotonic()
+        left, last = self.buckets.get(key, (float(self.burst), now))
+        left = min(float(self.burst), left + (now - last) * self.rate)
+        if left < 1:
+            self.buckets[key] = (left, now)
+            return False
+        self.buckets[key] = (left - 1, now)
+        return True
 
 
 class Submission(BaseModel):
     """A judgement as the page sends it: screen terms, a comment, and the client's submission id."""
 
     model_config = ConfigDict(extra="forbid")
-    pair_id: int = Field(gt=0)
+    pair_id: int = Field(gt=0, le=MAX_ID)
     choice: Literal["left", "right", "tie", "both_bad"]
     comment: str = Field("", max_length=2000)
     submission_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
@@ -38,24 +162,17 @@ def left_response(annotator_id: int, pair_id: int) -> str:
     return "a" if hashlib.sha256(f"{annotator_id}:{pair_id}".encode()).digest()[0] % 2 == 0 else "b"
 
 
-def create_app(store_path: str | Path, max_body_bytes: int = MAX_BODY_BYTES):
-    """The FastAPI app serving one store."""
-    from fastapi import Depends, FastAPI, Header, HTTPException, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
+def create_app(
+    store_path: str | Path, max_body_bytes: int = MAX_BODY_BYTES, rate: float = REQUESTS_PER_SECOND, burst: int = BURST
+):
+    """The FastAPI app serving one store (rate, burst: each token's request budget, see Guard)."""
+    from fastapi import Depends, FastAPI, Header, HTTPException
+    from fastapi import Path as PathParameter
+    from fastapi.responses import HTMLResponse
 
     LabelStore(store_path).close()  # fail at start, not on the first request, if the store is missing
     app = FastAPI(title="rlhfkit labeling", docs_url=None, redoc_url=None, openapi_url=None)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > max_body_bytes):
-            return JSONResponse({"detail": f"request body over {max_body_bytes} bytes"}, status_code=413)
-        if request.method == "POST" and declared is None:
-            body = await request.body()  # chunked: read it, but no further than the limit allows
-            if len(body) > max_body_bytes:
-                return JSONResponse({"detail": f"request body over {max_body_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(Guard, store_path=store_path, max_body_bytes=max_body_bytes, rate=rate, burst=burst)
 
     def store():
         opened = LabelStore(store_path)
@@ -106,7 +223,9 @@ def create_app(store_path: str | Path, max_body_bytes: int = MAX_BODY_BYTES):
         return shown(db, who, pair_id)
 
     @app.get("/api/pairs/{pair_id}")
-    def get_pair(pair_id: int, who=Depends(annotator), db: LabelStore = Depends(store)) -> dict:
+    def get_pair(
+        pair_id: int = PathParameter(gt=0, le=MAX_ID), who=Depends(annotator), db: LabelStore = Depends(store)
+    ) -> dict:
         return shown(db, who, pair_id)
 
     @app.get("/api/judgements")
