@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from rlhfkit.config import LoraSettings, RLConfig
 from rlhfkit.critic import PolicyAndCritic
 from rlhfkit.data.batching import example_order
-from rlhfkit.data.examples import PromptExample, load_examples, prompt_examples
+from rlhfkit.data.examples import PromptExample, load_examples, prompt_examples, training_data_summary
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.engine import Engine, RunDir, fsdp_launch, process_state
 from rlhfkit.engine.deepspeed_zero import deepspeed_launch
@@ -301,6 +301,117 @@ def check_sharded_launch(config: RLConfig, stage: str) -> None:
         )
 
 
+class Rollouts:
+    """Where an RL step's completions come from: the step's prompts (a seeded shuffle per epoch, so a
+    resumed run sees the same ones), this process's share of them, sampling (HF generate, or vLLM
+    colocated on the GPU) with a seed per completion, and the reward."""
+
+    def __init__(
+        self,
+        config: RLConfig,
+        engine: Engine,
+        tokenizer,
+        policy: torch.nn.Module,
+        reward: RewardSource,
+        train_examples: list[PromptExample],
+        processes: int,
+    ) -> None:
+        self.config, self.engine, self.tokenizer, self.policy, self.reward = config, engine, tokenizer, policy, reward
+        self.train_examples, self.processes = train_examples, processes
+        self.vllm = None
+        settings = config.rollout
+        if settings.engine == "vllm":
+            from rlhfkit.vllm_rollout import VLLMSampler
+
+            self.vllm = VLLMSampler(
+                policy,
+                tokenizer,
+                settings,
+                config.data.max_length + settings.max_new_tokens,
+                processes,
+                config.train.seed,
+                version=engine.progress.step,
+            )
+
+    def render(self, example: PromptExample) -> str:
+        data = self.config.data
+        return render_prompt(self.tokenizer, with_system_prompt(example.prompt, data.system_prompt), data.template)
+
+    def sample_and_score(
+        self, examples: list[PromptExample], samples: int, seeds: list[int]
+    ) -> tuple[Rollout, ScoredBatch]:
+        texts, settings, max_length = (
+            [self.render(e) for e in examples],
+            self.config.rollout,
+            self.config.data.max_length,
+        )
+        if self.vllm is None:
+            with self.engine.whole_weights():
+                rollout = sample_rollout(self.policy, self.tokenizer, texts, settings, samples, max_length, seeds)
+        else:  # the policy changes once per step: its weights are loaded into vLLM when the step count moved
+            rollout = self.vllm.sample(
+                self.policy, self.engine.progress.step, texts, settings, samples, max_length, seeds
+            )
+        prompts = [examples[i].prompt for i in rollout.prompt_index.tolist()]
+        columns = [examples[i].columns for i in rollout.prompt_index.tolist()]
+        return rollout.to(self.engine.device), score_completions(
+            self.reward, prompts, rollout.completions, columns, rollout.ended
+        )
+
+    def prompts_for(self, step: int) -> list[PromptExample]:
+        count, per_step = len(self.train_examples), self.config.rollout.prompts_per_step
+        positions = range(step * per_step, (step + 1) * per_step)
+        orders = {
+            epoch: example_order(count, self.config.train.seed + epoch) for epoch in {p // count for p in positions}
+        }
+        return [self.train_examples[orders[p // count][p % count]] for p in positions]
+
+    def for_step(self, step: int) -> tuple[Rollout, ScoredBatch]:
+        """This process's block of the step's prompts, each completion drawn with its own seed."""
+        settings, seed = self.config.rollout, self.config.train.seed
+        share, samples = settings.prompts_per_step // self.processes, settings.samples_per_prompt
+        first = self.engine.accelerator.process_index * share
+        seeds = [row_seed(seed, step, index) for index in range(first * samples, (first + share) * samples)]
+        return self.sample_and_score(self.prompts_for(step)[first : first + share], samples, seeds)
+
+    def close(self) -> None:
+        if self.vllm is not None:
+            self.vllm.close()
+
+
+def held_out_evaluation(
+    config: RLConfig, setup: RLSetup, rollouts: Rollouts, eval_examples: list[PromptExample]
+) -> Callable[[], dict]:
+    """Mean reward, KL, entropy and length on held-out prompts; the RNG of training is left untouched."""
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        samples = config.eval.samples_per_prompt
+        with torch.random.fork_rng():  # a reward function's own randomness leaves training's alone
+            torch.manual_seed(config.eval.seed)
+            seeds = [row_seed(config.eval.seed, index) for index in range(len(eval_examples) * samples)]
+            rollout, scored = rollouts.sample_and_score(eval_examples, samples, seeds)
+        logprobs, entropy = setup.logprobs(setup.policy, rollout, with_entropy=True)
+        summary = rollout_summary(rollout, scored, logprobs, setup.reference_logprobs(rollout), entropy)
+        scores = scored.scores[scored.valid]
+        summary["reward_stderr"] = float(scores.std() / math.sqrt(len(scores))) if len(scores) > 1 else math.nan
+        summary["answers"] = rollout.completions[::samples]
+        summary["sample_rewards"] = [float(r) if v else None for r, v in zip(scored.scores, scored.valid)]
+        return summary
+
+    return evaluate
+
+
+def train_one_step(engine: Engine, algorithm: Algorithm, rollouts: Rollouts, seed: int) -> dict[str, float]:
+    """Sample and score this step's rollout, update from it, and time both halves."""
+    started = time.perf_counter()
+    rollout, scored = rollouts.for_step(engine.progress.step)
+    generated = time.perf_counter()
+    step_metrics = algorithm.update(rollout, scored, seed + engine.progress.step)
+    step_metrics.update({"time_generation_s": generated - started, "time_update_s": time.perf_counter() - generated})
+    return step_metrics
+
+
 def run_online(
     config: RLConfig, stage: str, make_algorithm: Callable[[RLSetup], Algorithm], resume: bool = False
 ) -> dict:
@@ -312,112 +423,45 @@ def run_online(
 
         check_vllm_usable(config.model.device)
     run_dir = RunDir.open(config.train.output_dir, stage, config, resume)
-    train, rollout_settings, data = config.train, config.rollout, config.data
+    train = config.train
 
     # Prompts, tokenizer and the reward are loaded and checked before any policy weights.
-    train_examples, eval_examples, report = load_examples(data, train.seed, prompt_examples)
+    train_examples, eval_examples, report = load_examples(config.data, train.seed, prompt_examples)
     source, tokenizer = resolve_with_tokenizer(config.model)
-    render = lambda example: render_prompt(
-        tokenizer, with_system_prompt(example.prompt, data.system_prompt), data.template
-    )  # noqa: E731
-    reward = RewardSource(config.reward, data.template)
+    reward = RewardSource(config.reward, config.data.template)
     eval_examples = eval_examples[: config.eval.num_prompts]
-    print(
-        f"data: {report.summary()}; {len(train_examples)} train / {len(eval_examples)} eval prompts; reward: {reward.name}"
-    )
+    summary = training_data_summary(report, {}, len(train_examples), len(eval_examples), "prompts")
+    print(f"data: {summary}; reward: {reward.name}")
 
-    # TRPO steps the policy itself; the engine's optimizer then trains only its critic.
+    # Policy, reference, critic and the algorithm. TRPO steps the policy itself; the engine's
+    # optimizer then trains only its critic.
     engine = Engine(train, config.model.device, run_dir, stage, find_unused_parameters=stage == "trpo")
     policy = engine.build_model(source, config.model, config.lora)
     frozen = frozen_reference_copy(policy, config.lora.enabled)
-    context = RLSetup(config, engine, tokenizer, policy, frozen)
-    algorithm = make_algorithm(context)
-    total_steps = train.max_steps or train.epochs * math.ceil(len(train_examples) / rollout_settings.prompts_per_step)
+    setup = RLSetup(config, engine, tokenizer, policy, frozen)
+    algorithm = make_algorithm(setup)
+    total_steps = train.max_steps or train.epochs * math.ceil(len(train_examples) / config.rollout.prompts_per_step)
     engine.prepare(
-        PolicyAndCritic(policy, context.critic), total_steps, max(1, total_steps * algorithm.optimizer_steps_per_step)
+        PolicyAndCritic(policy, setup.critic), total_steps, max(1, total_steps * algorithm.optimizer_steps_per_step)
     )
     engine.train_with_dropout = False  # no dropout: log-probs must match the rollout's on the first pass
     if frozen is not None:
         frozen.to(engine.device)
     engine.resume(resume)
+    rollouts = Rollouts(config, engine, tokenizer, policy, reward, train_examples, processes)
+    evaluate = held_out_evaluation(config, setup, rollouts, eval_examples)
 
-    vllm = None
-    if rollout_settings.engine == "vllm":
-        from rlhfkit.vllm_rollout import VLLMSampler
-
-        vllm = VLLMSampler(
-            policy,
-            tokenizer,
-            rollout_settings,
-            data.max_length + rollout_settings.max_new_tokens,
-            processes,
-            train.seed,
-            version=engine.progress.step,
-        )
-
-    def sample_and_score(examples: list[PromptExample], samples: int, seeds: list[int]) -> tuple[Rollout, ScoredBatch]:
-        texts = [render(e) for e in examples]
-        if vllm is None:
-            with engine.whole_weights():
-                rollout = sample_rollout(policy, tokenizer, texts, rollout_settings, samples, data.max_length, seeds)
-        else:  # the policy changes once per step: its weights are loaded into vLLM when the step count moved
-            rollout = vllm.sample(
-                policy, engine.progress.step, texts, rollout_settings, samples, data.max_length, seeds
-            )
-        prompts = [examples[i].prompt for i in rollout.prompt_index.tolist()]
-        columns = [examples[i].columns for i in rollout.prompt_index.tolist()]
-        return rollout.to(engine.device), score_completions(
-            reward, prompts, rollout.completions, columns, rollout.ended
-        )
-
-    @torch.no_grad()
-    def evaluate() -> dict:
-        """Mean reward and KL on held-out prompts; the RNG of training is left untouched."""
-        samples = config.eval.samples_per_prompt
-        with torch.random.fork_rng():  # a reward function's own randomness leaves training's alone
-            torch.manual_seed(config.eval.seed)
-            seeds = [row_seed(config.eval.seed, index) for index in range(len(eval_examples) * samples)]
-            rollout, scored = sample_and_score(eval_examples, samples, seeds)
-        logprobs, entropy = context.logprobs(policy, rollout, with_entropy=True)
-        summary = rollout_summary(rollout, scored, logprobs, context.reference_logprobs(rollout), entropy)
-        scores = scored.scores[scored.valid]
-        summary["reward_stderr"] = float(scores.std() / math.sqrt(len(scores))) if len(scores) > 1 else math.nan
-        summary["answers"] = rollout.completions[:: config.eval.samples_per_prompt]
-        summary["sample_rewards"] = [float(r) if v else None for r, v in zip(scored.scores, scored.valid)]
-        return summary
-
-    def prompts_for(step: int) -> list[PromptExample]:
-        """The step's prompts: a seeded shuffle per epoch, so a resumed run sees the same ones."""
-        count, per_step = len(train_examples), rollout_settings.prompts_per_step
-        positions = range(step * per_step, (step + 1) * per_step)
-        orders = {epoch: example_order(count, train.seed + epoch) for epoch in {p // count for p in positions}}
-        return [train_examples[orders[p // count][p % count]] for p in positions]
-
-    def local_rollout(step: int) -> tuple[Rollout, ScoredBatch]:
-        """This process's block of the step's prompts, each completion drawn with its own seed."""
-        share, samples = rollout_settings.prompts_per_step // processes, rollout_settings.samples_per_prompt
-        first = engine.accelerator.process_index * share
-        seeds = [row_seed(train.seed, step, index) for index in range(first * samples, (first + share) * samples)]
-        return sample_and_score(prompts_for(step)[first : first + share], samples, seeds)
-
+    # Train: sample -> score -> old/reference log-probs -> advantages -> update (the algorithm's) -> log.
     metrics = run_dir.read_json("metrics.json")
     if config.eval.before and eval_examples:
         measure(engine, metrics, "before", evaluate)
     bar = engine.progress_bar()
     while engine.progress.step < total_steps:
-        started = time.perf_counter()
-        rollout, scored = local_rollout(engine.progress.step)
-        generated = time.perf_counter()
-        step_metrics = algorithm.update(rollout, scored, train.seed + engine.progress.step)
-        finished = time.perf_counter()
-        step_metrics.update({"time_generation_s": generated - started, "time_update_s": finished - generated})
+        step_metrics = train_one_step(engine, algorithm, rollouts, train.seed)
         engine.progress.step += 1
         engine.log_step(step_metrics)
-        bar.set_postfix(
-            reward=f"{step_metrics['reward_mean']:.3f}",
-            kl=f"{step_metrics['kl']:.3f}",
-            len=f"{step_metrics['length']:.0f}",
-        )
+        reward_mean, kl, length = step_metrics["reward_mean"], step_metrics["kl"], step_metrics["length"]
+        bar.set_postfix(reward=f"{reward_mean:.3f}", kl=f"{kl:.3f}", len=f"{length:.0f}")
         bar.update(1)
         engine.checkpoint_if_due()
     bar.close()
@@ -426,17 +470,17 @@ def run_online(
         measure(engine, metrics, "after", evaluate)
         metrics["after"].update(paired_gain(metrics.get("before", {}), metrics["after"]))
 
+    # Save the policy (and the critic), the samples and the metrics.
     info = {"stage": stage, "lora": config.lora.enabled, "reward": reward.name}
     engine.save_final(tokenizer, config.model.name_or_path, info, model=policy)
-    if context.critic is not None:
+    if setup.critic is not None:
         engine.save_final(
-            tokenizer, context.critic_reference, {**info, "role": "critic"}, model=context.critic, name="critic"
+            tokenizer, setup.critic_reference, {**info, "role": "critic"}, model=setup.critic, name="critic"
         )
     if eval_examples:
         write_samples(engine, [e.prompt for e in eval_examples], metrics, [])
     engine.complete(metrics, report.summary())
-    if vllm is not None:
-        vllm.close()
+    rollouts.close()
     return metrics
 
 
