@@ -56,6 +56,18 @@ class RowReport:
         return f"{self.kept} rows kept{repeated}, {sum(self.skipped.values())} skipped ({reasons})"
 
 
+def training_data_summary(
+    report: RowReport, adjustments: dict[str, int], train_count: int, eval_count: int, unit: str
+) -> str:
+    """The data line a stage prints (rows read and skipped, length adjustments, the split); a
+    DataError naming those counts when nothing is left to train on, before any model loads."""
+    adjusted = "".join(f"; {count} {reason}" for reason, count in adjustments.items())
+    summary = f"{report.summary()}{adjusted}; {train_count} train / {eval_count} eval {unit}"
+    if train_count == 0:
+        raise DataError(f"nothing to train on: {summary}")
+    return summary
+
+
 class _BadRow(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)

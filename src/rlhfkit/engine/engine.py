@@ -281,6 +281,8 @@ class Engine:
         started, units_seen = time.perf_counter(), 0
         while self.progress.step < self.total_steps:
             batches = batches_for_epoch(self.progress.epoch)
+            if not batches:  # an epoch without batches would loop here for ever
+                raise TrainingError(f"epoch {self.progress.epoch + 1} has no training batches; nothing to train on")
             groups = [batches[i : i + train.grad_accum] for i in range(0, len(batches), train.grad_accum)]
             for group in groups[self.progress.group_in_epoch :]:
                 step_started = time.perf_counter()

@@ -16,7 +16,7 @@ import torch
 from rlhfkit.attention import shares_prompts
 from rlhfkit.config import DPOConfig
 from rlhfkit.data.batching import PairBatch, pair_batches
-from rlhfkit.data.examples import load_examples, preference_examples
+from rlhfkit.data.examples import load_examples, preference_examples, training_data_summary
 from rlhfkit.data.formatting import render_prompt, tokenize_pairs
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.engine.held_out import held_out_share, held_out_sums
@@ -107,8 +107,7 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     source, tokenizer = resolve_with_tokenizer(config.model)
     train_pairs, counts = tokenize_pairs(tokenizer, train_examples, data.template, data.max_length)
     eval_pairs, _ = tokenize_pairs(tokenizer, eval_examples, data.template, data.max_length)
-    adjustments = "".join(f"; {count} {reason}" for reason, count in counts.items())
-    print(f"data: {report.summary()}{adjustments}; {len(train_pairs)} train / {len(eval_pairs)} eval pairs")
+    print(f"data: {training_data_summary(report, counts, len(train_pairs), len(eval_pairs), 'pairs')}")
     # A question may have several pairs; answer each once.
     unique_prompts = {
         tuple((m["role"], m["content"]) for m in example.prompt): example.prompt for example in eval_examples

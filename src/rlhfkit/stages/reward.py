@@ -15,7 +15,7 @@ import torch
 from rlhfkit.attention import shares_prompts
 from rlhfkit.config import RewardConfig
 from rlhfkit.data.batching import RewardBatch, reward_batches
-from rlhfkit.data.examples import load_examples, preference_examples
+from rlhfkit.data.examples import load_examples, preference_examples, training_data_summary
 from rlhfkit.data.formatting import tokenize_pairs
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.engine.held_out import held_out_sums
@@ -97,8 +97,7 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
     length = data.max_length - len(wrap([]))  # leave room for [CLS]/[SEP]
     train_pairs, counts = tokenize_pairs(tokenizer, train_examples, data.template, length)
     eval_pairs, _ = tokenize_pairs(tokenizer, eval_examples, data.template, length)
-    adjustments = "".join(f"; {count} {reason}" for reason, count in counts.items())
-    print(f"data: {report.summary()}{adjustments}; {len(train_pairs)} train / {len(eval_pairs)} eval pairs")
+    print(f"data: {training_data_summary(report, counts, len(train_pairs), len(eval_pairs), 'pairs')}")
 
     # Model and optimiser.
     engine = Engine(train, config.model.device, run_dir, STAGE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from rlhfkit.config import SFTConfig
 from rlhfkit.data.batching import packed_batches
-from rlhfkit.data.examples import ChatExample, chat_examples, load_examples
+from rlhfkit.data.examples import ChatExample, chat_examples, load_examples, training_data_summary
 from rlhfkit.data.formatting import render_prompt, tokenize_examples
 from rlhfkit.engine import Engine, RunDir, steps_for
 from rlhfkit.metrics import rouge_l
@@ -47,8 +47,7 @@ def run(config: SFTConfig, resume: bool = False) -> dict:
         tokenizer, train_examples, data.template, data.max_length, data.overlong
     )
     eval_tokens, _ = tokenize_examples(tokenizer, eval_examples, data.template, data.max_length, data.overlong)
-    adjustments = "".join(f"; {count} {reason}" for reason, count in length_counts.items())
-    print(f"data: {report.summary()}{adjustments}; {len(train_tokens)} train / {len(eval_tokens)} eval examples")
+    print(f"data: {training_data_summary(report, length_counts, len(train_tokens), len(eval_tokens), 'examples')}")
     prompt_turns, references = held_out_prompts(eval_examples, generation.num_prompts)
     prompt_turns += [({"role": "user", "content": text},) for text in generation.extra_prompts]
     prompt_texts = [render_prompt(tokenizer, turns, data.template) for turns in prompt_turns]
