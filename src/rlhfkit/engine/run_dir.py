@@ -6,6 +6,8 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import yaml
+
 from rlhfkit import __version__
 from rlhfkit.config import StageConfig, dump_config
 from rlhfkit.engine.distributed import process_state
@@ -16,6 +18,19 @@ from rlhfkit.models import FINAL_DIR, RUN_MARKER
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_STATE = "state.json"
 METRICS_LOG = "metrics.jsonl"
+# Settings a resumed run may change: where it runs, writes, logs and checkpoints, not what it trains.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "train.output_dir",
+        "train.trackers",
+        "train.tracker_project",
+        "train.log_every",
+        "train.save_every",
+        "train.save_limit",
+        "train.eval_every",
+        "model.device",
+    }
+)
 
 
 class RunDir:
@@ -65,10 +80,35 @@ class RunDir:
             recorded = json.loads(marker.read_text())
             if recorded.get("stage") != stage:
                 raise UserError(f"--resume: {self.root} is a {recorded.get('stage')} run, not a {stage} run")
+            self._check_same_config(config)
         write_text_atomically(self.root / "config.yaml", dump_config(config))
         self.write_marker(stage, "running")
         clean_stale_temporaries(self.root)
         clean_stale_temporaries(self.root / CHECKPOINTS)
+
+    def _check_same_config(self, config: StageConfig) -> None:
+        """A resumed run must continue what it started: any setting but where it runs, logs and
+        checkpoints must be the one in its config.yaml (which resuming would overwrite)."""
+        saved_path = self.root / "config.yaml"
+        try:
+            saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) if saved_path.exists() else None
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            saved = None
+        if not isinstance(saved, dict):
+            return  # nothing readable to compare with; the checkpoint's own checks still apply
+        before, now = _flatten(saved), _flatten(yaml.safe_load(dump_config(config)))
+        changed = sorted(
+            key
+            for key in before.keys() | now.keys()
+            if before.get(key) != now.get(key) and key not in RESUMABLE_CHANGES
+        )
+        if changed:
+            shown = "; ".join(f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in changed[:6])
+            more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+            raise UserError(
+                f"--resume: the config differs from the one {self.root} was started with ({shown}{more}); "
+                f"resume with {saved_path}, or start a new run in another train.output_dir"
+            )
 
     def write_marker(self, stage: str, status: str) -> None:
         if not self.main:
@@ -102,3 +142,13 @@ class RunDir:
         if not self.main:
             return
         write_json_atomically(self.root / name, {**self.read_json(name), **values})
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
