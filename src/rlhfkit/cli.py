@@ -274,6 +274,8 @@ def _label(args: argparse.Namespace) -> None:
     elif args.label_command == "serve":
         from rlhfkit.labeling.server import serve
 
+        if not 1 <= args.port <= 65535:
+            raise UserError(f"--port must be in 1..65535, got {args.port}")
         serve(args.store, args.host, args.port)
     elif args.label_command == "judge":
         if args.tie_margin is not None and args.tie_margin < 0:
@@ -344,6 +346,8 @@ def _score(args: argparse.Namespace) -> None:
         raise UserError("give --data FILE, or as many --prompt as --response values")
     if args.output:
         check_output_files([Path(args.output)], [Path(args.data)] if args.data else [], "--output")
+    if args.max_length < 8:
+        raise UserError(f"--max-length must be at least 8 tokens, got {args.max_length}")
     if args.data is not None:
         rows = [row.values for row in read_rows(args.data)]
         for index, row in enumerate(rows):
@@ -377,6 +381,9 @@ def _quiet_known_warnings() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Hugging Face's bar for every model load ("Loading weights") tells the user nothing; rlhfkit's
+    # own bars (training, generation) are plain tqdm and stay.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     _quiet_known_warnings()
     args = build_parser().parse_args(argv)
     # Only the stages that train through the engine run data-parallel under accelerate launch.

@@ -310,7 +310,17 @@ def attach_lora(model: torch.nn.Module, lora: LoraSettings, task_type: str = "CA
         target_modules=lora.target_modules,
         task_type=task_type,
     )
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # peft: none of the named modules is in the model
+        if "target_modules" not in str(error) and "Target modules" not in str(error):
+            raise
+        names = sorted(
+            {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+        )
+        raise UserError(
+            f"lora.target_modules {lora.target_modules}: not in this model; its linear layers are {names}"
+        ) from None
 
 
 def load_for_training(
@@ -436,8 +446,8 @@ def portable_reference(reference: str) -> str:
 
 def merge_to_directory(reference: str, target: Path, settings: ModelSettings | None = None) -> Path:
     """Merge an adapter (or a run's adapter) into its base and save a standalone model."""
+    source = resolve(reference)  # a missing path is named here, before any settings are checked
     settings = settings or ModelSettings(name_or_path=reference)
-    source = resolve(reference)
     if source.adapter_dir is None:
         raise UserError(f"{reference}: holds no LoRA adapter to merge (it is already a full model)")
     # A reward adapter merges into a sequence-classification model, keeping its trained score head.

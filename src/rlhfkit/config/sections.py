@@ -70,6 +70,13 @@ class LoraSettings(Section):
         "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the output head."
     )
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module (e.g. [q_proj, v_proj]) or 'all-linear'")
+        return value
+
 
 class DataSettings(Section):
     path: str = Field(
@@ -129,11 +136,11 @@ class TrainSettings(Section):
     weight_decay: float = Field(
         0.0, ge=0, description="AdamW decoupled weight decay (not applied to biases and norms)."
     )
-    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas (β1, β2), each in [0, 1).")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps with linear warmup from 0.")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
-    seed: int = Field(0, description="Seed for data order, dropout and sampling.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed for data order, dropout and sampling.")
     save_every: int = Field(0, ge=0, description="Write a checkpoint every N optimizer steps (0: only at the end).")
     save_limit: int = Field(2, gt=0, description="Keep at most this many checkpoints.")
     log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
@@ -152,6 +159,13 @@ class TrainSettings(Section):
         "error",
         description="A NaN/inf loss or gradient: stop naming the step (the last good checkpoint stays), or skip that batch's update and count it.",
     )
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
 
 
 class EvalSettings(Section):

@@ -67,7 +67,8 @@ def _read_jsonl(path: Path) -> list[Row]:
         for line_number, raw in enumerate(handle, start=1):
             where = f"{path}:{line_number}"
             try:
-                line = raw.decode("utf-8")
+                # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8", Notepad) opens the first line
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
             except UnicodeDecodeError:
                 raise DataError(f"{where}: not UTF-8 text") from None
             if not line.strip():
@@ -84,7 +85,7 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 def _read_json(path: Path) -> list[Row]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
@@ -103,7 +104,7 @@ def _read_json(path: Path) -> list[Row]:
 
 def _read_csv(path: Path) -> list[Row]:
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             # Row numbers count the header as line 1, as a spreadsheet does.
             return [Row(dict(item), f"{path}:{number}") for number, item in enumerate(csv.DictReader(handle), start=2)]
     except UnicodeDecodeError:
