@@ -18,6 +18,20 @@ def preference_file(tmp_path, sft_rows):
     return write_jsonl(tmp_path / "prefs.jsonl", rows)
 
 
+def train_sft_adapter(model, rows, tmp_path, steps):
+    """A short SFT run through the CLI, its LoRA adapter in tmp_path/sft."""
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    settings = [
+        f"model.name_or_path={model}",
+        f"data.path={data}",
+        f"train.max_steps={steps}",
+        f"train.output_dir={tmp_path / 'sft'}",
+        "generation.num_prompts=0",
+        "train.trackers=[]",
+    ]
+    assert main(["sft", *[arg for setting in settings for arg in ("--set", setting)]]) == 0
+
+
 def stage_config(stage, model, data, output_dir, *overrides):
     return load_config(
         stage,
@@ -54,27 +68,7 @@ def test_reward_model_learns_a_simple_preference(tiny_model, preference_file, tm
 def test_reward_model_on_an_sft_adapter_backbone_and_score_command(
     tiny_model, preference_file, sft_rows, tmp_path, capsys
 ):
-    sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
-    assert (
-        main(
-            [
-                "sft",
-                "--set",
-                f"model.name_or_path={tiny_model}",
-                "--set",
-                f"data.path={sft_data}",
-                "--set",
-                "train.max_steps=2",
-                "--set",
-                f"train.output_dir={tmp_path / 'sft'}",
-                "--set",
-                "generation.num_prompts=0",
-                "--set",
-                "train.trackers=[]",
-            ]
-        )
-        == 0
-    )
+    train_sft_adapter(tiny_model, sft_rows, tmp_path, steps=2)
     reward.run(stage_config("reward", tmp_path / "sft", preference_file, tmp_path / "rm", "train.max_steps=2"))
     adapter = json.loads((tmp_path / "rm" / "final" / "adapter_config.json").read_text())
     assert adapter["task_type"] == "SEQ_CLS" and adapter["base_model_name_or_path"] == str(tmp_path / "sft")
@@ -166,27 +160,7 @@ def test_merging_a_reward_run_keeps_its_trained_score_head(tiny_model, preferenc
 def test_scoring_with_a_model_that_has_no_trained_score_head_is_refused(tiny_model, sft_rows, tmp_path, capsys):
     assert main(["score", str(tiny_model), "--prompt", "Why?", "--response", "Because."]) == 2
     assert "not a reward model" in capsys.readouterr().err
-    sft_data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
-    assert (
-        main(
-            [
-                "sft",
-                "--set",
-                f"model.name_or_path={tiny_model}",
-                "--set",
-                f"data.path={sft_data}",
-                "--set",
-                "train.max_steps=1",
-                "--set",
-                f"train.output_dir={tmp_path / 'sft'}",
-                "--set",
-                "generation.num_prompts=0",
-                "--set",
-                "train.trackers=[]",
-            ]
-        )
-        == 0
-    )
+    train_sft_adapter(tiny_model, sft_rows, tmp_path, steps=1)
     assert main(["score", str(tmp_path / "sft"), "--prompt", "Why?", "--response", "Because."]) == 2
     assert "not a reward model" in capsys.readouterr().err
 

@@ -397,7 +397,7 @@ def whole_tensor(value: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind an FSDP-sharded one (a collective: every process must call it); others as they are."""
     from torch.distributed.tensor import DTensor
 
-    return value.whole_tensor() if isinstance(value, DTensor) else value
+    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def weights_are_sharded(model: torch.nn.Module) -> bool:
