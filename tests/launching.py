@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -71,7 +72,26 @@ def accelerate_launch(
         *arguments,
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    return run_bounded(command, env=environment)
+
+
+LAUNCH_SECONDS = 300  # a 2-process launch on the tiny model takes 10-40 s on 2 CPU cores
+
+
+def run_bounded(command: list[str], seconds: float = LAUNCH_SECONDS, **options) -> subprocess.CompletedProcess:
+    """`command` with its output captured, in a process group of its own that is killed whole at
+    `seconds`: a launcher's workers must not outlive a hung test (they would hold its ports, lock
+    files and cores for the tests after it). A timed-out run returns -9 and what it printed so far."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **options
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        stderr += f"\n[test harness: killed after {seconds:.0f} s with every process it started]"
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def logged(run_dir: Path, name: str = "train/loss") -> list[float]:

@@ -6,11 +6,11 @@ Timings are never asserted: only that every workload ran for both tools and repo
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launching import run_bounded
 
 from benchmarks.run import markdown_table, summarise
 
@@ -83,7 +83,7 @@ def test_gpu_runs_add_a_peak_gpu_memory_row_per_workload():
 @pytest.mark.slow
 def test_smoke_suite_runs_every_workload_for_both_tools(tiny_model, tmp_path):
     output = tmp_path / "smoke"
-    process = subprocess.run(
+    process = run_bounded(
         [
             sys.executable,
             "-m",
@@ -95,10 +95,8 @@ def test_smoke_suite_runs_every_workload_for_both_tools(tiny_model, tmp_path):
             "--output",
             str(output),
         ],
+        seconds=900,
         cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
     )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     report = json.loads(output.with_suffix(".json").read_text())
@@ -120,7 +118,7 @@ def test_smoke_suite_runs_every_workload_for_both_tools(tiny_model, tmp_path):
 @pytest.mark.slow
 def test_processes_benchmark_runs_one_and_two_processes(tiny_model, tmp_path):
     output = tmp_path / "processes"
-    done = subprocess.run(
+    done = run_bounded(
         [
             sys.executable,
             "-m",
@@ -137,10 +135,8 @@ def test_processes_benchmark_runs_one_and_two_processes(tiny_model, tmp_path):
             "cpu.yaml",
             "zero2.yaml",
         ],
+        seconds=900,
         cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads(output.with_suffix(".json").read_text())["results"]

@@ -313,7 +313,7 @@ def test_sharded_bf16_compute_keeps_float32_shards_and_tracks_the_float32_curve(
 # ZeRO-3 with LoRA: the DPO, reward-model and GRPO tests below
 @pytest.mark.parametrize("launch_config, lora", [("zero2.yaml", "true"), ("zero3.yaml", "false")])
 def test_sft_under_deepspeed_zero_follows_the_one_process_loss_curve(
-    tiny_model, sft_file, tmp_path, launch_config, lora
+    tiny_model, sft_file, tmp_path, monkeypatch, launch_config, lora
 ):
     """configs/accelerate/zero{2,3}.yaml: DeepSpeed partitions the moments and gradients (and with
     ZeRO-3 the weights, the LM head's gathered for the losses that use it directly); the engine
@@ -329,7 +329,10 @@ def test_sft_under_deepspeed_zero_follows_the_one_process_loss_curve(
         "train.max_grad_norm=0.5",
     ]
     launch(1, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "one", *extra))
+    # DeepSpeed compiles nothing: its shared-memory all-reduce (a C++ build per machine) is not used
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
     launch(2, "sft", *sft_settings(tiny_model, sft_file, tmp_path / "zero", *extra), launch_config=launch_config)
+    assert not (tmp_path / "extensions").exists()
     for name in ["train/loss", "train/grad_norm", "train/lr"]:
         assert logged(tmp_path / "zero", name) == pytest.approx(logged(tmp_path / "one", name), rel=1e-4), name
     assert max(logged(tmp_path / "one", "train/grad_norm")) > 0.5  # clipping took part

@@ -152,8 +152,19 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config:
     the one whose param_groups DeepSpeed steps with, so a scheduler on it sets the learning rate."""
     import deepspeed
 
+    skip_shared_memory_all_reduce()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
+
+
+def skip_shared_memory_all_reduce() -> None:
+    """DeepSpeed's CPU backend compiles a C++ extension (its shared-memory all-reduce, which only
+    its inference path calls) whenever it opens communication. rlhfkit never calls it, and the
+    build costs a compiler run under a lock file that every later launch waits on forever if a
+    build is ever killed; marking the op unavailable makes DeepSpeed use the process group as is."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def used_by_whole_forward(wrapper: torch.nn.Module, weight: torch.nn.Parameter) -> None:
