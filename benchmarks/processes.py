@@ -17,7 +17,6 @@ results/processes.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -33,6 +32,7 @@ from benchmarks.data import prepare
 from benchmarks.run import environment
 from benchmarks.suites import SUITES, Suite
 from benchmarks.workloads import _logged_steps, _rlhfkit_common, sft_token_count
+from rlhfkit.files import json_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table({workload: results[workload]}), end="", flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(
-        json.dumps(
+        json_text(
             {
                 "suite": suite.as_dict(),
                 "model": model,

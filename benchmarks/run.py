@@ -24,6 +24,7 @@ from pathlib import Path
 
 from benchmarks.suites import RLHFKIT_ONLY, SUITES, WORKLOADS, Suite
 from benchmarks.workloads import RESULT_PREFIX
+from rlhfkit.files import json_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             "table": summarise(results, peak),
             "total_seconds": time.perf_counter() - started,
         }
-        output.with_suffix(".json").write_text(json.dumps(report, indent=2))
+        output.with_suffix(".json").write_text(json_text(report, indent=2))
         return report
 
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-") as tmp, open(output.with_suffix(".log"), "w") as log:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlhfkit.cli import main
+from rlhfkit.data.examples import MAX_ROW_CHARACTERS
 
 # One valid row per dataset kind; the cases below break it.
 GOOD_ROWS = {
@@ -35,6 +36,7 @@ def data_cases(stage: str) -> dict[str, tuple[bytes, str]]:
 
     row = json.loads(good)
     with_value = lambda value: json.dumps({**row, column: value})  # noqa: E731
+    lone_surrogate = with_value("ok\ud800")
     cases = {
         "empty file": (b"", "FILE: no rows"),
         "malformed JSON line": (f'{good}\n{{"text": \n'.encode(), "FILE:2"),
@@ -44,6 +46,12 @@ def data_cases(stage: str) -> dict[str, tuple[bytes, str]]:
         "empty string": (f"{good}\n{with_value('')}\n".encode(), "FILE:2"),
         "whitespace-only string": (f"{good}\n{with_value('   ')}\n".encode(), "FILE:2"),
         "non-string value": (f"{good}\n{with_value(17)}\n".encode(), "FILE:2"),
+        # valid JSON, not valid Unicode: json.loads keeps the lone surrogate that "\ud800" escapes
+        "lone surrogate": (f"{good}\n{lone_surrogate}\n".encode(), f"FILE:2: {column} is not valid Unicode"),
+        "oversized row": (
+            f"{good}\n{with_value('a' * (MAX_ROW_CHARACTERS + 1))}\n".encode(),
+            "FILE:2: more than 8,000,000 characters of text",
+        ),
     }
     if stage in ("reward", "dpo"):
         same = json.dumps({**row, "rejected": row["chosen"]})
@@ -85,6 +93,20 @@ def test_bad_data_is_named_for_every_stage(stage, tiny_model, tmp_path, capsys):
         assert_one_line_error(code, stderr, expected.replace("FILE", str(path)))
 
 
+@pytest.mark.parametrize("stage", ["sft", "grpo", "ppo"])
+def test_csv_rows_wider_than_the_header_are_named(stage, tiny_model, tmp_path, capsys):
+    path = tmp_path / "rows.csv"
+    header = "prompt,completion" if stage == "sft" else "prompt,answer"
+    path.write_text(f"{header}\nWhy?,Because\nWhat is 2, plus 2?,4\n", encoding="utf-8")
+    code, stderr = run_cli(
+        capsys,
+        stage,
+        *("--set", f"data.path={path}", "--set", f"model.name_or_path={tiny_model}"),
+        *("--set", f"train.output_dir={tmp_path / 'run'}", "--set", "data.eval_fraction=0"),
+    )
+    assert_one_line_error(code, stderr, f"{path}:3: 3 fields, but the header names 2")
+
+
 CONFIG_CASES = {
     "unknown key": ("train.nonsense=1", "train.nonsense: unknown key"),
     "wrong type": ("train.batch_size=abc", "train.batch_size"),
@@ -122,24 +144,35 @@ def test_an_output_dir_that_cannot_be_created_is_named(stage, tiny_model, tmp_pa
     assert_one_line_error(code, stderr, f"train.output_dir {blocker / 'run'} is not writable")
 
 
-def test_an_example_longer_than_max_length_is_named_when_asked_to_stop(tiny_model, tmp_path, capsys):
+LONG = "very long answer " * 40
+LONG_ROWS = {
+    "sft": {"prompt": "Why?", "completion": LONG},
+    "reward": {"prompt": "Why?", "chosen": LONG, "rejected": "No."},
+    "dpo": {"prompt": "Why?", "chosen": "Because.", "rejected": LONG},
+    "grpo": {"prompt": LONG, "answer": 4},
+}
+
+
+@pytest.mark.parametrize("stage", list(LONG_ROWS))
+def test_an_example_longer_than_max_length_follows_data_overlong(stage, tiny_model, tmp_path, capsys):
+    import json
+
     data = tmp_path / "long.jsonl"
-    data.write_text(GOOD_ROWS["sft"] + "\n" + '{"prompt": "Why?", "completion": "' + "very long answer " * 40 + '"}\n')
-    code, stderr = run_cli(
-        capsys,
-        "sft",
-        "--set",
-        f"data.path={data}",
-        "--set",
-        f"model.name_or_path={tiny_model}",
-        "--set",
-        "data.max_length=64",
-        "--set",
-        "data.overlong=error",
-        "--set",
-        "data.eval_fraction=0",
-        "--set",
-        f"train.output_dir={tmp_path / 'run'}",
+    data.write_text(f"{GOOD_ROWS[stage]}\n{GOOD_ROWS[stage]}\n{json.dumps(LONG_ROWS[stage])}\n")
+    (tmp_path / "lengths.py").write_text(
+        "def length(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n"
     )
-    assert_one_line_error(code, stderr, f"{data}:2: ")
+    common = [
+        *("--set", f"data.path={data}", "--set", f"model.name_or_path={tiny_model}", "--set", "data.max_length=64"),
+        *("--set", "data.eval_fraction=0", "--set", "train.max_steps=1", "--set", "train.trackers=[]"),
+        *(["--set", f"reward.function={tmp_path / 'lengths.py'}:length"] if stage == "grpo" else []),
+        *(["--set", "rollout.prompts_per_step=2", "--set", "rollout.max_new_tokens=2"] if stage == "grpo" else []),
+    ]
+    code, stderr = run_cli(
+        capsys, stage, *common, "--set", "data.overlong=error", "--set", f"train.output_dir={tmp_path / 'a'}"
+    )
+    assert_one_line_error(code, stderr, f"{data}:3: ")
     assert "longer than data.max_length=64" in stderr
+    code = main([stage, *common, "--set", "data.overlong=skip", "--set", f"train.output_dir={tmp_path / 'b'}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "skipped: longer than max_length" in out and "2 train" in out, out

@@ -21,6 +21,10 @@ def target_count(prompts, completions, **columns):
 
 def broken(prompts, completions, **columns):
     return [float("nan")] + [0.0] * (len(completions) - 1)
+
+
+def enormous(prompts, completions, **columns):
+    return [1e308] + [float(len(completion)) for completion in completions[1:]]
 '''
 
 
@@ -217,14 +221,57 @@ def test_cli_rl_errors_are_one_line_and_early(tiny_model, prompt_file, reward_fi
                 f"reward.function={reward_file}:broken",
                 "--set",
                 f"train.output_dir={tmp_path / 'c'}",
+                "--set",
+                "eval.before=false",  # the error comes while the progress bar is drawn
             ]
         )
         == 2
     )
     err = capsys.readouterr().err
     assert "my_rewards.py:broken returned nan for sample 0" in err and "Traceback" not in err
+    assert "\nerror: reward" in err and "it/s]error" not in err  # on a line of its own, not the bar's
     assert main(["trpo", "--print-config", "--set", "trpo.max_kl=0.02"]) == 0
     assert "max_kl: 0.02" in capsys.readouterr().out
+
+
+def strict_json(text: str):
+    """json.loads that refuses the NaN and Infinity Python's json module writes and accepts."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_rewards_beyond_float32_follow_on_invalid_and_every_json_file_stays_valid(
+    tiny_model, prompt_file, reward_file, tmp_path, capsys
+):
+    config = rl_config(
+        "grpo", tiny_model, prompt_file, reward_file, tmp_path / "stop", "train.max_steps=1", "eval.num_prompts=2"
+    )
+    config.reward.function = f"{reward_file}:enormous"
+    with pytest.raises(Exception, match=r"returned 1e\+308 \(beyond float32's range\) for sample 0"):
+        grpo.run(config)
+    # skipped: left out of the update and counted; the statistics of the others are numbers
+    run = tmp_path / "skip"
+    config = rl_config(
+        "grpo",
+        tiny_model,
+        prompt_file,
+        reward_file,
+        run,
+        "train.max_steps=2",
+        "eval.num_prompts=2",
+        "reward.on_invalid=skip",
+    )
+    config.reward.function = f"{reward_file}:enormous"
+    grpo.run(config)
+    records = [strict_json(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(record["train/skipped_samples"] == 1.0 for record in records)
+    assert all(0 < record["train/reward_mean"] < 1e6 for record in records)
+    for path in run.rglob("*.json*"):
+        for text in [path.read_text()] if path.suffix == ".json" else path.read_text().splitlines():
+            strict_json(text)
 
 
 def test_uneven_splits_over_processes_are_named(tiny_model, prompt_file, reward_file, tmp_path):

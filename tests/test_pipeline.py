@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,7 +86,9 @@ def test_stage_configs_chain_outputs_to_inputs(pipeline_file, tiny_model, tmp_pa
     assert evaluate.models == {"base": str(tiny_model), "sft": str(run / "sft"), "grpo": str(run / "grpo")}
     assert evaluate.reward_model == str(run / "reward") and evaluate.baseline_name == "sft"
     assert evaluate.data.path == configs["sft"].data.path  # the same held-out pairs as SFT
-    # A single-stage command on the same file follows the pipeline too; explicit values win.
+    # A single-stage command on the same file follows the pipeline too (once the stage before has
+    # written its model); explicit values win.
+    (run / "pretrain").mkdir(parents=True)
     assert load_config("sft", pipeline_file).model.name_or_path == str(run / "pretrain")
     assert load_config("sft", pipeline_file, ["model.name_or_path=elsewhere"]).model.name_or_path == "elsewhere"
     pipeline, configs = load_pipeline(pipeline_file, ["pipeline.output_dir=other", "sft.train.lr=0.5"])
@@ -102,13 +105,44 @@ def test_stage_configs_chain_outputs_to_inputs(pipeline_file, tiny_model, tmp_pa
         ("evaluate.baseline=nobody", "baseline: 'nobody' is not one of models"),
         ("sftt.train.lr=1", "unknown top-level section(s) sftt"),
         ("sft=5", "[sft]: expected a section, got int"),
-        ("pipeline.model=./no-such-model", "[pretrain]: model.name_or_path: Value error, model path does not exist"),
+        ("pipeline.model=./no-such-model", "[pretrain]: model.name_or_path: model path does not exist"),
     ],
 )
 def test_pipeline_config_errors_name_the_stage_and_field(pipeline_file, override, message):
     with pytest.raises(ConfigError) as error:
         load_pipeline(pipeline_file, [override])
     assert message in str(error.value)
+
+
+def test_a_single_stage_before_the_stage_it_needs_names_that_stage(pipeline_file, tmp_path, capsys):
+    assert main(["sft", str(pipeline_file)]) == 2
+    error = capsys.readouterr().err
+    assert f"{tmp_path / 'run' / 'pretrain'} does not exist yet: the pretrain stage writes it" in error
+    assert f"rlhfkit pretrain {pipeline_file}" in error and "Traceback" not in error
+    with pytest.raises(ConfigError, match=r"reward.model: .*/run/reward does not exist yet: the reward stage"):
+        load_config("grpo", pipeline_file, [f"model.name_or_path={tmp_path}"])
+
+
+def test_a_single_stage_names_an_unknown_top_level_section(pipeline_file):
+    tree = yaml.safe_load(pipeline_file.read_text())
+    tree["sftt"] = {"train": {"lr": 1.0}}
+    pipeline_file.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"unknown top-level section\(s\) sftt"):
+        load_config("pretrain", pipeline_file)
+
+
+@pytest.mark.parametrize("reference", ["runs/quickstart/pretrain", "my runs/sft", "tests\\model"])
+def test_a_missing_local_looking_model_is_named_not_sent_to_the_hub(reference, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ConfigError, match=re.escape(f"model.name_or_path: model path does not exist: {reference}")):
+        load_config("sft", None, [f"model.name_or_path={reference}"])
+    from rlhfkit.errors import UserError
+    from rlhfkit.models import resolve
+
+    with pytest.raises(UserError, match="model path does not exist"):
+        resolve(reference)
+    assert resolve("HuggingFaceTB/SmolLM2-135M").path == "HuggingFaceTB/SmolLM2-135M"  # a hub id stays one
 
 
 def test_pipeline_runs_skips_and_reruns(pipeline_file, tmp_path, capsys):

@@ -87,6 +87,7 @@ def test_a_reward_file_that_fails_to_import_is_named(tmp_path):
     [
         ("return [float('nan'), 1.0]", r"returned nan for sample 0 \(prompt 'What is 2 \+ 2\?'"),
         ("return [1.0, float('inf')]", "returned inf for sample 1"),
+        ("return [1e308, 1.0]", r"returned 1e\+308 \(beyond float32's range\) for sample 0"),
         ("return [1.0, 'good']", "returned 'good' for sample 1"),
         ("return [1.0]", "must return one float per completion"),
         ("raise KeyError('answer')", "raised KeyError"),
@@ -106,6 +107,11 @@ def test_invalid_rewards_can_be_skipped_and_counted(tmp_path):
     scored = score_completions(source, PROMPTS, ["4", "8"], [{}, {}], torch.tensor([True, True]))
     assert scored.valid.tolist() == [False, True] and scored.skipped == 1
     assert scored.scores.tolist() == [0.0, 2.0] and scored.raw_mean == 2.0
+    huge = tmp_path / "huge.py"
+    huge.write_text("def score(prompts, completions, **columns):\n    return [2.0, -1e300]\n")
+    source = RewardSource(RewardSourceSettings(function=f"{huge}:score", on_invalid="skip"))
+    scored = score_completions(source, PROMPTS, ["4", "8"], [{}, {}], torch.tensor([True, True]))
+    assert scored.valid.tolist() == [True, False] and scored.raw_mean == 2.0
 
 
 def test_missing_eos_penalty(tmp_path):

@@ -335,11 +335,11 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    import json
     from pathlib import Path
 
+    from rlhfkit.data.examples import row_problem
     from rlhfkit.data.loading import read_rows
-    from rlhfkit.files import check_output_files, write_text_atomically
+    from rlhfkit.files import check_output_files, json_text, write_text_atomically
     from rlhfkit.rewards import RewardModelScorer
 
     if args.data is None and (not args.prompt or len(args.prompt) != len(args.response)):
@@ -349,21 +349,23 @@ def _score(args: argparse.Namespace) -> None:
     if args.max_length < 8:
         raise UserError(f"--max-length must be at least 8 tokens, got {args.max_length}")
     if args.data is not None:
-        rows = [row.values for row in read_rows(args.data)]
-        for index, row in enumerate(rows):
-            if not isinstance(row.get("prompt"), str) or not isinstance(
-                row.get("completion", row.get("response")), str
+        read = read_rows(args.data)
+        for row in read:
+            values = row.values
+            if not isinstance(values.get("prompt"), str) or not isinstance(
+                values.get("completion", values.get("response")), str
             ):
-                raise UserError(
-                    f"{args.data}: row {index}: needs string `prompt` and `completion` (or `response`) columns"
-                )
+                raise UserError(f"{row.where}: needs string `prompt` and `completion` (or `response`) columns")
+            if (problem := row_problem(row)) is not None:
+                raise UserError(f"{row.where}: {problem}")
+        rows = [row.values for row in read]
         prompts = [row["prompt"] for row in rows]
         responses = [row.get("completion", row.get("response")) for row in rows]
     else:
         rows = [{"prompt": p, "response": r} for p, r in zip(args.prompt, args.response)]
         prompts, responses = args.prompt, args.response
     scores = RewardModelScorer(args.model, max_length=args.max_length).score(prompts, responses)
-    lines = [json.dumps({**row, "score": score}, ensure_ascii=False) for row, score in zip(rows, scores)]
+    lines = [json_text({**row, "score": score}) for row, score in zip(rows, scores)]
     if args.output:
         write_text_atomically(Path(args.output), "\n".join(lines) + "\n")
         print(f"{len(lines)} scores written to {args.output} (mean {sum(scores) / len(scores):.4f})")
@@ -409,12 +411,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handlers.get(args.command, _run_stage)(args)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_line(f"error: {error}")
+        return 2
+    except OSError as error:  # a full disk or a read-only filesystem: named, with what was being written
+        where = f"{error.filename}: " if error.filename else ""
+        print_line(f"error: {where}{error.strerror or error}")
         return 2
     except KeyboardInterrupt:
         print("interrupted; a stage run continues from its last checkpoint with --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def print_line(message: str) -> None:
+    """A message on a line of its own on stderr, even while a progress bar is drawn there (tqdm
+    clears the bar's line, prints, and draws the bar again below)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""Atomic writes: a file or directory is either whole or absent, never half-written."""
+"""Atomic writes (a file or directory is either whole or absent, never half-written) and the JSON
+every rlhfkit file holds (standard JSON: a NaN or infinite number is written as null)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -79,8 +82,42 @@ def read_json_or_empty(path: Path) -> dict:
         return {}
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def looks_like_local_path(reference: str) -> bool:
+    """Whether a model reference names a local path rather than a hub id ("org/name").
+
+    Paths that start with ., / or ~, end in .gguf, hold more than one slash or a backslash, or
+    whose first part is a directory here (runs/sft) are local: a missing one is named as a missing
+    path, never sent to the hub as a malformed repo id.
+    """
+    if reference.startswith((".", "/", "~")) or reference.endswith(".gguf") or not HUB_ID.fullmatch(reference):
+        return True
+    first, slash, _ = reference.partition("/")
+    return bool(slash) and Path(first).is_dir()
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float (at any depth) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """`value` as standard JSON, which has no NaN or Infinity: Python's json module would write
+    them bare, and most readers (browsers, jq, pandas' strict mode) then refuse the whole file.
+    A statistic that is not a number is written as null."""
+    return json.dumps(finite_or_null(value), indent=indent, ensure_ascii=False, allow_nan=False, default=str)
+
+
 def write_json_atomically(target: Path, value: Any) -> None:
-    write_text_atomically(target, json.dumps(value, indent=2, default=str) + "\n")
+    write_text_atomically(target, json_text(value, indent=2) + "\n")
 
 
 def _fsync_dir_tree(root: Path) -> None:

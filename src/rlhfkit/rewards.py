@@ -28,6 +28,7 @@ from rlhfkit.models import backbone_and_score_head, load_reward_model, load_toke
 from rlhfkit.passes import packed_reward_forward, reward_model_forward
 
 Messages = Sequence[dict[str, str]]
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class RewardError(UserError):
@@ -242,10 +243,12 @@ def score_completions(
     values, valid = [], []
     for index, value in enumerate(raw):
         number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-        if not math.isfinite(number):
+        # Rewards are float32 tensors from here on: 1e308 is finite in Python and infinite there.
+        if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
             if settings.on_invalid == "error":
+                beyond = " (beyond float32's range)" if math.isfinite(number) else ""
                 raise RewardError(
-                    f"reward {source.name} returned {value!r} for sample {index} "
+                    f"reward {source.name} returned {value!r}{beyond} for sample {index} "
                     f"(prompt {_prompt_text(prompts[index])[:80]!r}, completion {completions[index][:80]!r}); "
                     "set reward.on_invalid: skip to leave such samples out"
                 )

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rlhfkit.config.sections import ChatDataSettings, SamplingSettings, Section
+from rlhfkit.config.sections import ChatDataSettings, ModelReference, SamplingSettings, Section
 
 
 class EvalSamplingSettings(SamplingSettings):
@@ -30,7 +30,7 @@ class RewardHackingThresholds(Section):
 class EvaluateConfig(Section):
     """`rlhfkit evaluate`: compare models on the same held-out prompts with the same sampling."""
 
-    models: dict[str, str] = Field(
+    models: dict[str, ModelReference] = Field(
         default_factory=lambda: {"base": "smollm2-135m-instruct"},
         description="Name -> model (built-in name, hub id, dir, adapter dir or run dir), in report order.",
     )
@@ -38,7 +38,7 @@ class EvaluateConfig(Section):
         None, description="The model others are compared with (win rate); default: `sft` if named, else the first."
     )
     reference: str | None = Field(None, description="The model KL is measured to; default: the baseline.")
-    reward_model: str | None = Field(
+    reward_model: ModelReference | None = Field(
         None, description="Reward model (run dir, adapter or model) scoring every answer; none: no reward or win rate."
     )
     tie_margin: float = Field(

@@ -122,10 +122,10 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; `rlhfkit STAGE --help` lists the sections)"
-        elif "input" in item and not isinstance(item["input"], dict):
+        elif "input" in item and not isinstance(item["input"], dict) and str(item["input"]) not in message:
             message = f"{message} (got {item['input']!r})"
         lines.append(f"{source}: {field}: {message}")
     return "\n".join(lines)
@@ -149,13 +149,35 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def _validate(
-    config_class: type[Section], tree: dict[str, Any], source: str, pipeline: PipelineSettings | None = None
+    config_class: type[Section],
+    tree: dict[str, Any],
+    source: str,
+    pipeline: PipelineSettings | None = None,
+    config_file: str | Path | None = None,
+    whole_pipeline: bool = False,
 ) -> Any:
-    outputs = {str(Path(pipeline.output_dir) / stage) for stage in pipeline.stages} if pipeline else set()
+    """A validated config. With a pipeline, its stages' outputs are known by the stage that writes
+    them: pending when the whole pipeline runs, named when a single stage needs one not yet written."""
+    written_by = {str(Path(pipeline.output_dir) / stage): stage for stage in pipeline.stages} if pipeline else {}
+    context = {
+        "pipeline_outputs": set(written_by) if whole_pipeline else set(),
+        "written_by": written_by,
+        "config_file": str(config_file),
+    }
     try:
-        return config_class.model_validate(tree, context={"pipeline_outputs": outputs})
+        return config_class.model_validate(tree, context=context)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def _check_top_level(loaded: dict[str, Any], path: str | Path) -> None:
+    """A multi-stage file holds only the pipeline section and stage sections (a misspelt stage
+    name would otherwise be ignored and that stage run on defaults)."""
+    unknown = sorted(set(loaded) - set(registry.names()) - {"pipeline"})
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown top-level section(s) {', '.join(unknown)} (expected pipeline, {', '.join(registry.names())})"
+        )
 
 
 def _pipeline_settings(loaded: dict[str, Any], source: str) -> PipelineSettings:
@@ -180,6 +202,7 @@ def load_config(stage: str, path: str | Path | None, overrides: list[str] | None
         tree = loaded
         # A multi-stage file (configs/quickstart.yaml) keeps each stage under its own key.
         if isinstance(loaded.get(stage), dict) or "pipeline" in loaded:
+            _check_top_level(loaded, path)
             tree = copy.deepcopy(loaded.get(stage) or {})
             source = f"{source} [{stage}]"
     for assignment in overrides or []:
@@ -187,7 +210,7 @@ def load_config(stage: str, path: str | Path | None, overrides: list[str] | None
     pipeline = _pipeline_settings(loaded, str(path)) if "pipeline" in loaded else None
     if pipeline is not None:
         tree = chain_stage_tree(stage, tree, pipeline, loaded)
-    return _validate(config_class, tree, source, pipeline)
+    return _validate(config_class, tree, source, pipeline, path)
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple[PipelineSettings, dict[str, Any]]:
@@ -200,16 +223,14 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple
         apply_override(loaded, assignment)
     loaded.setdefault("pipeline", {})
     pipeline = _pipeline_settings(loaded, str(path))
-    unknown = sorted(set(loaded) - set(registry.names()) - {"pipeline"})
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown top-level section(s) {', '.join(unknown)} (expected pipeline, {', '.join(registry.names())})"
-        )
+    _check_top_level(loaded, path)
     configs = {}
     for stage in pipeline.stages:
         section = loaded.get(stage) or {}
         if not isinstance(section, dict):
             raise ConfigError(f"{path} [{stage}]: expected a section, got {type(section).__name__}")
         tree = chain_stage_tree(stage, section, pipeline, loaded)
-        configs[stage] = _validate(registry.stage(stage).config_class, tree, f"{path} [{stage}]", pipeline)
+        configs[stage] = _validate(
+            registry.stage(stage).config_class, tree, f"{path} [{stage}]", pipeline, path, whole_pipeline=True
+        )
     return pipeline, configs

@@ -10,6 +10,7 @@ from rlhfkit.config.sections import (
     ChatDataSettings,
     EvalSettings,
     GenerationSettings,
+    ModelReference,
     Section,
     StageConfig,
     TextDataSettings,
@@ -68,7 +69,7 @@ class DPOSettings(Section):
 
 
 class PreferenceEvalSettings(EvalSettings):
-    reward_model: str | None = Field(
+    reward_model: ModelReference | None = Field(
         None, description="Reward model (run dir, adapter or model) to score generated answers before/after."
     )
 

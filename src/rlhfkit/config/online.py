@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from rlhfkit.config.sections import (
     ChatDataSettings,
     EvalSettings,
+    ModelReference,
     SamplingSettings,
     Section,
     StageConfig,
@@ -52,7 +53,7 @@ class RolloutSettings(SamplingSettings):
 
 class RewardSourceSettings(Section):
     function: str | None = Field(None, description="A Python reward: `module:function` or `path/to/file.py:function`.")
-    model: str | None = Field(
+    model: ModelReference | None = Field(
         None, description="A reward model (run dir, adapter, model dir or hub id): its scalar output is the reward."
     )
     label: str | int | None = Field(
@@ -109,7 +110,7 @@ class PPOSettings(Section):
         description="model: a value model with its own LoRA and head; head: a linear value head on the reference's "
         "frozen hidden states (no extra passes; for CPUs).",
     )
-    critic_model: str | None = Field(
+    critic_model: ModelReference | None = Field(
         None, description="critic: model starts from this model (e.g. the reward run); default: the policy's backbone."
     )
 
@@ -150,7 +151,7 @@ class TRPOSettings(Section):
     value_epochs: int = Field(2, gt=0, description="Critic regression passes per step (baseline: value).")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount γ (baseline: value).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE λ (baseline: value).")
-    critic_model: str | None = Field(
+    critic_model: ModelReference | None = Field(
         None, description="Start the critic from this model (baseline: value); default: the policy's backbone."
     )
 

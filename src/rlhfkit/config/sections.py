@@ -8,10 +8,12 @@ at once with the field and the config file named.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from rlhfkit.files import looks_like_local_path
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 BUILTIN_PREFIX = "builtin:"
@@ -23,8 +25,30 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+def existing_model_reference(value: str | None, info: ValidationInfo) -> str | None:
+    """A model reference (built-in name, hub id, path) whose local path exists, or will: a pipeline
+    validates every stage before the first runs, so earlier stages' outputs are pending then. A
+    single-stage command run before the stage that writes its model is told which one that is."""
+    context = info.context or {}
+    if value is None or not looks_like_local_path(value) or Path(value).expanduser().exists():
+        return value
+    if value in context.get("pipeline_outputs", ()):
+        return value
+    writer = context.get("written_by", {}).get(value)
+    if writer is not None:
+        config_file = context.get("config_file", "CONFIG")
+        raise ValueError(
+            f"{value} does not exist yet: the {writer} stage writes it "
+            f"(rlhfkit {writer} {config_file}, or all stages in order: rlhfkit pipeline {config_file})"
+        )
+    raise ValueError(f"model path does not exist: {value}")
+
+
+ModelReference = Annotated[str, AfterValidator(existing_model_reference)]
+
+
 class ModelSettings(Section):
-    name_or_path: str = Field(
+    name_or_path: ModelReference = Field(
         "smollm2-135m-instruct",
         description="Built-in model name, hub id, local model dir, .gguf file, adapter dir or run dir.",
     )
@@ -49,16 +73,6 @@ class ModelSettings(Section):
         if self.load_in_4bit and self.device == "cpu":
             raise ValueError("model.load_in_4bit needs a CUDA GPU (bitsandbytes kernels), but model.device is cpu")
         return self
-
-    @field_validator("name_or_path")
-    @classmethod
-    def _model_path_exists(cls, value: str, info: ValidationInfo) -> str:
-        # A pipeline validates every stage before the first runs: earlier stages' outputs are pending.
-        pending = (info.context or {}).get("pipeline_outputs", ())
-        looks_local = value.startswith((".", "/", "~")) or value.endswith(".gguf")
-        if looks_local and value not in pending and not Path(value).expanduser().exists():
-            raise ValueError(f"model path does not exist: {value}")
-        return value
 
 
 class LoraSettings(Section):

@@ -74,6 +74,56 @@ class _BadRow(Exception):
         self.reason = reason
 
 
+MAX_ROW_CHARACTERS = 8_000_000  # tokenising one such row takes about 1 GB; split longer documents
+
+
+def _strings(value, path: str):
+    """(where, text) for every string in a row's value, at any depth."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, f"{path}[{index}]")
+
+
+def _check_row_shape(row: Row) -> None:
+    """What must hold of any row before it is parsed or tokenised: no CSV fields beyond the
+    header, text that is valid Unicode, and a size a tokenizer can take."""
+    if None in row.values:  # csv.DictReader files the fields beyond the header under None
+        extra = len(row.values[None])
+        raise _BadRow(
+            "more fields than the header",
+            f"{len(row.values) - 1 + extra} fields, but the header names {len(row.values) - 1} (quote fields that hold commas)",
+        )
+    total = 0
+    for where, text in _strings(row.values, ""):
+        total += len(text)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _BadRow(
+                "invalid Unicode",
+                f"{where} is not valid Unicode: a lone surrogate {text[exc.start]!r} at character {exc.start}",
+            ) from None
+    if total > MAX_ROW_CHARACTERS:
+        raise _BadRow(
+            "oversized row",
+            f"more than {MAX_ROW_CHARACTERS:,} characters of text ({total:,}); split the document into several rows",
+        )
+
+
+def row_problem(row: Row) -> str | None:
+    """Why `row` cannot be read as text at all (see _check_row_shape), or None."""
+    try:
+        _check_row_shape(row)
+    except _BadRow as bad:
+        return str(bad)
+    return None
+
+
 def _string_field(values: dict, column: str) -> str:
     value = values[column]
     if not isinstance(value, str):
@@ -125,6 +175,7 @@ def _validate(rows: list[Row], parse, on_invalid: str) -> tuple[list, RowReport]
     seen: set[str] = set()
     for row in rows:
         try:
+            _check_row_shape(row)
             examples.append(parse(row))
         except KeyError as exc:
             raise DataError(f"{row.where}: missing column {exc.args[0]!r} (present: {sorted(row.values)})") from None

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from rlhfkit.data.examples import ChatExample, TextExample
+from rlhfkit.config import PromptDataSettings
+from rlhfkit.data.examples import ChatExample, PromptExample, TextExample
 from rlhfkit.errors import DataError
 
 PLAIN_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -196,9 +197,14 @@ def fit_pair(
 
 
 def tokenize_pairs(
-    tokenizer: Any, examples: Sequence[Any], template: Literal["auto", "plain"], max_length: int
+    tokenizer: Any,
+    examples: Sequence[Any],
+    template: Literal["auto", "plain"],
+    max_length: int,
+    overlong: Literal["truncate", "skip", "error"] = "truncate",
 ) -> tuple[list[TokenizedPair], Counter]:
-    """Tokenise preference examples, truncating long ones (counted) as :func:`fit_pair` says."""
+    """Tokenise preference examples; a pair longer than max_length (prompt + the longer answer)
+    stops the run naming it, is skipped, or is truncated as :func:`fit_pair` says (counted)."""
     counts: Counter = Counter()
     pairs = []
     for example in examples:
@@ -207,9 +213,51 @@ def tokenize_pairs(
         )
         fitted = fit_pair(prompt, chosen, rejected, max_length)
         if fitted != (prompt, chosen, rejected):
+            length = len(prompt) + max(len(chosen), len(rejected))
+            if overlong == "error":
+                raise DataError(
+                    f"{example.where}: {length} tokens (prompt and the longer answer), longer than "
+                    f"data.max_length={max_length} (set data.overlong: truncate or skip)"
+                )
+            if overlong == "skip":
+                counts["skipped: longer than max_length"] += 1
+                continue
             counts["truncated to max_length"] += 1
         if fitted[1] == fitted[2]:
             counts["skipped: answers identical after truncation"] += 1
             continue
         pairs.append(TokenizedPair(*fitted, margin=example.margin))
     return pairs, counts
+
+
+# ---- RL prompts ------------------------------------------------------------------------
+
+
+def with_system_prompt(turns: tuple[dict[str, str], ...], system_prompt: str | None) -> tuple[dict[str, str], ...]:
+    if system_prompt is None or turns[0]["role"] == "system":
+        return turns
+    return ({"role": "system", "content": system_prompt}, *turns)
+
+
+def fit_prompts(
+    examples: list[PromptExample], tokenizer: Any, data: PromptDataSettings
+) -> tuple[list[PromptExample], Counter]:
+    """Prompts longer than data.max_length tokens once formatted, as data.overlong says: stop
+    naming the first, leave them out, or keep them (sampling keeps their last max_length tokens);
+    counted either way, so the data line says how many."""
+    kept, counts = [], Counter()
+    for example in examples:
+        text = render_prompt(tokenizer, with_system_prompt(example.prompt, data.system_prompt), data.template)
+        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if length > data.max_length:
+            if data.overlong == "error":
+                raise DataError(
+                    f"{example.where}: the formatted prompt is {length} tokens, longer than "
+                    f"data.max_length={data.max_length} (set data.overlong: truncate or skip)"
+                )
+            if data.overlong == "skip":
+                counts["prompts skipped: longer than max_length"] += 1
+                continue
+            counts["prompts cut to their last max_length tokens"] += 1
+        kept.append(example)
+    return kept, counts

@@ -24,6 +24,8 @@ def runs_on_cpu(device: str) -> bool:
     accelerate must be told: launched on several processes without a GPU and not told, each
     process would train alone (and all of them would write the same run directory).
     """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device is cuda, but no CUDA GPU is visible here (set model.device: auto or cpu)")
     return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 

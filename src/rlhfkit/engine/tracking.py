@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.engine.run_dir import METRICS_LOG
-from rlhfkit.files import write_text_atomically
+from rlhfkit.files import json_text, write_text_atomically
 
 
 def available_trackers(requested: list[str]) -> list[str]:
@@ -34,7 +34,7 @@ def start_trackers(accelerator: Any, project: str, root: Path, stage: str) -> No
 
 def append_metrics(root: Path, step: int, metrics: dict[str, float]) -> None:
     with (root / METRICS_LOG).open("a", encoding="utf-8") as out:
-        out.write(json.dumps({"step": step, **metrics}) + "\n")
+        out.write(json_text({"step": step, **metrics}) + "\n")
 
 
 def truncate_metrics_log(root: Path, step: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from rlhfkit.config import ModelSettings, PromptDataSettings, SamplingSettings
 from rlhfkit.data.examples import load_examples, prompt_examples
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.errors import UserError
-from rlhfkit.files import check_output_files, write_json_atomically, write_text_atomically
+from rlhfkit.files import check_output_files, json_text, write_json_atomically, write_text_atomically
 from rlhfkit.labeling.agreement import agreement_report, by_pair, majority_label
 from rlhfkit.labeling.store import LabelStore
 from rlhfkit.models import load_causal_lm, load_tokenizer, resolve
@@ -210,7 +209,7 @@ def export_preferences(
         )
     store.close()
     counts["exported"] = len(rows)
-    write_text_atomically(target, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text_atomically(target, "".join(json_text(row) + "\n" for row in rows))
     stats = {**counts, "agreement": agreement_report(table)}
     write_json_atomically(stats_path, stats)
     return stats

@@ -105,8 +105,8 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     # Data: every row is read and checked before any weights load.
     train_examples, eval_examples, report = load_examples(data, train.seed, preference_examples)
     source, tokenizer = resolve_with_tokenizer(config.model)
-    train_pairs, counts = tokenize_pairs(tokenizer, train_examples, data.template, data.max_length)
-    eval_pairs, _ = tokenize_pairs(tokenizer, eval_examples, data.template, data.max_length)
+    train_pairs, counts = tokenize_pairs(tokenizer, train_examples, data.template, data.max_length, data.overlong)
+    eval_pairs, _ = tokenize_pairs(tokenizer, eval_examples, data.template, data.max_length, data.overlong)
     print(f"data: {training_data_summary(report, counts, len(train_pairs), len(eval_pairs), 'pairs')}")
     # A question may have several pairs; answer each once.
     unique_prompts = {

@@ -19,6 +19,7 @@ from rlhfkit.data.batching import packed_batches
 from rlhfkit.data.examples import chat_examples, load_examples
 from rlhfkit.data.formatting import render_prompt, tokenize_examples
 from rlhfkit.engine import RunDir
+from rlhfkit.engine.distributed import runs_on_cpu
 from rlhfkit.errors import UserError
 from rlhfkit.files import write_json_atomically, write_text_atomically
 from rlhfkit.labeling.commands import llm_preferences
@@ -109,9 +110,7 @@ def run(config: EvaluateConfig, resume: bool = False) -> dict:
             f"evaluate: no prompts ({config.data.path} has no held-out conversations and extra_prompts is empty)"
         )
     sources = {name: resolve(reference) for name, reference in config.models.items()}
-    device = torch.device(
-        "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    device = torch.device("cpu" if runs_on_cpu(config.device) else "cuda")
     dtype = pick_dtype(config.dtype, device)
     settings = ModelSettings(dtype=config.dtype, device=config.device)
     print(

@@ -29,7 +29,7 @@ from rlhfkit.config import LoraSettings, RLConfig
 from rlhfkit.critic import PolicyAndCritic
 from rlhfkit.data.batching import example_order
 from rlhfkit.data.examples import PromptExample, load_examples, prompt_examples, training_data_summary
-from rlhfkit.data.formatting import render_prompt
+from rlhfkit.data.formatting import fit_prompts, render_prompt, with_system_prompt
 from rlhfkit.engine import Engine, RunDir, fsdp_launch, process_state
 from rlhfkit.engine.deepspeed_zero import deepspeed_launch
 from rlhfkit.errors import UserError
@@ -220,7 +220,8 @@ def rollout_summary(
         per_completion = gather(per_completion)
     scores, valid, sequence_kl, lengths, ended, entropy_sums, tokens = per_completion.unbind(dim=1)
     valid = valid.bool()
-    scores, sequence_kl = scores[valid], sequence_kl[valid]
+    # float64: the mean and spread of rewards near float32's limit still exist
+    scores, sequence_kl = scores[valid].double(), sequence_kl[valid]
     summary = {
         "reward_mean": float(scores.mean()) if len(scores) else math.nan,
         "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
@@ -251,12 +252,6 @@ def paired_gain(before: dict, after: dict) -> dict[str, float]:
         return {}
     gains = torch.tensor([a - b for a, b in pairs])
     return {"reward_gain": float(gains.mean()), "reward_gain_stderr": float(gains.std() / math.sqrt(len(gains)))}
-
-
-def with_system_prompt(turns: tuple[dict[str, str], ...], system_prompt: str | None) -> tuple[dict[str, str], ...]:
-    if system_prompt is None or turns[0]["role"] == "system":
-        return turns
-    return ({"role": "system", "content": system_prompt}, *turns)
 
 
 def check_process_count(config: RLConfig, stage: str, processes: int, minibatch_size: int | None) -> None:
@@ -393,7 +388,7 @@ def held_out_evaluation(
             rollout, scored = rollouts.sample_and_score(eval_examples, samples, seeds)
         logprobs, entropy = setup.logprobs(setup.policy, rollout, with_entropy=True)
         summary = rollout_summary(rollout, scored, logprobs, setup.reference_logprobs(rollout), entropy)
-        scores = scored.scores[scored.valid]
+        scores = scored.scores[scored.valid].double()
         summary["reward_stderr"] = float(scores.std() / math.sqrt(len(scores))) if len(scores) > 1 else math.nan
         summary["answers"] = rollout.completions[::samples]
         summary["sample_rewards"] = [float(r) if v else None for r, v in zip(scored.scores, scored.valid)]
@@ -429,8 +424,9 @@ def run_online(
     train_examples, eval_examples, report = load_examples(config.data, train.seed, prompt_examples)
     source, tokenizer = resolve_with_tokenizer(config.model)
     reward = RewardSource(config.reward, config.data.template)
-    eval_examples = eval_examples[: config.eval.num_prompts]
-    summary = training_data_summary(report, {}, len(train_examples), len(eval_examples), "prompts")
+    train_examples, adjusted = fit_prompts(train_examples, tokenizer, config.data)
+    eval_examples, _ = fit_prompts(eval_examples[: config.eval.num_prompts], tokenizer, config.data)
+    summary = training_data_summary(report, adjusted, len(train_examples), len(eval_examples), "prompts")
     print(f"data: {summary}; reward: {reward.name}")
 
     # Policy, reference, critic and the algorithm. TRPO steps the policy itself; the engine's
@@ -455,16 +451,15 @@ def run_online(
     metrics = run_dir.read_json("metrics.json")
     if config.eval.before and eval_examples:
         measure(engine, metrics, "before", evaluate)
-    bar = engine.progress_bar()
-    while engine.progress.step < total_steps:
-        step_metrics = train_one_step(engine, algorithm, rollouts, train.seed)
-        engine.progress.step += 1
-        engine.log_step(step_metrics)
-        reward_mean, kl, length = step_metrics["reward_mean"], step_metrics["kl"], step_metrics["length"]
-        bar.set_postfix(reward=f"{reward_mean:.3f}", kl=f"{kl:.3f}", len=f"{length:.0f}")
-        bar.update(1)
-        engine.checkpoint_if_due()
-    bar.close()
+    with engine.progress_bar() as bar:
+        while engine.progress.step < total_steps:
+            step_metrics = train_one_step(engine, algorithm, rollouts, train.seed)
+            engine.progress.step += 1
+            engine.log_step(step_metrics)
+            reward_mean, kl, length = step_metrics["reward_mean"], step_metrics["kl"], step_metrics["length"]
+            bar.set_postfix(reward=f"{reward_mean:.3f}", kl=f"{kl:.3f}", len=f"{length:.0f}")
+            bar.update(1)
+            engine.checkpoint_if_due()
     engine.checkpoint_at_end()
     if eval_examples:
         measure(engine, metrics, "after", evaluate)

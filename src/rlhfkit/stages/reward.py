@@ -95,8 +95,8 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
     source, tokenizer = resolve_with_tokenizer(config.model)
     wrap = special_token_wrapper(tokenizer)
     length = data.max_length - len(wrap([]))  # leave room for [CLS]/[SEP]
-    train_pairs, counts = tokenize_pairs(tokenizer, train_examples, data.template, length)
-    eval_pairs, _ = tokenize_pairs(tokenizer, eval_examples, data.template, length)
+    train_pairs, counts = tokenize_pairs(tokenizer, train_examples, data.template, length, data.overlong)
+    eval_pairs, _ = tokenize_pairs(tokenizer, eval_examples, data.template, length, data.overlong)
     print(f"data: {training_data_summary(report, counts, len(train_pairs), len(eval_pairs), 'pairs')}")
 
     # Model and optimiser.
