@@ -182,3 +182,116 @@ def test_a_replacement_killed_between_its_renames_keeps_the_old_directory(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["final"] and (final / "weights").read_text() == "old"
     files.write_dir_atomically(final, lambda d: (d / "weights").write_text("new"))
     assert [p.name for p in tmp_path.iterdir()] == ["final"] and (final / "weights").read_text() == "new"
+
+
+def six_steps(tiny_model, data, run_dir):
+    settings = pretrain_settings(tiny_model, data, run_dir)
+    settings = [s for s in settings if not s.startswith(("train.max_steps", "train.save_limit"))]
+    return load_config("pretrain", None, [*settings, "train.max_steps=6", "train.save_limit=3"])
+
+
+def interrupted_after_step_4(tiny_model, data, run_dir, monkeypatch):
+    """A 6-step pretraining run stopped right after its step-4 checkpoint (steps 2, 3, 4 kept)."""
+    config = six_steps(tiny_model, data, run_dir)
+    original_save = Engine.save_checkpoint
+
+    def stop_after_4(self):
+        path = original_save(self)
+        if self.progress.step == 4:
+            raise Interrupt(path.name)
+        return path
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Engine, "save_checkpoint", stop_after_4)
+        with pytest.raises(Interrupt):
+            pretrain.run(config)
+    return config
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda c: (c / "trainable.safetensors").write_bytes((c / "trainable.safetensors").read_bytes()[:100]), "Safe"),
+        (lambda c: (c / "state.json").write_text('{"progress": {"step": 4'), "JSONDecodeError"),
+        (lambda c: (c / "state.json").write_text("{}"), "lacks progress, rng, total_steps"),
+        (lambda c: (c / "optimizer.pt").write_bytes(b"PK\x03\x04"), "optimizer"),
+    ],
+)
+def test_resume_passes_over_a_damaged_latest_checkpoint(
+    tiny_model, tmp_path, text_rows, monkeypatch, capsys, damage, reason
+):
+    data = write_jsonl(tmp_path / "text.jsonl", text_rows)
+    pretrain.run(six_steps(tiny_model, data, tmp_path / "straight"))
+    config = interrupted_after_step_4(tiny_model, data, tmp_path / "run", monkeypatch)
+    damage(tmp_path / "run" / "checkpoints" / "step-000004")
+    capsys.readouterr()
+    pretrain.run(config, resume=True)
+    out = capsys.readouterr().out
+    assert "checkpoint" in out and "step-000004 is damaged" in out and "resuming from" in out and "step-000003" in out
+    assert reason in out or reason == "optimizer"
+    assert train_losses(tmp_path / "run") == pytest.approx(train_losses(tmp_path / "straight"), rel=1e-5)
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_keeps_the_previous_checkpoint(
+    tiny_model, tmp_path, text_rows, monkeypatch, capsys
+):
+    from safetensors import SafetensorError
+
+    from rlhfkit.cli import main
+    from rlhfkit.engine import checkpointing
+
+    data = write_jsonl(tmp_path / "text.jsonl", text_rows)
+    real_save = checkpointing.save_file
+    calls = []
+
+    def disk_full_at_the_third(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "save_file", disk_full_at_the_third)
+    arguments = [
+        part for setting in pretrain_settings(tiny_model, data, tmp_path / "run") for part in ("--set", setting)
+    ]
+    assert main(["pretrain", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert "error: could not write checkpoint" in error and "No space left on device" in error
+    assert "the previous checkpoint" in error and "step-000002 is intact" in error and "Traceback" not in error
+
+
+def test_a_read_only_filesystem_under_the_metrics_log_is_named(tiny_model, tmp_path, text_rows, monkeypatch, capsys):
+    import errno
+
+    from rlhfkit.cli import main
+    from rlhfkit.engine import tracking
+
+    data = write_jsonl(tmp_path / "text.jsonl", text_rows)
+
+    def read_only(root, step, metrics):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(root / tracking.METRICS_LOG))
+
+    monkeypatch.setattr(tracking, "append_metrics", read_only)
+    arguments = [
+        part for setting in pretrain_settings(tiny_model, data, tmp_path / "run") for part in ("--set", setting)
+    ]
+    assert main(["pretrain", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert f"error: {tmp_path / 'run' / 'metrics.jsonl'}: Read-only file system" in error and "Traceback" not in error
+
+
+def test_json_files_hold_null_where_a_statistic_is_not_a_number(tmp_path):
+    from rlhfkit.engine import tracking
+    from rlhfkit.files import json_text, write_json_atomically
+
+    value = {"mean": float("nan"), "spread": [1.0, float("inf"), -float("inf")], "text": "ok", "count": 3}
+    assert json_text(value) == '{"mean": null, "spread": [1.0, null, null], "text": "ok", "count": 3}'
+    write_json_atomically(tmp_path / "metrics.json", value)
+    tracking.append_metrics(tmp_path, 1, {"train/reward_mean": float("nan"), "train/loss": 0.5})
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    assert json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)["mean"] is None
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=refuse) == {"step": 1, "train/reward_mean": None, "train/loss": 0.5}

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from rlhfkit.engine import deepspeed_zero
 from rlhfkit.engine.distributed import like_parameter
 from rlhfkit.engine.run_dir import CHECKPOINT_STATE, RunDir
 from rlhfkit.errors import TrainingError, UserError
-from rlhfkit.files import remove_dir_atomically, write_dir_atomically
+from rlhfkit.files import json_text, remove_dir_atomically, write_dir_atomically
 from rlhfkit.models import whole_tensor
 
 
@@ -62,37 +64,66 @@ def write_checkpoint(
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler_state, tmp / "scheduler.pt")
         # state.json is written last: its presence marks a checkpoint as complete.
-        (tmp / CHECKPOINT_STATE).write_text(json.dumps({**state, "rng": rng_state()}))
+        (tmp / CHECKPOINT_STATE).write_text(json_text({**state, "rng": rng_state()}))
 
     try:
         write_dir_atomically(target, write)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
         previous = run.checkpoint_dirs()
         kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-        raise TrainingError(f"could not write checkpoint {target}: {exc.strerror or exc}{kept}") from None
+        reason = getattr(exc, "strerror", None) or exc
+        raise TrainingError(f"could not write checkpoint {target}: {reason}{kept}") from None
     for stale in run.checkpoint_dirs()[:-save_limit]:
         remove_dir_atomically(stale)  # a kill mid-way must not leave a half-deleted checkpoint
 
 
-def read_checkpoint(
-    run: RunDir, checkpoint: Path | None, total_steps: int
-) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
-    """(checkpoint, its state.json, its trainable weights) of the given checkpoint, default the latest
-    complete one; refused when it was written for another number of total steps."""
-    if checkpoint is None:
-        found = run.checkpoint_dirs()
-        if not found:
-            raise UserError(f"--resume: {run.checkpoints} holds no complete checkpoint")
-        checkpoint = found[-1]
-    if not (checkpoint / CHECKPOINT_STATE).exists() or not (checkpoint / "trainable.safetensors").exists():
-        raise UserError(f"{checkpoint} is not an rlhfkit checkpoint (no {CHECKPOINT_STATE} / trainable.safetensors)")
-    state = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
-    if state["total_steps"] != total_steps:
-        raise UserError(
-            f"{checkpoint} was written for {state['total_steps']} total steps, this config gives "
-            f"{total_steps}; resume with the same data and train settings"
-        )
-    return checkpoint, state, load_file(str(checkpoint / "trainable.safetensors"))
+@dataclass
+class SavedCheckpoint:
+    path: Path
+    state: dict[str, Any]  # state.json: progress, total_steps, extra, rng
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+
+
+def read_checkpoint(run: RunDir, checkpoint: Path | None, total_steps: int) -> SavedCheckpoint:
+    """Everything a checkpoint holds; by default the latest complete one that reads back whole.
+
+    A damaged latest checkpoint (a truncated weights file, a broken state.json, e.g. after a
+    full disk) is passed over, saying so, for the one before it. One written for another number
+    of total steps is refused: the schedule would not continue.
+    """
+    candidates = [checkpoint] if checkpoint is not None else run.checkpoint_dirs()[::-1]
+    if not candidates:
+        raise UserError(f"--resume: {run.checkpoints} holds no complete checkpoint")
+    for index, path in enumerate(candidates):
+        if not (path / CHECKPOINT_STATE).exists() or not (path / "trainable.safetensors").exists():
+            raise UserError(f"{path} is not an rlhfkit checkpoint (no {CHECKPOINT_STATE} / trainable.safetensors)")
+        try:
+            saved = SavedCheckpoint(
+                path,
+                json.loads((path / CHECKPOINT_STATE).read_text()),
+                load_file(str(path / "trainable.safetensors")),
+                read_torch_state(path / "optimizer.pt"),
+                read_torch_state(path / "scheduler.pt"),
+            )
+            if missing := {"progress", "rng", "total_steps"} - set(saved.state):
+                raise ValueError(f"{CHECKPOINT_STATE} lacks {', '.join(sorted(missing))}")
+        except (OSError, ValueError, KeyError, EOFError, RuntimeError, SafetensorError) as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'incomplete'}"
+            if index + 1 == len(candidates):
+                raise UserError(
+                    f"--resume: checkpoint {path} is damaged ({reason}) and no earlier one is whole"
+                ) from None
+            print(f"warning: checkpoint {path} is damaged ({reason}); resuming from {candidates[index + 1]} instead")
+            continue
+        if saved.state["total_steps"] != total_steps:
+            raise UserError(
+                f"{path} was written for {saved.state['total_steps']} total steps, this config gives "
+                f"{total_steps}; resume with the same data and train settings"
+            )
+        return saved
+    raise AssertionError("unreachable")
 
 
 def read_torch_state(path: Path) -> dict:

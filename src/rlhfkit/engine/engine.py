@@ -245,18 +245,17 @@ class Engine:
 
     def load_checkpoint(self, checkpoint: Path | None = None) -> Path:
         """Restore weights, optimizer, scheduler, RNG and progress from a checkpoint (default: latest)."""
-        checkpoint, state, saved = checkpointing.read_checkpoint(self.run, checkpoint, self.total_steps)
+        saved = checkpointing.read_checkpoint(self.run, checkpoint, self.total_steps)
         parameters = self.trainable_parameters()
-        if set(saved) != set(parameters):
-            raise UserError(f"{checkpoint} does not match this model's trainable parameters (different model or LoRA?)")
-        optimizer_state = checkpointing.read_torch_state(checkpoint / "optimizer.pt")
-        checkpointing.restore_training_state(parameters, saved, optimizer_state, *self._placement())
-        self.scheduler.load_state_dict(checkpointing.read_torch_state(checkpoint / "scheduler.pt"))
-        checkpointing.set_rng_state(state["rng"])
-        self.progress = Progress(**state["progress"])
-        self.extra_state = state.get("extra", {})
+        if set(saved.trainable) != set(parameters):
+            raise UserError(f"{saved.path} does not match this model's trainable parameters (different model or LoRA?)")
+        checkpointing.restore_training_state(parameters, saved.trainable, saved.optimizer, *self._placement())
+        self.scheduler.load_state_dict(saved.scheduler)
+        checkpointing.set_rng_state(saved.state["rng"])
+        self.progress = Progress(**saved.state["progress"])
+        self.extra_state = saved.state.get("extra", {})
         self.on_main(lambda: tracking.truncate_metrics_log(self.run.root, self.progress.step))
-        return checkpoint
+        return saved.path
 
     # ---- logging -----------------------------------------------------------------------
 
@@ -277,39 +276,39 @@ class Engine:
     ) -> Progress:
         """Run optimizer steps until total_steps, checkpointing and logging on the way."""
         train = self.train
-        bar = self.progress_bar()
         started, units_seen = time.perf_counter(), 0
-        while self.progress.step < self.total_steps:
-            batches = batches_for_epoch(self.progress.epoch)
-            if not batches:  # an epoch without batches would loop here for ever
-                raise TrainingError(f"epoch {self.progress.epoch + 1} has no training batches; nothing to train on")
-            groups = [batches[i : i + train.grad_accum] for i in range(0, len(batches), train.grad_accum)]
-            for group in groups[self.progress.group_in_epoch :]:
-                step_started = time.perf_counter()
-                step_metrics = self.optimizer_step(group, loss_fn)
-                step_metrics["step_s"] = time.perf_counter() - step_started
-                self.progress.step += 1
-                self.progress.group_in_epoch += 1
-                units_seen += int(step_metrics.pop("units"))
-                step_metrics["units_per_s"] = units_seen / (time.perf_counter() - started)
-                self.log_step(step_metrics)
-                bar.set_postfix(
-                    loss=f"{step_metrics['loss']:.4f}",
-                    lr=f"{step_metrics['lr']:.2e}",
-                    per_s=f"{step_metrics['units_per_s']:.1f}",
-                )
-                bar.update(1)
-                if evaluate is not None and train.eval_every and self.progress.step % train.eval_every == 0:
-                    with self.whole_weights():
-                        scores = evaluate()
-                    self.log({f"eval/{k}": v for k, v in scores.items()}, self.progress.step)
-                self.checkpoint_if_due()
-                if self.progress.step >= self.total_steps:
-                    break
-            else:
-                self.progress.epoch += 1
-                self.progress.group_in_epoch = 0
-        bar.close()
+        # the bar is closed (its line ended) however the loop ends, so an error starts a line of its own
+        with self.progress_bar() as bar:
+            while self.progress.step < self.total_steps:
+                batches = batches_for_epoch(self.progress.epoch)
+                if not batches:  # an epoch without batches would loop here for ever
+                    raise TrainingError(f"epoch {self.progress.epoch + 1} has no training batches; nothing to train on")
+                groups = [batches[i : i + train.grad_accum] for i in range(0, len(batches), train.grad_accum)]
+                for group in groups[self.progress.group_in_epoch :]:
+                    step_started = time.perf_counter()
+                    step_metrics = self.optimizer_step(group, loss_fn)
+                    step_metrics["step_s"] = time.perf_counter() - step_started
+                    self.progress.step += 1
+                    self.progress.group_in_epoch += 1
+                    units_seen += int(step_metrics.pop("units"))
+                    step_metrics["units_per_s"] = units_seen / (time.perf_counter() - started)
+                    self.log_step(step_metrics)
+                    bar.set_postfix(
+                        loss=f"{step_metrics['loss']:.4f}",
+                        lr=f"{step_metrics['lr']:.2e}",
+                        per_s=f"{step_metrics['units_per_s']:.1f}",
+                    )
+                    bar.update(1)
+                    if evaluate is not None and train.eval_every and self.progress.step % train.eval_every == 0:
+                        with self.whole_weights():
+                            scores = evaluate()
+                        self.log({f"eval/{k}": v for k, v in scores.items()}, self.progress.step)
+                    self.checkpoint_if_due()
+                    if self.progress.step >= self.total_steps:
+                        break
+                else:
+                    self.progress.epoch += 1
+                    self.progress.group_in_epoch = 0
         self.checkpoint_at_end()
         return self.progress
 
