@@ -88,6 +88,26 @@ def test_bad_override_syntax():
 
 
 @pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["grpo.advantage=rloo", "rollout.samples_per_prompt=1"], "at least 2 for grpo.advantage rloo"),
+        (
+            ["grpo.dynamic_sampling=true", "rollout.samples_per_prompt=1"],
+            "rollout.samples_per_prompt must be at least 2",
+        ),
+        (
+            ["grpo.objective=cispo", "grpo.clip_high=0.28"],
+            "with grpo.objective cispo the weight cap is grpo.cispo_max_weight",
+        ),
+        (["grpo.advantage=rloo", "grpo.scale_rewards=false"], "grpo.scale_rewards applies to advantage: group"),
+    ],
+)
+def test_rl_family_combinations_that_cannot_work_are_refused_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("grpo", None, overrides)
+
+
+@pytest.mark.parametrize(
     "stage, override, field",
     [
         ("dpo", "dpo.loss=kto", "dpo.loss"),
@@ -118,6 +138,15 @@ def test_preference_stage_fields_are_checked(stage, override, field):
         ("ppo", "reward.on_invalid=ignore", "reward.on_invalid"),
         ("grpo", "grpo.loss_aggregation=mean", "grpo.loss_aggregation"),
         ("grpo", "grpo.beta=-0.1", "grpo.beta"),
+        ("grpo", "grpo.advantage=ppo", "grpo.advantage"),
+        ("grpo", "grpo.importance_level=sentence", "grpo.importance_level"),
+        ("grpo", "grpo.objective=sapo", "grpo.objective"),
+        ("grpo", "grpo.clip_high=0.1", "grpo.clip_high (0.1) must be at least grpo.clip, ε_low (0.2)"),
+        ("grpo", "grpo.cispo_max_weight=1", "grpo.cispo_max_weight"),
+        ("grpo", "grpo.overlong_buffer=0", "grpo.overlong_buffer"),
+        ("grpo", "grpo.overlong_buffer=999", "grpo.overlong_buffer (999) must be at most rollout.max_new_tokens"),
+        ("grpo", "grpo.kl_penalty=kl", "grpo.kl_penalty"),
+        ("grpo", "rollout.samples_per_prompt=1", "rollout.samples_per_prompt must be at least 2"),
         ("trpo", "trpo.max_kl=0", "trpo.max_kl"),
         ("trpo", "trpo.baseline=critic", "trpo.baseline"),
         ("trpo", "eval.samples_per_prompt=0", "eval.samples_per_prompt"),

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from rlhfkit.losses.grpo import group_advantages, grpo_per_token_loss, zero_variance_fraction
+from rlhfkit.losses.advantages import group_advantages, zero_variance_fraction
+from rlhfkit.losses.grpo import grpo_per_token_loss
 from rlhfkit.losses.masked import masked_mean, masked_whiten
 from rlhfkit.losses.ppo import (
     adaptive_kl_coef,

@@ -120,17 +120,55 @@ class GRPOSettings(Section):
     minibatch_size: int | None = Field(
         None, gt=0, description="Sequences per optimizer step (default: the whole rollout batch)."
     )
-    clip: float = Field(0.2, gt=0, description="ε: policy-ratio clip range.")
+    clip: float = Field(0.2, gt=0, description="ε (ε_low): policy-ratio clip range, ratios below 1−ε are clipped.")
+    clip_high: float | None = Field(
+        None, gt=0, description="ε_high: ratios above 1+ε_high are clipped (DAPO's clip-higher: 0.28); default: clip."
+    )
     beta: float = Field(
         0.04,
         ge=0,
-        description="KL coefficient (k3 estimator) of the loss term to the reference; 0 drops the term (KL is still reported).",
+        description="KL coefficient to the reference; 0 drops the penalty (KL is still reported).",
+    )
+    kl_penalty: Literal["loss", "reward"] = Field(
+        "loss",
+        description="loss: β·k3 as a loss term (GRPO); reward: −β·k1 in the reward (RLOO, REINFORCE++), per token for reinforce_pp.",
+    )
+    advantage: Literal["group", "rloo", "reinforce_pp", "reinforce_pp_group"] = Field(
+        "group",
+        description="group: reward relative to its group (GRPO); rloo: minus the mean of the others (RLOO); "
+        "reinforce_pp: token returns normalised over the batch (REINFORCE++); reinforce_pp_group: with the group mean first.",
     )
     scale_rewards: bool = Field(
-        True, description="Divide group advantages by the group's reward std (false: Dr. GRPO)."
+        True, description="Divide group advantages by the group's reward std (false: Dr. GRPO); advantage: group only."
     )
-    loss_aggregation: Literal["token", "sequence"] = Field(
-        "token", description="Average the loss over all tokens, or per sequence then over sequences."
+    importance_level: Literal["token", "sequence", "sequence_token", "sequence_sum"] = Field(
+        "token",
+        description="Importance ratio per token (GRPO), per completion (GSPO: exp of the mean log-ratio), GSPO-token, "
+        "or the whole completion's likelihood ratio (RLOO's loss, with loss_aggregation: sequence).",
+    )
+    objective: Literal["clipped", "cispo"] = Field(
+        "clipped",
+        description="clipped: PPO's clipped surrogate; cispo: clipped, stop-gradient weights on log π (CISPO).",
+    )
+    cispo_max_weight: float = Field(5.0, gt=1, description="CISPO's cap ε_max on the importance weight (ScaleRL: 5).")
+    loss_aggregation: Literal["token", "sequence", "constant"] = Field(
+        "token",
+        description="Average the loss over all tokens (DAPO), per sequence then over sequences (GRPO), or over "
+        "completions × max_new_tokens (Dr. GRPO).",
+    )
+    dynamic_sampling: bool = Field(
+        False, description="Leave groups whose rewards are all equal out of the update and its averages (DAPO)."
+    )
+    overlong_buffer: int | None = Field(
+        None,
+        gt=0,
+        description="DAPO's soft overlong penalty: over the last this many tokens of max_new_tokens the reward "
+        "falls linearly, to −overlong_penalty at the limit.",
+    )
+    overlong_penalty: float = Field(1.0, gt=0, description="The overlong penalty at max_new_tokens (overlong_buffer).")
+    drop_truncated: bool = Field(
+        False,
+        description="Leave completions that hit max_new_tokens without EOS out of the update (DAPO's overlong filtering).",
     )
 
 
@@ -196,7 +234,26 @@ class GRPOConfig(RLConfig):
 
     @model_validator(mode="after")
     def _groups(self) -> GRPOConfig:
-        _check_group_size(self, "group-relative advantages")
+        settings = self.grpo
+        _check_group_size(
+            self,
+            f"grpo.advantage {settings.advantage}" if settings.advantage != "group" else "group-relative advantages",
+        )
+        if settings.clip_high is not None and settings.clip_high < settings.clip:
+            raise ValueError(
+                f"grpo.clip_high ({settings.clip_high}) must be at least grpo.clip, ε_low ({settings.clip})"
+            )
+        if settings.objective == "cispo" and settings.clip_high is not None:
+            raise ValueError(
+                "grpo.clip_high clips PPO's surrogate; with grpo.objective cispo the weight cap is grpo.cispo_max_weight"
+            )
+        if not settings.scale_rewards and settings.advantage != "group":
+            raise ValueError(f"grpo.scale_rewards applies to advantage: group, not {settings.advantage}")
+        if settings.overlong_buffer is not None and settings.overlong_buffer > self.rollout.max_new_tokens:
+            raise ValueError(
+                f"grpo.overlong_buffer ({settings.overlong_buffer}) must be at most rollout.max_new_tokens "
+                f"({self.rollout.max_new_tokens})"
+            )
         return self
 
 

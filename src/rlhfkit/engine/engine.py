@@ -420,6 +420,12 @@ class Engine:
             **{k: v / units for k, v in extra.items()},
         }
 
+    def skip_updates(self, count: int) -> None:
+        """Steps with nothing to learn from (DAPO's dynamic sampling dropped every group): no
+        optimizer step; the schedule moves on as if they had run."""
+        for _ in range(count):
+            self.scheduler.step()
+
     def skip_nonfinite_update(self, what: str, step_metrics: dict[str, float]) -> dict[str, float]:
         """A NaN/inf loss or gradient: stop (train.on_nonfinite: error), or drop this update and count it.
 

@@ -141,22 +141,41 @@ def explained_variance(
     return float(1.0 - residual_variance / variance) if variance > 0 else float("nan")
 
 
+LossAggregation = Literal["token", "sequence", "constant"]
+
+
 def aggregate_loss(
-    per_token: torch.Tensor, mask: torch.Tensor, mode: Literal["token", "sequence"] = "token"
+    per_token: torch.Tensor, mask: torch.Tensor, mode: LossAggregation = "token", max_length: int | None = None
 ) -> tuple[torch.Tensor, int]:
     """Sum of a per-token loss and the number of units it averages over.
 
-        token:    Σ_i Σ_t ℓ_it m_it            over Σ m tokens   (every token weighs the same)
+        token:    Σ_i Σ_t ℓ_it m_it            over Σ m tokens   (every token weighs the same;
+                  DAPO's token-level loss)
         sequence: Σ_i (Σ_t ℓ_it m_it / Σ_t m_it)  over B sequences (every sequence weighs the same;
                   GRPO's original form, which favours long wrong answers less than short ones)
+        constant: Σ_i Σ_t ℓ_it m_it            over B · max_length (Dr. GRPO, Liu et al. 2025: a
+                  normaliser that depends on no length, so no length is favoured)
 
     The engine divides the sum by the units of the whole optimizer step, so accumulating
     micro-batches equals one big batch.
     """
-    if mode == "token":
-        return (per_token * mask).sum(), int(mask.sum().item())
+    units = aggregation_units(mask, mode, max_length)
     if mode == "sequence":
         lengths = mask.sum(dim=1)
         has_tokens = lengths > 0
-        return ((per_token * mask).sum(dim=1)[has_tokens] / lengths[has_tokens]).sum(), int(has_tokens.sum().item())
-    raise ValueError(f"unknown loss aggregation {mode!r} (token, sequence)")
+        return ((per_token * mask).sum(dim=1)[has_tokens] / lengths[has_tokens]).sum(), units
+    return (per_token * mask).sum(), units
+
+
+def aggregation_units(mask: torch.Tensor, mode: LossAggregation = "token", max_length: int | None = None) -> int:
+    """What aggregate_loss averages over: tokens, non-empty sequences, or sequences × max_length."""
+    sequences = int((mask.sum(dim=1) > 0).sum().item())
+    if mode == "token":
+        return int(mask.sum().item())
+    if mode == "sequence":
+        return sequences
+    if mode == "constant":
+        if max_length is None:
+            raise ValueError("loss aggregation constant needs max_length (the completion length budget)")
+        return sequences * max_length
+    raise ValueError(f"unknown loss aggregation {mode!r} (token, sequence, constant)")

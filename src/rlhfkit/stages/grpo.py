@@ -1,9 +1,12 @@
-"""`rlhfkit grpo`: group-relative policy optimisation (Shao et al. 2024), no critic.
+"""`rlhfkit grpo`: the critic-free RL family (Shao et al. 2024 and its successors).
 
-Per RL step: G completions for each prompt; each completion's advantage is its reward relative
-to its group; the clipped objective plus β·k3 KL to the reference is averaged per token (or per
-sequence). Groups whose rewards are all equal carry no gradient; their fraction is logged every
-step and a warning says when most of a batch has nothing to learn from.
+Per RL step: G completions for each prompt, scored; an advantage per completion (or per token)
+without a critic; a clipped (or CISPO) policy objective plus an optional KL term, averaged per
+token, per sequence or over a constant. The grpo section's options select the family member
+(docs: RL algorithms): RLOO, REINFORCE++ (and its group baseline), GSPO (sequence-level
+ratios), DAPO (clip-higher, dynamic sampling, token-level loss, overlong shaping) and CISPO.
+Groups whose rewards are all equal carry no gradient; their fraction is logged every step and a
+warning says when most of a batch has nothing to learn from.
 """
 
 from __future__ import annotations
@@ -12,8 +15,16 @@ import torch
 
 from rlhfkit.config import GRPOConfig
 from rlhfkit.engine import LossOutput
-from rlhfkit.losses.grpo import group_advantages, grpo_per_token_loss, zero_variance_fraction
-from rlhfkit.losses.ppo import aggregate_loss
+from rlhfkit.losses.advantages import (
+    group_advantages,
+    overlong_penalty,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    spread_groups,
+    zero_variance_fraction,
+)
+from rlhfkit.losses.grpo import grpo_per_token_loss
+from rlhfkit.losses.ppo import aggregate_loss, kl_estimate
 from rlhfkit.rewards import ScoredBatch, group_scores
 from rlhfkit.sampling import Rollout
 from rlhfkit.stages.online import (
@@ -51,8 +62,17 @@ class GRPO:
             context.config, self.settings.epochs, self.settings.minibatch_size
         )
         # Updating after every minibatch makes later minibatches off-policy; only one pass over
-        # the whole batch in one step is truly on-policy.
-        self.on_policy = self.settings.epochs == 1 and self.settings.minibatch_size in (None, self.batch_size)
+        # the whole batch in one step is truly on-policy. A KL penalty in the reward needs the
+        # policy's log-probs before the update.
+        self.on_policy = (
+            self.settings.epochs == 1
+            and self.settings.minibatch_size in (None, self.batch_size)
+            and not self.kl_in_reward
+        )
+
+    @property
+    def kl_in_reward(self) -> bool:
+        return self.settings.kl_penalty == "reward" and self.settings.beta > 0
 
     @property
     def batch_size(self) -> int:
@@ -67,18 +87,57 @@ class GRPO:
             self.seen_entropy[batch.rows, : batch.width] = entropy
         else:
             old_logprobs = targets["old_logprobs"]
-        per_token, clipped, kl = grpo_per_token_loss(
-            logprobs, old_logprobs, targets.get("ref_logprobs"), targets["advantages"], settings.clip, settings.beta
-        )
         mask = targets["mask"]
-        loss_sum, _ = aggregate_loss(per_token, mask, settings.loss_aggregation)
-        return LossOutput(
-            loss_sum,
-            {
-                "clip_fraction": float(aggregate_loss(clipped, mask, settings.loss_aggregation)[0]),
-                "kl_term": float(aggregate_loss(kl.detach(), mask, settings.loss_aggregation)[0]),
-            },
+        per_token, clipped, kl = grpo_per_token_loss(
+            logprobs,
+            old_logprobs,
+            targets.get("ref_logprobs"),
+            targets["advantages"],
+            settings.clip,
+            0.0 if self.kl_in_reward else settings.beta,
+            clip_high=settings.clip_high,
+            mask=mask,
+            level=settings.importance_level,
+            objective=settings.objective,
+            max_weight=settings.cispo_max_weight,
         )
+        aggregate = lambda values: aggregate_loss(  # noqa: E731
+            values, mask, settings.loss_aggregation, self.context.config.rollout.max_new_tokens
+        )[0]
+        return LossOutput(
+            aggregate(per_token),
+            {"clip_fraction": float(aggregate(clipped)), "kl_term": float(aggregate(kl.detach()))},
+        )
+
+    def advantages(
+        self,
+        rollout: Rollout,
+        scored: ScoredBatch,
+        logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rewards after shaping (N,), advantages (N,) or (N, T)) as grpo.advantage says."""
+        settings, rollout_settings = self.settings, self.context.config.rollout
+        group_size = rollout_settings.samples_per_prompt
+        rewards = group_scores(scored, group_size)
+        if settings.overlong_buffer is not None:
+            lengths = rollout.lengths.float().cpu()
+            rewards = rewards + overlong_penalty(
+                lengths, rollout_settings.max_new_tokens, settings.overlong_buffer, settings.overlong_penalty
+            )
+        token_kl = kl_estimate(logprobs, ref_logprobs, "k1") * mask if self.kl_in_reward else None
+        if settings.advantage in ("reinforce_pp", "reinforce_pp_group"):
+            group = group_size if settings.advantage == "reinforce_pp_group" else None
+            beta = settings.beta if token_kl is not None else 0.0
+            token_kl = token_kl if token_kl is not None else torch.zeros_like(mask)
+            reduce = self.context.engine.sum_across_processes
+            advantages = reinforce_pp_advantages(rewards.to(mask.device), token_kl, mask, beta, group, reduce)
+            return rewards, advantages
+        sequence_rewards = rewards if token_kl is None else rewards - settings.beta * token_kl.sum(dim=1).cpu()
+        if settings.advantage == "rloo":
+            return rewards, rloo_advantages(sequence_rewards, group_size).to(mask.device)
+        return rewards, group_advantages(sequence_rewards, group_size, settings.scale_rewards).to(mask.device)
 
     def update(self, rollout: Rollout, scored: ScoredBatch, step_seed: int) -> dict[str, float]:
         context, settings, engine = self.context, self.settings, self.context.engine
@@ -90,24 +149,35 @@ class GRPO:
         else:
             with torch.no_grad(), engine.whole_weights():
                 logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
-        rewards = group_scores(scored, group_size)
-        advantages = group_advantages(rewards, group_size, settings.scale_rewards).to(logprobs.device)
+        mask = training_mask(rollout, scored)
+        if settings.drop_truncated:  # DAPO's overlong filtering: a cut-off answer's reward says little
+            mask = mask * rollout.ended[:, None].to(mask)
+        rewards, advantages = self.advantages(rollout, scored, logprobs, ref_logprobs, mask)
         # Every process holds the same number of groups: the mean of their fractions is the batch's.
         flat_fraction = (
             float(engine.sum_across_processes(torch.tensor([zero_variance_fraction(rewards, group_size)]))[0])
             / engine.num_processes
         )
-        message = describe_flat_groups(flat_fraction, rewards, context.config.rollout.max_new_tokens)
-        if message:
-            warn(f"step {engine.progress.step + 1}: {message}")
-        mask = training_mask(rollout, scored)
+        if settings.dynamic_sampling:  # DAPO: flat groups leave the update and its token counts
+            mask = mask * spread_groups(rewards, group_size).repeat_interleave(group_size)[:, None].to(mask)
+        else:
+            message = describe_flat_groups(flat_fraction, rewards, context.config.rollout.max_new_tokens)
+            if message:
+                warn(f"step {engine.progress.step + 1}: {message}")
         targets = (
             {"advantages": advantages, "mask": mask}
             if self.on_policy
             else {"old_logprobs": logprobs, "advantages": advantages, "mask": mask}
         )
-        if settings.beta > 0:
+        if settings.beta > 0 and not self.kl_in_reward:
             targets["ref_logprobs"] = ref_logprobs
+        if settings.dynamic_sampling and float(engine.sum_across_processes(mask.sum().reshape(1).cpu())[0]) == 0:
+            engine.skip_updates(self.optimizer_steps_per_step)  # every group was flat: nothing to learn this step
+            if self.on_policy:  # the loss's pass that would have measured them does not run
+                with torch.no_grad(), engine.whole_weights():
+                    logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
+            summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy, gather=engine.gather)
+            return {**summary, "zero_variance_groups": flat_fraction, "skipped_update": 1.0}
 
         updates = run_updates(
             engine,
@@ -118,12 +188,10 @@ class GRPO:
             settings.loss_aggregation,
             step_seed,
             self.loss,
+            context.config.rollout.max_new_tokens,
         )
-        return {
-            **rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy, gather=engine.gather),
-            **updates,
-            "zero_variance_groups": flat_fraction,
-        }
+        summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy, gather=engine.gather)
+        return {**summary, **updates, "zero_variance_groups": flat_fraction}
 
 
 def run(config: GRPOConfig, resume: bool = False) -> dict:

@@ -33,6 +33,7 @@ from rlhfkit.data.formatting import fit_prompts, render_prompt, with_system_prom
 from rlhfkit.engine import Engine, RunDir, fsdp_launch, process_state
 from rlhfkit.engine.deepspeed_zero import deepspeed_launch
 from rlhfkit.errors import UserError
+from rlhfkit.losses.ppo import aggregation_units
 from rlhfkit.models import frozen_reference_copy, reference_policy, resolve, resolve_with_tokenizer
 from rlhfkit.passes import response_logprobs
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
@@ -59,13 +60,12 @@ class RolloutBatch:
         )
 
 
-def loss_units(mask: torch.Tensor, aggregation: str) -> int:
-    """Tokens (token-level loss) or non-empty sequences (sequence-level loss) of a mask."""
-    return int(mask.sum().item()) if aggregation == "token" else int((mask.sum(dim=1) > 0).sum().item())
-
-
 def micro_batch(
-    rollout: Rollout, tensors: dict[str, torch.Tensor], indices: torch.Tensor, aggregation: str
+    rollout: Rollout,
+    tensors: dict[str, torch.Tensor],
+    indices: torch.Tensor,
+    aggregation: str,
+    max_length: int | None = None,
 ) -> RolloutBatch:
     """Rows `indices`, with columns that hold only padding cut off (left of prompts, right of responses)."""
     picked = rollout.select(indices)
@@ -75,7 +75,7 @@ def micro_batch(
     picked.response_ids, picked.response_mask = picked.response_ids[:, :width], picked.response_mask[:, :width]
     rows = {name: value[indices.to(value.device)] for name, value in tensors.items()}
     rows = {name: value[:, :width] if value.dim() >= 2 else value for name, value in rows.items()}
-    return RolloutBatch(picked, rows, loss_units(rows["mask"], aggregation), indices)
+    return RolloutBatch(picked, rows, aggregation_units(rows["mask"], aggregation, max_length), indices)
 
 
 def minibatch_groups(
@@ -85,6 +85,7 @@ def minibatch_groups(
     micro_batch_size: int,
     aggregation: str,
     generator: torch.Generator,
+    max_length: int | None = None,
 ) -> list[list[RolloutBatch]]:
     """Shuffled minibatches (one optimizer step each), each split into micro-batches (accumulated)."""
     count = rollout.size
@@ -95,7 +96,7 @@ def minibatch_groups(
         members = order[start : start + size]
         groups.append(
             [
-                micro_batch(rollout, tensors, members[i : i + micro_batch_size], aggregation)
+                micro_batch(rollout, tensors, members[i : i + micro_batch_size], aggregation, max_length)
                 for i in range(0, len(members), micro_batch_size)
             ]
         )
@@ -111,10 +112,12 @@ def run_updates(
     aggregation: str,
     step_seed: int,
     loss_fn,
+    max_length: int | None = None,
 ) -> dict[str, float]:
     """`epochs` passes of optimizer steps over shuffled minibatches; returns the steps' mean metrics.
 
-    `rollout` is this process's share; minibatch_size counts completions over all processes.
+    `rollout` is this process's share; minibatch_size counts completions over all processes;
+    max_length is the completion budget a constant loss normaliser uses.
     """
     generator = torch.Generator().manual_seed(step_seed)
     totals: dict[str, float] = {}
@@ -122,7 +125,7 @@ def run_updates(
     local_minibatch = minibatch_size // engine.num_processes if minibatch_size else None
     for _ in range(epochs):
         for group in minibatch_groups(
-            rollout, targets, local_minibatch, engine.train.batch_size, aggregation, generator
+            rollout, targets, local_minibatch, engine.train.batch_size, aggregation, generator, max_length
         ):
             for name, value in engine.optimizer_step(group, loss_fn, already_split=True).items():
                 totals[name] = totals.get(name, 0.0) + value

@@ -27,7 +27,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from rlhfkit.config import TRPOConfig
 from rlhfkit.engine import LossOutput, TrainingError
-from rlhfkit.losses.grpo import group_advantages
+from rlhfkit.losses.advantages import group_advantages
 from rlhfkit.losses.masked import masked_mean, masked_whiten
 from rlhfkit.losses.ppo import (
     aggregate_loss,
