@@ -12,6 +12,38 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
+SOURCE = Path(__file__).resolve().parents[1] / "src" / "rlhfkit"
+
+
+def raise_deprecations_from_our_calls() -> None:
+    """RLHFKIT_DEPRECATIONS_AS_ERRORS=1 (a CI step, on the newest releases the ranges allow): a
+    DeprecationWarning or FutureWarning raised by an API that rlhfkit's own code calls directly
+    becomes an error. Libraries warn from inside the deprecated function, so the warning's own
+    location is theirs; the caller is looked for a few frames up (a wrapper or decorator between)."""
+    import sys
+    import warnings
+
+    real_warn = warnings.warn
+
+    def warn(message, category=None, stacklevel=1, source=None, **options):
+        kind = category or (type(message) if isinstance(message, Warning) else UserWarning)
+        if issubclass(kind, (DeprecationWarning, FutureWarning)):
+            frame = sys._getframe(1)  # the deprecated function itself
+            for _ in range(3):
+                frame = frame.f_back
+                if frame is None:
+                    break
+                if Path(frame.f_code.co_filename).resolve().is_relative_to(SOURCE):
+                    where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+                    raise kind(f"{message} (called from rlhfkit at {where})")
+        return real_warn(message, category, stacklevel + 1, source, **options)
+
+    warnings.warn = warn
+
+
+if os.environ.get("RLHFKIT_DEPRECATIONS_AS_ERRORS") == "1":
+    raise_deprecations_from_our_calls()
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

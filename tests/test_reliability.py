@@ -295,3 +295,24 @@ def test_json_files_hold_null_where_a_statistic_is_not_a_number(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)["mean"] is None
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line, parse_constant=refuse) == {"step": 1, "train/reward_mean": None, "train/loss": 0.5}
+
+
+def test_the_ci_deprecation_hook_raises_for_rlhfkit_calls_only(monkeypatch):
+    """The hook behind RLHFKIT_DEPRECATIONS_AS_ERRORS=1 (.ci/run): a deprecated API called from a
+    file under src/rlhfkit raises; called from anywhere else it only warns."""
+    import warnings
+
+    import conftest
+
+    monkeypatch.setattr(warnings, "warn", warnings.warn)  # the hook replaces it; restored after the test
+    conftest.raise_deprecations_from_our_calls()
+
+    def deprecated_api():
+        warnings.warn("old_api is deprecated", FutureWarning, stacklevel=2)
+
+    ours = {"deprecated_api": deprecated_api}
+    exec(compile("def call():\n    deprecated_api()\n", str(conftest.SOURCE / "caller.py"), "exec"), ours)
+    with pytest.raises(FutureWarning, match=r"old_api is deprecated \(called from rlhfkit at .*caller.py:2\)"):
+        ours["call"]()
+    with pytest.warns(FutureWarning, match="old_api is deprecated"):
+        deprecated_api()  # called from a test file: a warning, not an error

@@ -327,6 +327,18 @@ def attach_lora(model: torch.nn.Module, lora: LoraSettings, task_type: str = "CA
         ) from None
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in backward (non-reentrant), by transformers' current name for it:
+    `activation_checkpointing_enable` from 5.25 on (`gradient_checkpointing_enable` goes in 6)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
 def load_for_training(
     source: ModelSource, settings: ModelSettings, lora: LoraSettings, dtype: torch.dtype, reward_model: bool = False
 ) -> torch.nn.Module:

@@ -44,6 +44,7 @@ from rlhfkit.errors import TrainingError, UserError
 from rlhfkit.models import (
     FINAL_DIR,
     ModelSource,
+    enable_activation_checkpointing,
     load_for_training,
     pick_dtype,
     portable_reference,
@@ -133,9 +134,7 @@ class Engine:
         steps, for stages (RL) that take several optimizer steps per progress step.
         """
         if self.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(model, "enable_input_require_grads"):
-                model.enable_input_require_grads()
+            enable_activation_checkpointing(model)
         wrapper = LossInsideWrapper(model)
         if self.sharded:  # the optimizer must be built on the sharded parameters
             shard_for_launch(wrapper, model, self.device)
