@@ -116,3 +116,20 @@ sft:
     assert main(["merge", str(tmp_path / "sft"), str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "model.safetensors").exists()
     assert main(["merge", str(tmp_path / "sft"), str(tmp_path / "merged")]) == 2  # never overwrites
+
+
+def test_hugging_face_load_bars_are_silenced_even_when_imported_first(tiny_model, capsys, monkeypatch):
+    import transformers  # noqa: F401  (imported before the CLI runs, as in a notebook or these tests)
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils.logging import enable_progress_bar
+
+    enable_progress_bar()
+    enable_progress_bars()
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    try:
+        assert main(["generate", str(tiny_model), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+        captured = capsys.readouterr()
+        assert "Loading weights" not in captured.err and "### Hi" in captured.out, captured.err
+    finally:
+        enable_progress_bar()
+        enable_progress_bars()

@@ -373,6 +373,16 @@ def _score(args: argparse.Namespace) -> None:
         print("\n".join(lines))
 
 
+def _no_library_progress_bars() -> None:
+    """Hugging Face's per-load bars ("Loading weights", "Writing model shards") say nothing to a
+    user; rlhfkit's own bars stay. The environment variable reaches only libraries imported after
+    it is set, so those already imported are told directly."""
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 def _quiet_known_warnings() -> None:
     """Library warnings that say nothing actionable to an rlhfkit user."""
     # peft asks transformers' deprecated name on every LoRA model (transformers 5.x).
@@ -386,6 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Hugging Face's bar for every model load ("Loading weights") tells the user nothing; rlhfkit's
     # own bars (training, generation) are plain tqdm and stay.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
+        _no_library_progress_bars()
     _quiet_known_warnings()
     args = build_parser().parse_args(argv)
     # Only the stages that train through the engine run data-parallel under accelerate launch.
