@@ -301,3 +301,23 @@ def test_label_commands_name_a_file_that_is_not_a_store(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "not a labeling store" in err or "is a directory" in err
     assert (tmp_path / "prefs.jsonl").read_text() == '{"prompt": "p"}\n'
+
+
+def test_opening_a_file_that_is_not_a_store_writes_nothing_into_it(tmp_path):
+    import sqlite3
+
+    from rlhfkit.errors import UserError
+    from rlhfkit.labeling.store import LabelStore
+
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as connection:
+        connection.execute("CREATE TABLE invoices (id INTEGER)")
+    for path in (empty, other):
+        before = path.read_bytes()
+        with pytest.raises(UserError, match=f"{path}: not a labeling store"):
+            LabelStore(path)
+        assert path.read_bytes() == before
+    LabelStore(empty, create=True).close()  # asked to create one: it does
+    LabelStore(empty).close()

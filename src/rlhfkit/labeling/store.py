@@ -104,19 +104,30 @@ class LabelStore:
         self.connection = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
         self.connection.row_factory = sqlite3.Row
         try:
+            # Opening an existing store reads before it writes: a file that is not one (empty,
+            # another program's database) is refused untouched.
+            tables = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'pairs'"
+            if not create and self.connection.execute(tables).fetchone() is None:
+                raise UserError(
+                    f"{self.path}: not a labeling store (no rlhfkit tables in it; create one with `rlhfkit label generate`)"
+                )
             self.connection.execute("PRAGMA journal_mode=WAL")
             self.connection.execute("PRAGMA foreign_keys=ON")
             self._create_or_upgrade_schema()
         except sqlite3.DatabaseError as error:
             self.connection.close()
             raise UserError(f"{self.path}: not a labeling store ({error})") from None
+        except UserError:
+            self.connection.close()
+            raise
 
     def _create_or_upgrade_schema(self) -> None:
-        """Create the tables, or bring a store written by an earlier version up to SCHEMA_VERSION in one transaction."""
+        """Create the tables, or bring a store written by an earlier version up to SCHEMA_VERSION, in one transaction."""
         with self.transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise UserError(f"{self.path}: written by a newer rlhfkit (store version {version}); upgrade rlhfkit")
+
             had_judgements = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'judgements'"
             ).fetchone()
