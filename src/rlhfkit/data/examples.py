@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rlhfkit.config import DataSettings
-from rlhfkit.data.loading import Row, load_splits
+from rlhfkit.data.loading import EXTRA_FIELDS, Row, load_splits
 from rlhfkit.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -92,11 +92,11 @@ def _strings(value, path: str):
 def _check_row_shape(row: Row) -> None:
     """What must hold of any row before it is parsed or tokenised: no CSV fields beyond the
     header, text that is valid Unicode, and a size a tokenizer can take."""
-    if None in row.values:  # csv.DictReader files the fields beyond the header under None
-        extra = len(row.values[None])
+    if EXTRA_FIELDS in row.values:
+        named, extra = len(row.values) - 1, len(row.values[EXTRA_FIELDS])
         raise _BadRow(
             "more fields than the header",
-            f"{len(row.values) - 1 + extra} fields, but the header names {len(row.values) - 1} (quote fields that hold commas)",
+            f"{named + extra} fields, but the header names {named} (quote fields that hold commas)",
         )
     total = 0
     for where, text in _strings(row.values, ""):

@@ -24,6 +24,9 @@ BUILTIN_DATASETS = {
 }
 
 
+EXTRA_FIELDS = "(fields beyond the header)"  # a CSV row's key for what its header has no names for
+
+
 @dataclass(frozen=True)
 class Row:
     values: dict[str, Any]
@@ -105,8 +108,10 @@ def _read_json(path: Path) -> list[Row]:
 def _read_csv(path: Path) -> list[Row]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            # Row numbers count the header as line 1, as a spreadsheet does.
-            return [Row(dict(item), f"{path}:{number}") for number, item in enumerate(csv.DictReader(handle), start=2)]
+            # Row numbers count the header as line 1, as a spreadsheet does. Fields beyond the
+            # header are kept under EXTRA_FIELDS, for the row check to name.
+            reader = csv.DictReader(handle, restkey=EXTRA_FIELDS)
+            return [Row(dict(item), f"{path}:{number}") for number, item in enumerate(reader, start=2)]
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None
     except csv.Error as exc:
