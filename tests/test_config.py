@@ -100,11 +100,19 @@ def test_bad_override_syntax():
             "with grpo.objective cispo the weight cap is grpo.cispo_max_weight",
         ),
         (["grpo.advantage=rloo", "grpo.scale_rewards=false"], "grpo.scale_rewards applies to advantage: group"),
+        (["rollout.correction=tis"], "corrects for a separate sampler \\(rollout.engine: vllm\\)"),
+        (["rollout.correction=tis", "rollout.correction_cap=1"], "rollout.correction_cap"),
     ],
 )
 def test_rl_family_combinations_that_cannot_work_are_refused_by_name(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("grpo", None, overrides)
+
+
+@pytest.mark.parametrize("stage", ["ppo", "trpo"])
+def test_rollout_correction_is_refused_where_it_is_not_applied(stage):
+    with pytest.raises(ConfigError, match=f"rollout.correction is applied by the grpo stage; {stage} does not"):
+        load_config(stage, None, ["rollout.engine=vllm", "rollout.correction=tis"])
 
 
 @pytest.mark.parametrize(

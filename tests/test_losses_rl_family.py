@@ -248,3 +248,71 @@ def test_rloos_loss_matches_trls_rloo_trainer():
     assert ours(logprobs, old, None, mask, advantages, "sequence", 0.0, level="sequence_sum") == pytest.approx(
         expected, rel=1e-5
     )
+
+
+def test_rollout_correction_by_hand():
+    from rlhfkit.losses.grpo import rollout_correction
+
+    old = torch.log(torch.tensor([[0.5, 0.5, 0.5]]))
+    sampler = torch.log(torch.tensor([[0.1, 0.5, 0.4]]))  # trainer/sampler ratios 5, 1, 1.25
+    mask = torch.ones(1, 3)
+    weights, kept = rollout_correction(old, sampler, mask, "tis", cap=2.0)
+    assert flat(weights) == pytest.approx([2.0, 1.0, 1.25]) and flat(kept) == [1.0, 1.0, 1.0]
+    weights, kept = rollout_correction(old, sampler, mask, "mask_token", cap=2.0)
+    assert flat(weights) == pytest.approx([0.0, 1.0, 1.25]) and flat(kept) == [0.0, 1.0, 1.0]
+    # the completion's geometric-mean ratio is 6.25^(1/3) ≈ 1.84: inside [1/2, 2], outside [1/1.5, 1.5]
+    weights, kept = rollout_correction(old, sampler, mask, "mask_sequence", cap=2.0)
+    assert flat(weights) == pytest.approx([2.0, 1.0, 1.25]) and flat(kept) == [1.0, 1.0, 1.0]
+    weights, kept = rollout_correction(old, sampler, mask, "mask_sequence", cap=1.5)
+    assert flat(weights) == [0.0, 0.0, 0.0] and flat(kept) == [0.0, 0.0, 0.0]
+
+
+def test_weights_scale_the_policy_term_only():
+    logprobs, old, ref = torch.zeros(1, 2), torch.zeros(1, 2), torch.full((1, 2), -1.0)
+    weights = torch.tensor([[2.0, 0.0]])
+    plain, _, kl = grpo_per_token_loss(logprobs, old, ref, torch.tensor([1.0]), 0.2, 0.5)
+    weighted, _, _ = grpo_per_token_loss(logprobs, old, ref, torch.tensor([1.0]), 0.2, 0.5, weights=weights)
+    assert flat(weighted) == pytest.approx([2 * -1.0 + 0.5 * kl[0, 0].item(), 0.5 * kl[0, 1].item()])
+    assert flat(plain) == pytest.approx([-1.0 + 0.5 * kl[0, 0].item(), -1.0 + 0.5 * kl[0, 1].item()])
+
+
+def test_the_grpo_stage_weights_and_drops_by_the_samplers_log_probs():
+    from rlhfkit.config.loading import load_config
+    from rlhfkit.stages.grpo import GRPO
+
+    config = load_config(
+        "grpo", None, ["rollout.engine=vllm", "rollout.correction=mask_token", "rollout.correction_cap=2"]
+    )
+    context = types.SimpleNamespace(config=config, engine=types.SimpleNamespace(sum_across_processes=lambda t: t))
+    algorithm = GRPO(context)
+    assert not algorithm.on_policy  # the behaviour log-probs are measured before the update
+    logprobs = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
+    sampler = torch.log(torch.tensor([[0.1, 0.5, float("nan")], [0.4, 0.5, 0.5]]))  # NaN: an EOS vLLM did not return
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    correction, kept = algorithm.correct_for_the_sampler(
+        types.SimpleNamespace(sampler_logprobs=sampler), logprobs, mask
+    )
+    assert flat(kept) == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0] and flat(correction["weights"])[:3] == pytest.approx([0, 1, 1])
+    assert correction["correction_fraction"] == pytest.approx(1 / 5)  # one of the 5 response tokens dropped
+    expected_kl = (math.log(0.1 / 0.5) + 0 + 0 + math.log(0.4 / 0.5) + 0) / 5
+    assert correction["sampler_kl"] == pytest.approx(expected_kl, abs=1e-6)
+
+
+def test_vllm_log_probs_line_up_with_the_response_rows():
+    from rlhfkit.vllm_rollout import response_rows, sampler_logprob_rows
+
+    def output(ids, logprobs, finish_reason):
+        entries = [{token: types.SimpleNamespace(logprob=value)} for token, value in zip(ids, logprobs)]
+        return types.SimpleNamespace(
+            outputs=[types.SimpleNamespace(token_ids=ids, logprobs=entries, finish_reason=finish_reason)]
+        )
+
+    outputs = [output([5, 6], [-0.5, -1.5], "stop"), output([7, 8, 9], [-0.1, -0.2, -0.3], "length")]
+    rows = response_rows(outputs, eos_token_id=2)  # the first stopped without returning EOS: it is appended
+    table = sampler_logprob_rows(outputs, rows)
+    assert rows == [[5, 6, 2], [7, 8, 9]]
+    assert (
+        table[0, :2].tolist() == [-0.5, -1.5]
+        and math.isnan(table[0, 2])
+        and table[1].tolist() == pytest.approx([-0.1, -0.2, -0.3])
+    )

@@ -36,6 +36,9 @@ class Rollout:
     ended: torch.Tensor  # (N,) bool: the completion emitted EOS within max_new_tokens
     prompt_index: torch.Tensor  # (N,) which prompt of the step each completion answers
     completions: list[str]  # decoded completions, special tokens removed
+    # (N, R) the sampler's log-prob of each sampled token, when another engine than the training
+    # model sampled (vLLM); NaN where the sampler gave none (an EOS it did not return)
+    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -53,9 +56,10 @@ class Rollout:
         picked = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            picked[f.name] = (
-                [value[i] for i in indices.tolist()] if isinstance(value, list) else value[indices.to(value.device)]
-            )
+            if value is None or isinstance(value, list):
+                picked[f.name] = None if value is None else [value[i] for i in indices.tolist()]
+            else:
+                picked[f.name] = value[indices.to(value.device)]
         return Rollout(**picked)
 
 

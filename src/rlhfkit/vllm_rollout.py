@@ -109,6 +109,21 @@ def sampling_arguments(settings: SamplingSettings, seeds: Sequence[int]) -> list
     return [{**common, "seed": int(seed)} for seed in seeds]
 
 
+def sampler_logprob_rows(outputs: Sequence[Any], rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(N, R) vLLM's log-prob of each token in `rows` (response_rows of the same outputs), NaN
+    where it gave none (an EOS appended after a stop) and on padding; R = the longest row.
+
+    vLLM (SamplingParams(logprobs=0)) returns one dict per generated token, token id -> Logprob,
+    holding at least the sampled token's."""
+    width = max((len(row) for row in rows), default=0)
+    table = torch.full((len(rows), max(width, 1)), float("nan"))
+    for index, (output, row) in enumerate(zip(outputs, rows)):
+        for position, entries in enumerate(output.outputs[0].logprobs or []):
+            if position < len(row) and row[position] in entries:
+                table[index, position] = float(entries[row[position]].logprob)
+    return table
+
+
 def response_rows(outputs: Sequence[Any], eos_token_id: int) -> list[list[int]]:
     """Generated token ids per request; a completion that stopped on EOS ends with it (the
     response mask trains the decision to stop), whether or not vLLM returned the stop token."""
@@ -138,6 +153,9 @@ class VLLMSampler:
         from vllm import LLM
 
         self.tokenizer, self.settings = tokenizer, settings
+        # rollout.correction compares the trainer's probabilities with the sampler's: the same
+        # distribution (after temperature and top-k/top-p), so vLLM reports processed log-probs.
+        self.keep_logprobs = settings.correction != "none"
         # vLLM starts from a checkpoint on disk: the policy's starting weights (adapters merged),
         # written once per process; later weights are loaded in memory.
         self.start_dir = tempfile.TemporaryDirectory(prefix="rlhfkit-vllm-")
@@ -151,6 +169,7 @@ class VLLMSampler:
             "max_model_len": max_model_len,
             "enable_sleep_mode": settings.vllm_sleep,
             "enable_prefix_caching": True,
+            **({"logprobs_mode": "processed_logprobs"} if self.keep_logprobs else {}),
         }
         if processes > 1:
             # Under accelerate/torchrun each process drives its own engine on its own GPU.
@@ -207,13 +226,19 @@ class VLLMSampler:
         requests = [
             TokensPrompt(prompt_token_ids=row[mask.bool()].tolist()) for row, mask in zip(prompt_ids, prompt_mask)
         ]
-        params = [SamplingParams(**arguments) for arguments in sampling_arguments(settings, seeds)]
+        logprobs = {"logprobs": 0} if self.keep_logprobs else {}
+        params = [SamplingParams(**arguments, **logprobs) for arguments in sampling_arguments(settings, seeds)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         self.sleep()
-        response_ids = pad_responses(
-            response_rows(outputs, self.tokenizer.eos_token_id), self.tokenizer.pad_token_id, settings.max_new_tokens
-        )
-        return rollout_from_responses(prompt_ids, prompt_mask, response_ids, self.tokenizer, samples_per_prompt)
+        rows = response_rows(outputs, self.tokenizer.eos_token_id)
+        response_ids = pad_responses(rows, self.tokenizer.pad_token_id, settings.max_new_tokens)
+        rollout = rollout_from_responses(prompt_ids, prompt_mask, response_ids, self.tokenizer, samples_per_prompt)
+        if self.keep_logprobs:
+            table = sampler_logprob_rows(outputs, rows)
+            padded = torch.full(response_ids.shape, float("nan"))
+            padded[:, : min(table.shape[1], padded.shape[1])] = table[:, : padded.shape[1]]
+            rollout.sampler_logprobs = padded
+        return rollout
 
     def close(self) -> None:
         self.start_dir.cleanup()

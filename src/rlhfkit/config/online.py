@@ -49,6 +49,21 @@ class RolloutSettings(SamplingSettings):
         True,
         description="engine vllm: release vLLM's GPU memory (KV cache dropped, weights to CPU) while the policy trains.",
     )
+    correction: Literal["none", "tis", "mask_token", "mask_sequence"] = Field(
+        "none",
+        description="engine vllm, grpo: weight the loss by the trainer/sampler probability ratio, truncated at "
+        "correction_cap (tis), or drop tokens or completions whose ratio leaves [1/cap, cap].",
+    )
+    correction_cap: float = Field(2.0, gt=1, description="C of rollout.correction.")
+
+    @model_validator(mode="after")
+    def _a_separate_sampler(self) -> RolloutSettings:
+        if self.correction != "none" and self.engine != "vllm":
+            raise ValueError(
+                f"rollout.correction {self.correction} corrects for a separate sampler (rollout.engine: vllm); "
+                "with rollout.engine hf the training model samples itself and there is nothing to correct"
+            )
+        return self
 
 
 class RewardSourceSettings(Section):
@@ -219,6 +234,16 @@ class PPOConfig(RLConfig):
 
     ppo: PPOSettings = Field(default_factory=PPOSettings)
 
+    @model_validator(mode="after")
+    def _no_correction(self) -> PPOConfig:
+        _check_no_correction(self, "ppo")
+        return self
+
+
+def _check_no_correction(config: RLConfig, stage: str) -> None:
+    if config.rollout.correction != "none":
+        raise ValueError(f"rollout.correction is applied by the grpo stage; {stage} does not use it yet")
+
 
 def _check_group_size(config: RLConfig, why: str) -> None:
     if config.rollout.samples_per_prompt < 2:
@@ -264,6 +289,7 @@ class TRPOConfig(RLConfig):
 
     @model_validator(mode="after")
     def _groups(self) -> TRPOConfig:
+        _check_no_correction(self, "trpo")
         if self.trpo.baseline == "group":
             _check_group_size(self, "the group baseline (or set trpo.baseline: value)")
         return self

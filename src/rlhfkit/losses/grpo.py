@@ -17,6 +17,7 @@ sequence, or over a constant) is losses/ppo.py's aggregate_loss.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -65,6 +66,7 @@ def grpo_per_token_loss(
     level: ImportanceLevel = "token",
     objective: Objective = "clipped",
     max_weight: float = 5.0,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The per-token objective as a loss to minimise, with the KL term to the reference.
 
@@ -80,6 +82,7 @@ def grpo_per_token_loss(
         advantages: (B,) one per completion, or (B, T) one per token.
         clip: ε_low (and ε_high unless clip_high is given).
         mask: (B, T) response tokens; needed by the sequence levels.
+        weights: (B, T) detached weights on the policy term (rollout_correction), or None.
 
     Returns:
         (per-token loss (B, T), indicator (B, T) of tokens whose ratio was clipped, per-token KL (B, T);
@@ -105,7 +108,43 @@ def grpo_per_token_loss(
     else:
         raise ValueError(f"unknown objective {objective!r} (clipped, cispo)")
     policy_loss = policy_loss.expand_as(logprobs)
+    if weights is not None:
+        policy_loss = policy_loss * weights
     if beta == 0 or ref_logprobs is None:
         return policy_loss, clipped.expand_as(logprobs), torch.zeros_like(policy_loss)
     kl = kl_estimate(logprobs, ref_logprobs, estimator)
     return policy_loss + beta * kl, clipped.expand_as(logprobs), kl
+
+
+Correction = Literal["tis", "mask_token", "mask_sequence"]
+
+
+def rollout_correction(
+    old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, mask: torch.Tensor, mode: Correction, cap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights for a rollout sampled by another engine than the one that trains (vLLM, a quantized copy).
+
+    With w_t = π_old(y_t) / π_sampler(y_t), the training policy's and the sampler's probability of
+    each sampled token (Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You
+    Off-Policy RL Training"):
+
+        tis:            weight min(w_t, C)                     (truncated importance sampling)
+        mask_token:     weight w_t, tokens with w_t ∉ [1/C, C] dropped
+        mask_sequence:  weight min(w_t, C), completions whose exp(mean_t log w_t) ∉ [1/C, C] dropped
+
+    Returns:
+        (weights (B, T), detached: they multiply the per-token loss; the mask (B, T) of tokens kept).
+    """
+    log_w = (old_logprobs - sampler_logprobs).detach() * mask
+    weights = torch.exp(log_w)
+    low, high = -math.log(cap), math.log(cap)
+    if mode == "tis":
+        return torch.clamp(weights, max=cap), mask
+    if mode == "mask_token":
+        inside = (log_w >= low) & (log_w <= high)
+        return weights * inside, mask * inside
+    if mode == "mask_sequence":
+        mean = log_w.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+        inside = (mean >= low) & (mean <= high)
+        return torch.clamp(weights, max=cap) * inside, mask * inside
+    raise ValueError(f"unknown rollout correction {mode!r} (tis, mask_token, mask_sequence)")
