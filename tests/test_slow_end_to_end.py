@@ -42,7 +42,10 @@ def test_quickstart_pipeline_runs_on_the_embedded_model(tmp_path):
     assert "Models compared" in (tmp_path / "report.html").read_text()
 
 
-@pytest.mark.parametrize("stage, config", [("grpo", "grpo_arithmetic.yaml"), ("ppo", "ppo_arithmetic.yaml")])
+@pytest.mark.parametrize(
+    "stage, config",
+    [("grpo", "grpo_arithmetic.yaml"), ("grpo", "dapo_arithmetic.yaml"), ("ppo", "ppo_arithmetic.yaml")],
+)
 def test_online_rl_example_configs_run_on_the_embedded_model(tmp_path, stage, config):
     """The shipped RL example configs, shortened: rollouts, the numeric reward and an update on the real model."""
     out = tmp_path / stage
