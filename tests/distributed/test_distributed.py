@@ -155,9 +155,7 @@ def test_reward_model_on_two_processes_follows_the_one_process_loss_curve(tiny_m
 @pytest.mark.parametrize(
     "stage, extra, launch_configs",
     [
-        # No zero3.yaml for RL: on transformers 5.25 a 2-process ZeRO-3 GRPO launch runs past the
-        # 600 s limit at this commit and at the one before the engine split alike (issue 20, drift).
-        ("grpo", ["grpo.beta=0.04"], ["cpu.yaml", "fsdp.yaml"]),
+        ("grpo", ["grpo.beta=0.04"], ["cpu.yaml", "fsdp.yaml", "zero3.yaml"]),
         # REINFORCE++: advantages whitened over the whole batch, every process's tokens
         ("grpo", ["grpo.advantage=reinforce_pp", "grpo.kl_penalty=reward", "grpo.beta=0.01"], ["cpu.yaml"]),
         # GSPO's sequence ratios, DAPO's clip-higher and dynamic sampling, two passes (off-policy)
@@ -168,7 +166,7 @@ def test_reward_model_on_two_processes_follows_the_one_process_loss_curve(tiny_m
         ),
         ("ppo", ["ppo.epochs=2", "ppo.critic=head"], ["cpu.yaml", "fsdp.yaml"]),
         # a value model as critic (sharded with the policy); adaptive KL coefficient
-        ("ppo", ["ppo.epochs=1", "ppo.target_kl=0.5"], ["cpu.yaml", "fsdp.yaml"]),
+        ("ppo", ["ppo.epochs=1", "ppo.target_kl=0.5"], ["cpu.yaml", "fsdp.yaml", "zero3.yaml"]),
         ("trpo", ["trpo.fisher_samples=16"], ["cpu.yaml"]),
         (
             "trpo",
