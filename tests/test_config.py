@@ -100,6 +100,7 @@ def test_bad_override_syntax():
             "with grpo.objective cispo the weight cap is grpo.cispo_max_weight",
         ),
         (["grpo.advantage=rloo", "grpo.scale_rewards=false"], "grpo.scale_rewards applies to advantage: group"),
+        (["grpo.dynamic_sampling_rounds=2"], "grpo.dynamic_sampling_rounds re-samples for grpo.dynamic_sampling"),
         (["rollout.correction=tis"], "corrects for a separate sampler \\(rollout.engine: vllm\\)"),
         (["rollout.correction=tis", "rollout.correction_cap=1"], "rollout.correction_cap"),
     ],

@@ -148,7 +148,7 @@ def metrics_steps(overrides):
             grpo,
             [
                 *("train.max_steps=12", "grpo.clip_high=0.28", "grpo.dynamic_sampling=true", "grpo.beta=0.0"),
-                *("grpo.epochs=2", "train.lr=1e-2"),
+                *("grpo.epochs=2", "train.lr=1e-2", "grpo.dynamic_sampling_rounds=2"),
             ],
         ),
         (
@@ -430,3 +430,68 @@ def test_trpo_line_search_reads_the_sampled_tokens_log_probs_from_the_full_distr
         read = sampled_token_logprobs(full_log_distributions(model, rollout, 0.7), rollout)
     assert torch.allclose(read, expected, atol=1e-5)
     assert (read[0, 2:] == 0).all() and (read[rollout.response_mask.bool()] < 0).all()
+
+
+def _rollout(prompt_width, response_width, completions):
+    from rlhfkit.sampling import Rollout
+
+    size = len(completions)
+    return Rollout(
+        prompt_ids=torch.full((size, prompt_width), 7),
+        prompt_mask=torch.ones(size, prompt_width, dtype=torch.long),
+        response_ids=torch.full((size, response_width), 8),
+        response_mask=torch.ones(size, response_width),
+        ended=torch.ones(size, dtype=torch.bool),
+        prompt_index=torch.arange(size // 2).repeat_interleave(2),
+        completions=list(completions),
+    )
+
+
+def test_flat_groups_are_replaced_by_groups_with_a_spread_of_rewards():
+    import types
+
+    from rlhfkit.rewards import ScoredBatch
+    from rlhfkit.stages.refill import refill_flat_groups
+
+    rollout = _rollout(3, 2, ["a", "b", "c", "d"])  # group 0 (a, b) is flat, group 1 (c, d) is not
+    scored = ScoredBatch(torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.ones(4, dtype=torch.bool), 0.75, 0)
+    rounds = []
+
+    def sample_and_score(examples, samples, seeds):
+        rounds.append(seeds)
+        if len(rounds) == 1:  # round 1: both new groups flat; round 2: the second has a spread
+            return _rollout(2, 4, ["e", "f", "g", "h"]), ScoredBatch(
+                torch.zeros(4), torch.ones(4, dtype=torch.bool), 0.0, 0
+            )
+        return _rollout(5, 1, ["i", "j", "k", "l"]), ScoredBatch(
+            torch.tensor([0.0, 0.0, 2.0, 0.0]), torch.ones(4, dtype=torch.bool), 0.5, 0
+        )
+
+    sampler = types.SimpleNamespace(
+        train_examples=list(range(10)),
+        config=load_config("grpo", None, ["grpo.dynamic_sampling=true", "rollout.samples_per_prompt=2"]),
+        tokenizer=types.SimpleNamespace(pad_token_id=0),
+        sample_and_score=sample_and_score,
+    )
+    merged, merged_scores, replaced = refill_flat_groups(sampler, rollout, scored, rounds=3, step=5, process=0)
+    assert replaced == 1 and len(rounds) == 2  # stopped once no group was flat
+    assert merged.completions == ["k", "l", "c", "d"] and merged_scores.scores.tolist() == [2.0, 0.0, 0.0, 1.0]
+    assert merged.prompt_ids.shape == (4, 5) and merged.response_ids.shape == (4, 2)  # padded to the widest
+    assert merged.prompt_mask[2].tolist() == [0, 0, 1, 1, 1] and merged.response_mask[0].tolist() == [1.0, 0.0]
+    assert merged.prompt_index.tolist() == [0, 0, 1, 1]
+    assert rounds[0] != rounds[1]  # each round samples with its own seeds
+
+
+def test_dynamic_sampling_rounds_refill_the_batch(tiny_model, prompt_file, reward_file, tmp_path):
+    out = tmp_path / "dapo"
+    config = rl_config(
+        "grpo",
+        tiny_model,
+        prompt_file,
+        reward_file,
+        out,
+        *("train.max_steps=3", "grpo.dynamic_sampling=true", "grpo.dynamic_sampling_rounds=2", "eval.num_prompts=2"),
+    )
+    grpo.run(config)
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and sum(record["train/refilled_groups"] for record in log) > 0

@@ -265,6 +265,15 @@ def score_completions(
     return ScoredBatch(scores * valid_mask, valid_mask, raw_mean, int((~valid_mask).sum()))
 
 
+def concat_scored(parts: Sequence[ScoredBatch]) -> ScoredBatch:
+    """The scores of several batches, in order, as one."""
+    scores, valid = torch.cat([part.scores for part in parts]), torch.cat([part.valid for part in parts])
+    counts = [int(part.valid.sum()) for part in parts]
+    total = sum(counts)
+    raw_mean = sum(part.raw_mean * n for part, n in zip(parts, counts) if n) / total if total else math.nan
+    return ScoredBatch(scores, valid, raw_mean, sum(part.skipped for part in parts))
+
+
 def group_scores(scored: ScoredBatch, group_size: int) -> torch.Tensor:
     """Rewards with left-out (invalid) samples set to their group's valid mean, so they shift nothing."""
     scores = scored.scores.reshape(-1, group_size).clone()

@@ -63,6 +63,34 @@ class Rollout:
         return Rollout(**picked)
 
 
+def concat_rollouts(parts: Sequence[Rollout], pad_token_id: int, samples_per_prompt: int) -> Rollout:
+    """One rollout of several (e.g. groups sampled in different rounds): prompts left-padded and
+    responses right-padded to the widest, groups numbered again in order."""
+    prompt_width = max(part.prompt_ids.shape[1] for part in parts)
+    response_width = max(part.response_ids.shape[1] for part in parts)
+
+    def left(value: torch.Tensor, fill: float) -> torch.Tensor:
+        return torch.nn.functional.pad(value, (prompt_width - value.shape[1], 0), value=fill)
+
+    def right(value: torch.Tensor, fill: float) -> torch.Tensor:
+        return torch.nn.functional.pad(value, (0, response_width - value.shape[1]), value=fill)
+
+    samplers = [part.sampler_logprobs for part in parts]
+    size = sum(part.size for part in parts)
+    return Rollout(
+        prompt_ids=torch.cat([left(part.prompt_ids, pad_token_id) for part in parts]),
+        prompt_mask=torch.cat([left(part.prompt_mask, 0) for part in parts]),
+        response_ids=torch.cat([right(part.response_ids, pad_token_id) for part in parts]),
+        response_mask=torch.cat([right(part.response_mask, 0) for part in parts]),
+        ended=torch.cat([part.ended for part in parts]),
+        prompt_index=torch.arange(size // samples_per_prompt).repeat_interleave(samples_per_prompt),
+        completions=[text for part in parts for text in part.completions],
+        sampler_logprobs=None
+        if any(value is None for value in samplers)
+        else torch.cat([right(value, float("nan")) for value in samplers]),
+    )
+
+
 def _move(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, torch.Tensor) else value
 

@@ -174,6 +174,12 @@ class GRPOSettings(Section):
     dynamic_sampling: bool = Field(
         False, description="Leave groups whose rewards are all equal out of the update and its averages (DAPO)."
     )
+    dynamic_sampling_rounds: int = Field(
+        0,
+        ge=0,
+        description="dynamic_sampling: up to this many extra rounds of fresh prompts replace such groups first "
+        "(DAPO re-samples until the batch is full); each process refills its own share.",
+    )
     overlong_buffer: int | None = Field(
         None,
         gt=0,
@@ -274,6 +280,8 @@ class GRPOConfig(RLConfig):
             )
         if not settings.scale_rewards and settings.advantage != "group":
             raise ValueError(f"grpo.scale_rewards applies to advantage: group, not {settings.advantage}")
+        if settings.dynamic_sampling_rounds and not settings.dynamic_sampling:
+            raise ValueError("grpo.dynamic_sampling_rounds re-samples for grpo.dynamic_sampling: set it to true")
         if settings.overlong_buffer is not None and settings.overlong_buffer > self.rollout.max_new_tokens:
             raise ValueError(
                 f"grpo.overlong_buffer ({settings.overlong_buffer}) must be at most rollout.max_new_tokens "

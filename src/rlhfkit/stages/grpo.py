@@ -73,6 +73,11 @@ class GRPO:
         )
 
     @property
+    def resample_rounds(self) -> int:
+        """Extra sampling rounds that replace flat groups before the update (read by the RL loop)."""
+        return self.settings.dynamic_sampling_rounds if self.settings.dynamic_sampling else 0
+
+    @property
     def kl_in_reward(self) -> bool:
         return self.settings.kl_penalty == "reward" and self.settings.beta > 0
 

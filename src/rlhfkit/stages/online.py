@@ -39,6 +39,7 @@ from rlhfkit.passes import response_logprobs
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
 from rlhfkit.sampling import Rollout, row_seed, sample_rollout
 from rlhfkit.stages.before_after import measure, write_samples
+from rlhfkit.stages.refill import refill_flat_groups
 
 
 @dataclass
@@ -404,8 +405,14 @@ def train_one_step(engine: Engine, algorithm: Algorithm, rollouts: Rollouts, see
     """Sample and score this step's rollout, update from it, and time both halves."""
     started = time.perf_counter()
     rollout, scored = rollouts.for_step(engine.progress.step)
+    rounds, refilled = getattr(algorithm, "resample_rounds", 0), 0
+    if rounds:  # DAPO: fresh prompts take the place of groups with one reward for all
+        where = (engine.progress.step, engine.accelerator.process_index)
+        rollout, scored, refilled = refill_flat_groups(rollouts, rollout, scored, rounds, *where)
     generated = time.perf_counter()
     step_metrics = algorithm.update(rollout, scored, seed + engine.progress.step)
+    if rounds:
+        step_metrics["refilled_groups"] = float(engine.sum_across_processes(torch.tensor([float(refilled)]))[0])
     step_metrics.update({"time_generation_s": generated - started, "time_update_s": time.perf_counter() - generated})
     return step_metrics
 
