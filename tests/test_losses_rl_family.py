@@ -289,10 +289,10 @@ def test_the_grpo_stage_weights_and_drops_by_the_samplers_log_probs():
     logprobs = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
     sampler = torch.log(torch.tensor([[0.1, 0.5, float("nan")], [0.4, 0.5, 0.5]]))  # NaN: an EOS vLLM did not return
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    correction, kept = algorithm.correct_for_the_sampler(
+    correction, weights, kept = algorithm.correct_for_the_sampler(
         types.SimpleNamespace(sampler_logprobs=sampler), logprobs, mask
     )
-    assert flat(kept) == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0] and flat(correction["weights"])[:3] == pytest.approx([0, 1, 1])
+    assert flat(kept) == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0] and flat(weights)[:3] == pytest.approx([0, 1, 1])
     assert correction["correction_fraction"] == pytest.approx(1 / 5)  # one of the 5 response tokens dropped
     expected_kl = (math.log(0.1 / 0.5) + 0 + 0 + math.log(0.4 / 0.5) + 0) / 5
     assert correction["sampler_kl"] == pytest.approx(expected_kl, abs=1e-6)

@@ -239,6 +239,12 @@ def with_system_prompt(turns: tuple[dict[str, str], ...], system_prompt: str | N
     return ({"role": "system", "content": system_prompt}, *turns)
 
 
+def render_rl_prompt(tokenizer: Any, example: PromptExample, data: PromptDataSettings) -> str:
+    """An RL prompt as the policy sees it: data.system_prompt put first where it has none, then
+    the chat template (or the plain one), ending with the generation prompt."""
+    return render_prompt(tokenizer, with_system_prompt(example.prompt, data.system_prompt), data.template)
+
+
 def fit_prompts(
     examples: list[PromptExample], tokenizer: Any, data: PromptDataSettings
 ) -> tuple[list[PromptExample], Counter]:
@@ -247,8 +253,7 @@ def fit_prompts(
     counted either way, so the data line says how many."""
     kept, counts = [], Counter()
     for example in examples:
-        text = render_prompt(tokenizer, with_system_prompt(example.prompt, data.system_prompt), data.template)
-        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        length = len(tokenizer(render_rl_prompt(tokenizer, example, data), add_special_tokens=False)["input_ids"])
         if length > data.max_length:
             if data.overlong == "error":
                 raise DataError(

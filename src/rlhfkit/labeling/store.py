@@ -122,12 +122,11 @@ class LabelStore:
             raise
 
     def _create_or_upgrade_schema(self) -> None:
-        """Create the tables, or bring a store written by an earlier version up to SCHEMA_VERSION, in one transaction."""
+        """Create the tables, or bring a store written by an earlier version up to SCHEMA_VERSION in one transaction."""
         with self.transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise UserError(f"{self.path}: written by a newer rlhfkit (store version {version}); upgrade rlhfkit")
-
             had_judgements = db.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'judgements'"
             ).fetchone()

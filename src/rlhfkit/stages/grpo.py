@@ -160,8 +160,7 @@ class GRPO:
         mask = training_mask(rollout, scored)
         if settings.drop_truncated:  # DAPO's overlong filtering: a cut-off answer's reward says little
             mask = mask * rollout.ended[:, None].to(mask)
-        correction, corrected = self.correct_for_the_sampler(rollout, logprobs, mask)
-        mask = corrected if correction is not None else mask
+        correction_metrics, correction_weights, mask = self.correct_for_the_sampler(rollout, logprobs, mask)
         rewards, advantages = self.advantages(rollout, scored, logprobs, ref_logprobs, mask)
         # Every process holds the same number of groups: the mean of their fractions is the batch's.
         flat_fraction = (
@@ -181,51 +180,50 @@ class GRPO:
         )
         if settings.beta > 0 and not self.kl_in_reward:
             targets["ref_logprobs"] = ref_logprobs
-        if correction is not None:
-            targets["correction"] = correction.pop("weights")
+        if correction_weights is not None:
+            targets["correction"] = correction_weights
         if settings.dynamic_sampling and float(engine.sum_across_processes(mask.sum().reshape(1).cpu())[0]) == 0:
             engine.skip_updates(self.optimizer_steps_per_step)  # every group was flat: nothing to learn this step
             if self.on_policy:  # the loss's pass that would have measured them does not run
                 with torch.no_grad(), engine.whole_weights():
                     logprobs, entropy = context.logprobs(context.policy, rollout, with_entropy=True)
-            summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy, gather=engine.gather)
-            return {**summary, "zero_variance_groups": flat_fraction, "skipped_update": 1.0}
-
-        updates = run_updates(
-            engine,
-            rollout,
-            targets,
-            settings.epochs,
-            settings.minibatch_size,
-            settings.loss_aggregation,
-            step_seed,
-            self.loss,
-            context.config.rollout.max_new_tokens,
-        )
+            updates = {"skipped_update": 1.0}
+        else:
+            updates = run_updates(
+                engine,
+                rollout,
+                targets,
+                settings.epochs,
+                settings.minibatch_size,
+                settings.loss_aggregation,
+                step_seed,
+                self.loss,
+                context.config.rollout.max_new_tokens,
+            )
         summary = rollout_summary(rollout, scored, logprobs, ref_logprobs, entropy, gather=engine.gather)
-        return {**summary, **updates, **(correction or {}), "zero_variance_groups": flat_fraction}
+        return {**summary, **updates, **correction_metrics, "zero_variance_groups": flat_fraction}
 
     def correct_for_the_sampler(
         self, rollout: Rollout, logprobs: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[dict | None, torch.Tensor]:
-        """rollout.correction: ({weights, sampler_kl, correction_fraction}, the mask of tokens kept),
-        or (None, mask) when the training model sampled. A token the sampler gave no log-prob for
-        (an EOS appended after a stop) counts as agreeing (weight 1)."""
+    ) -> tuple[dict[str, float], torch.Tensor | None, torch.Tensor]:
+        """rollout.correction: ({sampler_kl, correction_fraction}, the weights on the policy term,
+        the mask of tokens kept), or ({}, None, mask) when the training model sampled. A token the
+        sampler gave no log-prob for (an EOS appended after a stop) counts as agreeing (weight 1)."""
         rollout_settings, reduce = self.context.config.rollout, self.context.engine.sum_across_processes
         if rollout_settings.correction == "none":
-            return None, mask
+            return {}, None, mask
         sampler = rollout.sampler_logprobs.to(logprobs.device)
         sampler = torch.where(torch.isnan(sampler), logprobs, sampler)
         weights, kept = rollout_correction(
             logprobs, sampler, mask, rollout_settings.correction, rollout_settings.correction_cap
         )
         changed = (weights != torch.exp((logprobs - sampler) * mask)) | (kept != mask)  # truncated or dropped
-        return {
-            "weights": weights,
+        metrics = {
             # k1 estimate of KL(π_sampler ‖ π_train): the tokens are the sampler's samples
             "sampler_kl": float(masked_mean(sampler - logprobs, mask, reduce)),
             "correction_fraction": float(masked_mean(changed.float(), mask, reduce)),
-        }, kept
+        }
+        return metrics, weights, kept
 
 
 def run(config: GRPOConfig, resume: bool = False) -> dict:

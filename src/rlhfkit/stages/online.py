@@ -29,7 +29,7 @@ from rlhfkit.config import LoraSettings, RLConfig
 from rlhfkit.critic import PolicyAndCritic
 from rlhfkit.data.batching import example_order
 from rlhfkit.data.examples import PromptExample, load_examples, prompt_examples, training_data_summary
-from rlhfkit.data.formatting import fit_prompts, render_prompt, with_system_prompt
+from rlhfkit.data.formatting import fit_prompts, render_rl_prompt
 from rlhfkit.engine import Engine, RunDir, fsdp_launch, process_state
 from rlhfkit.engine.deepspeed_zero import deepspeed_launch
 from rlhfkit.errors import UserError
@@ -332,15 +332,11 @@ class Rollouts:
                 version=engine.progress.step,
             )
 
-    def render(self, example: PromptExample) -> str:
-        data = self.config.data
-        return render_prompt(self.tokenizer, with_system_prompt(example.prompt, data.system_prompt), data.template)
-
     def sample_and_score(
         self, examples: list[PromptExample], samples: int, seeds: list[int]
     ) -> tuple[Rollout, ScoredBatch]:
         texts, settings, max_length = (
-            [self.render(e) for e in examples],
+            [render_rl_prompt(self.tokenizer, example, self.config.data) for example in examples],
             self.config.rollout,
             self.config.data.max_length,
         )
