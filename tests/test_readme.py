@@ -22,3 +22,14 @@ def test_quickstart_config_validates_as_a_pipeline():
     assert pipeline.stages == ["pretrain", "sft", "reward", "dpo", "evaluate"]
     assert configs["dpo"].model.name_or_path == "runs/quickstart/sft"
     assert "Explain quantum computing to a 10-year-old." in configs["evaluate"].extra_prompts
+
+
+def test_the_readme_stays_a_short_users_document_whose_links_resolve():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200  # results go to docs/results.md, history to CHANGELOG.md
+    for document in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#]+)\)", document.read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (document.parent / target).exists(), (document.name, target)

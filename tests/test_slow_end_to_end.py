@@ -131,7 +131,7 @@ HH_PAIRS = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl"
 def test_encoder_reward_model_on_real_human_preferences(tmp_path):
     """configs/examples/reward_hh_minilm.yaml on a slice of the HH pairs: the implicit prompts split,
     the encoder trains, and over two epochs the Bradley-Terry loss falls (the full run's held-out
-    accuracy is in the README)."""
+    accuracy is in docs/results.md)."""
     assert (
         main(
             [
