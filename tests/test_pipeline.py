@@ -16,7 +16,7 @@ from conftest import QUESTIONS, write_jsonl
 from rlhfkit.cli import main
 from rlhfkit.config.loading import load_config, load_pipeline
 from rlhfkit.errors import ConfigError
-from rlhfkit.pipeline import stage_status
+from rlhfkit.pipeline_runner import stage_status
 
 
 @pytest.fixture()

@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 
 from pydantic import BaseModel
 
-from rlhfkit import __version__, registry
+from rlhfkit import __version__, api, registry
 from rlhfkit.config import dump_config
-from rlhfkit.config.loading import load_config
 from rlhfkit.errors import UserError
 
 
@@ -210,27 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_stage(args: argparse.Namespace) -> None:
-    config = load_config(args.command, args.config, args.overrides)
+    config = api.stage_config(args.command, args.config, args.overrides, where="(defaults)")
     if args.print_config:
         print(dump_config(config), end="")
         return
-    from rlhfkit.engine import leave_process_group
-
-    stage = registry.stage(args.command)
-    stage.runner(config, resume=getattr(args, "resume", False))
-    leave_process_group()
-    print(f"done: {stage.output_dir(config)}")
+    result = api.run_stage(args.command, config, resume=getattr(args, "resume", False))
+    print(f"done: {result.run_dir}")
 
 
 def _pipeline(args: argparse.Namespace) -> None:
     from rlhfkit.config.loading import load_pipeline
-    from rlhfkit.pipeline import resolved_yaml, run_pipeline
+    from rlhfkit.pipeline_runner import resolved_yaml
 
     if args.print_config:
         print(resolved_yaml(load_pipeline(args.config, args.overrides)[1]), end="")
         return
-    root = run_pipeline(args.config, args.overrides, args.from_stage, args.only)
-    print(f"done: {root} (open {root / 'report.html'})")
+    result = api.pipeline(args.config, args.overrides, args.from_stage, args.only)
+    print(f"done: {result.run_dir} (open {result.report})")
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -301,37 +295,16 @@ def _label(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import torch
-
-    from rlhfkit.config import ModelSettings
-    from rlhfkit.data.formatting import render_prompt
-    from rlhfkit.models import load_causal_lm, load_tokenizer, resolve
-    from rlhfkit.sampling import generate_texts
-
-    if args.max_new_tokens <= 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise UserError("--max-new-tokens must be > 0, --temperature >= 0 and --top-p in (0, 1]")
-    source = resolve(args.model)
-    tokenizer = load_tokenizer(source)
-    model = load_causal_lm(source, ModelSettings(), torch.float32)
-    if args.raw:
-        texts = list(args.prompt)
-    else:
-        texts = [render_prompt(tokenizer, [{"role": "user", "content": p}], args.template) for p in args.prompt]
-    answers = generate_texts(model, tokenizer, texts, args.max_new_tokens, args.temperature, args.top_p, seed=args.seed)
+    template = "raw" if args.raw else args.template
+    answers = api.generate(
+        args.model, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, template
+    )
     for prompt, answer in zip(args.prompt, answers):
         print(f"### {prompt}\n{answer}\n")
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from rlhfkit.models import merge_to_directory
-
-    target = Path(args.output_dir)
-    if target.exists():
-        raise UserError(f"{target} already exists; choose a new output directory")
-    merge_to_directory(args.model, target)
-    print(f"merged model written to {target}")
+    print(f"merged model written to {api.merge(args.model, args.output_dir)}")
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -340,14 +313,13 @@ def _score(args: argparse.Namespace) -> None:
     from rlhfkit.data.examples import row_problem
     from rlhfkit.data.loading import read_rows
     from rlhfkit.files import check_output_files, json_text, write_text_atomically
-    from rlhfkit.rewards import RewardModelScorer
 
     if args.data is None and (not args.prompt or len(args.prompt) != len(args.response)):
         raise UserError("give --data FILE, or as many --prompt as --response values")
     if args.output:
         check_output_files([Path(args.output)], [Path(args.data)] if args.data else [], "--output")
     if args.max_length < 8:
-        raise UserError(f"--max-length must be at least 8 tokens, got {args.max_length}")
+        raise UserError(f"--max-length must be at least 8 tokens, got {args.max_length}")  # before reading data
     if args.data is not None:
         read = read_rows(args.data)
         for row in read:
@@ -364,7 +336,7 @@ def _score(args: argparse.Namespace) -> None:
     else:
         rows = [{"prompt": p, "response": r} for p, r in zip(args.prompt, args.response)]
         prompts, responses = args.prompt, args.response
-    scores = RewardModelScorer(args.model, max_length=args.max_length).score(prompts, responses)
+    scores = api.score(args.model, prompts, responses, args.max_length)
     lines = [json_text({**row, "score": score}) for row, score in zip(rows, scores)]
     if args.output:
         write_text_atomically(Path(args.output), "\n".join(lines) + "\n")
@@ -373,32 +345,8 @@ def _score(args: argparse.Namespace) -> None:
         print("\n".join(lines))
 
 
-def _no_library_progress_bars() -> None:
-    """Hugging Face's per-load bars ("Loading weights", "Writing model shards") say nothing to a
-    user; rlhfkit's own bars stay. The environment variable reaches only libraries imported after
-    it is set, so those already imported are told directly."""
-    if "huggingface_hub" in sys.modules:
-        sys.modules["huggingface_hub"].utils.disable_progress_bars()
-    if "transformers" in sys.modules:
-        sys.modules["transformers"].utils.logging.disable_progress_bar()
-
-
-def _quiet_known_warnings() -> None:
-    """Library warnings that say nothing actionable to an rlhfkit user."""
-    # peft asks transformers' deprecated name on every LoRA model (transformers 5.x).
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    # peft looks for a config.json at the adapter's base reference; ours may be a run directory or a built-in name.
-    warnings.filterwarnings("ignore", message="Could not find a config file in .*", category=UserWarning)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Hugging Face's bar for every model load ("Loading weights") tells the user nothing; rlhfkit's
-    # own bars (training, generation) are plain tqdm and stay.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1":
-        _no_library_progress_bars()
-    _quiet_known_warnings()
+    api.library_defaults()
     args = build_parser().parse_args(argv)
     # Only the stages that train through the engine run data-parallel under accelerate launch.
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in registry.training_stages():

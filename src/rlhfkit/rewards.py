@@ -157,8 +157,34 @@ class RewardModelScorer:
         return scores
 
 
+IN_PROCESS_PREFIX = "python:"
+_in_process_functions: dict[str, Callable[..., Sequence[float]]] = {}
+
+
+def reward_function_spec(function: Callable[..., Sequence[float]]) -> str:
+    """How a config names a Python callable: `module:function` when it can be imported by that
+    name (so the run's config.yaml works from the command line too), else `python:NAME` for this
+    process only (a lambda, a closure, a function defined in a notebook or a script)."""
+    module, name = getattr(function, "__module__", None), getattr(function, "__qualname__", None)
+    if module and name and module != "__main__" and "<" not in name and "." not in name:
+        imported = sys.modules.get(module)
+        if imported is not None and getattr(imported, name, None) is function:
+            return f"{module}:{name}"
+    spec = f"{IN_PROCESS_PREFIX}{module or 'object'}.{name or type(function).__name__}"
+    _in_process_functions[spec] = function
+    return spec
+
+
 def load_reward_function(spec: str) -> Callable[..., Sequence[float]]:
-    """`package.module:function` or `path/to/file.py:function`; only what the user names is imported."""
+    """`package.module:function` or `path/to/file.py:function`; only what the user names is imported.
+    A `python:NAME` spec is a callable handed to the Python API in this process."""
+    if spec.startswith(IN_PROCESS_PREFIX):
+        if spec not in _in_process_functions:
+            raise UserError(
+                f"reward.function {spec!r}: a Python function given to rlhfkit's API in another process; "
+                "pass the function again (reward=function), or name it as module:function"
+            )
+        return _in_process_functions[spec]
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise UserError(f"reward.function {spec!r}: expected module:function or path/to/file.py:function")

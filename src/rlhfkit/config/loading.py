@@ -6,6 +6,7 @@ Stage names and their config classes come from the stage registry; nothing here 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,7 @@ def _validate(
     context = {
         "pipeline_outputs": set(written_by) if whole_pipeline else set(),
         "written_by": written_by,
-        "config_file": str(config_file),
+        "config_file": str(config_file) if config_file else "CONFIG",
     }
     try:
         return config_class.model_validate(tree, context=context)
@@ -187,50 +188,82 @@ def _pipeline_settings(loaded: dict[str, Any], source: str) -> PipelineSettings:
     return _validate(PipelineSettings, section, f"{source} [pipeline]")
 
 
-def load_config(stage: str, path: str | Path | None, overrides: list[str] | None = None) -> Any:
-    """Read a stage config from YAML (or defaults when path is None), apply overrides, validate it.
+ConfigSource = str | Path | Mapping[str, Any] | None
+
+
+def deep_merge(tree: dict[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """`tree` with `fields` laid over it: sections merge key by key, values replace."""
+    merged = copy.deepcopy(tree)
+    for key, value in fields.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(dict(value)) if isinstance(value, Mapping) else value
+    return merged
+
+
+def _read_source(source: ConfigSource, label: str) -> tuple[dict[str, Any], str]:
+    """The top-level tree of a YAML file, or of a mapping given in Python, and how errors name it."""
+    if source is None:
+        return {}, "(defaults)"
+    if isinstance(source, Mapping):
+        return copy.deepcopy(dict(source)), label
+    return _read_yaml(source), str(source)
+
+
+def load_config(
+    stage: str,
+    path: ConfigSource,
+    overrides: list[str] | None = None,
+    fields: Mapping[str, Any] | None = None,
+    label: str = "(python)",
+) -> Any:
+    """Read a stage config from YAML or a mapping (defaults when None), lay `fields` over it, apply
+    overrides, validate it.
 
     In a multi-stage file each stage reads its own top-level section; when the file also has a
     `pipeline:` section, the stage's model and output paths follow the pipeline (chain_stage_tree).
     """
     config_class = registry.stage(stage).config_class
-    source = str(path) if path else "(defaults)"
-    tree: dict[str, Any] = {}
-    loaded: dict[str, Any] = {}
-    if path is not None:
-        loaded = _read_yaml(path)
-        tree = loaded
-        # A multi-stage file (configs/quickstart.yaml) keeps each stage under its own key.
-        if isinstance(loaded.get(stage), dict) or "pipeline" in loaded:
-            _check_top_level(loaded, path)
-            tree = copy.deepcopy(loaded.get(stage) or {})
-            source = f"{source} [{stage}]"
+    loaded, source = _read_source(path, label)
+    tree = loaded
+    # A multi-stage file (configs/quickstart.yaml) keeps each stage under its own key.
+    if isinstance(loaded.get(stage), dict) or "pipeline" in loaded:
+        _check_top_level(loaded, source)
+        tree = copy.deepcopy(loaded.get(stage) or {})
+        source = f"{source} [{stage}]"
+    tree = deep_merge(tree, fields or {})
     for assignment in overrides or []:
         apply_override(tree, assignment)
-    pipeline = _pipeline_settings(loaded, str(path)) if "pipeline" in loaded else None
+    config_file = path if isinstance(path, (str, Path)) else None
+    pipeline = _pipeline_settings(loaded, str(config_file or label)) if "pipeline" in loaded else None
     if pipeline is not None:
         tree = chain_stage_tree(stage, tree, pipeline, loaded)
-    return _validate(config_class, tree, source, pipeline, path)
+    return _validate(config_class, tree, source, pipeline, config_file)
 
 
-def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> tuple[PipelineSettings, dict[str, Any]]:
+def load_pipeline(
+    path: str | Path | Mapping[str, Any], overrides: list[str] | None = None, label: str = "(python)"
+) -> tuple[PipelineSettings, dict[str, Any]]:
     """The pipeline settings and every listed stage's validated config, before anything runs.
 
-    Overrides name the stage first: `--set sft.train.lr=1e-4`, `--set pipeline.output_dir=runs/x`.
+    `path` is a YAML file or the same tree as a mapping. Overrides name the stage first:
+    `--set sft.train.lr=1e-4`, `--set pipeline.output_dir=runs/x`.
     """
-    loaded = _read_yaml(path)
+    config_file = path if isinstance(path, (str, Path)) else None
+    loaded, source = _read_source(path, label)
     for assignment in overrides or []:
         apply_override(loaded, assignment)
     loaded.setdefault("pipeline", {})
-    pipeline = _pipeline_settings(loaded, str(path))
-    _check_top_level(loaded, path)
+    pipeline = _pipeline_settings(loaded, source)
+    _check_top_level(loaded, source)
     configs = {}
     for stage in pipeline.stages:
         section = loaded.get(stage) or {}
         if not isinstance(section, dict):
-            raise ConfigError(f"{path} [{stage}]: expected a section, got {type(section).__name__}")
+            raise ConfigError(f"{source} [{stage}]: expected a section, got {type(section).__name__}")
         tree = chain_stage_tree(stage, section, pipeline, loaded)
         configs[stage] = _validate(
-            registry.stage(stage).config_class, tree, f"{path} [{stage}]", pipeline, path, whole_pipeline=True
+            registry.stage(stage).config_class, tree, f"{source} [{stage}]", pipeline, config_file, whole_pipeline=True
         )
     return pipeline, configs

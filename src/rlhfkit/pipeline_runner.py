@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,10 +65,15 @@ def stages_to_rerun(stages: list[str], from_stage: str | None, only: str | None)
 
 
 def run_pipeline(
-    path: str, overrides: list[str] | None = None, from_stage: str | None = None, only: str | None = None
-) -> Path:
-    """Run (or finish) the pipeline in `path`; returns the run directory."""
-    pipeline, configs = load_pipeline(path, overrides)  # every stage's config is validated first
+    path: str | Mapping[str, Any],
+    overrides: list[str] | None = None,
+    from_stage: str | None = None,
+    only: str | None = None,
+    label: str = "(python)",
+) -> tuple[Path, dict[str, Any]]:
+    """Run (or finish) the pipeline in `path` (a YAML file or the same tree as a mapping);
+    returns the run directory and every stage's validated config."""
+    pipeline, configs = load_pipeline(path, overrides, label)  # every stage's config is validated first
     rerun = stages_to_rerun(pipeline.stages, from_stage, only)
     root = Path(pipeline.output_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
@@ -97,7 +103,7 @@ def run_pipeline(
 
     report = write_report(root, {stage: registry.stage(stage).output_dir(configs[stage]) for stage in pipeline.stages})
     print(f"pipeline: report written to {report}")
-    return root
+    return root, configs
 
 
 def resolved_yaml(configs: dict[str, Any]) -> str:
