@@ -4,7 +4,7 @@ data-parallel (DDP), sharded (FSDP2) or under DeepSpeed ZeRO.
     .venv/bin/python -m benchmarks.processes                 # embedded model, 1 vs 2 processes (DDP)
     .venv/bin/python -m benchmarks.processes --suite smoke --model DIR --output /tmp/smoke
     .venv/bin/python -m benchmarks.processes --workloads sft --full-finetune \
-        --launch-configs cpu.yaml fsdp.yaml zero2.yaml zero3.yaml --output benchmarks/results/processes-sharding
+        --launch-configs cpu.yaml fsdp.yaml zero2.yaml zero3.yaml --output docs/benchmark-results/processes-sharding
 
 The N-process runs go through `accelerate launch --config_file configs/accelerate/CONFIG`
 (threads per process = cores / N); the 1-process run is plain `python -m rlhfkit.cli` with every
@@ -35,7 +35,7 @@ from benchmarks.workloads import _logged_steps, _rlhfkit_common, sft_token_count
 from rlhfkit.files import json_text
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "benchmark-results"
 
 
 def stage_settings(

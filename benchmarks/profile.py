@@ -3,7 +3,7 @@
     python -m benchmarks.profile sft [--suite cpu] [--steps 2] [--rows 20]
 
 Runs the workload's stage (as `benchmarks.workloads` does) under the profiler and writes the
-operator table, sorted by self CPU time, to benchmarks/results/profile-WORKLOAD.txt.
+operator table, sorted by self CPU time, to docs/benchmark-results/profile-WORKLOAD.txt.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks.suites import SUITES  # noqa: E402
 from benchmarks.workloads import RUNNERS  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "benchmark-results"
 PROFILED = ("sft", "reward", "dpo", "grpo", "ppo", "trpo")
 
 

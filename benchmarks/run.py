@@ -26,7 +26,7 @@ from benchmarks.suites import RLHFKIT_ONLY, SUITES, WORKLOADS, Suite
 from benchmarks.workloads import RESULT_PREFIX
 from rlhfkit.files import json_text
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "benchmark-results"
 
 
 def cpu_model() -> str:
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=WORKLOADS, default=None, help="run only these workloads")
     parser.add_argument("--frameworks", nargs="+", choices=("rlhfkit", "trl"), default=["rlhfkit", "trl"])
     parser.add_argument(
-        "--output", type=Path, default=None, help="results file stem (default: benchmarks/results/SUITE)"
+        "--output", type=Path, default=None, help="results file stem (default: docs/benchmark-results/SUITE)"
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

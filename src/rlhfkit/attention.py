@@ -11,7 +11,7 @@ with outputs equal to 5e-7. Without boundaries (generation, padded batches) it i
 On a GPU the per-sequence calls are kept on flash/memory-efficient attention, off cuDNN's, which
 builds an execution plan per new shape (packed rows bring new lengths at every step). Before
 this, and the sequence edges read once per forward rather than per layer, each SDPA call took
-~3 ms on an H100's host and training steps were 5-6x slower (benchmarks/README.md, "On a GPU").
+~3 ms on an H100's host and training steps were 5-6x slower (docs/benchmarks.md, "On a GPU").
 
 Models load with this attention when `model.attn_implementation` is `sdpa` (the default).
 """

@@ -11,21 +11,18 @@ from pydantic import BaseModel
 
 from rlhfkit import __version__, api, registry
 from rlhfkit.config import dump_config
+from rlhfkit.config.sections import default_text, field_entries
 from rlhfkit.errors import UserError
 
 
-def _field_lines(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """`section.field (default): description` for every config field, for --help."""
-    lines = []
-    for name, info in model.model_fields.items():
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            lines.append("")
-            lines.append(f"  {prefix}{name}:")
-            lines.extend(_field_lines(annotation, f"{prefix}{name}."))
-            continue
-        default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
-        lines.append(f"    {prefix}{name} = {default}\n        {info.description or ''}")
+def _field_lines(model: type[BaseModel]) -> list[str]:
+    """`section.field = default: description` for every config field, for --help."""
+    lines, section = [], None
+    for name, info in field_entries(model):
+        if name.rpartition(".")[0] != section:
+            section = name.rpartition(".")[0]
+            lines += ["", f"  {section}:"] if section else []
+        lines.append(f"    {name} = {default_text(info)}\n        {info.description or ''}")
     return lines
 
 

@@ -8,10 +8,12 @@ at once with the field and the config file named.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from rlhfkit.files import looks_like_local_path
 
@@ -223,6 +225,40 @@ class SamplingSettings(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens (0: no limit).")
     batch_size: int = Field(32, gt=0, description="Sequences per generate call.")
+
+
+def field_entries(model: type[BaseModel], prefix: str = "") -> list[tuple[str, FieldInfo]]:
+    """(dotted name, field) of every value a config holds, sections walked in declaration order;
+    `--help` and the generated config reference both read it."""
+    entries = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            entries.extend(field_entries(annotation, f"{prefix}{name}."))
+        else:
+            entries.append((f"{prefix}{name}", info))
+    return entries
+
+
+def type_text(annotation: object) -> str:
+    """A field's type as a reader writes it: `int | None`, `'cosine' | 'linear'`, `list[str]`."""
+    origin, arguments = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " | ".join(repr(value) for value in arguments)
+    if origin is Annotated:
+        return type_text(arguments[0])
+    if origin in (Union, UnionType):
+        return " | ".join(type_text(argument) for argument in arguments)
+    if origin is not None:
+        inner = ", ".join(type_text(argument) for argument in arguments)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def default_text(info: FieldInfo) -> str:
+    return "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
 
 
 def dump_config(config: Section) -> str:
