@@ -26,14 +26,15 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from rlhfkit import registry
 from rlhfkit.config import Section
 from rlhfkit.errors import UserError
 
 ConfigInput = str | os.PathLike[str] | Mapping[str, Any] | Section | None
-Prompt = str | Sequence[Mapping[str, str]]
+Prompt = str | Sequence[dict[str, str]]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,9 @@ def pipeline(
 # --- models: load, generate, score, merge -----------------------------------------------------
 
 
-def load(model: str | os.PathLike[str] | StageResult, dtype: str = "auto", device: str = "cpu") -> tuple[Any, Any]:
+def load(
+    model: str | os.PathLike[str] | StageResult, dtype: Dtype = "auto", device: Literal["cpu", "cuda"] = "cpu"
+) -> tuple[Any, Any]:
     """A model and its tokenizer as plain `transformers` objects (a LoRA run's adapter merged into
     its base): `generate`, `save_pretrained` and `push_to_hub` work on them as on any model."""
     import torch
@@ -338,7 +341,7 @@ def load(model: str | os.PathLike[str] | StageResult, dtype: str = "auto", devic
     from rlhfkit.config import ModelSettings
     from rlhfkit.models import load_causal_lm, load_tokenizer, pick_dtype, resolve
 
-    if dtype not in ("auto", "float32", "bfloat16", "float16") or device not in ("cpu", "cuda"):
+    if dtype not in get_args(Dtype) or device not in ("cpu", "cuda"):
         raise UserError(
             f"dtype must be auto, float32, bfloat16 or float16 and device cpu or cuda; got {dtype!r}, {device!r}"
         )
@@ -358,7 +361,7 @@ def generate(
     temperature: float = 0.7,
     top_p: float = 0.9,
     seed: int = 0,
-    template: str = "auto",
+    template: Literal["auto", "plain", "raw"] = "auto",
 ) -> list[str]:
     """Answers to prompts (user messages, or chat turns), formatted with the model's chat template
     (`template="plain"`: rlhfkit's plain one; `"raw"`: each prompt continued as it is)."""
@@ -378,7 +381,7 @@ def generate(
         if template == "raw":
             texts.append(prompt if isinstance(prompt, str) else "\n".join(t["content"] for t in turns))
         else:
-            texts.append(render_prompt(tokenizer, turns, template))
+            texts.append(render_prompt(tokenizer, turns, "plain" if template == "plain" else "auto"))
     return generate_texts(policy, tokenizer, texts, max_new_tokens, temperature, top_p, seed=seed)
 
 
