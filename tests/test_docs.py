@@ -68,6 +68,25 @@ def test_every_rlhfkit_command_in_the_docs_parses_and_names_files_that_exist(cap
     capsys.readouterr()
 
 
+def test_the_commands_that_only_read_run_as_written_on_a_fresh_clone(monkeypatch, capsys):
+    """`--help` and `--print-config` lines validate configs without training: run each for real,
+    from the repository root, with no runs/ written yet."""
+    from rlhfkit.cli import main
+
+    monkeypatch.chdir(ROOT)
+    reading = [(d, w) for d, w in rlhfkit_commands() if "--print-config" in w or w[-1:] == ["--help"]]
+    assert len(reading) >= 3
+    for document, words in reading:
+        if any(word.startswith("my_") for word in words):
+            continue  # a user's own file, named as an example
+        try:
+            code = main(words)
+        except SystemExit as exit:  # --help exits after printing
+            code = exit.code
+        assert code == 0, (document.name, words, capsys.readouterr().err)
+    capsys.readouterr()
+
+
 def test_the_config_files_the_docs_name_exist():
     for document in DOCUMENTS:
         for name in re.findall(r"`(configs/[\w./-]+\.yaml)`", document.read_text(encoding="utf-8")):
