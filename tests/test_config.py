@@ -110,6 +110,19 @@ def test_rl_family_combinations_that_cannot_work_are_refused_by_name(overrides, 
         load_config("grpo", None, overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["dpo.loss=ipo", "dpo.label_smoothing=0.1"], "dpo.label_smoothing applies to loss: sigmoid"),
+        (["dpo.loss=orpo", "dpo.precompute_reference=true"], "loss orpo uses no reference model"),
+        (["dpo.loss=simpo", "dpo.precompute_reference=true"], "loss simpo uses no reference model"),
+    ],
+)
+def test_dpo_settings_the_chosen_loss_would_ignore_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("dpo", None, overrides)
+
+
 @pytest.mark.parametrize("stage", ["ppo", "trpo"])
 def test_rollout_correction_is_refused_where_it_is_not_applied(stage):
     with pytest.raises(ConfigError, match=f"rollout.correction is applied by the grpo stage; {stage} does not"):
@@ -119,7 +132,7 @@ def test_rollout_correction_is_refused_where_it_is_not_applied(stage):
 @pytest.mark.parametrize(
     "stage, override, field",
     [
-        ("dpo", "dpo.loss=kto", "dpo.loss"),
+        ("dpo", "dpo.loss=nope", "dpo.loss"),
         ("dpo", "dpo.beta=0", "dpo.beta"),
         ("dpo", "dpo.label_smoothing=0.7", "dpo.label_smoothing"),
         ("dpo", "eval.reward_modle=x", "eval.reward_modle"),

@@ -7,7 +7,16 @@ import types
 import pytest
 import torch
 
-from rlhfkit.losses.dpo import DPOLoss, dpo_family_loss, implicit_rewards, ipo_loss, sigmoid_dpo_loss, simpo_loss
+from rlhfkit.losses.dpo import (
+    DPOLoss,
+    dpo_family_loss,
+    implicit_rewards,
+    ipo_loss,
+    log1mexp,
+    orpo_loss,
+    sigmoid_dpo_loss,
+    simpo_loss,
+)
 from rlhfkit.losses.lm import IGNORE_INDEX, sequence_sums, target_token_logprobs
 from rlhfkit.losses.reward import bradley_terry_loss
 
@@ -161,3 +170,50 @@ def test_token_logprobs_and_sequence_sums():
     # 5 kept tokens belonging to sequences 0, 0, 1, 2, 2
     sums = sequence_sums(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), torch.tensor([0, 0, 1, 2, 2]), 3)
     assert sums.tolist() == [3.0, 3.0, 9.0]
+
+
+def test_orpo_by_hand():
+    # ℓ_c = −2/4 = −0.5, ℓ_r = −6/3 = −2.
+    # log odds = (−0.5 − (−2)) − (log(1 − e^−0.5) − log(1 − e^−2))
+    #          = 1.5 − (log 0.393469 − log 0.864665) = 1.5 − (−0.932752 + 0.145413) = 2.287339
+    # L = 0.5 − 0.1 · log σ(2.287339) = 0.5 + 0.1 · 0.096706 = 0.509671
+    loss = orpo_loss(torch.tensor([-2.0]), torch.tensor([-6.0]), torch.tensor([4.0]), torch.tensor([3.0]), 0.1)
+    assert loss.item() == pytest.approx(0.509671, abs=1e-6)
+    # Nearly certain answers (mean log-prob → 0) stay finite.
+    certain = orpo_loss(torch.tensor([0.0]), torch.tensor([-1.0]), torch.tensor([2.0]), torch.tensor([2.0]), 0.1)
+    assert torch.isfinite(certain).all()
+
+
+def test_log1mexp_is_stable_on_both_branches():
+    import math
+
+    values = [-1e-6, -1e-3, -0.5, -0.7, -5.0, -40.0]
+    exact = torch.tensor([math.log(-math.expm1(v)) for v in values])  # float64 arithmetic, then float32
+    torch.testing.assert_close(log1mexp(torch.tensor(values)), exact, rtol=1e-5, atol=1e-12)
+    assert torch.log(1 - torch.exp(torch.tensor(-1e-6))).item() != pytest.approx(
+        exact[0].item(), rel=1e-4
+    )  # naive: cancels
+
+
+def test_orpo_matches_trl_on_the_same_tensors():
+    pytest.importorskip("trl")
+    from types import SimpleNamespace
+
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    torch.manual_seed(0)
+    chosen, rejected = torch.randn(6) * 3 - 12, torch.randn(6) * 3 - 15
+    chosen_len, rejected_len = torch.tensor([3.0, 5, 7, 2, 9, 4]), torch.tensor([4.0, 6, 1, 8, 3, 5])
+    trainer = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device="cpu"))
+    # TRL gives the odds-ratio term from mean log-probs; its NLL is the chosen tokens' mean cross-entropy.
+    theirs_or, *_ = ORPOTrainer.odds_ratio_loss(trainer, chosen / chosen_len, rejected / rejected_len)
+    ours = dpo_family_loss(DPOLoss.orpo, chosen, rejected, None, None, chosen_len, rejected_len, beta=0.1)
+    nll = -(chosen / chosen_len)
+    torch.testing.assert_close(ours, nll - theirs_or, rtol=1e-5, atol=1e-6)
+    # With equal lengths a batch's token-mean NLL (TRL) equals the mean of per-pair means (here).
+    same = torch.full((6,), 5.0)
+    trl_loss = (
+        -(chosen.sum() / same.sum()) - ORPOTrainer.odds_ratio_loss(trainer, chosen / same, rejected / same)[0].mean()
+    )
+    ours_same = dpo_family_loss(DPOLoss.orpo, chosen, rejected, None, None, same, same, beta=0.1).mean()
+    assert ours_same.item() == pytest.approx(trl_loss.item(), rel=1e-5)

@@ -86,7 +86,7 @@ def test_reward_model_on_an_sft_adapter_backbone_and_score_command(
     assert main(["score", str(tmp_path / "rm"), "--prompt", "only a prompt"]) == 2
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo"])
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo", "orpo"])
 def test_dpo_moves_chosen_log_probs_above_rejected(tiny_model, preference_file, tmp_path, loss):
     beta = "0.5" if loss == "simpo" else "0.1"
     metrics = dpo.run(
@@ -106,7 +106,9 @@ def test_dpo_moves_chosen_log_probs_above_rejected(tiny_model, preference_file, 
     gap = lambda m: m["logps_chosen"] - m["logps_rejected"]  # noqa: E731
     assert gap(after) > gap(before) + 1.0
     assert after["accuracy"] > 0.9 and after["loss"] < before["loss"]
-    if loss != "simpo":
+    if loss == "orpo":  # its SFT term raises the chosen answers' likelihood itself
+        assert after["logps_chosen"] > before["logps_chosen"]
+    if loss in ("sigmoid", "ipo"):
         assert before["accuracy"] == 0.5 and before["margin"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
 
 

@@ -89,7 +89,7 @@ STAGES: dict[str, Stage] = {
             DPOConfig,
             "rlhfkit.stages.dpo",
             "offline",
-            "Direct preference optimisation (DPO / cDPO / IPO / SimPO) of a policy on preference pairs.",
+            "Direct preference optimisation (DPO / cDPO / IPO / SimPO / ORPO) of a policy on preference pairs.",
         ),
         Stage(
             "ppo",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhfkit.config.sections import (
     ChatDataSettings,
@@ -55,10 +55,15 @@ class RewardConfig(StageConfig):
 
 
 class DPOSettings(Section):
-    loss: Literal["sigmoid", "ipo", "simpo"] = Field(
-        "sigmoid", description="sigmoid = DPO (with label_smoothing: cDPO), ipo, or reference-free simpo."
+    loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
+        "sigmoid",
+        description="sigmoid = DPO (with label_smoothing: cDPO), ipo, or the reference-free simpo and orpo (SFT + odds ratio).",
     )
-    beta: float = Field(0.1, gt=0, description="β: strength of the KL anchor to the reference (SimPO: reward scale).")
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="β: strength of the KL anchor to the reference (SimPO: reward scale; ORPO: λ, the odds-ratio weight).",
+    )
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="ε: assumed label-flip rate (conservative DPO); sigmoid only."
     )
@@ -66,6 +71,14 @@ class DPOSettings(Section):
     precompute_reference: bool = Field(
         False, description="Compute reference log-probs once before training instead of every step."
     )
+
+    @model_validator(mode="after")
+    def _settings_of_the_chosen_loss(self) -> DPOSettings:
+        if self.label_smoothing > 0 and self.loss != "sigmoid":
+            raise ValueError(f"dpo.label_smoothing applies to loss: sigmoid (cDPO), not {self.loss}")
+        if self.precompute_reference and self.loss in ("simpo", "orpo"):
+            raise ValueError(f"dpo.precompute_reference: loss {self.loss} uses no reference model")
+        return self
 
 
 class PreferenceEvalSettings(EvalSettings):

@@ -18,6 +18,11 @@ class DPOLoss(str, Enum):
     sigmoid = "sigmoid"  # DPO, with optional label smoothing (conservative DPO)
     ipo = "ipo"
     simpo = "simpo"
+    orpo = "orpo"  # SFT plus an odds-ratio term, in one stage
+
+    @property
+    def reference_free(self) -> bool:
+        return self in (DPOLoss.simpo, DPOLoss.orpo)
 
 
 def sigmoid_dpo_loss(
@@ -79,6 +84,39 @@ def simpo_loss(
     return -F.logsigmoid(h - gamma)
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, without cancellation: log(−expm1(x)) near 0, log1p(−exp(x)) below −ln 2
+    (Mächler 2012)."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    lam: float,
+) -> torch.Tensor:
+    """ORPO (Hong et al. 2024, eqs. 2 and 4-7): the SFT loss on the chosen answer plus an odds-ratio
+    term, reference-free, so SFT and preference alignment are one stage.
+
+        ℓ(y) = log π(y|x) / |y|                       (mean log-prob per response token)
+        log odds(y) = ℓ(y) − log(1 − exp ℓ(y))
+        L = −ℓ(y_c)  −  λ · log σ(log odds(y_c) − log odds(y_r))
+
+    λ is the paper's weight of the odds-ratio term (TRL's `beta`, 0.1 by default there and here).
+
+    Args:
+        chosen_logps, rejected_logps: (B,) log π(y|x) summed over response tokens.
+        chosen_lengths, rejected_lengths: (B,) response token counts |y|.
+    """
+    # exp ℓ = 1 would make the odds infinite: a mean log-prob this close to 0 is already certain.
+    chosen_mean = (chosen_logps / chosen_lengths.clamp(min=1)).clamp(max=-1e-6)
+    rejected_mean = (rejected_logps / rejected_lengths.clamp(min=1)).clamp(max=-1e-6)
+    log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))
+    return -chosen_mean - lam * F.logsigmoid(log_odds)
+
+
 def dpo_family_loss(
     loss_type: DPOLoss,
     policy_chosen_logps: torch.Tensor,
@@ -92,6 +130,8 @@ def dpo_family_loss(
     simpo_gamma: float = 0.5,
 ) -> torch.Tensor:
     """Per-pair loss of the chosen variant; all tensors are (B,)."""
+    if loss_type is DPOLoss.orpo:
+        return orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta)
     if loss_type is DPOLoss.simpo:
         return simpo_loss(
             policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta, simpo_gamma
@@ -106,7 +146,8 @@ def dpo_family_loss(
 def implicit_rewards(
     policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, beta: float, lengths: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """DPO's implicit reward r = β (log π(y|x) − log π_ref(y|x)); SimPO's is β/|y| · log π(y|x)."""
+    """DPO's implicit reward r = β (log π(y|x) − log π_ref(y|x)); without a reference (SimPO, ORPO)
+    it is β/|y| · log π(y|x)."""
     if ref_logps is None:
         return beta * policy_logps / lengths.clamp(min=1)
     return (beta * (policy_logps - ref_logps)).detach()

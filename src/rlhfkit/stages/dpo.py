@@ -6,7 +6,7 @@ exists (a frozen copy is kept only when fully fine-tuning). Chosen and rejected 
 batch are packed into one padding-free row and go through one forward pass, each pair's prompt
 stored once when the model runs rlhfkit's attention (data/batching.py); per-token log-probs
 are gathered in chunks without a full [tokens, vocab] tensor. Loss variants: DPO (sigmoid, with
-optional label smoothing), IPO, SimPO.
+optional label smoothing), IPO, SimPO, and ORPO (the SFT loss plus an odds-ratio term).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     frozen_copy = frozen_reference_copy(model, config.lora.enabled)
     reference = (
         None
-        if DPOLoss(config.dpo.loss) is DPOLoss.simpo
+        if DPOLoss(config.dpo.loss).reference_free
         else ReferencePolicy(engine, frozen_copy, train.loss_chunk_tokens)
     )
     share = shares_prompts(backbone_and_head(model)[0])
