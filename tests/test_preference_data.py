@@ -151,7 +151,9 @@ def test_dpo_answer_logps_and_gradients_with_shared_prompts_equal_separate_seque
     (separate, separate_grads), (shared, shared_grads) = results
     torch.testing.assert_close(shared, separate, rtol=1e-5, atol=1e-5)
     for a, b in zip(shared_grads, separate_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        # float32 sums in another order: an element that cancels may differ by ~1e-4 of itself, so
+        # the tolerance scales with the tensor's largest entry
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
 def test_reward_batches_put_chosen_first_and_pad_right():
