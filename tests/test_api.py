@@ -162,6 +162,26 @@ def test_a_pipeline_from_a_mapping_takes_python_objects(tiny_model, sft_rows, tm
         rlhfkit.pipeline({**tree, "sft": {**tree["sft"], "train": {"lr": 0}}})
 
 
+def test_a_pipeline_trains_kto_on_thumbs_and_compares_it(tiny_model, sft_rows, tmp_path):
+    thumbs = [{"prompt": r["prompt"], "completion": r["completion"], "label": True} for r in sft_rows]
+    thumbs += [{"prompt": r["prompt"], "completion": "Go away.", "label": False} for r in sft_rows]
+    tree = {
+        "pipeline": {
+            "output_dir": str(tmp_path / "run"),
+            "model": str(tiny_model),
+            "stages": ["sft", "kto", "evaluate"],
+        },
+        "sft": {"data": Dataset.from_list(sft_rows), **TINY_SFT},
+        "kto": {"data": thumbs, "train": {"max_steps": 1, "batch_size": 4, "trackers": []}},
+        "evaluate": {"num_prompts": 2, "samples_per_prompt": 1, "sampling": {"max_new_tokens": 3}},
+    }
+    result = rlhfkit.pipeline(tree)
+    assert result["kto"].config.model.name_or_path == str(tmp_path / "run" / "sft")
+    assert "label_accuracy" in result["kto"].metrics["after"]
+    assert set(result["evaluate"].metrics["models"]) == {"base", "sft", "kto"}
+    assert "kto" in result.report.read_text()
+
+
 def test_a_pipeline_file_is_validated_before_anything_runs(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a", "completion": "b"}])
     config = tmp_path / "p.yaml"

@@ -174,3 +174,61 @@ def test_score_never_writes_over_its_data(tiny_model, preference_file, tmp_path,
     assert main(["score", str(tmp_path / "rm"), "--data", str(answers), "--output", str(answers)]) == 2
     assert main(["score", str(tmp_path / "rm"), "--data", str(answers), "--output", str(tmp_path)]) == 2
     assert answers.read_text() == before
+
+
+@pytest.fixture()
+def feedback_file(tmp_path, sft_rows):
+    """Good answers labelled 👍 and a curt one 👎, two to one, with ratings on some rows."""
+    rows = []
+    for index, row in enumerate(sft_rows):
+        rows.append({"prompt": row["prompt"], "completion": row["completion"], "label": True})
+        if index % 2:
+            rows.append({"prompt": row["prompt"], "completion": "No idea, go away.", "label": False, "rating": 1})
+    return write_jsonl(tmp_path / "feedback.jsonl", rows)
+
+
+def test_kto_raises_liked_answers_above_disliked_ones(tiny_model, feedback_file, tmp_path, capsys):
+    from rlhfkit.stages import kto
+
+    metrics = kto.run(
+        stage_config(
+            "kto", tiny_model, feedback_file, tmp_path / "kto", "train.epochs=3", "train.lr=5e-3", "kto.beta=0.5"
+        )
+    )
+    before, after = metrics["before"], metrics["after"]
+    assert before["label_accuracy"] == 0.5 and before["margin"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
+    assert after["label_accuracy"] > 0.9 and after["margin"] > 0.5 and after["loss"] < before["loss"]
+    assert after["reward_desirable"] > 0 > after["reward_undesirable"]
+    printed = capsys.readouterr().out
+    assert "24 👍 and 12 👎" not in printed  # the split holds out a quarter; the note names the training counts
+    assert "advises 1 to 1.33" in printed  # two to one is outside the paper's range
+    log = [json.loads(line) for line in (tmp_path / "kto" / "metrics.jsonl").read_text().splitlines()]
+    assert {"train/loss", "train/label_accuracy", "train/label_reward", "train/kl"} <= set(log[0])
+    assert (tmp_path / "kto" / "samples.md").is_file()
+
+
+def test_kto_runs_from_the_command_line_on_preference_pairs_with_full_fine_tuning(
+    tiny_model, preference_file, tmp_path
+):
+    output = tmp_path / "kto"
+    settings = [
+        f"model.name_or_path={tiny_model}",
+        f"data.path={preference_file}",
+        f"train.output_dir={output}",
+        "train.max_steps=2",
+        "train.trackers=[]",
+        "lora.enabled=false",
+        "generation.num_prompts=0",
+    ]
+    assert main(["kto", *[arg for setting in settings for arg in ("--set", setting)]]) == 0
+    assert (output / "final" / "model.safetensors").is_file()
+    assert 0.0 <= json.loads((output / "metrics.json").read_text())["after"]["label_accuracy"] <= 1.0
+
+
+def test_kto_refuses_feedback_of_one_kind_before_loading_a_model(tmp_path, capsys):
+    rows = write_jsonl(
+        tmp_path / "liked.jsonl", [{"prompt": "q", "completion": f"a{i}", "label": True} for i in range(8)]
+    )
+    code = main(["kto", "--set", f"data.path={rows}", "--set", "model.name_or_path=some-org/not-loaded"])
+    assert code == 2
+    assert "7 desirable (label true) and 0 undesirable" in capsys.readouterr().err

@@ -276,6 +276,13 @@ def dpo(
     return _run("dpo", config, resume, overrides, fields)
 
 
+def kto(
+    config: ConfigInput = None, /, *, resume: bool = False, overrides: Sequence[str] | None = None, **fields: Any
+) -> StageResult:
+    """KTO on answers labelled 👍 / 👎 (`data`: prompt/completion/label rows, or preference rows)."""
+    return _run("kto", config, resume, overrides, fields)
+
+
 def ppo(
     config: ConfigInput = None, /, *, resume: bool = False, overrides: Sequence[str] | None = None, **fields: Any
 ) -> StageResult:

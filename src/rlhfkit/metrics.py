@@ -115,6 +115,7 @@ METRIC_LABELS = {
     "perplexity": "held-out perplexity {:.3f}",
     "rouge_l": "ROUGE-L {:.4f}",
     "accuracy": "held-out pair accuracy {:.3f}",
+    "label_accuracy": "held-out label agreement {:.3f}",
     "margin": "margin {:.4f}",
     "reward_model_score": "reward-model score of answers {:.3f}",
     "reward_mean": "mean reward {:.4f}",

@@ -17,6 +17,7 @@ from rlhfkit.config import (
     DPOConfig,
     EvaluateConfig,
     GRPOConfig,
+    KTOConfig,
     PPOConfig,
     PretrainConfig,
     RewardConfig,
@@ -90,6 +91,13 @@ STAGES: dict[str, Stage] = {
             "rlhfkit.stages.dpo",
             "offline",
             "Direct preference optimisation (DPO / cDPO / IPO / SimPO / ORPO) of a policy on preference pairs.",
+        ),
+        Stage(
+            "kto",
+            KTOConfig,
+            "rlhfkit.stages.kto",
+            "offline",
+            "Kahneman-Tversky optimisation (KTO) of a policy on answers labelled thumbs up or down.",
         ),
         Stage(
             "ppo",

@@ -30,6 +30,11 @@ STAGE_METRICS = {
         ("margin", "implicit-reward margin", "{:.3f}"),
         ("reward_model_score", "reward-model score of answers", "{:.3f}"),
     ],
+    "kto": [
+        ("label_accuracy", "implicit reward agrees with the label", "{:.3f}"),
+        ("margin", "implicit reward, 👍 − 👎", "{:.3f}"),
+        ("reward_model_score", "reward-model score of answers", "{:.3f}"),
+    ],
 }
 RL_METRICS = [
     ("reward_mean", "mean reward (held-out prompts)", "{:.3f}"),
@@ -40,6 +45,7 @@ CURVES = [
     ("train/loss", "loss"),
     ("eval/perplexity", "held-out perplexity"),
     ("train/accuracy", "pair accuracy (train)"),
+    ("train/label_accuracy", "label agreement (train)"),
     ("train/reward_mean", "reward"),
     ("train/kl", "KL to reference"),
     ("train/entropy", "entropy"),

@@ -1,4 +1,4 @@
-"""Settings of the offline stages: pretraining, SFT, the reward model and DPO."""
+"""Settings of the offline stages: pretraining, SFT, the reward model, DPO and KTO."""
 
 from __future__ import annotations
 
@@ -92,5 +92,32 @@ class DPOConfig(StageConfig):
 
     data: PreferenceDataSettings = Field(default_factory=PreferenceDataSettings)
     dpo: DPOSettings = Field(default_factory=DPOSettings)
+    eval: PreferenceEvalSettings = Field(default_factory=PreferenceEvalSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+
+
+class FeedbackDataSettings(ChatDataSettings):
+    path: str = Field(
+        "builtin:tutor-prefs",
+        description="prompt/completion/label rows (label true: 👍), or preference rows, each pair unpaired into 👍 and 👎.",
+    )
+    max_length: int = Field(
+        512, gt=3, description="Longest prompt+answer; the prompt loses its start first (final turns kept)."
+    )
+
+
+class KTOSettings(Section):
+    beta: float = Field(0.1, gt=0, description="β: sharpness of the value function around the reference point.")
+    desirable_weight: float = Field(
+        1.0, gt=0, description="λ_D: weight of desirable (👍) answers; aim for λ_D·n_D / (λ_U·n_U) in [1, 4/3]."
+    )
+    undesirable_weight: float = Field(1.0, gt=0, description="λ_U: weight of undesirable (👎) answers.")
+
+
+class KTOConfig(StageConfig):
+    """`rlhfkit kto`: Kahneman-Tversky optimisation of the policy on answers labelled 👍 or 👎."""
+
+    data: FeedbackDataSettings = Field(default_factory=FeedbackDataSettings)
+    kto: KTOSettings = Field(default_factory=KTOSettings)
     eval: PreferenceEvalSettings = Field(default_factory=PreferenceEvalSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)

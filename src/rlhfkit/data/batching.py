@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.attention import pack_shared_prefixes
-from rlhfkit.data.formatting import TokenizedExample, TokenizedPair
+from rlhfkit.data.formatting import TokenizedExample, TokenizedFeedback, TokenizedPair
 
 IGNORE_INDEX = -100
 
@@ -272,3 +272,51 @@ def pair_batches(
         )
         for start in range(0, len(order), batch_size)
     ]
+
+
+@dataclass
+class FeedbackBatch:
+    """B labelled answers for KTO, packed as B pairs (data/formatting.TokenizedPair) whose first
+    answer is the labelled one, y_i, and whose second is y'_i, another example's answer given to
+    prompt x_i — the mismatched pairs from which KTO estimates its KL reference point."""
+
+    pairs: PairBatch  # pair i: [x_i, y_i] and [x_i, y'_i]; pair_ids are the examples' indices
+    labels: torch.Tensor  # (B,) bool, True: desirable
+
+    @property
+    def num_examples(self) -> int:
+        return self.labels.numel()
+
+    @property
+    def loss_units(self) -> int:
+        return self.num_examples
+
+    def to(self, device: torch.device) -> FeedbackBatch:
+        return FeedbackBatch(self.pairs.to(device), self.labels.to(device))
+
+
+def feedback_batches(
+    examples: Sequence[TokenizedFeedback],
+    batch_size: int,
+    max_length: int,
+    seed: int | None,
+    share_prompts: bool = False,
+) -> list[FeedbackBatch]:
+    """Micro-batches of labelled answers (shuffled when seed is given), each example paired with a
+    mismatched answer: the answers rotated by one within the micro-batch, (x_1, y_B), (x_2, y_1), …,
+    (x_B, y_{B−1}), as TRL's KTOTrainer does. A micro-batch of one borrows the answer of the
+    example before it in the order. A mismatched answer loses its end where it would not fit in
+    max_length beside its prompt."""
+    order = example_order(len(examples), seed)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        lenders = indices[-1:] + indices[:-1] if len(indices) > 1 else [order[start - 1]]
+        pairs = []
+        for index, lender in zip(indices, lenders):
+            example = examples[index]
+            mismatched = examples[lender].completion_ids[: max(max_length - len(example.prompt_ids), 1)]
+            pairs.append(TokenizedPair(example.prompt_ids, example.completion_ids, mismatched))
+        labels = torch.tensor([examples[index].label for index in indices], dtype=torch.bool)
+        batches.append(FeedbackBatch(pack_pairs(pairs, indices, share_prompts), labels))
+    return batches

@@ -6,6 +6,7 @@
 | prompt-completion | ``prompt`` + ``completion``, or ``messages`` | sft           |
 | preference        | ``prompt`` + ``chosen`` + ``rejected``, or ``chosen`` + ``rejected`` sharing a prompt prefix | reward, dpo |
 | prompt            | ``prompt`` (text or messages); other columns are passed to reward functions | ppo, grpo, trpo |
+| unpaired feedback | ``prompt`` + ``completion`` + ``label`` (true: 👍), optional ``rating`` 1–5; or preference rows, unpaired | kto |
 
 A bad row either stops the run with the row named, or (``invalid_rows: skip``) is dropped and
 counted in the returned :class:`RowReport`.
@@ -327,6 +328,98 @@ def preference_examples(rows: list[Row], on_invalid: str = "error") -> tuple[lis
     return _validate(rows, _parse_preference, on_invalid)
 
 
+# ---- unpaired feedback (thumbs up / down) ----------------------------------------------
+
+LABEL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+@dataclass(frozen=True)
+class FeedbackExample:
+    """One answer to a prompt, labelled desirable (👍, True) or undesirable (👎, False)."""
+
+    prompt: tuple[dict[str, str], ...]
+    completion: str
+    label: bool
+    where: str
+    rating: float | None = None
+
+
+def _label_field(values: dict) -> bool:
+    """A bool, 0/1, or (as CSV gives it) true/false, 1/0, yes/no in any case."""
+    value = values["label"]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    raise _BadRow("bad label", f"column 'label' must be true or false (👍 / 👎), got {value!r}")
+
+
+def _rating_field(values: dict) -> float | None:
+    value = values.get("rating")
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _BadRow("bad rating", f"column 'rating' must be a number from 1 to 5, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 5:
+        raise _BadRow("bad rating", f"column 'rating' must be a number from 1 to 5, got {value!r}")
+    return float(value)
+
+
+def _prompt_field(values: dict) -> tuple[dict[str, str], ...]:
+    """A `prompt` column: text (one user turn) or messages that do not end with an assistant turn."""
+    value = values["prompt"]
+    if isinstance(value, list):
+        if value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+            raise _BadRow("bad prompt", "the prompt's messages must not end with an assistant turn")
+        return _messages_field({"messages": value + [{"role": "assistant", "content": "x"}]})[:-1]
+    return ({"role": "user", "content": _string_field(values, "prompt")},)
+
+
+def _parse_feedback(row: Row) -> FeedbackExample:
+    prompt = _prompt_field(row.values)
+    completion = _answer_field(row.values, "completion", prompt)
+    return FeedbackExample(prompt, completion, _label_field(row.values), row.where, _rating_field(row.values))
+
+
+def feedback_examples(rows: list[Row], on_invalid: str = "error") -> tuple[list[FeedbackExample], RowReport]:
+    """Validate unpaired feedback rows (prompt/completion/label[/rating]). Preference rows are
+    accepted too and unpaired: each pair gives its chosen answer as desirable and its rejected
+    answer as undesirable (as TRL's `unpair_preference_dataset`)."""
+    columns = set(rows[0].values)
+    if {"chosen", "rejected"} <= columns and "label" not in columns:
+        pairs, report = preference_examples(rows, on_invalid)
+        unpaired = [
+            FeedbackExample(pair.prompt, answer, label, f"{pair.where} ({name})")
+            for pair in pairs
+            for name, answer, label in (("chosen", pair.chosen, True), ("rejected", pair.rejected, False))
+        ]
+        return unpaired, report
+    if not {"prompt", "completion", "label"} <= columns:
+        raise DataError(
+            f"{rows[0].where}: missing column: expected `prompt`, `completion` and `label` (or preference "
+            f"rows with `chosen` and `rejected`); found {sorted(columns)} (map yours with data.columns)"
+        )
+    return _validate(rows, _parse_feedback, on_invalid)
+
+
+def label_counts(examples: list[FeedbackExample], where: str, minimum_each: int = 1) -> tuple[int, int]:
+    """(desirable, undesirable) counts; a DataError naming them when one class has fewer than
+    `minimum_each` examples (a model cannot learn to tell 👍 from 👎 without both)."""
+    desirable = sum(example.label for example in examples)
+    undesirable = len(examples) - desirable
+    if min(desirable, undesirable) < minimum_each:
+        raise DataError(
+            f"{where}: {desirable} desirable (label true) and {undesirable} undesirable (label false) "
+            f"examples; at least {minimum_each} of each are needed"
+        )
+    return desirable, undesirable
+
+
 # ---- prompts for online RL --------------------------------------------------------------
 
 
@@ -341,13 +434,7 @@ class PromptExample:
 
 def _parse_prompt(row: Row) -> PromptExample:
     values = row.values
-    value = values["prompt"]
-    if isinstance(value, list):
-        if value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
-            raise _BadRow("bad prompt", "the prompt's messages must not end with an assistant turn")
-        prompt = _messages_field({"messages": value + [{"role": "assistant", "content": "x"}]})[:-1]
-    else:
-        prompt = ({"role": "user", "content": _string_field(values, "prompt")},)
+    prompt = _prompt_field(values)
     return PromptExample(prompt, {key: item for key, item in values.items() if key != "prompt"}, row.where)
 
 

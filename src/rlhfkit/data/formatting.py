@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rlhfkit.config import PromptDataSettings
-from rlhfkit.data.examples import ChatExample, PromptExample, TextExample
+from rlhfkit.data.examples import ChatExample, FeedbackExample, PromptExample, TextExample
 from rlhfkit.errors import DataError
 
 PLAIN_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -228,6 +228,41 @@ def tokenize_pairs(
             continue
         pairs.append(TokenizedPair(*fitted, margin=example.margin))
     return pairs, counts
+
+
+@dataclass(frozen=True)
+class TokenizedFeedback:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool  # True: desirable (👍)
+
+
+def tokenize_feedback(
+    tokenizer: Any,
+    examples: Sequence[FeedbackExample],
+    template: Literal["auto", "plain"],
+    max_length: int,
+    overlong: Literal["truncate", "skip", "error"] = "truncate",
+) -> tuple[list[TokenizedFeedback], Counter]:
+    """Tokenise labelled answers; one longer than max_length (prompt + answer) stops the run
+    naming it, is skipped, or is truncated as :func:`fit_pair` truncates a pair (counted)."""
+    counts: Counter = Counter()
+    tokenized = []
+    for example in examples:
+        prompt, (completion,) = prompt_and_response_ids(tokenizer, example.prompt, [example.completion], template)
+        fitted_prompt, fitted, _ = fit_pair(prompt, completion, completion, max_length)
+        if (fitted_prompt, fitted) != (prompt, completion):
+            if overlong == "error":
+                raise DataError(
+                    f"{example.where}: {len(prompt) + len(completion)} tokens (prompt and answer), longer than "
+                    f"data.max_length={max_length} (set data.overlong: truncate or skip)"
+                )
+            if overlong == "skip":
+                counts["skipped: longer than max_length"] += 1
+                continue
+            counts["truncated to max_length"] += 1
+        tokenized.append(TokenizedFeedback(fitted_prompt, fitted, example.label))
+    return tokenized, counts
 
 
 # ---- RL prompts ------------------------------------------------------------------------

@@ -17,15 +17,13 @@ from rlhfkit.attention import shares_prompts
 from rlhfkit.config import DPOConfig
 from rlhfkit.data.batching import PairBatch, pair_batches
 from rlhfkit.data.examples import load_examples, preference_examples, training_data_summary
-from rlhfkit.data.formatting import render_prompt, tokenize_pairs
+from rlhfkit.data.formatting import tokenize_pairs
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.engine.held_out import held_out_share, held_out_sums
 from rlhfkit.losses.dpo import DPOLoss, dpo_family_loss, implicit_rewards
 from rlhfkit.models import backbone_and_head, frozen_reference_copy, reference_policy, resolve_with_tokenizer
 from rlhfkit.passes import answer_logps
-from rlhfkit.rewards import RewardModelScorer
-from rlhfkit.sampling import generate_answers
-from rlhfkit.stages.before_after import measure, write_samples
+from rlhfkit.stages.before_after import HeldOutAnswers, measure
 
 STAGE = "dpo"
 
@@ -100,7 +98,7 @@ def pair_statistics(config: DPOConfig, reference: ReferencePolicy | None):
 
 def run(config: DPOConfig, resume: bool = False) -> dict:
     run_dir = RunDir.open(config.train.output_dir, STAGE, config, resume)
-    train, data, generation = config.train, config.data, config.generation
+    train, data = config.train, config.data
 
     # Data: every row is read and checked before any weights load.
     train_examples, eval_examples, report = load_examples(data, train.seed, preference_examples)
@@ -108,18 +106,7 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     train_pairs, counts = tokenize_pairs(tokenizer, train_examples, data.template, data.max_length, data.overlong)
     eval_pairs, _ = tokenize_pairs(tokenizer, eval_examples, data.template, data.max_length, data.overlong)
     print(f"data: {training_data_summary(report, counts, len(train_pairs), len(eval_pairs), 'pairs')}")
-    # A question may have several pairs; answer each once.
-    unique_prompts = {
-        tuple((m["role"], m["content"]) for m in example.prompt): example.prompt for example in eval_examples
-    }
-    prompt_turns = list(unique_prompts.values())[: generation.num_prompts]
-    prompt_turns += [({"role": "user", "content": text},) for text in generation.extra_prompts]
-    prompt_texts = [render_prompt(tokenizer, turns, data.template) for turns in prompt_turns]
-    scorer = (
-        RewardModelScorer(config.eval.reward_model, data.max_length, data.template)
-        if config.eval.reward_model and prompt_texts
-        else None
-    )
+    answers = HeldOutAnswers(tokenizer, eval_examples, config)
 
     # Policy, reference and optimiser.
     engine = Engine(train, config.model.device, run_dir, STAGE)
@@ -158,12 +145,7 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
         return {name: total / max(pairs, 1) for name, total in sums.items()}
 
     def answer_and_score() -> dict:
-        scores = evaluate() if eval_batches else {}
-        answers = generate_answers(engine.model, tokenizer, prompt_texts, generation, train.seed)
-        if scorer is not None and answers:
-            rewards = scorer.score(prompt_turns, answers)
-            scores["reward_model_score"] = sum(rewards) / len(rewards)
-        return {**scores, "answers": answers}
+        return {**(evaluate() if eval_batches else {}), **answers(engine.model)}
 
     engine.resume(resume)
     if reference is not None and config.dpo.precompute_reference:
@@ -181,7 +163,6 @@ def run(config: DPOConfig, resume: bool = False) -> dict:
     engine.save_final(
         tokenizer, config.model.name_or_path, {"stage": STAGE, "lora": config.lora.enabled, "loss": config.dpo.loss}
     )
-    if prompt_texts:
-        write_samples(engine, prompt_turns, metrics, [])
+    answers.write(engine, metrics)
     engine.complete(metrics, report.summary())
     return metrics
