@@ -18,7 +18,8 @@ from rlhfkit.losses.dpo import (
     simpo_loss,
 )
 from rlhfkit.losses.lm import IGNORE_INDEX, sequence_sums, target_token_logprobs
-from rlhfkit.losses.reward import bradley_terry_loss
+from rlhfkit.losses.reward import binary_feedback_loss, bradley_terry_loss
+from rlhfkit.metrics import ranking_auc
 
 
 def sigmoid(x):
@@ -217,3 +218,28 @@ def test_orpo_matches_trl_on_the_same_tensors():
     )
     ours_same = dpo_family_loss(DPOLoss.orpo, chosen, rejected, None, None, same, same, beta=0.1).mean()
     assert ours_same.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+
+
+def test_binary_feedback_loss_by_hand():
+    # 👍 with r = 2:   −log σ(2)    = 0.126928
+    # 👎 with r = −0.5: −log σ(0.5)  = 0.474077  (a disliked answer scored below 0 is on the right side)
+    # 👎 with r = 1:   −log σ(−1)   = 1.313262
+    losses = binary_feedback_loss(torch.tensor([2.0, -0.5, 1.0]), torch.tensor([True, False, False]))
+    torch.testing.assert_close(losses, torch.tensor([0.126928, 0.474077, 1.313262]), atol=1e-6, rtol=0)
+    # It is binary cross-entropy on the logit r with target 1 for 👍.
+    rewards, labels = torch.randn(16), torch.rand(16) > 0.5
+    reference = torch.nn.functional.binary_cross_entropy_with_logits(rewards, labels.float(), reduction="none")
+    torch.testing.assert_close(binary_feedback_loss(rewards, labels), reference)
+
+
+def test_ranking_auc_by_hand():
+    # positives 0.9, 0.4; negatives 0.4, 0.1: of the 4 positive-negative pairs, (0.9, 0.4), (0.9, 0.1)
+    # and (0.4, 0.1) are ordered right and (0.4, 0.4) is a tie counting half: 3.5 / 4
+    assert ranking_auc([0.9, 0.4, 0.4, 0.1], [True, True, False, False]) == 0.875
+    assert ranking_auc([1.0, 2.0], [True, False]) == 0.0 and math.isnan(ranking_auc([1.0], [True]))
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (40,), generator=generator).float().tolist()  # many ties
+    labels = (torch.rand(40, generator=generator) > 0.4).tolist()
+    pairs = [(p, n) for p, lp in zip(scores, labels) if lp for n, ln in zip(scores, labels) if not ln]
+    brute = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
+    assert ranking_auc(scores, labels) == pytest.approx(brute)

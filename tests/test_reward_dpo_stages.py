@@ -232,3 +232,33 @@ def test_kto_refuses_feedback_of_one_kind_before_loading_a_model(tmp_path, capsy
     code = main(["kto", "--set", f"data.path={rows}", "--set", "model.name_or_path=some-org/not-loaded"])
     assert code == 2
     assert "7 desirable (label true) and 0 undesirable" in capsys.readouterr().err
+
+
+def test_a_reward_model_learns_from_thumbs_alone(tiny_model, feedback_file, tmp_path):
+    metrics = reward.run(
+        stage_config("reward", tiny_model, feedback_file, tmp_path / "rm", "train.epochs=4", "train.lr=3e-3")
+    )
+    before, after = metrics["before"], metrics["after"]
+    assert after["auc"] == 1.0 and after["label_accuracy"] > 0.9 and after["log_loss"] < before["log_loss"]
+    assert after["reward_desirable"] > 0 > after["reward_undesirable"]  # an absolute scale: the sign is the label
+    assert after["examples"] == 9  # a quarter of 36 answers held out
+    saved = json.loads((tmp_path / "rm" / "final" / "rlhfkit_model.json").read_text())
+    assert saved["objective"] == "binary"
+    log = json.loads((tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"train/label_accuracy", "train/label_reward"} <= set(log)
+    scorer = RewardModelScorer(str(tmp_path / "rm"), max_length=96)
+    good, bad = scorer.score(["Why is the sky blue?"] * 2, ["Sunlight scatters in the air.", "No idea, go away."])
+    assert good > 0 > bad
+
+
+def test_a_binary_reward_model_unpairs_preference_rows_and_refuses_centring(tiny_model, preference_file, tmp_path):
+    metrics = reward.run(
+        stage_config(
+            "reward", tiny_model, preference_file, tmp_path / "rm", "loss.objective=binary", "train.max_steps=2"
+        )
+    )
+    assert "auc" in metrics["after"] and "accuracy" not in metrics["after"]
+    with pytest.raises(Exception, match="loss.center_coef centres pairwise rewards"):
+        stage_config(
+            "reward", tiny_model, preference_file, tmp_path / "x", "loss.objective=binary", "loss.center_coef=0.01"
+        )

@@ -116,6 +116,7 @@ METRIC_LABELS = {
     "rouge_l": "ROUGE-L {:.4f}",
     "accuracy": "held-out pair accuracy {:.3f}",
     "label_accuracy": "held-out label agreement {:.3f}",
+    "auc": "AUC {:.3f}",
     "margin": "margin {:.4f}",
     "reward_model_score": "reward-model score of answers {:.3f}",
     "reward_mean": "mean reward {:.4f}",
@@ -142,3 +143,25 @@ def write_answers_before_after(
     columns = {when: metrics[when]["answers"] for when in ("before", "after") if "answers" in metrics.get(when, {})}
     prompts = [turns[-1]["content"] for turns in prompt_turns]
     write_side_by_side(directory, prompts, columns, list(references) + [None] * (len(prompts) - len(references)))
+
+
+def ranking_auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """Area under the ROC curve: the probability that a random positive scores above a random
+    negative, ties counting half — the Mann–Whitney U statistic, from average ranks in
+    O(n log n). NaN when either class is empty."""
+    order = sorted(range(len(scores)), key=lambda index: scores[index])
+    ranks = [0.0] * len(scores)
+    start = 0
+    while start < len(order):  # tied scores share the mean of their ranks (1-based)
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    positives = sum(1 for label in positive if label)
+    negatives = len(scores) - positives
+    if not positives or not negatives:
+        return float("nan")
+    rank_sum = sum(rank for rank, label in zip(ranks, positive) if label)
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)

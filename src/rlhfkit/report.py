@@ -24,7 +24,12 @@ STAGE_METRICS = {
         ("perplexity", "response perplexity (held-out pairs)", "{:.2f}"),
         ("rouge_l", "ROUGE-L of answers", "{:.3f}"),
     ],
-    "reward": [("accuracy", "pair accuracy (held-out pairs)", "{:.3f}"), ("margin", "mean reward margin", "{:.2f}")],
+    "reward": [
+        ("accuracy", "pair accuracy (held-out pairs)", "{:.3f}"),
+        ("margin", "mean reward margin", "{:.2f}"),
+        ("label_accuracy", "label agreement (held-out 👍/👎)", "{:.3f}"),
+        ("auc", "AUC, 👍 above 👎", "{:.3f}"),
+    ],
     "dpo": [
         ("accuracy", "implicit-reward accuracy", "{:.3f}"),
         ("margin", "implicit-reward margin", "{:.3f}"),

@@ -152,6 +152,34 @@ def test_reward_model_on_two_processes_follows_the_one_process_loss_curve(tiny_m
         assert held_out(two) == pytest.approx(held_out(tmp_path / "one"), rel=1e-4), launch_config
 
 
+@pytest.mark.parametrize("stage", ["kto", "reward"])
+def test_thumbs_stages_on_two_processes_follow_one_process(tiny_model, sft_rows, tmp_path, stage):
+    """KTO (its reference point estimated within each micro-batch, which one process computes
+    whole) and the pointwise reward model (held-out AUC from every answer's reward, gathered
+    from processes holding 5 and 4 answers) give one process's curve and held-out metrics."""
+    rows = [{"prompt": r["prompt"], "completion": r["completion"], "label": True} for r in sft_rows]
+    rows += [{"prompt": r["prompt"], "completion": "No idea, go away.", "label": False} for r in sft_rows[::2]]
+    data = write_jsonl(tmp_path / "thumbs.jsonl", rows)
+    common = (
+        f"model.name_or_path={tiny_model}",
+        f"data.path={data}",
+        "data.eval_fraction=0.25",
+        "data.max_length=96",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.max_steps=4",
+        "lora.dropout=0.0",
+        "train.lr=5e-3",
+        *(["generation.num_prompts=0"] if stage == "kto" else []),
+    )
+    launch(1, stage, *common, f"train.output_dir={tmp_path / 'one'}")
+    launch(2, stage, *common, f"train.output_dir={tmp_path / 'two'}", launch_config="cpu.yaml")
+    one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert len(one) == 4 and two == pytest.approx(one, rel=1e-4)
+    assert held_out(tmp_path / "two") == pytest.approx(held_out(tmp_path / "one"), rel=1e-4)
+    assert held_out(tmp_path / "two")["after/examples" if stage == "reward" else "after/label_accuracy"] > 0
+
+
 @pytest.mark.parametrize(
     "stage, extra, launch_configs",
     [

@@ -14,6 +14,7 @@ from rlhfkit.config.offline import (
     PreferenceEvalSettings,
     PretrainConfig,
     RewardConfig,
+    RewardDataSettings,
     RewardLossSettings,
     SFTConfig,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "RLConfig",
     "RLEvalSettings",
     "RewardConfig",
+    "RewardDataSettings",
     "RewardHackingThresholds",
     "RewardLossSettings",
     "RewardSourceSettings",

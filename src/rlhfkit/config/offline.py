@@ -40,17 +40,37 @@ class PreferenceDataSettings(ChatDataSettings):
     )
 
 
+class RewardDataSettings(PreferenceDataSettings):
+    path: str = Field(
+        "builtin:tutor-prefs",
+        description="Preference rows (prompt/chosen/rejected, or transcripts sharing a prompt), or "
+        "prompt/completion/label rows of answers labelled 👍/👎.",
+    )
+
+
 class RewardLossSettings(Section):
+    objective: Literal["auto", "pairwise", "binary"] = Field(
+        "auto",
+        description="pairwise: Bradley-Terry on preference pairs; binary: logistic loss on answers labelled 👍/👎 "
+        "(preference rows unpaired); auto: binary when the rows have a `label` column, else pairwise.",
+    )
     center_coef: float = Field(
         0.0, ge=0, description="η in + η (r_c + r_r)^2: keeps rewards centred on 0 (0 disables)."
     )
     use_margins: bool = Field(True, description="Subtract a `margin` column from r_c - r_r when the data has one.")
 
+    @model_validator(mode="after")
+    def _settings_of_the_objective(self) -> RewardLossSettings:
+        if self.objective == "binary" and self.center_coef:
+            raise ValueError("loss.center_coef centres pairwise rewards; objective binary has no pairs")
+        return self
+
 
 class RewardConfig(StageConfig):
-    """`rlhfkit reward`: a sequence-classification reward model trained with the Bradley-Terry loss."""
+    """`rlhfkit reward`: a sequence-classification reward model, from preference pairs (Bradley-Terry)
+    or from answers labelled 👍/👎 (pointwise, logistic)."""
 
-    data: PreferenceDataSettings = Field(default_factory=PreferenceDataSettings)
+    data: RewardDataSettings = Field(default_factory=RewardDataSettings)
     loss: RewardLossSettings = Field(default_factory=RewardLossSettings)
 
 

@@ -175,19 +175,68 @@ def reward_batches(
     for start in range(0, len(order), batch_size):
         chunk = [pairs[i] for i in order[start : start + batch_size]]
         rows = [wrap(p.prompt_ids + p.chosen_ids) for p in chunk] + [wrap(p.prompt_ids + p.rejected_ids) for p in chunk]
-        if packed and share_prompts:
-            pack = pack_shared_prefixes([torch.tensor(row) for row in rows], _pair_groups(len(chunk)))
-            batches.append(
-                RewardBatch(
-                    pack.input_ids, None, pack.position_ids, pack.last_positions(), _margins(chunk), pack.layout
-                )
-            )
-        elif packed:
-            batch = pack_examples([TokenizedExample(row, [False] * len(row)) for row in rows])
-            last = torch.tensor([len(row) for row in rows]).cumsum(0) - 1
-            batches.append(RewardBatch(batch.input_ids, None, batch.position_ids, last, _margins(chunk)))
-        else:
-            batches.append(RewardBatch(*pad_right(rows, pad_id), None, None, _margins(chunk)))
+        groups = _pair_groups(len(chunk)) if share_prompts else None
+        input_ids, attention_mask, position_ids, last, layout = _scored_rows(rows, pad_id, packed, groups)
+        batches.append(RewardBatch(input_ids, attention_mask, position_ids, last, _margins(chunk), layout))
+    return batches
+
+
+def _scored_rows(rows: Sequence[Sequence[int]], pad_id: int, packed: bool, groups: list[list[int]] | None) -> tuple:
+    """The sequences a reward model scores, as (input_ids, attention_mask, position_ids,
+    last_positions, layout): packed into one row (decoders), sequences of a group sharing their
+    common prompt when groups are given, or one right-padded row each (encoders)."""
+    if packed and groups is not None:
+        pack = pack_shared_prefixes([torch.tensor(row) for row in rows], groups)
+        return pack.input_ids, None, pack.position_ids, pack.last_positions(), pack.layout
+    if packed:
+        batch = pack_examples([TokenizedExample(list(row), [False] * len(row)) for row in rows])
+        return batch.input_ids, None, batch.position_ids, torch.tensor([len(row) for row in rows]).cumsum(0) - 1, None
+    return (*pad_right(rows, pad_id), None, None, None)
+
+
+@dataclass
+class LabelledAnswersBatch:
+    """N answers labelled 👍 / 👎 for a pointwise reward model, laid out as RewardBatch lays out
+    its sequences: packed into one row (position_ids set) or right-padded rows (attention_mask set)."""
+
+    input_ids: torch.Tensor  # (1, T) packed or (N, T) padded; sequence i is prompt_i + answer_i
+    attention_mask: torch.Tensor | None  # (N, T): padded rows
+    position_ids: torch.Tensor | None  # (1, T): packed
+    last_positions: torch.Tensor | None  # (N,) each sequence's last token in the packed row
+    labels: torch.Tensor  # (N,) bool, True: desirable
+    layout: list | None = None  # always None: no prompts shared
+
+    @property
+    def loss_units(self) -> int:
+        return self.labels.numel()
+
+    def to(self, device: torch.device) -> LabelledAnswersBatch:
+        move = lambda tensor: None if tensor is None else tensor.to(device)  # noqa: E731
+        moved = (
+            move(getattr(self, name))
+            for name in ("input_ids", "attention_mask", "position_ids", "last_positions", "labels")
+        )
+        return LabelledAnswersBatch(*moved)
+
+
+def labelled_answer_batches(
+    examples: Sequence[TokenizedFeedback],
+    batch_size: int,
+    pad_id: int,
+    seed: int | None,
+    wrap=lambda ids: ids,
+    packed: bool = False,
+) -> list[LabelledAnswersBatch]:
+    """Batches of `batch_size` labelled answers for a pointwise reward model (see reward_batches
+    for `wrap` and `packed`)."""
+    order = example_order(len(examples), seed)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        rows = [wrap(example.prompt_ids + example.completion_ids) for example in chunk]
+        input_ids, attention_mask, position_ids, last, _ = _scored_rows(rows, pad_id, packed, None)
+        labels = torch.tensor([example.label for example in chunk], dtype=torch.bool)
+        batches.append(LabelledAnswersBatch(input_ids, attention_mask, position_ids, last, labels))
     return batches
 
 

@@ -36,3 +36,29 @@ def held_out_sums(engine: Engine, batches: Sequence, sums_of: Callable[[object],
     names = sorted(totals)
     summed = engine.sum_across_processes(torch.tensor([totals[name] for name in names], dtype=torch.float64)).tolist()
     return dict(zip(names, summed))
+
+
+@torch.no_grad()
+def held_out_rows(
+    engine: Engine, batches: Sequence, rows_of: Callable[[object], torch.Tensor], width: int
+) -> torch.Tensor:
+    """Every held-out batch's rows_of(batch), an (n, width) float tensor, concatenated over the
+    batches and the launch's processes (for metrics that need each value, such as AUC, rather
+    than sums); order follows processes, not batches. Eval mode as in held_out_sums."""
+    parts = []
+    with eval_mode(engine.model):
+        for batch, counted in held_out_share(engine, batches):
+            rows = rows_of(batch).double().cpu()
+            if counted:
+                parts.append(rows)
+    local = torch.cat(parts) if parts else torch.zeros(0, width, dtype=torch.float64)
+    if engine.num_processes == 1:
+        return local
+    # processes hold different counts: pad each to the largest with NaN rows, gather, drop them
+    counts = torch.zeros(engine.num_processes, dtype=torch.float64)
+    counts[engine.accelerator.process_index] = local.shape[0]
+    counts = engine.sum_across_processes(counts)
+    padded = torch.full((int(counts.max()), width), math.nan, dtype=torch.float64)
+    padded[: local.shape[0]] = local
+    gathered = engine.gather(padded)
+    return gathered[~torch.isnan(gathered).all(dim=1)]

@@ -38,3 +38,24 @@ def bradley_terry_loss(
     if center_coef:
         loss = loss + center_coef * (chosen_rewards + rejected_rewards) ** 2
     return loss
+
+
+def binary_feedback_loss(rewards: torch.Tensor, desirable: torch.Tensor) -> torch.Tensor:
+    """Per-answer logistic loss of a pointwise reward model on 👍 / 👎 labels.
+
+        L_i = −log σ(r_i)       if answer i is desirable (👍)
+              −log σ(−r_i)      if it is undesirable (👎)
+
+    The reward is the log-odds that a person likes the answer, P(👍 | x, y) = σ(r(x, y)) — a
+    reward model that classifies answers as good or bad, by logistic regression on the labels —
+    so r > 0 reads as liked. Its rewards are on an absolute scale, where Bradley–Terry rewards
+    are comparable only between answers to the same prompt.
+
+    Args:
+        rewards: (N,) r, scalar rewards of the answers.
+        desirable: (N,) bool labels.
+
+    Returns:
+        (N,) per-answer losses.
+    """
+    return -F.logsigmoid(torch.where(desirable, rewards, -rewards))
