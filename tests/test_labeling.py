@@ -14,7 +14,8 @@ from rlhfkit.data.loading import read_rows
 from rlhfkit.errors import UserError
 from rlhfkit.labeling.agreement import agreement_report, cohens_kappa, fleiss_kappa, majority_label, percent_agreement
 from rlhfkit.labeling.commands import export_preferences
-from rlhfkit.labeling.store import SCHEMA, SCHEMA_VERSION, LabelStore, SubmissionConflict
+from rlhfkit.labeling.schema import SCHEMA, SCHEMA_VERSION
+from rlhfkit.labeling.store import LabelStore, SubmissionConflict
 from rlhfkit.stages import reward
 
 PROMPTS = QUESTIONS[:4]

@@ -90,45 +90,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     label = subparsers.add_parser(
         "label",
-        help="Collect preferences: candidate pairs, annotators, an AI judge, export to a preference dataset.",
-        description="The preference-collection loop: sample candidate pairs into a labeling store, create annotators, "
-        "label with a judge (or people), export majority labels as a preference dataset for `rlhfkit reward` / `dpo`.\n\n"
+        help="Collect feedback: candidate pairs or single answers, annotators, an AI judge, export to a dataset.",
+        description="The feedback-collection loop: sample candidate pairs (or single answers, --kind single) into a "
+        "labeling store, create annotators, label with a judge (or people), export majority labels as a preference "
+        "dataset for `rlhfkit reward` / `dpo` (or 👍/👎 feedback for `rlhfkit kto` / a thumbs reward model).\n\n"
         "Examples:\n  rlhfkit label generate labels.db --model runs/quickstart/sft --prompts builtin:tutor-sft --limit 50\n"
+        "  rlhfkit label generate thumbs.db --kind single --model runs/quickstart/sft --prompts builtin:tutor-sft\n"
         "  rlhfkit label annotator labels.db alice\n"
         "  rlhfkit label judge labels.db --reward-model runs/quickstart/reward\n"
         "  rlhfkit label export labels.db prefs.jsonl",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = label.add_subparsers(dest="label_command", required=True, metavar="ACTION")
-    generate_pairs = actions.add_parser("generate", help="sample answers per prompt and store them as pairs")
+    generate_pairs = actions.add_parser(
+        "generate", help="sample answers per prompt and store them as pairs (or single answers)"
+    )
     generate_pairs.add_argument("store", help="SQLite labeling store (created if absent)")
     generate_pairs.add_argument("--model", required=True, help="model, adapter or run dir that answers")
     generate_pairs.add_argument(
         "--prompts", required=True, help="prompt dataset (a `prompt` column), e.g. builtin:tutor-sft"
     )
     generate_pairs.add_argument(
-        "--responses", type=int, default=2, help="answers per prompt (consecutive ones are paired)"
+        "--kind",
+        choices=["pairwise", "single"],
+        default="pairwise",
+        help="what people label: pairs (A better / B better / tie / both bad) or single answers (👍/👎, a 1-5 "
+        "rating); chosen once per store",
+    )
+    generate_pairs.add_argument(
+        "--responses", type=int, default=2, help="answers per prompt (pairwise: consecutive ones are paired)"
     )
     generate_pairs.add_argument("--limit", type=int, help="use the first N prompts")
-    generate_pairs.add_argument("--required", type=int, default=1, help="judgements each pair needs before export")
+    generate_pairs.add_argument("--required", type=int, default=1, help="labels each task needs before export")
     generate_pairs.add_argument("--max-new-tokens", type=int, default=128)
     generate_pairs.add_argument("--temperature", type=float, default=0.9)
     generate_pairs.add_argument("--seed", type=int, default=0)
     annotator = actions.add_parser("annotator", help="create an annotator and print their sign-in token (shown once)")
     annotator.add_argument("store")
     annotator.add_argument("name")
-    judge = actions.add_parser("judge", help="label every pair with a reward model (stored under the judge's name)")
+    judge = actions.add_parser(
+        "judge", help="label every pair or answer with a reward model or LLM (stored under the judge's name)"
+    )
     judge.add_argument("store")
     judge_source = judge.add_mutually_exclusive_group(required=True)
     judge_source.add_argument(
         "--reward-model", help="reward run dir, adapter or one-output model: the higher score wins"
     )
-    judge_source.add_argument("--llm", help="a local chat model asked 'which is better, A or B?' in both orders")
+    judge_source.add_argument(
+        "--llm", help="a local chat model asked 'which is better, A or B?' in both orders (single: 'good? Yes or No')"
+    )
     judge.add_argument(
         "--tie-margin",
         type=float,
         help="ties: reward differences up to this (default 0), or "
         "|P(A better) - 0.5| up to this for --llm (default 0.05)",
+    )
+    judge.add_argument(
+        "--threshold",
+        type=float,
+        help="single answers: 👍 above this score (default 0) or P(Yes) (default 0.5 for --llm)",
     )
     judge.add_argument("--name", help="the judge's name in the store (default: reward-model:REF or llm:REF)")
     serve = actions.add_parser("serve", help="serve the labeling page (annotators sign in with their token)")
@@ -136,10 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     export = actions.add_parser(
-        "export", help="majority labels -> preference JSONL (+ OUTPUT.stats.json with agreement)"
+        "export", help="majority labels -> preference (or 👍/👎 feedback) JSONL (+ OUTPUT.stats.json with agreement)"
     )
     export.add_argument("store")
-    export.add_argument("output", help="preference .jsonl to write (prompt, chosen, rejected)")
+    export.add_argument(
+        "output",
+        help=".jsonl to write: prompt, chosen, rejected (pairwise store) or prompt, completion, label, rating (single)",
+    )
+    export.add_argument(
+        "--pairs",
+        help="single-answer stores: also write each prompt's liked x disliked answers as preference rows here",
+    )
     export.add_argument(
         "--from",
         dest="sources",
@@ -254,9 +281,17 @@ def _label(args: argparse.Namespace) -> None:
             raise UserError("--max-new-tokens, --temperature, --required and --limit must be > 0")
         sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
         added = commands.generate_candidates(
-            args.store, args.model, args.prompts, args.responses, args.limit, sampling, args.required, args.seed
+            args.store,
+            args.model,
+            args.prompts,
+            args.responses,
+            args.limit,
+            sampling,
+            args.required,
+            args.seed,
+            args.kind,
         )
-        print(f"{added} pairs added to {args.store}")
+        print(f"{added} {'pairs' if args.kind == 'pairwise' else 'answers'} added to {args.store}")
     elif args.label_command == "annotator":
         store = LabelStore(args.store)
         token = store.add_annotator(args.name)
@@ -273,15 +308,43 @@ def _label(args: argparse.Namespace) -> None:
             raise UserError("--tie-margin must be >= 0")
         if args.llm:
             counts = commands.judge_with_llm(
-                args.store, args.llm, 0.05 if args.tie_margin is None else args.tie_margin, args.name
+                args.store,
+                args.llm,
+                0.05 if args.tie_margin is None else args.tie_margin,
+                args.name,
+                0.5 if args.threshold is None else args.threshold,
             )
         else:
-            counts = commands.judge_with_reward_model(args.store, args.reward_model, args.tie_margin or 0.0, args.name)
-        print(
-            f"judged {sum(counts.values())} pairs: A better {counts['a']}, B better {counts['b']}, ties {counts['tie']}"
-        )
+            counts = commands.judge_with_reward_model(
+                args.store, args.reward_model, args.tie_margin or 0.0, args.name, args.threshold or 0.0
+            )
+        if "up" in counts:
+            print(f"judged {sum(counts.values())} answers: 👍 {counts['up']}, 👎 {counts['down']}")
+            warning = commands.one_sided_warning(counts)
+            if warning:
+                print(warning, file=sys.stderr)
+        else:
+            print(
+                f"judged {sum(counts.values())} pairs: A better {counts['a']}, B better {counts['b']}, "
+                f"ties {counts['tie']}"
+            )
     else:
         kinds = {"human": ("human",), "judge": ("judge",), "all": ("human", "judge")}[args.sources]
+        store = LabelStore(args.store)
+        single = store.kind == "single"
+        store.close()
+        if args.pairs and not single:
+            raise UserError("--pairs derives pairs from single-answer labels; this store already labels pairs")
+        if single:
+            stats = commands.export_feedback(args.store, args.output, kinds, args.annotator, args.min_votes, args.pairs)
+            derived = f"; {stats['derived_pairs']} derived pairs in {args.pairs}" if args.pairs else ""
+            print(
+                f"{stats['exported']} labelled answers ({stats['desirable']} 👍, {stats['undesirable']} 👎) written to "
+                f"{args.output} ({stats['labelled']} of {stats['answers']} answers labelled; {stats['too_few_votes']} "
+                f"with too few votes, {stats['no_majority']} without a majority{derived}); details in "
+                f"{args.output}.stats.json"
+            )
+            return
         stats = commands.export_preferences(args.store, args.output, kinds, args.annotator, args.min_votes)
         agreement = stats["agreement"]["percent_agreement"]
         print(

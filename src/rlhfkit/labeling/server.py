@@ -1,10 +1,12 @@
 """`rlhfkit label serve STORE`: the labeling page and its JSON API (FastAPI, served by uvicorn).
 
 Annotators sign in with the token `rlhfkit label annotator` printed (sent as `Authorization:
-Bearer TOKEN`). The page shows a prompt and two responses; which stored response is on the left
-is fixed per annotator and pair by a hash (so a reload shows the same order) and recorded with
-the judgement. The client answers in screen terms (left, right, tie, both_bad); the server maps
-them to A/B. Each request opens its own SQLite connection; the store's transactions make
+Bearer TOKEN`). In a pairwise store the page shows a prompt and two responses; which stored
+response is on the left is fixed per annotator and pair by a hash (so a reload shows the same
+order) and recorded with the judgement. The client answers in screen terms (left, right, tie,
+both_bad); the server maps them to A/B. In a single-answer store it shows one response, labelled
+👍 or 👎 with an optional 1–5 rating (`/api/verdicts`); a label for a task of the other kind is
+refused with 409. Each request opens its own SQLite connection; the store's transactions make
 parallel submissions safe. Every API request is authenticated before its body is read; bodies over the size limit get 413
 (counted while reading), a token over its request rate 429, bad input 422, unknown pairs 404,
 and a submission id the annotator already used for a different judgement 409.
@@ -21,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhfkit.labeling.store import LabelStore, SubmissionConflict, hash_token
+from rlhfkit.labeling.store import LabelStore, SubmissionConflict, WrongTaskKind, hash_token
 
 MAX_BODY_BYTES = 16_384
 MAX_ID = 2**63 - 1  # SQLite's largest integer: a larger id is refused (422), never an overflow (500)
@@ -157,6 +159,17 @@ class Submission(BaseModel):
     submission_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
 
 
+class VerdictSubmission(BaseModel):
+    """A 👍/👎 label of a single answer, an optional 1-5 rating and comment, and the client's submission id."""
+
+    model_config = ConfigDict(extra="forbid")
+    answer_id: int = Field(gt=0, le=MAX_ID)
+    label: Literal["up", "down"]
+    rating: int | None = Field(None, ge=1, le=5)
+    comment: str = Field("", max_length=2000)
+    submission_id: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
+
+
 def left_response(annotator_id: int, pair_id: int) -> str:
     """'a' or 'b': the stored response shown on the left to this annotator, stable across reloads."""
     return "a" if hashlib.sha256(f"{annotator_id}:{pair_id}".encode()).digest()[0] % 2 == 0 else "b"
@@ -205,6 +218,18 @@ def create_app(
             "progress": {"done": done, "total": total},
         }
 
+    def shown_answer(db: LabelStore, who: tuple[int, str], answer_id: int) -> dict:
+        answer = db.answer(answer_id)
+        if answer is None:
+            raise HTTPException(status_code=404, detail=f"no answer {answer_id}")
+        done, total = db.progress(who[0])
+        return {
+            "answer_id": answer_id,
+            "prompt": list(answer.prompt),
+            "response": answer.response,
+            "progress": {"done": done, "total": total},
+        }
+
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         return PAGE.read_text(encoding="utf-8")
@@ -212,15 +237,16 @@ def create_app(
     @app.get("/api/me")
     def me(who=Depends(annotator), db: LabelStore = Depends(store)) -> dict:
         done, total = db.progress(who[0])
-        return {"name": who[1], "progress": {"done": done, "total": total}}
+        return {"name": who[1], "kind": db.kind, "progress": {"done": done, "total": total}}
 
     @app.get("/api/next")
     def next_pair(who=Depends(annotator), db: LabelStore = Depends(store)) -> dict:
-        pair_id = db.next_pair_id(who[0])
-        if pair_id is None:
+        task_id = db.next_task_id(who[0])
+        key = "answer_id" if db.kind == "single" else "pair_id"
+        if task_id is None:
             done, total = db.progress(who[0])
-            return {"pair_id": None, "progress": {"done": done, "total": total}}
-        return shown(db, who, pair_id)
+            return {key: None, "progress": {"done": done, "total": total}}
+        return shown_answer(db, who, task_id) if db.kind == "single" else shown(db, who, task_id)
 
     @app.get("/api/pairs/{pair_id}")
     def get_pair(
@@ -241,7 +267,35 @@ def create_app(
             stored = db.submit(submission.pair_id, who[0], choice, left, submission.submission_id, submission.comment)
         except KeyError:
             raise HTTPException(status_code=404, detail=f"no pair {submission.pair_id}") from None
-        except SubmissionConflict as conflict:
+        except (SubmissionConflict, WrongTaskKind) as conflict:
+            raise HTTPException(status_code=409, detail=str(conflict)) from None
+        done, total = db.progress(who[0])
+        return {"stored": stored, "progress": {"done": done, "total": total}}
+
+    @app.get("/api/answers/{answer_id}")
+    def get_answer(
+        answer_id: int = PathParameter(gt=0, le=MAX_ID), who=Depends(annotator), db: LabelStore = Depends(store)
+    ) -> dict:
+        return shown_answer(db, who, answer_id)
+
+    @app.get("/api/verdicts")
+    def my_verdicts(who=Depends(annotator), db: LabelStore = Depends(store)) -> list[dict]:
+        return db.verdicts_of(who[0])
+
+    @app.post("/api/verdicts")
+    def submit_verdict(submission: VerdictSubmission, who=Depends(annotator), db: LabelStore = Depends(store)) -> dict:
+        try:
+            stored = db.submit_verdict(
+                submission.answer_id,
+                who[0],
+                submission.label,
+                submission.submission_id,
+                submission.rating,
+                submission.comment,
+            )
+        except KeyError:
+            raise HTTPException(status_code=404, detail=f"no answer {submission.answer_id}") from None
+        except (SubmissionConflict, WrongTaskKind) as conflict:
             raise HTTPException(status_code=409, detail=str(conflict)) from None
         done, total = db.progress(who[0])
         return {"stored": stored, "progress": {"done": done, "total": total}}

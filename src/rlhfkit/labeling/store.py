@@ -1,8 +1,12 @@
-"""The labeling store: prompts, candidate responses, pairs, annotators and judgements in SQLite.
+"""The labeling store: prompts, candidate responses, the tasks people label, annotators and labels in SQLite.
+
+A store labels one kind of task, chosen when it is created (`kind`): **pairwise** — pairs of
+responses, judged A better / B better / tie / both bad (`judgements`) — or **single** — one
+response at a time, judged 👍 or 👎 with an optional 1–5 rating (`verdicts`).
 
 WAL mode lets a web server read while it writes, and every write is one transaction, so stopping
 the server mid-session loses nothing that was acknowledged. Submissions carry a client-made id:
-a retried or double-clicked submission is stored once. An annotator's later judgement of a pair
+a retried or double-clicked submission is stored once. An annotator's later label of a task
 replaces the earlier one as the current one; the earlier row is kept as history.
 """
 
@@ -14,49 +18,34 @@ import secrets
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 from rlhfkit.errors import UserError
-
-Choice = Literal["a", "b", "tie", "both_bad"]
-CHOICES: tuple[str, ...] = ("a", "b", "tie", "both_bad")
-Messages = tuple[dict[str, str], ...]
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS prompts (
-    id INTEGER PRIMARY KEY, messages TEXT NOT NULL UNIQUE, created TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS responses (
-    id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES prompts(id), model TEXT NOT NULL,
-    text TEXT NOT NULL, created TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS pairs (
-    id INTEGER PRIMARY KEY, prompt_id INTEGER NOT NULL REFERENCES prompts(id),
-    response_a INTEGER NOT NULL REFERENCES responses(id), response_b INTEGER NOT NULL REFERENCES responses(id),
-    required INTEGER NOT NULL DEFAULT 1 CHECK (required > 0), UNIQUE (response_a, response_b));
-CREATE TABLE IF NOT EXISTS annotators (
-    id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, kind TEXT NOT NULL CHECK (kind IN ('human', 'judge')),
-    token_hash TEXT UNIQUE, created TEXT NOT NULL);
-"""
-
-# A submission id is the annotator's own (a client makes it), so it is unique per annotator only.
-JUDGEMENTS = """
-CREATE TABLE IF NOT EXISTS judgements (
-    id INTEGER PRIMARY KEY, pair_id INTEGER NOT NULL REFERENCES pairs(id),
-    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
-    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')), comment TEXT NOT NULL DEFAULT '',
-    left TEXT NOT NULL CHECK (left IN ('a', 'b')),  -- which response was shown on the left
-    submission_id TEXT NOT NULL, current INTEGER CHECK (current = 1), created TEXT NOT NULL,
-    UNIQUE (annotator_id, submission_id));
--- At most one current judgement per annotator and pair (NULLs, the history, are not compared).
-CREATE UNIQUE INDEX IF NOT EXISTS one_current ON judgements (pair_id, annotator_id, current);
-"""
-SCHEMA_VERSION = 2  # 1: submission ids unique across all annotators
+from rlhfkit.labeling.schema import (
+    CHOICES,
+    JUDGEMENTS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    TASK_KINDS,
+    TASK_TABLES,
+    THUMBS,
+    Answer,
+    Judgement,
+    Messages,
+    Pair,
+    TaskKind,
+    Verdict,
+)
 
 
 class SubmissionConflict(ValueError):
     """An annotator reused a submission id for a different judgement."""
+
+
+class WrongTaskKind(UserError):
+    """A label for a task of the other kind than the store's (a pair in a single-answer store, or the reverse)."""
 
 
 def _now() -> str:
@@ -65,28 +54,6 @@ def _now() -> str:
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-@dataclass(frozen=True)
-class Pair:
-    id: int
-    prompt: Messages
-    response_a: str
-    response_b: str
-    model_a: str
-    model_b: str
-    required: int
-
-
-@dataclass(frozen=True)
-class Judgement:
-    pair_id: int
-    annotator: str
-    kind: str
-    choice: str
-    comment: str
-    left: str
-    created: str
 
 
 class LabelStore:
@@ -148,6 +115,31 @@ class LabelStore:
     def close(self) -> None:
         self.connection.close()
 
+    @property
+    def kind(self) -> TaskKind:
+        """What this store's annotators label: "pairwise" (the default, and every store written
+        before single answers existed) or "single"."""
+        row = self.connection.execute("SELECT value FROM settings WHERE key = 'kind'").fetchone()
+        return row["value"] if row else "pairwise"
+
+    def set_kind(self, kind: TaskKind) -> None:
+        """Choose the kind of task; a store that already holds tasks of the other kind is refused."""
+        if kind not in TASK_KINDS:
+            raise UserError(f"task kind must be one of {TASK_KINDS}, got {kind!r}")
+        with self.transaction() as db:
+            current = db.execute("SELECT value FROM settings WHERE key = 'kind'").fetchone()
+            current_kind = current["value"] if current else "pairwise"
+            holds = db.execute(f"SELECT COUNT(*) FROM {TASK_TABLES[current_kind][0]}").fetchone()[0]
+            if current_kind != kind and holds:
+                raise UserError(
+                    f"{self.path} labels {current_kind} tasks ({holds} of them); use another store for {kind} tasks"
+                )
+            db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('kind', ?)", (kind,))
+
+    def _require_kind(self, kind: TaskKind) -> None:
+        if self.kind != kind:
+            raise WrongTaskKind(f"{self.path} labels {self.kind} tasks, not {kind} ones")
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE takes the write lock at once, so concurrent writers queue instead of failing."""
@@ -165,17 +157,9 @@ class LabelStore:
         """Store a prompt's (model, text) responses and pair them up (consecutive responses); returns pair ids."""
         if len(responses) < 2:
             raise ValueError("a pair needs at least two responses")
+        self._require_kind("pairwise")
         with self.transaction() as db:
-            key = json.dumps(list(prompt), ensure_ascii=False, sort_keys=True)
-            db.execute("INSERT OR IGNORE INTO prompts (messages, created) VALUES (?, ?)", (key, _now()))
-            prompt_id = db.execute("SELECT id FROM prompts WHERE messages = ?", (key,)).fetchone()["id"]
-            ids = [
-                db.execute(
-                    "INSERT INTO responses (prompt_id, model, text, created) VALUES (?, ?, ?, ?)",
-                    (prompt_id, model, text, _now()),
-                ).lastrowid
-                for model, text in responses
-            ]
+            prompt_id, ids = self._store_responses(db, prompt, responses)
             return [
                 db.execute(
                     "INSERT INTO pairs (prompt_id, response_a, response_b, required) VALUES (?, ?, ?, ?)",
@@ -183,6 +167,44 @@ class LabelStore:
                 ).lastrowid
                 for first, second in zip(ids, ids[1:])
             ]
+
+    def _store_responses(
+        self, db: sqlite3.Connection, prompt: Messages, responses: Sequence[tuple[str, str]]
+    ) -> tuple[int, list[int]]:
+        """The prompt's id (stored once per store) and the ids of the new response rows."""
+        key = json.dumps(list(prompt), ensure_ascii=False, sort_keys=True)
+        db.execute("INSERT OR IGNORE INTO prompts (messages, created) VALUES (?, ?)", (key, _now()))
+        prompt_id = db.execute("SELECT id FROM prompts WHERE messages = ?", (key,)).fetchone()["id"]
+        return prompt_id, [
+            db.execute(
+                "INSERT INTO responses (prompt_id, model, text, created) VALUES (?, ?, ?, ?)",
+                (prompt_id, model, text, _now()),
+            ).lastrowid
+            for model, text in responses
+        ]
+
+    def add_answers(self, prompt: Messages, responses: Sequence[tuple[str, str]], required: int = 1) -> list[int]:
+        """Store a prompt's (model, text) responses as single-answer tasks; returns their ids."""
+        self._require_kind("single")
+        with self.transaction() as db:
+            return [
+                db.execute("INSERT INTO answers (response_id, required) VALUES (?, ?)", (response, required)).lastrowid
+                for response in self._store_responses(db, prompt, responses)[1]
+            ]
+
+    def answer(self, answer_id: int) -> Answer | None:
+        row = self.connection.execute(
+            """SELECT answers.id, prompts.messages, r.text, r.model, answers.required
+               FROM answers JOIN responses r ON r.id = answers.response_id JOIN prompts ON prompts.id = r.prompt_id
+               WHERE answers.id = ?""",
+            (answer_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return Answer(row["id"], tuple(json.loads(row["messages"])), row["text"], row["model"], row["required"])
+
+    def answer_ids(self) -> list[int]:
+        return [row["id"] for row in self.connection.execute("SELECT id FROM answers ORDER BY id")]
 
     def pair(self, pair_id: int) -> Pair | None:
         row = self.connection.execute(
@@ -250,6 +272,7 @@ class LabelStore:
             raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
         if left not in ("a", "b"):
             raise ValueError(f"left must be 'a' or 'b', got {left!r}")
+        self._require_kind("pairwise")
         with self.transaction() as db:
             earlier = db.execute(
                 "SELECT pair_id, choice, comment, left FROM judgements WHERE annotator_id = ? AND submission_id = ?",
@@ -271,6 +294,88 @@ class LabelStore:
                 (pair_id, annotator_id, choice, comment, left, submission_id, _now()),
             )
         return True
+
+    def submit_verdict(
+        self,
+        answer_id: int,
+        annotator_id: int,
+        label: str,
+        submission_id: str,
+        rating: int | None = None,
+        comment: str = "",
+    ) -> bool:
+        """Record a 👍/👎 verdict on a single answer; False when this annotator already stored it
+        under this submission id (a retry). Raises SubmissionConflict when the id names another
+        verdict, KeyError for an unknown answer, WrongTaskKind in a pairwise store."""
+        if label not in THUMBS:
+            raise ValueError(f"label must be one of {THUMBS}, got {label!r}")
+        if rating is not None and not (isinstance(rating, int) and 1 <= rating <= 5):
+            raise ValueError(f"rating must be an integer from 1 to 5, got {rating!r}")
+        self._require_kind("single")
+        with self.transaction() as db:
+            earlier = db.execute(
+                "SELECT answer_id, label, rating, comment FROM verdicts WHERE annotator_id = ? AND submission_id = ?",
+                (annotator_id, submission_id),
+            ).fetchone()
+            if earlier is not None:
+                if tuple(earlier) != (answer_id, label, rating, comment):
+                    raise SubmissionConflict(f"submission id {submission_id!r} was already used for another verdict")
+                return False
+            if db.execute("SELECT 1 FROM answers WHERE id = ?", (answer_id,)).fetchone() is None:
+                raise KeyError(answer_id)
+            self._insert_current_verdict(db, answer_id, annotator_id, label, rating, comment, submission_id)
+        return True
+
+    @staticmethod
+    def _insert_current_verdict(
+        db: sqlite3.Connection,
+        answer_id: int,
+        annotator_id: int,
+        label: str,
+        rating: int | None,
+        comment: str,
+        submission_id: str,
+    ) -> None:
+        db.execute(
+            "UPDATE verdicts SET current = NULL WHERE answer_id = ? AND annotator_id = ? AND current = 1",
+            (answer_id, annotator_id),
+        )
+        db.execute(
+            "INSERT INTO verdicts (answer_id, annotator_id, label, rating, comment, submission_id, current, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
+            (answer_id, annotator_id, label, rating, comment, submission_id, _now()),
+        )
+
+    def record_judge_verdicts(self, judge: str, verdicts: Sequence[tuple[int, str]]) -> None:
+        """Store an AI judge's (answer_id, "up" | "down") labels under its name (replacing its earlier ones)."""
+        self._require_kind("single")
+        with self.transaction() as db:
+            judge_id = self._annotator_id(db, judge, "judge")
+            for answer_id, label in verdicts:
+                self._insert_current_verdict(db, answer_id, judge_id, label, None, "", secrets.token_hex(16))
+
+    def current_verdicts(
+        self, kinds: Sequence[str] = ("human",), annotators: Sequence[str] | None = None
+    ) -> list[Verdict]:
+        """Every annotator's current verdict on every answer, filtered by annotator kind or name."""
+        rows = self.connection.execute(
+            """SELECT v.answer_id, a.name, a.kind, v.label, v.rating, v.comment, v.created FROM verdicts v
+               JOIN annotators a ON a.id = v.annotator_id WHERE v.current = 1 ORDER BY v.answer_id, a.name"""
+        ).fetchall()
+        return [
+            Verdict(*row)
+            for row in rows
+            if (annotators is not None and row["name"] in annotators) or (annotators is None and row["kind"] in kinds)
+        ]
+
+    def verdicts_of(self, annotator_id: int) -> list[dict]:
+        """An annotator's own current verdicts (answer, label, rating, comment, time)."""
+        rows = self.connection.execute(
+            "SELECT answer_id, label, rating, comment, created FROM verdicts WHERE annotator_id = ? AND current = 1 "
+            "ORDER BY answer_id",
+            (annotator_id,),
+        )
+        return [dict(row) for row in rows]
 
     def record_judge(self, judge: str, judgements: Sequence[tuple[int, str]]) -> None:
         """Store an AI judge's (pair_id, choice) labels under the judge's name (replacing its earlier ones)."""
@@ -301,24 +406,27 @@ class LabelStore:
             if (annotators is not None and row["name"] in annotators) or (annotators is None and row["kind"] in kinds)
         ]
 
-    def next_pair_id(self, annotator_id: int) -> int | None:
-        """The next pair this annotator has not judged: pairs still short of their required judgements first."""
+    def next_task_id(self, annotator_id: int) -> int | None:
+        """The next task (pair or answer, by the store's kind) this annotator has not labelled:
+        tasks still short of their required human labels first."""
+        tasks, labels, column = TASK_TABLES[self.kind]
         row = self.connection.execute(
-            """SELECT p.id FROM pairs p
-               WHERE NOT EXISTS (SELECT 1 FROM judgements j WHERE j.pair_id = p.id AND j.annotator_id = ? AND j.current = 1)
-               ORDER BY (SELECT COUNT(*) FROM judgements j JOIN annotators a ON a.id = j.annotator_id
-                         WHERE j.pair_id = p.id AND j.current = 1 AND a.kind = 'human') >= p.required, p.id
+            f"""SELECT t.id FROM {tasks} t
+               WHERE NOT EXISTS (SELECT 1 FROM {labels} l WHERE l.{column} = t.id AND l.annotator_id = ? AND l.current = 1)
+               ORDER BY (SELECT COUNT(*) FROM {labels} l JOIN annotators a ON a.id = l.annotator_id
+                         WHERE l.{column} = t.id AND l.current = 1 AND a.kind = 'human') >= t.required, t.id
                LIMIT 1""",
             (annotator_id,),
         ).fetchone()
         return row["id"] if row else None
 
     def progress(self, annotator_id: int) -> tuple[int, int]:
-        """(pairs this annotator has judged, all pairs)."""
+        """(tasks this annotator has labelled, all tasks), for the store's kind."""
+        tasks, labels, _ = TASK_TABLES[self.kind]
         done = self.connection.execute(
-            "SELECT COUNT(*) FROM judgements WHERE annotator_id = ? AND current = 1", (annotator_id,)
+            f"SELECT COUNT(*) FROM {labels} WHERE annotator_id = ? AND current = 1", (annotator_id,)
         ).fetchone()[0]
-        return done, self.connection.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
+        return done, self.connection.execute(f"SELECT COUNT(*) FROM {tasks}").fetchone()[0]
 
     def judgements_of(self, annotator_id: int) -> list[dict]:
         """An annotator's own current judgements (pair, choice, comment, left side, time)."""
