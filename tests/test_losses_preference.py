@@ -243,3 +243,14 @@ def test_ranking_auc_by_hand():
     pairs = [(p, n) for p, lp in zip(scores, labels) if lp for n, ln in zip(scores, labels) if not ln]
     brute = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
     assert ranking_auc(scores, labels) == pytest.approx(brute)
+
+
+def test_best_and_worst_of_each_group_form_online_dpos_pairs():
+    from rlhfkit.losses.dpo import best_and_worst_of_groups
+
+    rewards = torch.tensor([0.2, 0.9, 0.5, 1.0, 1.0, 1.0, 3.0, -1.0, 7.0, 0.0, 0.0, 0.0])
+    valid = torch.tensor([True, True, True, True, True, True, True, True, False, True, False, False])
+    chosen, rejected = best_and_worst_of_groups(rewards, valid, group_size=3)
+    # group 0: best 0.9 (row 1), worst 0.2 (row 0); group 1: all 1.0, no pair;
+    # group 2: 7.0 is invalid, so best 3.0 (row 6), worst −1.0 (row 7); group 3: one valid sample, no pair
+    assert chosen.tolist() == [1, 6] and rejected.tolist() == [0, 7]

@@ -41,8 +41,19 @@ def test_a_stage_added_to_the_registry_is_a_command_a_pipeline_stage_and_a_confi
 
 
 def test_the_registry_lists_the_stages_in_pipeline_order_with_their_kinds():
-    assert registry.names() == ("pretrain", "sft", "reward", "dpo", "kto", "ppo", "grpo", "trpo", "evaluate")
+    assert registry.names() == (
+        "pretrain",
+        "sft",
+        "reward",
+        "dpo",
+        "kto",
+        "ppo",
+        "grpo",
+        "trpo",
+        "online_dpo",
+        "evaluate",
+    )
     assert registry.names("policy") == ("pretrain", "sft")
-    assert registry.names(*registry.ALIGNMENT_KINDS) == ("dpo", "kto", "ppo", "grpo", "trpo")
+    assert registry.names(*registry.ALIGNMENT_KINDS) == ("dpo", "kto", "ppo", "grpo", "trpo", "online_dpo")
     assert registry.training_stages() == registry.names()[:-1]
     assert all(callable(stage.runner) for stage in registry.STAGES.values())

@@ -304,6 +304,13 @@ def trpo(
     return _run("trpo", config, resume, overrides, fields)
 
 
+def online_dpo(
+    config: ConfigInput = None, /, *, resume: bool = False, overrides: Sequence[str] | None = None, **fields: Any
+) -> StageResult:
+    """Online DPO: pairs sampled by the policy and ranked by `reward` each step; `prompts` as for ppo."""
+    return _run("online_dpo", config, resume, overrides, fields)
+
+
 def evaluate(config: ConfigInput = None, /, *, overrides: Sequence[str] | None = None, **fields: Any) -> StageResult:
     """Compare `models` (name -> reference) on held-out prompts: perplexity, ROUGE-L, reward, win rate, KL."""
     return run_stage("evaluate", stage_config("evaluate", config, overrides, fields))

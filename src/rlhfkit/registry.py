@@ -18,6 +18,7 @@ from rlhfkit.config import (
     EvaluateConfig,
     GRPOConfig,
     KTOConfig,
+    OnlineDPOConfig,
     PPOConfig,
     PretrainConfig,
     RewardConfig,
@@ -119,6 +120,13 @@ STAGES: dict[str, Stage] = {
             "rlhfkit.stages.trpo",
             "online",
             "Online RL with TRPO: natural-gradient steps inside a KL trust region.",
+        ),
+        Stage(
+            "online_dpo",
+            OnlineDPOConfig,
+            "rlhfkit.stages.online_dpo",
+            "online",
+            "Online DPO: each step the policy answers twice (or more), the reward picks the best and worst, a DPO step.",
         ),
         Stage(
             "evaluate",

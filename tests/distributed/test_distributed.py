@@ -199,6 +199,8 @@ def test_thumbs_stages_on_two_processes_follow_one_process(tiny_model, sft_rows,
         # a value model as critic (sharded with the policy); adaptive KL coefficient
         ("ppo", ["ppo.epochs=1", "ppo.target_kl=0.5"], ["cpu.yaml", "fsdp.yaml"]),
         ("trpo", ["trpo.fisher_samples=16"], ["cpu.yaml"]),
+        # online DPO: each process pairs its own groups; the step's loss averages over every pair
+        ("online_dpo", ["online_dpo.beta=0.5"], ["cpu.yaml"]),
         (
             "trpo",
             ["trpo.baseline=value", "trpo.fisher_samples=16"],

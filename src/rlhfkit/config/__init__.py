@@ -21,6 +21,8 @@ from rlhfkit.config.offline import (
 from rlhfkit.config.online import (
     GRPOConfig,
     GRPOSettings,
+    OnlineDPOConfig,
+    OnlineDPOSettings,
     PPOConfig,
     PPOSettings,
     PromptDataSettings,
@@ -66,6 +68,8 @@ __all__ = [
     "KTOSettings",
     "LoraSettings",
     "ModelSettings",
+    "OnlineDPOConfig",
+    "OnlineDPOSettings",
     "PPOConfig",
     "PPOSettings",
     "PreferenceDataSettings",

@@ -215,6 +215,13 @@ class TRPOSettings(Section):
     )
 
 
+class OnlineDPOSettings(Section):
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="The DPO-family loss on each step's pairs: sigmoid (DPO) or ipo."
+    )
+    beta: float = Field(0.1, gt=0, description="β: strength of the KL anchor to the reference (IPO's τ).")
+
+
 class RLConfig(StageConfig):
     """Shared by the online RL stages: sample completions, score them, improve the policy."""
 
@@ -300,4 +307,16 @@ class TRPOConfig(RLConfig):
         _check_no_correction(self, "trpo")
         if self.trpo.baseline == "group":
             _check_group_size(self, "the group baseline (or set trpo.baseline: value)")
+        return self
+
+
+class OnlineDPOConfig(RLConfig):
+    """`rlhfkit online_dpo`: DPO on pairs the current policy samples and the reward labels, every step."""
+
+    online_dpo: OnlineDPOSettings = Field(default_factory=OnlineDPOSettings)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> OnlineDPOConfig:
+        _check_no_correction(self, "online_dpo")
+        _check_group_size(self, "a pair per prompt (its best and worst answers)")
         return self

@@ -151,3 +151,29 @@ def implicit_rewards(
     if ref_logps is None:
         return beta * policy_logps / lengths.clamp(min=1)
     return (beta * (policy_logps - ref_logps)).detach()
+
+
+def best_and_worst_of_groups(
+    rewards: torch.Tensor, valid: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online DPO's pairs: in each group of `group_size` samples of one prompt, the highest-
+    rewarded sample is chosen and the lowest rejected (Guo et al. 2024, "Direct Language Model
+    Alignment from Online AI Feedback", with two samples; Xiong et al. 2024, "Iterative Preference
+    Learning from Human Feedback", best and worst of k). A group whose valid samples are fewer
+    than two, or all equally rewarded, gives no pair. The first of equal maxima (minima) is taken.
+
+    Args:
+        rewards: (N,) rewards, N = groups × group_size, each group's samples consecutive.
+        valid: (N,) bool, False for samples whose reward was left out.
+
+    Returns:
+        (P,) row indices of the chosen samples and (P,) of the rejected ones, in group order.
+    """
+    scores = rewards.reshape(-1, group_size).double()
+    usable = valid.reshape(-1, group_size)
+    best = torch.where(usable, scores, -torch.inf).argmax(dim=1)  # (G,)
+    worst = torch.where(usable, scores, torch.inf).argmin(dim=1)
+    rows = torch.arange(scores.shape[0])
+    spread = scores[rows, best] > scores[rows, worst]  # also False when fewer than two are valid
+    offsets = rows * group_size
+    return (offsets + best)[spread], (offsets + worst)[spread]
