@@ -56,7 +56,7 @@ def config_reference() -> str:
             "",
             f"## {stage.name}",
             "",
-            f"{stage.summary} (`rlhfkit {stage.name}`)",
+            f"{stage.summary} (`rlhfkit {stage.command_line}`)",
             "",
             *_table(stage.config_class),
         ]

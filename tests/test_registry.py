@@ -44,6 +44,7 @@ def test_the_registry_lists_the_stages_in_pipeline_order_with_their_kinds():
     assert registry.names() == (
         "pretrain",
         "sft",
+        "label",
         "reward",
         "dpo",
         "kto",
@@ -55,5 +56,6 @@ def test_the_registry_lists_the_stages_in_pipeline_order_with_their_kinds():
     )
     assert registry.names("policy") == ("pretrain", "sft")
     assert registry.names(*registry.ALIGNMENT_KINDS) == ("dpo", "kto", "ppo", "grpo", "trpo", "online_dpo")
-    assert registry.training_stages() == registry.names()[:-1]
+    assert registry.names("feedback") == ("label",) and registry.stage("label").command_line == "label run"
+    assert registry.training_stages() == tuple(name for name in registry.names() if name not in ("label", "evaluate"))
     assert all(callable(stage.runner) for stage in registry.STAGES.values())

@@ -179,11 +179,14 @@ def stage_fields(stage: str, fields: Mapping[str, Any]) -> dict[str, Any]:
     kind = registry.stage(stage).kind
     tree: dict[str, Any] = {}
     for key, value in fields.items():
-        if key == "model" and kind != "evaluation":
+        if key == "model" and registry.stage(stage).trains:
             value = _model_reference(value)
             tree["model"] = {"name_or_path": value} if isinstance(value, str) else value
         elif key == "output_dir":
             continue  # below, once the train section is known
+        elif key == "prompts" and kind == "feedback":  # the label stage: a path, or prompts held in Python
+            value = _prompt_rows(value)
+            tree["prompts"] = os.fspath(value) if isinstance(value, (str, os.PathLike)) else _dataset_file(value, key)
         elif key in ("data", "prompts"):
             if key == "prompts" and kind != "online":
                 raise UserError(f"rlhfkit.{stage}(): `prompts` is for the RL stages; pass `data`")
@@ -260,6 +263,11 @@ def sft(
 ) -> StageResult:
     """Supervised fine-tuning (`data`: prompt/completion or chat `messages` rows)."""
     return _run("sft", config, resume, overrides, fields)
+
+
+def label(config: ConfigInput = None, /, *, overrides: Sequence[str] | None = None, **fields: Any) -> StageResult:
+    """Sample answers from `model` and label them by `judge` or by people (`labeler="people"`, waiting); export."""
+    return _run("label", config, False, overrides, fields)
 
 
 def reward(

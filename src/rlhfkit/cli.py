@@ -28,9 +28,9 @@ def _field_lines(model: type[BaseModel]) -> list[str]:
 
 def _add_stage(subparsers, stage: registry.Stage) -> None:
     parser = subparsers.add_parser(
-        stage.name,
+        stage.command_line.split()[-1],
         help=stage.summary,
-        description=f"{stage.summary}\n\nExample:\n  rlhfkit {stage.name} configs/quickstart.yaml --set {stage.example_override}",
+        description=f"{stage.summary}\n\nExample:\n  rlhfkit {stage.command_line} configs/quickstart.yaml --set {stage.example_override}",
         epilog="config fields (YAML sections; override any with --set SECTION.FIELD=VALUE):\n"
         + "\n".join(_field_lines(stage.config_class)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rlhfkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in registry.STAGES.values():
-        _add_stage(subparsers, stage)
+        if stage.command_line == stage.name:
+            _add_stage(subparsers, stage)
 
     pipeline = subparsers.add_parser(
         "pipeline",
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = label.add_subparsers(dest="label_command", required=True, metavar="ACTION")
+    _add_stage(actions, registry.stage("label"))  # `rlhfkit label run CONFIG`: the pipeline's label stage
     generate_pairs = actions.add_parser(
         "generate", help="sample answers per prompt and store them as pairs (or single answers)"
     )
@@ -138,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     judge_source.add_argument(
         "--llm", help="a local chat model asked 'which is better, A or B?' in both orders (single: 'good? Yes or No')"
+    )
+    judge_source.add_argument(
+        "--function", help="a Python reward `module:function` (the RL stages' signature) scoring each answer"
     )
     judge.add_argument(
         "--tie-margin",
@@ -269,7 +274,10 @@ def _label(args: argparse.Namespace) -> None:
     from rlhfkit.labeling import commands
     from rlhfkit.labeling.store import LabelStore
 
-    if args.label_command == "generate":
+    if args.label_command == "run":
+        args.command = "label"
+        _run_stage(args)
+    elif args.label_command == "generate":
         from rlhfkit.config import SamplingSettings
 
         if (
@@ -315,8 +323,9 @@ def _label(args: argparse.Namespace) -> None:
                 0.5 if args.threshold is None else args.threshold,
             )
         else:
-            counts = commands.judge_with_reward_model(
-                args.store, args.reward_model, args.tie_margin or 0.0, args.name, args.threshold or 0.0
+            judge = commands.judge_with_function if args.function else commands.judge_with_reward_model
+            counts = judge(
+                args.store, args.function or args.reward_model, args.tie_margin or 0.0, args.name, args.threshold or 0.0
             )
         if "up" in counts:
             print(f"judged {sum(counts.values())} answers: 👍 {counts['up']}, 👎 {counts['down']}")

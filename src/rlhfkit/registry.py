@@ -18,6 +18,7 @@ from rlhfkit.config import (
     EvaluateConfig,
     GRPOConfig,
     KTOConfig,
+    LabelConfig,
     OnlineDPOConfig,
     PPOConfig,
     PretrainConfig,
@@ -27,10 +28,11 @@ from rlhfkit.config import (
     TRPOConfig,
 )
 
-# policy: trains the policy the later stages start from; reward: trains the reward model the later
-# stages score with; offline / online: align the policy on fixed preference pairs / on its own
-# rewarded samples; evaluation: compares models and trains nothing.
-StageKind = Literal["policy", "reward", "offline", "online", "evaluation"]
+# policy: trains the policy the later stages start from; feedback: collects labels of the policy's
+# answers (people or a judge) that the later stages train on; reward: trains the reward model the
+# later stages score with; offline / online: align the policy on fixed preference pairs / on its
+# own rewarded samples; evaluation: compares models and trains nothing.
+StageKind = Literal["policy", "feedback", "reward", "offline", "online", "evaluation"]
 ALIGNMENT_KINDS: tuple[StageKind, ...] = ("offline", "online")
 
 
@@ -45,11 +47,16 @@ class Stage:
     supplies_evaluation_data: bool = (
         False  # a pipeline's evaluation uses this stage's data (and seed) for its held-out set
     )
+    command: str = ""  # the command line's words for it (default: the name)
+
+    @property
+    def command_line(self) -> str:
+        return self.command or self.name
 
     @property
     def trains(self) -> bool:
         """Whether the stage trains through the engine (and so runs under `accelerate launch`)."""
-        return self.kind != "evaluation"
+        return self.kind not in ("feedback", "evaluation")
 
     @property
     def runner(self) -> Callable[..., Any]:
@@ -78,6 +85,15 @@ STAGES: dict[str, Stage] = {
             "policy",
             "Supervised fine-tuning on prompt->response pairs (loss on responses only, LoRA by default).",
             supplies_evaluation_data=True,
+        ),
+        Stage(
+            "label",
+            LabelConfig,
+            "rlhfkit.stages.label",
+            "feedback",
+            "Sample answers from the model so far and have them labelled (people on the page, or a judge); export.",
+            example_override="labeler=people",
+            command="label run",  # `rlhfkit label` also holds the labeling tools (generate, serve, ...)
         ),
         Stage(
             "reward",

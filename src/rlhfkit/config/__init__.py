@@ -4,6 +4,13 @@ Loading from YAML, `--set` overrides and pipeline chaining live in `rlhfkit.conf
 """
 
 from rlhfkit.config.evaluate import EvalSamplingSettings, EvaluateConfig, RewardHackingThresholds
+from rlhfkit.config.feedback import (
+    LabelConfig,
+    LabelJudgeSettings,
+    LabelPeopleSettings,
+    LabelSamplingSettings,
+    label_export_paths,
+)
 from rlhfkit.config.offline import (
     DPOConfig,
     DPOSettings,
@@ -66,6 +73,10 @@ __all__ = [
     "GenerationSettings",
     "KTOConfig",
     "KTOSettings",
+    "LabelConfig",
+    "LabelJudgeSettings",
+    "LabelPeopleSettings",
+    "LabelSamplingSettings",
     "LoraSettings",
     "ModelSettings",
     "OnlineDPOConfig",
@@ -93,4 +104,5 @@ __all__ = [
     "TextDataSettings",
     "TrainSettings",
     "dump_config",
+    "label_export_paths",
 ]

@@ -14,6 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from rlhfkit import registry
+from rlhfkit.config.feedback import label_export_paths
 from rlhfkit.config.sections import Section
 from rlhfkit.errors import ConfigError
 
@@ -61,10 +62,12 @@ def chain_stage_tree(
     """A stage's config tree with what the pipeline implies filled in where the user left it unset.
 
     Each stage writes to OUTPUT_DIR/STAGE; the first policy stage (pretrain) starts from
-    pipeline.model and every later stage from the last policy stage before it; online RL stages are
-    rewarded by the reward stage's model, offline alignment's answers are scored by it, and the
-    evaluation compares the base model, the last policy stage and every aligned model, on the
-    held-out data of the stage that supplies it (SFT).
+    pipeline.model and every later stage from the last policy stage before it; the label stage
+    labels that model's answers, and the reward and offline stages after it train on its export
+    (👍/👎 rows where they take them, else preference pairs); online RL stages are rewarded by the
+    reward stage's model, offline alignment's answers are scored by it, and the evaluation
+    compares the base model, the last policy stage and every aligned model, on the held-out data
+    of the stage that supplies it (SFT).
     """
     tree = copy.deepcopy(tree)
     root = Path(pipeline.output_dir)
@@ -88,8 +91,16 @@ def chain_stage_tree(
                 if isinstance(source_tree.get("train"), dict) and "seed" in source_tree["train"]:
                     tree.setdefault("seed", source_tree["train"]["seed"])
         return tree
+    starting_model = output(policies[-1]) if policies else pipeline.model
+    if kind == "feedback":
+        _set_default(tree, "output_dir", output(stage))
+        _set_default(tree, "model", starting_model)
+        return tree
     _set_default(tree, "train.output_dir", output(stage))
-    _set_default(tree, "model.name_or_path", output(policies[-1]) if policies else pipeline.model)
+    _set_default(tree, "model.name_or_path", starting_model)
+    labels = [name for name in earlier if registry.stage(name).kind == "feedback"]
+    if labels and kind in ("reward", "offline"):
+        _set_default(tree, "data.path", str(_label_export(labels[-1], stage, sections, output)))
     if reward_models:
         if kind == "online":
             reward = tree.setdefault("reward", {})
@@ -98,6 +109,16 @@ def chain_stage_tree(
         elif kind == "offline":
             _set_default(tree, "eval.reward_model", output(reward_models[-1]))
     return tree
+
+
+def _label_export(label_stage: str, stage: str, sections: dict[str, Any], output) -> Path:
+    """The label stage's export a later stage trains on: 👍/👎 rows for the reward model and KTO
+    when people labelled single answers, else the preference pairs (for single answers, each
+    prompt's liked × disliked pairs)."""
+    section = sections.get(label_stage)
+    kind = section.get("kind", "pairwise") if isinstance(section, dict) else "pairwise"
+    paths = label_export_paths(output(label_stage), kind)
+    return paths["feedback"] if "feedback" in paths and stage in ("reward", "kto") else paths["preferences"]
 
 
 def apply_override(tree: dict[str, Any], assignment: str) -> None:

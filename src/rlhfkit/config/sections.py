@@ -27,6 +27,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+def user_path(value: str) -> Path:
+    """The path with a leading ~ or ~user expanded; as written when there is no such user (`~0`)."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        return Path(value)
+
+
 def existing_model_reference(value: str | None, info: ValidationInfo) -> str | None:
     """A model reference (built-in name, hub id, path) whose local path exists, or will: a pipeline
     validates every stage before the first runs, so earlier stages' outputs are pending then. A
@@ -47,6 +55,28 @@ def existing_model_reference(value: str | None, info: ValidationInfo) -> str | N
 
 
 ModelReference = Annotated[str, AfterValidator(existing_model_reference)]
+
+
+def existing_data_reference(value: str | None, info: ValidationInfo) -> str | None:
+    """A data reference (builtin:NAME, hub name, path) whose local file exists, or will: a file in
+    the directory of an earlier pipeline stage (the `label` stage's export) is pending until it runs."""
+    if value is None or value.startswith(BUILTIN_PREFIX):
+        return value
+    looks_local = value.endswith(DATA_FILE_SUFFIXES) or value.startswith((".", "/", "~"))
+    if not looks_local or user_path(value).exists():
+        return value
+    context = info.context or {}
+    folder = str(Path(value).parent)
+    if folder in context.get("pipeline_outputs", ()):
+        return value
+    writer = context.get("written_by", {}).get(folder)
+    if writer is not None:
+        config_file = context.get("config_file", "CONFIG")
+        raise ValueError(
+            f"{value} does not exist yet: the {writer} stage writes it "
+            f"(rlhfkit pipeline {config_file} runs the stages in order)"
+        )
+    raise ValueError(f"data file does not exist: {value}")
 
 
 class ModelSettings(Section):
@@ -119,13 +149,8 @@ class DataSettings(Section):
 
     @field_validator("path", "eval_path")
     @classmethod
-    def _local_data_exists(cls, value: str | None) -> str | None:
-        if value is None or value.startswith(BUILTIN_PREFIX):
-            return value
-        looks_local = value.endswith(DATA_FILE_SUFFIXES) or value.startswith((".", "/", "~"))
-        if looks_local and not Path(value).expanduser().exists():
-            raise ValueError(f"data file does not exist: {value}")
-        return value
+    def _local_data_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return existing_data_reference(value, info)
 
 
 class TextDataSettings(DataSettings):

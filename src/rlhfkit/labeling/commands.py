@@ -6,7 +6,7 @@ labelled 👍 / 👎.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -97,30 +97,55 @@ def generate_candidates(
     return added
 
 
+def judge_with_scores(
+    store_path: str,
+    name: str,
+    score: Callable[[list, list[str]], list[float]],
+    tie_margin: float = 0.0,
+    threshold: float = 0.0,
+) -> dict[str, int]:
+    """Label every task by a scalar score of each answer, score(prompts, answers). A pair: the
+    higher-scored response wins unless within tie_margin. A single answer: 👍 when its score is
+    above `threshold` (0 suits a reward model trained on thumbs, whose score is the log-odds of a
+    👍), else 👎. Returns the counts of each label."""
+    store = LabelStore(store_path)
+    try:
+        if store.kind == "single":
+            answers = [store.answer(answer_id) for answer_id in store.answer_ids()]
+            scores = score([a.prompt for a in answers], [a.response for a in answers])
+            return _record_thumbs(store, name, answers, [s > threshold for s in scores])
+        pairs = [store.pair(pair_id) for pair_id in store.pair_ids()]
+        scores_a = score([p.prompt for p in pairs], [p.response_a for p in pairs])
+        scores_b = score([p.prompt for p in pairs], [p.response_b for p in pairs])
+        return _record_verdicts(store, name, pairs, [a - b for a, b in zip(scores_a, scores_b)], tie_margin)
+    finally:
+        store.close()
+
+
 def judge_with_reward_model(
     store_path: str, reward_model: str, tie_margin: float = 0.0, name: str | None = None, threshold: float = 0.0
 ) -> dict[str, int]:
-    """Label every task with a reward model. A pair: the higher-scored response wins unless within
-    tie_margin. A single answer: 👍 when its score is above `threshold` (0 suits a reward model
-    trained on thumbs, whose score is the log-odds of a 👍), else 👎."""
+    """judge_with_scores with a reward model's scalar output as the score."""
     from rlhfkit.rewards import RewardModelScorer
 
-    store = LabelStore(store_path)
-    if store.kind == "single":
-        answers = [store.answer(answer_id) for answer_id in store.answer_ids()]
-        scores = RewardModelScorer(reward_model).score([a.prompt for a in answers], [a.response for a in answers])
-        counts = _record_thumbs(store, name or f"reward-model:{reward_model}", answers, [s > threshold for s in scores])
-        store.close()
-        return counts
-    pairs = [store.pair(pair_id) for pair_id in store.pair_ids()]
+    LabelStore(store_path).close()  # a missing store is named before the model loads
     scorer = RewardModelScorer(reward_model)
-    scores_a = scorer.score([p.prompt for p in pairs], [p.response_a for p in pairs])
-    scores_b = scorer.score([p.prompt for p in pairs], [p.response_b for p in pairs])
-    counts = _record_verdicts(
-        store, name or f"reward-model:{reward_model}", pairs, [a - b for a, b in zip(scores_a, scores_b)], tie_margin
-    )
-    store.close()
-    return counts
+    return judge_with_scores(store_path, name or f"reward-model:{reward_model}", scorer.score, tie_margin, threshold)
+
+
+def judge_with_function(
+    store_path: str, function: str, tie_margin: float = 0.0, name: str | None = None, threshold: float = 0.0
+) -> dict[str, int]:
+    """judge_with_scores with a Python reward (`module:function`, the RL stages' signature) as the score."""
+    from rlhfkit.config import RewardSourceSettings
+    from rlhfkit.rewards import RewardSource
+
+    source = RewardSource(RewardSourceSettings(function=function))
+
+    def score(prompts: list, answers: list[str]) -> list[float]:
+        return [float(value) for value in source.raw_scores(prompts, answers, [{} for _ in answers])]
+
+    return judge_with_scores(store_path, name or f"function:{function}", score, tie_margin, threshold)
 
 
 def _record_verdicts(

@@ -17,12 +17,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rlhfkit.errors import UserError
 from rlhfkit.labeling.store import LabelStore, SubmissionConflict, WrongTaskKind, hash_token
 
 MAX_BODY_BYTES = 16_384
@@ -309,3 +311,29 @@ def serve(store_path: str, host: str = "127.0.0.1", port: int = 8000) -> None:
     app = create_app(store_path)
     print(f"labeling page on http://{host}:{port}/  (sign in with a token from `rlhfkit label annotator`)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+class BackgroundServer:
+    """The labeling page served by uvicorn in a thread while the caller waits for labels (the
+    pipeline's `label` stage); a context manager that stops the server on exit, however it ends."""
+
+    def __init__(self, store_path: str | Path, host: str = "127.0.0.1", port: int = 8000) -> None:
+        import uvicorn
+
+        self.url = f"http://{host}:{port}/"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(store_path), host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and self.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not self.server.started:
+            self.server.should_exit = True
+            raise UserError(f"the labeling page could not start on {self.url} (is the port in use? set people.port)")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

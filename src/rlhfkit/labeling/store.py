@@ -136,6 +136,30 @@ class LabelStore:
                 )
             db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('kind', ?)", (kind,))
 
+    def setting(self, key: str) -> str | None:
+        row = self.connection.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return row["value"] if row else None
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (key, value))
+
+    def labelled_tasks(self, kinds: Sequence[str] = ("human",)) -> tuple[int, int]:
+        """(tasks with at least their required current labels from annotators of these kinds, all tasks)."""
+        tasks, labels, column = TASK_TABLES[self.kind]
+        marks = ",".join("?" * len(kinds))
+        done = self.connection.execute(
+            f"""SELECT COUNT(*) FROM {tasks} t WHERE t.required <= (
+                   SELECT COUNT(*) FROM {labels} l JOIN annotators a ON a.id = l.annotator_id
+                   WHERE l.{column} = t.id AND l.current = 1 AND a.kind IN ({marks}))""",
+            tuple(kinds),
+        ).fetchone()[0]
+        return done, self.connection.execute(f"SELECT COUNT(*) FROM {tasks}").fetchone()[0]
+
+    def annotator_names(self, kind: str = "human") -> list[str]:
+        rows = self.connection.execute("SELECT name FROM annotators WHERE kind = ? ORDER BY id", (kind,))
+        return [row["name"] for row in rows]
+
     def _require_kind(self, kind: TaskKind) -> None:
         if self.kind != kind:
             raise WrongTaskKind(f"{self.path} labels {self.kind} tasks, not {kind} ones")

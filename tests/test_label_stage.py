@@ -1,0 +1,192 @@
+"""The `label` pipeline stage: candidates from the model so far, labelled by a judge or by people
+(the pipeline waits, and resumes where it stopped), exported into the stages after it."""
+
+import json
+import socket
+import stat
+import threading
+import time
+import uuid
+
+import pytest
+
+from conftest import write_jsonl
+from rlhfkit.cli import main
+from rlhfkit.config.loading import load_pipeline
+from rlhfkit.errors import ConfigError
+from rlhfkit.labeling.store import LabelStore
+
+JUDGE = """
+def longer(prompts, completions, **columns):
+    return [float(len(completion)) for completion in completions]
+"""
+
+
+@pytest.fixture()
+def loop_tree(tmp_path, tiny_model, sft_rows):
+    (tmp_path / "judges.py").write_text(JUDGE)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in sft_rows[:6]])
+    small = {"max_steps": 1, "batch_size": 2, "trackers": []}
+    return {
+        "pipeline": {
+            "output_dir": str(tmp_path / "run"),
+            "model": str(tiny_model),
+            "stages": ["sft", "label", "reward", "dpo"],
+        },
+        "sft": {
+            "data": {"path": str(write_jsonl(tmp_path / "sft.jsonl", sft_rows))},
+            "train": small,
+            "generation": {"num_prompts": 0},
+        },
+        "label": {
+            "prompts": str(prompts),
+            "sampling": {"max_new_tokens": 8, "temperature": 1.0},
+            "judge": {"function": f"{tmp_path / 'judges.py'}:longer"},
+        },
+        "reward": {"train": small, "data": {"eval_fraction": 0.0}},
+        "dpo": {"train": small, "data": {"eval_fraction": 0.0}, "generation": {"num_prompts": 0}},
+    }
+
+
+def test_a_judge_labelled_pipeline_trains_on_the_labels_and_never_labels_twice(loop_tree, tmp_path, capsys):
+    path = tmp_path / "loop.yaml"
+    path.write_text(json.dumps(loop_tree))
+    _, configs = load_pipeline(str(path))
+    run = tmp_path / "run"
+    assert configs["label"].model == str(run / "sft") and configs["label"].output_dir == str(run / "label")
+    assert configs["reward"].data.path == configs["dpo"].data.path == str(run / "label" / "export.jsonl")
+    assert main(["pipeline", str(path)]) == 0
+    rows = [json.loads(line) for line in (run / "label" / "export.jsonl").read_text().splitlines()]
+    assert rows and all(len(row["chosen"]) > len(row["rejected"]) for row in rows)  # the judge's choice
+    metrics = json.loads((run / "label" / "metrics.json").read_text())
+    assert metrics["exported"] == len(rows) and metrics["labeler"] == "judge"
+    assert (
+        capsys.readouterr().out.count(f"data: {len(rows)} rows; {len(rows)} train / 0 eval pairs") == 2
+    )  # reward, dpo
+    # Run again after a stop inside the label stage: the candidates and the judge's labels are kept, not redone.
+    store = LabelStore(run / "label" / "labels.db")
+    before = [store.pair(i) for i in store.pair_ids()]
+    judged = store.connection.execute("SELECT COUNT(*) FROM judgements").fetchone()[0]
+    store.close()
+    (run / "label" / "run.json").unlink()  # as if the stage had been stopped before it finished
+    assert main(["pipeline", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "already generated" in out and "has already labelled every task, kept" in out
+    store = LabelStore(run / "label" / "labels.db")
+    assert [store.pair(i) for i in store.pair_ids()] == before
+    assert store.connection.execute("SELECT COUNT(*) FROM judgements").fetchone()[0] == judged
+
+
+def test_single_answers_feed_kto_and_a_thumbs_reward_model(loop_tree, tmp_path):
+    loop_tree["pipeline"]["stages"] = ["sft", "label", "reward", "dpo", "kto"]
+    loop_tree["label"].update(kind="single", responses=2)
+    loop_tree["label"]["judge"]["threshold"] = 12.0  # longer than 12 characters: 👍
+    loop_tree["kto"] = {
+        "train": loop_tree["dpo"]["train"],
+        "data": {"eval_fraction": 0.0},
+        "generation": {"num_prompts": 0},
+    }
+    _, configs = load_pipeline(loop_tree)
+    run = tmp_path / "run"
+    assert configs["reward"].data.path == configs["kto"].data.path == str(run / "label" / "export.jsonl")
+    assert configs["dpo"].data.path == str(run / "label" / "pairs.jsonl")
+    from rlhfkit import api
+
+    result = api.pipeline(loop_tree)
+    rows = [json.loads(line) for line in (run / "label" / "export.jsonl").read_text().splitlines()]
+    assert all(row["label"] == (len(row["completion"]) > 12) for row in rows)
+    saved = json.loads((result["reward"].path / "rlhfkit_model.json").read_text())
+    assert saved["objective"] == "binary"  # the reward model read the thumbs
+    assert "train/label_accuracy" in (run / "kto" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"judge": {}}, "labeler judge: set one of judge.reward_model, judge.function or judge.llm"),
+        ({"judge": {"function": "a:b", "llm": "x/y"}}, "give one judge, not function and llm"),
+        ({"labeler": "people", "people": {"annotators": []}}, "name at least one annotator"),
+        ({"labeler": "people", "people": {"annotators": ["ann", "ann"]}}, "listed twice"),
+        ({"judge": {"function": "a:b"}, "prompts": "missing.jsonl"}, "data file does not exist: missing.jsonl"),
+    ],
+)
+def test_label_settings_are_checked_before_anything_runs(section, message):
+    with pytest.raises(ConfigError, match=message):
+        load_pipeline({"pipeline": {"stages": ["label"]}, "label": section})
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def scripted_annotator(run_dir, port, how_many, stop):
+    """Waits for the page and the tokens, then labels up to `how_many` tasks through the API."""
+    import httpx
+
+    tokens_file = run_dir / "label" / "tokens.json"
+    while not tokens_file.exists() and not stop.is_set():
+        time.sleep(0.05)
+    token = json.loads(tokens_file.read_text())["ann"]
+    url = f"http://127.0.0.1:{port}"
+    labelled = 0
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=10) as client:
+        while labelled < how_many and not stop.is_set():
+            try:
+                task = client.get("/api/next").json()
+            except httpx.TransportError:  # the page is not up yet
+                time.sleep(0.05)
+                continue
+            if task["pair_id"] is None:
+                break
+            body = {"pair_id": task["pair_id"], "choice": "left", "submission_id": uuid.uuid4().hex}
+            assert client.post("/api/judgements", json=body).status_code == 200
+            labelled += 1
+
+
+def test_a_pipeline_waiting_for_people_stops_and_resumes_without_losing_a_label(loop_tree, tmp_path, capsys):
+    port = free_port()
+    loop_tree["label"] = {
+        "prompts": loop_tree["label"]["prompts"],
+        "sampling": loop_tree["label"]["sampling"],
+        "labeler": "people",
+        "people": {"annotators": ["ann"], "port": port, "wait_minutes": 0.05, "poll_seconds": 0.1},
+    }
+    path = tmp_path / "people.yaml"
+    path.write_text(json.dumps(loop_tree))
+    run = tmp_path / "run"
+
+    # First run: the annotator labels two pairs, then the wait ends; the pipeline stops, naming the count.
+    stop = threading.Event()
+    annotator = threading.Thread(target=scripted_annotator, args=(run, port, 2, stop))
+    annotator.start()
+    assert main(["pipeline", str(path)]) == 2
+    stop.set()
+    annotator.join()
+    captured = capsys.readouterr()
+    assert f"the labeling page is on http://127.0.0.1:{port}/" in captured.out
+    assert "2 of" in captured.err and "the labels are kept — re-run the pipeline" in captured.err
+    tokens_file = run / "label" / "tokens.json"
+    assert stat.S_IMODE(tokens_file.stat().st_mode) == 0o600
+    store = LabelStore(run / "label" / "labels.db")
+    candidates, total = [store.pair(i) for i in store.pair_ids()], len(store.pair_ids())
+    assert len(store.current_judgements()) == 2 and total > 2
+    store.close()
+    assert not (run / "reward").exists()  # nothing after the label stage ran
+
+    # Second run: the same candidates and both labels are still there; the rest get labelled; on it goes.
+    loop_tree["label"]["people"]["wait_minutes"] = 2
+    path.write_text(json.dumps(loop_tree))
+    stop = threading.Event()
+    annotator = threading.Thread(target=scripted_annotator, args=(run, port, total, stop))
+    annotator.start()
+    assert main(["pipeline", str(path)]) == 0
+    stop.set()
+    annotator.join()
+    store = LabelStore(run / "label" / "labels.db")
+    assert [store.pair(i) for i in store.pair_ids()] == candidates
+    assert len(store.current_judgements()) == total and store.annotator_names() == ["ann"]
+    assert json.loads(tokens_file.read_text()).keys() == {"ann"}  # the same annotator, the same token
+    assert (run / "dpo" / "final").is_dir()
+    assert json.loads((run / "label" / "metrics.json").read_text())["labelled"] == total
