@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from rlhfkit.config import LoraSettings, ModelSettings
+from rlhfkit.config.sections import user_path
 from rlhfkit.errors import UserError
 from rlhfkit.files import json_text, looks_like_local_path, read_json_or_empty, write_dir_atomically
 from rlhfkit.model_files import reading_model_files, refuse_missing_weights
@@ -98,7 +99,7 @@ def resolve(reference: str, gguf_file: str | None = None, _adapters: tuple[Path,
     """Turn a user's model reference into a ModelSource; no weights are read."""
     if reference in BUILTIN_MODELS:
         return ModelSource(str(builtin_model_dir(reference)))
-    local = Path(reference).expanduser()
+    local = user_path(reference)
     if local.is_file() and local.suffix == ".gguf":
         return ModelSource(str(local.parent), gguf_file=local.name)
     if local.is_dir():
@@ -455,9 +456,9 @@ def save_model(
 
 def portable_reference(reference: str) -> str:
     """A reference that still resolves from another working directory (local paths made absolute)."""
-    if reference in BUILTIN_MODELS or not Path(reference).expanduser().exists():
+    if reference in BUILTIN_MODELS or not user_path(reference).exists():
         return reference
-    return str(Path(reference).expanduser().resolve())
+    return str(user_path(reference).resolve())
 
 
 def merge_to_directory(reference: str, target: Path, settings: ModelSettings | None = None) -> Path:

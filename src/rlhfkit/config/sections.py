@@ -40,7 +40,7 @@ def existing_model_reference(value: str | None, info: ValidationInfo) -> str | N
     validates every stage before the first runs, so earlier stages' outputs are pending then. A
     single-stage command run before the stage that writes its model is told which one that is."""
     context = info.context or {}
-    if value is None or not looks_like_local_path(value) or Path(value).expanduser().exists():
+    if value is None or not looks_like_local_path(value) or user_path(value).exists():
         return value
     if value in context.get("pipeline_outputs", ()):
         return value
