@@ -190,3 +190,43 @@ def test_a_pipeline_waiting_for_people_stops_and_resumes_without_losing_a_label(
     assert json.loads(tokens_file.read_text()).keys() == {"ann"}  # the same annotator, the same token
     assert (run / "dpo" / "final").is_dir()
     assert json.loads((run / "label" / "metrics.json").read_text())["labelled"] == total
+
+
+def test_rounds_label_the_latest_policy_and_train_from_it(loop_tree, tmp_path, capsys):
+    loop_tree["pipeline"].update(stages=["sft", "label", "reward", "dpo", "evaluate"], rounds=2)
+    loop_tree["evaluate"] = {"num_prompts": 2, "samples_per_prompt": 2, "sampling": {"max_new_tokens": 4}}
+    _, configs = load_pipeline(loop_tree)
+    run = tmp_path / "run"
+    assert list(configs) == ["sft", "label", "reward", "dpo", "label@2", "reward@2", "dpo@2", "evaluate"]
+    assert configs["label@2"].model == str(run / "dpo")  # round 2 labels round 1's policy ...
+    assert configs["dpo@2"].model.name_or_path == str(run / "dpo")  # ... and trains on from it
+    assert configs["reward@2"].model.name_or_path == str(run / "sft")  # a fresh reward model on round 2's labels
+    assert (
+        configs["dpo@2"].data.path == configs["reward@2"].data.path == str(run / "round-2" / "label" / "export.jsonl")
+    )
+    assert configs["dpo@2"].eval.reward_model == str(run / "round-2" / "reward")
+    assert configs["evaluate"].models == {
+        "base": loop_tree["pipeline"]["model"],
+        "sft": str(run / "sft"),
+        "dpo": str(run / "dpo"),
+        "dpo@2": str(run / "round-2" / "dpo"),
+    }
+    from rlhfkit import api
+
+    result = api.pipeline(loop_tree)
+    assert result["dpo@2"].path == run / "round-2" / "dpo" / "final" and result["dpo@2"].path.is_dir()
+    assert (run / "round-2" / "label" / "labels.db").is_file()
+    report = (run / "report.md").read_text()
+    rounds = report.split("## Rounds")[1].split("##")[0]
+    assert "| 1 | dpo |" in rounds and "| 2 | dpo@2 |" in rounds
+    capsys.readouterr()
+    assert main(["pipeline", "--set", "pipeline.rounds=2", str(_write(tmp_path, loop_tree))]) == 0
+    assert capsys.readouterr().out.count("skipped") == 8  # every run of both rounds is complete
+    with pytest.raises(ConfigError, match="rounds repeat sample -> label -> train"):
+        load_pipeline({"pipeline": {"stages": ["sft", "dpo"], "rounds": 2}})
+
+
+def _write(tmp_path, tree):
+    path = tmp_path / "rounds.yaml"
+    path.write_text(json.dumps(tree))
+    return path

@@ -30,6 +30,7 @@ from typing import Any, Literal, get_args
 
 from rlhfkit import registry
 from rlhfkit.config import Section
+from rlhfkit.config.rounds import stage_of
 from rlhfkit.errors import UserError
 
 ConfigInput = str | os.PathLike[str] | Mapping[str, Any] | Section | None
@@ -51,12 +52,13 @@ class StageResult:
         """The model the run wrote (`final/`), for a later stage's `model=` or `rlhfkit.load`; an
         evaluation's run directory."""
         final = self.run_dir / "final"
-        return final if registry.stage(self.stage).trains else self.run_dir
+        return final if registry.stage(stage_of(self.stage)).trains else self.run_dir
 
 
 @dataclass(frozen=True)
 class PipelineResult:
-    """A pipeline run: its directory, the report, and each stage's result in pipeline order."""
+    """A pipeline run: its directory, the report, and each stage's result in pipeline order
+    (`result["dpo"]`; with rounds, `result["dpo@2"]` for round 2)."""
 
     run_dir: Path
     report: Path
@@ -344,8 +346,8 @@ def pipeline(
         }
     root, configs = run_pipeline(source, list(overrides or []), from_stage, only, "rlhfkit.pipeline()")
     stages = {}
-    for name, stage_config_ in configs.items():
-        run_dir = registry.stage(name).output_dir(stage_config_)
+    for name, stage_config_ in configs.items():  # with rounds, the loop's stages once per round: STAGE@r
+        run_dir = registry.stage(stage_of(name)).output_dir(stage_config_)
         stages[name] = StageResult(name, run_dir, read_json_or_empty(run_dir / "metrics.json"), stage_config_)
     return PipelineResult(root, root / "report.html", stages)
 

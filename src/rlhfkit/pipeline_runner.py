@@ -3,8 +3,9 @@
 A run directory holds one subdirectory per stage. A stage whose run is complete is skipped, one
 that was interrupted after a checkpoint resumes from it, and one that stopped before its first
 checkpoint starts again; `--from STAGE` re-runs that stage and every later one, `--only STAGE`
-just that one (the earlier output is kept beside it as STAGE.previous). The report is rewritten
-at the end.
+just that one (the earlier output is kept beside it as STAGE.previous). With `pipeline.rounds`,
+the loop's stages run once per round (STAGE@r, in OUTPUT_DIR/round-r/); `--from` and `--only`
+name a stage, which covers its run in every round. The report is rewritten at the end.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Literal
 from rlhfkit import registry
 from rlhfkit.config import dump_config
 from rlhfkit.config.loading import load_pipeline
+from rlhfkit.config.rounds import stage_of
 from rlhfkit.errors import UserError
 from rlhfkit.files import read_json_or_empty, write_json_atomically, write_text_atomically
 from rlhfkit.models import RUN_MARKER
@@ -51,16 +53,19 @@ def set_aside(directory: Path) -> None:
     print(f"pipeline: moved the earlier {directory.name} output to {previous}")
 
 
-def stages_to_rerun(stages: list[str], from_stage: str | None, only: str | None) -> set[str]:
+def stages_to_rerun(keys: list[str], from_stage: str | None, only: str | None) -> set[str]:
+    """The runs (keys, in run order) that --from / --only name: a stage's run in every round."""
+    stages = list(dict.fromkeys(stage_of(key) for key in keys))
     for flag, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in stages:
             raise UserError(f"{flag} {value}: not a stage of this pipeline ({', '.join(stages)})")
     if from_stage is not None and only is not None:
         raise UserError("give --from or --only, not both")
     if only is not None:
-        return {only}
+        return {key for key in keys if stage_of(key) == only}
     if from_stage is not None:
-        return set(stages[stages.index(from_stage) :])
+        first = next(index for index, key in enumerate(keys) if stage_of(key) == from_stage)
+        return set(keys[first:])
     return set()
 
 
@@ -74,18 +79,18 @@ def run_pipeline(
     """Run (or finish) the pipeline in `path` (a YAML file or the same tree as a mapping);
     returns the run directory and every stage's validated config."""
     pipeline, configs = load_pipeline(path, overrides, label)  # every stage's config is validated first
-    rerun = stages_to_rerun(pipeline.stages, from_stage, only)
+    rerun = stages_to_rerun(list(configs), from_stage, only)
     root = Path(pipeline.output_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomically(
         root / "pipeline.yaml",
         "# The resolved config of every stage, as this pipeline ran them.\n" + resolved_yaml(configs),
     )
-    selected = [s for s in pipeline.stages if not only or s == only]
+    selected = [key for key in configs if not only or stage_of(key) == only]
     timings = read_json_or_empty(root / "timings.json")
-    for number, stage in enumerate(selected, start=1):
+    for number, stage in enumerate(selected, start=1):  # `stage` is the run's key: STAGE, or STAGE@r in round r
         config = configs[stage]
-        directory = registry.stage(stage).output_dir(config)
+        directory = registry.stage(stage_of(stage)).output_dir(config)
         status = stage_status(directory)
         if stage in rerun and status != "missing":
             set_aside(directory)
@@ -96,12 +101,14 @@ def run_pipeline(
         action = {"missing": "running", "restart": "starting again", "resumable": "resuming"}[status]
         print(f"pipeline [{number}/{len(selected)}] {stage}: {action} -> {directory}")
         started = time.perf_counter()
-        registry.stage(stage).runner(config, resume=status == "resumable")
+        registry.stage(stage_of(stage)).runner(config, resume=status == "resumable")
         timings[stage] = time.perf_counter() - started  # of this run: a resumed stage counts from its resume
         write_json_atomically(root / "timings.json", timings)
     from rlhfkit.report import write_report
 
-    report = write_report(root, {stage: registry.stage(stage).output_dir(configs[stage]) for stage in pipeline.stages})
+    report = write_report(
+        root, {key: registry.stage(stage_of(key)).output_dir(config) for key, config in configs.items()}
+    )
     print(f"pipeline: report written to {report}")
     return root, configs
 

@@ -14,7 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.config.rounds import round_key, round_of, stage_of
 from rlhfkit.files import read_json_or_empty, write_text_atomically
+from rlhfkit.metrics import win_rate
 
 PLOTS_DIR = "report_files"
 # What each stage's held-out before/after shows, in order: (key, label, format).
@@ -103,8 +105,29 @@ def _format(value: Any, fmt: str, stderr: Any = None) -> str:
     return text
 
 
+def label_rows(metrics: dict) -> list[tuple[str, str, str]]:
+    """The label stage's rows: what was labelled, by whom, and how far annotators agreed."""
+    unit = "answers" if metrics.get("kind") == "single" else "pairs"
+    rows = [
+        (
+            f"{unit} labelled by {metrics.get('labeler', '?')}",
+            "",
+            f"{metrics.get('labelled', 0)} of {metrics.get('tasks', 0)}",
+        )
+    ]
+    rows.append((f"{unit} exported", "", str(metrics.get("exported", 0))))
+    agreement = metrics.get("agreement", {}).get("percent_agreement")
+    if _number(agreement) is not None:
+        rows.append(("percent agreement between annotators", "", f"{agreement:.3f}"))
+    return rows
+
+
 def stage_rows(stage: str, metrics: dict) -> list[tuple[str, str, str]]:
-    """(metric, before, after) rows for one stage's held-out measurements."""
+    """(metric, before, after) rows for one stage's held-out measurements (`stage` may be a
+    round's run, STAGE@r)."""
+    stage = stage_of(stage)
+    if stage == "label":
+        return label_rows(metrics) if metrics else []
     before, after = metrics.get("before", {}), metrics.get("after", {})
     rows = []
     for key, label, fmt in STAGE_METRICS.get(stage, RL_METRICS):
@@ -125,6 +148,46 @@ def stage_rows(stage: str, metrics: dict) -> list[tuple[str, str, str]]:
             )
         )
     return rows
+
+
+def round_rows(stage_dirs: dict[str, Path], evaluation: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per round's aligned model: the labels it learned from (count, agreement), its
+    held-out reward, win rate against the baseline and against the same stage one round earlier
+    (same prompts and samples), and KL. Empty without rounds."""
+    models = evaluation.get("models", {})
+    rounds = [key for key in models if key in stage_dirs and round_of(key) > 1]
+    if not rounds:
+        return [], []
+    header = ["round", "model", "labels (agreement)", "reward", "win rate vs baseline", "vs previous round", "KL"]
+    rows = []
+    for key in [k for k in models if k in stage_dirs and stage_of(k) in {stage_of(r) for r in rounds}]:
+        number, metrics = round_of(key), models[key]
+        label = read_json_or_empty(stage_dirs.get(round_key("label", number), Path("-")) / "metrics.json")
+        agreement = label.get("agreement", {}).get("percent_agreement")
+        labels = f"{label.get('exported', '–')}" + (f" ({agreement:.2f})" if _number(agreement) is not None else "")
+        previous = models.get(round_key(stage_of(key), number - 1)) if number > 1 else None
+        against_previous = "–"
+        if previous and metrics.get("sample_rewards") and previous.get("sample_rewards"):
+            pairs = [
+                (a, b) for a, b in zip(metrics["sample_rewards"], previous["sample_rewards"]) if None not in (a, b)
+            ]
+            if pairs:
+                outcome = win_rate([a for a, _ in pairs], [b for _, b in pairs], evaluation.get("tie_margin", 0.0))
+                against_previous = (
+                    f"{outcome['win_rate']:.2f} [{outcome['win_rate_low']:.2f}, {outcome['win_rate_high']:.2f}]"
+                )
+        rows.append(
+            [
+                str(number),
+                key,
+                labels,
+                _format(metrics.get("reward_mean"), "{:.3f}", _stderr(metrics, "reward_mean")),
+                _format(metrics.get("win_rate"), "{:.2f}"),
+                against_previous,
+                _format(metrics.get("kl"), "{:.2f}"),
+            ]
+        )
+    return header, rows
 
 
 def evaluation_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
@@ -303,6 +366,15 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
         if plot_comparison(evaluation, plots / "comparison.png"):
             html_parts.append(f'<img src="{PLOTS_DIR}/comparison.png" alt="reward and win rate per model">')
             md_parts.append(f"\n![reward and win rate per model]({PLOTS_DIR}/comparison.png)\n")
+
+    # 2b. Rounds of sample -> label -> train, side by side.
+    round_header, round_table = round_rows(stage_dirs, evaluation)
+    if round_table:
+        note = "Each round labelled the previous round's policy and trained from it; win rates over the same prompts."
+        html_parts.append(
+            "<h2>Rounds</h2>" + _html_table(round_header, round_table, "rounds") + f'<p class="note">{note}</p>'
+        )
+        md_parts.append("## Rounds\n\n" + _md_table(round_header, round_table) + f"\n{note}\n")
 
     # 3. Training curves.
     curve_html, curve_md = [], []

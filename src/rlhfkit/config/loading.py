@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from rlhfkit import registry
 from rlhfkit.config.feedback import label_export_paths
+from rlhfkit.config.rounds import round_key, round_output
 from rlhfkit.config.sections import Section
 from rlhfkit.errors import ConfigError
 
@@ -26,6 +27,12 @@ class PipelineSettings(Section):
     model: str = Field("smollm2-135m-instruct", description="The starting (base) model of the first stage.")
     stages: list[str] = Field(
         default_factory=lambda: list(registry.DEFAULT_PIPELINE), description="Stages to run, in this order."
+    )
+    rounds: int = Field(
+        1,
+        ge=1,
+        description="Run the loop — the stages from `label` up to the evaluation — this many times, each round "
+        "labelling the latest policy's answers and training from it, in OUTPUT_DIR/round-N/.",
     )
 
     @field_validator("stages")
@@ -44,6 +51,29 @@ class PipelineSettings(Section):
             raise ValueError(f"stages must run in the order {', '.join(order)} (got {', '.join(stages)})")
         return stages
 
+    @model_validator(mode="after")
+    def _a_loop_to_repeat(self) -> PipelineSettings:
+        if self.rounds > 1 and not self.loop:
+            raise ValueError("rounds repeat sample -> label -> train: list a label stage and a stage after it")
+        return self
+
+    @property
+    def loop(self) -> list[str]:
+        """The stages a round repeats: from the first `label` stage up to the evaluation."""
+        labels = [index for index, stage in enumerate(self.stages) if registry.stage(stage).kind == "feedback"]
+        if not labels:
+            return []
+        return [s for s in self.stages[labels[0] :] if registry.stage(s).kind != "evaluation"]
+
+    def run_order(self) -> list[tuple[str, str, int]]:
+        """(key, stage, round) of every run, in order: the stages before the loop, the loop once
+        per round, then the rest (the evaluation)."""
+        loop = self.loop
+        before = [s for s in self.stages[: self.stages.index(loop[0])]] if loop else list(self.stages)
+        after = [s for s in self.stages if s not in before and s not in loop]
+        rounds = [(round_key(s, r), s, r) for r in range(1, self.rounds + 1) for s in loop]
+        return [(s, s, 1) for s in before] + rounds + [(s, s, 1) for s in after]
+
 
 def _set_default(tree: dict[str, Any], dotted: str, value: Any) -> None:
     """Set tree[a][b] = value unless the user's config already sets it."""
@@ -57,7 +87,7 @@ def _set_default(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def chain_stage_tree(
-    stage: str, tree: dict[str, Any], pipeline: PipelineSettings, sections: dict[str, Any]
+    stage: str, tree: dict[str, Any], pipeline: PipelineSettings, sections: dict[str, Any], round_number: int = 1
 ) -> dict[str, Any]:
     """A stage's config tree with what the pipeline implies filled in where the user left it unset.
 
@@ -68,21 +98,33 @@ def chain_stage_tree(
     reward stage's model, offline alignment's answers are scored by it, and the evaluation
     compares the base model, the last policy stage and every aligned model, on the held-out data
     of the stage that supplies it (SFT).
+
+    With `pipeline.rounds` > 1 the loop's stages (from `label` on) run again in OUTPUT_DIR/round-r:
+    round r labels the answers of round r − 1's last aligned policy, its reward model trains on
+    round r's labels (from the same start as round 1's), each aligned stage starts from its own
+    round r − 1 output, and the evaluation compares every round's aligned models.
     """
     tree = copy.deepcopy(tree)
-    root = Path(pipeline.output_dir)
+    root, loop, last_round = Path(pipeline.output_dir), pipeline.loop, pipeline.rounds
     earlier = pipeline.stages[: pipeline.stages.index(stage)] if stage in pipeline.stages else list(pipeline.stages)
-    output = lambda name: str(root / name)  # noqa: E731
+
+    def output(name: str, number: int | None = None) -> str:
+        """Where `name` writes in round `number` (default: this stage's round; outside the loop, round 1)."""
+        return str(round_output(root, name, (number or round_number) if name in loop else 1))
+
     policies = [name for name in earlier if registry.stage(name).kind == "policy"]
     reward_models = [name for name in earlier if registry.stage(name).kind == "reward"]
+    aligned = [name for name in loop if registry.stage(name).kind in registry.ALIGNMENT_KINDS]
     kind = registry.stage(stage).kind
     if kind == "evaluation":
         _set_default(tree, "output_dir", output(stage))
         compared = policies[-1:] + [name for name in earlier if registry.stage(name).kind in registry.ALIGNMENT_KINDS]
         models = {"base": pipeline.model, **{name: output(name) for name in compared}}
+        for number in range(2, last_round + 1):
+            models.update({round_key(name, number): output(name, number) for name in compared if name in aligned})
         tree.setdefault("models", models)
         if reward_models:
-            tree.setdefault("reward_model", output(reward_models[-1]))
+            tree.setdefault("reward_model", output(reward_models[-1], last_round))
         for source in registry.names():
             source_tree = sections.get(source) if registry.stage(source).supplies_evaluation_data else None
             if isinstance(source_tree, dict):
@@ -92,6 +134,10 @@ def chain_stage_tree(
                     tree.setdefault("seed", source_tree["train"]["seed"])
         return tree
     starting_model = output(policies[-1]) if policies else pipeline.model
+    if round_number > 1 and kind == "feedback" and aligned:  # the latest policy answers
+        starting_model = output(aligned[-1], round_number - 1)
+    elif round_number > 1 and stage in aligned:  # each aligned stage goes on from where it got to
+        starting_model = output(stage, round_number - 1)
     if kind == "feedback":
         _set_default(tree, "output_dir", output(stage))
         _set_default(tree, "model", starting_model)
@@ -180,7 +226,11 @@ def _validate(
 ) -> Any:
     """A validated config. With a pipeline, its stages' outputs are known by the stage that writes
     them: pending when the whole pipeline runs, named when a single stage needs one not yet written."""
-    written_by = {str(Path(pipeline.output_dir) / stage): stage for stage in pipeline.stages} if pipeline else {}
+    written_by = (
+        {str(round_output(pipeline.output_dir, stage, number)): key for key, stage, number in pipeline.run_order()}
+        if pipeline
+        else {}
+    )
     context = {
         "pipeline_outputs": set(written_by) if whole_pipeline else set(),
         "written_by": written_by,
@@ -279,12 +329,12 @@ def load_pipeline(
     pipeline = _pipeline_settings(loaded, source)
     _check_top_level(loaded, source)
     configs = {}
-    for stage in pipeline.stages:
+    for key, stage, round_number in pipeline.run_order():  # with rounds, the loop's stages once per round (STAGE@r)
         section = loaded.get(stage) or {}
         if not isinstance(section, dict):
             raise ConfigError(f"{source} [{stage}]: expected a section, got {type(section).__name__}")
-        tree = chain_stage_tree(stage, section, pipeline, loaded)
-        configs[stage] = _validate(
-            registry.stage(stage).config_class, tree, f"{source} [{stage}]", pipeline, config_file, whole_pipeline=True
+        tree = chain_stage_tree(stage, section, pipeline, loaded, round_number)
+        configs[key] = _validate(
+            registry.stage(stage).config_class, tree, f"{source} [{key}]", pipeline, config_file, whole_pipeline=True
         )
     return pipeline, configs

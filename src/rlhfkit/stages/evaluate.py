@@ -181,6 +181,7 @@ def run(config: EvaluateConfig, resume: bool = False) -> dict:
         "baseline": config.baseline_name,
         "reference": config.reference_name,
         "reward_model": config.reward_model,
+        "tie_margin": config.tie_margin,
         "judge": config.judge,
         "prompts": len(prompt_turns),
         "prompts_with_references": len(references),
