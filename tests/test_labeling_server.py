@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 
@@ -122,6 +123,38 @@ class LiveServer:
         self.thread.join(timeout=10)
 
 
+def in_parallel(path, tokens, work):
+    """work(client) for every token at once, each with its own HTTP client, against a live server."""
+
+    def with_client(token):
+        with httpx.Client(base_url=url, headers=auth(token), timeout=30) as client:
+            work(client)
+
+    with LiveServer(path) as url, ThreadPoolExecutor(len(tokens)) as pool:
+        list(pool.map(with_client, tokens))
+
+
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"
+)
+
+
+@contextmanager
+def browser_page(path):
+    """A headless Chromium page and the URL of a live server for the store at `path`."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    with LiveServer(path) as url, playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            yield url, browser.new_page(viewport={"width": 1280, "height": 800})
+        finally:
+            browser.close()
+
+
 def test_parallel_clients_store_every_judgement_exactly_once(tmp_path):
     path = tmp_path / "labels.db"
     store = LabelStore(path, create=True)
@@ -132,32 +165,21 @@ def test_parallel_clients_store_every_judgement_exactly_once(tmp_path):
     tokens = [store.add_annotator(f"annotator{i}") for i in range(4)]
     store.close()
 
-    def label_everything(token):
-        with httpx.Client(base_url=url, headers=auth(token), timeout=30) as client:
-            while (pair := client.get("/api/next").json())["pair_id"] is not None:
-                body = submission(pair["pair_id"], "left")
-                for _ in range(2):  # every submission is sent twice, as a retry would
-                    assert client.post("/api/judgements", json=body).status_code == 200
+    def label_everything(client):
+        while (pair := client.get("/api/next").json())["pair_id"] is not None:
+            body = submission(pair["pair_id"], "left")
+            for _ in range(2):  # every submission is sent twice, as a retry would
+                assert client.post("/api/judgements", json=body).status_code == 200
 
-    with LiveServer(path) as url, ThreadPoolExecutor(4) as pool:
-        list(pool.map(label_everything, tokens))
+    in_parallel(path, tokens, label_everything)
     judgements = LabelStore(path).current_judgements()
     assert len(judgements) == 4 * 12 and len({(j.pair_id, j.annotator) for j in judgements}) == 4 * 12
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"
-)
+@needs_chromium
 def test_label_in_a_real_browser_by_click_and_keyboard(store_with_people, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
     path, tokens = store_with_people
-    with LiveServer(path) as url, playwright.sync_playwright() as driver:
-        browser = driver.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
+    with browser_page(path) as (url, page):
         # A slow network: the next pair arrives 0.3 s after a judgement is saved, the window in
         # which a key press used to be dropped (CI once saw "2 / 5" and pressed "2" too early).
         page.route("**/api/next", lambda route: (time.sleep(0.3), route.continue_()))
@@ -182,7 +204,6 @@ def test_label_in_a_real_browser_by_click_and_keyboard(store_with_people, tmp_pa
                 shown.append((pair_id, {"2": "right", "3": "tie"}[action[-1]]))
             page.wait_for_selector(f"#progress:has-text('{len(shown)} / 5')")
         page.screenshot(path=str(tmp_path / "labeling.png"))
-        browser.close()
     alice_id = LabelStore(path).annotator_for_token(tokens["alice"])[0]
     expected = {}
     for pair_id, screen in shown:

@@ -3,7 +3,6 @@
 import json
 import sqlite3
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -201,7 +200,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
-from test_labeling_server import CHROMIUM, LiveServer, auth  # noqa: E402
+from test_labeling_server import auth, browser_page, in_parallel, needs_chromium  # noqa: E402
 
 from rlhfkit.labeling.server import create_app  # noqa: E402
 
@@ -268,33 +267,21 @@ def test_parallel_clients_store_every_verdict_exactly_once(tmp_path):
     tokens = [store.add_annotator(f"annotator{i}") for i in range(4)]
     store.close()
 
-    def label_everything(token):
-        with httpx.Client(base_url=url, headers=auth(token), timeout=30) as client:
-            while (task := client.get("/api/next").json())["answer_id"] is not None:
-                body = verdict(task["answer_id"], "up" if task["answer_id"] % 2 else "down", rating=3)
-                for _ in range(2):  # every submission is sent twice, as a retry would
-                    assert client.post("/api/verdicts", json=body).status_code == 200
+    def label_everything(client):
+        while (task := client.get("/api/next").json())["answer_id"] is not None:
+            body = verdict(task["answer_id"], "up" if task["answer_id"] % 2 else "down", rating=3)
+            for _ in range(2):  # every submission is sent twice, as a retry would
+                assert client.post("/api/verdicts", json=body).status_code == 200
 
-    with LiveServer(path) as url, ThreadPoolExecutor(4) as pool:
-        list(pool.map(label_everything, tokens))
+    in_parallel(path, tokens, label_everything)
     verdicts = LabelStore(path).current_verdicts()
     assert len(verdicts) == 4 * 8 and len({(v.answer_id, v.annotator) for v in verdicts}) == 4 * 8
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"
-)
+@needs_chromium
 def test_thumbs_ratings_and_comments_in_a_real_browser(store_with_people, tmp_path):
-    playwright = pytest.importorskip("playwright.sync_api")
     path, tokens = store_with_people
-    with LiveServer(path) as url, playwright.sync_playwright() as driver:
-        browser = driver.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        page.route("**/api/next", lambda route: route.continue_())
+    with browser_page(path) as (url, page):
         page.goto(url)
         page.fill("#token", tokens["alice"])
         page.click("#signin-button")
@@ -319,7 +306,6 @@ def test_thumbs_ratings_and_comments_in_a_real_browser(store_with_people, tmp_pa
         page.keyboard.press("ArrowUp")
         page.wait_for_selector("#progress:has-text('3 / 8')")
         page.screenshot(path=str(tmp_path / "thumbs.png"))
-        browser.close()
     stored = [(v.answer_id, v.label, v.rating, v.comment) for v in LabelStore(path).current_verdicts()]
     assert stored == [(1, "up", 5, "clear and kind"), (2, "down", 1, ""), (3, "up", None, "")]
     stats = export_feedback(str(path), str(tmp_path / "thumbs.jsonl"))

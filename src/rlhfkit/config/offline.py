@@ -116,13 +116,10 @@ class DPOConfig(StageConfig):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
 
 
-class FeedbackDataSettings(ChatDataSettings):
+class FeedbackDataSettings(PreferenceDataSettings):
     path: str = Field(
         "builtin:tutor-prefs",
         description="prompt/completion/label rows (label true: 👍), or preference rows, each pair unpaired into 👍 and 👎.",
-    )
-    max_length: int = Field(
-        512, gt=3, description="Longest prompt+answer; the prompt loses its start first (final turns kept)."
     )
 
 

@@ -39,19 +39,25 @@ def existing_model_reference(value: str | None, info: ValidationInfo) -> str | N
     """A model reference (built-in name, hub id, path) whose local path exists, or will: a pipeline
     validates every stage before the first runs, so earlier stages' outputs are pending then. A
     single-stage command run before the stage that writes its model is told which one that is."""
-    context = info.context or {}
     if value is None or not looks_like_local_path(value) or user_path(value).exists():
         return value
-    if value in context.get("pipeline_outputs", ()):
+    return _pending_output(value, value, info, "model path")
+
+
+def _pending_output(value: str, directory: str, info: ValidationInfo, what: str) -> str:
+    """`value`, when `directory` is an earlier pipeline stage's output (pending while the whole
+    pipeline is validated); else an error naming the stage that writes it, or saying it is missing."""
+    context = info.context or {}
+    if directory in context.get("pipeline_outputs", ()):
         return value
-    writer = context.get("written_by", {}).get(value)
+    writer = context.get("written_by", {}).get(directory)
     if writer is not None:
         config_file = context.get("config_file", "CONFIG")
         raise ValueError(
             f"{value} does not exist yet: the {writer} stage writes it "
             f"(rlhfkit {writer} {config_file}, or all stages in order: rlhfkit pipeline {config_file})"
         )
-    raise ValueError(f"model path does not exist: {value}")
+    raise ValueError(f"{what} does not exist: {value}")
 
 
 ModelReference = Annotated[str, AfterValidator(existing_model_reference)]
@@ -65,18 +71,7 @@ def existing_data_reference(value: str | None, info: ValidationInfo) -> str | No
     looks_local = value.endswith(DATA_FILE_SUFFIXES) or value.startswith((".", "/", "~"))
     if not looks_local or user_path(value).exists():
         return value
-    context = info.context or {}
-    folder = str(Path(value).parent)
-    if folder in context.get("pipeline_outputs", ()):
-        return value
-    writer = context.get("written_by", {}).get(folder)
-    if writer is not None:
-        config_file = context.get("config_file", "CONFIG")
-        raise ValueError(
-            f"{value} does not exist yet: the {writer} stage writes it "
-            f"(rlhfkit pipeline {config_file} runs the stages in order)"
-        )
-    raise ValueError(f"data file does not exist: {value}")
+    return _pending_output(value, str(Path(value).parent), info, "data file")
 
 
 class ModelSettings(Section):

@@ -196,6 +196,20 @@ def fit_pair(
     return prompt[len(prompt) - prompt_budget :], chosen[:answer_budget], rejected[:answer_budget]
 
 
+def keep_overlong(where: str, length: str, max_length: int, overlong: str, counts: Counter) -> bool:
+    """data.overlong for an example past max_length: stop naming it (error), leave it out (skip:
+    False), or keep it truncated (truncate: True); skips and truncations are counted."""
+    if overlong == "error":
+        raise DataError(
+            f"{where}: {length}, longer than data.max_length={max_length} (set data.overlong: truncate or skip)"
+        )
+    if overlong == "skip":
+        counts["skipped: longer than max_length"] += 1
+        return False
+    counts["truncated to max_length"] += 1
+    return True
+
+
 def tokenize_pairs(
     tokenizer: Any,
     examples: Sequence[Any],
@@ -212,17 +226,11 @@ def tokenize_pairs(
             tokenizer, example.prompt, [example.chosen, example.rejected], template
         )
         fitted = fit_pair(prompt, chosen, rejected, max_length)
-        if fitted != (prompt, chosen, rejected):
-            length = len(prompt) + max(len(chosen), len(rejected))
-            if overlong == "error":
-                raise DataError(
-                    f"{example.where}: {length} tokens (prompt and the longer answer), longer than "
-                    f"data.max_length={max_length} (set data.overlong: truncate or skip)"
-                )
-            if overlong == "skip":
-                counts["skipped: longer than max_length"] += 1
-                continue
-            counts["truncated to max_length"] += 1
+        length = len(prompt) + max(len(chosen), len(rejected))
+        if fitted != (prompt, chosen, rejected) and not keep_overlong(
+            example.where, f"{length} tokens (prompt and the longer answer)", max_length, overlong, counts
+        ):
+            continue
         if fitted[1] == fitted[2]:
             counts["skipped: answers identical after truncation"] += 1
             continue
@@ -251,16 +259,11 @@ def tokenize_feedback(
     for example in examples:
         prompt, (completion,) = prompt_and_response_ids(tokenizer, example.prompt, [example.completion], template)
         fitted_prompt, fitted, _ = fit_pair(prompt, completion, completion, max_length)
-        if (fitted_prompt, fitted) != (prompt, completion):
-            if overlong == "error":
-                raise DataError(
-                    f"{example.where}: {len(prompt) + len(completion)} tokens (prompt and answer), longer than "
-                    f"data.max_length={max_length} (set data.overlong: truncate or skip)"
-                )
-            if overlong == "skip":
-                counts["skipped: longer than max_length"] += 1
-                continue
-            counts["truncated to max_length"] += 1
+        length = f"{len(prompt) + len(completion)} tokens (prompt and answer)"
+        if (fitted_prompt, fitted) != (prompt, completion) and not keep_overlong(
+            example.where, length, max_length, overlong, counts
+        ):
+            continue
         tokenized.append(TokenizedFeedback(fitted_prompt, fitted, example.label))
     return tokenized, counts
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -51,6 +52,20 @@ class RunDir:
         with state.main_process_first():
             if state.is_main_process:
                 run._open(stage, config, resume)
+        return run
+
+    @classmethod
+    def start_untrained(cls, output_dir: str, stage: str, config: Any) -> RunDir:
+        """The run dir of a stage that trains nothing (evaluate, label): created if need be, its
+        config.yaml written and its marker set to running. What it held is the stage's to keep or
+        replace (an evaluation writes anew; the label stage keeps its store)."""
+        run = cls(Path(output_dir).expanduser())
+        try:
+            run.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"output_dir {run.root} is not writable: {exc.strerror}") from None
+        write_text_atomically(run.root / "config.yaml", dump_config(config))
+        run.write_marker(stage, "running")
         return run
 
     def _open(self, stage: str, config: StageConfig, resume: bool) -> None:

@@ -9,12 +9,11 @@ and the win rate against the baseline model. Signs of reward hacking are reporte
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhfkit.config import EvaluateConfig, ModelSettings, dump_config
+from rlhfkit.config import EvaluateConfig, ModelSettings
 from rlhfkit.data.batching import packed_batches
 from rlhfkit.data.examples import chat_examples, load_examples
 from rlhfkit.data.formatting import render_prompt, tokenize_examples
@@ -93,13 +92,7 @@ def measure_policy(
 
 def run(config: EvaluateConfig, resume: bool = False) -> dict:
     """Evaluate every model in config.models; writes metrics.json and samples.{md,jsonl} to config.output_dir."""
-    run_dir = RunDir(Path(config.output_dir).expanduser())
-    try:
-        run_dir.root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"output_dir {run_dir.root} is not writable: {exc.strerror}") from None
-    write_text_atomically(run_dir.root / "config.yaml", dump_config(config))
-    run_dir.write_marker(STAGE, "running")
+    run_dir = RunDir.start_untrained(config.output_dir, STAGE, config)
 
     # Held-out data and every model reference are checked before weights load.
     _, eval_examples, report = load_examples(config.data, config.seed, chat_examples)
