@@ -41,6 +41,7 @@ def loop_tree(tmp_path, tiny_model, sft_rows):
         "label": {
             "prompts": str(prompts),
             "sampling": {"max_new_tokens": 8, "temperature": 1.0},
+            "labeler": "judge",
             "judge": {"function": f"{tmp_path / 'judges.py'}:longer"},
         },
         "reward": {"train": small, "data": {"eval_fraction": 0.0}},
@@ -103,11 +104,11 @@ def test_single_answers_feed_kto_and_a_thumbs_reward_model(loop_tree, tmp_path):
 @pytest.mark.parametrize(
     "section, message",
     [
-        ({"judge": {}}, "labeler judge: set one of judge.reward_model, judge.function or judge.llm"),
+        ({"labeler": "judge"}, "labeler judge: set one of judge.reward_model, judge.function or judge.llm"),
         ({"judge": {"function": "a:b", "llm": "x/y"}}, "give one judge, not function and llm"),
         ({"labeler": "people", "people": {"annotators": []}}, "name at least one annotator"),
         ({"labeler": "people", "people": {"annotators": ["ann", "ann"]}}, "listed twice"),
-        ({"judge": {"function": "a:b"}, "prompts": "missing.jsonl"}, "data file does not exist: missing.jsonl"),
+        ({"prompts": "missing.jsonl"}, "data file does not exist: missing.jsonl"),
     ],
 )
 def test_label_settings_are_checked_before_anything_runs(section, message):
@@ -230,3 +231,57 @@ def _write(tmp_path, tree):
     path = tmp_path / "rounds.yaml"
     path.write_text(json.dumps(tree))
     return path
+
+
+def test_the_loop_example_configs_run_on_the_tiny_model(tiny_model, tiny_reward_model, tmp_path):
+    """configs/examples/loop_tutor_judge.yaml end to end, with the quickstart's models swapped for
+    the tiny ones and every budget cut; loop_tutor_people.yaml validated (it waits for people)."""
+    from pathlib import Path
+
+    from rlhfkit import api
+
+    examples = Path(__file__).resolve().parents[1] / "configs" / "examples"
+    run = tmp_path / "loop"
+    overrides = [
+        f"pipeline.output_dir={run}",
+        f"pipeline.model={tiny_model}",
+        f"label.judge.reward_model={tiny_reward_model}",
+        "label.judge.tie_margin=0",  # the tiny reward model's scores differ by less than the example's 0.05
+        "label.num_prompts=4",
+        "label.sampling.max_new_tokens=6",
+        "reward.train.max_steps=1",
+        "dpo.train.max_steps=1",
+        f"evaluate.models={{sft: {tiny_model}, dpo: {run / 'dpo'}, dpo@2: {run / 'round-2' / 'dpo'}}}",
+        f"evaluate.reward_model={tiny_reward_model}",
+        "evaluate.num_prompts=2",
+        "evaluate.sampling.max_new_tokens=4",
+    ]
+    result = api.pipeline(examples / "loop_tutor_judge.yaml", overrides)
+    assert list(result.stages) == ["label", "reward", "dpo", "label@2", "reward@2", "dpo@2", "evaluate"]
+    assert set(result["evaluate"].metrics["models"]) == {"sft", "dpo", "dpo@2"}
+    assert "## Rounds" in (run / "report.md").read_text()
+    _, configs = load_pipeline(
+        str(examples / "loop_tutor_people.yaml"), [f"pipeline.model={tiny_model}", f"pipeline.output_dir={run}-people"]
+    )
+    assert configs["label"].labeler == "people" and configs["label"].kind == "single"
+    assert (
+        configs["kto"].data.path == configs["reward"].data.path == str(Path(f"{run}-people") / "label" / "export.jsonl")
+    )
+
+
+def test_an_empty_export_is_named_and_a_judge_with_new_settings_labels_again(loop_tree, tmp_path, capsys):
+    loop_tree["pipeline"]["stages"] = ["sft", "label"]
+    loop_tree["label"]["judge"]["tie_margin"] = 1e9  # every pair a tie
+    assert main(["pipeline", str(_write(tmp_path, loop_tree))]) == 2
+    assert (
+        "no labels to export (6 tasks labelled; 0 with too few votes, 6 without a majority)" in capsys.readouterr().err
+    )
+    store = LabelStore(tmp_path / "run" / "label" / "labels.db")
+    assert {j.choice for j in store.current_judgements(kinds=("judge",))} == {"tie"}
+    store.close()
+    loop_tree["label"]["judge"]["tie_margin"] = 0.0  # run again with a margin that suits the scores
+    assert main(["pipeline", str(_write(tmp_path, loop_tree))]) == 0
+    store = LabelStore(tmp_path / "run" / "label" / "labels.db")
+    histories = [store.history(pair_id, 1) for pair_id in store.pair_ids()]  # the judge is annotator 1
+    assert all(len(h) == 2 and h[0] == "tie" for h in histories)  # the same candidates, labelled again
+    assert {h[1] for h in histories} != {"tie"} and (tmp_path / "run" / "label" / "export.jsonl").read_text()

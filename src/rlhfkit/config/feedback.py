@@ -90,9 +90,9 @@ class LabelConfig(Section):
     required: int = Field(1, gt=0, description="Labels each task needs before it is exported.")
     sampling: LabelSamplingSettings = Field(default_factory=LabelSamplingSettings)
     seed: int = Field(0, ge=0, description="Sampling seed of the candidates.")
-    labeler: Literal["judge", "people"] = Field(
-        "judge",
-        description="judge: label with `judge` and go on; people: serve the page and wait for `required` labels.",
+    labeler: Literal["people", "judge"] = Field(
+        "people",
+        description="people: serve the page and wait for `required` labels; judge: label with `judge` and go on.",
     )
     judge: LabelJudgeSettings = Field(default_factory=LabelJudgeSettings)
     people: LabelPeopleSettings = Field(default_factory=LabelPeopleSettings)

@@ -232,6 +232,18 @@ def create_app(
             "progress": {"done": done, "total": total},
         }
 
+    def stored(db: LabelStore, who: tuple[int, str], submit, missing: str) -> dict:
+        """Store a label (submit() -> whether it was new) and answer with the progress; an unknown
+        task is 404, a reused submission id or a label of the other task kind 409."""
+        try:
+            new = submit()
+        except KeyError:
+            raise HTTPException(status_code=404, detail=missing) from None
+        except (SubmissionConflict, WrongTaskKind) as conflict:
+            raise HTTPException(status_code=409, detail=str(conflict)) from None
+        done, total = db.progress(who[0])
+        return {"stored": new, "progress": {"done": done, "total": total}}
+
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         return PAGE.read_text(encoding="utf-8")
@@ -265,14 +277,12 @@ def create_app(
         left = left_response(who[0], submission.pair_id)
         right = "b" if left == "a" else "a"
         choice = {"left": left, "right": right}.get(submission.choice, submission.choice)
-        try:
-            stored = db.submit(submission.pair_id, who[0], choice, left, submission.submission_id, submission.comment)
-        except KeyError:
-            raise HTTPException(status_code=404, detail=f"no pair {submission.pair_id}") from None
-        except (SubmissionConflict, WrongTaskKind) as conflict:
-            raise HTTPException(status_code=409, detail=str(conflict)) from None
-        done, total = db.progress(who[0])
-        return {"stored": stored, "progress": {"done": done, "total": total}}
+        return stored(
+            db,
+            who,
+            lambda: db.submit(submission.pair_id, who[0], choice, left, submission.submission_id, submission.comment),
+            f"no pair {submission.pair_id}",
+        )
 
     @app.get("/api/answers/{answer_id}")
     def get_answer(
@@ -286,21 +296,19 @@ def create_app(
 
     @app.post("/api/verdicts")
     def submit_verdict(submission: VerdictSubmission, who=Depends(annotator), db: LabelStore = Depends(store)) -> dict:
-        try:
-            stored = db.submit_verdict(
+        return stored(
+            db,
+            who,
+            lambda: db.submit_verdict(
                 submission.answer_id,
                 who[0],
                 submission.label,
                 submission.submission_id,
                 submission.rating,
                 submission.comment,
-            )
-        except KeyError:
-            raise HTTPException(status_code=404, detail=f"no answer {submission.answer_id}") from None
-        except (SubmissionConflict, WrongTaskKind) as conflict:
-            raise HTTPException(status_code=409, detail=str(conflict)) from None
-        done, total = db.progress(who[0])
-        return {"stored": stored, "progress": {"done": done, "total": total}}
+            ),
+            f"no answer {submission.answer_id}",
+        )
 
     return app
 
@@ -321,7 +329,10 @@ class BackgroundServer:
         import uvicorn
 
         self.url = f"http://{host}:{port}/"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(store_path), host=host, port=port, log_level="warning"))
+        # log_config=None: uvicorn's dictConfig would shut down (and so close) every logging handler
+        # the process already has, the caller's own among them
+        config = uvicorn.Config(create_app(store_path), host=host, port=port, log_level="warning", log_config=None)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> BackgroundServer:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from rlhfkit.config import LabelConfig, dump_config, label_export_paths
+from rlhfkit.config import LabelConfig, label_export_paths
 from rlhfkit.engine import RunDir
 from rlhfkit.errors import UserError
 from rlhfkit.files import write_json_atomically, write_text_atomically
@@ -70,15 +70,19 @@ def generate_once(config: LabelConfig, store_path: Path) -> int:
 
 
 def judge_once(config: LabelConfig, store_path: Path) -> str:
-    """Label every task with the configured judge, unless it has already (a re-run); its name."""
+    """Label every task with the configured judge, unless it has already with the same settings
+    (a re-run); its name. Changed settings (a threshold, a tie margin) label again: the new labels
+    become the current ones, the earlier stay as history."""
     judge = config.judge
     reference = judge.reward_model or judge.function or judge.llm
     kind = "reward-model" if judge.reward_model else "function" if judge.function else "llm"
     name = judge.name or f"{kind}:{reference}"
+    settings = json.dumps(judge.model_dump(mode="json"), sort_keys=True)
     store = LabelStore(store_path)
     done = store.labelled_tasks(kinds=("judge",)) if name in store.annotator_names("judge") else (0, 1)
+    same = store.setting(f"judge:{name}") == settings
     store.close()
-    if done[0] == done[1]:
+    if done[0] == done[1] and same:
         print(f"label: {name} has already labelled every task, kept")
         return name
     if judge.llm:
@@ -88,6 +92,9 @@ def judge_once(config: LabelConfig, store_path: Path) -> str:
     else:
         label_by = commands.judge_with_function if judge.function else commands.judge_with_reward_model
         counts = label_by(str(store_path), reference, judge.tie_margin or 0.0, name, judge.threshold or 0.0)
+    store = LabelStore(store_path)
+    store.set_setting(f"judge:{name}", settings)
+    store.close()
     print(f"label: {name} labelled {sum(counts.values())} tasks: {counts}")
     warning = commands.one_sided_warning(counts) if config.kind == "single" else None
     if warning:
@@ -148,13 +155,7 @@ def wait_for_people(config: LabelConfig, store_path: Path, tokens_path: Path) ->
 
 
 def run(config: LabelConfig, resume: bool = False) -> dict:
-    run_dir = RunDir(Path(config.output_dir).expanduser())
-    try:
-        run_dir.root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"output_dir {run_dir.root} is not writable: {exc.strerror}") from None
-    write_text_atomically(run_dir.root / "config.yaml", dump_config(config))
-    run_dir.write_marker(STAGE, "running")
+    run_dir = RunDir.start_untrained(config.output_dir, STAGE, config)
     store_path = run_dir.root / STORE
 
     # Candidates from the model so far, then labels from the judge or from people.
@@ -178,6 +179,13 @@ def run(config: LabelConfig, resume: bool = False) -> dict:
     else:
         stats = commands.export_preferences(str(store_path), str(paths["preferences"]), sources, annotators)
         print(f"label: {stats['exported']} preference pairs ({stats['no_majority']} without a majority)")
+    if stats["exported"] == 0:
+        why = "ties" if config.kind == "pairwise" and config.labeler == "judge" else "votes"
+        raise UserError(
+            f"label: no labels to export ({stats['labelled']} tasks labelled; {stats['too_few_votes']} with too few "
+            f"votes, {stats['no_majority']} without a majority); with a judge, all {why} usually mean its tie "
+            "margin is wider than its score differences (judge.tie_margin)"
+        )
     metrics = {"tasks": tasks, "labeler": config.labeler, "kind": config.kind, **stats}
     write_json_atomically(run_dir.root / "metrics.json", metrics)
     run_dir.write_marker(STAGE, "complete")
