@@ -182,6 +182,34 @@ def test_a_pipeline_trains_kto_on_thumbs_and_compares_it(tiny_model, sft_rows, t
     assert "kto" in result.report.read_text()
 
 
+def test_a_pipeline_runs_orpo_and_online_dpo_on_the_reward_model(tiny_model, sft_rows, tmp_path):
+    prefs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "Go away."} for r in sft_rows]
+    small = {"max_steps": 1, "batch_size": 4, "trackers": []}
+    tree = {
+        "pipeline": {
+            "output_dir": str(tmp_path / "run"),
+            "model": str(tiny_model),
+            "stages": ["sft", "reward", "dpo", "online_dpo"],
+        },
+        "sft": {"data": Dataset.from_list(sft_rows), **TINY_SFT},
+        "reward": {"data": prefs, "train": small},
+        "dpo": {"data": prefs, "dpo": {"loss": "orpo"}, "train": small, "generation": {"num_prompts": 0}},
+        "online_dpo": {
+            "prompts": [r["prompt"] for r in sft_rows[:8]],
+            "rollout": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 3},
+            "train": {"max_steps": 1, "batch_size": 2, "trackers": []},
+            "eval": {"num_prompts": 2},
+        },
+    }
+    result = rlhfkit.pipeline(tree)
+    assert result["dpo"].config.dpo.loss == "orpo" and "accuracy" in result["dpo"].metrics["after"]
+    online = result["online_dpo"]
+    assert online.config.reward.model == str(tmp_path / "run" / "reward")  # the reward stage's model judges
+    assert online.config.model.name_or_path == str(tmp_path / "run" / "sft")
+    log = (online.run_dir / "metrics.jsonl").read_text()
+    assert "train/pairs" in log and "train/reward_chosen" in log
+
+
 def test_a_pipeline_file_is_validated_before_anything_runs(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "a", "completion": "b"}])
     config = tmp_path / "p.yaml"

@@ -186,6 +186,9 @@ def test_generate_judge_export_and_train_kto_from_the_cli(tmp_path, tiny_model, 
     overrides = [f"model.name_or_path={tiny_model}", f"data.path={export}", f"train.output_dir={tmp_path / 'kto'}"]
     overrides += ["train.max_steps=1", "train.batch_size=2", "train.trackers=[]", "generation.num_prompts=0"]
     assert main(["kto", *[arg for setting in overrides for arg in ("--set", setting)]]) == 0
+    overrides[2] = f"train.output_dir={tmp_path / 'thumbs-rm'}"  # a thumbs reward model on the same export
+    assert main(["reward", *[arg for setting in overrides[:-1] for arg in ("--set", setting)]]) == 0
+    assert json.loads((tmp_path / "thumbs-rm" / "final" / "rlhfkit_model.json").read_text())["objective"] == "binary"
     assert main(["label", "export", str(store), str(tmp_path / "x.jsonl"), "--pairs", str(tmp_path / "p.jsonl")]) == 0
     pairwise = tmp_path / "pairs.db"
     LabelStore(pairwise, create=True).close()
