@@ -220,6 +220,7 @@ def test_rounds_label_the_latest_policy_and_train_from_it(loop_tree, tmp_path, c
     report = (run / "report.md").read_text()
     rounds = report.split("## Rounds")[1].split("##")[0]
     assert "| 1 | dpo |" in rounds and "| 2 | dpo@2 |" in rounds
+    assert any(verdict in rounds for verdict in ("dpo@2 beat dpo", "dpo@2 was worse than dpo", "dpo@2 was not clearly"))
     capsys.readouterr()
     assert main(["pipeline", "--set", "pipeline.rounds=2", str(_write(tmp_path, loop_tree))]) == 0
     assert capsys.readouterr().out.count("skipped") == 8  # every run of both rounds is complete

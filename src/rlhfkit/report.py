@@ -150,22 +150,24 @@ def stage_rows(stage: str, metrics: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-def round_rows(stage_dirs: dict[str, Path], evaluation: dict) -> tuple[list[str], list[list[str]]]:
+def round_rows(stage_dirs: dict[str, Path], evaluation: dict) -> tuple[list[str], list[list[str]], list[str]]:
     """One row per round's aligned model: the labels it learned from (count, agreement), its
     held-out reward, win rate against the baseline and against the same stage one round earlier
-    (same prompts and samples), and KL. Empty without rounds."""
+    (same prompts and samples), and KL; and a verdict per later round, read off the 95% interval
+    of its win rate over the round before. Empty without rounds."""
     models = evaluation.get("models", {})
     rounds = [key for key in models if key in stage_dirs and round_of(key) > 1]
     if not rounds:
-        return [], []
+        return [], [], []
     header = ["round", "model", "labels (agreement)", "reward", "win rate vs baseline", "vs previous round", "KL"]
-    rows = []
+    rows, verdicts = [], []
     for key in [k for k in models if k in stage_dirs and stage_of(k) in {stage_of(r) for r in rounds}]:
         number, metrics = round_of(key), models[key]
         label = read_json_or_empty(stage_dirs.get(round_key("label", number), Path("-")) / "metrics.json")
         agreement = label.get("agreement", {}).get("percent_agreement")
         labels = f"{label.get('exported', '–')}" + (f" ({agreement:.2f})" if _number(agreement) is not None else "")
-        previous = models.get(round_key(stage_of(key), number - 1)) if number > 1 else None
+        previous_key = round_key(stage_of(key), number - 1) if number > 1 else None
+        previous = models.get(previous_key) if previous_key else None
         against_previous = "–"
         if previous and metrics.get("sample_rewards") and previous.get("sample_rewards"):
             pairs = [
@@ -173,9 +175,19 @@ def round_rows(stage_dirs: dict[str, Path], evaluation: dict) -> tuple[list[str]
             ]
             if pairs:
                 outcome = win_rate([a for a, _ in pairs], [b for _, b in pairs], evaluation.get("tie_margin", 0.0))
-                against_previous = (
-                    f"{outcome['win_rate']:.2f} [{outcome['win_rate_low']:.2f}, {outcome['win_rate_high']:.2f}]"
-                )
+                low, high = outcome["win_rate_low"], outcome["win_rate_high"]
+                against_previous = f"{outcome['win_rate']:.2f} [{low:.2f}, {high:.2f}]"
+                if low > 0.5:
+                    verdicts.append(f"{key} beat {previous_key} on the held-out prompts ({against_previous}).")
+                elif high < 0.5:
+                    verdicts.append(
+                        f"{key} was worse than {previous_key} on the held-out prompts ({against_previous})."
+                    )
+                else:
+                    verdicts.append(
+                        f"{key} was not clearly better than {previous_key}: its win rate over it, "
+                        f"{against_previous}, spans 0.5."
+                    )
         rows.append(
             [
                 str(number),
@@ -187,7 +199,7 @@ def round_rows(stage_dirs: dict[str, Path], evaluation: dict) -> tuple[list[str]
                 _format(metrics.get("kl"), "{:.2f}"),
             ]
         )
-    return header, rows
+    return header, rows, verdicts
 
 
 def evaluation_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
@@ -368,9 +380,14 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
             md_parts.append(f"\n![reward and win rate per model]({PLOTS_DIR}/comparison.png)\n")
 
     # 2b. Rounds of sample -> label -> train, side by side.
-    round_header, round_table = round_rows(stage_dirs, evaluation)
+    round_header, round_table, verdicts = round_rows(stage_dirs, evaluation)
     if round_table:
-        note = "Each round labelled the previous round's policy and trained from it; win rates over the same prompts."
+        note = " ".join(
+            [
+                "Each round labelled the previous round's policy and trained from it; win rates over the same prompts.",
+                *verdicts,
+            ]
+        )
         html_parts.append(
             "<h2>Rounds</h2>" + _html_table(round_header, round_table, "rounds") + f'<p class="note">{note}</p>'
         )
