@@ -197,6 +197,28 @@ def test_generate_judge_export_and_train_kto_from_the_cli(tmp_path, tiny_model, 
     )
 
 
+def test_the_llm_judge_asks_yes_or_no_about_a_single_answer(tiny_model, tmp_path, capsys):
+    import torch
+
+    from rlhfkit.labeling.commands import llm_approvals
+    from rlhfkit.models import ModelSettings, load_causal_lm, load_tokenizer, resolve
+
+    tokenizer = load_tokenizer(resolve(str(tiny_model)))
+    model = load_causal_lm(resolve(str(tiny_model)), ModelSettings(), torch.float32).eval()
+    prompts, answers = ["Why is the sky blue?", "What is the sun?"], ["Light scatters.", "Go away, it is hot."]
+    approvals = llm_approvals(model, tokenizer, prompts, answers)
+    assert len(approvals) == 2 and all(0 < p < 1 for p in approvals)
+    assert llm_approvals(model, tokenizer, prompts[1:], answers[1:]) == pytest.approx(approvals[1:], abs=1e-5)
+    single_store(tmp_path / "thumbs.db").close()
+    # A threshold of 0 makes every answer 👍: the judge is warned about, and its labels are stored.
+    assert main(["label", "judge", str(tmp_path / "thumbs.db"), "--llm", str(tiny_model), "--threshold", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "judged 8 answers: 👍 8, 👎 0" in captured.out and "same way" in captured.err
+    assert {v.annotator for v in LabelStore(tmp_path / "thumbs.db").current_verdicts(kinds=("judge",))} == {
+        f"llm:{tiny_model}"
+    }
+
+
 # ---- the server and the page ------------------------------------------------------------
 
 pytest.importorskip("fastapi")

@@ -207,7 +207,7 @@ def test_kto_raises_liked_answers_above_disliked_ones(tiny_model, feedback_file,
     assert (tmp_path / "kto" / "samples.md").is_file()
 
 
-def test_kto_runs_from_the_command_line_on_preference_pairs_with_full_fine_tuning(
+def test_kto_and_orpo_run_from_the_command_line_on_preference_pairs_with_full_fine_tuning(
     tiny_model, preference_file, tmp_path
 ):
     output = tmp_path / "kto"
@@ -222,6 +222,9 @@ def test_kto_runs_from_the_command_line_on_preference_pairs_with_full_fine_tunin
     ]
     assert main(["kto", *[arg for setting in settings for arg in ("--set", setting)]]) == 0
     assert (output / "final" / "model.safetensors").is_file()
+    settings[2] = f"train.output_dir={tmp_path / 'orpo'}"  # ORPO, the same way, on the same pairs
+    assert main(["dpo", "--set", "dpo.loss=orpo", *[arg for setting in settings for arg in ("--set", setting)]]) == 0
+    assert json.loads((tmp_path / "orpo" / "final" / "rlhfkit_model.json").read_text())["loss"] == "orpo"
     assert 0.0 <= json.loads((output / "metrics.json").read_text())["after"]["label_accuracy"] <= 1.0
 
 
