@@ -107,7 +107,7 @@ class LiveServer:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.server = uvicorn.Server(
-            uvicorn.Config(create_app(path), host="127.0.0.1", port=self.port, log_level="warning")
+            uvicorn.Config(create_app(path), host="127.0.0.1", port=self.port, log_level="warning", log_config=None)
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
