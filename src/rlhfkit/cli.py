@@ -30,7 +30,7 @@ def _add_stage(subparsers, stage: registry.Stage) -> None:
     parser = subparsers.add_parser(
         stage.command_line.split()[-1],
         help=stage.summary,
-        description=f"{stage.summary}\n\nExample:\n  rlhfkit {stage.command_line} configs/quickstart.yaml --set {stage.example_override}",
+        description=f"{stage.summary}\n\nExample:\n  rlhfkit {stage.command_line} {stage.example_config} --set {stage.example_override}",
         epilog="config fields (YAML sections; override any with --set SECTION.FIELD=VALUE):\n"
         + "\n".join(_field_lines(stage.config_class)),
         formatter_class=argparse.RawDescriptionHelpFormatter,

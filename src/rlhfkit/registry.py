@@ -44,6 +44,7 @@ class Stage:
     kind: StageKind
     summary: str  # one line, for `rlhfkit --help`
     example_override: str = "train.lr=1e-4"  # shown in the stage's --help
+    example_config: str = "configs/quickstart.yaml"  # likewise
     supplies_evaluation_data: bool = (
         False  # a pipeline's evaluation uses this stage's data (and seed) for its held-out set
     )
@@ -92,7 +93,8 @@ STAGES: dict[str, Stage] = {
             "rlhfkit.stages.label",
             "feedback",
             "Sample answers from the model so far and have them labelled (people on the page, or a judge); export.",
-            example_override="labeler=people",
+            example_override="people.port=8080",
+            example_config="configs/examples/loop_tutor_people.yaml",
             command="label run",  # `rlhfkit label` also holds the labeling tools (generate, serve, ...)
         ),
         Stage(
