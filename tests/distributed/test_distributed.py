@@ -25,6 +25,22 @@ def sft_file(tmp_path, sft_rows):
     return write_jsonl(tmp_path / "sft.jsonl", sft_rows)
 
 
+def preference_run(model, data, *extra):
+    """Settings of a 4-step run of a stage that learns from preferences or thumbs, 2 x 2 micro-batches."""
+    return (
+        f"model.name_or_path={model}",
+        f"data.path={data}",
+        "data.eval_fraction=0.25",
+        "data.max_length=96",
+        "train.batch_size=2",
+        "train.grad_accum=2",
+        "train.max_steps=4",
+        "lora.dropout=0.0",
+        "train.lr=5e-3",
+        *extra,
+    )
+
+
 def sft_settings(model, data, output_dir, *extra):
     return (
         f"model.name_or_path={model}",
@@ -160,18 +176,7 @@ def test_thumbs_stages_on_two_processes_follow_one_process(tiny_model, sft_rows,
     rows = [{"prompt": r["prompt"], "completion": r["completion"], "label": True} for r in sft_rows]
     rows += [{"prompt": r["prompt"], "completion": "No idea, go away.", "label": False} for r in sft_rows[::2]]
     data = write_jsonl(tmp_path / "thumbs.jsonl", rows)
-    common = (
-        f"model.name_or_path={tiny_model}",
-        f"data.path={data}",
-        "data.eval_fraction=0.25",
-        "data.max_length=96",
-        "train.batch_size=2",
-        "train.grad_accum=2",
-        "train.max_steps=4",
-        "lora.dropout=0.0",
-        "train.lr=5e-3",
-        *(["generation.num_prompts=0"] if stage == "kto" else []),
-    )
+    common = preference_run(tiny_model, data, *(["generation.num_prompts=0"] if stage == "kto" else []))
     launch(1, stage, *common, f"train.output_dir={tmp_path / 'one'}")
     launch(2, stage, *common, f"train.output_dir={tmp_path / 'two'}", launch_config="cpu.yaml")
     one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
@@ -411,17 +416,8 @@ def test_preference_stages_under_deepspeed_zero3_follow_the_one_process_loss_cur
     weight gathered) and the reward model (a new score head) with ZeRO-3 partitioned weights."""
     rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "No idea, go away."} for r in sft_rows]
     data = write_jsonl(tmp_path / "prefs.jsonl", rows)
-    common = (
-        f"model.name_or_path={tiny_model}",
-        f"data.path={data}",
-        "data.eval_fraction=0.25",
-        "data.max_length=96",
-        "train.batch_size=2",
-        "train.grad_accum=2",
-        "train.max_steps=4",
-        "lora.dropout=0.0",
-        "train.lr=5e-3",
-        *(["generation.num_prompts=0", "dpo.precompute_reference=true"] if stage == "dpo" else []),
+    common = preference_run(
+        tiny_model, data, *(["generation.num_prompts=0", "dpo.precompute_reference=true"] if stage == "dpo" else [])
     )
     launch(1, stage, *common, f"train.output_dir={tmp_path / 'one'}")
     launch(2, stage, *common, f"train.output_dir={tmp_path / 'zero3'}", launch_config="zero3.yaml")
