@@ -2,6 +2,8 @@
 
     python -m benchmarks.run --suite cpu            # ~15 minutes on 2 CPU cores
     python -m benchmarks.run --suite smoke --model DIR --only sft
+    python -m benchmarks.run --suite cpu --only sft generation --frameworks rlhfkit --competitors 1 \
+        --output docs/benchmark-results/cpu-contended   # beside one busy process (a laptop doing other work)
 
 Each (workload, framework) runs in a fresh process of the same environment, so each peak RSS
 is that workload's alone. Prints a table with both figures, their ratio and the target, and
@@ -18,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -304,6 +308,21 @@ def plot_ratios(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+@contextmanager
+def busy_competitors(count: int) -> Iterator[None]:
+    """`count` processes that keep a core busy each (a browser, an IDE, an indexer stand-in)
+    while the block runs; stopped however it ends."""
+    processes = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL) for _ in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="rlhfkit vs TRL, side by side.")
     parser.add_argument("--suite", choices=sorted(SUITES), default="cpu")
@@ -313,7 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", type=Path, default=None, help="results file stem (default: docs/benchmark-results/SUITE)"
     )
+    parser.add_argument(
+        "--competitors",
+        type=int,
+        default=0,
+        help="busy processes (one core each) running beside every workload: the machine shared with other work",
+    )
     args = parser.parse_args(argv)
+    if args.competitors < 0:
+        parser.error("--competitors must be >= 0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     suite = SUITES[args.suite]
     model = args.model or suite.model
@@ -340,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": model,
             "environment": env,
             "gemm_peak_flops": peak,
+            "competitors": args.competitors,
             "data": data,
             "results": results,
             "table": summarise(results, peak),
@@ -356,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                 if framework == "trl" and workload in RLHFKIT_ONLY:
                     continue
                 print(f"{workload:>10} / {framework:<8} ...", end=" ", flush=True)
-                result = run_workload(workload, framework, suite, model, workdir, log)
+                with busy_competitors(args.competitors):
+                    result = run_workload(workload, framework, suite, model, workdir, log)
                 results.setdefault(workload, {})[framework] = result
                 print(
                     "FAILED: " + result["error"] if "error" in result else f"{result['wall_seconds']:.0f} s", flush=True
@@ -370,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     versions = env["versions"]
     heading += " · gradient checkpointing" if suite.gradient_checkpointing else ""
     heading += f" · torch {versions['torch']} · transformers {versions['transformers']} · trl {versions['trl']}"
+    heading += f" · beside {args.competitors} busy process(es)" if args.competitors else ""
     output.with_suffix(".md").write_text(f"{heading}\n\n{table}\n")
     plot_ratios(rows, output.parent / f"{output.name}-ratios.png")
     print(f"\n{heading}\n\n{table}\n\nwrote {output}.json/.md/-ratios.png in {report['total_seconds'] / 60:.1f} min")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,41 @@ def test_smoke_suite_runs_every_workload_for_both_tools(tiny_model, tmp_path):
     assert all(row["rlhfkit"] is not None for row in report["table"])
     assert "| sft: training tokens/s |" in output.with_suffix(".md").read_text()
     assert (tmp_path / "smoke-ratios.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_a_workload_runs_beside_busy_competitors_that_stop_after_it(tiny_model, tmp_path):
+    import psutil
+
+    from benchmarks.run import busy_competitors
+
+    with busy_competitors(2):
+        children = psutil.Process().children()
+        assert len(children) == 2 and all(child.is_running() for child in children)
+        time.sleep(0.5)
+        assert all(child.cpu_percent(interval=0.2) > 50 for child in children)  # each keeps a core busy
+    assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
+    output = tmp_path / "contended"
+    process = run_bounded(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.run",
+            "--suite",
+            "smoke",
+            "--model",
+            str(tiny_model),
+            "--output",
+            str(output),
+        ]
+        + ["--only", "sft", "--frameworks", "rlhfkit", "--competitors", "1"],
+        seconds=600,
+        cwd=REPO,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    report = json.loads(output.with_suffix(".json").read_text())
+    assert report["competitors"] == 1 and "error" not in report["results"]["sft"]["rlhfkit"]
+    assert "beside 1 busy process(es)" in output.with_suffix(".md").read_text()
 
 
 @pytest.mark.slow
