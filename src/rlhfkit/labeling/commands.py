@@ -183,6 +183,29 @@ JUDGE_TEMPLATE = (
 
 
 @torch.inference_mode()
+def next_word_odds(
+    model: torch.nn.Module,
+    tokenizer,
+    questions: Sequence[str],
+    words: tuple[str, str],
+    batch_size: int = 8,
+    max_length: int = 2048,
+) -> list[float]:
+    """Per question (asked as one user turn), the judge's next-token probability of the first of
+    two answer words against the second (their first tokens), batched with left padding."""
+    from rlhfkit.sampling import encode_prompts
+
+    first, second = (tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in words)
+    texts = [render_prompt(tokenizer, [{"role": "user", "content": question}], "auto") for question in questions]
+    probabilities = []
+    for start in range(0, len(texts), batch_size):
+        ids, mask = encode_prompts(tokenizer, texts[start : start + batch_size], max_length)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+        probabilities += logits[:, [first, second]].softmax(dim=-1)[:, 0].tolist()
+    return probabilities
+
+
 def llm_preferences(
     model: torch.nn.Module,
     tokenizer,
@@ -194,26 +217,12 @@ def llm_preferences(
 ) -> list[float]:
     """P(first answer better) per item: the judge's next-token probability of "A" against "B",
     averaged over both orders (A/B swapped), which cancels the judge's position bias."""
-    from rlhfkit.sampling import encode_prompts
-
-    letter_a, letter_b = (tokenizer(letter, add_special_tokens=False)["input_ids"][0] for letter in ("A", "B"))
 
     def p_first_letter(lefts: Sequence[str], rights: Sequence[str]) -> list[float]:
-        texts = [
-            render_prompt(
-                tokenizer,
-                [{"role": "user", "content": JUDGE_TEMPLATE.format(prompt=p, first=left, second=right)}],
-                "auto",
-            )
-            for p, left, right in zip(prompts, lefts, rights)
+        questions = [
+            JUDGE_TEMPLATE.format(prompt=p, first=left, second=right) for p, left, right in zip(prompts, lefts, rights)
         ]
-        probabilities = []
-        for start in range(0, len(texts), batch_size):
-            ids, mask = encode_prompts(tokenizer, texts[start : start + batch_size], max_length)
-            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
-            probabilities += logits[:, [letter_a, letter_b]].softmax(dim=-1)[:, 0].tolist()
-        return probabilities
+        return next_word_odds(model, tokenizer, questions, ("A", "B"), batch_size, max_length)
 
     in_order, swapped = p_first_letter(first, second), p_first_letter(second, first)
     return [(a + (1.0 - b)) / 2 for a, b in zip(in_order, swapped)]
@@ -225,7 +234,6 @@ SINGLE_JUDGE_TEMPLATE = (
 )
 
 
-@torch.inference_mode()
 def llm_approvals(
     model: torch.nn.Module,
     tokenizer,
@@ -235,22 +243,8 @@ def llm_approvals(
     max_length: int = 2048,
 ) -> list[float]:
     """P(good answer) per item: the judge's next-token probability of "Yes" against "No"."""
-    from rlhfkit.sampling import encode_prompts
-
-    yes, no = (tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in ("Yes", "No"))
-    texts = [
-        render_prompt(
-            tokenizer, [{"role": "user", "content": SINGLE_JUDGE_TEMPLATE.format(prompt=p, answer=a)}], "auto"
-        )
-        for p, a in zip(prompts, answers)
-    ]
-    probabilities = []
-    for start in range(0, len(texts), batch_size):
-        ids, mask = encode_prompts(tokenizer, texts[start : start + batch_size], max_length)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
-        probabilities += logits[:, [yes, no]].softmax(dim=-1)[:, 0].tolist()
-    return probabilities
+    questions = [SINGLE_JUDGE_TEMPLATE.format(prompt=p, answer=a) for p, a in zip(prompts, answers)]
+    return next_word_odds(model, tokenizer, questions, ("Yes", "No"), batch_size, max_length)
 
 
 def judge_with_llm(
