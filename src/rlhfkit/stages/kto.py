@@ -24,9 +24,10 @@ from rlhfkit.data.formatting import tokenize_feedback
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.engine.held_out import held_out_sums
 from rlhfkit.losses.kto import kto_loss, kto_reference_point
-from rlhfkit.models import backbone_and_head, frozen_reference_copy, reference_policy, resolve_with_tokenizer
+from rlhfkit.models import backbone_and_head, frozen_reference_copy, resolve_with_tokenizer
 from rlhfkit.passes import answer_logps
 from rlhfkit.stages.before_after import HeldOutAnswers, measure
+from rlhfkit.stages.dpo import ReferencePolicy
 
 STAGE = "kto"
 
@@ -44,15 +45,14 @@ def balance_note(desirable: int, undesirable: int, desirable_weight: float, unde
     )
 
 
-def example_statistics(config: KTOConfig, engine: Engine, frozen_copy: torch.nn.Module | None):
+def example_statistics(config: KTOConfig, reference: ReferencePolicy):
     """Per-example KTO loss and diagnostics of a batch, shared by training and evaluation."""
     settings, chunk = config.kto, config.train.loss_chunk_tokens
 
     def statistics(model: torch.nn.Module, batch: FeedbackBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         count, desirable = batch.num_examples, batch.labels
         logps = answer_logps(model, batch.pairs, chunk)  # (2B,): y_i, then y'_i
-        with torch.no_grad(), reference_policy(engine.model, frozen_copy) as reference:
-            ref_logps = answer_logps(reference, batch.pairs, chunk)
+        ref_logps = reference.compute(batch.pairs, training_pairs=False)  # (2B,), no gradient
         reference_point = kto_reference_point(logps[count:], ref_logps[count:])  # z₀, ()
         losses = kto_loss(
             logps[:count],
@@ -103,7 +103,7 @@ def run(config: KTOConfig, resume: bool = False) -> dict:
     engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
     if frozen_copy is not None:
         frozen_copy.to(engine.device)
-    statistics = example_statistics(config, engine, frozen_copy)
+    statistics = example_statistics(config, ReferencePolicy(engine, frozen_copy, train.loss_chunk_tokens))
     eval_batches = batches(eval_set, None)[: config.eval.max_batches]
 
     def loss_fn(model: torch.nn.Module, batch: FeedbackBatch) -> LossOutput:
