@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from rlhfkit.attention import consecutive_runs
 from rlhfkit.config import SamplingSettings
+from rlhfkit.engine.threads import follow_free_cores
 from rlhfkit.models import eval_mode, weights_are_sharded
 
 
@@ -215,6 +216,15 @@ def _generate_cache_keyword() -> str:
     return "cache" if release >= (5, 24) else "past_key_values"
 
 
+class FollowFreeCores:
+    """A stopping criterion that never stops: it lets the CPU thread count follow the free cores
+    between decode steps (a forward pass computes the same with any count)."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        follow_free_cores()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def generate_new_tokens(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -224,8 +234,11 @@ def generate_new_tokens(
 ) -> torch.Tensor:
     """(B, new) the tokens HF `generate` adds after left-padded prompts: the one call of `generate`
     that every sampler here makes. prompt_cache: a KV cache of all but each prompt's last token."""
+    from transformers import StoppingCriteriaList
+
     if prompt_cache is not None:
         generation[_generate_cache_keyword()] = prompt_cache
+    generation["stopping_criteria"] = StoppingCriteriaList([FollowFreeCores()])
     # Sharded weights (FSDP, ZeRO-3): every process runs each decode step, as the gathers need.
     generated = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, synced_gpus=weights_are_sharded(model), **generation

@@ -191,6 +191,10 @@ class TrainSettings(Section):
         1024, gt=0, description="Tokens per chunk when computing logits and the loss (bounds [tokens, vocab] memory)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    threads: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto",
+        description="CPU threads: auto follows the cores other processes leave free; N fixes it (bitwise-same training).",
+    )
     on_nonfinite: Literal["error", "skip"] = Field(
         "error",
         description="A NaN/inf loss or gradient: stop naming the step (the last good checkpoint stays), or skip that batch's update and count it.",

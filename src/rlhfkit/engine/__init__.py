@@ -9,6 +9,7 @@ run_dir.py        a stage's output directory (run.json, config.yaml, checkpoints
 checkpointing.py  checkpoint files: weights, optimizer, scheduler, RNG, progress
 optim.py          AdamW groups, the learning-rate schedule, steps per run
 tracking.py       metrics.jsonl and the trackers (TensorBoard, W&B, MLflow)
+threads.py        CPU threads that follow the cores other processes leave free
 """
 
 from rlhfkit.engine.checkpointing import read_torch_state

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhfkit.config import LoraSettings, ModelSettings, TrainSettings
-from rlhfkit.engine import checkpointing, deepspeed_zero, tracking
+from rlhfkit.engine import checkpointing, deepspeed_zero, threads, tracking
 from rlhfkit.engine.deepspeed_zero import deepspeed_launch
 from rlhfkit.engine.distributed import (
     LossInsideWrapper,
@@ -40,6 +40,7 @@ from rlhfkit.engine.distributed import (
 from rlhfkit.engine.optim import decay_groups, warmup_then_decay
 from rlhfkit.engine.protocol import Batch, LossOutput, Progress
 from rlhfkit.engine.run_dir import RunDir
+from rlhfkit.engine.threads import follow_free_cores
 from rlhfkit.errors import TrainingError, UserError
 from rlhfkit.models import (
     FINAL_DIR,
@@ -66,6 +67,7 @@ class Engine:
         self.train = train
         self.run = run
         self.stage = stage
+        threads.configure(train.threads)
         trackers = tracking.available_trackers(train.trackers)
         self.sharded = fsdp_launch()  # FSDP2: each process holds a shard of every weight and optimizer state
         # DeepSpeed ZeRO stage (checked before any model loads), or None
@@ -351,6 +353,7 @@ class Engine:
         every forward), so there every process makes the same number of passes, padding its share
         with zero-weighted ones.
         """
+        follow_free_cores()
         world = self.num_processes
         if already_split:
             share = list(group)
