@@ -57,6 +57,7 @@ def environment() -> dict:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "rlhfkit_threads": os.environ.get("RLHFKIT_THREADS", "auto"),
         "python": platform.python_version(),
         "versions": versions,
         "cuda": torch.cuda.is_available(),
@@ -308,12 +309,26 @@ def plot_ratios(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+# Busy for `duty` of every 100 ms, asleep for the rest: 1.0 is a build or an indexer, ~0.3 a
+# browser playing a video.
+COMPETITOR = """
+import sys, time
+duty = float(sys.argv[1])
+while True:
+    started = time.perf_counter()
+    while time.perf_counter() - started < duty * 0.1:
+        pass
+    if duty < 1:
+        time.sleep((1 - duty) * 0.1)
+"""
+
+
 @contextmanager
-def busy_competitors(count: int) -> Iterator[None]:
-    """`count` processes that keep a core busy each (a browser, an IDE, an indexer stand-in)
-    while the block runs; stopped however it ends."""
+def busy_competitors(count: int, duty: float = 1.0) -> Iterator[None]:
+    """`count` processes that each keep a core busy `duty` of the time (a browser, an IDE, an
+    indexer stand-in) while the block runs; stopped however it ends."""
     processes = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL) for _ in range(count)
+        subprocess.Popen([sys.executable, "-c", COMPETITOR, str(duty)], stdin=subprocess.DEVNULL) for _ in range(count)
     ]
     try:
         yield
@@ -338,9 +353,17 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="busy processes (one core each) running beside every workload: the machine shared with other work",
     )
+    parser.add_argument(
+        "--competitor-duty",
+        type=float,
+        default=1.0,
+        help="fraction of each 100 ms a competitor is busy (1.0: always; 0.3: browser-like bursts)",
+    )
     args = parser.parse_args(argv)
     if args.competitors < 0:
         parser.error("--competitors must be >= 0")
+    if not 0 < args.competitor_duty <= 1:
+        parser.error("--competitor-duty must be in (0, 1]")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     suite = SUITES[args.suite]
     model = args.model or suite.model
@@ -368,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             "environment": env,
             "gemm_peak_flops": peak,
             "competitors": args.competitors,
+            "competitor_duty": args.competitor_duty,
             "data": data,
             "results": results,
             "table": summarise(results, peak),
@@ -384,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                 if framework == "trl" and workload in RLHFKIT_ONLY:
                     continue
                 print(f"{workload:>10} / {framework:<8} ...", end=" ", flush=True)
-                with busy_competitors(args.competitors):
+                with busy_competitors(args.competitors, args.competitor_duty):
                     result = run_workload(workload, framework, suite, model, workdir, log)
                 results.setdefault(workload, {})[framework] = result
                 print(
@@ -399,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     versions = env["versions"]
     heading += " · gradient checkpointing" if suite.gradient_checkpointing else ""
     heading += f" · torch {versions['torch']} · transformers {versions['transformers']} · trl {versions['trl']}"
-    heading += f" · beside {args.competitors} busy process(es)" if args.competitors else ""
+    if args.competitors:
+        duty = f" ({args.competitor_duty:.0%} of the time)" if args.competitor_duty < 1 else ""
+        heading += f" · beside {args.competitors} busy process(es){duty}"
     output.with_suffix(".md").write_text(f"{heading}\n\n{table}\n")
     plot_ratios(rows, output.parent / f"{output.name}-ratios.png")
     print(f"\n{heading}\n\n{table}\n\nwrote {output}.json/.md/-ratios.png in {report['total_seconds'] / 60:.1f} min")
