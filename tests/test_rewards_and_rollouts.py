@@ -316,6 +316,26 @@ def test_row_seeded_sampler_draws_from_the_processed_distribution():
     assert torch.allclose(counts[:3] / counts.sum(), expected, atol=0.02)
 
 
+def test_unseeded_sampling_draws_row_seeds_from_torchs_generator(tiny_model):
+    """Without seeds, every sampler draws as the RL rollouts do, its seeds from torch's generator:
+    torch.manual_seed repeats the samples, and they are those of the seeded path."""
+    from rlhfkit.sampling import generate_texts, global_seeds
+
+    source = resolve(str(tiny_model))
+    tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)
+    settings = RolloutSettings(max_new_tokens=12, temperature=1.0, batch_size=4)
+    prompts = ["Why is the sky blue?", "What is a magnet?"]
+    torch.manual_seed(11)
+    unseeded = sample_rollout(model, tokenizer, prompts, settings, 2, 64)
+    torch.manual_seed(11)
+    seeded = sample_rollout(model, tokenizer, prompts, settings, 2, 64, global_seeds(4))
+    assert torch.equal(unseeded.response_ids, seeded.response_ids)
+    torch.manual_seed(12)
+    assert not torch.equal(sample_rollout(model, tokenizer, prompts, settings, 2, 64).response_ids, seeded.response_ids)
+    texts = [generate_texts(model, tokenizer, prompts, 12, temperature=1.0, seed=seed) for seed in (5, 5, 6)]
+    assert texts[0] == texts[1] and texts[0] != texts[2]
+
+
 def test_seeded_completions_do_not_depend_on_their_batch(tiny_model):
     """A completion drawn with its own seed is the same alone or beside other prompts."""
     from rlhfkit.sampling import row_seed

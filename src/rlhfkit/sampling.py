@@ -123,6 +123,11 @@ def row_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def global_seeds(count: int) -> list[int]:
+    """One seed per row from torch's global generator (so torch.manual_seed repeats them)."""
+    return [int(seed) for seed in torch.randint(0, 2**62, (count,))]
+
+
 class RowSeededSampler:
     """A logits processor that draws each row's next token with that row's own random generator.
 
@@ -166,36 +171,29 @@ def sample_rollout(
     """Sample `samples_per_prompt` completions for each formatted prompt with the KV cache.
 
     With `seeds` (one per completion, prompt-major), each completion is drawn with its own
-    generator (:class:`RowSeededSampler`); without, from torch's global generator.
+    generator (:class:`RowSeededSampler`); without, the seeds come from torch's global generator.
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
     repeated = [text for text in prompt_texts for _ in range(samples_per_prompt)]
     prompt_ids, prompt_mask = encode_prompts(tokenizer, repeated, max_prompt_length)
-    # A full config replaces the model's defaults (e.g. a top_k of 50 or a repetition penalty), so
+    # A full config replaces the model's defaults (e.g. a top_k of 50 or a repetition penalty);
+    # RowSeededSampler applies temperature/top-k/top-p itself and generate decodes greedily, so
     # the distribution sampled is exactly softmax(logits / temperature) restricted by top-p/top-k.
-    # With seeds, RowSeededSampler applies temperature/top-k/top-p itself and generate decodes greedily.
-    warping = (
-        {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k or None}
-        if seeds is None
-        else {}
-    )
     generation_config = GenerationConfig(
-        do_sample=seeds is None,
-        **warping,
+        do_sample=False,
         max_new_tokens=settings.max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    seeds = global_seeds(len(repeated)) if seeds is None else seeds
     with eval_mode(model):
         pieces = []
         for start in range(0, len(repeated), settings.batch_size):
             ids = prompt_ids[start : start + settings.batch_size].to(device)
             mask = prompt_mask[start : start + settings.batch_size].to(device)
-            processors = LogitsProcessorList(
-                [RowSeededSampler(seeds[start : start + settings.batch_size], settings)] if seeds is not None else []
-            )
+            processors = LogitsProcessorList([RowSeededSampler(seeds[start : start + settings.batch_size], settings)])
             prefix = shared_prompt_cache(model, ids, mask, torch.arange(start, start + len(ids)) // samples_per_prompt)
             new = generate_new_tokens(
                 model, ids, mask, prefix, generation_config=generation_config, logits_processor=processors
@@ -308,10 +306,10 @@ def generate_texts(
     device = next(model.parameters()).device
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generated tokens must follow the prompt directly
+    from transformers import LogitsProcessorList
+
     torch.manual_seed(seed)
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    )
+    draw = SamplingSettings(temperature=temperature, top_p=top_p) if temperature > 0 else None
     outputs: list[str] = []
     starts = range(0, len(prompt_texts), batch_size)
     with eval_mode(model):
@@ -323,6 +321,7 @@ def generate_texts(
                     padding=True,
                     add_special_tokens=False,
                 ).to(device)
+                rows = encoded["input_ids"].shape[0]
                 new_tokens = generate_new_tokens(
                     model,
                     encoded["input_ids"],
@@ -330,7 +329,8 @@ def generate_texts(
                     max_new_tokens=max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=tokenizer.eos_token_id,
-                    **sampling,
+                    do_sample=False,
+                    logits_processor=LogitsProcessorList([RowSeededSampler(global_seeds(rows), draw)] if draw else []),
                 )
                 outputs.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         finally:
