@@ -15,6 +15,7 @@ import torch
 
 from rlhfkit.attention import consecutive_runs, pack_shared_prefixes, packed_hidden_states, shares_prompts
 from rlhfkit.data.batching import LMBatch, PairBatch
+from rlhfkit.engine.threads import follow_free_cores
 from rlhfkit.losses.lm import (
     IGNORE_INDEX,
     causal_lm_nll_sum,
@@ -47,6 +48,7 @@ def evaluate_perplexity(
     nll, tokens = 0.0, 0
     with eval_mode(model):
         for batch in batches:
+            follow_free_cores()
             nll += lm_nll_sum(model, batch.to(device), chunk_size).item()
             tokens += batch.num_target_tokens
     return perplexity_from_sums(nll, tokens)

@@ -23,6 +23,7 @@ from rlhfkit.attention import consecutive_runs, pack_shared_prefixes, shares_pro
 from rlhfkit.config import ModelSettings, RewardSourceSettings
 from rlhfkit.data.batching import pad_right
 from rlhfkit.data.formatting import fit_pair, prompt_and_response_ids
+from rlhfkit.engine.threads import follow_free_cores
 from rlhfkit.errors import UserError
 from rlhfkit.models import backbone_and_score_head, load_reward_model, load_tokenizer, packs_by_position_ids, resolve
 from rlhfkit.passes import packed_reward_forward, reward_model_forward
@@ -115,6 +116,7 @@ class RewardModelScorer:
             return self._score_packed(prompts, rows)
         scores: list[float] = []
         for start in range(0, len(rows), batch_size):
+            follow_free_cores()
             input_ids, attention_mask = pad_right(rows[start : start + batch_size], self.tokenizer.pad_token_id)
             input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
             if self.label_index is None:
@@ -139,6 +141,7 @@ class RewardModelScorer:
             size += sum(len(rows[i]) for i in group)
             if size < pack_tokens and position + 1 < len(groups):
                 continue
+            follow_free_cores()
             members = [i for g in chunk for i in g]
             local = {row: k for k, row in enumerate(members)}
             pack = pack_shared_prefixes(

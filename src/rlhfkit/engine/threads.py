@@ -5,11 +5,11 @@ other. When another process holds a core, the thread sharing it is descheduled a
 spin on: on 2 cores beside one busy process, sampling runs ~20× and training ~4.5× slower than
 alone, where a fair share is 2×. With one thread fewer the same work is ~1.6–1.9× slower.
 
-So under `threads: auto` the count is re-chosen between training steps and between decode
-steps: the cores this process may use, less the cores other processes kept busy since the last
-check (a core counts as taken from 0.6 of it; a process that sleeps between bursts, like a
-browser, leaves both). `threads: N` fixes the count; the environment variable RLHFKIT_THREADS
-overrides the config.
+So under `threads: auto` the count is re-chosen between training steps, decode steps and
+held-out or scoring batches: the cores this process may use, less the cores other processes kept
+busy since the last check (a core counts as taken from 0.6 of it; a process that sleeps between
+bursts, like a browser, leaves both). `threads: N` fixes the count; the environment variable
+RLHFKIT_THREADS overrides the config.
 
 The count never changes what a forward pass computes (sampling, evaluation, scoring are bitwise
 the same with 1 or 2 threads; tested). A training step's weight gradients come from matrix
