@@ -19,7 +19,7 @@ from benchmarks.suites import SUITES  # noqa: E402
 from benchmarks.workloads import RUNNERS  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "benchmark-results"
-PROFILED = ("sft", "reward", "dpo", "grpo", "ppo", "trpo")
+PROFILED = ("sft", "reward", "dpo", "grpo", "ppo", "trpo", "generation")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,10 +52,13 @@ def main(argv: list[str] | None = None) -> None:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as profiler:
             result = RUNNERS[(args.workload, "rlhfkit")](suite, model, workdir)
     table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
-    steps = ", ".join(f"{s:.1f}" for s in result["step_seconds"])
-    text = (
-        f"rlhfkit {args.workload}, suite {suite.name} (reduced), step seconds under the profiler: {steps}\n\n{table}\n"
-    )
+    if "step_seconds" in result:
+        timing = "step seconds under the profiler: " + ", ".join(f"{s:.1f}" for s in result["step_seconds"])
+    else:  # generation: seconds per batch size
+        timing = "seconds under the profiler: " + ", ".join(
+            f"batch {batch}: {figures['seconds']:.1f}" for batch, figures in result["batches"].items()
+        )
+    text = f"rlhfkit {args.workload}, suite {suite.name} (reduced), {timing}\n\n{table}\n"
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / f"profile-{args.workload}.txt").write_text(text)
     print(text)

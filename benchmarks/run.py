@@ -85,6 +85,41 @@ def gemm_peak_flops(suite: Suite, repeats: int = 10) -> float:
     return 2 * size**3 / best
 
 
+def memory_bandwidth(suite: Suite, repeats: int = 5) -> float:
+    """The suite's device's memory read rate (bytes/s): best of `repeats` sums over a tensor far
+    larger than any cache (512 MB on a CPU, 4 GB on a GPU)."""
+    import torch
+
+    device = torch.device(suite.device)
+    values = torch.ones((2**30 if device.type == "cuda" else 2**27), device=device, dtype=torch.float32)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    values.sum()  # warm-up
+    synchronize()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        values.sum()
+        synchronize()
+        best = min(best, time.perf_counter() - started)
+    return values.numel() * values.element_size() / best
+
+
+def decode_bound(
+    shape: dict[str, int], batch: int, context: float, peak_flops: float, bandwidth: float, dtype_bytes: int
+) -> float:
+    """New tokens/s that no sampler of this model can beat on this machine at this batch size.
+
+    A decode step reads every weight once and each row's KV cache (2·layers·kv_dim values per
+    position of `context`), and does 2 FLOPs per weight per row plus 4·layers·hidden per row and
+    position for attention; it takes at least the longer of reading at `bandwidth` and computing
+    at `peak_flops`.
+    """
+    weights = shape["body_params"] + shape["head_params"]
+    step_bytes = (weights + 2 * shape["layers"] * shape["kv_dim"] * context * batch) * dtype_bytes
+    step_flops = 2 * weights * batch + 4 * shape["layers"] * shape["hidden"] * context * batch
+    return batch / max(step_bytes / bandwidth, step_flops / peak_flops)
+
+
 def run_workload(workload: str, framework: str, suite: Suite, model: str, workdir: Path, log) -> dict:
     """One workload in a subprocess; its RESULT line, or the error when it failed."""
     command = [
@@ -119,8 +154,15 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def summarise(results: dict[str, dict[str, dict]], peak_flops: float) -> list[dict]:
-    """Table rows: metric, rlhfkit value, TRL value, ratio (rlhfkit / TRL), target and whether it is met."""
+def summarise(
+    results: dict[str, dict[str, dict]],
+    peak_flops: float,
+    bandwidth: float | None = None,
+    shape: dict[str, int] | None = None,
+    dtype_bytes: int = 4,
+) -> list[dict]:
+    """Table rows: metric, rlhfkit value, TRL value, ratio (rlhfkit / TRL), target and whether it is met.
+    With the memory bandwidth and the model's shape, sampling also reads as a fraction of its bound."""
     rows: list[dict] = []
 
     def add(
@@ -225,6 +267,19 @@ def summarise(results: dict[str, dict[str, dict]], peak_flops: float) -> list[di
         for batch in (ours or theirs)["batches"]:
             rate = lambda r: r and r["batches"][batch]["new_tokens"] / r["batches"][batch]["seconds"]  # noqa: B023 (called at once)
             add(f"generation: new tokens/s, batch {batch}", rate(ours), rate(theirs), None, unit="tok/s")
+            measured = ours or theirs
+            if bandwidth and shape and "prompt_width" in measured["batches"][batch]:
+                # the cache grows from the prompt's width by one position per step: its mean size
+                context = measured["batches"][batch]["prompt_width"] + measured["new_tokens_per_row"] / 2
+                bound = decode_bound(shape, int(batch), context, peak_flops, bandwidth, dtype_bytes)
+                share = lambda r: r and rate(r) / bound  # noqa: B023 (called at once)
+                add(
+                    f"generation: fraction of the bound ({bound:,.0f} tok/s), batch {batch}",
+                    share(ours),
+                    share(theirs),
+                    None,
+                    unit="fraction",
+                )
         rss("generation", ours, theirs)
     for workload in RLHFKIT_ONLY:
         ours, _ = pair(workload)
@@ -375,12 +430,19 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     env = environment()
-    peak = gemm_peak_flops(suite)
+    peak, bandwidth = gemm_peak_flops(suite), memory_bandwidth(suite)
     print(
         f"{env['gpu'] or env['cpu']}, {env['cores']} cores, torch {env['versions']['torch']}; "
-        f"{suite.dtype} GEMM peak {peak / 1e9:.1f} GFLOP/s",
+        f"{suite.dtype} GEMM peak {peak / 1e9:.1f} GFLOP/s, memory read {bandwidth / 1e9:.1f} GB/s",
         flush=True,
     )
+    import torch
+
+    from benchmarks.workloads import model_shape
+
+    # the sampling bound holds for plain weights (a 4-bit base reads differently)
+    shape = None if suite.load_in_4bit else model_shape(model)
+    dtype_bytes = getattr(torch, suite.dtype).itemsize
     results: dict[str, dict[str, dict]] = {}
 
     def write_report() -> dict:
@@ -390,11 +452,13 @@ def main(argv: list[str] | None = None) -> int:
             "model": model,
             "environment": env,
             "gemm_peak_flops": peak,
+            "memory_bandwidth": bandwidth,
+            "model_shape": shape,
             "competitors": args.competitors,
             "competitor_duty": args.competitor_duty,
             "data": data,
             "results": results,
-            "table": summarise(results, peak),
+            "table": summarise(results, peak, bandwidth, shape, dtype_bytes),
             "total_seconds": time.perf_counter() - started,
         }
         output.with_suffix(".json").write_text(json_text(report, indent=2))

@@ -72,7 +72,7 @@ GPU = Suite(
     rl_new_tokens=128,
     rl_steps=3,
     generation_new_tokens=128,
-    generation_batches=((1, 4), (16, 16), (64, 64)),
+    generation_batches=((1, 4), (16, 16), (64, 64), (256, 256)),
 )
 
 SUITES = {
@@ -90,7 +90,7 @@ SUITES = {
         rl_new_tokens=64,
         rl_steps=2,
         generation_new_tokens=64,
-        generation_batches=((1, 4), (8, 8), (32, 32)),
+        generation_batches=((1, 4), (8, 8), (16, 16), (32, 32)),
     ),
     "gpu": GPU,
     # The same with gradient checkpointing on for both tools (memory traded for recomputation).

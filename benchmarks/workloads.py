@@ -104,7 +104,13 @@ def model_shape(model: str) -> dict[str, int]:
     d, layers = config.hidden_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (d // config.num_attention_heads)
     per_layer = 2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size
-    return {"layers": layers, "hidden": d, "body_params": layers * per_layer, "head_params": config.vocab_size * d}
+    return {
+        "layers": layers,
+        "hidden": d,
+        "kv_dim": kv,
+        "body_params": layers * per_layer,
+        "head_params": config.vocab_size * d,
+    }
 
 
 def sft_useful_flops(shape: dict[str, int], tokens: int, counts: dict[str, int]) -> float:
@@ -214,17 +220,23 @@ def generation_prompts(workdir: Path, count: int) -> list[str]:
     return [row["prompt"] for row in rows[:count]]
 
 
-def measure_generation(suite: Suite, workdir: Path, generate: Callable[[list[str]], list[int]]) -> dict:
-    """New tokens/s per batch size; `generate` samples for a batch of prompts and returns new-token counts."""
+def measure_generation(suite: Suite, workdir: Path, generate: Callable[[list[str]], tuple[list[int], int]]) -> dict:
+    """New tokens/s per batch size; `generate` samples for a batch of prompts and returns the
+    new-token count of each row and the prompts' padded width (the KV cache every row starts with)."""
     generate(generation_prompts(workdir, 1))  # warm-up: first-call allocations
     results = {}
     for batch_size, count in suite.generation_batches:
         prompts = generation_prompts(workdir, count)
-        started, tokens = time.perf_counter(), 0
+        started, tokens, widths = time.perf_counter(), 0, []
         for start in range(0, count, batch_size):
-            tokens += sum(generate(prompts[start : start + batch_size]))
-        results[str(batch_size)] = {"seconds": time.perf_counter() - started, "new_tokens": tokens}
-    return {"batches": results, "unit": "new tokens"}
+            new_tokens, prompt_width = generate(prompts[start : start + batch_size])
+            tokens, widths = tokens + sum(new_tokens), [*widths, prompt_width]
+        results[str(batch_size)] = {
+            "seconds": time.perf_counter() - started,
+            "new_tokens": tokens,
+            "prompt_width": sum(widths) / len(widths),
+        }
+    return {"batches": results, "unit": "new tokens", "new_tokens_per_row": suite.generation_new_tokens}
 
 
 def _load_model(suite: Suite, model_name: str, reward_model: bool = False):
@@ -253,13 +265,13 @@ def rlhfkit_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
     model.eval()
     torch.manual_seed(suite.seed)
 
-    def generate(prompts: list[str]) -> list[int]:
+    def generate(prompts: list[str]) -> tuple[list[int], int]:
         settings = SamplingSettings(
             max_new_tokens=suite.generation_new_tokens, temperature=suite.temperature, batch_size=len(prompts)
         )
         texts = [render_prompt(tokenizer, ({"role": "user", "content": p},), "auto") for p in prompts]
         rollout = sample_rollout(model, tokenizer, texts, settings, 1, suite.max_length)
-        return [int(n) for n in rollout.lengths]
+        return [int(n) for n in rollout.lengths], rollout.prompt_ids.shape[1]
 
     return measure_generation(suite, workdir, generate)
 
@@ -474,7 +486,7 @@ def trl_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
     torch.manual_seed(suite.seed)
 
     @torch.no_grad()
-    def generate(prompts: list[str]) -> list[int]:
+    def generate(prompts: list[str]) -> tuple[list[int], int]:
         texts = [
             tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts
@@ -483,7 +495,8 @@ def trl_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
         new = model.generate(**inputs, generation_config=config)[:, inputs["input_ids"].shape[1] :]
         is_eos = new == tokenizer.eos_token_id
         # Tokens up to and including the first EOS.
-        return [int(row.nonzero()[0]) + 1 if row.any() else new.shape[1] for row in is_eos]
+        lengths = [int(row.nonzero()[0]) + 1 if row.any() else new.shape[1] for row in is_eos]
+        return lengths, inputs["input_ids"].shape[1]
 
     return measure_generation(suite, workdir, generate)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from launching import run_bounded
 
-from benchmarks.run import markdown_table, summarise
+from benchmarks.run import decode_bound, markdown_table, summarise
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,6 +79,34 @@ def test_gpu_runs_add_a_peak_gpu_memory_row_per_workload():
     gpu = rows["reward: peak GPU memory"]
     assert (gpu["rlhfkit"], gpu["trl"], gpu["ratio"], gpu["met"]) == (300.0, 400.0, 0.75, True)
     assert rows["trpo: peak GPU memory"]["rlhfkit"] == 900.0 and rows["trpo: peak GPU memory"]["trl"] is None
+
+
+SHAPE = {"layers": 2, "hidden": 8, "kv_dim": 4, "body_params": 900, "head_params": 100}
+
+
+def test_the_sampling_bound_by_hand():
+    # a step reads (1000 weights + 2·2 layers·4 kv·10 positions·B rows) × 4 bytes and does
+    # 2·1000·B + 4·2·8·10·B FLOPs
+    memory_bound = decode_bound(SHAPE, batch=1, context=10, peak_flops=1e12, bandwidth=1160.0, dtype_bytes=4)
+    assert memory_bound == pytest.approx(1 / ((1000 + 160) * 4 / 1160))  # 0.25 tok/s: 4 s per step
+    compute_bound = decode_bound(SHAPE, batch=4, context=10, peak_flops=2640.0, bandwidth=1e12, dtype_bytes=4)
+    assert compute_bound == pytest.approx(4 / ((2000 + 640) * 4 / 2640))  # 1 tok/s: 4 s per step
+
+
+def test_sampling_reads_as_a_fraction_of_its_bound():
+    batches = {"2": {"seconds": 4.0, "new_tokens": 8, "prompt_width": 6}}
+    results = {
+        "generation": {
+            "rlhfkit": {"batches": batches, "new_tokens_per_row": 8, "peak_rss_mb": 1.0},
+            "trl": {"batches": {"2": {**batches["2"], "seconds": 8.0}}, "new_tokens_per_row": 8, "peak_rss_mb": 1.0},
+        }
+    }
+    bound = decode_bound(SHAPE, 2, 6 + 8 / 2, 1e12, 4000.0, 4)  # context: prompt width + half the new tokens
+    rows = _by_metric(summarise(results, peak_flops=1e12, bandwidth=4000.0, shape=SHAPE))
+    share = rows[f"generation: fraction of the bound ({bound:,.0f} tok/s), batch 2"]
+    assert share["rlhfkit"] == pytest.approx(2.0 / bound) and share["trl"] == pytest.approx(1.0 / bound)
+    assert share["ratio"] == pytest.approx(2.0)
+    assert not any("bound" in metric for metric in _by_metric(summarise(results, peak_flops=1e12)))
 
 
 @pytest.mark.slow
