@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 FRAMEWORKS = ("rlhfkit", "trl")
-WORKLOADS = ("sft", "reward", "dpo", "grpo", "generation", "ppo", "trpo")
+WORKLOADS = ("sft", "reward", "dpo", "grpo", "generation", "ppo", "ppo_head", "trpo")
 # Workloads TRL has no trainer for: rlhfkit alone, compared with its own GRPO at the same rollout size.
-RLHFKIT_ONLY = ("ppo", "trpo")
+RLHFKIT_ONLY = ("ppo", "ppo_head", "trpo")
 
 
 @dataclass(frozen=True)

@@ -172,10 +172,11 @@ def rlhfkit_pairs(stage_name: str, suite: Suite, model: str, workdir: Path) -> d
     return {"step_seconds": [s["train/step_s"] for s in steps], "units": suite.pairs, "unit": "pairs"}
 
 
-def rlhfkit_online(stage_name: str, suite: Suite, model: str, workdir: Path) -> dict:
+def rlhfkit_online(stage_name: str, suite: Suite, model: str, workdir: Path, **section: Any) -> dict:
+    """An RL stage on the arithmetic prompts; `section`: settings of its own section (e.g. ppo's critic)."""
     from rlhfkit import registry
 
-    output_dir = workdir / f"rlhfkit-{stage_name}"
+    output_dir = workdir / f"rlhfkit-{stage_name}{'-' + '-'.join(map(str, section.values())) if section else ''}"
     batch = suite.rl_prompts * suite.rl_group
     settings = {
         **_rlhfkit_common(
@@ -201,6 +202,8 @@ def rlhfkit_online(stage_name: str, suite: Suite, model: str, workdir: Path) -> 
     }
     if stage_name == "grpo":
         settings["grpo"] = {"beta": suite.grpo_beta}
+    if section:
+        settings[stage_name] = {**settings.get(stage_name, {}), **section}
     stage = registry.stage(stage_name)
     stage.runner(stage.config_class.model_validate(settings))
     steps = _logged_steps(output_dir)
@@ -507,6 +510,8 @@ RUNNERS: dict[tuple[str, str], Callable[[Suite, str, Path], dict]] = {
     ("dpo", "rlhfkit"): lambda *a: rlhfkit_pairs("dpo", *a),
     ("grpo", "rlhfkit"): lambda *a: rlhfkit_online("grpo", *a),
     ("ppo", "rlhfkit"): lambda *a: rlhfkit_online("ppo", *a),
+    # the critic the CPU configs use: a linear value head on the reference pass's hidden states
+    ("ppo_head", "rlhfkit"): lambda *a: rlhfkit_online("ppo", *a, critic="head"),
     ("trpo", "rlhfkit"): lambda *a: rlhfkit_online("trpo", *a),
     ("generation", "rlhfkit"): rlhfkit_generation,
     ("sft", "trl"): trl_sft,

@@ -14,6 +14,7 @@ import pytest
 from launching import run_bounded
 
 from benchmarks.run import decode_bound, markdown_table, summarise
+from benchmarks.suites import RLHFKIT_ONLY, WORKLOADS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,16 +130,16 @@ def test_smoke_suite_runs_every_workload_for_both_tools(tiny_model, tmp_path):
     )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     report = json.loads(output.with_suffix(".json").read_text())
-    expected = {"sft", "reward", "dpo", "grpo", "generation", "ppo", "trpo"}
-    assert set(report["results"]) == expected
+    assert set(report["results"]) == set(WORKLOADS) >= {"sft", "reward", "dpo", "grpo", "generation", "ppo", "trpo"}
     for workload, by_tool in report["results"].items():
-        tools = {"rlhfkit"} if workload in ("ppo", "trpo") else {"rlhfkit", "trl"}
+        tools = {"rlhfkit"} if workload in RLHFKIT_ONLY else {"rlhfkit", "trl"}
         assert set(by_tool) == tools
         for result in by_tool.values():
             assert "error" not in result and result["peak_rss_mb"] > 0
             timings = result.get("step_seconds") or [b["seconds"] for b in result["batches"].values()]
             assert timings and all(t > 0 for t in timings)
-    assert report["gemm_peak_flops"] > 0 and report["environment"]["versions"]["trl"]
+    assert report["gemm_peak_flops"] > 0 and report["memory_bandwidth"] > 0 and report["environment"]["versions"]["trl"]
+    assert any("fraction of the bound" in row["metric"] for row in report["table"])
     assert all(row["rlhfkit"] is not None for row in report["table"])
     assert "| sft: training tokens/s |" in output.with_suffix(".md").read_text()
     assert (tmp_path / "smoke-ratios.png").stat().st_size > 1000
