@@ -110,24 +110,16 @@ def test_sampling_reads_as_a_fraction_of_its_bound():
     assert not any("bound" in metric for metric in _by_metric(summarise(results, peak_flops=1e12)))
 
 
+def run_smoke_benchmark(model: Path, output: Path, *options: str, seconds: int):
+    """`benchmarks.run --suite smoke` on `model`, results under `output`, in a bounded subprocess."""
+    command = [sys.executable, "-m", "benchmarks.run", "--suite", "smoke", "--model", str(model)]
+    return run_bounded([*command, "--output", str(output), *options], seconds=seconds, cwd=REPO)
+
+
 @pytest.mark.slow
 def test_smoke_suite_runs_every_workload_for_both_tools(tiny_model, tmp_path):
     output = tmp_path / "smoke"
-    process = run_bounded(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--suite",
-            "smoke",
-            "--model",
-            str(tiny_model),
-            "--output",
-            str(output),
-        ],
-        seconds=900,
-        cwd=REPO,
-    )
+    process = run_smoke_benchmark(tiny_model, output, seconds=900)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     report = json.loads(output.with_suffix(".json").read_text())
     assert set(report["results"]) == set(WORKLOADS) >= {"sft", "reward", "dpo", "grpo", "generation", "ppo", "trpo"}
@@ -158,21 +150,8 @@ def test_a_workload_runs_beside_busy_competitors_that_stop_after_it(tiny_model, 
         assert all(child.cpu_percent(interval=0.2) > 50 for child in children)  # each keeps a core busy
     assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
     output = tmp_path / "contended"
-    process = run_bounded(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.run",
-            "--suite",
-            "smoke",
-            "--model",
-            str(tiny_model),
-            "--output",
-            str(output),
-        ]
-        + ["--only", "sft", "--frameworks", "rlhfkit", "--competitors", "1"],
-        seconds=600,
-        cwd=REPO,
+    process = run_smoke_benchmark(
+        tiny_model, output, "--only", "sft", "--frameworks", "rlhfkit", "--competitors", "1", seconds=600
     )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     report = json.loads(output.with_suffix(".json").read_text())
