@@ -20,8 +20,11 @@ from rlhfkit.losses.ppo import (
 )
 from rlhfkit.losses.trpo import (
     backtracking_line_search,
+    categorical_kl,
+    categorical_kl_from_states,
     conjugate_gradient,
     mean_categorical_kl,
+    softmax_fisher_product,
     surrogate_objective,
     trust_region_step_size,
 )
@@ -210,6 +213,37 @@ def test_surrogate_and_categorical_kl():
     new = torch.log(torch.tensor([[0.4, 0.6]]))
     assert mean_categorical_kl(old, new, torch.ones(1)).item() == pytest.approx(0.183787, abs=1e-5)
     assert mean_categorical_kl(old, old, torch.ones(1)).item() == 0.0
+
+
+def test_softmax_fisher_product_is_the_kl_hessian_in_the_logits():
+    # By hand: p = (½, ½), ż = (1, 0): ⟨p, ż⟩ = ½, p ⊙ (ż − ½) = (¼, −¼).
+    product = softmax_fisher_product(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 0.0]))
+    assert product.tolist() == pytest.approx([0.25, -0.25])
+    # Against autograd: the Hessian of z ↦ KL(p ‖ softmax(z)) at softmax(z) = p, times ż.
+    torch.manual_seed(0)
+    logits, tangent = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    probs = torch.softmax(logits, -1)
+
+    def kl(z):
+        return categorical_kl(torch.log(probs), torch.log_softmax(z, -1))
+
+    hessian = torch.autograd.functional.hessian(kl, logits)
+    assert torch.allclose(softmax_fisher_product(probs, tangent), hessian @ tangent, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 1024])
+def test_categorical_kl_from_states_equals_the_full_distributions(chunk_size):
+    torch.manual_seed(0)
+    old_states, new_states = torch.randn(5, 3), torch.randn(5, 3)
+    old_head, new_head = torch.randn(7, 3), torch.randn(7, 3)
+    targets = torch.tensor([0, 6, 3, 3, 1])
+    kl, logprobs = categorical_kl_from_states(old_states, old_head, new_states, new_head, targets, chunk_size)
+    old = torch.log_softmax(old_states @ old_head.T, -1)
+    new = torch.log_softmax(new_states @ new_head.T, -1)
+    assert torch.allclose(kl, categorical_kl(old, new), atol=1e-6)
+    assert torch.allclose(logprobs, new[torch.arange(5), targets])
+    same, _ = categorical_kl_from_states(old_states, old_head, old_states, old_head, targets, chunk_size)
+    assert same.abs().max() < 1e-6
 
 
 def test_batch_statistics_sum_over_processes_through_reduce():

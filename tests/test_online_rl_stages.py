@@ -347,6 +347,8 @@ def test_trpo_line_search_measures_the_kl_on_the_whole_batch(
     from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
     from rlhfkit.losses.trpo import mean_categorical_kl
+    from rlhfkit.models import backbone_and_head
+    from rlhfkit.passes import scaled_response_hidden
 
     realised, checked = [], []
     natural_step = trpo.TRPO.natural_step
@@ -355,11 +357,16 @@ def test_trpo_line_search_measures_the_kl_on_the_whole_batch(
         before = parameters_to_vector(self.parameters).detach().clone()
         metrics = natural_step(self, rollout, targets, gradient)
         after = parameters_to_vector(self.parameters).detach().clone()
+        head = backbone_and_head(self.context.policy)[1]
         with torch.no_grad():
             vector_to_parameters(before, self.parameters)
-            old = trpo.full_log_distributions(self.context.policy, rollout, self.context.temperature)
+            old = torch.log_softmax(
+                scaled_response_hidden(self.context.policy, rollout, self.context.temperature) @ head.T, -1
+            )
             vector_to_parameters(after, self.parameters)
-            new = trpo.full_log_distributions(self.context.policy, rollout, self.context.temperature)
+            new = torch.log_softmax(
+                scaled_response_hidden(self.context.policy, rollout, self.context.temperature) @ head.T, -1
+            )
         realised.append(float(mean_categorical_kl(old, new, torch.ones(old.shape[0]))))
         checked.append(metrics["line_search_kl"])
         return metrics
@@ -389,6 +396,35 @@ def test_trpo_line_search_measures_the_kl_on_the_whole_batch(
         assert any(batch > 2 * fisher for batch, fisher in zip(realised, checked)), (realised, checked)
 
 
+def test_trpo_fisher_passes_take_the_steps_of_one_pass(target_liking_model, prompt_file, reward_file, tmp_path):
+    """Running the Fisher sequences in passes of 1 (each product reruns the forward) solves the same
+    system as one kept forward: the same predicted improvement, the same steps (the conjugate-gradient
+    residual, ~4e-4, is rounding and differs by 2%)."""
+    logs = {}
+    for passes in (4, 1):
+        out = tmp_path / f"passes-{passes}"
+        trpo.run(
+            rl_config(
+                "trpo",
+                target_liking_model,
+                prompt_file,
+                reward_file,
+                out,
+                "train.max_steps=2",
+                "trpo.fisher_samples=4",
+                f"trpo.fisher_batch_size={passes}",
+                "eval.before=false",
+                "eval.num_prompts=0",
+            )
+        )
+        logs[passes] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [[record for record in logs[passes] if "train/cg_residual" in record] for passes in (4, 1)]
+    assert len(steps[0]) == len(steps[1]) == 2 and all(record["train/step_fraction"] > 0 for record in steps[0])
+    for kept, rerun in zip(*steps):
+        for name in ("train/grad_norm", "train/expected_improvement", "train/step_fraction", "train/line_search_kl"):
+            assert rerun[name] == pytest.approx(kept[name], rel=1e-3, abs=1e-7), name
+
+
 @pytest.mark.parametrize(
     "launch, how", [("ACCELERATE_USE_FSDP", r"sharded \(FSDP\)"), ("ACCELERATE_USE_DEEPSPEED", "under DeepSpeed")]
 )
@@ -414,25 +450,77 @@ def test_rl_stages_refuse_what_cannot_run_sharded_before_loading(
     assert not (tmp_path / "run").exists()
 
 
-def test_trpo_line_search_reads_the_sampled_tokens_log_probs_from_the_full_distributions(tiny_model):
-    """Each line-search try takes the surrogate's log-probs from the distributions it computes for
-    the KL (one forward per try): they must be the rollout log-probs of the sampled tokens."""
+def _sampled_rollout(model, tokenizer):
     from rlhfkit.config import RolloutSettings
-    from rlhfkit.passes import full_log_distributions, response_logprobs, sampled_token_logprobs
     from rlhfkit.sampling import sample_rollout
 
-    source = resolve(str(tiny_model))
-    tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)
     settings = RolloutSettings(max_new_tokens=5, temperature=0.7)
     rollout = sample_rollout(
         model, tokenizer, ["Why is the sky blue?", "What is a magnet?"], settings, 2, 64, seeds=[1, 2, 3, 4]
     )
     rollout.response_mask[0, 2:] = 0  # as if row 0 had stopped after 2 tokens: its padding reads 0
+    return rollout
+
+
+def test_trpo_line_search_reads_the_sampled_tokens_log_probs_from_the_full_distributions(tiny_model):
+    """Each line-search try takes the surrogate's log-probs from the distributions it computes for
+    the KL (one forward per try): they must be the rollout log-probs of the sampled tokens."""
+    from rlhfkit.losses.trpo import categorical_kl_from_states
+    from rlhfkit.models import backbone_and_head
+    from rlhfkit.passes import at_response_positions, response_logprobs, scaled_response_hidden
+
+    source = resolve(str(tiny_model))
+    tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)
+    rollout = _sampled_rollout(model, tokenizer)
+    head = backbone_and_head(model)[1]
     with torch.no_grad():
         expected, _ = response_logprobs(model, rollout, 0.7)
-        read = sampled_token_logprobs(full_log_distributions(model, rollout, 0.7), rollout)
-    assert torch.allclose(read, expected, atol=1e-5)
+        states = scaled_response_hidden(model, rollout, 0.7)
+        sampled = rollout.response_ids[rollout.response_mask.bool()]
+        kl, logprobs = categorical_kl_from_states(states, head, states, head, sampled, chunk_size=3)
+        read = at_response_positions(logprobs, rollout)
+    assert torch.allclose(read, expected, atol=1e-5) and kl.abs().max() < 1e-6
     assert (read[0, 2:] == 0).all() and (read[rollout.response_mask.bool()] < 0).all()
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full-tied-head"])
+def test_fisher_vector_product_equals_the_double_backward_kl_hessian_product(tiny_model, lora):
+    """The Gauss–Newton product (forward-mode J v, logit-space curvature, one backward) equals the
+    Hessian of Σ_positions KL(π_old ‖ π_θ) at θ_old times v by double backward — with LoRA, and with
+    every weight training, the LM head tied to the embeddings (its tangent enters twice)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from rlhfkit.config import LoraSettings
+    from rlhfkit.losses.trpo import categorical_kl
+    from rlhfkit.models import attach_lora, backbone_and_head
+    from rlhfkit.passes import fisher_vector_product, scaled_response_hidden
+
+    source = resolve(str(tiny_model))
+    tokenizer, model = load_tokenizer(source), load_causal_lm(source, ModelSettings(), torch.float32)
+    torch.manual_seed(0)
+    if lora:
+        model = attach_lora(model, LoraSettings(r=4, dropout=0.0))
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero, where J v would not see A
+                torch.nn.init.normal_(parameter, std=0.1)
+    model.eval()
+    rollout = _sampled_rollout(model, tokenizer)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    vector = torch.randn(sum(p.numel() for p in parameters))
+    head = backbone_and_head(model)[1]
+    with sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no double backward
+        states = scaled_response_hidden(model, rollout, 0.7)
+        new = torch.log_softmax(states @ head.T, dim=-1)
+        kl = categorical_kl(new.detach(), new).sum()
+        gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, parameters, create_graph=True)])
+        expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(gradient @ vector, parameters)])
+    product = fisher_vector_product(model, rollout, 0.7, parameters, vector, chunk_size=3)
+    kept = scaled_response_hidden(model, rollout, 0.7)
+    assert torch.allclose(product, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    for _ in range(2):  # one forward graph reused across products
+        again = fisher_vector_product(model, rollout, 0.7, parameters, vector, hidden=kept)
+        assert torch.allclose(again, product, rtol=1e-5, atol=1e-6 * float(product.abs().max()))
+    assert float(vector @ product) > 0  # positive semi-definite: v·Fv ≥ 0
 
 
 def _rollout(prompt_width, response_width, completions):

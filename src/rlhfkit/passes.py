@@ -1,7 +1,7 @@
 """Packed forward passes: hidden states from the decoder, then log-probs, values, rewards or a loss.
 
 Every pass of the stages that is not sampling lives here: the causal-LM loss and perplexity,
-DPO's answer log-probs, the RL rollout's per-token log-probs (and TRPO's full distributions),
+DPO's answer log-probs, the RL rollout's per-token log-probs (and TRPO's distributions and Fisher products),
 the critic's values and a reward model's scores. Decoders that follow position ids run every
 sequence packed into one row without padding; samples of one prompt (and a pair's answers)
 share one copy of it where the attention allows.
@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rlhfkit.attention import consecutive_runs, pack_shared_prefixes, packed_hidden_states, shares_prompts
 from rlhfkit.data.batching import LMBatch, PairBatch
@@ -24,6 +25,7 @@ from rlhfkit.losses.lm import (
     target_token_logprobs,
     target_token_logprobs_and_entropy,
 )
+from rlhfkit.losses.trpo import softmax_fisher_product
 from rlhfkit.models import backbone_and_head, backbone_and_score_head, eval_mode, packs_by_position_ids
 from rlhfkit.sampling import Rollout
 
@@ -158,20 +160,86 @@ def response_values(critic: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     return values * rollout.response_mask
 
 
-def full_log_distributions(policy: torch.nn.Module, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """(M, V) log-softmax(logits / T) at the M response positions of the rollout."""
+def scaled_response_hidden(policy: torch.nn.Module, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """(M, H) hidden states / T at the M response positions: softmax(them · W_headᵀ) is π(· | x, y_<t)."""
+    decoder, _ = backbone_and_head(policy)
+    return response_hidden_states(decoder, rollout)[rollout.response_mask.bool()] / temperature
+
+
+class _ResponseStates(torch.nn.Module):
+    """The decoder as a module whose forward is `scaled_response_hidden`, for `functional_call`."""
+
+    def __init__(self, decoder: torch.nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.decoder, self.temperature = decoder, temperature
+
+    def forward(self, rollout: Rollout) -> torch.Tensor:
+        return response_hidden_states(self.decoder, rollout)[rollout.response_mask.bool()] / self.temperature
+
+
+def fisher_vector_product(
+    policy: torch.nn.Module,
+    rollout: Rollout,
+    temperature: float,
+    parameters: list[torch.nn.Parameter],
+    vector: torch.Tensor,
+    chunk_size: int = 1024,
+    hidden: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i v over the rollout's M response positions, flattened like
+    `parameters`: M times the Fisher of π_θ (the Hessian of the mean KL(π_θ ‖ π_θ') at θ' = θ)
+    applied to v.
+
+    J v comes from forward-mode differentiation (`torch.func.jvp`, on the math attention kernel,
+    which has forward derivatives; nothing is kept), the logit-space product from
+    `softmax_fisher_product` on at most chunk_size positions at a time, and Jᵀ(·) from one backward
+    through `hidden` — the graph of `scaled_response_hidden` on this rollout, computed here when not
+    given (pass it to reuse one forward across products). Memory: one training pass on the rollout.
+    """
     decoder, head_weight = backbone_and_head(policy)
-    hidden = response_hidden_states(decoder, rollout)[rollout.response_mask.bool()] / temperature
-    return torch.log_softmax((hidden @ head_weight.T).float(), dim=-1)
+    if hidden is None:
+        hidden = scaled_response_hidden(policy, rollout, temperature)
+    tangent_by_id, offset = {}, 0
+    for parameter in parameters:
+        tangent_by_id[id(parameter)] = vector[offset : offset + parameter.numel()].view_as(parameter)
+        offset += parameter.numel()
+    states = _ResponseStates(decoder, temperature)
+    moved = {name: p for name, p in states.named_parameters() if id(p) in tangent_by_id}
+    primals = {name: p.detach() for name, p in moved.items()}
+    tangents = {name: tangent_by_id[id(p)] for name, p in moved.items()}
+    with sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no forward derivative
+        _, hidden_tangent = torch.func.jvp(
+            lambda values: torch.func.functional_call(states, values, (rollout,)), (primals,), (tangents,)
+        )
+    head_tangent = tangent_by_id.get(id(head_weight))  # the head itself trains (full fine-tuning)
+    hidden_gradient = torch.empty_like(hidden)
+    head_gradient = torch.zeros_like(head_weight) if head_tangent is not None else None
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], chunk_size):
+            states_chunk = hidden[start : start + chunk_size].detach()
+            probs = torch.softmax((states_chunk @ head_weight.T).float(), dim=-1)
+            logit_tangent = (hidden_tangent[start : start + chunk_size] @ head_weight.T).float()
+            if head_tangent is not None:
+                logit_tangent += (states_chunk @ head_tangent.T).float()
+            curvature = softmax_fisher_product(probs, logit_tangent).to(hidden.dtype)
+            hidden_gradient[start : start + chunk_size] = curvature @ head_weight
+            if head_gradient is not None:
+                head_gradient += curvature.T @ states_chunk
+    outputs, output_gradients = [hidden], [hidden_gradient]
+    if head_gradient is not None:
+        outputs.append(head_weight)
+        output_gradients.append(head_gradient)
+    gradients = torch.autograd.grad(outputs, parameters, output_gradients, retain_graph=True, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gradients, parameters)])
 
 
-def sampled_token_logprobs(distributions: torch.Tensor, rollout: Rollout) -> torch.Tensor:
-    """(N, R) log-probs of the sampled response tokens, 0 on padding, from the (M, V) distributions
-    that `full_log_distributions` gives at the M response positions."""
+def at_response_positions(values: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+    """(N, R): the (M,) values of the M response positions (in `scaled_response_hidden`'s order)
+    put in place, 0 on padding."""
     valid = rollout.response_mask.bool()
-    logprobs = torch.zeros(valid.shape, dtype=distributions.dtype, device=distributions.device)
-    logprobs[valid] = distributions.gather(-1, rollout.response_ids[valid].unsqueeze(-1)).squeeze(-1)
-    return logprobs
+    placed = torch.zeros(valid.shape, dtype=values.dtype, device=values.device)
+    placed[valid] = values
+    return placed
 
 
 def reward_model_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

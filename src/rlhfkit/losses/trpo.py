@@ -7,6 +7,12 @@ Linearising L and taking the quadratic (Fisher) approximation of the KL gives th
 where g = ∇L, F is the Fisher matrix (the Hessian of the mean KL at θ_old), F⁻¹g is solved by
 conjugate gradient with Fisher-vector products, and α is the largest fraction that improves L
 while keeping the exact KL within δ.
+
+For a softmax policy over logits z(θ) the Hessian of the mean KL at θ_old is exactly the
+Gauss–Newton product (Martens 2010; Schraudolph 2002):
+    F = (1/M) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i,   J_i = ∂z_i/∂θ,   p_i = softmax(z_i(θ_old))
+(the term with the KL's gradient in z vanishes at θ_old), so F·v needs J v, the logit-space
+product below, and one backward — no second-order derivatives of the network.
 """
 
 from __future__ import annotations
@@ -35,6 +41,36 @@ def categorical_kl(old_logprobs: torch.Tensor, new_logprobs: torch.Tensor) -> to
     return (old_logprobs.exp() * (old_logprobs - new_logprobs)).sum(dim=-1)
 
 
+def categorical_kl_from_states(
+    old_states: torch.Tensor,
+    old_head: torch.Tensor,
+    new_states: torch.Tensor,
+    new_head: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(π_old ‖ π_new) at each position, and log π_new of each position's target token, where
+    π = softmax(h Wᵀ): full-vocabulary distributions for at most chunk_size positions at a time.
+
+    Args:
+        old_states, new_states: (M, H) the states before the head (already divided by T);
+        old_head, new_head: (V, H) the head weights; targets: (M,) token ids.
+
+    Returns:
+        (M,) KL and (M,) float32 target log-probs.
+    """
+    kl, target_logprobs = [], []
+    for start in range(0, old_states.shape[0], chunk_size):
+        old = torch.log_softmax((old_states[start : start + chunk_size] @ old_head.T).float(), dim=-1)
+        new = torch.log_softmax((new_states[start : start + chunk_size] @ new_head.T).float(), dim=-1)
+        kl.append(categorical_kl(old, new))
+        target_logprobs.append(new.gather(-1, targets[start : start + chunk_size, None]).squeeze(-1))
+    if not kl:
+        empty = old_states.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat(kl), torch.cat(target_logprobs)
+
+
 def mean_categorical_kl(
     old_logprobs: torch.Tensor, new_logprobs: torch.Tensor, mask: torch.Tensor, reduce: Reduce = this_process_only
 ) -> torch.Tensor:
@@ -45,6 +81,16 @@ def mean_categorical_kl(
         reduce: sums over processes (see losses.ppo); for values only — it carries no gradient.
     """
     return masked_mean(categorical_kl(old_logprobs, new_logprobs), mask, reduce)
+
+
+def softmax_fisher_product(probs: torch.Tensor, logit_tangent: torch.Tensor) -> torch.Tensor:
+    """(diag p − p pᵀ)·ż at each position: the Hessian of KL(p ‖ softmax(z)) in z at softmax(z) = p
+    times a logit direction ż, i.e. p ⊙ (ż − ⟨p, ż⟩).
+
+    Args:
+        probs: (..., V) the old distribution p; logit_tangent: (..., V) the direction ż.
+    """
+    return probs * (logit_tangent - (probs * logit_tangent).sum(dim=-1, keepdim=True))
 
 
 @dataclass

@@ -4,9 +4,11 @@ Per RL step, over the trainable (LoRA) parameters θ:
 1. advantages from the group baseline (reward minus the prompt's group mean, std-scaled) or from
    a critic with GAE;
 2. g = ∇ of the surrogate mean_t[ρ_t·A_t] at θ_old (micro-batched, token-weighted);
-3. F⁻¹g by conjugate gradient, where F·v is the Hessian-vector product of the mean per-token
-   KL(π_old ‖ π_θ) over the full vocabulary at the sampled positions of `fisher_samples`
-   sequences (double backward; the attention runs on its math kernel, which supports it);
+3. F⁻¹g by conjugate gradient, where F·v is the product with the Hessian of the mean per-token
+   KL(π_old ‖ π_θ) over the full vocabulary at the response positions of `fisher_samples`
+   sequences — exactly the Gauss–Newton product Jᵀ(diag p − ppᵀ)J v at θ_old: forward-mode J v,
+   the logit-space product, one backward — run `fisher_batch_size` sequences at a time, so its
+   memory is that of a training pass on those sequences whatever `fisher_samples` is;
 4. scale to the trust region, √(2δ / sᵀFs), and backtrack until the surrogate improves and the
    exact KL over every response position of the batch (`kl_check: batch`; or only the Fisher
    sequences' positions) is ≤ δ; otherwise keep θ_old. The Fisher sample only shapes the
@@ -22,7 +24,6 @@ process solves the same system and takes the same step.
 from __future__ import annotations
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from rlhfkit.config import TRPOConfig
@@ -38,13 +39,13 @@ from rlhfkit.losses.ppo import (
 )
 from rlhfkit.losses.trpo import (
     backtracking_line_search,
-    categorical_kl,
+    categorical_kl_from_states,
     conjugate_gradient,
-    mean_categorical_kl,
     surrogate_objective,
     trust_region_step_size,
 )
-from rlhfkit.passes import full_log_distributions, response_values, sampled_token_logprobs
+from rlhfkit.models import backbone_and_head
+from rlhfkit.passes import at_response_positions, fisher_vector_product, response_values, scaled_response_hidden
 from rlhfkit.rewards import ScoredBatch, group_scores
 from rlhfkit.sampling import Rollout
 from rlhfkit.stages.online import (
@@ -138,37 +139,36 @@ class TRPO:
         if float(gradient.norm()) == 0.0:
             return {"grad_norm": 0.0, "step_accepted": 0.0, "step_fraction": 0.0}
         share = max(1, settings.fisher_samples // context.engine.num_processes)  # this process's Fisher sequences
-        fisher_rows = torch.arange(min(share, rollout.size))
-        fisher = micro_batch(rollout, targets, fisher_rows, "token")
-        fisher_batch = fisher.rollout
-        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU/GPU kernels have no double backward
-            new = full_log_distributions(context.policy, fisher_batch, context.temperature)
-            every_position = torch.ones(new.shape[0], device=new.device)
-            # This process's share of the mean KL over every process's positions; the
-            # products are summed over processes (one process: share 1, sum = itself).
-            positions = every_position.sum()
-            kl = mean_categorical_kl(new.detach(), new, every_position) * positions / self.sum_over_processes(positions)
-            kl_gradient = torch.cat(
-                [g.reshape(-1) for g in torch.autograd.grad(kl, self.parameters, create_graph=True)]
+        fisher = micro_batch(rollout, targets, torch.arange(min(share, rollout.size)), "token")
+        # The mean KL runs over every process's Fisher positions; each process sums its own.
+        positions = float(self.sum_over_processes(fisher.rollout.response_mask.sum()))
+        passes = [
+            fisher.rollout.select(rows) for rows in torch.arange(fisher.rollout.size).split(settings.fisher_batch_size)
+        ]
+        # One pass holds all the Fisher sequences: its forward graph serves every product.
+        kept = scaled_response_hidden(context.policy, passes[0], context.temperature) if len(passes) == 1 else None
+
+        def fisher_vector(vector: torch.Tensor) -> torch.Tensor:
+            product = sum(
+                fisher_vector_product(context.policy, part, context.temperature, self.parameters, vector, hidden=kept)
+                for part in passes
             )
+            return self.sum_over_processes(product) / positions + settings.cg_damping * vector
 
-            def fisher_vector(vector: torch.Tensor) -> torch.Tensor:
-                product = torch.autograd.grad(kl_gradient @ vector, self.parameters, retain_graph=True)
-                return (
-                    self.sum_over_processes(torch.cat([p.reshape(-1) for p in product])) + settings.cg_damping * vector
-                )
-
-            solved = conjugate_gradient(fisher_vector, gradient, settings.cg_iterations)
-            curvature_direction = fisher_vector(solved.solution)
-        kl_gradient = new = None  # frees the double-backward graph before the line search
+        solved = conjugate_gradient(fisher_vector, gradient, settings.cg_iterations)
+        curvature_direction = fisher_vector(solved.solution)
+        kept = None  # frees the forward graph before the line search
         full_step = trust_region_step_size(solved.solution, curvature_direction, settings.max_kl) * solved.solution
         expected = float(gradient @ full_step)
         start = parameters_to_vector(self.parameters).detach()
         by_batch = settings.kl_check == "batch"
         checked = self.micro_batches(rollout, targets) if by_batch else [fisher]
+        # π_old is kept as the states before the head (positions × hidden, not × vocabulary).
+        head = backbone_and_head(context.policy)[1]
+        old_head = head.detach().clone() if any(p is head for p in self.parameters) else head
         with torch.no_grad():
             checked_old = [
-                full_log_distributions(context.policy, batch.rollout, context.temperature) for batch in checked
+                scaled_response_hidden(context.policy, batch.rollout, context.temperature) for batch in checked
             ]
 
         @torch.no_grad()
@@ -178,11 +178,13 @@ class TRPO:
             # so the surrogate reads its sampled-token log-probs from it: one forward per try.
             logprobs = torch.zeros_like(targets["mask"]) if by_batch else context.logprobs(context.policy, rollout)[0]
             per_position = []
-            for batch, old_distributions in zip(checked, checked_old):
-                new = full_log_distributions(context.policy, batch.rollout, context.temperature)
-                per_position.append(categorical_kl(old_distributions, new))
+            for batch, old_states in zip(checked, checked_old):
+                new_states = scaled_response_hidden(context.policy, batch.rollout, context.temperature)
+                sampled = batch.rollout.response_ids[batch.rollout.response_mask.bool()]
+                kl, sampled_logprobs = categorical_kl_from_states(old_states, old_head, new_states, head, sampled)
+                per_position.append(kl)
                 if by_batch:
-                    logprobs[batch.rows, : batch.width] = sampled_token_logprobs(new, batch.rollout)
+                    logprobs[batch.rows, : batch.width] = at_response_positions(sampled_logprobs, batch.rollout)
             gain = float(
                 surrogate_objective(
                     logprobs, targets["old_logprobs"], targets["advantages"], targets["mask"], self.sum_over_processes
