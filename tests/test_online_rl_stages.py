@@ -19,6 +19,10 @@ def target_count(prompts, completions, **columns):
     return [float(completion.count("{TARGET}")) for completion in completions]
 
 
+def target_penalty(prompts, completions, **columns):
+    return [-float(completion.count("{TARGET}")) for completion in completions]
+
+
 def broken(prompts, completions, **columns):
     return [float("nan")] + [0.0] * (len(completions) - 1)
 
@@ -325,7 +329,7 @@ def test_rewards_beyond_float32_follow_on_invalid_and_every_json_file_stays_vali
 
 def test_uneven_splits_over_processes_are_named(tiny_model, prompt_file, reward_file, tmp_path):
     from rlhfkit.errors import UserError
-    from rlhfkit.stages.online import check_process_count
+    from rlhfkit.stages.rl_launch import check_process_count
 
     config = rl_config("ppo", tiny_model, prompt_file, reward_file, tmp_path / "run", "ppo.minibatch_size=6")
     check_process_count(config, "ppo", 1, 6)  # one process: anything goes
@@ -394,6 +398,61 @@ def test_trpo_line_search_measures_the_kl_on_the_whole_batch(
         assert realised == pytest.approx(checked, rel=1e-3, abs=1e-6) and max(realised) <= max_kl
     else:
         assert any(batch > 2 * fisher for batch, fisher in zip(realised, checked)), (realised, checked)
+
+
+def test_a_held_out_judge_that_disagrees_shows_over_optimisation(
+    target_liking_model, prompt_file, reward_file, tmp_path
+):
+    """The policy games a proxy (more TARGET tokens) that one held-out judge penalises and another
+    shares: the held-out curves (every 4 steps) show the training reward rising, the disagreeing
+    judge falling beyond its paired error — warned about, in metrics.json, the log and the report —
+    and the agreeing judge rising with the proxy (no warning)."""
+    from rlhfkit.report import write_report
+
+    out = tmp_path / "grpo"
+    metrics = grpo.run(
+        rl_config(
+            "grpo",
+            target_liking_model,
+            prompt_file,
+            reward_file,
+            out,
+            *("train.max_steps=12", "grpo.beta=0.0", "eval.every=4"),
+            f"eval.judges.disagrees.function={reward_file}:target_penalty",
+            f"eval.judges.agrees.function={reward_file}:target_count",
+        )
+    )
+    assert [point["step"] for point in metrics["during"]] == [4, 8]
+    for side in (metrics["before"], *metrics["during"], metrics["after"]):
+        assert side["judges"]["agrees"]["samples"] == side["sample_rewards"]
+        assert side["judges"]["disagrees"]["mean"] == pytest.approx(-side["reward_mean"])
+    (sign,) = metrics["warnings"]
+    assert sign.startswith("held-out judge disagrees fell") and "from step 0 to step 12" in sign
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    judged = [record for record in log if "eval/judge/disagrees" in record]
+    assert [record["step"] for record in judged] == [4, 8]
+    page = write_report(tmp_path, {"grpo": out}).read_text()
+    assert "Possible over-optimisation — grpo: held-out judge disagrees fell" in page
+    assert "held-out judge agrees (never trained against)" in page
+    assert (tmp_path / "report_files" / "grpo-held-out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_judges_are_checked_before_any_model_loads(tiny_model, prompt_file, reward_file, tmp_path):
+    from rlhfkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.judges needs held-out prompts, but eval.num_prompts is 0"):
+        rl_config(
+            "grpo",
+            tiny_model,
+            prompt_file,
+            reward_file,
+            tmp_path / "run",
+            "eval.num_prompts=0",
+            f"eval.judges.gold.function={reward_file}:target_count",
+        )
+    with pytest.raises(ConfigError, match="eval.judges.gold: set exactly one of function and model"):
+        rl_config("grpo", tiny_model, prompt_file, reward_file, tmp_path / "run", "eval.judges.gold.max_length=64")
+    assert not (tmp_path / "run").exists()
 
 
 def test_trpo_fisher_passes_take_the_steps_of_one_pass(target_liking_model, prompt_file, reward_file, tmp_path):

@@ -8,7 +8,16 @@ import pytest
 
 from rlhfkit.cli import main
 from rlhfkit.config import RewardHackingThresholds
-from rlhfkit.metrics import distinct_n, mean_and_stderr, reward_hacking_signs, wilson_interval, win_rate
+from rlhfkit.metrics import (
+    distinct_n,
+    held_out_curve,
+    mean_and_stderr,
+    overoptimisation_signs,
+    paired_difference,
+    reward_hacking_signs,
+    wilson_interval,
+    win_rate,
+)
 from rlhfkit.report import evaluation_markdown, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -33,6 +42,50 @@ def test_win_rate_counts_ties_as_half_and_has_a_wilson_interval():
 def test_mean_and_stderr():
     mean, stderr = mean_and_stderr([1.0, 2.0, 3.0, 4.0])
     assert mean == 2.5 and stderr == pytest.approx((5 / 3) ** 0.5 / 2)
+
+
+def test_paired_difference_by_hand():
+    # differences 1, 3 (the None slot is left out): mean 2, s = √2, s/√2 = 1
+    assert paired_difference([2.0, 5.0, None], [1.0, 2.0, 7.0]) == pytest.approx((2.0, 1.0))
+    assert paired_difference([1.0], [0.0]) is None
+
+
+def _point(step, proxy, judge):
+    """A held-out evaluation whose answers got these training-reward and judge scores."""
+    return {
+        "step": step,
+        "sample_rewards": proxy,
+        "reward_mean": sum(proxy) / len(proxy),
+        "judges": {"gold": {"mean": sum(judge) / len(judge), "samples": judge}},
+    }
+
+
+def test_overoptimisation_needs_the_judge_to_fall_beyond_its_error_while_the_proxy_rises():
+    start = _point(0, [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0])
+    peak = _point(4, [1.0, 1.0, 1.0, 1.0], [2.0, 2.1, 1.9, 2.0])
+    # From its best (step 4) the judge falls by −1.0, −1.1, −0.9, −1.1: −1.025, s/√4 = 0.048; the proxy rises 1.0.
+    fallen = _point(8, [2.0, 2.0, 2.0, 2.0], [1.0, 1.0, 1.0, 0.9])
+    (sign,) = overoptimisation_signs([start, peak, fallen])
+    assert "gold fell -1.025 ± 0.048 (paired) from step 4 to step 8" in sign and "rose +1.000" in sign
+    # The proxy fell too: the policy got worse, not over-optimised.
+    assert overoptimisation_signs([start, peak, _point(8, [0.5] * 4, [1.0, 1.0, 1.0, 0.9])]) == []
+    # Still rising, or a fall inside two paired standard errors: no sign.
+    assert overoptimisation_signs([start, peak]) == []
+    noisy = _point(8, [2.0] * 4, [2.5, 1.5, 2.4, 1.4])  # −0.05 ± 0.32
+    assert overoptimisation_signs([start, peak, noisy]) == []
+
+
+def test_held_out_curve_orders_before_during_after():
+    metrics = {
+        "before": {"reward_mean": 0.1},
+        "during": [{"step": 4, "reward_mean": 0.2}],
+        "after": {"reward_mean": 0.3},
+    }
+    assert [(p["step"], p["reward_mean"]) for p in held_out_curve({**metrics, "steps": 8})] == [
+        (0, 0.1),
+        (4, 0.2),
+        (8, 0.3),
+    ]
 
 
 def test_reward_hacking_signs_need_a_reward_gain():

@@ -36,6 +36,60 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / n)
 
 
+def paired_difference(later: Sequence[float | None], earlier: Sequence[float | None]) -> tuple[float, float] | None:
+    """Mean later − earlier over the same held-out prompts and sample slots, and its standard error
+    (None below two pairs; slots with None on either side are left out).
+
+    Pairing removes the spread between prompts (some are easy for every policy), so the error of
+    the difference is much smaller than that of either mean.
+    """
+    differences = [a - b for a, b in zip(later, earlier) if a is not None and b is not None]
+    if len(differences) < 2:
+        return None
+    return mean_and_stderr(differences)
+
+
+def held_out_curve(metrics: dict) -> list[dict]:
+    """An RL run's held-out evaluations in step order — before (step 0), during training
+    (eval.every), after (step metrics["steps"], the last) — from its metrics.json."""
+    during = metrics.get("during", [])
+    last = metrics.get("steps", during[-1]["step"] + 1 if during else 1)
+    before = [{"step": 0, **metrics["before"]}] if "before" in metrics else []
+    after = [{"step": last, **metrics["after"]}] if "after" in metrics else []
+    return before + during + after
+
+
+def overoptimisation_signs(curve: Sequence[dict], stderrs: float = 2.0) -> list[str]:
+    """Held-out judges that fell while the training reward rose (Gao et al. 2022: the proxy keeps
+    rising while the gold reward turns down), one sentence per judge; empty when none did.
+
+    Args:
+        curve: held-out evaluations in step order, each {"step", "sample_rewards" (the training
+            reward per answer), "judges": {name: {"mean", "samples"}}}, all on the same prompts and
+            seeds, so answers pair by slot.
+        stderrs: how many paired standard errors the judge's fall from its best must exceed.
+    """
+    signs = []
+    last = curve[-1] if curve else {}
+    for name in last.get("judges", {}):
+        points = [point for point in curve if name in point.get("judges", {})]
+        best = max(points, key=lambda point: point["judges"][name]["mean"])  # the earliest of equals
+        if best is last:
+            continue
+        fall = paired_difference(last["judges"][name]["samples"], best["judges"][name]["samples"])
+        rise = paired_difference(last["sample_rewards"], best["sample_rewards"])
+        if fall is None or rise is None or rise[0] <= 0:
+            continue
+        change, error = fall
+        if change < 0 and -change > stderrs * (error if math.isfinite(error) else math.inf):
+            signs.append(
+                f"held-out judge {name} fell {change:+.3f} ± {error:.3f} (paired) from step {best['step']} to step "
+                f"{last['step']} while the training reward rose {rise[0]:+.3f}: the policy may be over-optimising "
+                "the training reward"
+            )
+    return signs
+
+
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """Distinct-n (Li et al., 2016): unique word n-grams / all word n-grams over every text.
 
@@ -133,6 +187,7 @@ METRIC_LABELS = {
 def describe(scores: dict) -> str:
     """One console line for a stage's held-out metrics (other keys, such as answers, are skipped)."""
     parts = [label.format(scores[name]) for name, label in METRIC_LABELS.items() if name in scores]
+    parts += [f"judge {name} {judge['mean']:.4f}" for name, judge in scores.get("judges", {}).items()]
     return ", ".join(parts) or "no held-out data"
 
 

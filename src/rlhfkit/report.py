@@ -16,7 +16,7 @@ from typing import Any
 
 from rlhfkit.config.rounds import round_key, round_of, stage_of
 from rlhfkit.files import read_json_or_empty, write_text_atomically
-from rlhfkit.metrics import win_rate
+from rlhfkit.metrics import held_out_curve, win_rate
 
 PLOTS_DIR = "report_files"
 # What each stage's held-out before/after shows, in order: (key, label, format).
@@ -147,6 +147,14 @@ def stage_rows(stage: str, metrics: dict) -> list[tuple[str, str, str]]:
                 _format(after["reward_gain"], "{:+.3f}", after.get("reward_gain_stderr")),
             )
         )
+    for name in {**before.get("judges", {}), **after.get("judges", {})}:
+        judged = [side.get("judges", {}).get(name, {}) for side in (before, after)]
+        rows.append(
+            (
+                f"held-out judge {name} (never trained against)",
+                *(_format(j.get("mean"), "{:.3f}", j.get("stderr")) for j in judged),
+            )
+        )
     return rows
 
 
@@ -235,32 +243,64 @@ def _pyplot():
     return plt
 
 
+def _panels(rows: int, columns: int):
+    """A figure of rows × columns panels (4.2 × 3.0 in each); returns (pyplot, figure, axes)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    return plt, figure, axes
+
+
+def _over_steps(axis, label: str) -> None:
+    axis.set_title(label, fontsize=10)
+    axis.set_xlabel("step", fontsize=8)
+    axis.grid(alpha=0.3)
+    axis.tick_params(labelsize=8)
+
+
+def _save(plt, figure, title: str, target: Path) -> bool:
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    figure.savefig(target, dpi=100)
+    plt.close(figure)
+    return True
+
+
 def plot_curves(stage: str, records: list[dict], target: Path) -> bool:
     """One PNG with a panel per logged curve of a stage; False when nothing was logged."""
     panels = [(key, label) for key, label in CURVES if any(key in r for r in records)]
     if not panels:
         return False
-    plt = _pyplot()
-
     columns = min(3, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
+    plt, figure, axes = _panels(math.ceil(len(panels) / columns), columns)
     for axis, (key, label) in zip(axes.flat, panels):
         points = [(r["step"], r[key]) for r in records if _number(r.get(key)) is not None]
         axis.plot(
             [p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None, color="#3b6ea8"
         )
-        axis.set_title(label, fontsize=10)
-        axis.set_xlabel("step", fontsize=8)
-        axis.grid(alpha=0.3)
-        axis.tick_params(labelsize=8)
+        _over_steps(axis, label)
     for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
-    figure.suptitle(f"{stage}: training curves", fontsize=11)
-    figure.tight_layout()
-    figure.savefig(target, dpi=100)
-    plt.close(figure)
-    return True
+    return _save(plt, figure, f"{stage}: training curves", target)
+
+
+def plot_held_out(stage: str, curve: list[dict], target: Path) -> bool:
+    """The proxy-vs-gold picture of an RL run: its training reward and each held-out judge on the
+    same held-out answers, over training steps (95% intervals), a panel each; False without judges."""
+    judges = list(dict.fromkeys(name for point in curve for name in point.get("judges", {})))
+    if not judges or len(curve) < 2:
+        return False
+    series = {"training reward": [(p["step"], p.get("reward_mean"), p.get("reward_stderr")) for p in curve]}
+    for name in judges:
+        judged = [(p["step"], p.get("judges", {}).get(name, {})) for p in curve]
+        series[f"held-out judge {name}"] = [(step, j.get("mean"), j.get("stderr")) for step, j in judged]
+    plt, figure, axes = _panels(1, len(series))
+    for axis, (label, points) in zip(axes.flat, series.items()):
+        points = [p for p in points if _number(p[1]) is not None]
+        errors = [1.96 * (_number(p[2]) or 0.0) for p in points]
+        color = "#3b6ea8" if label == "training reward" else "#c0783c"
+        axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=errors, marker="o", capsize=3, color=color)
+        _over_steps(axis, label)
+    return _save(plt, figure, f"{stage}: held-out answers scored by the training reward and by judges", target)
 
 
 def plot_comparison(summary: dict, target: Path) -> bool:
@@ -348,6 +388,12 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
             rows.append([stage if index == 0 else "", label, before, after, wall if index == 0 else ""])
     html_parts.append("<h2>What each stage did</h2>" + _html_table(header, rows, "stages"))
     md_parts.append("## What each stage did\n\n" + _md_table(header, rows))
+    for stage, directory in stage_dirs.items():
+        for sign in read_json_or_empty(directory / "metrics.json").get("warnings", []) if stage != "evaluate" else []:
+            html_parts.append(
+                f'<div class="warning">Possible over-optimisation — {html.escape(stage)}: {html.escape(sign)}</div>'
+            )
+            md_parts.append(f"\n> **Possible over-optimisation** — {stage}: {sign}\n")
 
     # 2. All models side by side on the same prompts.
     evaluation = read_json_or_empty(stage_dirs["evaluate"] / "metrics.json") if "evaluate" in stage_dirs else {}
@@ -393,9 +439,18 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
         )
         md_parts.append("## Rounds\n\n" + _md_table(round_header, round_table) + f"\n{note}\n")
 
-    # 3. Training curves.
+    # 3. Training curves; for RL runs with held-out judges, the training reward beside them.
     curve_html, curve_md = [], []
     for stage, directory in stage_dirs.items():
+        judged = plots / f"{stage}-held-out.png"
+        if stage != "evaluate" and plot_held_out(
+            stage, held_out_curve(read_json_or_empty(directory / "metrics.json")), judged
+        ):
+            alt = f"{stage}: training reward and held-out judges over steps"
+            curve_html.append(
+                f'<h3>{html.escape(stage)}</h3><img src="{PLOTS_DIR}/{judged.name}" alt="{html.escape(alt)}">'
+            )
+            curve_md.append(f"![{alt}]({PLOTS_DIR}/{judged.name})\n")
         image = plots / f"{stage}-curves.png"
         if stage != "evaluate" and plot_curves(stage, _read_curves(directory / "metrics.jsonl"), image):
             curve_html.append(

@@ -89,7 +89,7 @@ class RewardSourceSettings(Section):
     @model_validator(mode="after")
     def _one_source(self) -> RewardSourceSettings:
         if (self.function is None) == (self.model is None):
-            raise ValueError("set exactly one of reward.function and reward.model")
+            raise ValueError("set exactly one of function and model")
         return self
 
 
@@ -101,6 +101,25 @@ class RLEvalSettings(EvalSettings):
         2, gt=0, description="Completions per held-out prompt (same sampling settings as the rollouts)."
     )
     seed: int = Field(1234, description="Sampling seed for evaluation, the same before and after.")
+    every: int = Field(
+        0, ge=0, description="Also evaluate every N steps (0: before and after only): the held-out curves of training."
+    )
+    judges: dict[str, RewardSourceSettings] = Field(
+        default_factory=dict,
+        description="Held-out judges (reward models, classifiers or Python functions) the policy never trains "
+        "against: they score the same held-out answers as the training reward, and a judge that falls while the "
+        "training reward rises is reported as over-optimisation.",
+    )
+
+    @model_validator(mode="after")
+    def _judges_need_prompts(self) -> RLEvalSettings:
+        for name in self.judges:
+            if not name or "/" in name or name == "reward":
+                raise ValueError(f"eval.judges: {name!r} cannot name a judge (non-empty, no '/', not 'reward')")
+        if (self.judges or self.every) and self.num_prompts == 0:
+            what = "eval.judges" if self.judges else "eval.every"
+            raise ValueError(f"{what} needs held-out prompts, but eval.num_prompts is 0")
+        return self
 
 
 class PPOSettings(Section):

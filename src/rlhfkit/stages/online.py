@@ -30,16 +30,16 @@ from rlhfkit.critic import PolicyAndCritic
 from rlhfkit.data.batching import example_order
 from rlhfkit.data.examples import PromptExample, load_examples, prompt_examples, training_data_summary
 from rlhfkit.data.formatting import fit_prompts, render_rl_prompt
-from rlhfkit.engine import Engine, RunDir, fsdp_launch, process_state
-from rlhfkit.engine.deepspeed_zero import deepspeed_launch
-from rlhfkit.errors import UserError
+from rlhfkit.engine import Engine, RunDir, process_state
 from rlhfkit.losses.ppo import aggregation_units
+from rlhfkit.metrics import describe, held_out_curve, mean_and_stderr, overoptimisation_signs, paired_difference
 from rlhfkit.models import frozen_reference_copy, reference_policy, resolve, resolve_with_tokenizer
 from rlhfkit.passes import response_logprobs
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
 from rlhfkit.sampling import Rollout, row_seed, sample_rollout
 from rlhfkit.stages.before_after import measure, write_samples
 from rlhfkit.stages.refill import refill_flat_groups
+from rlhfkit.stages.rl_launch import check_process_count, check_sharded_launch
 
 
 @dataclass
@@ -242,62 +242,11 @@ def rollout_summary(
 
 
 def paired_gain(before: dict, after: dict) -> dict[str, float]:
-    """Mean after − before reward over the same held-out prompts and sample slots, with its standard error.
-
-    Pairing removes the spread between prompts (some are easy for every policy), so the error of
-    the gain is much smaller than that of either mean.
-    """
-    pairs = [
-        (a, b)
-        for a, b in zip(after.get("sample_rewards", []), before.get("sample_rewards", []))
-        if a is not None and b is not None
-    ]
-    if len(pairs) < 2:
+    """Mean after − before reward over the same held-out prompts and sample slots, with its paired standard error."""
+    gain = paired_difference(after.get("sample_rewards", []), before.get("sample_rewards", []))
+    if gain is None:
         return {}
-    gains = torch.tensor([a - b for a, b in pairs])
-    return {"reward_gain": float(gains.mean()), "reward_gain_stderr": float(gains.std() / math.sqrt(len(gains)))}
-
-
-def check_process_count(config: RLConfig, stage: str, processes: int, minibatch_size: int | None) -> None:
-    """Several processes: prompts and minibatches must split evenly between them."""
-    if processes == 1:
-        return
-    if config.rollout.prompts_per_step % processes:
-        raise UserError(
-            f"rollout.prompts_per_step ({config.rollout.prompts_per_step}) must be a multiple of the {processes} processes"
-        )
-    if minibatch_size and minibatch_size % processes:
-        raise UserError(f"{stage}.minibatch_size ({minibatch_size}) must be a multiple of the {processes} processes")
-
-
-def check_sharded_launch(config: RLConfig, stage: str) -> None:
-    """Under FSDP or DeepSpeed: GRPO and PPO with LoRA on the HF rollout engine.
-
-    Rollouts, reference and old log-probs and critic values are passes outside the sharded
-    training forward: they run with the root's weights gathered (Engine.full_weights), each block
-    gathering its own; the updates run inside the sharded forward like every other stage's.
-    """
-    if fsdp_launch():
-        how = "sharded (FSDP)"
-    elif deepspeed_launch():
-        how = "under DeepSpeed"
-    else:
-        return
-    data_parallel = "launch it data-parallel (configs/accelerate/ddp.yaml) instead"
-    if stage == "trpo":
-        raise UserError(
-            f"trpo does not run {how}: its natural-gradient step differentiates and sets the weights outside "
-            f"the training forward (double backward over sharded tensors); {data_parallel}"
-        )
-    if not config.lora.enabled:
-        raise UserError(
-            f"{stage} {how} needs LoRA (lora.enabled: true): the reference is the policy with its "
-            f"adapters off, where full fine-tuning would keep a whole frozen copy on every process; {data_parallel}"
-        )
-    if config.rollout.engine == "vllm":
-        raise UserError(
-            f"rollout.engine: vllm does not run with a policy {how} yet; use rollout.engine: hf or {data_parallel}"
-        )
+    return {"reward_gain": gain[0], "reward_gain_stderr": gain[1]}
 
 
 class Rollouts:
@@ -375,9 +324,14 @@ class Rollouts:
 
 
 def held_out_evaluation(
-    config: RLConfig, setup: RLSetup, rollouts: Rollouts, eval_examples: list[PromptExample]
+    config: RLConfig,
+    setup: RLSetup,
+    rollouts: Rollouts,
+    eval_examples: list[PromptExample],
+    judges: dict[str, RewardSource],
 ) -> Callable[[], dict]:
-    """Mean reward, KL, entropy and length on held-out prompts; the RNG of training is left untouched."""
+    """Mean reward, KL, entropy and length on held-out prompts, and each held-out judge's scores of
+    the same answers; the RNG of training is left untouched."""
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -386,15 +340,50 @@ def held_out_evaluation(
             torch.manual_seed(config.eval.seed)
             seeds = [row_seed(config.eval.seed, index) for index in range(len(eval_examples) * samples)]
             rollout, scored = rollouts.sample_and_score(eval_examples, samples, seeds)
+            answered = [eval_examples[i] for i in rollout.prompt_index.tolist()]
+            judged = {
+                name: score_completions(
+                    judge,
+                    [e.prompt for e in answered],
+                    rollout.completions,
+                    [e.columns for e in answered],
+                    rollout.ended,
+                )
+                for name, judge in judges.items()
+            }
         logprobs, entropy = setup.logprobs(setup.policy, rollout, with_entropy=True)
         summary = rollout_summary(rollout, scored, logprobs, setup.reference_logprobs(rollout), entropy)
         scores = scored.scores[scored.valid].double()
         summary["reward_stderr"] = float(scores.std() / math.sqrt(len(scores))) if len(scores) > 1 else math.nan
         summary["answers"] = rollout.completions[::samples]
-        summary["sample_rewards"] = [float(r) if v else None for r, v in zip(scored.scores, scored.valid)]
+        summary["sample_rewards"] = per_answer(scored)
+        if judged:
+            summary["judges"] = {}
+        for name, judge_scores in judged.items():
+            values = per_answer(judge_scores)
+            mean, stderr = mean_and_stderr([value for value in values if value is not None])
+            summary["judges"][name] = {"mean": mean, "stderr": stderr, "samples": values}
         return summary
 
     return evaluate
+
+
+def per_answer(scored: ScoredBatch) -> list[float | None]:
+    """Each answer's score, None where the reward gave none (on_invalid: skip)."""
+    return [float(r) if v else None for r, v in zip(scored.scores, scored.valid)]
+
+
+def evaluate_during_training(engine: Engine, metrics: dict, evaluate: Callable[[], dict]) -> None:
+    """A held-out evaluation at this step (eval.every): kept in metrics.json's "during" (so a resumed
+    run keeps it) and logged as eval/reward_mean, eval/kl and eval/judge/NAME."""
+    with engine.whole_weights():
+        point = {"step": engine.progress.step, **evaluate()}
+    metrics["during"] = [*metrics.get("during", []), point]
+    engine.run.update_json("metrics.json", during=metrics["during"])
+    logged = {f"eval/{key}": point[key] for key in ("reward_mean", "kl", "length") if key in point}
+    logged.update({f"eval/judge/{name}": judge["mean"] for name, judge in point.get("judges", {}).items()})
+    engine.log(logged, engine.progress.step)
+    tqdm.write(f"step {engine.progress.step} held-out: {describe(point)}")
 
 
 def train_one_step(engine: Engine, algorithm: Algorithm, rollouts: Rollouts, seed: int) -> dict[str, float]:
@@ -430,10 +419,13 @@ def run_online(
     train_examples, eval_examples, report = load_examples(config.data, train.seed, prompt_examples)
     source, tokenizer = resolve_with_tokenizer(config.model)
     reward = RewardSource(config.reward, config.data.template)
+    judges = {name: RewardSource(settings, config.data.template) for name, settings in config.eval.judges.items()}
     train_examples, adjusted = fit_prompts(train_examples, tokenizer, config.data)
     eval_examples, _ = fit_prompts(eval_examples[: config.eval.num_prompts], tokenizer, config.data)
     summary = training_data_summary(report, adjusted, len(train_examples), len(eval_examples), "prompts")
     print(f"data: {summary}; reward: {reward.name}")
+    if judges:
+        print("held-out judges: " + ", ".join(f"{name} ({judge.name})" for name, judge in judges.items()))
 
     # Policy, reference, critic and the algorithm. TRPO steps the policy itself; the engine's
     # optimizer then trains only its critic.
@@ -451,10 +443,12 @@ def run_online(
         frozen.to(engine.device)
     engine.resume(resume)
     rollouts = Rollouts(config, engine, tokenizer, policy, reward, train_examples, processes)
-    evaluate = held_out_evaluation(config, setup, rollouts, eval_examples)
+    evaluate = held_out_evaluation(config, setup, rollouts, eval_examples, judges)
 
     # Train: sample -> score -> old/reference log-probs -> advantages -> update (the algorithm's) -> log.
     metrics = run_dir.read_json("metrics.json")
+    # Evaluations after the checkpoint a run resumes from are measured again.
+    metrics["during"] = [point for point in metrics.get("during", []) if point["step"] <= engine.progress.step]
     if config.eval.before and eval_examples:
         measure(engine, metrics, "before", evaluate)
     with engine.progress_bar() as bar:
@@ -465,11 +459,18 @@ def run_online(
             reward_mean, kl, length = step_metrics["reward_mean"], step_metrics["kl"], step_metrics["length"]
             bar.set_postfix(reward=f"{reward_mean:.3f}", kl=f"{kl:.3f}", len=f"{length:.0f}")
             bar.update(1)
+            if eval_examples and config.eval.every and engine.progress.step % config.eval.every == 0:
+                if engine.progress.step < total_steps:  # the last step's is the evaluation after
+                    evaluate_during_training(engine, metrics, evaluate)
             engine.checkpoint_if_due()
     engine.checkpoint_at_end()
     if eval_examples:
         measure(engine, metrics, "after", evaluate)
         metrics["after"].update(paired_gain(metrics.get("before", {}), metrics["after"]))
+        metrics["steps"] = total_steps
+        metrics["warnings"] = overoptimisation_signs(held_out_curve(metrics))
+        for sign in metrics["warnings"]:
+            warn(sign)
 
     # Save the policy (and the critic), the samples and the metrics.
     info = {"stage": stage, "lora": config.lora.enabled, "reward": reward.name}
