@@ -130,6 +130,32 @@ def test_eval_split_by_fraction_is_seeded_and_disjoint(tmp_path):
     assert not {r.where for r in first.eval} & {r.where for r in first.train}
 
 
+def test_parts_are_disjoint_cover_the_training_rows_and_follow_the_prompt(tmp_path):
+    rows = [{"prompt": f"question {i // 2}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(60)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    whole = load_splits(ChatDataSettings(path=str(path), eval_fraction=0.2), seed=3)
+    parts = [load_splits(ChatDataSettings(path=str(path), eval_fraction=0.2, part=f"{k}/2"), seed=3) for k in (1, 2)]
+    first, second = ({r.where for r in split.train} for split in parts)
+    assert not first & second and first | second == {r.where for r in whole.train}
+    assert 10 <= len(first) <= 38  # about half of the 48 training rows
+    assert all([r.where for r in split.eval] == [r.where for r in whole.eval] for split in parts)
+    for split in parts:  # both pairs about one prompt land in one part
+        prompts = [r.values["prompt"] for r in split.train]
+        assert not {p for p in prompts} & {
+            r.values["prompt"] for other in parts if other is not split for r in other.train
+        }
+    other_seed = load_splits(ChatDataSettings(path=str(path), eval_fraction=0.0, part="1/2"), seed=9)
+    assert {r.values["prompt"] for r in parts[0].train} <= {r.values["prompt"] for r in other_seed.train}
+
+
+@pytest.mark.parametrize("part", ["0/2", "3/2", "1/1", "half", "1/"])
+def test_a_part_that_is_not_k_of_n_is_refused(tmp_path, part):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="part"):
+        ChatDataSettings(path=str(write_jsonl(tmp_path / "t.jsonl", [{"prompt": "a", "completion": "b"}])), part=part)
+
+
 def test_eval_from_second_file(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a"}, {"text": "b"}])
     held_out = write_jsonl(tmp_path / "eval.jsonl", [{"text": "c"}])

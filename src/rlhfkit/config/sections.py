@@ -134,6 +134,12 @@ class DataSettings(Section):
     eval_split: str | None = Field(None, description="Split of eval_path (or of path) to evaluate on.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of rows held out when eval_path is unset.")
     max_examples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
+    part: str | None = Field(
+        None,
+        description="K/N: train on the K-th of N disjoint parts of the training rows; a row's part follows from its "
+        "prompt alone (the same in every run and seed), e.g. a held-out judge's reward model on 2/2 and the "
+        "training reward's on 1/2.",
+    )
     max_length: int = Field(512, gt=1, description="Longest tokenised example (SFT) or block length (pretrain).")
     overlong: Literal["truncate", "skip", "error"] = Field(
         "truncate", description="What to do with an example longer than max_length."
@@ -141,6 +147,16 @@ class DataSettings(Section):
     invalid_rows: Literal["error", "skip"] = Field(
         "error", description="Empty or mistyped rows: stop with the row named, or skip and report a count."
     )
+
+    @field_validator("part")
+    @classmethod
+    def _part_of_parts(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        index, _, count = value.partition("/")
+        if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count) and int(count) >= 2):
+            raise ValueError(f"write K/N with 1 ≤ K ≤ N and N ≥ 2 (e.g. 1/2), not {value!r}")
+        return value
 
     @field_validator("path", "eval_path")
     @classmethod

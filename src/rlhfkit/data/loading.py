@@ -6,6 +6,7 @@ Every row keeps where it came from (``file.jsonl:12``) so a bad row can be named
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -207,8 +208,20 @@ def load_splits(settings: DataSettings, seed: int) -> DataSplits:
         eval_indices = set(order[:n_eval])
         held_out = [row for index, row in enumerate(train) if index in eval_indices]
         train = [row for index, row in enumerate(train) if index not in eval_indices]
+    if settings.part is not None:
+        index, count = (int(number) for number in settings.part.split("/"))
+        train = [row for row in train if part_of(row.values, count) == index - 1]
     if settings.max_examples is not None:
         train = train[: settings.max_examples]
     if not train:
-        raise DataError(f"{settings.path}: no training rows left after holding out the eval split")
+        kept = f" and keeping part {settings.part}" if settings.part else ""
+        raise DataError(f"{settings.path}: no training rows left after holding out the eval split{kept}")
     return DataSplits(train=train, eval=held_out)
+
+
+def part_of(values: dict[str, Any], count: int) -> int:
+    """Which of `count` parts a row belongs to: a hash of its prompt (of the whole row when it has
+    none), so rows about one prompt share a part and no seed or run order moves a row."""
+    key = values.get("prompt", values)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % count
