@@ -274,3 +274,54 @@ def test_evaluate_command_compares_models_without_a_reward_model(
     capsys.readouterr()
     assert main(["evaluate", str(config), "--set", "baseline=nobody"]) == 2
     assert "baseline: 'nobody' is not one of models" in capsys.readouterr().err
+
+
+def test_evaluate_scores_with_several_judges_and_marks_the_one_a_policy_was_trained_against(
+    tiny_model, tiny_reward_model, sft_rows, tmp_path
+):
+    """Each judge scores every model's answers (mean, win rate against the baseline); a model whose
+    training info names a judge as its reward has that judge marked, in metrics.json and with † in
+    the table."""
+    import shutil
+
+    from rlhfkit.models import MODEL_INFO
+    from rlhfkit.report import evaluation_markdown
+
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_model, policy)
+    (policy / MODEL_INFO).write_text(json.dumps({"stage": "grpo", "reward": str(tiny_reward_model)}))
+    judges_file = tmp_path / "judges.py"
+    judges_file.write_text(
+        "def length(prompts, completions, **columns):\n    return [float(len(c)) for c in completions]\n"
+    )
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
+    config = tmp_path / "evaluate.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "evaluate": {
+                    "models": {"base": str(tiny_model), "policy": str(policy)},
+                    "reward_model": str(tiny_reward_model),
+                    "judges": {
+                        "length": {"function": f"{judges_file}:length"},
+                        "rm": {"model": str(tiny_reward_model)},
+                    },
+                    "data": {"path": str(data), "eval_fraction": 0.25},
+                    "num_prompts": 3,
+                    "samples_per_prompt": 2,
+                    "sampling": {"max_new_tokens": 6},
+                    "output_dir": str(tmp_path / "eval"),
+                }
+            }
+        )
+    )
+    assert main(["evaluate", str(config)]) == 0
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    base, trained = summary["models"]["base"], summary["models"]["policy"]
+    assert trained["trained_against"] == ["reward_model", "rm"] and "trained_against" not in base
+    # The judge "rm" is the reward model itself: the same scores; the same weights answer alike.
+    assert trained["judges"]["rm"]["reward_mean"] == pytest.approx(trained["reward_mean"], abs=1e-5)
+    assert base["judges"]["length"]["reward_mean"] == trained["judges"]["length"]["reward_mean"] > 0
+    assert trained["judges"]["length"]["win_rate"] == 0.5 and "win_rate" not in base["judges"]["length"]
+    table = evaluation_markdown(summary)
+    assert "judge rm (win rate)" in table and table.count("†") == 2

@@ -124,6 +124,23 @@ def resolve(reference: str, gguf_file: str | None = None, _adapters: tuple[Path,
     return ModelSource(reference, gguf_file=gguf_file)  # a hub id
 
 
+def training_info(source: ModelSource) -> dict:
+    """What the rlhfkit stage that trained this model recorded beside it (stage, reward, …); empty
+    for models rlhfkit did not train."""
+    info = Path(source.path) / MODEL_INFO
+    return json.loads(info.read_text()) if info.is_file() else {}
+
+
+def same_model(reference: str, other: str) -> bool:
+    """Whether two model references name the same model: equal, or local paths (a run directory
+    or its final/) that lead to one directory."""
+    if reference == other:
+        return True
+    if not (user_path(reference).exists() and user_path(other).exists()):
+        return False
+    return Path(resolve(reference).path).resolve() == Path(resolve(other).path).resolve()
+
+
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """The block runs with the model in eval mode (no dropout); its own mode is back afterwards, even on error."""

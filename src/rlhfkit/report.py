@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from rlhfkit.config.rounds import round_key, round_of, stage_of
 from rlhfkit.files import read_json_or_empty, write_text_atomically
 from rlhfkit.metrics import held_out_curve, win_rate
+from rlhfkit.report_plots import finite_number, plot_comparison, plot_curves, plot_held_out
 
 PLOTS_DIR = "report_files"
 # What each stage's held-out before/after shows, in order: (key, label, format).
@@ -48,16 +48,6 @@ RL_METRICS = [
     ("kl", "KL to reference (nats/answer)", "{:.2f}"),
     ("length", "answer length (tokens)", "{:.1f}"),
 ]
-CURVES = [
-    ("train/loss", "loss"),
-    ("eval/perplexity", "held-out perplexity"),
-    ("train/accuracy", "pair accuracy (train)"),
-    ("train/label_accuracy", "label agreement (train)"),
-    ("train/reward_mean", "reward"),
-    ("train/kl", "KL to reference"),
-    ("train/entropy", "entropy"),
-    ("train/length", "length (tokens)"),
-]
 EVAL_COLUMNS = [
     ("perplexity", "perplexity", "{:.2f}"),
     ("rouge_l", "ROUGE-L", "{:.3f}"),
@@ -82,25 +72,17 @@ def _read_curves(path: Path) -> list[dict]:
     return records
 
 
-def _number(value: Any) -> float | None:
-    return (
-        float(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        else None
-    )
-
-
 def _stderr(metrics: dict, key: str) -> Any:
     """The standard error stored beside a metric: KEY_stderr, or reward_stderr for reward_mean."""
     return metrics.get(f"{key}_stderr", metrics.get(f"{key.removesuffix('_mean')}_stderr"))
 
 
 def _format(value: Any, fmt: str, stderr: Any = None) -> str:
-    number = _number(value)
+    number = finite_number(value)
     if number is None:
         return "–"
     text = fmt.format(number)
-    if _number(stderr) is not None:
+    if finite_number(stderr) is not None:
         text += " ± " + fmt.format(1.96 * stderr)
     return text
 
@@ -117,7 +99,7 @@ def label_rows(metrics: dict) -> list[tuple[str, str, str]]:
     ]
     rows.append((f"{unit} exported", "", str(metrics.get("exported", 0))))
     agreement = metrics.get("agreement", {}).get("percent_agreement")
-    if _number(agreement) is not None:
+    if finite_number(agreement) is not None:
         rows.append(("percent agreement between annotators", "", f"{agreement:.3f}"))
     return rows
 
@@ -173,7 +155,9 @@ def round_rows(stage_dirs: dict[str, Path], evaluation: dict) -> tuple[list[str]
         number, metrics = round_of(key), models[key]
         label = read_json_or_empty(stage_dirs.get(round_key("label", number), Path("-")) / "metrics.json")
         agreement = label.get("agreement", {}).get("percent_agreement")
-        labels = f"{label.get('exported', '–')}" + (f" ({agreement:.2f})" if _number(agreement) is not None else "")
+        labels = f"{label.get('exported', '–')}" + (
+            f" ({agreement:.2f})" if finite_number(agreement) is not None else ""
+        )
         previous_key = round_key(stage_of(key), number - 1) if number > 1 else None
         previous = models.get(previous_key) if previous_key else None
         against_previous = "–"
@@ -211,128 +195,39 @@ def round_rows(stage_dirs: dict[str, Path], evaluation: dict) -> tuple[list[str]
 
 
 def evaluation_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and one row per model of the evaluate stage's comparison (95% intervals)."""
+    """Header and one row per model of the evaluate stage's comparison (95% intervals); a judge's
+    cell is marked † where the model was trained against that judge."""
     models = summary.get("models", {})
     present = [(key, label, fmt) for key, label, fmt in EVAL_COLUMNS if any(key in m for m in models.values())]
-    header = ["model"] + [label for _, label, _ in present]
+    judges = list(dict.fromkeys(judge for m in models.values() for judge in m.get("judges", {})))
+    header = ["model"] + [label for _, label, _ in present] + [f"judge {judge} (win rate)" for judge in judges]
     rows = []
     for name in summary.get("order", list(models)):
         metrics = models[name]
+        marked = metrics.get("trained_against", [])
         cells = [name + (" (baseline)" if name == summary.get("baseline") else "")]
         for key, _, fmt in present:
-            cell = _format(metrics.get(key), fmt, _stderr(metrics, key))
-            if _number(metrics.get(f"{key}_low")) is not None and _number(metrics.get(key)) is not None:
-                cell += f" [{metrics[f'{key}_low']:.2f}, {metrics[f'{key}_high']:.2f}]"
-            cells.append(cell)
+            cells.append(_cell(metrics, key, fmt) + (" †" if key == "reward_mean" and "reward_model" in marked else ""))
+        for judge in judges:
+            judged = metrics.get("judges", {}).get(judge, {})
+            cell = _cell(judged, "reward_mean", "{:.3f}")
+            if "win_rate" in judged:
+                cell += f" ({_cell(judged, 'win_rate', '{:.2f}')})"
+            cells.append(cell + (" †" if judge in marked else ""))
         rows.append(cells)
     return header, rows
+
+
+def _cell(metrics: dict, key: str, fmt: str) -> str:
+    cell = _format(metrics.get(key), fmt, _stderr(metrics, key))
+    if finite_number(metrics.get(f"{key}_low")) is not None and finite_number(metrics.get(key)) is not None:
+        cell += f" [{metrics[f'{key}_low']:.2f}, {metrics[f'{key}_high']:.2f}]"
+    return cell
 
 
 def evaluation_markdown(summary: dict) -> str:
     """The evaluate stage's comparison as a Markdown table."""
     return _md_table(*evaluation_rows(summary))
-
-
-def _pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _panels(rows: int, columns: int):
-    """A figure of rows × columns panels (4.2 × 3.0 in each); returns (pyplot, figure, axes)."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)
-    return plt, figure, axes
-
-
-def _over_steps(axis, label: str) -> None:
-    axis.set_title(label, fontsize=10)
-    axis.set_xlabel("step", fontsize=8)
-    axis.grid(alpha=0.3)
-    axis.tick_params(labelsize=8)
-
-
-def _save(plt, figure, title: str, target: Path) -> bool:
-    figure.suptitle(title, fontsize=11)
-    figure.tight_layout()
-    figure.savefig(target, dpi=100)
-    plt.close(figure)
-    return True
-
-
-def plot_curves(stage: str, records: list[dict], target: Path) -> bool:
-    """One PNG with a panel per logged curve of a stage; False when nothing was logged."""
-    panels = [(key, label) for key, label in CURVES if any(key in r for r in records)]
-    if not panels:
-        return False
-    columns = min(3, len(panels))
-    plt, figure, axes = _panels(math.ceil(len(panels) / columns), columns)
-    for axis, (key, label) in zip(axes.flat, panels):
-        points = [(r["step"], r[key]) for r in records if _number(r.get(key)) is not None]
-        axis.plot(
-            [p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None, color="#3b6ea8"
-        )
-        _over_steps(axis, label)
-    for axis in list(axes.flat)[len(panels) :]:
-        axis.axis("off")
-    return _save(plt, figure, f"{stage}: training curves", target)
-
-
-def plot_held_out(stage: str, curve: list[dict], target: Path) -> bool:
-    """The proxy-vs-gold picture of an RL run: its training reward and each held-out judge on the
-    same held-out answers, over training steps (95% intervals), a panel each; False without judges."""
-    judges = list(dict.fromkeys(name for point in curve for name in point.get("judges", {})))
-    if not judges or len(curve) < 2:
-        return False
-    series = {"training reward": [(p["step"], p.get("reward_mean"), p.get("reward_stderr")) for p in curve]}
-    for name in judges:
-        judged = [(p["step"], p.get("judges", {}).get(name, {})) for p in curve]
-        series[f"held-out judge {name}"] = [(step, j.get("mean"), j.get("stderr")) for step, j in judged]
-    plt, figure, axes = _panels(1, len(series))
-    for axis, (label, points) in zip(axes.flat, series.items()):
-        points = [p for p in points if _number(p[1]) is not None]
-        errors = [1.96 * (_number(p[2]) or 0.0) for p in points]
-        color = "#3b6ea8" if label == "training reward" else "#c0783c"
-        axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=errors, marker="o", capsize=3, color=color)
-        _over_steps(axis, label)
-    return _save(plt, figure, f"{stage}: held-out answers scored by the training reward and by judges", target)
-
-
-def plot_comparison(summary: dict, target: Path) -> bool:
-    """Bar charts of reward and win rate per model (95% intervals); False without reward scores."""
-    models = summary.get("models", {})
-    order = [
-        name for name in summary.get("order", list(models)) if _number(models[name].get("reward_mean")) is not None
-    ]
-    if not order:
-        return False
-    plt = _pyplot()
-
-    figure, (reward_axis, win_axis) = plt.subplots(1, 2, figsize=(9, 3.2))
-    means = [models[n]["reward_mean"] for n in order]
-    errors = [1.96 * (_number(models[n].get("reward_stderr")) or 0.0) for n in order]
-    reward_axis.bar(order, means, yerr=errors, capsize=4, color="#3b6ea8")
-    reward_axis.set_title("mean reward-model score (95% CI)", fontsize=10)
-    challengers = [n for n in order if _number(models[n].get("win_rate")) is not None]
-    rates = [models[n]["win_rate"] for n in challengers]
-    low = [models[n]["win_rate"] - models[n]["win_rate_low"] for n in challengers]
-    high = [models[n]["win_rate_high"] - models[n]["win_rate"] for n in challengers]
-    win_axis.bar(challengers, rates, yerr=[low, high], capsize=4, color="#c0783c")
-    win_axis.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    win_axis.set_ylim(0, 1)
-    win_axis.set_title(f"win rate vs {summary.get('baseline')} (Wilson 95%)", fontsize=10)
-    for axis in (reward_axis, win_axis):
-        axis.tick_params(labelsize=8)
-        axis.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    figure.savefig(target, dpi=100)
-    plt.close(figure)
-    return True
 
 
 def _read_samples(path: Path) -> list[dict]:
@@ -412,6 +307,8 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
                 else "."
             )
         )
+        if any(m.get("trained_against") for m in evaluation["models"].values()):
+            note += " † The model was trained against this judge: its score there is not held-out evidence."
         warnings = [f"{name}: {'; '.join(signs)}" for name, signs in evaluation.get("warnings", {}).items()]
         html_parts.append(
             "<h2>Models compared</h2>"
@@ -490,7 +387,7 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
 
 
 def _duration(seconds: Any) -> str:
-    number = _number(seconds)
+    number = finite_number(seconds)
     if number is None:
         return ""
     minutes, rest = divmod(round(number), 60)

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from rlhfkit.config.online import RewardSourceSettings
 from rlhfkit.config.sections import ChatDataSettings, ModelReference, SamplingSettings, Section
 
 
@@ -44,6 +45,12 @@ class EvaluateConfig(Section):
     tie_margin: float = Field(
         0.0, ge=0, description="Reward differences at most this large count as ties (half a win)."
     )
+    judges: dict[str, RewardSourceSettings] = Field(
+        default_factory=dict,
+        description="More judges scoring every answer (reward models, classifiers or Python functions): each model's "
+        "mean score and win rate per judge; a judge a model was trained against (an RL stage's reward) is marked, "
+        "its score not being held-out evidence.",
+    )
     judge: str | None = Field(
         None,
         description="A local chat model judging each answer against the baseline's (asked in both orders): a second win rate.",
@@ -77,6 +84,9 @@ class EvaluateConfig(Section):
     def _names(self) -> EvaluateConfig:
         if not self.models:
             raise ValueError("models: name at least one model")
+        for name in self.judges:
+            if not name or name == "reward_model":
+                raise ValueError(f"judges: {name!r} cannot name a judge (non-empty, not 'reward_model')")
         for field in ("baseline", "reference"):
             value = getattr(self, field)
             if value is not None and value not in self.models:

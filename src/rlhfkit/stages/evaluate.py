@@ -31,10 +31,10 @@ from rlhfkit.metrics import (
     win_rate,
     write_side_by_side,
 )
-from rlhfkit.models import load_causal_lm, load_tokenizer, pick_dtype, resolve
+from rlhfkit.models import load_causal_lm, load_tokenizer, pick_dtype, resolve, same_model, training_info
 from rlhfkit.passes import evaluate_perplexity, response_logprobs
 from rlhfkit.report import evaluation_markdown
-from rlhfkit.rewards import RewardModelScorer
+from rlhfkit.rewards import RewardModelScorer, RewardSource, score_completions
 from rlhfkit.sampling import sample_rollout
 from rlhfkit.stages.sft import held_out_prompts
 
@@ -90,6 +90,23 @@ def measure_policy(
     return metrics, answers
 
 
+def score_answers(judge: RewardSource, prompts: list, answers: list[str]) -> list[float | None]:
+    """A judge's score of each answer, None where it gave none (its on_invalid: skip)."""
+    scored = score_completions(judge, prompts, answers, [{}] * len(answers), torch.ones(len(answers), dtype=torch.bool))
+    return [float(score) if valid else None for score, valid in zip(scored.scores, scored.valid)]
+
+
+def judge_summary(values: list[float | None], baseline: list[float | None] | None, tie_margin: float) -> dict:
+    """A model's mean score by one judge and, against the baseline's answers, its win rate."""
+    mean, stderr = mean_and_stderr([value for value in values if value is not None])
+    summary = {"reward_mean": mean, "reward_stderr": stderr}
+    if baseline is not None:
+        pairs = [(a, b) for a, b in zip(values, baseline) if a is not None and b is not None]
+        if pairs:
+            summary.update(win_rate([a for a, _ in pairs], [b for _, b in pairs], tie_margin))
+    return summary
+
+
 def run(config: EvaluateConfig, resume: bool = False) -> dict:
     """Evaluate every model in config.models; writes metrics.json and samples.{md,jsonl} to config.output_dir."""
     run_dir = RunDir.start_untrained(config.output_dir, STAGE, config)
@@ -142,6 +159,24 @@ def run(config: EvaluateConfig, resume: bool = False) -> dict:
             if name != config.baseline_name:
                 results[name].update(win_rate(values, scores[config.baseline_name], config.tie_margin))
 
+    for judge_name, judge_settings in config.judges.items():
+        judge = RewardSource(judge_settings, config.data.template)
+        judged = {name: score_answers(judge, prompts_per_answer, answers[name]) for name in config.models}
+        del judge
+        for name, values in judged.items():
+            results[name].setdefault("judges", {})[judge_name] = judge_summary(
+                values, judged[config.baseline_name] if name != config.baseline_name else None, config.tie_margin
+            )
+    # A judge a model was trained against (an RL stage's reward) is no held-out evidence for it.
+    judge_references = {"reward_model": config.reward_model} | {
+        name: settings.model or settings.function for name, settings in config.judges.items()
+    }
+    for name in config.models:
+        reward = training_info(sources[name]).get("reward")
+        marked = [judge for judge, ref in judge_references.items() if reward and ref and same_model(ref, reward)]
+        if marked:
+            results[name]["trained_against"] = marked
+
     if config.judge:
         judge_source = resolve(config.judge)
         judge_model = load_causal_lm(judge_source, settings, dtype).to(device).eval()
@@ -176,6 +211,7 @@ def run(config: EvaluateConfig, resume: bool = False) -> dict:
         "reward_model": config.reward_model,
         "tie_margin": config.tie_margin,
         "judge": config.judge,
+        "judges": {name: settings.model or settings.function for name, settings in config.judges.items()},
         "prompts": len(prompt_turns),
         "prompts_with_references": len(references),
         "samples_per_prompt": config.samples_per_prompt,
