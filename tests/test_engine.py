@@ -226,6 +226,27 @@ def test_checkpoint_dir_that_is_not_one(tiny_model, tmp_path, text_rows):
         RunDir.open(str(tmp_path / "run"), "sft", config, resume=True)
 
 
+def test_run_json_records_the_command_environment_and_times(tmp_path, monkeypatch):
+    """run.json says how a run's figures were made: the command, versions and machine when it
+    starts (kept when it resumes, each resumption added), and when it finished."""
+    import json
+
+    from rlhfkit.config.loading import load_config
+
+    monkeypatch.setattr("sys.argv", ["/usr/bin/rlhfkit", "sft", "my config.yaml"])
+    config = load_config("sft", None, [f"train.output_dir={tmp_path / 'run'}"])
+    run = RunDir.open(str(tmp_path / "run"), "sft", config, resume=False)
+    started = json.loads((run.root / "run.json").read_text())
+    assert started["command"] == "rlhfkit sft 'my config.yaml'" and started["status"] == "running"
+    assert {"python", "torch", "transformers", "cpu", "cores"} <= set(started["environment"])
+    (run.root / "final").mkdir()  # a run with work in it resumes
+    resumed = RunDir.open(str(tmp_path / "run"), "sft", config, resume=True)
+    resumed.write_marker("sft", "complete")
+    record = json.loads((run.root / "run.json").read_text())
+    assert record["started"] == started["started"] and record["command"] == started["command"]
+    assert len(record["resumed"]) == 1 and record["finished"] >= record["resumed"][0] >= started["started"]
+
+
 def test_a_run_that_died_before_its_first_checkpoint_can_start_again(tiny_model, tmp_path, sft_rows, monkeypatch):
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
     config = sft_config(tiny_model, data, tmp_path / "run", "train.max_steps=2", "generation.num_prompts=0")

@@ -436,6 +436,24 @@ def test_a_held_out_judge_that_disagrees_shows_over_optimisation(
     assert "held-out judge agrees (never trained against)" in page
     assert (tmp_path / "report_files" / "grpo-held-out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # The results pages' row of this run, written from its directory (run.json, config, metrics).
+    from scripts.results_rows import table
+
+    marker = json.loads((out / "run.json").read_text())
+    assert marker["started"] < marker["finished"] and marker["environment"]["torch"] == torch.__version__
+    written = table([out])
+    before, after = metrics["before"], metrics["after"]
+    assert f"{before['reward_mean']:.3f} ± {before['reward_stderr']:.3f}" in written
+    assert (
+        f"**{after['reward_mean']:.3f} ± {after['reward_stderr']:.3f}** (paired gain {after['reward_gain']:+.3f}"
+        in written
+    )
+    assert (
+        f"disagrees: {before['judges']['disagrees']['mean']:.3f}" in written
+        and "| `target_count` | 4 × 16 |" in written
+    )
+    assert f"rlhfkit {marker['rlhfkit']}, torch " in written
+
 
 def test_judges_are_checked_before_any_model_loads(tiny_model, prompt_file, reward_file, tmp_path):
     from rlhfkit.errors import ConfigError

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import shlex
+import sys
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +70,7 @@ class RunDir:
         except OSError as exc:
             raise UserError(f"output_dir {run.root} is not writable: {exc.strerror}") from None
         write_text_atomically(run.root / "config.yaml", dump_config(config))
-        run.write_marker(stage, "running")
+        run.write_marker(stage, "running", starting=True)
         return run
 
     def _open(self, stage: str, config: StageConfig, resume: bool) -> None:
@@ -97,7 +102,7 @@ class RunDir:
                 raise UserError(f"--resume: {self.root} is a {recorded.get('stage')} run, not a {stage} run")
             self._check_same_config(config)
         write_text_atomically(self.root / "config.yaml", dump_config(config))
-        self.write_marker(stage, "running")
+        self.write_marker(stage, "running", starting=not resume)
         clean_stale_temporaries(self.root)
         clean_stale_temporaries(self.root / CHECKPOINTS)
 
@@ -125,18 +130,22 @@ class RunDir:
                 f"resume with {saved_path}, or start a new run in another train.output_dir"
             )
 
-    def write_marker(self, stage: str, status: str) -> None:
+    def write_marker(self, stage: str, status: str, starting: bool | None = None) -> None:
+        """run.json: the stage and its status, and what a figure from this run needs to be
+        reproduced — the command, the package versions and machine (when the run starts), when it
+        started, was resumed and finished. starting: True for a new run, False for a resumed one."""
         if not self.main:
             return
-        write_json_atomically(
-            self.root / RUN_MARKER,
-            {
-                "stage": stage,
-                "status": status,
-                "rlhfkit": __version__,
-                "updated": datetime.now(timezone.utc).isoformat(),
-            },
-        )
+        now = datetime.now(timezone.utc).isoformat()
+        record = {} if starting else self.read_json(RUN_MARKER)
+        record.update({"stage": stage, "status": status, "rlhfkit": __version__, "updated": now})
+        if starting:
+            record.update({"started": now, "command": command_line(), "environment": environment()})
+        elif starting is False:
+            record["resumed"] = [*record.get("resumed", []), now]
+        if status == "complete":
+            record["finished"] = now
+        write_json_atomically(self.root / RUN_MARKER, record)
 
     @property
     def checkpoints(self) -> Path:
@@ -157,6 +166,40 @@ class RunDir:
         if not self.main:
             return
         write_json_atomically(self.root / name, {**self.read_json(name), **values})
+
+
+def command_line() -> str:
+    """The command this process runs, as a shell would take it back."""
+    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine a run's figures depend on."""
+    import torch
+
+    packages = {}
+    for name in ("torch", "transformers", "peft", "accelerate"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), platform.processor()
+    )
+    machine = {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        machine["gpu"] = torch.cuda.get_device_name(0)
+    return {"python": platform.python_version(), **packages, **machine}
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -1,0 +1,99 @@
+"""Rows of the results pages, written from RL run directories rather than by hand.
+
+    python scripts/results_rows.py runs/examples/grpo-arithmetic [more run dirs]
+
+For each run: the command that made it, the reward, the held-out set, the held-out reward before
+and after (± standard error, with the paired gain), each held-out judge before and after, the KL
+to the reference, and the wall time — read from its run.json (command, versions, machine, start
+and finish), config.yaml and metrics.json. Below the table, one line per run says when and on
+what it was measured. Rerunning a run and this script rewrites its row: no figure is typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+COLUMNS = ["run", "reward", "held-out", "before", "after", "judges (before → after)", "KL", "time"]
+
+
+def _mean(side: dict, key: str = "reward_mean", stderr: str = "reward_stderr") -> str:
+    return f"{side[key]:.3f} ± {side[stderr]:.3f}" if key in side else "–"
+
+
+def _duration(started: str | None, finished: str | None) -> str:
+    if not (started and finished):
+        return "–"
+    seconds = round((datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds())
+    return f"{seconds // 60} min {seconds % 60} s"
+
+
+def _reward_name(config: dict) -> str:
+    reward = config.get("reward", {})
+    if reward.get("function"):
+        return f"`{reward['function'].rsplit(':', 1)[-1]}`"
+    return f"`{reward.get('model', '?')}`"
+
+
+def row(run_dir: Path) -> tuple[list[str], str]:
+    """The table row of one RL run and the line saying when and on what it was measured."""
+    marker = json.loads((run_dir / "run.json").read_text())
+    if marker.get("status") != "complete":
+        raise SystemExit(f"{run_dir}: the run is {marker.get('status')}, not complete")
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if "after" not in metrics or "reward_mean" not in metrics["after"]:
+        raise SystemExit(f"{run_dir}: not an RL run with a held-out evaluation (no after.reward_mean)")
+    before, after = metrics.get("before", {}), metrics["after"]
+    samples = config.get("eval", {}).get("samples_per_prompt", 1)
+    gain = (
+        f" (paired gain {after['reward_gain']:+.3f} ± {after['reward_gain_stderr']:.3f})"
+        if "reward_gain" in after
+        else ""
+    )
+    judges = [
+        f"{name}: {_mean(before.get('judges', {}).get(name, {}), 'mean', 'stderr')} → {_mean(judge, 'mean', 'stderr')}"
+        for name, judge in after.get("judges", {}).items()
+    ]
+    cells = [
+        f"`{marker.get('command', run_dir.name)}`",
+        _reward_name(config),
+        f"{len(after.get('answers', []))} × {samples}",
+        _mean(before),
+        f"**{_mean(after)}**{gain}",
+        "; ".join(judges) or "–",
+        f"{after['kl']:.2f}" if "kl" in after else "–",
+        _duration(marker.get("started"), marker.get("finished")),
+    ]
+    environment = marker.get("environment", {})
+    versions = ", ".join(
+        f"{name} {environment[name]}" for name in ("torch", "transformers", "peft") if name in environment
+    )
+    where = f"{environment.get('cpu', 'an unrecorded machine')} ({environment.get('cores', '?')} cores)"
+    when = (marker.get("finished") or marker.get("updated", ""))[:10]
+    note = f"- `{run_dir}`: {when}, rlhfkit {marker.get('rlhfkit', '?')}" + (f", {versions}" if versions else "")
+    return cells, f"{note}, on {where}."
+
+
+def table(run_dirs: list[Path]) -> str:
+    rows = [row(run_dir) for run_dir in run_dirs]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells) + " |" for cells, _ in rows]
+    return "\n".join(lines + [""] + [note for _, note in rows]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    sys.stdout.write(table(args.run_dirs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
