@@ -258,6 +258,10 @@ class ScoredBatch:
     raw_mean: float  # mean reward before shaping over valid samples
     skipped: int
 
+    def per_answer(self) -> list[float | None]:
+        """Each completion's score, None where the reward gave none (on_invalid: skip)."""
+        return [float(score) if valid else None for score, valid in zip(self.scores, self.valid)]
+
 
 def score_completions(
     source: RewardSource,

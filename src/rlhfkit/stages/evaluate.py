@@ -92,8 +92,8 @@ def measure_policy(
 
 def score_answers(judge: RewardSource, prompts: list, answers: list[str]) -> list[float | None]:
     """A judge's score of each answer, None where it gave none (its on_invalid: skip)."""
-    scored = score_completions(judge, prompts, answers, [{}] * len(answers), torch.ones(len(answers), dtype=torch.bool))
-    return [float(score) if valid else None for score, valid in zip(scored.scores, scored.valid)]
+    ended = torch.ones(len(answers), dtype=torch.bool)  # no EOS penalty: answers are compared, not trained on
+    return score_completions(judge, prompts, answers, [{}] * len(answers), ended).per_answer()
 
 
 def judge_summary(values: list[float | None], baseline: list[float | None] | None, tie_margin: float) -> dict:

@@ -356,21 +356,16 @@ def held_out_evaluation(
         scores = scored.scores[scored.valid].double()
         summary["reward_stderr"] = float(scores.std() / math.sqrt(len(scores))) if len(scores) > 1 else math.nan
         summary["answers"] = rollout.completions[::samples]
-        summary["sample_rewards"] = per_answer(scored)
+        summary["sample_rewards"] = scored.per_answer()
         if judged:
             summary["judges"] = {}
         for name, judge_scores in judged.items():
-            values = per_answer(judge_scores)
+            values = judge_scores.per_answer()
             mean, stderr = mean_and_stderr([value for value in values if value is not None])
             summary["judges"][name] = {"mean": mean, "stderr": stderr, "samples": values}
         return summary
 
     return evaluate
-
-
-def per_answer(scored: ScoredBatch) -> list[float | None]:
-    """Each answer's score, None where the reward gave none (on_invalid: skip)."""
-    return [float(r) if v else None for r, v in zip(scored.scores, scored.valid)]
 
 
 def evaluate_during_training(engine: Engine, metrics: dict, evaluate: Callable[[], dict]) -> None:
