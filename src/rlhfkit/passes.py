@@ -160,14 +160,9 @@ def response_values(critic: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
     return values * rollout.response_mask
 
 
-def scaled_response_hidden(policy: torch.nn.Module, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """(M, H) hidden states / T at the M response positions: softmax(them · W_headᵀ) is π(· | x, y_<t)."""
-    decoder, _ = backbone_and_head(policy)
-    return response_hidden_states(decoder, rollout)[rollout.response_mask.bool()] / temperature
-
-
 class _ResponseStates(torch.nn.Module):
-    """The decoder as a module whose forward is `scaled_response_hidden`, for `functional_call`."""
+    """The decoder as a module whose forward gives the hidden states / T at the M response
+    positions, (M, H): softmax(them · W_headᵀ) is π(· | x, y_<t). A module, for `functional_call`."""
 
     def __init__(self, decoder: torch.nn.Module, temperature: float) -> None:
         super().__init__()
@@ -175,6 +170,11 @@ class _ResponseStates(torch.nn.Module):
 
     def forward(self, rollout: Rollout) -> torch.Tensor:
         return response_hidden_states(self.decoder, rollout)[rollout.response_mask.bool()] / self.temperature
+
+
+def scaled_response_hidden(policy: torch.nn.Module, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """(M, H) hidden states / T at the M response positions: softmax(them · W_headᵀ) is π(· | x, y_<t)."""
+    return _ResponseStates(backbone_and_head(policy)[0], temperature)(rollout)
 
 
 def fisher_vector_product(

@@ -273,18 +273,20 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
     # 1. What each training stage did, on its own held-out data.
     header = ["stage", "held-out metric", "before", "after", "wall time"]
     rows = []
-    for stage, directory in stage_dirs.items():
-        if stage == "evaluate":
-            continue
-        metrics = read_json_or_empty(directory / "metrics.json")
+    trained = {
+        stage: read_json_or_empty(directory / "metrics.json")
+        for stage, directory in stage_dirs.items()
+        if stage != "evaluate"
+    }
+    for stage, metrics in trained.items():
         wall = _duration(timings.get(stage))
         missing = "(not run yet)" if not metrics else "(no held-out measurement in the stage; see Models compared)"
         for index, (label, before, after) in enumerate(stage_rows(stage, metrics) or [(missing, "", "")]):
             rows.append([stage if index == 0 else "", label, before, after, wall if index == 0 else ""])
     html_parts.append("<h2>What each stage did</h2>" + _html_table(header, rows, "stages"))
     md_parts.append("## What each stage did\n\n" + _md_table(header, rows))
-    for stage, directory in stage_dirs.items():
-        for sign in read_json_or_empty(directory / "metrics.json").get("warnings", []) if stage != "evaluate" else []:
+    for stage, metrics in trained.items():
+        for sign in metrics.get("warnings", []):
             html_parts.append(
                 f'<div class="warning">Possible over-optimisation — {html.escape(stage)}: {html.escape(sign)}</div>'
             )
@@ -340,9 +342,7 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
     curve_html, curve_md = [], []
     for stage, directory in stage_dirs.items():
         judged = plots / f"{stage}-held-out.png"
-        if stage != "evaluate" and plot_held_out(
-            stage, held_out_curve(read_json_or_empty(directory / "metrics.json")), judged
-        ):
+        if stage in trained and plot_held_out(stage, held_out_curve(trained[stage]), judged):
             alt = f"{stage}: training reward and held-out judges over steps"
             curve_html.append(
                 f'<h3>{html.escape(stage)}</h3><img src="{PLOTS_DIR}/{judged.name}" alt="{html.escape(alt)}">'
