@@ -115,7 +115,25 @@ CONFIG_CASES = {
     "missing data file": ("data.path=/nonexistent/rows.jsonl", "data file does not exist: /nonexistent/rows.jsonl"),
     "missing model": ("model.name_or_path=/nonexistent/model", "model path does not exist: /nonexistent/model"),
     "unknown section": ("sampling.top_p=0.5", "sampling: unknown key"),
+    "a part that is not K of N": ("data.part=3/2", "data.part: write K/N with 1 ≤ K ≤ N and N ≥ 2"),
 }
+
+
+@pytest.mark.parametrize(
+    "stage, assignment, expected",
+    [
+        ("trpo", "trpo.fisher_batch_size=0", "trpo.fisher_batch_size: Input should be greater than 0"),
+        ("grpo", "eval.every=-1", "eval.every: Input should be greater than or equal to 0"),
+        ("ppo", "eval.judges.reward.function=rlhfkit.reward_functions:numeric_answer", "cannot name a judge"),
+        ("grpo", "eval.judges.gold.max_length=64", "eval.judges.gold: set exactly one of function and model"),
+        ("evaluate", "judges.reward_model.function=rlhfkit.reward_functions:numeric_answer", "cannot name a judge"),
+    ],
+)
+def test_bad_judge_and_fisher_settings_are_named(stage, assignment, expected, tmp_path, capsys):
+    output = "output_dir" if stage == "evaluate" else "train.output_dir"
+    code, stderr = run_cli(capsys, stage, "--set", assignment, "--set", f"{output}={tmp_path / 'run'}")
+    assert_one_line_error(code, stderr, expected)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("stage", STAGES)
