@@ -200,17 +200,13 @@ def test_thumbs_stages_on_two_processes_follow_one_process(tiny_model, sft_rows,
             ["grpo.importance_level=sequence", "grpo.clip_high=0.28", "grpo.dynamic_sampling=true", "grpo.epochs=2"],
             ["cpu.yaml"],
         ),
-        ("ppo", ["ppo.epochs=2", "ppo.critic=head"], ["cpu.yaml", "fsdp.yaml"]),
+        ("ppo", ["ppo.epochs=2", "ppo.critic=head"], ["cpu.yaml"]),
         # a value model as critic (sharded with the policy); adaptive KL coefficient
         ("ppo", ["ppo.epochs=1", "ppo.target_kl=0.5"], ["cpu.yaml", "fsdp.yaml"]),
-        ("trpo", ["trpo.fisher_samples=16"], ["cpu.yaml"]),
         # online DPO: each process pairs its own groups; the step's loss averages over every pair
         ("online_dpo", ["online_dpo.beta=0.5"], ["cpu.yaml"]),
-        (
-            "trpo",
-            ["trpo.baseline=value", "trpo.fisher_samples=16"],
-            ["cpu.yaml"],
-        ),  # every row: both runs see one Fisher
+        # TRPO with a value baseline: both runs see one Fisher (every row), the critic trained beside
+        ("trpo", ["trpo.baseline=value", "trpo.fisher_samples=16"], ["cpu.yaml"]),
     ],
 )
 def test_online_rl_on_two_processes_samples_and_learns_what_one_process_does(
