@@ -1,7 +1,12 @@
-"""Write the built-in `arithmetic` prompts (src/rlhfkit/data/builtin/arithmetic_*.jsonl).
+"""Write the built-in arithmetic prompts (src/rlhfkit/data/builtin/).
 
-Small additions and subtractions with a verifiable `answer` column, for the RL stages'
-verifiable-reward demo. Deterministic: rerunning rewrites identical files.
+- `arithmetic`: small additions and subtractions (one- and two-digit operands, never negative),
+  the RL stages' first verifiable-reward demo.
+- `two-digit-arithmetic`: sums and differences of two two-digit numbers, negative results included
+  (half the differences), with an `operation` column (`add` / `subtract`) and held-out rows split
+  evenly between the two, so accuracy can be reported per operation (`eval.group_by: operation`).
+
+Both have a verifiable `answer` column. Deterministic: rerunning rewrites identical files.
 
     python scripts/make_arithmetic_data.py
 """
@@ -14,9 +19,11 @@ PHRASINGS = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "What is {a} {wor
 WORDS = {"+": "plus", "-": "minus"}
 # (low, high) operand ranges: one digit, two digits with one, two digits with two.
 RANGES = [((1, 9), (1, 9)), ((10, 99), (1, 9)), ((10, 99), (10, 99))]
+OPERATIONS = {"+": "add", "-": "subtract"}
+FOLDER = Path(__file__).resolve().parents[1] / "src" / "rlhfkit" / "data" / "builtin"
 
 
-def problem(rng: random.Random) -> dict:
+def small_problem(rng: random.Random) -> dict:
     (a_low, a_high), (b_low, b_high) = rng.choice(RANGES)
     a, b = rng.randint(a_low, a_high), rng.randint(b_low, b_high)
     op = rng.choice("+-")
@@ -26,17 +33,48 @@ def problem(rng: random.Random) -> dict:
     return {"prompt": text, "answer": a + b if op == "+" else a - b}
 
 
+def two_digit_problem(rng: random.Random, op: str, negative: bool) -> tuple[tuple[int, str, int], dict]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    while a == b or op == "-" and (a < b) != negative:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+    text = rng.choice(PHRASINGS).format(a=a, b=b, op=op, word=WORDS[op])
+    return (a, op, b), {"prompt": text, "answer": a + b if op == "+" else a - b, "operation": OPERATIONS[op]}
+
+
+def write(name: str, rows: list[dict]) -> None:
+    (FOLDER / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 def main() -> None:
     rng = random.Random(20261122)
     seen, rows = set(), []
     while len(rows) < 500:
-        row = problem(rng)
+        row = small_problem(rng)
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
             rows.append(row)
-    folder = Path(__file__).resolve().parents[1] / "src" / "rlhfkit" / "data" / "builtin"
-    for name, part in (("arithmetic_train.jsonl", rows[:400]), ("arithmetic_eval.jsonl", rows[400:])):
-        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    write("arithmetic_train.jsonl", rows[:400])
+    write("arithmetic_eval.jsonl", rows[400:])
+
+    rng = random.Random(20261206)
+    # 500 of each operation, half the differences negative, each problem once whatever its phrasing;
+    # every 5th problem of each operation is held out.
+    kinds = [("+", False)] * 500 + [("-", False)] * 250 + [("-", True)] * 250
+    rng.shuffle(kinds)
+    problems: set[tuple[int, str, int]] = set()
+    by_operation: dict[str, list[dict]] = {name: [] for name in OPERATIONS.values()}
+    for op, negative in kinds:
+        problem, row = two_digit_problem(rng, op, negative)
+        while problem in problems:
+            problem, row = two_digit_problem(rng, op, negative)
+        problems.add(problem)
+        by_operation[row["operation"]].append(row)
+    train = [row for rows in by_operation.values() for i, row in enumerate(rows) if i % 5]
+    held_out = [row for rows in by_operation.values() for i, row in enumerate(rows) if not i % 5]
+    rng.shuffle(train)
+    rng.shuffle(held_out)
+    write("two_digit_arithmetic_train.jsonl", train)
+    write("two_digit_arithmetic_eval.jsonl", held_out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?"
+_NUMBER = r"[-\u2212]?\$?\d[\d,]*(?:\.\d+)?"  # a hyphen or the minus sign U+2212
 # Explicit answer markers, strongest first; the last number of the text is the fallback.
 _MARKED = [
     re.compile(r"####\s*(" + _NUMBER + ")"),
@@ -26,7 +26,7 @@ _ANY_NUMBER = re.compile(_NUMBER)
 
 
 def _to_float(text: str) -> float | None:
-    cleaned = text.replace(",", "").replace("$", "")
+    cleaned = text.replace(",", "").replace("$", "").replace("\u2212", "-")
     try:
         return float(cleaned)
     except ValueError:

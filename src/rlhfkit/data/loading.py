@@ -22,6 +22,7 @@ BUILTIN_DATASETS = {
     "tutor-sft": ("tutor_sft_train.jsonl", "tutor_sft_eval.jsonl"),
     "tutor-prefs": ("tutor_prefs_train.jsonl", "tutor_prefs_eval.jsonl"),
     "arithmetic": ("arithmetic_train.jsonl", "arithmetic_eval.jsonl"),
+    "two-digit-arithmetic": ("two_digit_arithmetic_train.jsonl", "two_digit_arithmetic_eval.jsonl"),
 }
 
 
