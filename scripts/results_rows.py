@@ -6,7 +6,8 @@ For each run: the command that made it, the reward, the held-out set, the held-o
 and after (± standard error, with the paired gain), each held-out judge before and after, the KL
 to the reference, and the wall time — read from its run.json (command, versions, machine, start
 and finish), config.yaml and metrics.json. Below the table, one line per run says when and on
-what it was measured. Rerunning a run and this script rewrites its row: no figure is typed.
+what it was measured; runs evaluated per group (eval.group_by) or greedily (eval.greedy) get a
+second table, a row per group. Rerunning a run and this script rewrites its rows: no figure is typed.
 """
 
 from __future__ import annotations
@@ -80,11 +81,41 @@ def row(run_dir: Path) -> tuple[list[str], str]:
     return cells, f"{note}, on {where}."
 
 
+GROUP_COLUMNS = ["run", "prompts", "sampled: before", "after", "greedy: before", "after"]
+
+
+def _before_after(before: dict, after: dict) -> list[str]:
+    gain = f" ({after['reward_gain']:+.3f} ± {after['reward_gain_stderr']:.3f})" if "reward_gain" in after else ""
+    return [_mean(before), f"**{_mean(after)}**{gain}" if after else "–"]
+
+
+def group_rows(run_dir: Path) -> list[list[str]]:
+    """Rows of the per-group table for one run: all its held-out prompts, then each group's."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    before, after = metrics.get("before", {}), metrics["after"]
+    if "groups" not in after and "greedy" not in after:
+        return []
+    greedy_before, greedy_after = before.get("greedy", {}), after.get("greedy", {})
+    rows = [[f"`{run_dir}`", "all", *_before_after(before, after), *_before_after(greedy_before, greedy_after)]]
+    for group in {**after.get("groups", {}), **greedy_after.get("groups", {})}:
+        sides = [side.get("groups", {}).get(group, {}) for side in (before, after, greedy_before, greedy_after)]
+        rows.append(["", f"`{group}`", *_before_after(*sides[:2]), *_before_after(*sides[2:])])
+    return rows
+
+
+def _markdown(columns: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
+
+
 def table(run_dirs: list[Path]) -> str:
     rows = [row(run_dir) for run_dir in run_dirs]
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cells) + " |" for cells, _ in rows]
-    return "\n".join(lines + [""] + [note for _, note in rows]) + "\n"
+    lines = _markdown(COLUMNS, [cells for cells, _ in rows]) + [""] + [note for _, note in rows]
+    grouped = [cells for run_dir in run_dirs for cells in group_rows(run_dir)]
+    if grouped:
+        lines += ["", *_markdown(GROUP_COLUMNS, grouped)]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

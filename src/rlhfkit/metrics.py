@@ -49,6 +49,28 @@ def paired_difference(later: Sequence[float | None], earlier: Sequence[float | N
     return mean_and_stderr(differences)
 
 
+def by_group(
+    later: Sequence[float | None], groups: Sequence[str], earlier: Sequence[float | None] | None = None
+) -> dict[str, dict[str, float]]:
+    """Each group's mean score and standard error (e.g. per operation of an arithmetic task), groups
+    in sorted order; with `earlier` (the same slots before training), also each group's paired gain.
+
+    Slots scored None (left out of the reward) are left out of their group.
+    """
+    if len(groups) != len(later):
+        raise ValueError(f"{len(groups)} group labels for {len(later)} scores")
+    summary = {}
+    for group in sorted(set(groups)):
+        slots = [index for index, label in enumerate(groups) if label == group]
+        scores = [later[index] for index in slots if later[index] is not None]
+        mean, stderr = mean_and_stderr(scores)
+        summary[group] = {"reward_mean": mean, "reward_stderr": stderr, "count": float(len(scores))}
+        gain = None if earlier is None else paired_difference([later[i] for i in slots], [earlier[i] for i in slots])
+        if gain is not None:
+            summary[group].update(reward_gain=gain[0], reward_gain_stderr=gain[1])
+    return summary
+
+
 def held_out_curve(metrics: dict) -> list[dict]:
     """An RL run's held-out evaluations in step order — before (step 0), during training
     (eval.every), after (step metrics["steps"], the last) — from its metrics.json."""
@@ -187,6 +209,11 @@ METRIC_LABELS = {
 def describe(scores: dict) -> str:
     """One console line for a stage's held-out metrics (other keys, such as answers, are skipped)."""
     parts = [label.format(scores[name]) for name, label in METRIC_LABELS.items() if name in scores]
+    parts += [f"{name} {group['reward_mean']:.3f}" for name, group in scores.get("groups", {}).items()]
+    if "greedy" in scores:
+        greedy = scores["greedy"]
+        parts.append(f"greedy answers' reward {greedy['reward_mean']:.4f}")
+        parts += [f"greedy {name} {group['reward_mean']:.3f}" for name, group in greedy.get("groups", {}).items()]
     parts += [f"judge {name} {judge['mean']:.4f}" for name, judge in scores.get("judges", {}).items()]
     return ", ".join(parts) or "no held-out data"
 
@@ -196,6 +223,9 @@ def write_answers_before_after(
 ) -> None:
     """samples.md/.jsonl comparing the answers generated before and after a stage."""
     columns = {when: metrics[when]["answers"] for when in ("before", "after") if "answers" in metrics.get(when, {})}
+    for when in ("before", "after"):  # eval.greedy's answers, beside the sampled ones
+        if "answers" in metrics.get(when, {}).get("greedy", {}):
+            columns[f"{when} (greedy)"] = metrics[when]["greedy"]["answers"]
     prompts = [turns[-1]["content"] for turns in prompt_turns]
     write_side_by_side(directory, prompts, columns, list(references) + [None] * (len(prompts) - len(references)))
 

@@ -129,6 +129,11 @@ def stage_rows(stage: str, metrics: dict) -> list[tuple[str, str, str]]:
                 _format(after["reward_gain"], "{:+.3f}", after.get("reward_gain_stderr")),
             )
         )
+    rows += group_rows("mean reward", before, after)
+    if "greedy" in before or "greedy" in after:
+        greedy = [side.get("greedy", {}) for side in (before, after)]
+        rows.append(("reward of greedy answers (one per prompt)", *_with_gain(*greedy)))
+        rows += group_rows("reward of greedy answers", *greedy)
     for name in {**before.get("judges", {}), **after.get("judges", {})}:
         judged = [side.get("judges", {}).get(name, {}) for side in (before, after)]
         rows.append(
@@ -192,6 +197,23 @@ def round_rows(stage_dirs: dict[str, Path], evaluation: dict) -> tuple[list[str]
             ]
         )
     return header, rows, verdicts
+
+
+def _with_gain(before: dict, after: dict) -> tuple[str, str]:
+    """Before and after cells of a held-out reward; the after cell carries its paired gain."""
+    after_cell = _format(after.get("reward_mean"), "{:.3f}", after.get("reward_stderr"))
+    if "reward_gain" in after:
+        after_cell += f" (paired gain {_format(after['reward_gain'], '{:+.3f}', after.get('reward_gain_stderr'))})"
+    return _format(before.get("reward_mean"), "{:.3f}", before.get("reward_stderr")), after_cell
+
+
+def group_rows(label: str, before: dict, after: dict) -> list[tuple[str, str, str]]:
+    """One row per group of eval.group_by (e.g. `add`, `subtract`): its reward before and after."""
+    sides = before.get("groups", {}), after.get("groups", {})
+    return [
+        (f"{label}, {group} prompts", *_with_gain(sides[0].get(group, {}), sides[1].get(group, {})))
+        for group in {**sides[0], **sides[1]}
+    ]
 
 
 def evaluation_rows(summary: dict) -> tuple[list[str], list[list[str]]]:

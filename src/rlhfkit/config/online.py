@@ -104,6 +104,16 @@ class RLEvalSettings(EvalSettings):
     every: int = Field(
         0, ge=0, description="Also evaluate every N steps (0: before and after only): the held-out curves of training."
     )
+    group_by: str | None = Field(
+        None,
+        description="A column of the prompt rows (e.g. `operation`): the held-out reward is also reported per "
+        "value of it, before and after, with paired gains.",
+    )
+    greedy: bool = Field(
+        False,
+        description="Also answer each held-out prompt once greedily and report that answer's reward (the "
+        "accuracy a user sees with deterministic decoding); KL still comes from the sampled answers.",
+    )
     judges: dict[str, RewardSourceSettings] = Field(
         default_factory=dict,
         description="Held-out judges (reward models, classifiers or Python functions) the policy never trains "
@@ -112,12 +122,15 @@ class RLEvalSettings(EvalSettings):
     )
 
     @model_validator(mode="after")
-    def _judges_need_prompts(self) -> RLEvalSettings:
+    def _held_out_settings(self) -> RLEvalSettings:
         for name in self.judges:
             if not name or "/" in name or name == "reward":
                 raise ValueError(f"eval.judges: {name!r} cannot name a judge (non-empty, no '/', not 'reward')")
-        if (self.judges or self.every) and self.num_prompts == 0:
-            what = "eval.judges" if self.judges else "eval.every"
+        if self.group_by is not None and not self.group_by.strip():
+            raise ValueError("eval.group_by: name a column of the prompt rows (or leave it out)")
+        asked = [name for name in ("judges", "every", "group_by", "greedy") if getattr(self, name)]
+        if asked and self.num_prompts == 0:
+            what = f"eval.{asked[0]}"
             raise ValueError(f"{what} needs held-out prompts, but eval.num_prompts is 0")
         return self
 

@@ -32,12 +32,11 @@ from rlhfkit.stages.online import (
     RLSetup,
     RolloutBatch,
     optimizer_steps_per_step,
-    rollout_summary,
     run_online,
     run_updates,
-    training_mask,
     warn,
 )
+from rlhfkit.stages.rl_measure import rollout_summary, training_mask
 
 STAGE = "grpo"
 

@@ -32,7 +32,7 @@ from rlhfkit.data.examples import PromptExample, load_examples, prompt_examples,
 from rlhfkit.data.formatting import fit_prompts, render_rl_prompt
 from rlhfkit.engine import Engine, RunDir, process_state
 from rlhfkit.losses.ppo import aggregation_units
-from rlhfkit.metrics import describe, held_out_curve, mean_and_stderr, overoptimisation_signs, paired_difference
+from rlhfkit.metrics import held_out_curve, overoptimisation_signs
 from rlhfkit.models import frozen_reference_copy, reference_policy, resolve, resolve_with_tokenizer
 from rlhfkit.passes import response_logprobs
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
@@ -40,6 +40,12 @@ from rlhfkit.sampling import Rollout, row_seed, sample_rollout
 from rlhfkit.stages.before_after import measure, write_samples
 from rlhfkit.stages.refill import refill_flat_groups
 from rlhfkit.stages.rl_launch import check_process_count, check_sharded_launch
+from rlhfkit.stages.rl_measure import (
+    add_paired_gains,
+    check_group_column,
+    evaluate_during_training,
+    held_out_evaluation,
+)
 
 
 @dataclass
@@ -190,65 +196,6 @@ def optimizer_steps_per_step(config: RLConfig, epochs: int, minibatch_size: int 
     return epochs * math.ceil(batch / (minibatch_size or batch))
 
 
-def training_mask(rollout: Rollout, scored: ScoredBatch) -> torch.Tensor:
-    """(N, R) the response tokens that train: samples whose reward was left out (invalid) are zeroed."""
-    return rollout.response_mask * scored.valid[:, None].to(rollout.response_mask.device)
-
-
-def rollout_summary(
-    rollout: Rollout,
-    scored: ScoredBatch,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    entropy: torch.Tensor | None,
-    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, float]:
-    """Reward, KL to the reference, entropy and length statistics of a scored rollout.
-
-    gather: concatenates per-completion rows over processes, when each holds a share of the rollout.
-    """
-    mask = training_mask(rollout, scored)
-    per_completion = torch.stack(
-        [
-            scored.scores.float(),  # 0 where invalid
-            scored.valid.float(),
-            ((logprobs - ref_logprobs) * mask).sum(dim=1).float().cpu(),  # Σ_t log π/π_ref: unbiased KL(π‖π_ref)
-            rollout.lengths.float().cpu(),
-            rollout.ended.float().cpu(),
-            (entropy * mask).sum(dim=1).float().cpu() if entropy is not None else torch.zeros(rollout.size),
-            mask.sum(dim=1).float().cpu(),
-        ],
-        dim=1,
-    )
-    if gather is not None:
-        per_completion = gather(per_completion)
-    scores, valid, sequence_kl, lengths, ended, entropy_sums, tokens = per_completion.unbind(dim=1)
-    valid = valid.bool()
-    # float64: the mean and spread of rewards near float32's limit still exist
-    scores, sequence_kl = scores[valid].double(), sequence_kl[valid]
-    summary = {
-        "reward_mean": float(scores.mean()) if len(scores) else math.nan,
-        "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-        "kl": float(sequence_kl.mean()) if len(sequence_kl) else math.nan,
-        "length": float(lengths.mean()),
-        "eos_fraction": float(ended.mean()),
-    }
-    if entropy is not None:
-        summary["entropy"] = float(entropy_sums.sum() / tokens.sum().clamp(min=1))
-    skipped = int((~valid).sum())  # scored.skipped, over every process's completions
-    if skipped:
-        summary["skipped_samples"] = float(skipped)
-    return summary
-
-
-def paired_gain(before: dict, after: dict) -> dict[str, float]:
-    """Mean after − before reward over the same held-out prompts and sample slots, with its paired standard error."""
-    gain = paired_difference(after.get("sample_rewards", []), before.get("sample_rewards", []))
-    if gain is None:
-        return {}
-    return {"reward_gain": gain[0], "reward_gain_stderr": gain[1]}
-
-
 class Rollouts:
     """Where an RL step's completions come from: the step's prompts (a seeded shuffle per epoch, so a
     resumed run sees the same ones), this process's share of them, sampling (HF generate, or vLLM
@@ -282,11 +229,13 @@ class Rollouts:
             )
 
     def sample_and_score(
-        self, examples: list[PromptExample], samples: int, seeds: list[int]
+        self, examples: list[PromptExample], samples: int, seeds: list[int], greedy: bool = False
     ) -> tuple[Rollout, ScoredBatch]:
+        """Completions of `examples` (`samples` each, one seed per completion) and their rewards;
+        greedy: the most likely token at every step (top-k 1) instead of a sample."""
         texts, settings, max_length = (
             [render_rl_prompt(self.tokenizer, example, self.config.data) for example in examples],
-            self.config.rollout,
+            self.config.rollout.model_copy(update={"top_k": 1}) if greedy else self.config.rollout,
             self.config.data.max_length,
         )
         if self.vllm is None:
@@ -323,64 +272,6 @@ class Rollouts:
             self.vllm.close()
 
 
-def held_out_evaluation(
-    config: RLConfig,
-    setup: RLSetup,
-    rollouts: Rollouts,
-    eval_examples: list[PromptExample],
-    judges: dict[str, RewardSource],
-) -> Callable[[], dict]:
-    """Mean reward, KL, entropy and length on held-out prompts, and each held-out judge's scores of
-    the same answers; the RNG of training is left untouched."""
-
-    @torch.no_grad()
-    def evaluate() -> dict:
-        samples = config.eval.samples_per_prompt
-        with torch.random.fork_rng():  # a reward function's own randomness leaves training's alone
-            torch.manual_seed(config.eval.seed)
-            seeds = [row_seed(config.eval.seed, index) for index in range(len(eval_examples) * samples)]
-            rollout, scored = rollouts.sample_and_score(eval_examples, samples, seeds)
-            answered = [eval_examples[i] for i in rollout.prompt_index.tolist()]
-            judged = {
-                name: score_completions(
-                    judge,
-                    [e.prompt for e in answered],
-                    rollout.completions,
-                    [e.columns for e in answered],
-                    rollout.ended,
-                )
-                for name, judge in judges.items()
-            }
-        logprobs, entropy = setup.logprobs(setup.policy, rollout, with_entropy=True)
-        summary = rollout_summary(rollout, scored, logprobs, setup.reference_logprobs(rollout), entropy)
-        scores = scored.scores[scored.valid].double()
-        summary["reward_stderr"] = float(scores.std() / math.sqrt(len(scores))) if len(scores) > 1 else math.nan
-        summary["answers"] = rollout.completions[::samples]
-        summary["sample_rewards"] = scored.per_answer()
-        if judged:
-            summary["judges"] = {}
-        for name, judge_scores in judged.items():
-            values = judge_scores.per_answer()
-            mean, stderr = mean_and_stderr([value for value in values if value is not None])
-            summary["judges"][name] = {"mean": mean, "stderr": stderr, "samples": values}
-        return summary
-
-    return evaluate
-
-
-def evaluate_during_training(engine: Engine, metrics: dict, evaluate: Callable[[], dict]) -> None:
-    """A held-out evaluation at this step (eval.every): kept in metrics.json's "during" (so a resumed
-    run keeps it) and logged as eval/reward_mean, eval/kl and eval/judge/NAME."""
-    with engine.whole_weights():
-        point = {"step": engine.progress.step, **evaluate()}
-    metrics["during"] = [*metrics.get("during", []), point]
-    engine.run.update_json("metrics.json", during=metrics["during"])
-    logged = {f"eval/{key}": point[key] for key in ("reward_mean", "kl", "length") if key in point}
-    logged.update({f"eval/judge/{name}": judge["mean"] for name, judge in point.get("judges", {}).items()})
-    engine.log(logged, engine.progress.step)
-    tqdm.write(f"step {engine.progress.step} held-out: {describe(point)}")
-
-
 def train_one_step(engine: Engine, algorithm: Algorithm, rollouts: Rollouts, seed: int) -> dict[str, float]:
     """Sample and score this step's rollout, update from it, and time both halves."""
     started = time.perf_counter()
@@ -412,6 +303,7 @@ def run_online(
 
     # Prompts, tokenizer and the reward are loaded and checked before any policy weights.
     train_examples, eval_examples, report = load_examples(config.data, train.seed, prompt_examples)
+    check_group_column(eval_examples[: config.eval.num_prompts], config.eval.group_by)
     source, tokenizer = resolve_with_tokenizer(config.model)
     reward = RewardSource(config.reward, config.data.template)
     judges = {name: RewardSource(settings, config.data.template) for name, settings in config.eval.judges.items()}
@@ -461,7 +353,7 @@ def run_online(
     engine.checkpoint_at_end()
     if eval_examples:
         measure(engine, metrics, "after", evaluate)
-        metrics["after"].update(paired_gain(metrics.get("before", {}), metrics["after"]))
+        add_paired_gains(metrics.get("before", {}), metrics["after"])
         metrics["steps"] = total_steps
         metrics["warnings"] = overoptimisation_signs(held_out_curve(metrics))
         for sign in metrics["warnings"]:

@@ -23,7 +23,8 @@ from rlhfkit.engine import LossOutput
 from rlhfkit.losses.dpo import DPOLoss, best_and_worst_of_groups, dpo_family_loss
 from rlhfkit.rewards import ScoredBatch
 from rlhfkit.sampling import Rollout
-from rlhfkit.stages.online import RLSetup, RolloutBatch, micro_batch, rollout_summary, run_online, training_mask
+from rlhfkit.stages.online import RLSetup, RolloutBatch, micro_batch, run_online
+from rlhfkit.stages.rl_measure import rollout_summary, training_mask
 
 STAGE = "online_dpo"
 

@@ -53,11 +53,10 @@ from rlhfkit.stages.online import (
     RolloutBatch,
     micro_batch,
     optimizer_steps_per_step,
-    rollout_summary,
     run_online,
     run_updates,
-    training_mask,
 )
+from rlhfkit.stages.rl_measure import rollout_summary, training_mask
 
 STAGE = "trpo"
 
