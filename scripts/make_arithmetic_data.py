@@ -4,7 +4,8 @@
   the RL stages' first verifiable-reward demo.
 - `two-digit-arithmetic`: sums and differences of two two-digit numbers, negative results included
   (half the differences), with an `operation` column (`add` / `subtract`) and held-out rows split
-  evenly between the two, so accuracy can be reported per operation (`eval.group_by: operation`).
+  evenly between the two, so accuracy can be reported per operation (`eval.group_by: operation`),
+  and a `worked` answer per row (tens, then units) for an SFT warm-up (`data.columns`).
 
 Both have a verifiable `answer` column. Deterministic: rerunning rewrites identical files.
 
@@ -33,12 +34,28 @@ def small_problem(rng: random.Random) -> dict:
     return {"prompt": text, "answer": a + b if op == "+" else a - b}
 
 
+def worked(a: int, op: str, b: int) -> str:
+    """A worked answer that takes the second number's tens, then its units, and ends with the result:
+    "39 + 12 = 39 + 10 + 2 = 49 + 2 = 51." / "64 - 79 = -(79 - 64) = -(79 - 60 - 4) = -(19 - 4) = -15."."""
+    if op == "-" and a < b:
+        tens, units = a - a % 10, a % 10
+        steps = f"-({b} - {a}) = -({b} - {tens} - {units}) = -({b - tens} - {units})"
+        return f"{a} - {b} = {steps} = {a - b}." if units else f"{a} - {b} = -({b} - {a}) = {a - b}."
+    tens, units = b - b % 10, b % 10
+    partial = a + tens if op == "+" else a - tens
+    result = a + b if op == "+" else a - b
+    if not units:
+        return f"{a} {op} {b} = {result}."
+    return f"{a} {op} {b} = {a} {op} {tens} {op} {units} = {partial} {op} {units} = {result}."
+
+
 def two_digit_problem(rng: random.Random, op: str, negative: bool) -> tuple[tuple[int, str, int], dict]:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     while a == b or op == "-" and (a < b) != negative:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
     text = rng.choice(PHRASINGS).format(a=a, b=b, op=op, word=WORDS[op])
-    return (a, op, b), {"prompt": text, "answer": a + b if op == "+" else a - b, "operation": OPERATIONS[op]}
+    answer = a + b if op == "+" else a - b
+    return (a, op, b), {"prompt": text, "answer": answer, "operation": OPERATIONS[op], "worked": worked(a, op, b)}
 
 
 def write(name: str, rows: list[dict]) -> None:

@@ -60,6 +60,11 @@ def test_two_digit_arithmetic_holds_out_a_hundred_of_each_operation_with_negativ
         return a, row["operation"], b
 
     assert not {problem(row) for row in train} & {problem(row) for row in held_out}
+    # the worked answers (an SFT warm-up's completions) restate the problem and end with its answer
+    for row in train + held_out:
+        a, operation, b = problem(row)
+        sign = "+" if operation == "add" else "-"
+        assert row["worked"].startswith(f"{a} {sign} {b} = ") and final_number(row["worked"]) == row["answer"], row
 
 
 def test_numeric_answer_reads_negative_results_written_either_way():
