@@ -1,13 +1,16 @@
 """Rows of the results pages, written from RL run directories rather than by hand.
 
-    python scripts/results_rows.py runs/examples/grpo-arithmetic [more run dirs]
+    python scripts/results_rows.py runs/examples/grpo-arithmetic [more run dirs] [--versus RUN_DIR]
 
 For each run: the command that made it, the reward, the held-out set, the held-out reward before
 and after (± standard error, with the paired gain), each held-out judge before and after, the KL
-to the reference, and the wall time — read from its run.json (command, versions, machine, start
+to the reference, the wall time and the mean seconds per step — read from its run.json (command, versions, machine, start
 and finish), config.yaml and metrics.json. Below the table, one line per run says when and on
 what it was measured; runs evaluated per group (eval.group_by) or greedily (eval.greedy) get a
-second table, a row per group. Rerunning a run and this script rewrites its rows: no figure is typed.
+second table, a row per group. With --versus, a column compares each run's held-out rewards after
+training with that run's on the same prompts and sample slots (paired mean difference ± its
+standard error), for runs evaluated alike. Rerunning a run and this script rewrites its rows: no
+figure is typed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from pathlib import Path
 
 import yaml
 
-COLUMNS = ["run", "reward", "held-out", "before", "after", "judges (before → after)", "KL", "time"]
+from rlhfkit.metrics import paired_difference
+
+EVALUATED_ALIKE = ("num_prompts", "samples_per_prompt", "seed")
+COLUMNS = ["run", "reward", "held-out", "before", "after", "judges (before → after)", "KL", "time", "s/step"]
 
 
 def _mean(side: dict, key: str = "reward_mean", stderr: str = "reward_stderr") -> str:
@@ -34,11 +40,33 @@ def _duration(started: str | None, finished: str | None) -> str:
     return f"{seconds // 60} min {seconds % 60} s"
 
 
+def _seconds_per_step(run_dir: Path) -> str:
+    """Mean seconds of an RL step (sampling and scoring, then the update) over the logged steps."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    steps = [r["train/time_generation_s"] + r["train/time_update_s"] for r in records if "train/time_update_s" in r]
+    return f"{sum(steps) / len(steps):.1f}" if steps else "–"
+
+
 def _reward_name(config: dict) -> str:
     reward = config.get("reward", {})
     if reward.get("function"):
         return f"`{reward['function'].rsplit(':', 1)[-1]}`"
     return f"`{reward.get('model', '?')}`"
+
+
+def versus(run_dir: Path, baseline_dir: Path) -> str:
+    """Paired difference of the after-training held-out rewards of a run and a baseline run that
+    was evaluated on the same held-out prompts, samples per prompt and seed."""
+    if run_dir.resolve() == baseline_dir.resolve():
+        return "—"
+    configs = [yaml.safe_load((d / "config.yaml").read_text()) for d in (run_dir, baseline_dir)]
+    alike = [(c.get("data", {}).get("path"), {k: c.get("eval", {}).get(k) for k in EVALUATED_ALIKE}) for c in configs]
+    if alike[0] != alike[1]:
+        raise SystemExit(f"{run_dir} and {baseline_dir} differ in data.path or eval ({', '.join(EVALUATED_ALIKE)})")
+    after, baseline = (json.loads((d / "metrics.json").read_text())["after"] for d in (run_dir, baseline_dir))
+    difference = paired_difference(after["sample_rewards"], baseline["sample_rewards"])
+    return "–" if difference is None else f"{difference[0]:+.3f} ± {difference[1]:.3f}"
 
 
 def row(run_dir: Path) -> tuple[list[str], str]:
@@ -70,6 +98,7 @@ def row(run_dir: Path) -> tuple[list[str], str]:
         "; ".join(judges) or "–",
         f"{after['kl']:.2f}" if "kl" in after else "–",
         _duration(marker.get("started"), marker.get("finished")),
+        _seconds_per_step(run_dir),
     ]
     environment = marker.get("environment", {})
     versions = ", ".join(
@@ -109,9 +138,14 @@ def _markdown(columns: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def table(run_dirs: list[Path]) -> str:
+def table(run_dirs: list[Path], baseline: Path | None = None) -> str:
     rows = [row(run_dir) for run_dir in run_dirs]
-    lines = _markdown(COLUMNS, [cells for cells, _ in rows]) + [""] + [note for _, note in rows]
+    columns = COLUMNS
+    if baseline is not None:
+        columns = [*COLUMNS[:5], f"vs `{baseline.name}` (paired)", *COLUMNS[5:]]
+        for (cells, _), run_dir in zip(rows, run_dirs):
+            cells.insert(5, versus(run_dir, baseline))
+    lines = _markdown(columns, [cells for cells, _ in rows]) + [""] + [note for _, note in rows]
     grouped = [cells for run_dir in run_dirs for cells in group_rows(run_dir)]
     if grouped:
         lines += ["", *_markdown(GROUP_COLUMNS, grouped)]
@@ -121,8 +155,9 @@ def table(run_dirs: list[Path]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser.add_argument("--versus", type=Path, help="a run whose after-training rewards each row is compared with")
     args = parser.parse_args(argv)
-    sys.stdout.write(table(args.run_dirs))
+    sys.stdout.write(table(args.run_dirs, args.versus))
     return 0
 
 

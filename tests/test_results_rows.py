@@ -1,0 +1,48 @@
+"""scripts/results_rows.py on run directories written by hand: the paired comparison with a baseline run."""
+
+import json
+
+import pytest
+import yaml
+
+from scripts.results_rows import table
+
+
+def fake_run(folder, after_rewards, seed=1234):
+    folder.mkdir()
+    (folder / "run.json").write_text(
+        json.dumps(
+            {
+                "status": "complete",
+                "command": f"rlhfkit grpo {folder.name}.yaml",
+                "started": "2026-12-06T10:00:00+00:00",
+                "finished": "2026-12-06T10:08:30+00:00",
+            }
+        )
+    )
+    config = {"reward": {"function": "m:numeric_answer"}, "data": {"path": "builtin:arithmetic"}}
+    config["eval"] = {"num_prompts": 2, "samples_per_prompt": 2, "seed": seed}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    before = {"reward_mean": 0.25, "reward_stderr": 0.25, "sample_rewards": [0.0, 1.0, 0.0, 0.0], "answers": ["a", "b"]}
+    mean = sum(after_rewards) / len(after_rewards)
+    after = {"reward_mean": mean, "reward_stderr": 0.1, "sample_rewards": after_rewards, "answers": ["c", "d"]}
+    (folder / "metrics.json").write_text(json.dumps({"before": before, "after": {**after, "kl": 1.5}}))
+    return folder
+
+
+def test_rows_compare_each_run_with_the_baseline_slot_by_slot(tmp_path):
+    grpo = fake_run(tmp_path / "grpo", [0.0, 1.0, 0.0, 1.0])
+    gspo = fake_run(tmp_path / "gspo", [1.0, 1.0, 0.0, 1.0])
+    steps = [{"step": 1, "train/time_generation_s": 2.0, "train/time_update_s": 1.0}]
+    steps.append({"step": 2, "train/time_generation_s": 3.0, "train/time_update_s": 2.0})
+    (gspo / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in steps))
+    written = table([grpo, gspo], baseline=grpo)
+    assert "| run | reward | held-out | before | after | vs `grpo` (paired) | judges (before → after) |" in written
+    # slot differences 1, 0, 0, 0: mean 0.25, s = 0.5, standard error 0.25
+    assert "| **0.750 ± 0.100** | +0.250 ± 0.250 | – | 1.50 | 8 min 30 s | 4.0 |" in written  # (3 + 5) / 2
+    assert "| **0.500 ± 0.100** | — | – | 1.50 | 8 min 30 s | – |" in written
+    assert "vs `grpo`" not in table([gspo])
+
+    other = fake_run(tmp_path / "other-seed", [1.0, 1.0, 1.0, 1.0], seed=7)
+    with pytest.raises(SystemExit, match="differ in data.path or eval"):
+        table([other], baseline=grpo)
