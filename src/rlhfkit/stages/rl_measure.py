@@ -76,14 +76,6 @@ def rollout_summary(
     return summary
 
 
-def paired_gain(before: dict, after: dict) -> dict[str, float]:
-    """Mean after − before reward over the same held-out prompts and sample slots, with its paired standard error."""
-    gain = paired_difference(after.get("sample_rewards", []), before.get("sample_rewards", []))
-    if gain is None:
-        return {}
-    return {"reward_gain": gain[0], "reward_gain_stderr": gain[1]}
-
-
 def check_group_column(examples: list[PromptExample], column: str | None) -> None:
     """eval.group_by names a column every held-out prompt row has (the first row without it is named)."""
     if column is None:
