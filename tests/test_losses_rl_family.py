@@ -293,9 +293,26 @@ def test_the_grpo_stage_weights_and_drops_by_the_samplers_log_probs():
         types.SimpleNamespace(sampler_logprobs=sampler), logprobs, mask
     )
     assert flat(kept) == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0] and flat(weights)[:3] == pytest.approx([0, 1, 1])
-    assert correction["correction_fraction"] == pytest.approx(1 / 5)  # one of the 5 response tokens dropped
-    expected_kl = (math.log(0.1 / 0.5) + 0 + 0 + math.log(0.4 / 0.5) + 0) / 5
-    assert correction["sampler_kl"] == pytest.approx(expected_kl, abs=1e-6)
+    assert correction == {"correction_fraction": pytest.approx(1 / 5)}  # one of the 5 response tokens dropped
+
+
+def test_every_rollout_summary_reports_the_samplers_kl_to_the_trainer():
+    from rlhfkit.rewards import ScoredBatch
+    from rlhfkit.sampling import Rollout
+    from rlhfkit.stages.rl_measure import rollout_summary
+
+    logprobs = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]))
+    sampler = torch.log(torch.tensor([[0.1, 0.5, float("nan")], [0.4, 0.5, 0.5]]))  # NaN: an EOS vLLM did not return
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rollout = Rollout(
+        *(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long)),
+        *(torch.ones(2, 3, dtype=torch.long), mask, torch.ones(2, dtype=torch.bool), torch.arange(2), ["a", "b"]),
+    )
+    scored = ScoredBatch(scores=torch.zeros(2), valid=torch.ones(2, dtype=torch.bool), raw_mean=0.0, skipped=0)
+    assert "sampler_kl" not in rollout_summary(rollout, scored, logprobs, logprobs, None)
+    rollout.sampler_logprobs = sampler
+    expected_kl = (math.log(0.1 / 0.5) + 0 + 0 + math.log(0.4 / 0.5) + 0) / 5  # k1 over the 5 response tokens
+    assert rollout_summary(rollout, scored, logprobs, logprobs, None)["sampler_kl"] == pytest.approx(expected_kl)
 
 
 def test_vllm_log_probs_line_up_with_the_response_rows():

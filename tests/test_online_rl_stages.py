@@ -160,6 +160,12 @@ def metrics_steps(overrides):
             grpo,
             ["train.max_steps=12", "grpo.objective=cispo", "grpo.beta=0.0", "grpo.epochs=2", "train.lr=1e-2"],
         ),
+        # rollouts from the int8 copy, corrected by truncated importance sampling
+        (
+            "grpo",
+            grpo,
+            ["train.max_steps=12", "grpo.beta=0.0", "rollout.engine=int8", "rollout.correction=tis"],
+        ),
         ("trpo", trpo, ["train.max_steps=12", "trpo.max_kl=0.05"]),
         # online DPO: 0.047 -> 0.27-0.31 at seeds 0-2 with lr 1e-2; at 2e-2 one seed in three collapsed to 0
         ("online_dpo", online_dpo, ["train.max_steps=12", "train.lr=1e-2"]),
@@ -174,6 +180,7 @@ def metrics_steps(overrides):
         "gspo",
         "dapo",
         "cispo",
+        "grpo-int8-tis",
         "trpo",
         "online_dpo",
     ],
@@ -200,6 +207,8 @@ def test_rewarding_one_token_makes_it_more_likely(
         "train/time_generation_s",
     } <= set(log[0])
     assert (out / "final" / "adapter_config.json").exists() and (out / "samples.md").exists()
+    if "rollout.engine=int8" in extra:  # the copy's distance from the trainer (a k1 estimate: either sign)
+        assert 0 < abs(log[0]["train/sampler_kl"]) < 0.05 and 0 <= log[0]["train/correction_fraction"] < 0.05
     if stage == "ppo":
         assert any((out / "critic" / name).exists() for name in ("adapter_config.json", "value_head.safetensors"))
 

@@ -5,8 +5,9 @@ Prompts are left-padded so every completion starts at the same column; completio
 right-padded after their first EOS. The response mask covers the generated tokens up to and
 including that EOS, so the EOS itself is trained (a padding token equal to EOS never masks the
 model's decision to stop). With `rollout.engine: vllm` the RL stages sample with a vLLM engine
-colocated on each process's GPU (`rlhfkit.vllm_rollout`) instead; both engines hand their ids to
-:func:`rollout_from_responses`, so masks and decoding are the same.
+colocated on each process's GPU (`rlhfkit.vllm_rollout`), and with `rollout.engine: int8` an int8
+copy of the policy on the CPU (`rlhfkit.int8_rollout`, through this module's sampler); every
+engine hands its ids to :func:`rollout_from_responses`, so masks and decoding are the same.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Rollout:
     prompt_index: torch.Tensor  # (N,) which prompt of the step each completion answers
     completions: list[str]  # decoded completions, special tokens removed
     # (N, R) the sampler's log-prob of each sampled token, when another engine than the training
-    # model sampled (vLLM); NaN where the sampler gave none (an EOS it did not return)
+    # model sampled (vLLM, the int8 copy); NaN where the sampler gave none (an EOS vLLM did not return)
     sampler_logprobs: torch.Tensor | None = None
 
     @property
@@ -135,13 +136,15 @@ class RowSeededSampler:
     rows share its batch, nor on which process generates it — so rollouts sharded across
     processes sample what one process would. The draw is an inverse-CDF lookup of one uniform
     number per row and step in softmax of the processed logits (temperature, then top-k, top-p);
-    it hands generate a one-hot score row, and generate runs greedy.
+    it hands generate a one-hot score row, and generate runs greedy. With `keep_logprobs` it also
+    keeps each drawn token's log-prob under that processed distribution (:meth:`logprob_table`).
     """
 
-    def __init__(self, seeds: Sequence[int], settings: SamplingSettings) -> None:
+    def __init__(self, seeds: Sequence[int], settings: SamplingSettings, keep_logprobs: bool = False) -> None:
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.kept: list[torch.Tensor] | None = [] if keep_logprobs else None
         self.warpers = [TemperatureLogitsWarper(settings.temperature)]
         if settings.top_k:
             self.warpers.append(TopKLogitsWarper(settings.top_k))
@@ -155,7 +158,17 @@ class RowSeededSampler:
         # 1 - U(0, 1) lies in (0, 1], so a token of probability 0 is never drawn.
         uniform = torch.stack([1 - torch.rand((), generator=g) for g in self.generators]).to(cdf.device)
         tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).clamp(max=cdf.shape[1] - 1)
+        if self.kept is not None:
+            self.kept.append(torch.log_softmax(scores.float(), dim=-1).gather(1, tokens).squeeze(1).cpu())
         return torch.full_like(scores, -math.inf).scatter_(1, tokens, 0.0)
+
+    def logprob_table(self, width: int) -> torch.Tensor:
+        """(rows, width) the kept log-probs, one column per decode step, NaN after the last step."""
+        table = torch.full((len(self.generators), width), math.nan)
+        if self.kept:
+            steps = torch.stack(self.kept[:width], dim=1)
+            table[:, : steps.shape[1]] = steps
+        return table
 
 
 @torch.no_grad()
@@ -167,11 +180,14 @@ def sample_rollout(
     samples_per_prompt: int,
     max_prompt_length: int,
     seeds: Sequence[int] | None = None,
+    keep_sampler_logprobs: bool = False,
 ) -> Rollout:
     """Sample `samples_per_prompt` completions for each formatted prompt with the KV cache.
 
     With `seeds` (one per completion, prompt-major), each completion is drawn with its own
     generator (:class:`RowSeededSampler`); without, the seeds come from torch's global generator.
+    keep_sampler_logprobs: the rollout keeps this model's log-prob of each sampled token (when it
+    is not the training model).
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -189,11 +205,12 @@ def sample_rollout(
     )
     seeds = global_seeds(len(repeated)) if seeds is None else seeds
     with eval_mode(model):
-        pieces = []
+        pieces, logprob_pieces = [], []
         for start in range(0, len(repeated), settings.batch_size):
             ids = prompt_ids[start : start + settings.batch_size].to(device)
             mask = prompt_mask[start : start + settings.batch_size].to(device)
-            processors = LogitsProcessorList([RowSeededSampler(seeds[start : start + settings.batch_size], settings)])
+            sampler = RowSeededSampler(seeds[start : start + settings.batch_size], settings, keep_sampler_logprobs)
+            processors = LogitsProcessorList([sampler])
             prefix = shared_prompt_cache(model, ids, mask, torch.arange(start, start + len(ids)) // samples_per_prompt)
             new = generate_new_tokens(
                 model, ids, mask, prefix, generation_config=generation_config, logits_processor=processors
@@ -202,7 +219,11 @@ def sample_rollout(
                 (new.shape[0], settings.max_new_tokens - new.shape[1]), tokenizer.pad_token_id, dtype=torch.long
             )
             pieces.append(torch.cat([new, pad], dim=1))
-    return rollout_from_responses(prompt_ids, prompt_mask, torch.cat(pieces), tokenizer, samples_per_prompt)
+            logprob_pieces.append(sampler.logprob_table(settings.max_new_tokens))
+    rollout = rollout_from_responses(prompt_ids, prompt_mask, torch.cat(pieces), tokenizer, samples_per_prompt)
+    if keep_sampler_logprobs:
+        rollout.sampler_logprobs = torch.cat(logprob_pieces)
+    return rollout
 
 
 def _generate_cache_keyword() -> str:

@@ -200,6 +200,8 @@ def test_thumbs_stages_on_two_processes_follow_one_process(tiny_model, sft_rows,
             ["grpo.importance_level=sequence", "grpo.clip_high=0.28", "grpo.dynamic_sampling=true", "grpo.epochs=2"],
             ["cpu.yaml"],
         ),
+        # rollouts from each process's own int8 copy (smoothed on the same prompts), corrected by TIS
+        ("grpo", ["rollout.engine=int8", "rollout.correction=tis"], ["cpu.yaml"]),
         ("ppo", ["ppo.epochs=2", "ppo.critic=head"], ["cpu.yaml"]),
         # a value model as critic (sharded with the policy); adaptive KL coefficient
         ("ppo", ["ppo.epochs=1", "ppo.target_kl=0.5"], ["cpu.yaml", "fsdp.yaml"]),

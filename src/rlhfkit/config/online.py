@@ -35,9 +35,11 @@ class RolloutSettings(SamplingSettings):
     samples_per_prompt: int = Field(
         4, gt=0, description="Completions per prompt (GRPO's group size G; ≥ 2 for group baselines)."
     )
-    engine: Literal["hf", "vllm"] = Field(
+    engine: Literal["hf", "vllm", "int8"] = Field(
         "hf",
-        description="Sampler: transformers' generate (CPU or GPU), or vLLM colocated on each process's GPU (weights loaded after each update).",
+        description="Sampler: transformers' generate (CPU or GPU), vLLM colocated on each process's GPU (weights "
+        "loaded after each update), or an int8 copy of the policy on the CPU (rebuilt after each update; its "
+        "log-probs kept, sampler_kl logged).",
     )
     vllm_gpu_memory: float = Field(
         0.3,
@@ -51,16 +53,16 @@ class RolloutSettings(SamplingSettings):
     )
     correction: Literal["none", "tis", "mask_token", "mask_sequence"] = Field(
         "none",
-        description="engine vllm, grpo: weight the loss by the trainer/sampler probability ratio, truncated at "
-        "correction_cap (tis), or drop tokens or completions whose ratio leaves [1/cap, cap].",
+        description="engine vllm or int8, grpo: weight the loss by the trainer/sampler probability ratio, truncated "
+        "at correction_cap (tis), or drop tokens or completions whose ratio leaves [1/cap, cap].",
     )
     correction_cap: float = Field(2.0, gt=1, description="C of rollout.correction.")
 
     @model_validator(mode="after")
     def _a_separate_sampler(self) -> RolloutSettings:
-        if self.correction != "none" and self.engine != "vllm":
+        if self.correction != "none" and self.engine == "hf":
             raise ValueError(
-                f"rollout.correction {self.correction} corrects for a separate sampler (rollout.engine: vllm); "
+                f"rollout.correction {self.correction} corrects for a separate sampler (rollout.engine: vllm or int8); "
                 "with rollout.engine hf the training model samples itself and there is nothing to correct"
             )
         return self
@@ -275,9 +277,11 @@ class RLConfig(StageConfig):
     )
 
     @model_validator(mode="after")
-    def _vllm_on_a_gpu(self) -> RLConfig:
+    def _engine_on_its_device(self) -> RLConfig:
         if self.rollout.engine == "vllm" and self.model.device == "cpu":
             raise ValueError("rollout.engine vllm needs a CUDA GPU, but model.device is cpu")
+        if self.rollout.engine == "int8" and self.model.device not in ("auto", "cpu"):
+            raise ValueError(f"rollout.engine int8 is a CPU sampler, but model.device is {self.model.device}")
         return self
 
 

@@ -205,9 +205,10 @@ class GRPO:
     def correct_for_the_sampler(
         self, rollout: Rollout, logprobs: torch.Tensor, mask: torch.Tensor
     ) -> tuple[dict[str, float], torch.Tensor | None, torch.Tensor]:
-        """rollout.correction: ({sampler_kl, correction_fraction}, the weights on the policy term,
-        the mask of tokens kept), or ({}, None, mask) when the training model sampled. A token the
-        sampler gave no log-prob for (an EOS appended after a stop) counts as agreeing (weight 1)."""
+        """rollout.correction: ({correction_fraction}, the weights on the policy term, the mask of
+        tokens kept), or ({}, None, mask) when there is nothing to correct. A token the sampler gave
+        no log-prob for (an EOS appended after a stop) counts as agreeing (weight 1). The sampler's
+        KL to the trainer is in every rollout summary (`sampler_kl`)."""
         rollout_settings, reduce = self.context.config.rollout, self.context.engine.sum_across_processes
         if rollout_settings.correction == "none":
             return {}, None, mask
@@ -217,12 +218,7 @@ class GRPO:
             logprobs, sampler, mask, rollout_settings.correction, rollout_settings.correction_cap
         )
         changed = (weights != torch.exp((logprobs - sampler) * mask)) | (kept != mask)  # truncated or dropped
-        metrics = {
-            # k1 estimate of KL(π_sampler ‖ π_train): the tokens are the sampler's samples
-            "sampler_kl": float(masked_mean(sampler - logprobs, mask, reduce)),
-            "correction_fraction": float(masked_mean(changed.float(), mask, reduce)),
-        }
-        return metrics, weights, kept
+        return {"correction_fraction": float(masked_mean(changed.float(), mask, reduce))}, weights, kept
 
 
 def run(config: GRPOConfig, resume: bool = False) -> dict:

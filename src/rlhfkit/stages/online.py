@@ -31,6 +31,7 @@ from rlhfkit.data.batching import example_order
 from rlhfkit.data.examples import PromptExample, load_examples, prompt_examples, training_data_summary
 from rlhfkit.data.formatting import fit_prompts, render_rl_prompt
 from rlhfkit.engine import Engine, RunDir, process_state
+from rlhfkit.int8_rollout import Int8Sampler, check_int8_usable
 from rlhfkit.losses.ppo import aggregation_units
 from rlhfkit.metrics import held_out_curve, overoptimisation_signs
 from rlhfkit.models import frozen_reference_copy, reference_policy, resolve, resolve_with_tokenizer
@@ -46,6 +47,7 @@ from rlhfkit.stages.rl_measure import (
     evaluate_during_training,
     held_out_evaluation,
 )
+from rlhfkit.vllm_rollout import VLLMSampler, check_vllm_usable
 
 
 @dataclass
@@ -199,7 +201,7 @@ def optimizer_steps_per_step(config: RLConfig, epochs: int, minibatch_size: int 
 class Rollouts:
     """Where an RL step's completions come from: the step's prompts (a seeded shuffle per epoch, so a
     resumed run sees the same ones), this process's share of them, sampling (HF generate, or vLLM
-    colocated on the GPU) with a seed per completion, and the reward."""
+    colocated on the GPU, or the int8 copy on the CPU) with a seed per completion, and the reward."""
 
     def __init__(
         self,
@@ -213,12 +215,10 @@ class Rollouts:
     ) -> None:
         self.config, self.engine, self.tokenizer, self.policy, self.reward = config, engine, tokenizer, policy, reward
         self.train_examples, self.processes = train_examples, processes
-        self.vllm = None
+        self.sampler: VLLMSampler | Int8Sampler | None = None  # None: the policy samples itself
         settings = config.rollout
         if settings.engine == "vllm":
-            from rlhfkit.vllm_rollout import VLLMSampler
-
-            self.vllm = VLLMSampler(
+            self.sampler = VLLMSampler(
                 policy,
                 tokenizer,
                 settings,
@@ -227,22 +227,33 @@ class Rollouts:
                 config.train.seed,
                 version=engine.progress.step,
             )
+        elif settings.engine == "int8":  # smoothed on the first training prompts, whatever the process
+            calibration = [render_rl_prompt(tokenizer, example, config.data) for example in train_examples[:16]]
+            self.sampler = Int8Sampler(policy, tokenizer, calibration, config.data.max_length)
 
     def sample_and_score(
-        self, examples: list[PromptExample], samples: int, seeds: list[int], greedy: bool = False
+        self,
+        examples: list[PromptExample],
+        samples: int,
+        seeds: list[int],
+        greedy: bool = False,
+        held_out: bool = False,
     ) -> tuple[Rollout, ScoredBatch]:
         """Completions of `examples` (`samples` each, one seed per completion) and their rewards;
-        greedy: the most likely token at every step (top-k 1) instead of a sample."""
+        greedy: the most likely token at every step (top-k 1) instead of a sample. held_out: an
+        evaluation's, which the int8 copy does not answer (figures must not depend on the engine;
+        vLLM samples the policy's own distribution)."""
         texts, settings, max_length = (
             [render_rl_prompt(self.tokenizer, example, self.config.data) for example in examples],
             self.config.rollout.model_copy(update={"top_k": 1}) if greedy else self.config.rollout,
             self.config.data.max_length,
         )
-        if self.vllm is None:
+        sampler = None if held_out and self.config.rollout.engine == "int8" else self.sampler
+        if sampler is None:
             with self.engine.whole_weights():
                 rollout = sample_rollout(self.policy, self.tokenizer, texts, settings, samples, max_length, seeds)
-        else:  # the policy changes once per step: its weights are loaded into vLLM when the step count moved
-            rollout = self.vllm.sample(
+        else:  # the policy changes once per step: the sampler takes its weights when the step count moved
+            rollout = sampler.sample(
                 self.policy, self.engine.progress.step, texts, settings, samples, max_length, seeds
             )
         prompts = [examples[i].prompt for i in rollout.prompt_index.tolist()]
@@ -268,8 +279,8 @@ class Rollouts:
         return self.sample_and_score(self.prompts_for(step)[first : first + share], samples, seeds)
 
     def close(self) -> None:
-        if self.vllm is not None:
-            self.vllm.close()
+        if self.sampler is not None:
+            self.sampler.close()
 
 
 def train_one_step(engine: Engine, algorithm: Algorithm, rollouts: Rollouts, seed: int) -> dict[str, float]:
@@ -295,8 +306,6 @@ def run_online(
     processes = process_state(config.model.device).num_processes
     check_process_count(config, stage, processes, getattr(getattr(config, stage), "minibatch_size", None))
     if config.rollout.engine == "vllm":
-        from rlhfkit.vllm_rollout import check_vllm_usable
-
         check_vllm_usable(config.model.device)
     run_dir = RunDir.open(config.train.output_dir, stage, config, resume)
     train = config.train
@@ -317,6 +326,8 @@ def run_online(
     # Policy, reference, critic and the algorithm. TRPO steps the policy itself; the engine's
     # optimizer then trains only its critic.
     engine = Engine(train, config.model.device, run_dir, stage, find_unused_parameters=stage == "trpo")
+    if config.rollout.engine == "int8":
+        check_int8_usable(engine.device)
     policy = engine.build_model(source, config.model, config.lora)
     frozen = frozen_reference_copy(policy, config.lora.enabled)
     setup = RLSetup(config, engine, tokenizer, policy, frozen)

@@ -45,7 +45,8 @@ def check_sharded_launch(config: RLConfig, stage: str) -> None:
             f"{stage} {how} needs LoRA (lora.enabled: true): the reference is the policy with its "
             f"adapters off, where full fine-tuning would keep a whole frozen copy on every process; {data_parallel}"
         )
-    if config.rollout.engine == "vllm":
+    if config.rollout.engine != "hf":
         raise UserError(
-            f"rollout.engine: vllm does not run with a policy {how} yet; use rollout.engine: hf or {data_parallel}"
+            f"rollout.engine: {config.rollout.engine} does not run with a policy {how} yet; "
+            f"use rollout.engine: hf or {data_parallel}"
         )

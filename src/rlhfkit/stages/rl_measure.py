@@ -38,11 +38,17 @@ def rollout_summary(
     entropy: torch.Tensor | None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Reward, KL to the reference, entropy and length statistics of a scored rollout.
+    """Reward, KL to the reference, entropy and length statistics of a scored rollout, and when
+    another engine sampled it, `sampler_kl`: the k1 estimate of KL(π_sampler ‖ π_train) per token
+    (a token the sampler gave no log-prob for counts as agreeing).
 
     gather: concatenates per-completion rows over processes, when each holds a share of the rollout.
     """
     mask = training_mask(rollout, scored)
+    sampler_gap = torch.zeros(rollout.size)
+    if rollout.sampler_logprobs is not None:
+        sampler = rollout.sampler_logprobs.to(logprobs.device)
+        sampler_gap = ((torch.nan_to_num(sampler - logprobs, nan=0.0)) * mask).sum(dim=1).float().cpu()
     per_completion = torch.stack(
         [
             scored.scores.float(),  # 0 where invalid
@@ -52,12 +58,13 @@ def rollout_summary(
             rollout.ended.float().cpu(),
             (entropy * mask).sum(dim=1).float().cpu() if entropy is not None else torch.zeros(rollout.size),
             mask.sum(dim=1).float().cpu(),
+            sampler_gap,
         ],
         dim=1,
     )
     if gather is not None:
         per_completion = gather(per_completion)
-    scores, valid, sequence_kl, lengths, ended, entropy_sums, tokens = per_completion.unbind(dim=1)
+    scores, valid, sequence_kl, lengths, ended, entropy_sums, tokens, sampler_gap = per_completion.unbind(dim=1)
     valid = valid.bool()
     # float64: the mean and spread of rewards near float32's limit still exist
     scores, sequence_kl = scores[valid].double(), sequence_kl[valid]
@@ -70,6 +77,8 @@ def rollout_summary(
     }
     if entropy is not None:
         summary["entropy"] = float(entropy_sums.sum() / tokens.sum().clamp(min=1))
+    if rollout.sampler_logprobs is not None:
+        summary["sampler_kl"] = float(sampler_gap.sum() / tokens.sum().clamp(min=1))
     skipped = int((~valid).sum())  # scored.skipped, over every process's completions
     if skipped:
         summary["skipped_samples"] = float(skipped)
@@ -131,7 +140,7 @@ def held_out_evaluation(
         with torch.random.fork_rng():  # a reward function's own randomness leaves training's alone
             torch.manual_seed(config.eval.seed)
             seeds = [row_seed(config.eval.seed, index) for index in range(len(eval_examples) * samples)]
-            rollout, scored = rollouts.sample_and_score(eval_examples, samples, seeds)
+            rollout, scored = rollouts.sample_and_score(eval_examples, samples, seeds, held_out=True)
             answered = [eval_examples[i] for i in rollout.prompt_index.tolist()]
             judged = {
                 name: score_completions(
@@ -145,7 +154,7 @@ def held_out_evaluation(
             }
             greedy = None
             if config.eval.greedy:
-                greedy = rollouts.sample_and_score(eval_examples, 1, seeds[::samples], greedy=True)
+                greedy = rollouts.sample_and_score(eval_examples, 1, seeds[::samples], greedy=True, held_out=True)
         logprobs, entropy = setup.logprobs(setup.policy, rollout, with_entropy=True)
         summary = rollout_summary(rollout, scored, logprobs, setup.reference_logprobs(rollout), entropy)
         sample_groups = None if prompt_groups is None else [prompt_groups[i] for i in rollout.prompt_index.tolist()]

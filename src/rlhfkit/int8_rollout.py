@@ -1,0 +1,242 @@
+"""An int8 rollout copy of the policy for CPU sampling (`rollout.engine: int8`).
+
+A decode step streams every weight once and multiplies a few rows by it, so on a CPU its cost is
+mostly weight bytes and small matrix products. The copy holds each linear layer's weight (LoRA
+deltas merged) in int8 with one scale per output channel — a quarter of float32's bytes — and
+quantises the layer's input per row at run time (symmetric, 127 levels), so every product is an
+integer GEMM (`torch._int_mm`, oneDNN) with int32 accumulation. A few input channels of a language
+model carry most of an activation's range; SmoothQuant's per-channel smoothing (Xiao et al. 2023,
+α = 0.5) moves that range into the weights, measured from the policy's activations on a fixed
+set of calibration prompts (the same for every process and step) (it divides the embedded model's per-token KL to float32 by about three); layers that
+read one input (q/k/v, gate/up) share its smoothing and its quantisation. Embeddings,
+norms and buffers are the policy's own tensors, shared, not copied. The copy is rebuilt from the
+policy before a rollout whose policy changed since the last.
+
+Its answers come from a slightly different distribution than the training model's. The copy
+samples through the same sampler (one seed per completion, :func:`rlhfkit.sampling.sample_rollout`)
+and keeps its own log-prob of every sampled token; the behaviour log-probs, the loss, the
+reference and the KL still come from the training model, every step logs `sampler_kl` (how far
+the copy is from it), and `rollout.correction` (TIS, masking) reweights the tokens where they
+disagree. Held-out evaluation samples with the training model, so before/after figures do not
+depend on the rollout engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rlhfkit.config import SamplingSettings
+from rlhfkit.errors import UserError
+from rlhfkit.models import eval_mode
+from rlhfkit.sampling import Rollout, encode_prompts, sample_rollout
+from rlhfkit.vllm_rollout import merged_weights
+
+SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: half of the activation range to the weights
+
+
+def check_int8_usable(device: torch.device) -> None:
+    """Refuse `rollout.engine: int8` before the policy loads when the policy is not on the CPU."""
+    if device.type != "cpu":
+        raise UserError(
+            f"rollout.engine int8 is a CPU sampler, but the policy is on {device.type}; "
+            "on a GPU use rollout.engine: vllm (or hf)"
+        )
+
+
+def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float32 scale per row): symmetric, each row's largest magnitude maps to 127."""
+    values = values.float()
+    scale = values.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    return torch.round(values / scale).to(torch.int8), scale
+
+
+def smoothing(
+    input_range: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float = SMOOTHING_ALPHA
+) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factor s_j = max|X_j|^α / max|W_j|^(1-α), the weight range
+    taken over every layer that reads this input: each computes (x / s)(W·diag(s))ᵀ = x Wᵀ, with
+    both factors' ranges evened out before quantisation."""
+    weight_range = torch.stack([weight.detach().float().abs().amax(dim=0) for weight in weights]).amax(dim=0)
+    return input_range.clamp(min=1e-5) ** alpha / weight_range.clamp(min=1e-5) ** (1 - alpha)
+
+
+class InputQuantizer:
+    """Per-row int8 quantisation of a layer's input divided by the smoothing factor. Layers that
+    read the same tensor (a block's q/k/v projections, its gate/up projections) share one, so that
+    input is quantised once: it keeps the last input it saw and its quantisation, reused while
+    the same tensor, unmodified (its version counter), comes again."""
+
+    def __init__(self, factor: torch.Tensor) -> None:
+        self.inverse = 1 / factor
+        self.last: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.last is not None and self.last[0] is inputs and self.last[1] == inputs._version:
+            return self.last[2], self.last[3]
+        quantized, row_scale = quantize_rows(inputs.reshape(-1, self.inverse.shape[0]) * self.inverse)
+        self.last = (inputs, inputs._version, quantized, row_scale)
+        return quantized, row_scale
+
+
+class Int8Linear(torch.nn.Module):
+    """y = x Wᵀ + b with W in int8 per output channel and x quantised per row: an integer GEMM."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8), persistent=False)
+        self.register_buffer("weight_scale", torch.ones(1, out_features), persistent=False)
+        self.bias: torch.Tensor | None = None
+        self.quantizer = InputQuantizer(torch.ones(in_features))
+
+    @torch.no_grad()
+    def load(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        factor: torch.Tensor | None = None,
+        quantizer: InputQuantizer | None = None,
+    ) -> None:
+        """Quantise `weight` (out, in) times the smoothing `factor` (per input channel, none: 1);
+        quantizer: the one shared with the other layers that read this layer's input."""
+        factor = torch.ones(self.in_features) if factor is None else factor
+        quantized, scale = quantize_rows(weight.detach().float() * factor)
+        self.weight = quantized  # (out, in), handed to _int_mm transposed: oneDNN's fast layout here
+        self.weight_scale = scale.reshape(1, -1)
+        self.bias = None if bias is None else bias.detach()
+        self.quantizer = quantizer or InputQuantizer(factor)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        quantized, row_scale = self.quantizer(inputs)
+        output = torch._int_mm(quantized, self.weight.t()).float() * row_scale * self.weight_scale
+        if self.bias is not None:
+            output = output + self.bias
+        return output.to(inputs.dtype).reshape(*inputs.shape[:-1], self.out_features)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def _set(root: torch.nn.Module, name: str, value: Any) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = root.get_submodule(owner) if owner else root
+    if isinstance(value, torch.nn.Module):
+        setattr(module, leaf, value)
+    elif isinstance(getattr(module, leaf, None), torch.nn.Parameter) or leaf in module._parameters:
+        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
+
+
+class Int8Sampler:
+    """The int8 copy of one policy, refreshed from it when its update count moved; `sample`
+    mirrors `sampling.sample_rollout` and adds the copy's log-probs to the rollout."""
+
+    def __init__(
+        self, policy: torch.nn.Module, tokenizer: Any, calibration_texts: Sequence[str], max_prompt_length: int
+    ) -> None:
+        """calibration_texts: formatted prompts whose activations set the smoothing at every rebuild."""
+        from transformers import AutoModelForCausalLM
+
+        inner = _unwrapped(policy)
+        self.tokenizer = tokenizer
+        self.calibration = encode_prompts(tokenizer, list(calibration_texts), max_prompt_length)
+        with torch.device("meta"):  # the skeleton only: every tensor comes from the policy
+            self.model = AutoModelForCausalLM.from_config(inner.config)
+        self.linear_names = [name for name, module in self.model.named_modules() if isinstance(module, torch.nn.Linear)]
+        for name in self.linear_names:
+            module = self.model.get_submodule(name)
+            _set(self.model, name, Int8Linear(module.in_features, module.out_features))
+        self.model.eval()
+        self.synced_version: int | None = None
+
+    @torch.no_grad()
+    def input_ranges(
+        self, policy: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+    ) -> list[tuple[list[str], torch.Tensor]]:
+        """The policy's linear layers grouped by the input they read (consecutive calls on one
+        tensor), each group with the largest |x_j| per input channel over the prompt tokens of
+        (ids, mask): what smoothing evens out."""
+        inner, calls = _unwrapped(policy), []
+        kept = mask.bool().reshape(-1)
+
+        def record(name: str) -> Any:
+            def hook(module: torch.nn.Module, arguments: tuple) -> None:
+                inputs = arguments[0].detach()
+                if calls and calls[-1][1] is inputs:
+                    calls[-1][0].append(name)
+                else:
+                    rows = inputs.reshape(-1, inputs.shape[-1])[kept]
+                    calls.append(([name], inputs, rows.abs().amax(dim=0).float()))
+
+            return hook
+
+        hooks = [inner.get_submodule(name).register_forward_pre_hook(record(name)) for name in self.linear_names]
+        try:
+            with eval_mode(policy):
+                positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+                inner(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return [(names, input_range) for names, _, input_range in calls]
+
+    @torch.no_grad()
+    def load_weights(self, policy: torch.nn.Module, groups: list[tuple[list[str], torch.Tensor]] = ()) -> None:
+        """The policy's weights, LoRA merged, each linear layer quantised; the layers of each
+        group (one input, its range) smoothed together and sharing one input quantiser."""
+        inner = _unwrapped(policy)
+        weights = dict(merged_weights(policy))
+        ungrouped = set(self.linear_names) - {name for names, _ in groups for name in names}
+        for names, input_range in [*groups, *(([name], None) for name in sorted(ungrouped))]:
+            # a tied output layer has no weight of its own in the policy's list: it is the embedding
+            layer_weights = [weights.pop(f"{name}.weight", None) for name in names]
+            layer_weights = [
+                inner.get_submodule(name).weight if weight is None else weight
+                for name, weight in zip(names, layer_weights)
+            ]
+            factor = None if input_range is None else smoothing(input_range, layer_weights)
+            quantizer = None if factor is None else InputQuantizer(factor)
+            for name, weight in zip(names, layer_weights):
+                layer = self.model.get_submodule(name)
+                layer.load(weight, weights.pop(f"{name}.bias", None), factor, quantizer)
+        for name, tensor in weights.items():
+            _set(self.model, name, tensor)
+        for name, buffer in inner.named_buffers():
+            if not any(name.startswith(f"{linear}.") for linear in self.linear_names):
+                _set(self.model, name, buffer)
+
+    def sample(
+        self,
+        policy: torch.nn.Module,
+        version: int,
+        prompt_texts: Sequence[str],
+        settings: SamplingSettings,
+        samples_per_prompt: int,
+        max_prompt_length: int,
+        seeds: Sequence[int],
+    ) -> Rollout:
+        """Completions of the policy at `version` (an update counter), sampled by its int8 copy,
+        rebuilt when the version moved."""
+        if version != self.synced_version:
+            self.load_weights(policy, self.input_ranges(policy, *self.calibration))
+            self.synced_version = version
+        return sample_rollout(
+            self.model,
+            self.tokenizer,
+            prompt_texts,
+            settings,
+            samples_per_prompt,
+            max_prompt_length,
+            seeds,
+            keep_sampler_logprobs=True,
+        )
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,161 @@
+"""The int8 rollout copy (`rollout.engine: int8`): its products, that it follows the current
+policy, that its kept log-probs are what it sampled from, and that its samples repeat."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhfkit.config import LoraSettings, ModelSettings, RolloutSettings
+from rlhfkit.errors import UserError
+from rlhfkit.int8_rollout import (
+    InputQuantizer,
+    Int8Linear,
+    Int8Sampler,
+    check_int8_usable,
+    quantize_rows,
+    smoothing,
+)
+from rlhfkit.models import attach_lora, load_causal_lm, load_tokenizer, resolve
+from rlhfkit.passes import response_logprobs
+from rlhfkit.sampling import sample_rollout
+
+QUANTIZE_ROWS = quantize_rows
+PROMPTS = ["User: Why is the sky blue?\nAssistant:", "User: What is a star?\nAssistant:"]
+
+
+def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((value - expected).norm() / expected.norm())
+
+
+def test_an_int8_linear_layer_computes_the_float_product_within_its_rounding():
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(64, 48)
+    inputs = torch.randn(2, 5, 64, generator=generator)
+    quantized = Int8Linear(64, 48)
+    quantized.load(layer.weight, layer.bias)
+    with torch.no_grad():
+        expected = layer(inputs)
+    assert quantized(inputs).shape == (2, 5, 48) and quantized(inputs).dtype == torch.float32
+    assert relative_error(quantized(inputs), expected) < 0.01  # 127 levels per row: ~0.5% noise
+    assert quantized.weight.dtype == torch.int8
+
+
+def test_smoothing_takes_an_outlier_channel_into_the_weights():
+    generator = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(64, 48, bias=False)
+    inputs = torch.randn(32, 64, generator=generator)
+    inputs[:, 3] *= 60  # one channel carries most of the range, as in a language model's activations
+    with torch.no_grad():
+        expected = layer(inputs)
+    plain, smoothed = Int8Linear(64, 48), Int8Linear(64, 48)
+    plain.load(layer.weight, None)
+    smoothed.load(layer.weight, None, smoothing(inputs.abs().amax(dim=0), [layer.weight]))
+    plain_error, smoothed_error = relative_error(plain(inputs), expected), relative_error(smoothed(inputs), expected)
+    assert smoothed_error < plain_error / 3, (plain_error, smoothed_error)
+
+
+def test_layers_that_read_one_input_quantise_it_once(monkeypatch):
+    import rlhfkit.int8_rollout as int8
+
+    generator = torch.Generator().manual_seed(0)
+    first, second = torch.nn.Linear(64, 32), torch.nn.Linear(64, 16)
+    inputs = torch.randn(4, 64, generator=generator)
+    factor = smoothing(inputs.abs().amax(dim=0), [first.weight, second.weight])
+    shared = InputQuantizer(factor)
+    layers = [Int8Linear(64, 32), Int8Linear(64, 16)]
+    for layer, plain in zip(layers, (first, second)):
+        layer.load(plain.weight, plain.bias, factor, shared)
+    quantized = []
+    monkeypatch.setattr(int8, "quantize_rows", lambda values: quantized.append(1) or QUANTIZE_ROWS(values))
+    with torch.no_grad():
+        for layer, plain in zip(layers, (first, second)):
+            assert relative_error(layer(inputs), plain(inputs)) < 0.01
+        assert len(quantized) == 1  # the second layer reused the first one's quantised input
+        inputs.mul_(2)  # the same tensor changed in place: quantised again
+        assert relative_error(layers[1](inputs), second(inputs)) < 0.01 and len(quantized) == 2
+
+
+@pytest.fixture()
+def lora_policy(tiny_model):
+    model = load_causal_lm(resolve(str(tiny_model)), ModelSettings(), torch.float32)
+    return attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0)).eval()
+
+
+def nudge_adapters(policy: torch.nn.Module, seed: int, size: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * size)
+
+
+def next_token_logprobs(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits[:, -1].log_softmax(dim=-1)
+
+
+def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
+    return float((p_log.exp() * (p_log - q_log)).sum(dim=-1).mean())
+
+
+def test_the_copy_follows_the_current_policy_after_every_update(lora_policy, tiny_model):
+    tokenizer = load_tokenizer(resolve(str(tiny_model)))
+    sampler = Int8Sampler(lora_policy, tokenizer, PROMPTS, 64)
+    settings = RolloutSettings(max_new_tokens=4, temperature=1.0)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7], [2, 8, 4, 11, 6, 10]])
+    sampler.sample(lora_policy, 0, PROMPTS, settings, 2, 64, seeds=range(4))
+    before = next_token_logprobs(lora_policy, ids)
+    assert kl(before, next_token_logprobs(sampler.model, ids)) < 1e-3
+
+    with torch.no_grad():  # an update that moves the policy far: the last block's output projection
+        last = lora_policy.get_base_model().model.layers[-1].mlp.down_proj
+        last.weight.add_(torch.randn(last.weight.shape, generator=torch.Generator().manual_seed(1)))
+    after = next_token_logprobs(lora_policy, ids)
+    moved = kl(after, before)  # a near-uniform tiny model: the move is small in absolute terms
+    sampler.sample(lora_policy, 0, PROMPTS, settings, 2, 64, seeds=range(4))  # same version: not rebuilt
+    assert kl(before, next_token_logprobs(sampler.model, ids)) < moved / 20
+    sampler.sample(lora_policy, 1, PROMPTS, settings, 2, 64, seeds=range(4))  # the next version: rebuilt
+    copy = next_token_logprobs(sampler.model, ids)
+    assert kl(after, copy) < moved / 20 and kl(before, copy) > moved / 2
+
+
+def test_the_kept_log_probs_are_the_distribution_each_token_was_drawn_from(lora_policy, tiny_model):
+    tokenizer = load_tokenizer(resolve(str(tiny_model)))
+    settings = RolloutSettings(max_new_tokens=8, temperature=0.7, top_k=0)
+    # On the training model itself the kept log-probs are its own, as a forward pass recomputes them.
+    rollout = sample_rollout(lora_policy, tokenizer, PROMPTS, settings, 3, 64, range(6), keep_sampler_logprobs=True)
+    recomputed, _ = response_logprobs(lora_policy, rollout, 0.7)
+    mask = rollout.response_mask.bool()
+    assert torch.allclose(rollout.sampler_logprobs[mask], recomputed[mask], atol=1e-4)
+    # With top-k the drawn token's probability is renormalised over the k kept: higher than the trainer's.
+    top_k = settings.model_copy(update={"top_k": 50})
+    rollout = sample_rollout(lora_policy, tokenizer, PROMPTS, top_k, 3, 64, range(6), keep_sampler_logprobs=True)
+    recomputed, _ = response_logprobs(lora_policy, rollout, 0.7)
+    mask = rollout.response_mask.bool()
+    assert (rollout.sampler_logprobs[mask] > recomputed[mask] + 1e-3).all()
+    # Greedy (top-k 1): every drawn token had probability 1 under the processed distribution.
+    greedy = sample_rollout(
+        lora_policy, tokenizer, PROMPTS, settings.model_copy(update={"top_k": 1}), 1, 64, range(2), True
+    )
+    assert greedy.sampler_logprobs[greedy.response_mask.bool()].abs().max() == 0
+
+
+def test_the_int8_copy_repeats_its_samples_and_stays_close_to_the_trainer(lora_policy, tiny_model):
+    tokenizer = load_tokenizer(resolve(str(tiny_model)))
+    nudge_adapters(lora_policy, seed=2, size=0.05)
+    settings = RolloutSettings(max_new_tokens=8, temperature=1.0)
+    first = Int8Sampler(lora_policy, tokenizer, PROMPTS, 64).sample(lora_policy, 0, PROMPTS, settings, 4, 64, range(8))
+    again = Int8Sampler(lora_policy, tokenizer, PROMPTS, 64).sample(lora_policy, 0, PROMPTS, settings, 4, 64, range(8))
+    assert torch.equal(first.response_ids, again.response_ids)
+    assert torch.equal(first.sampler_logprobs.nan_to_num(), again.sampler_logprobs.nan_to_num())
+    trainer, _ = response_logprobs(lora_policy, first, 1.0)
+    mask = first.response_mask.bool()
+    per_token_gap = (first.sampler_logprobs[mask] - trainer[mask]).abs()
+    assert per_token_gap.mean() < 0.05 and first.response_mask.sum() > 8
+
+
+def test_int8_sampling_is_refused_off_the_cpu():
+    with pytest.raises(UserError, match="rollout.engine int8 is a CPU sampler, but the policy is on cuda"):
+        check_int8_usable(torch.device("cuda"))
+    check_int8_usable(torch.device("cpu"))
