@@ -262,11 +262,14 @@ def summarise(
             "tokens",
         )
         rss("grpo", ours, theirs)
-    ours, theirs = pair("generation")
-    if ours or theirs:
+    _, peer = pair("generation")
+    for workload, label in (("generation", "generation"), ("generation_int8", "generation, int8 copy")):
+        ours, theirs = pair(workload)[0], peer
+        if not ours and not (workload == "generation" and theirs):
+            continue
         for batch in (ours or theirs)["batches"]:
             rate = lambda r: r and r["batches"][batch]["new_tokens"] / r["batches"][batch]["seconds"]  # noqa: B023 (called at once)
-            add(f"generation: new tokens/s, batch {batch}", rate(ours), rate(theirs), None, unit="tok/s")
+            add(f"{label}: new tokens/s, batch {batch}", rate(ours), rate(theirs), None, unit="tok/s")
             measured = ours or theirs
             if bandwidth and shape and "prompt_width" in measured["batches"][batch]:
                 # the cache grows from the prompt's width by one position per step: its mean size
@@ -274,16 +277,16 @@ def summarise(
                 bound = decode_bound(shape, int(batch), context, peak_flops, bandwidth, dtype_bytes)
                 share = lambda r: r and rate(r) / bound  # noqa: B023 (called at once)
                 add(
-                    f"generation: fraction of the bound ({bound:,.0f} tok/s), batch {batch}",
+                    f"{label}: fraction of the bound ({bound:,.0f} tok/s), batch {batch}",
                     share(ours),
                     share(theirs),
                     None,
                     unit="fraction",
                 )
-        rss("generation", ours, theirs)
+        rss(workload, ours, theirs)
     for workload in RLHFKIT_ONLY:
         ours, _ = pair(workload)
-        if ours:
+        if ours and "step_seconds" in ours:  # the RL steps (generation_int8 is read above)
             step = mean(ours["step_seconds"])
             generation = mean(ours["generation_seconds"])
             rows.append(

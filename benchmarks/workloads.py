@@ -257,23 +257,33 @@ def _load_model(suite: Suite, model_name: str, reward_model: bool = False):
     return (model if suite.load_in_4bit else model.to(suite.device)), tokenizer  # a 4-bit model is placed as it loads
 
 
-def rlhfkit_generation(suite: Suite, model_name: str, workdir: Path) -> dict:
+def rlhfkit_generation(suite: Suite, model_name: str, workdir: Path, engine: str = "hf") -> dict:
+    """Sampling as the RL stages do it: the model itself (engine hf), or its int8 rollout copy
+    (engine int8: built once from the model, smoothed on 16 of the prompts, its log-probs kept)."""
     import torch
 
     from rlhfkit.config import SamplingSettings
     from rlhfkit.data.formatting import render_prompt
-    from rlhfkit.sampling import sample_rollout
+    from rlhfkit.int8_rollout import Int8Sampler
+    from rlhfkit.sampling import global_seeds, sample_rollout
 
     model, tokenizer = _load_model(suite, model_name)
     model.eval()
     torch.manual_seed(suite.seed)
+    chat = lambda prompts: [render_prompt(tokenizer, ({"role": "user", "content": p},), "auto") for p in prompts]  # noqa: E731
+    copy = None
+    if engine == "int8":
+        copy = Int8Sampler(model, tokenizer, chat(generation_prompts(workdir, 16)), suite.max_length)
 
     def generate(prompts: list[str]) -> tuple[list[int], int]:
         settings = SamplingSettings(
             max_new_tokens=suite.generation_new_tokens, temperature=suite.temperature, batch_size=len(prompts)
         )
-        texts = [render_prompt(tokenizer, ({"role": "user", "content": p},), "auto") for p in prompts]
-        rollout = sample_rollout(model, tokenizer, texts, settings, 1, suite.max_length)
+        texts = chat(prompts)
+        if copy is None:
+            rollout = sample_rollout(model, tokenizer, texts, settings, 1, suite.max_length)
+        else:
+            rollout = copy.sample(model, 0, texts, settings, 1, suite.max_length, global_seeds(len(texts)))
         return [int(n) for n in rollout.lengths], rollout.prompt_ids.shape[1]
 
     return measure_generation(suite, workdir, generate)
@@ -514,6 +524,7 @@ RUNNERS: dict[tuple[str, str], Callable[[Suite, str, Path], dict]] = {
     ("ppo_head", "rlhfkit"): lambda *a: rlhfkit_online("ppo", *a, critic="head"),
     ("trpo", "rlhfkit"): lambda *a: rlhfkit_online("trpo", *a),
     ("generation", "rlhfkit"): rlhfkit_generation,
+    ("generation_int8", "rlhfkit"): lambda *a: rlhfkit_generation(*a, engine="int8"),
     ("sft", "trl"): trl_sft,
     ("reward", "trl"): lambda *a: trl_pairs("reward", *a),
     ("dpo", "trl"): lambda *a: trl_pairs("dpo", *a),
