@@ -203,3 +203,23 @@ def test_packed_reward_batches_score_like_padded_rows(tiny_model):
         from_padded = reward_model_forward(model, padded.input_ids, padded.attention_mask)
     torch.testing.assert_close(from_packed, from_padded, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(from_shared, from_padded, rtol=1e-4, atol=1e-5)
+
+
+def test_rl_prompts_come_from_preference_rows_that_share_a_transcript(tmp_path):
+    from rlhfkit.data.examples import prompt_examples
+
+    rows = [
+        {
+            "chosen": "\n\nHuman: What is a star?\n\nAssistant: A ball of hot gas.",
+            "rejected": "\n\nHuman: What is a star?\n\nAssistant: No idea.",
+            "source": "hh",
+        },
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!"},
+    ]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    (example,), report = prompt_examples(read_rows(str(path)), "skip")
+    assert example.prompt == ({"role": "user", "content": "What is a star?"},)
+    assert example.columns == {"source": "hh"}  # the answers stay out of the reward's columns
+    assert report.kept == 1 and sum(report.skipped.values()) == 1
+    with pytest.raises(DataError, match="pairs.jsonl:2: chosen and rejected are identical"):
+        prompt_examples(read_rows(str(path)))

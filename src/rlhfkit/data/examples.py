@@ -438,9 +438,21 @@ def _parse_prompt(row: Row) -> PromptExample:
     return PromptExample(prompt, {key: item for key, item in values.items() if key != "prompt"}, row.where)
 
 
+def _parse_prompt_of_pair(row: Row) -> PromptExample:
+    """The prompt of a preference row whose chosen and rejected transcripts share it (HH-style)."""
+    pair = _parse_preference(row)
+    rest = {key: item for key, item in row.values.items() if key not in ("chosen", "rejected")}
+    return PromptExample(pair.prompt, rest, row.where)
+
+
 def prompt_examples(rows: list[Row], on_invalid: str = "error") -> tuple[list[PromptExample], RowReport]:
-    """Validate RL prompt rows: a `prompt` column (map another with data.columns, e.g. {prompt: question})."""
-    if "prompt" not in rows[0].values:
+    """Validate RL prompt rows: a `prompt` column (map another with data.columns, e.g. {prompt:
+    question}), or preference rows without one — chosen/rejected transcripts whose shared start
+    is the prompt (as the reward stage splits them), so a preference file's prompts can be sampled."""
+    columns = set(rows[0].values)
+    if "prompt" not in columns and {"chosen", "rejected"} <= columns:
+        return _validate(rows, _parse_prompt_of_pair, on_invalid)
+    if "prompt" not in columns:
         raise DataError(
             f"{rows[0].where}: missing column: expected `prompt`; found {sorted(rows[0].values)} "
             "(map yours with data.columns, e.g. --set data.columns.prompt=question)"
