@@ -146,6 +146,28 @@ def test_lora_save_load_merge_gives_the_same_logits(tiny_model, tmp_path):
     assert not any("lora" in name for name, _ in merged.named_parameters())
 
 
+def test_an_adapter_moved_together_with_its_base_still_finds_it(tiny_model, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    pipeline = tmp_path / "runs" / "pipeline"
+    shutil.copytree(tiny_model, pipeline / "sft")
+    model = attach_lora(AutoModelForCausalLM.from_pretrained(tiny_model), LoraSettings(r=4, alpha=8, dropout=0.0))
+    tokenizer = load_tokenizer(resolve(str(tiny_model)))
+    save_model(model, tokenizer, pipeline / "dpo" / "final", str((pipeline / "sft").resolve()), {"stage": "dpo"})
+    assert resolve(str(pipeline / "dpo" / "final")).base.path == str((pipeline / "sft").resolve())
+
+    moved = tmp_path / "elsewhere" / "renamed"
+    shutil.move(str(pipeline), moved)  # the recorded absolute base path is gone
+    source = resolve(str(moved / "dpo" / "final"))
+    assert source.base.path == str((moved / "sft").resolve())
+    load_causal_lm(source, ModelSettings(), torch.float32)  # and it loads
+    shutil.rmtree(moved / "sft")  # moved apart: the recorded path is named, as before
+    with pytest.raises(UserError, match="does not exist"):
+        resolve(str(moved / "dpo" / "final"))
+
+
 def test_resolve_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         resolve("./no/such/model")

@@ -7,8 +7,10 @@ or nothing at all for a missing tensor); these turn each into a UserError.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
@@ -60,3 +62,15 @@ def refuse_missing_weights(path: Any, info: dict) -> None:
         raise UserError(
             f"{path}: the weights lack {len(missing)} tensor(s) the model needs ({shown}); it is incomplete"
         )
+
+
+def base_after_a_move(adapter_dir: Path, recorded: str, info_file: Path) -> str:
+    """The base model an adapter names — or, when that is an absolute path that no longer exists
+    and the adapter's info file holds the base's place relative to the adapter (`base_relative`),
+    the base found there: an adapter and its base moved together (a pipeline's run directory
+    renamed or copied to another machine) still resolve."""
+    if not Path(recorded).is_absolute() or Path(recorded).exists() or not info_file.is_file():
+        return recorded
+    relative = json.loads(info_file.read_text()).get("base_relative")
+    moved = (adapter_dir / relative).resolve() if isinstance(relative, str) else None
+    return str(moved) if moved is not None and moved.exists() else recorded

