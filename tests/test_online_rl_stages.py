@@ -213,6 +213,41 @@ def test_rewarding_one_token_makes_it_more_likely(
         assert any((out / "critic" / name).exists() for name in ("adapter_config.json", "value_head.safetensors"))
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # DAPO's refill rounds draw from seeds of (run, step, round, process): the same after a resume
+        ["grpo.clip_high=0.28", "grpo.dynamic_sampling=true", "grpo.dynamic_sampling_rounds=2", "grpo.beta=0.0"],
+        ["grpo.advantage=reinforce_pp", "grpo.kl_penalty=reward", "grpo.beta=0.01"],
+        # the int8 copy is rebuilt from the resumed policy
+        ["rollout.engine=int8", "rollout.correction=tis", "grpo.importance_level=sequence", "grpo.epochs=2"],
+    ],
+    ids=["dapo", "reinforce_pp", "int8-tis-gspo"],
+)
+def test_an_interrupted_grpo_family_run_resumes_to_the_same_policy(
+    tiny_model, prompt_file, reward_file, tmp_path, extra
+):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    overrides = ["train.max_steps=4", "train.save_every=2", "train.save_limit=5", "eval.num_prompts=0", *extra]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    grpo.run(rl_config("grpo", tiny_model, prompt_file, reward_file, straight, *overrides))
+    shutil.copytree(straight, resumed)  # "killed" after its step-2 checkpoint
+    for path in ["checkpoints/step-000004", "final"]:
+        shutil.rmtree(resumed / path)
+    (resumed / "run.json").write_text(json.dumps({"stage": "grpo", "status": "running"}))
+    grpo.run(rl_config("grpo", tiny_model, prompt_file, reward_file, resumed, *overrides), resume=True)
+    a, b = (load_file(str(run / "final/adapter_model.safetensors")) for run in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    logged = [
+        [json.loads(line)["train/reward_mean"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for run in (straight, resumed)
+    ]
+    assert logged[0] == pytest.approx(logged[1]) and len(logged[0]) == 4
+
+
 def test_an_interrupted_ppo_run_resumes_to_the_same_policy_critic_and_kl_coefficient(
     tiny_model, prompt_file, reward_file, tmp_path
 ):
