@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from rlhfkit.metrics import paired_difference
+from rlhfkit.metrics import paired_difference, win_rate
 
 EVALUATED_ALIKE = ("num_prompts", "samples_per_prompt", "seed")
 COLUMNS = ["run", "reward", "held-out", "before", "after", "judges (before → after)", "KL", "time", "s/step"]
@@ -87,6 +87,7 @@ def row(run_dir: Path) -> tuple[list[str], str]:
     )
     judges = [
         f"{name}: {_mean(before.get('judges', {}).get(name, {}), 'mean', 'stderr')} → {_mean(judge, 'mean', 'stderr')}"
+        + _judge_gain(before.get("judges", {}).get(name, {}), judge)
         for name, judge in after.get("judges", {}).items()
     ]
     cells = [
@@ -108,6 +109,20 @@ def row(run_dir: Path) -> tuple[list[str], str]:
     when = (marker.get("finished") or marker.get("updated", ""))[:10]
     note = f"- `{run_dir}`: {when}, rlhfkit {marker.get('rlhfkit', '?')}" + (f", {versions}" if versions else "")
     return cells, f"{note}, on {where}."
+
+
+def _judge_gain(before: dict, after: dict) -> str:
+    """A held-out judge's paired gain over the same answer slots, and how often the answer after
+    training beats the one before it (win rate, 95% interval): the policy against its start."""
+    if not (before.get("samples") and after.get("samples")) or len(before["samples"]) != len(after["samples"]):
+        return ""
+    pairs = [(a, b) for a, b in zip(after["samples"], before["samples"]) if a is not None and b is not None]
+    gain, stderr = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
+    wins = win_rate([a for a, _ in pairs], [b for _, b in pairs])
+    return (
+        f" (paired {gain:+.3f} ± {stderr:.3f}; after beats before on "
+        f"{wins['win_rate']:.2f} [{wins['win_rate_low']:.2f}, {wins['win_rate_high']:.2f}] of the slots)"
+    )
 
 
 GROUP_COLUMNS = ["run", "prompts", "sampled: before", "after", "greedy: before", "after"]

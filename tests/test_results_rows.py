@@ -46,3 +46,14 @@ def test_rows_compare_each_run_with_the_baseline_slot_by_slot(tmp_path):
     other = fake_run(tmp_path / "other-seed", [1.0, 1.0, 1.0, 1.0], seed=7)
     with pytest.raises(SystemExit, match="differ in data.path or eval"):
         table([other], baseline=grpo)
+
+
+def test_a_held_out_judge_gets_its_paired_gain_and_win_rate_over_the_start(tmp_path):
+    run = fake_run(tmp_path / "ppo", [0.0, 1.0, 0.0, 1.0])
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["before"]["judges"] = {"gold": {"mean": 0.0, "stderr": 0.1, "samples": [0.0, 0.0, 1.0, 0.0]}}
+    metrics["after"]["judges"] = {"gold": {"mean": 0.75, "stderr": 0.2, "samples": [1.0, 1.0, 1.0, 0.0]}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    written = table([run])
+    # slot differences 1, 1, 0, 0: mean 0.5, s = 0.577, standard error 0.289; 2 wins, 2 ties of 4
+    assert "gold: 0.000 ± 0.100 → 0.750 ± 0.200 (paired +0.500 ± 0.289; after beats before on 0.75 [" in written
