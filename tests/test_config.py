@@ -1,4 +1,5 @@
 import time
+from pathlib import Path
 
 import pytest
 
@@ -226,3 +227,29 @@ def test_large_model_example_configs_validate(name, tmp_path):
     assert dpo_config.model.load_in_4bit == ("qlora" in name)
     if "8gpu" in name:
         assert sft_config.train.grad_accum % 8 == 0 and dpo_config.train.grad_accum % 8 == 0
+
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"needs {REAL_DATA} (the shared data folder)")
+def test_the_real_data_pipeline_chains_sft_a_minilm_reward_model_and_ppo_on_hh_prompts(tmp_path, monkeypatch):
+    import yaml
+
+    from rlhfkit.data.examples import load_examples, prompt_examples
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # its data paths are relative to the repository, as in the docs' command
+    tree = yaml.safe_load((root / "configs/examples/real_data_pipeline.yaml").read_text())
+    tree["pipeline"]["output_dir"] = str(tmp_path / "real-data")  # not a run this machine may hold
+    path = tmp_path / "real_data_pipeline.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    assert load_config("sft", path).train.output_dir == str(tmp_path / "real-data" / "sft")
+    reward = load_config("reward", path)
+    assert reward.model.name_or_path == "all-minilm-l6-v2" and reward.data.part == "1/2"
+    with pytest.raises(ConfigError, match="real-data/sft does not exist yet: the sft stage writes it"):
+        load_config("ppo", path)
+    ppo = load_config("ppo", path, [f"model.name_or_path={tmp_path}", f"reward.model={tmp_path}"])
+    assert set(ppo.eval.judges) == {"held_out"} and ppo.eval.judges["held_out"].model == "runs/hh-minilm-part2"
+    train, held_out, _ = load_examples(ppo.data, ppo.train.seed, prompt_examples)
+    assert (len(train), len(held_out)) == (1448, 360)  # prompts split off the HH transcripts
