@@ -213,6 +213,23 @@ def test_rewarding_one_token_makes_it_more_likely(
         assert any((out / "critic" / name).exists() for name in ("adapter_config.json", "value_head.safetensors"))
 
 
+def test_held_out_evaluations_sample_the_policy_whatever_the_rollout_engine(
+    tiny_model, prompt_file, reward_file, tmp_path
+):
+    common = ("train.max_steps=1", "grpo.beta=0.0", "eval.num_prompts=4", "eval.samples_per_prompt=4")
+    plain = grpo.run(rl_config("grpo", tiny_model, prompt_file, reward_file, tmp_path / "hf", *common))
+    int8 = grpo.run(
+        rl_config("grpo", tiny_model, prompt_file, reward_file, tmp_path / "int8", *common, "rollout.engine=int8")
+    )
+    assert "sampler_kl" not in int8["before"] and "sampler_kl" not in int8["after"]  # no copy answered them
+    assert int8["before"]["answers"] == plain["before"]["answers"]
+    assert int8["before"]["sample_rewards"] == plain["before"]["sample_rewards"]
+    log = json.loads((tmp_path / "int8" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "train/sampler_kl" in log and "train/sampler_kl" not in json.loads(
+        (tmp_path / "hf" / "metrics.jsonl").read_text().splitlines()[0]
+    )
+
+
 @pytest.mark.parametrize(
     "extra",
     [

@@ -140,6 +140,8 @@ def response_rows(outputs: Sequence[Any], eos_token_id: int) -> list[list[int]]:
 class VLLMSampler:
     """One colocated vLLM engine per process; `sample` mirrors `rollout.sample_rollout`."""
 
+    samples_the_policy = True  # the policy's weights and distribution, other kernels: evaluations use it too
+
     def __init__(
         self,
         policy: torch.nn.Module,

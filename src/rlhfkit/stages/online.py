@@ -241,14 +241,16 @@ class Rollouts:
     ) -> tuple[Rollout, ScoredBatch]:
         """Completions of `examples` (`samples` each, one seed per completion) and their rewards;
         greedy: the most likely token at every step (top-k 1) instead of a sample. held_out: an
-        evaluation's, which the int8 copy does not answer (figures must not depend on the engine;
-        vLLM samples the policy's own distribution)."""
+        evaluation's, answered by the engine only where it samples the policy's own distribution
+        (vLLM; not the int8 copy), so figures do not depend on the engine."""
         texts, settings, max_length = (
             [render_rl_prompt(self.tokenizer, example, self.config.data) for example in examples],
             self.config.rollout.model_copy(update={"top_k": 1}) if greedy else self.config.rollout,
             self.config.data.max_length,
         )
-        sampler = None if held_out and self.config.rollout.engine == "int8" else self.sampler
+        sampler = self.sampler
+        if held_out and sampler is not None and not sampler.samples_the_policy:
+            sampler = None
         if sampler is None:
             with self.engine.whole_weights():
                 rollout = sample_rollout(self.policy, self.tokenizer, texts, settings, samples, max_length, seeds)
