@@ -33,7 +33,7 @@ from rlhfkit.config import SamplingSettings
 from rlhfkit.errors import UserError
 from rlhfkit.models import eval_mode
 from rlhfkit.sampling import Rollout, encode_prompts, sample_rollout
-from rlhfkit.vllm_rollout import merged_weights
+from rlhfkit.vllm_rollout import merged_weights, unwrapped
 
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: half of the activation range to the weights
 
@@ -118,12 +118,6 @@ class Int8Linear(torch.nn.Module):
         return output.to(inputs.dtype).reshape(*inputs.shape[:-1], self.out_features)
 
 
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    from peft import PeftModel
-
-    return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
 def _set(root: torch.nn.Module, name: str, value: Any) -> None:
     owner, _, leaf = name.rpartition(".")
     module = root.get_submodule(owner) if owner else root
@@ -147,7 +141,7 @@ class Int8Sampler:
         """calibration_texts: formatted prompts whose activations set the smoothing at every rebuild."""
         from transformers import AutoModelForCausalLM
 
-        inner = _unwrapped(policy)
+        inner = unwrapped(policy)
         self.tokenizer = tokenizer
         self.calibration = encode_prompts(tokenizer, list(calibration_texts), max_prompt_length)
         with torch.device("meta"):  # the skeleton only: every tensor comes from the policy
@@ -166,7 +160,7 @@ class Int8Sampler:
         """The policy's linear layers grouped by the input they read (consecutive calls on one
         tensor), each group with the largest |x_j| per input channel over the prompt tokens of
         (ids, mask): what smoothing evens out."""
-        inner, calls = _unwrapped(policy), []
+        inner, calls = unwrapped(policy), []
         kept = mask.bool().reshape(-1)
 
         def record(name: str) -> Any:
@@ -194,7 +188,7 @@ class Int8Sampler:
     def load_weights(self, policy: torch.nn.Module, groups: list[tuple[list[str], torch.Tensor]] = ()) -> None:
         """The policy's weights, LoRA merged, each linear layer quantised; the layers of each
         group (one input, its range) smoothed together and sharing one input quantiser."""
-        inner = _unwrapped(policy)
+        inner = unwrapped(policy)
         weights = dict(merged_weights(policy))
         ungrouped = set(self.linear_names) - {name for names, _ in groups for name in names}
         for names, input_range in [*groups, *(([name], None) for name in sorted(ungrouped))]:

@@ -43,6 +43,13 @@ def check_vllm_usable(device: str) -> None:
         raise UserError("rollout.engine vllm needs a CUDA GPU, and none is visible; use rollout.engine: hf")
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (its LoRA layers still in place), or the model itself."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Every weight of the model under its plain checkpoint name, with LoRA deltas added.
 
@@ -50,10 +57,9 @@ def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     base weights are never modified (merging in place and back drifts bf16 weights by rounding).
     Adapter parameters themselves are left out; tied weights appear once.
     """
-    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    inner = unwrapped(model)
     lora_layers = {name: module for name, module in inner.named_modules() if isinstance(module, LoraLayer)}
     for name, parameter in inner.named_parameters():
         if ".lora_" in name or "lora_magnitude_vector" in name:
@@ -248,10 +254,9 @@ class VLLMSampler:
 
 def write_checkpoint(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
     """A plain HF checkpoint (config, tokenizer, safetensors) of the model with its adapters merged."""
-    from peft import PeftModel
     from safetensors.torch import save_file
 
-    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    inner = unwrapped(model)
     inner.config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     tensors = {name: tensor.contiguous() for name, tensor in merged_weights(model)}
