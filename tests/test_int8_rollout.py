@@ -76,6 +76,24 @@ def test_layers_that_read_one_input_quantise_it_once(monkeypatch):
         assert relative_error(layers[1](inputs), second(inputs)) < 0.01 and len(quantized) == 2
 
 
+def test_the_copy_groups_the_layers_that_read_one_input(lora_policy, tiny_model):
+    tokenizer = load_tokenizer(resolve(str(tiny_model)))
+    sampler = Int8Sampler(lora_policy, tokenizer, PROMPTS, 64)
+    groups = [
+        [name.rsplit(".", 1)[-1] for name in names]
+        for names, _ in sampler.input_ranges(lora_policy, *sampler.calibration)
+    ]
+    layers = lora_policy.get_base_model().config.num_hidden_layers
+    assert groups == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] * layers + [
+        ["lm_head"]
+    ]
+    sampler.load_weights(lora_policy, sampler.input_ranges(lora_policy, *sampler.calibration))
+    block = sampler.model.model.layers[0]
+    assert block.self_attn.q_proj.quantizer is block.self_attn.v_proj.quantizer
+    assert block.mlp.gate_proj.quantizer is block.mlp.up_proj.quantizer
+    assert block.mlp.gate_proj.quantizer is not block.self_attn.q_proj.quantizer
+
+
 @pytest.fixture()
 def lora_policy(tiny_model):
     model = load_causal_lm(resolve(str(tiny_model)), ModelSettings(), torch.float32)

@@ -165,11 +165,11 @@ class Int8Sampler:
 
         def record(name: str) -> Any:
             def hook(module: torch.nn.Module, arguments: tuple) -> None:
-                inputs = arguments[0].detach()
+                inputs = arguments[0]  # its identity tells which layers read one tensor
                 if calls and calls[-1][1] is inputs:
                     calls[-1][0].append(name)
                 else:
-                    rows = inputs.reshape(-1, inputs.shape[-1])[kept]
+                    rows = inputs.detach().reshape(-1, inputs.shape[-1])[kept]
                     calls.append(([name], inputs, rows.abs().amax(dim=0).float()))
 
             return hook
