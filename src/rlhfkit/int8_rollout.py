@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from rlhfkit.config import SamplingSettings
+from rlhfkit.decode_loop import GATE_UP, QKV, DecodeLoop, supports
 from rlhfkit.errors import UserError
 from rlhfkit.models import eval_mode
 from rlhfkit.sampling import Rollout, encode_prompts, sample_rollout
@@ -110,6 +111,23 @@ class Int8Linear(torch.nn.Module):
         self.bias = None if bias is None else bias.detach()
         self.quantizer = quantizer or InputQuantizer(factor)
 
+    @classmethod
+    def joined(cls, layers: Sequence[Int8Linear]) -> Int8Linear:
+        """One layer computing the outputs of `layers` side by side: they read one input through one
+        quantiser, so one product (and one quantisation) serves them all."""
+        first = layers[0]
+        if any(layer.quantizer is not first.quantizer for layer in layers):
+            raise ValueError("only layers that share one input quantiser can be joined")
+        joined = cls(first.in_features, sum(layer.out_features for layer in layers))
+        joined.weight = torch.cat([layer.weight for layer in layers])
+        joined.weight_scale = torch.cat([layer.weight_scale for layer in layers], dim=1)
+        if any(layer.bias is not None for layer in layers):
+            joined.bias = torch.cat(
+                [torch.zeros(layer.out_features) if layer.bias is None else layer.bias for layer in layers]
+            )
+        joined.quantizer = first.quantizer
+        return joined
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         quantized, row_scale = self.quantizer(inputs)
         output = torch._int_mm(quantized, self.weight.t()).float() * row_scale * self.weight_scale
@@ -152,6 +170,7 @@ class Int8Sampler:
             _set(self.model, name, Int8Linear(module.in_features, module.out_features))
         self.model.eval()
         self.synced_version: int | None = None
+        self.decode_loop: DecodeLoop | None = None
 
     @torch.no_grad()
     def input_ranges(
@@ -223,6 +242,7 @@ class Int8Sampler:
         rebuilt when the version moved."""
         if version != self.synced_version:
             self.load_weights(policy, self.input_ranges(policy, *self.calibration))
+            self.decode_loop = self.joined_decode_loop(max_prompt_length + settings.max_new_tokens)
             self.synced_version = version
         return sample_rollout(
             self.model,
@@ -233,7 +253,21 @@ class Int8Sampler:
             max_prompt_length,
             seeds,
             keep_sampler_logprobs=True,
+            decode_loop=self.decode_loop,
         )
+
+    def joined_decode_loop(self, length: int) -> DecodeLoop | None:
+        """A decode loop over the copy (None for a model without the Llama layout: generate
+        samples), each layer's q/k/v and gate/up products joined where they share a quantiser."""
+        if not supports(self.model, length):
+            return None
+        joined = []
+        for layer in self.model.model.layers:
+            sides = [[layer.get_submodule(path) for path in paths] for paths in (QKV, GATE_UP)]
+            if any(module.quantizer is not modules[0].quantizer for modules in sides for module in modules):
+                return DecodeLoop(self.model)
+            joined.append(tuple(Int8Linear.joined(modules) for modules in sides))
+        return DecodeLoop(self.model, joined)
 
     def close(self) -> None:
         self.model = None

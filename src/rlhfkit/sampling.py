@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from rlhfkit.attention import consecutive_runs
 from rlhfkit.config import SamplingSettings
+from rlhfkit.decode_loop import DecodeLoop
 from rlhfkit.engine.threads import follow_free_cores
 from rlhfkit.models import eval_mode, weights_are_sharded
 
@@ -151,16 +152,21 @@ class RowSeededSampler:
         if settings.top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(settings.top_p))
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def draw(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B,) one token per row of the logits `scores` (B, V)."""
         for warper in self.warpers:
-            scores = warper(input_ids, scores)
+            scores = warper(None, scores)
         cdf = torch.softmax(scores.float(), dim=-1).cumsum(dim=-1)
         # 1 - U(0, 1) lies in (0, 1], so a token of probability 0 is never drawn.
         uniform = torch.stack([1 - torch.rand((), generator=g) for g in self.generators]).to(cdf.device)
         tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).clamp(max=cdf.shape[1] - 1)
         if self.kept is not None:
             self.kept.append(torch.log_softmax(scores.float(), dim=-1).gather(1, tokens).squeeze(1).cpu())
-        return torch.full_like(scores, -math.inf).scatter_(1, tokens, 0.0)
+        return tokens.squeeze(1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """generate's logits-processor call: a score row that makes greedy decoding pick the draw."""
+        return torch.full_like(scores, -math.inf).scatter_(1, self.draw(scores)[:, None], 0.0)
 
     def logprob_table(self, width: int) -> torch.Tensor:
         """(rows, width) the kept log-probs, one column per decode step, NaN after the last step."""
@@ -181,13 +187,15 @@ def sample_rollout(
     max_prompt_length: int,
     seeds: Sequence[int] | None = None,
     keep_sampler_logprobs: bool = False,
+    decode_loop: DecodeLoop | None = None,
 ) -> Rollout:
     """Sample `samples_per_prompt` completions for each formatted prompt with the KV cache.
 
     With `seeds` (one per completion, prompt-major), each completion is drawn with its own
     generator (:class:`RowSeededSampler`); without, the seeds come from torch's global generator.
     keep_sampler_logprobs: the rollout keeps this model's log-prob of each sampled token (when it
-    is not the training model).
+    is not the training model). decode_loop: samples in place of `generate` (same draws, masks
+    and EOS handling; `model` is the loop's).
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -211,10 +219,21 @@ def sample_rollout(
             mask = prompt_mask[start : start + settings.batch_size].to(device)
             sampler = RowSeededSampler(seeds[start : start + settings.batch_size], settings, keep_sampler_logprobs)
             processors = LogitsProcessorList([sampler])
-            prefix = shared_prompt_cache(model, ids, mask, torch.arange(start, start + len(ids)) // samples_per_prompt)
-            new = generate_new_tokens(
-                model, ids, mask, prefix, generation_config=generation_config, logits_processor=processors
-            ).cpu()
+            prompt_index = torch.arange(start, start + len(ids)) // samples_per_prompt
+            if decode_loop is not None:
+                new = decode_loop.generate(
+                    ids,
+                    mask,
+                    prompt_index,
+                    sampler.draw,
+                    settings.max_new_tokens,
+                    *(tokenizer.eos_token_id, tokenizer.pad_token_id),
+                )
+            else:
+                prefix = shared_prompt_cache(model, ids, mask, prompt_index)
+                new = generate_new_tokens(
+                    model, ids, mask, prefix, generation_config=generation_config, logits_processor=processors
+                ).cpu()
             pad = torch.full(
                 (new.shape[0], settings.max_new_tokens - new.shape[1]), tokenizer.pad_token_id, dtype=torch.long
             )

@@ -1,0 +1,179 @@
+"""A decode loop for Llama-layout models with a preallocated KV cache, for CPU sampling.
+
+HF `generate` spends most of a small model's decode step outside the matrix products: the cache
+grows by concatenation (every layer copies its keys and values at every step), masks and
+position tensors are rebuilt, and each step passes through the generation utilities. This loop
+runs the model's own modules (embedding, norms, rotary embedding, linear layers — float or
+int8) in a plain Python loop over the layers: each layer's keys and values are written in place
+into a cache allocated once for the prompt plus `max_new_tokens`, and attention reads the columns
+written so far. Rows that answer one prompt are prefilled once and copied. The next token is
+drawn by the caller's sampler from the last position's logits; a row that has emitted EOS gets
+padding after it, and the loop stops when every row has ended — what `generate` returns.
+
+It knows the decoder-only layout of Llama, Mistral (within its sliding window) and Qwen2:
+pre-norm blocks of grouped-query attention with rotary positions and a SiLU-gated MLP.
+:func:`supports` says whether a model has it; other models sample through `generate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from rlhfkit.attention import consecutive_runs
+from rlhfkit.engine.threads import follow_free_cores
+
+LLAMA_LAYOUT = ("llama", "mistral", "qwen2")
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+LAYER_MODULES = (*QKV, *GATE_UP, "self_attn.o_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+
+
+def supports(model: torch.nn.Module, length: int) -> bool:
+    """Whether `model` (a causal LM, not wrapped) has the Llama layout this loop runs, for
+    sequences of up to `length` tokens."""
+    config = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    if config is None or inner is None or getattr(config, "model_type", None) not in LLAMA_LAYOUT:
+        return False
+    if getattr(config, "hidden_act", None) != "silu" or not hasattr(model, "lm_head"):
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True) and window < length:
+        return False
+    if not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return False
+    if not all(_has(layer, name) for layer in inner.layers for name in LAYER_MODULES):
+        return False
+    norms = [inner.norm, *(layer.get_submodule(name) for layer in inner.layers for name in LAYER_MODULES[-2:])]
+    return all(hasattr(norm, "variance_epsilon") for norm in norms)
+
+
+def _has(module: torch.nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _rms_norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.rms_norm(hidden, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def _side_by_side(layer: torch.nn.Module, paths: Sequence[str]) -> Callable[[torch.Tensor], torch.Tensor]:
+    modules = [layer.get_submodule(path) for path in paths]
+    return lambda hidden: torch.cat([module(hidden) for module in modules], dim=-1)
+
+
+def _rotate(values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (Su et al. 2021) in the half-split layout Llama checkpoints use."""
+    half = values.shape[-1] // 2
+    rotated = torch.cat((-values[..., half:], values[..., :half]), dim=-1)
+    return values * cos + rotated * sin
+
+
+class DecodeLoop:
+    """Samples continuations of left-padded prompts with one Llama-layout model's modules.
+
+    joined: per layer, one module computing q, k and v side by side and one computing the MLP's
+    gate and up projections (one product each, where the model's three and two modules would be
+    five); without, the model's own modules run and their outputs are joined.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, joined: Sequence[tuple[torch.nn.Module, torch.nn.Module]] | None = None
+    ) -> None:
+        config = model.config
+        self.model = model
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scaling = self.head_dim**-0.5
+        layers = model.model.layers
+        self.joined = joined or [(_side_by_side(layer, QKV), _side_by_side(layer, GATE_UP)) for layer in layers]
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        start: int,
+        attend: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits (B, V) of the last of `ids` (B, T), written at cache columns start..start+T.
+
+        positions: (B, T) rotary positions; attend: (B, 1, T, start+T) bool, which cached columns
+        each new token sees."""
+        inner = self.model.model
+        hidden = inner.embed_tokens(ids)
+        cos, sin = (part[:, None] for part in inner.rotary_emb(hidden, positions))
+        rows, width = ids.shape
+        end, heads, kv_heads = start + width, self.heads, self.kv_heads
+        for layer, (keys, values), (qkv, gate_up) in zip(inner.layers, cache, self.joined):
+            projected = qkv(_rms_norm(layer.input_layernorm, hidden))
+            projected = projected.view(rows, width, heads + 2 * kv_heads, self.head_dim).transpose(1, 2)
+            rotated = _rotate(projected[:, : heads + kv_heads], cos, sin)
+            keys[:, :, start:end] = rotated[:, heads:]
+            values[:, :, start:end] = projected[:, heads + kv_heads :]
+            mixed = torch.nn.functional.scaled_dot_product_attention(
+                rotated[:, :heads],
+                keys[:, :, :end],
+                values[:, :, :end],
+                attn_mask=attend,
+                scale=self.scaling,
+                enable_gqa=kv_heads != heads,
+            )
+            hidden = hidden + layer.self_attn.o_proj(mixed.transpose(1, 2).reshape(rows, width, -1))
+            gate, up = gate_up(_rms_norm(layer.post_attention_layernorm, hidden)).chunk(2, dim=-1)
+            hidden = hidden + layer.mlp.down_proj(torch.nn.functional.silu(gate) * up)
+        return self.model.lm_head(_rms_norm(inner.norm, hidden[:, -1:]))[:, 0]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        prompt_index: torch.Tensor,
+        draw: Callable[[torch.Tensor], torch.Tensor],
+        max_new_tokens: int,
+        eos_token_id: int,
+        pad_token_id: int,
+    ) -> torch.Tensor:
+        """(B, new) tokens after left-padded prompts `ids`/`mask` (B, P); rows with equal
+        `prompt_index` share one prompt and are prefilled once. draw: logits (B, V) → tokens (B,).
+        new ≤ max_new_tokens: the loop ends once every row has emitted EOS."""
+        runs = consecutive_runs(prompt_index.tolist())
+        firsts = [run[0] for run in runs]
+        copies = torch.tensor([number for number, run in enumerate(runs) for _ in run])
+        prompt_width = ids.shape[1]
+        length = prompt_width + max_new_tokens
+        valid = torch.zeros(len(firsts), length, dtype=torch.bool)
+        valid[:, :prompt_width] = mask[firsts].bool()
+        dtype = self.model.model.embed_tokens.weight.dtype
+        cache = [
+            tuple(torch.zeros(len(firsts), self.kv_heads, length, self.head_dim, dtype=dtype) for _ in range(2))
+            for _ in self.model.model.layers
+        ]
+        causal = torch.ones(prompt_width, prompt_width, dtype=torch.bool).tril()
+        # Each token also sees itself, so a padding column's attention is never empty (no NaN).
+        attend = (causal & valid[:, None, :prompt_width]) | torch.eye(prompt_width, dtype=torch.bool)
+        positions = (mask[firsts].cumsum(dim=1) - 1).clamp(min=0)
+        logits = self.forward(ids[firsts], positions, cache, 0, attend[:, None])[copies]
+        cache = [(keys[copies], values[copies]) for keys, values in cache]
+        valid, position = valid[copies], positions[copies, -1:]
+
+        tokens, ended = [], torch.zeros(len(copies), dtype=torch.bool)
+        for step in range(max_new_tokens):
+            token = torch.where(ended, pad_token_id, draw(logits))
+            tokens.append(token)
+            ended |= token == eos_token_id
+            if bool(ended.all()) or step == max_new_tokens - 1:
+                break
+            follow_free_cores()
+            column = prompt_width + step
+            valid[:, column] = True
+            position = position + 1
+            logits = self.forward(token[:, None], position, cache, column, valid[:, None, None, : column + 1])
+        return torch.stack(tokens, dim=1)

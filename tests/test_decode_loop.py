@@ -1,0 +1,101 @@
+"""The decode loop with a preallocated cache (`rlhfkit.decode_loop`): it samples what `generate`
+samples from the same logits — padding, shared prompts, EOS and the early stop included — and
+the int8 copy's joined products change nothing but the number of calls."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.config import ModelSettings, RolloutSettings, SamplingSettings
+from rlhfkit.decode_loop import DecodeLoop, supports
+from rlhfkit.int8_rollout import Int8Linear, Int8Sampler
+from rlhfkit.models import load_causal_lm, load_tokenizer, resolve
+from rlhfkit.sampling import RowSeededSampler, sample_rollout
+
+PROMPTS = ["User: Why is the sky blue?\nAssistant:", "User: What?\nAssistant:", "User: A star is\nAssistant:"]
+
+
+class EndsRowEarly(RowSeededSampler):
+    """Draws as RowSeededSampler does, but row `row` emits EOS at decode step `step`."""
+
+    def __init__(self, seeds: list[int], settings: SamplingSettings, eos: int, row: int, step: int) -> None:
+        super().__init__(seeds, settings, keep_logprobs=True)
+        self.eos, self.row, self.step, self.calls = eos, row, step, 0
+
+    def draw(self, scores: torch.Tensor) -> torch.Tensor:
+        tokens = super().draw(scores)
+        self.calls += 1
+        if self.calls == self.step + 1:
+            tokens[self.row] = self.eos
+        return tokens
+
+
+def float_model(tiny_model):
+    return load_causal_lm(resolve(str(tiny_model)), ModelSettings(), torch.float32).eval()
+
+
+def test_the_loop_samples_what_generate_samples(tiny_model, monkeypatch):
+    import rlhfkit.sampling as sampling
+
+    model, tokenizer = float_model(tiny_model), load_tokenizer(resolve(str(tiny_model)))
+    assert supports(model, 64)
+    settings = RolloutSettings(max_new_tokens=10, temperature=0.9, batch_size=4)
+    # Prompts of three lengths (left padding), two samples each, a batch that splits a group.
+    by_generate = sample_rollout(model, tokenizer, PROMPTS, settings, 2, 64, range(6), keep_sampler_logprobs=True)
+    by_loop = sample_rollout(
+        model, tokenizer, PROMPTS, settings, 2, 64, range(6), keep_sampler_logprobs=True, decode_loop=DecodeLoop(model)
+    )
+    assert by_generate.response_ids.shape == by_loop.response_ids.shape
+    assert torch.equal(by_generate.response_ids, by_loop.response_ids)
+    assert torch.equal(by_generate.response_mask, by_loop.response_mask)
+    assert torch.allclose(by_generate.sampler_logprobs, by_loop.sampler_logprobs, atol=1e-5, equal_nan=True)
+
+    # A row that ends early is padded after its EOS; once every row has ended, sampling stops.
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    monkeypatch.setattr(sampling, "RowSeededSampler", lambda seeds, s, keep: EndsRowEarly(seeds, s, eos, 1, 2))
+    both = [
+        sample_rollout(model, tokenizer, PROMPTS[:1], settings, 2, 64, [3, 4], True, loop)
+        for loop in (None, DecodeLoop(model))
+    ]
+    assert torch.equal(both[0].response_ids, both[1].response_ids)
+    assert both[1].response_ids[1, 2] == eos and (both[1].response_ids[1, 3:] == pad).all()
+    assert both[1].lengths[1] == 3 and not both[1].ended[0]
+
+
+def test_the_loop_stops_when_every_row_has_ended(tiny_model):
+    model = float_model(tiny_model)
+    ids, mask = torch.tensor([[5, 6, 7], [0, 8, 9]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
+    eos = 3
+    sampler = EndsRowEarly([1, 2], SamplingSettings(temperature=1.0), eos, 0, 1)
+    draw = lambda scores: torch.where(torch.arange(2) == 1, eos, sampler.draw(scores))  # noqa: E731
+    new = DecodeLoop(model).generate(ids, mask, torch.tensor([0, 1]), draw, 20, eos, 0)
+    assert new.shape == (2, 2) and new[0, 1] == eos and new[1, 0] == eos and new[1, 1] == 0
+
+
+def test_only_llama_layout_models_take_the_loop(tiny_model):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    assert not supports(gpt2, 64)
+    model = float_model(tiny_model)
+    assert supports(model, 64)
+    model.config.sliding_window = 32  # a window shorter than the sequence: generate handles it
+    assert not supports(model, 64) and supports(model, 32)
+
+
+def test_the_int8_copy_joins_its_products_and_samples_as_its_modules_do(tiny_model):
+    model, tokenizer = float_model(tiny_model), load_tokenizer(resolve(str(tiny_model)))
+    copy = Int8Sampler(model, tokenizer, PROMPTS, 64)
+    settings = RolloutSettings(max_new_tokens=8, temperature=1.0, batch_size=8)
+    joined = copy.sample(model, 0, PROMPTS, settings, 2, 64, range(6))
+    loop = copy.decode_loop
+    assert loop is not None and all(isinstance(part, Int8Linear) for pair in loop.joined for part in pair)
+    qkv, gate_up = loop.joined[0]
+    attention = copy.model.model.layers[0].self_attn
+    assert qkv.out_features == sum(p.out_features for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+    hidden = torch.randn(3, 1, qkv.in_features)
+    separate = torch.cat([attention.q_proj(hidden), attention.k_proj(hidden), attention.v_proj(hidden)], dim=-1)
+    assert torch.equal(qkv(hidden), separate)  # the same integer products, in one call
+    by_modules = sample_rollout(copy.model, tokenizer, PROMPTS, settings, 2, 64, range(6), True)
+    assert torch.equal(joined.response_ids, by_modules.response_ids)
+    assert torch.allclose(joined.sampler_logprobs, by_modules.sampler_logprobs, atol=1e-4, equal_nan=True)
