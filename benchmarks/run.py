@@ -263,7 +263,8 @@ def summarise(
         )
         rss("grpo", ours, theirs)
     _, peer = pair("generation")
-    for workload, label in (("generation", "generation"), ("generation_int8", "generation, int8 copy")):
+    copies = (("generation_int8", "generation, int8 copy"), ("generation_bf16", "generation, bf16 copy"))
+    for workload, label in (("generation", "generation"), *copies):
         ours, theirs = pair(workload)[0], peer
         if not ours and not (workload == "generation" and theirs):
             continue
@@ -286,7 +287,7 @@ def summarise(
         rss(workload, ours, theirs)
     for workload in RLHFKIT_ONLY:
         ours, _ = pair(workload)
-        if ours and "step_seconds" in ours:  # the RL steps (generation_int8 is read above)
+        if ours and "step_seconds" in ours:  # the RL steps (the copies' sampling is read above)
             step = mean(ours["step_seconds"])
             generation = mean(ours["generation_seconds"])
             rows.append(

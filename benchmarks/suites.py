@@ -10,10 +10,21 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 FRAMEWORKS = ("rlhfkit", "trl")
-WORKLOADS = ("sft", "reward", "dpo", "grpo", "generation", "generation_int8", "ppo", "ppo_head", "trpo")
+WORKLOADS = (
+    "sft",
+    "reward",
+    "dpo",
+    "grpo",
+    "generation",
+    "generation_int8",
+    "generation_bf16",
+    "ppo",
+    "ppo_head",
+    "trpo",
+)
 # Workloads TRL has no trainer for: rlhfkit alone, compared with its own GRPO at the same rollout size.
-# rlhfkit alone; generation_int8 (the int8 rollout copy) reads against the generation workload's peer
-RLHFKIT_ONLY = ("generation_int8", "ppo", "ppo_head", "trpo")
+# rlhfkit alone; generation_int8 / generation_bf16 (the CPU rollout copies) read against the generation workload's peer
+RLHFKIT_ONLY = ("generation_int8", "generation_bf16", "ppo", "ppo_head", "trpo")
 
 
 @dataclass(frozen=True)

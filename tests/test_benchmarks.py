@@ -104,17 +104,21 @@ def test_sampling_reads_as_a_fraction_of_its_bound():
         "generation_int8": {
             "rlhfkit": {"batches": {"2": {**batches["2"], "seconds": 2.0}}, "new_tokens_per_row": 8, "peak_rss_mb": 1.0}
         },
+        "generation_bf16": {
+            "rlhfkit": {"batches": {"2": {**batches["2"], "seconds": 1.0}}, "new_tokens_per_row": 8, "peak_rss_mb": 1.0}
+        },
     }
     bound = decode_bound(SHAPE, 2, 6 + 8 / 2, 1e12, 4000.0, 4)  # context: prompt width + half the new tokens
     rows = _by_metric(summarise(results, peak_flops=1e12, bandwidth=4000.0, shape=SHAPE))
     share = rows[f"generation: fraction of the bound ({bound:,.0f} tok/s), batch 2"]
     assert share["rlhfkit"] == pytest.approx(2.0 / bound) and share["trl"] == pytest.approx(1.0 / bound)
     assert share["ratio"] == pytest.approx(2.0)
-    # the int8 rollout copy reads against the same peer (generate) and the same bound
+    # the rollout copies read against the same peer (generate) and the same bound
     int8_rate = rows["generation, int8 copy: new tokens/s, batch 2"]
     assert int8_rate["rlhfkit"] == pytest.approx(4.0) and int8_rate["ratio"] == pytest.approx(4.0)
     int8_share = rows[f"generation, int8 copy: fraction of the bound ({bound:,.0f} tok/s), batch 2"]
     assert int8_share["rlhfkit"] == pytest.approx(4.0 / bound)
+    assert rows["generation, bf16 copy: new tokens/s, batch 2"]["ratio"] == pytest.approx(8.0)
     assert not any("bound" in metric for metric in _by_metric(summarise(results, peak_flops=1e12)))
 
 

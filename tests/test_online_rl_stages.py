@@ -10,6 +10,7 @@ from rlhfkit.cli import main
 from rlhfkit.config.loading import load_config
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.models import ModelSettings, load_causal_lm, load_tokenizer, resolve
+from rlhfkit.rollout_copy import cpu_has_bf16_matmul
 from rlhfkit.stages import grpo, online_dpo, ppo, trpo
 
 TARGET = "Why"
@@ -166,6 +167,13 @@ def metrics_steps(overrides):
             grpo,
             ["train.max_steps=12", "grpo.beta=0.0", "rollout.engine=int8", "rollout.correction=tis"],
         ),
+        # rollouts from the bf16 copy (needs the CPU's bf16 instructions)
+        pytest.param(
+            "grpo",
+            grpo,
+            ["train.max_steps=12", "grpo.beta=0.0", "rollout.engine=bf16"],
+            marks=pytest.mark.skipif(not cpu_has_bf16_matmul(), reason="this CPU has no bf16 matrix instructions"),
+        ),
         ("trpo", trpo, ["train.max_steps=12", "trpo.max_kl=0.05"]),
         # online DPO: 0.047 -> 0.27-0.31 at seeds 0-2 with lr 1e-2; at 2e-2 one seed in three collapsed to 0
         ("online_dpo", online_dpo, ["train.max_steps=12", "train.lr=1e-2"]),
@@ -181,6 +189,7 @@ def metrics_steps(overrides):
         "dapo",
         "cispo",
         "grpo-int8-tis",
+        "grpo-bf16",
         "trpo",
         "online_dpo",
     ],
@@ -207,8 +216,10 @@ def test_rewarding_one_token_makes_it_more_likely(
         "train/time_generation_s",
     } <= set(log[0])
     assert (out / "final" / "adapter_config.json").exists() and (out / "samples.md").exists()
-    if "rollout.engine=int8" in extra:  # the copy's distance from the trainer (a k1 estimate: either sign)
-        assert 0 < abs(log[0]["train/sampler_kl"]) < 0.05 and 0 <= log[0]["train/correction_fraction"] < 0.05
+    if any(setting.startswith("rollout.engine=") for setting in extra):  # the copy's distance from the
+        # trainer (a k1 estimate: either sign), and the share of tokens the correction truncated
+        assert 0 < abs(log[0]["train/sampler_kl"]) < 0.05
+        assert 0 <= log[0].get("train/correction_fraction", 0) < 0.05
     if stage == "ppo":
         assert any((out / "critic" / name).exists() for name in ("adapter_config.json", "value_head.safetensors"))
 

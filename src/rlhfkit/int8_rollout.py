@@ -10,16 +10,9 @@ model carry most of an activation's range; SmoothQuant's per-channel smoothing (
 of calibration prompts (the same for every process and step). Layers that read one input (q/k/v,
 gate/up) share its smoothing and its quantisation: on a chat transcript of the embedded model the
 copy's per-token KL to float32 fell from 0.062 to 0.008. Embeddings, norms and buffers are the policy's
-own tensors, shared, not copied. The copy is rebuilt from the policy before a rollout whose
-policy changed since the last.
-
-Its answers come from a slightly different distribution than the training model's. The copy
-samples through the same sampler (one seed per completion, :func:`rlhfkit.sampling.sample_rollout`)
-and keeps its own log-prob of every sampled token; the behaviour log-probs, the loss, the
-reference and the KL still come from the training model, every step logs `sampler_kl` (how far
-the copy is from it), and `rollout.correction` (TIS, masking) reweights the tokens where they
-disagree. Held-out evaluation samples with the training model, so before/after figures do not
-depend on the rollout engine.
+own tensors, shared, not copied. Rebuilding, sampling and the log-probs it keeps are every CPU
+copy's (`rlhfkit.rollout_copy`); `rollout.correction` (TIS, masking) reweights the tokens where
+the copy and the trainer disagree.
 """
 
 from __future__ import annotations
@@ -29,23 +22,12 @@ from typing import Any
 
 import torch
 
-from rlhfkit.config import SamplingSettings
-from rlhfkit.decode_loop import GATE_UP, QKV, DecodeLoop, supports
-from rlhfkit.errors import UserError
 from rlhfkit.models import eval_mode
-from rlhfkit.sampling import Rollout, encode_prompts, sample_rollout
+from rlhfkit.rollout_copy import PolicyCopy, set_tensor
+from rlhfkit.sampling import encode_prompts
 from rlhfkit.vllm_rollout import merged_weights, unwrapped
 
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: half of the activation range to the weights
-
-
-def check_int8_usable(device: torch.device) -> None:
-    """Refuse `rollout.engine: int8` before the policy loads when the policy is not on the CPU."""
-    if device.type != "cpu":
-        raise UserError(
-            f"rollout.engine int8 is a CPU sampler, but the policy is on {device.type}; "
-            "on a GPU use rollout.engine: vllm (or hf)"
-        )
 
 
 def quantize_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,41 +118,27 @@ class Int8Linear(torch.nn.Module):
         return output.to(inputs.dtype).reshape(*inputs.shape[:-1], self.out_features)
 
 
-def _set(root: torch.nn.Module, name: str, value: Any) -> None:
-    owner, _, leaf = name.rpartition(".")
-    module = root.get_submodule(owner) if owner else root
-    if isinstance(value, torch.nn.Module):
-        setattr(module, leaf, value)
-    elif isinstance(getattr(module, leaf, None), torch.nn.Parameter) or leaf in module._parameters:
-        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-    else:
-        module._buffers[leaf] = value
-
-
-class Int8Sampler:
-    """The int8 copy of one policy, refreshed from it when its update count moved; `sample`
-    mirrors `sampling.sample_rollout` and adds the copy's log-probs to the rollout."""
-
-    samples_the_policy = False  # its distribution is the quantised copy's: evaluations sample the policy
+class Int8Sampler(PolicyCopy):
+    """The int8 copy of one policy (`rollout.engine: int8`), smoothed on calibration prompts."""
 
     def __init__(
         self, policy: torch.nn.Module, tokenizer: Any, calibration_texts: Sequence[str], max_prompt_length: int
     ) -> None:
         """calibration_texts: formatted prompts whose activations set the smoothing at every rebuild."""
-        from transformers import AutoModelForCausalLM
-
-        inner = unwrapped(policy)
-        self.tokenizer = tokenizer
+        super().__init__(policy, tokenizer)
         self.calibration = encode_prompts(tokenizer, list(calibration_texts), max_prompt_length)
-        with torch.device("meta"):  # the skeleton only: every tensor comes from the policy
-            self.model = AutoModelForCausalLM.from_config(inner.config)
-        self.linear_names = [name for name, module in self.model.named_modules() if isinstance(module, torch.nn.Linear)]
         for name in self.linear_names:
             module = self.model.get_submodule(name)
-            _set(self.model, name, Int8Linear(module.in_features, module.out_features))
-        self.model.eval()
-        self.synced_version: int | None = None
-        self.decode_loop: DecodeLoop | None = None
+            set_tensor(self.model, name, Int8Linear(module.in_features, module.out_features))
+
+    def refresh(self, policy: torch.nn.Module) -> None:
+        self.load_weights(policy, self.input_ranges(policy, *self.calibration))
+
+    def join(self, layers: Sequence[torch.nn.Module]) -> Int8Linear | None:
+        """Layers that share one input quantiser as one (one product, one quantisation)."""
+        if any(layer.quantizer is not layers[0].quantizer for layer in layers):
+            return None
+        return Int8Linear.joined(layers)
 
     @torch.no_grad()
     def input_ranges(
@@ -223,51 +191,7 @@ class Int8Sampler:
                 layer = self.model.get_submodule(name)
                 layer.load(weight, weights.pop(f"{name}.bias", None), factor, quantizer)
         for name, tensor in weights.items():
-            _set(self.model, name, tensor)
+            set_tensor(self.model, name, tensor)
         for name, buffer in inner.named_buffers():
             if not any(name.startswith(f"{linear}.") for linear in self.linear_names):
-                _set(self.model, name, buffer)
-
-    def sample(
-        self,
-        policy: torch.nn.Module,
-        version: int,
-        prompt_texts: Sequence[str],
-        settings: SamplingSettings,
-        samples_per_prompt: int,
-        max_prompt_length: int,
-        seeds: Sequence[int],
-    ) -> Rollout:
-        """Completions of the policy at `version` (an update counter), sampled by its int8 copy,
-        rebuilt when the version moved."""
-        if version != self.synced_version:
-            self.load_weights(policy, self.input_ranges(policy, *self.calibration))
-            self.decode_loop = self.joined_decode_loop(max_prompt_length + settings.max_new_tokens)
-            self.synced_version = version
-        return sample_rollout(
-            self.model,
-            self.tokenizer,
-            prompt_texts,
-            settings,
-            samples_per_prompt,
-            max_prompt_length,
-            seeds,
-            keep_sampler_logprobs=True,
-            decode_loop=self.decode_loop,
-        )
-
-    def joined_decode_loop(self, length: int) -> DecodeLoop | None:
-        """A decode loop over the copy (None for a model without the Llama layout: generate
-        samples), each layer's q/k/v and gate/up products joined where they share a quantiser."""
-        if not supports(self.model, length):
-            return None
-        joined = []
-        for layer in self.model.model.layers:
-            sides = [[layer.get_submodule(path) for path in paths] for paths in (QKV, GATE_UP)]
-            if any(module.quantizer is not modules[0].quantizer for modules in sides for module in modules):
-                return DecodeLoop(self.model)
-            joined.append(tuple(Int8Linear.joined(modules) for modules in sides))
-        return DecodeLoop(self.model, joined)
-
-    def close(self) -> None:
-        self.model = None
+                set_tensor(self.model, name, buffer)

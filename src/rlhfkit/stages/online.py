@@ -31,12 +31,13 @@ from rlhfkit.data.batching import example_order
 from rlhfkit.data.examples import PromptExample, load_examples, prompt_examples, training_data_summary
 from rlhfkit.data.formatting import fit_prompts, render_rl_prompt
 from rlhfkit.engine import Engine, RunDir, process_state
-from rlhfkit.int8_rollout import Int8Sampler, check_int8_usable
+from rlhfkit.int8_rollout import Int8Sampler
 from rlhfkit.losses.ppo import aggregation_units
 from rlhfkit.metrics import held_out_curve, overoptimisation_signs
 from rlhfkit.models import frozen_reference_copy, reference_policy, resolve, resolve_with_tokenizer
 from rlhfkit.passes import response_logprobs
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
+from rlhfkit.rollout_copy import COPY_ENGINES, Bf16Sampler, PolicyCopy, check_copy_usable
 from rlhfkit.sampling import Rollout, row_seed, sample_rollout
 from rlhfkit.stages.before_after import measure, write_samples
 from rlhfkit.stages.refill import refill_flat_groups
@@ -215,7 +216,7 @@ class Rollouts:
     ) -> None:
         self.config, self.engine, self.tokenizer, self.policy, self.reward = config, engine, tokenizer, policy, reward
         self.train_examples, self.processes = train_examples, processes
-        self.sampler: VLLMSampler | Int8Sampler | None = None  # None: the policy samples itself
+        self.sampler: VLLMSampler | PolicyCopy | None = None  # None: the policy samples itself
         settings = config.rollout
         if settings.engine == "vllm":
             self.sampler = VLLMSampler(
@@ -230,6 +231,8 @@ class Rollouts:
         elif settings.engine == "int8":  # smoothed on the first training prompts, whatever the process
             calibration = [render_rl_prompt(tokenizer, example, config.data) for example in train_examples[:16]]
             self.sampler = Int8Sampler(policy, tokenizer, calibration, config.data.max_length)
+        elif settings.engine == "bf16":
+            self.sampler = Bf16Sampler(policy, tokenizer)
 
     def sample_and_score(
         self,
@@ -328,8 +331,8 @@ def run_online(
     # Policy, reference, critic and the algorithm. TRPO steps the policy itself; the engine's
     # optimizer then trains only its critic.
     engine = Engine(train, config.model.device, run_dir, stage, find_unused_parameters=stage == "trpo")
-    if config.rollout.engine == "int8":
-        check_int8_usable(engine.device)
+    if config.rollout.engine in COPY_ENGINES:
+        check_copy_usable(config.rollout.engine, engine.device)
     policy = engine.build_model(source, config.model, config.lora)
     frozen = frozen_reference_copy(policy, config.lora.enabled)
     setup = RLSetup(config, engine, tokenizer, policy, frozen)

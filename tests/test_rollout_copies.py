@@ -1,5 +1,6 @@
-"""The int8 rollout copy (`rollout.engine: int8`): its products, that it follows the current
-policy, that its kept log-probs are what it sampled from, and that its samples repeat."""
+"""The CPU rollout copies (`rollout.engine: int8`, `bf16`): the int8 products, that each copy
+follows the current policy, that its kept log-probs are what it sampled from, and that its
+samples repeat."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from rlhfkit.int8_rollout import (
     InputQuantizer,
     Int8Linear,
     Int8Sampler,
-    check_int8_usable,
     quantize_rows,
     smoothing,
 )
 from rlhfkit.models import attach_lora, load_causal_lm, load_tokenizer, resolve
 from rlhfkit.passes import response_logprobs
+from rlhfkit.rollout_copy import Bf16Sampler, check_copy_usable
 from rlhfkit.sampling import sample_rollout
 
 QUANTIZE_ROWS = quantize_rows
@@ -117,9 +118,16 @@ def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
     return float((p_log.exp() * (p_log - q_log)).sum(dim=-1).mean())
 
 
-def test_the_copy_follows_the_current_policy_after_every_update(lora_policy, tiny_model):
+COPIES = {
+    "int8": lambda policy, tokenizer: Int8Sampler(policy, tokenizer, PROMPTS, 64),
+    "bf16": lambda policy, tokenizer: Bf16Sampler(policy, tokenizer),
+}
+
+
+@pytest.mark.parametrize("engine", COPIES)
+def test_the_copy_follows_the_current_policy_after_every_update(lora_policy, tiny_model, engine):
     tokenizer = load_tokenizer(resolve(str(tiny_model)))
-    sampler = Int8Sampler(lora_policy, tokenizer, PROMPTS, 64)
+    sampler = COPIES[engine](lora_policy, tokenizer)
     settings = RolloutSettings(max_new_tokens=4, temperature=1.0)
     ids = torch.tensor([[1, 5, 9, 14, 3, 7], [2, 8, 4, 11, 6, 10]])
     sampler.sample(lora_policy, 0, PROMPTS, settings, 2, 64, seeds=range(4))
@@ -159,12 +167,13 @@ def test_the_kept_log_probs_are_the_distribution_each_token_was_drawn_from(lora_
     assert greedy.sampler_logprobs[greedy.response_mask.bool()].abs().max() == 0
 
 
-def test_the_int8_copy_repeats_its_samples_and_stays_close_to_the_trainer(lora_policy, tiny_model):
+@pytest.mark.parametrize("engine", COPIES)
+def test_the_copy_repeats_its_samples_and_stays_close_to_the_trainer(lora_policy, tiny_model, engine):
     tokenizer = load_tokenizer(resolve(str(tiny_model)))
     nudge_adapters(lora_policy, seed=2, size=0.05)
     settings = RolloutSettings(max_new_tokens=8, temperature=1.0)
-    first = Int8Sampler(lora_policy, tokenizer, PROMPTS, 64).sample(lora_policy, 0, PROMPTS, settings, 4, 64, range(8))
-    again = Int8Sampler(lora_policy, tokenizer, PROMPTS, 64).sample(lora_policy, 0, PROMPTS, settings, 4, 64, range(8))
+    first = COPIES[engine](lora_policy, tokenizer).sample(lora_policy, 0, PROMPTS, settings, 4, 64, range(8))
+    again = COPIES[engine](lora_policy, tokenizer).sample(lora_policy, 0, PROMPTS, settings, 4, 64, range(8))
     assert torch.equal(first.response_ids, again.response_ids)
     assert torch.equal(first.sampler_logprobs.nan_to_num(), again.sampler_logprobs.nan_to_num())
     trainer, _ = response_logprobs(lora_policy, first, 1.0)
@@ -173,7 +182,22 @@ def test_the_int8_copy_repeats_its_samples_and_stays_close_to_the_trainer(lora_p
     assert per_token_gap.mean() < 0.05 and first.response_mask.sum() > 8
 
 
-def test_int8_sampling_is_refused_off_the_cpu():
-    with pytest.raises(UserError, match="rollout.engine int8 is a CPU sampler, but the policy is on cuda"):
-        check_int8_usable(torch.device("cuda"))
-    check_int8_usable(torch.device("cpu"))
+def test_cpu_copies_are_refused_off_the_cpu_and_bf16_without_its_instructions(monkeypatch):
+    import rlhfkit.rollout_copy as rollout_copy
+
+    for engine in ("int8", "bf16"):
+        with pytest.raises(UserError, match=f"rollout.engine {engine} is a CPU sampler, but the policy is on cuda"):
+            check_copy_usable(engine, torch.device("cuda"))
+    check_copy_usable("int8", torch.device("cpu"))
+    monkeypatch.setattr(rollout_copy, "cpu_has_bf16_matmul", lambda: False)
+    with pytest.raises(UserError, match="bf16 needs a CPU with bfloat16 matrix instructions"):
+        check_copy_usable("bf16", torch.device("cpu"))
+    check_copy_usable("int8", torch.device("cpu"))
+
+
+def test_the_bf16_copy_keeps_one_embedding_for_a_tied_output_layer(lora_policy, tiny_model):
+    copy = Bf16Sampler(lora_policy, load_tokenizer(resolve(str(tiny_model))))
+    copy.refresh(lora_policy)
+    assert copy.model.lm_head.weight.dtype == torch.bfloat16
+    assert copy.model.lm_head.weight.data_ptr() == copy.model.model.embed_tokens.weight.data_ptr()
+    assert copy.model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers as the policy keeps them

@@ -1,0 +1,166 @@
+"""The RL stages' CPU copies of the policy (`rollout.engine: int8` or `bf16`).
+
+A copy holds the policy's weights (LoRA deltas merged) in a cheaper form, is rebuilt from the
+policy before a rollout whose policy changed since the last (its update count moved), and
+samples through :func:`rlhfkit.sampling.sample_rollout` with one seed per completion, keeping
+its own log-prob of every sampled token; the behaviour log-probs, the loss, the reference and the
+KL still come from the training model, and every step logs `sampler_kl`, how far the copy is from
+it. Llama-layout models sample through :mod:`rlhfkit.decode_loop` (a preallocated cache, each
+layer's q/k/v and gate/up products joined into one); other models through `generate`.
+
+The bf16 copy (:class:`Bf16Sampler`) casts every weight to bfloat16. On a CPU with bfloat16
+matrix instructions (AVX512-BF16, AMX) a bf16 product runs several times faster than a float32
+one and streams half the bytes; without them it is slower than float32, so the engine is refused
+there. The int8 copy (`rlhfkit.int8_rollout`) needs no special instructions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rlhfkit.config import SamplingSettings
+from rlhfkit.decode_loop import GATE_UP, QKV, DecodeLoop, supports
+from rlhfkit.errors import UserError
+from rlhfkit.sampling import Rollout, sample_rollout
+from rlhfkit.vllm_rollout import merged_weights, unwrapped
+
+COPY_ENGINES = ("int8", "bf16")
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (oneDNN's AVX512-BF16 / AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_copy_usable(engine: str, device: torch.device) -> None:
+    """Refuse a CPU copy engine before the policy loads where it cannot serve."""
+    if device.type != "cpu":
+        raise UserError(
+            f"rollout.engine {engine} is a CPU sampler, but the policy is on {device.type}; "
+            "on a GPU use rollout.engine: vllm (or hf)"
+        )
+    if engine == "bf16" and not cpu_has_bf16_matmul():
+        raise UserError(
+            "rollout.engine bf16 needs a CPU with bfloat16 matrix instructions (AVX512-BF16 or AMX), "
+            "and this one has none: bf16 products would run slower than float32; use rollout.engine: int8 (or hf)"
+        )
+
+
+def set_tensor(root: torch.nn.Module, name: str, value: Any) -> None:
+    """Put `value` (a module, parameter or buffer) at dotted `name` under root."""
+    owner, _, leaf = name.rpartition(".")
+    module = root.get_submodule(owner) if owner else root
+    if isinstance(value, torch.nn.Module):
+        setattr(module, leaf, value)
+    elif isinstance(getattr(module, leaf, None), torch.nn.Parameter) or leaf in module._parameters:
+        module._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[leaf] = value
+
+
+class PolicyCopy:
+    """A copy of one policy, refreshed from it when its update count moved; `sample` mirrors
+    `sampling.sample_rollout` and adds the copy's log-probs to the rollout. Subclasses say how
+    the weights are copied (`refresh`) and how two or three linear layers become one (`join`)."""
+
+    samples_the_policy = False  # its distribution is the copy's: evaluations sample the policy
+
+    def __init__(self, policy: torch.nn.Module, tokenizer: Any) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.tokenizer = tokenizer
+        with torch.device("meta"):  # the skeleton only: every tensor comes from the policy
+            self.model = AutoModelForCausalLM.from_config(unwrapped(policy).config)
+        self.model.eval()
+        self.linear_names = [name for name, module in self.model.named_modules() if isinstance(module, torch.nn.Linear)]
+        self.synced_version: int | None = None
+        self.decode_loop: DecodeLoop | None = None
+
+    def refresh(self, policy: torch.nn.Module) -> None:
+        raise NotImplementedError
+
+    def join(self, layers: Sequence[torch.nn.Module]) -> torch.nn.Module | None:
+        """One layer computing `layers`' outputs side by side, or None where they cannot be joined."""
+        raise NotImplementedError
+
+    def sample(
+        self,
+        policy: torch.nn.Module,
+        version: int,
+        prompt_texts: Sequence[str],
+        settings: SamplingSettings,
+        samples_per_prompt: int,
+        max_prompt_length: int,
+        seeds: Sequence[int],
+    ) -> Rollout:
+        """Completions of the policy at `version` (an update counter), sampled by its copy,
+        rebuilt when the version moved."""
+        if version != self.synced_version:
+            self.refresh(policy)
+            self.decode_loop = self.joined_decode_loop(max_prompt_length + settings.max_new_tokens)
+            self.synced_version = version
+        return sample_rollout(
+            self.model,
+            self.tokenizer,
+            prompt_texts,
+            settings,
+            samples_per_prompt,
+            max_prompt_length,
+            seeds,
+            keep_sampler_logprobs=True,
+            decode_loop=self.decode_loop,
+        )
+
+    def joined_decode_loop(self, length: int) -> DecodeLoop | None:
+        """A decode loop over the copy (None for a model without the Llama layout: generate
+        samples), each layer's q/k/v and gate/up products joined where they can be."""
+        if not supports(self.model, length):
+            return None
+        joined = []
+        for layer in self.model.model.layers:
+            pair = tuple(self.join([layer.get_submodule(path) for path in paths]) for paths in (QKV, GATE_UP))
+            if None in pair:
+                return DecodeLoop(self.model)
+            joined.append(pair)
+        return DecodeLoop(self.model, joined)
+
+    def close(self) -> None:
+        self.model = None
+
+
+class Bf16Sampler(PolicyCopy):
+    """The policy's weights in bfloat16 (`rollout.engine: bf16`); buffers (the rotary
+    frequencies) stay as the policy keeps them."""
+
+    @torch.no_grad()
+    def refresh(self, policy: torch.nn.Module) -> None:
+        inner, cast = unwrapped(policy), {}
+        weights = dict(merged_weights(policy))
+        for name, _ in self.model.named_parameters(remove_duplicate=False):
+            # a tied output layer has no weight of its own in the merged list: it is the embedding's,
+            # cast once and shared again
+            weight = weights[name] if name in weights else inner.get_parameter(name)
+            if weight.data_ptr() not in cast:
+                cast[weight.data_ptr()] = weight.detach().to(torch.bfloat16)
+            set_tensor(self.model, name, cast[weight.data_ptr()])
+        for name, buffer in inner.named_buffers():
+            set_tensor(self.model, name, buffer)
+
+    def join(self, layers: Sequence[torch.nn.Module]) -> torch.nn.Module:
+        joined = torch.nn.Linear(
+            layers[0].in_features,
+            sum(layer.out_features for layer in layers),
+            bias=any(layer.bias is not None for layer in layers),
+            device="meta",
+        )
+        joined.weight = torch.nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
+        if joined.bias is not None:
+            biases = [
+                torch.zeros(layer.out_features, dtype=torch.bfloat16) if layer.bias is None else layer.bias
+                for layer in layers
+            ]
+            joined.bias = torch.nn.Parameter(torch.cat(biases), requires_grad=False)
+        return joined
