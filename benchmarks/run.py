@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks.suites import RLHFKIT_ONLY, SUITES, WORKLOADS, Suite
+from benchmarks.suites import COPY_RL, RLHFKIT_ONLY, SUITES, WORKLOADS, Suite
 from benchmarks.workloads import RESULT_PREFIX
 from rlhfkit.files import json_text
 
@@ -285,8 +285,19 @@ def summarise(
                     unit="fraction",
                 )
         rss(workload, ours, theirs)
+    _, trl_grpo = pair("grpo")
+    for workload, label in COPY_RL:
+        ours, _ = pair(workload)
+        if ours and "step_seconds" in ours:
+            theirs_step = trl_grpo and mean(trl_grpo["step_seconds"])
+            add(f"{label}: s/step", mean(ours["step_seconds"]), theirs_step, "<=0.5", "lower", "s")
+            theirs_generation = trl_grpo and mean(trl_grpo["generation_seconds"])
+            add(f"{label}: generation s/step", mean(ours["generation_seconds"]), theirs_generation, None, "lower", "s")
+            rss(workload, ours, trl_grpo)
     for workload in RLHFKIT_ONLY:
         ours, _ = pair(workload)
+        if workload in dict(COPY_RL):
+            continue
         if ours and "step_seconds" in ours:  # the RL steps (the copies' sampling is read above)
             step = mean(ours["step_seconds"])
             generation = mean(ours["generation_seconds"])

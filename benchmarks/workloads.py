@@ -172,11 +172,15 @@ def rlhfkit_pairs(stage_name: str, suite: Suite, model: str, workdir: Path) -> d
     return {"step_seconds": [s["train/step_s"] for s in steps], "units": suite.pairs, "unit": "pairs"}
 
 
-def rlhfkit_online(stage_name: str, suite: Suite, model: str, workdir: Path, **section: Any) -> dict:
-    """An RL stage on the arithmetic prompts; `section`: settings of its own section (e.g. ppo's critic)."""
+def rlhfkit_online(
+    stage_name: str, suite: Suite, model: str, workdir: Path, rollout_engine: str = "hf", **section: Any
+) -> dict:
+    """An RL stage on the arithmetic prompts; `section`: settings of its own section (e.g. ppo's
+    critic); rollout_engine: what samples the rollouts (hf: the policy; int8, bf16: its CPU copy)."""
     from rlhfkit import registry
 
-    output_dir = workdir / f"rlhfkit-{stage_name}{'-' + '-'.join(map(str, section.values())) if section else ''}"
+    named = [*map(str, section.values()), *([rollout_engine] if rollout_engine != "hf" else [])]
+    output_dir = workdir / f"rlhfkit-{stage_name}{'-' + '-'.join(named) if named else ''}"
     batch = suite.rl_prompts * suite.rl_group
     settings = {
         **_rlhfkit_common(
@@ -196,6 +200,7 @@ def rlhfkit_online(stage_name: str, suite: Suite, model: str, workdir: Path, **s
             "max_new_tokens": suite.rl_new_tokens,
             "temperature": suite.temperature,
             "batch_size": batch,
+            "engine": rollout_engine,
         },
         "reward": {"function": "rlhfkit.reward_functions:numeric_answer"},
         "eval": {"before": False, "num_prompts": 0},
@@ -522,6 +527,8 @@ RUNNERS: dict[tuple[str, str], Callable[[Suite, str, Path], dict]] = {
     ("reward", "rlhfkit"): lambda *a: rlhfkit_pairs("reward", *a),
     ("dpo", "rlhfkit"): lambda *a: rlhfkit_pairs("dpo", *a),
     ("grpo", "rlhfkit"): lambda *a: rlhfkit_online("grpo", *a),
+    ("grpo_int8", "rlhfkit"): lambda *a: rlhfkit_online("grpo", *a, rollout_engine="int8"),
+    ("grpo_bf16", "rlhfkit"): lambda *a: rlhfkit_online("grpo", *a, rollout_engine="bf16"),
     ("ppo", "rlhfkit"): lambda *a: rlhfkit_online("ppo", *a),
     # the critic the CPU configs use: a linear value head on the reference pass's hidden states
     ("ppo_head", "rlhfkit"): lambda *a: rlhfkit_online("ppo", *a, critic="head"),

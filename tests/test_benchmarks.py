@@ -203,3 +203,13 @@ def test_processes_benchmark_runs_one_and_two_processes(tiny_model, tmp_path):
             assert run["losses"] == pytest.approx(alone["losses"], rel=1e-3, abs=1e-6)
         assert all(0 < run["peak_rss_gb"] < 24 for run in results[workload])
     assert "| grpo | 2 | cpu.yaml |" in output.with_suffix(".md").read_text()
+
+
+def test_grpo_on_a_rollout_copy_reads_against_trls_grpo_step():
+    trl = {"step_seconds": [10.0], "generation_seconds": [6.0], "completion_length": 40.0, "peak_rss_mb": 2.0}
+    copy = {"step_seconds": [4.0, 6.0], "generation_seconds": [2.0, 2.0], "peak_rss_mb": 1.0}
+    rows = _by_metric(summarise({"grpo": {"trl": trl}, "grpo_int8": {"rlhfkit": copy}}, peak_flops=1e12))
+    step = rows["grpo, int8 copy: s/step"]
+    assert step["rlhfkit"] == pytest.approx(5.0) and step["ratio"] == pytest.approx(0.5) and step["met"]
+    assert rows["grpo, int8 copy: generation s/step"]["ratio"] == pytest.approx(2.0 / 6.0)
+    assert not any(metric.startswith("grpo_int8: s/step") for metric in rows)  # not read as a lone workload
