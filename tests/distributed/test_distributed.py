@@ -16,6 +16,7 @@ from launching import ROOT, accelerate_launch, failure_report, held_out, launch,
 
 from conftest import QUESTIONS, write_jsonl
 from rlhfkit.cli import main
+from rlhfkit.rollout_copy import cpu_has_bf16_matmul
 
 pytestmark = pytest.mark.slow
 
@@ -200,8 +201,15 @@ def test_thumbs_stages_on_two_processes_follow_one_process(tiny_model, sft_rows,
             ["grpo.importance_level=sequence", "grpo.clip_high=0.28", "grpo.dynamic_sampling=true", "grpo.epochs=2"],
             ["cpu.yaml"],
         ),
-        # rollouts from each process's own int8 copy (smoothed on the same prompts), corrected by TIS
+        # rollouts from each process's own int8 copy (smoothed on the same prompts), corrected by
+        # TIS, and from its bf16 copy: these sample close to one process's rollouts, not equal to them
         ("grpo", ["rollout.engine=int8", "rollout.correction=tis"], ["cpu.yaml"]),
+        pytest.param(
+            "grpo",
+            ["rollout.engine=bf16"],
+            ["cpu.yaml"],
+            marks=pytest.mark.skipif(not cpu_has_bf16_matmul(), reason="this CPU has no bf16 matrix instructions"),
+        ),
         ("ppo", ["ppo.epochs=2", "ppo.critic=head"], ["cpu.yaml"]),
         # a value model as critic (sharded with the policy); adaptive KL coefficient
         ("ppo", ["ppo.epochs=1", "ppo.target_kl=0.5"], ["cpu.yaml", "fsdp.yaml"]),
@@ -246,6 +254,15 @@ def test_online_rl_on_two_processes_samples_and_learns_what_one_process_does(
     for launch_config in launch_configs:
         two = tmp_path / launch_config.removesuffix(".yaml")
         launch(2, stage, *common, f"train.output_dir={two}", launch_config=launch_config)
+        assert (two / "final").is_dir() and (stage != "ppo" or (two / "critic").is_dir())
+        if any(setting.startswith("rollout.engine=") for setting in extra):
+            # A quantised or bf16 copy's numbers depend on the batch's shape (padding, kernel
+            # blocking) at the level of its rounding, so a near-tie draw can flip between one
+            # process's batch and two: the rollouts agree closely, not token for token.
+            for name, tolerance in (("train/reward_mean", 0.05), ("train/length", 0.5)):
+                assert logged(two, name) == pytest.approx(logged(one, name), abs=tolerance), (launch_config, name)
+            assert all(abs(value) < 0.05 for value in logged(two, "train/sampler_kl"))
+            continue
         # Each process sampled its own two prompts' groups, with per-completion seeds: the rewards
         # of the whole batch are the ones one process sampled, and so is everything learned from them.
         for name in names:
@@ -253,7 +270,6 @@ def test_online_rl_on_two_processes_samples_and_learns_what_one_process_does(
         after = [json.loads((run / "metrics.json").read_text())["after"] for run in (one, two)]
         assert after[1]["reward_mean"] == pytest.approx(after[0]["reward_mean"], rel=1e-3)
         assert after[1]["answers"] == after[0]["answers"]
-        assert (two / "final").is_dir() and (stage != "ppo" or (two / "critic").is_dir())
 
 
 def test_uneven_prompt_shares_are_refused_before_loading_a_model(tiny_model, tmp_path):
