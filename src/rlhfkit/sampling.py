@@ -5,9 +5,10 @@ Prompts are left-padded so every completion starts at the same column; completio
 right-padded after their first EOS. The response mask covers the generated tokens up to and
 including that EOS, so the EOS itself is trained (a padding token equal to EOS never masks the
 model's decision to stop). With `rollout.engine: vllm` the RL stages sample with a vLLM engine
-colocated on each process's GPU (`rlhfkit.vllm_rollout`), and with `rollout.engine: int8` an int8
-copy of the policy on the CPU (`rlhfkit.int8_rollout`, through this module's sampler); every
-engine hands its ids to :func:`rollout_from_responses`, so masks and decoding are the same.
+colocated on each process's GPU (`rlhfkit.vllm_rollout`), and with `rollout.engine: int8` or
+`bf16` a copy of the policy on the CPU (`rlhfkit.rollout_copy`, through this module's sampler and,
+for Llama-layout models, `rlhfkit.decode_loop` in place of `generate`); every engine hands its
+ids to :func:`rollout_from_responses`, so masks and decoding are the same.
 """
 
 from __future__ import annotations
@@ -227,7 +228,8 @@ def sample_rollout(
                     prompt_index,
                     sampler.draw,
                     settings.max_new_tokens,
-                    *(tokenizer.eos_token_id, tokenizer.pad_token_id),
+                    tokenizer.eos_token_id,
+                    tokenizer.pad_token_id,
                 )
             else:
                 prefix = shared_prompt_cache(model, ids, mask, prompt_index)
