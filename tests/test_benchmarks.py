@@ -128,13 +128,20 @@ def run_smoke_benchmark(model: Path, output: Path, *options: str, seconds: int):
     return run_bounded([*command, "--output", str(output), *options], seconds=seconds, cwd=REPO)
 
 
+# Variants that differ from a workload the smoke run keeps by one setting of the same runner (the
+# bf16 copy's class by its dtype from the int8 copy's; PPO's critic): each workload process costs
+# ~5 s of imports, and the settings themselves are tested on the tiny model.
+SMOKE_SKIPS = ("generation_bf16", "grpo_bf16", "ppo_head")
+
+
 @pytest.mark.slow
 def test_smoke_suite_runs_every_workload_for_both_tools(tiny_model, tmp_path):
     output = tmp_path / "smoke"
-    process = run_smoke_benchmark(tiny_model, output, seconds=900)
+    workloads = [workload for workload in WORKLOADS if workload not in SMOKE_SKIPS]
+    process = run_smoke_benchmark(tiny_model, output, "--only", *workloads, seconds=900)
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
     report = json.loads(output.with_suffix(".json").read_text())
-    assert set(report["results"]) == set(WORKLOADS) >= {"sft", "reward", "dpo", "grpo", "generation", "ppo", "trpo"}
+    assert set(report["results"]) == set(workloads) >= {"sft", "reward", "dpo", "grpo", "generation", "ppo", "trpo"}
     for workload, by_tool in report["results"].items():
         tools = {"rlhfkit"} if workload in RLHFKIT_ONLY else {"rlhfkit", "trl"}
         assert set(by_tool) == tools

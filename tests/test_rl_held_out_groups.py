@@ -3,6 +3,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,6 +66,15 @@ def test_two_digit_arithmetic_holds_out_a_hundred_of_each_operation_with_negativ
         a, operation, b = problem(row)
         sign = "+" if operation == "add" else "-"
         assert row["worked"].startswith(f"{a} {sign} {b} = ") and final_number(row["worked"]) == row["answer"], row
+
+
+def test_the_two_digit_example_configs_evaluate_each_operation_greedily_on_every_held_out_problem():
+    # (they run as the arithmetic example does: test_slow_end_to_end runs grpo_arithmetic.yaml)
+    root = Path(__file__).resolve().parents[1]
+    for stage, name in (("grpo", "grpo_two_digit_arithmetic.yaml"), ("grpo", "two_digit_arithmetic.yaml")):
+        config = load_config(stage, root / "configs/examples" / name, ["model.name_or_path=smollm2-135m-instruct"])
+        assert config.data.path == "builtin:two-digit-arithmetic" and config.eval.greedy, name
+        assert config.eval.group_by == "operation" and config.eval.num_prompts == 200, name
 
 
 def test_numeric_answer_reads_negative_results_written_either_way():

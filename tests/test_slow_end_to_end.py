@@ -44,8 +44,9 @@ def test_quickstart_pipeline_runs_on_the_embedded_model(tmp_path):
 
 @pytest.mark.parametrize(
     "stage, config",
-    # (DAPO's example differs from GRPO's by options the tiny-model tests cover)
-    [("grpo", "grpo_arithmetic.yaml"), ("grpo", "grpo_two_digit_arithmetic.yaml"), ("ppo", "ppo_arithmetic.yaml")],
+    # (DAPO's example differs from GRPO's by options the tiny-model tests cover, the two-digit one by
+    # its data and evaluation: test_rl_held_out_groups)
+    [("grpo", "grpo_arithmetic.yaml"), ("ppo", "ppo_arithmetic.yaml")],
 )
 def test_online_rl_example_configs_run_on_the_embedded_model(tmp_path, stage, config):
     """The shipped RL example configs, shortened: rollouts, the numeric reward and an update on the real model."""
@@ -78,10 +79,6 @@ def test_online_rl_example_configs_run_on_the_embedded_model(tmp_path, stage, co
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["before"]["kl"] == pytest.approx(0.0, abs=1e-3) and 0 <= metrics["after"]["reward_mean"] <= 1
     assert len(metrics["after"]["answers"]) == 2 and any(ch.isdigit() for ch in "".join(metrics["after"]["answers"]))
-    if "greedy" in metrics["after"]:  # the two-digit set: per operation, and greedy answers
-        assert (
-            set(metrics["after"]["groups"]) <= {"add", "subtract"} and len(metrics["after"]["greedy"]["answers"]) == 2
-        )
     step = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert step["train/time_generation_s"] > 0 and "train/entropy" in step
     assert (out / "final" / "adapter_config.json").exists()
@@ -145,11 +142,11 @@ def test_encoder_reward_model_on_real_human_preferences(tmp_path):
                 "--set",
                 f"data.path={HH_PAIRS}",
                 "--set",
-                "data.max_examples=320",
+                "data.max_examples=160",
                 "--set",
                 "data.max_length=128",
                 "--set",
-                "eval.max_batches=4",
+                "eval.max_batches=2",
                 "--set",
                 "train.epochs=2",
                 "--set",
@@ -163,9 +160,12 @@ def test_encoder_reward_model_on_real_human_preferences(tmp_path):
         == 0
     )
     metrics = json.loads((tmp_path / "hh" / "metrics.json").read_text())
-    assert metrics["after"]["pairs"] == 64 and 0.0 <= metrics["after"]["accuracy"] <= 1.0
+    assert metrics["after"]["pairs"] == 32 and 0.0 <= metrics["after"]["accuracy"] <= 1.0
     losses = [json.loads(line)["train/loss"] for line in (tmp_path / "hh" / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) >= 38  # 2 epochs x 320 pairs / 16 per step, less any row skipped for an empty answer
-    first, second = sum(losses[:19]) / 19, sum(losses[-19:]) / 19
+    assert len(losses) >= 14  # 2 epochs x 128 training pairs / 16 per step, less any row skipped for an empty answer
+    first, second = (
+        sum(losses[: len(losses) // 2]) / (len(losses) // 2),
+        sum(losses[-(len(losses) // 2) :]) / (len(losses) // 2),
+    )
     print(f"HH slice: first-epoch loss {first:.4f}, second-epoch loss {second:.4f}")
     assert second < first - 0.01  # the encoder fits the human choices it has seen
