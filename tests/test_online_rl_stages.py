@@ -9,8 +9,8 @@ from conftest import QUESTIONS, write_jsonl
 from rlhfkit.cli import main
 from rlhfkit.config.loading import load_config
 from rlhfkit.data.formatting import render_prompt
+from rlhfkit.engine.distributed import cpu_has_bf16_matmul
 from rlhfkit.models import ModelSettings, load_causal_lm, load_tokenizer, resolve
-from rlhfkit.rollout_copy import cpu_has_bf16_matmul
 from rlhfkit.stages import grpo, online_dpo, ppo, trpo
 
 TARGET = "Why"
@@ -174,6 +174,13 @@ def metrics_steps(overrides):
             ["train.max_steps=12", "grpo.beta=0.0", "rollout.engine=bf16"],
             marks=pytest.mark.skipif(not cpu_has_bf16_matmul(), reason="this CPU has no bf16 matrix instructions"),
         ),
+        # every pass of the update in bf16 products (float32 weights, head and losses)
+        pytest.param(
+            "grpo",
+            grpo,
+            ["train.max_steps=12", "train.mixed_precision=bf16"],
+            marks=pytest.mark.skipif(not cpu_has_bf16_matmul(), reason="this CPU has no bf16 matrix instructions"),
+        ),
         ("trpo", trpo, ["train.max_steps=12", "trpo.max_kl=0.05"]),
         # online DPO: 0.047 -> 0.27-0.31 at seeds 0-2 with lr 1e-2; at 2e-2 one seed in three collapsed to 0
         ("online_dpo", online_dpo, ["train.max_steps=12", "train.lr=1e-2"]),
@@ -190,6 +197,7 @@ def metrics_steps(overrides):
         "cispo",
         "grpo-int8-tis",
         "grpo-bf16",
+        "grpo-mixed-bf16",
         "trpo",
         "online_dpo",
     ],

@@ -61,7 +61,16 @@ def packed_sdpa_attention(
         dropout = 0.0
     sdpa = torch.nn.functional.scaled_dot_product_attention
     pieces = []
-    with sdpa_kernel(SHAPE_AGNOSTIC_BACKENDS) if query.is_cuda else contextlib.nullcontext():
+    output_dtype = query.dtype
+    # Under CPU bf16 autocast (train.mixed_precision) attention stays float32: the CPU's bf16
+    # attention backward runs ~4x slower than float32's, and attention is a small part of the FLOPs.
+    in_float32 = not query.is_cuda and torch.is_autocast_enabled("cpu")
+    if in_float32:
+        query, key, value = query.float(), key.float(), value.float()
+    with (
+        sdpa_kernel(SHAPE_AGNOSTIC_BACKENDS) if query.is_cuda else contextlib.nullcontext(),
+        torch.autocast("cpu", enabled=False) if in_float32 else contextlib.nullcontext(),
+    ):
         for prefix_start, prefix_end, members in groups:
             prefix, width = slice(prefix_start, prefix_end), prefix_end - prefix_start
             if width:
@@ -84,7 +93,7 @@ def packed_sdpa_attention(
                 keys = torch.cat([key[:, :, prefix], key[:, :, own]], dim=2)
                 values = torch.cat([value[:, :, prefix], value[:, :, own]], dim=2)
                 pieces.append(sdpa(query[:, :, own], keys, values, attn_mask=visible, dropout_p=dropout, scale=scaling))
-    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous().to(output_dtype), None
 
 
 def separate_sequences(edges: Sequence[int]) -> list[tuple[int, int, list]]:

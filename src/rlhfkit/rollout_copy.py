@@ -23,16 +23,12 @@ import torch
 
 from rlhfkit.config import SamplingSettings
 from rlhfkit.decode_loop import GATE_UP, QKV, DecodeLoop, supports
+from rlhfkit.engine.distributed import cpu_has_bf16_matmul
 from rlhfkit.errors import UserError
 from rlhfkit.sampling import Rollout, sample_rollout
 from rlhfkit.vllm_rollout import merged_weights, unwrapped
 
 COPY_ENGINES = ("int8", "bf16")
-
-
-def cpu_has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (oneDNN's AVX512-BF16 / AMX)."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def check_copy_usable(engine: str, device: torch.device) -> None:

@@ -16,7 +16,7 @@ from launching import ROOT, accelerate_launch, failure_report, held_out, launch,
 
 from conftest import QUESTIONS, write_jsonl
 from rlhfkit.cli import main
-from rlhfkit.rollout_copy import cpu_has_bf16_matmul
+from rlhfkit.engine.distributed import cpu_has_bf16_matmul
 
 pytestmark = pytest.mark.slow
 

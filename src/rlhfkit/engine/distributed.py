@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -62,6 +62,35 @@ def process_state(device: str):
             "(configs/accelerate/zero2.yaml, zero3.yaml) instead"
         )
     return state
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (oneDNN's AVX512-BF16 / AMX)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def training_autocast(mixed_precision: str, device: str, sharded: bool) -> Callable[[], AbstractContextManager]:
+    """The context every training pass runs in, and the passes outside them that must match
+    (the RL stages' log-probs, reference and values): bf16 autocast under train.mixed_precision
+    bf16, else nothing (a launch's --mixed_precision acts through accelerate's own wrapping).
+    Refuses bf16 before any model loads where it cannot serve."""
+    if mixed_precision != "bf16":
+        return nullcontext
+    on_cpu = runs_on_cpu(device)
+    if sharded:
+        raise UserError(
+            "train.mixed_precision bf16 is for one process or data-parallel launches; FSDP and DeepSpeed "
+            "take their precision from the launch: accelerate launch --mixed_precision bf16"
+        )
+    if on_cpu and not cpu_has_bf16_matmul():
+        raise UserError(
+            "train.mixed_precision bf16 needs a CPU with bfloat16 matrix instructions (AVX512-BF16 or AMX), "
+            "and this one has none: bf16 products would run slower than float32; use train.mixed_precision: no"
+        )
+    if not on_cpu and not torch.cuda.is_bf16_supported():
+        raise UserError("train.mixed_precision bf16 needs a GPU with bfloat16 support, and this one has none")
+    device_type = "cpu" if on_cpu else "cuda"
+    return lambda: torch.autocast(device_type, dtype=torch.bfloat16)
 
 
 def make_accelerator(device: str, root: Path, trackers: list[str], find_unused_parameters: bool) -> Any:

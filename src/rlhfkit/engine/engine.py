@@ -35,6 +35,7 @@ from rlhfkit.engine.distributed import (
     fsdp_launch,
     make_accelerator,
     shard_for_launch,
+    training_autocast,
     whole_weights_gathered,
 )
 from rlhfkit.engine.optim import decay_groups, warmup_then_decay
@@ -79,6 +80,7 @@ class Engine:
                 "train.on_nonfinite: skip does not run under DeepSpeed (its partitioned gradients cannot be "
                 "dropped mid-step); use error, which stops at the step and keeps the last good checkpoint"
             )
+        self.autocast = training_autocast(train.mixed_precision, device, bool(self.sharded or self.zero_stage))
         self._gathered_depth = 0  # nesting of full_weights()
         self.accelerator = make_accelerator(device, run.root, trackers, find_unused_parameters=find_unused_parameters)
         if trackers:
@@ -348,10 +350,9 @@ class Engine:
         (process r takes micro-batches r, r+N, ...) unless `already_split` says each process already
         holds its own part; units and metrics are summed over processes, and each process's loss
         is multiplied by N because DDP averages the gradients it all-reduces. A process left with
-        no micro-batch still joins the all-reduce, with a zero-weighted pass. Under DeepSpeed
-        ZeRO-2/3 gradients are reduced after every backward pass (and ZeRO-3 gathers weights in
-        every forward), so there every process makes the same number of passes, padding its share
-        with zero-weighted ones.
+        no micro-batch still joins the all-reduce, with a zero-weighted pass. Under DeepSpeed ZeRO-2/3
+        gradients are reduced after every backward pass (and ZeRO-3 gathers weights in every
+        forward), so every process makes the same number of passes, padding with zero-weighted ones.
         """
         follow_free_cores()
         world = self.num_processes
@@ -378,7 +379,8 @@ class Engine:
                 self.wrapped.backward(output.loss_sum / units * weight, scale_wrt_gas=False)
             else:
                 with nullcontext() if syncing or self.sharded else self.accelerator.no_sync(self.wrapped):
-                    _, output = self.wrapped(loss_fn, batch.to(self.device))
+                    with self.autocast():  # train.mixed_precision; backward follows the forward's dtypes
+                        _, output = self.wrapped(loss_fn, batch.to(self.device))
                     self.accelerator.backward(output.loss_sum / units * weight)
             loss_total += output.loss_sum.item() * counted
             for key, value in output.metrics.items():

@@ -16,8 +16,21 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(n, V) float32 logits h · W^T for a stable log-softmax.
+
+    Under bf16 autocast (train.mixed_precision) the product itself runs in the weights' dtype:
+    bf16 logits of magnitude 16-32 lie 0.125 apart, an error every log-prob, ratio and KL would
+    carry. Weights held in bf16 multiply in bf16 either way.
+    """
+    if torch.is_autocast_enabled(hidden.device.type):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return (hidden.to(weight.dtype) @ weight.T).float()
+    return (hidden @ weight.T).float()
+
+
 def _chunk_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = (hidden @ weight.T).float()  # (n, V): float32 for a stable log-softmax even under bf16
+    logits = head_logits(hidden, weight)
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
@@ -67,14 +80,14 @@ def perplexity(nll_sum: float, num_tokens: int) -> float:
 
 
 def _chunk_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = (hidden @ weight.T).float()  # (n, V)
+    logits = head_logits(hidden, weight)  # (n, V)
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
 def _chunk_logprobs_and_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    log_probs = torch.log_softmax((hidden @ weight.T).float(), dim=-1)  # (n, V)
+    log_probs = torch.log_softmax(head_logits(hidden, weight), dim=-1)  # (n, V)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
     return log_probs.gather(1, targets[:, None]).squeeze(1), entropy.detach()
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhfkit.losses.lm import head_logits
 from rlhfkit.losses.masked import Reduce, masked_mean, this_process_only
 
 
@@ -61,8 +62,8 @@ def categorical_kl_from_states(
     """
     kl, target_logprobs = [], []
     for start in range(0, old_states.shape[0], chunk_size):
-        old = torch.log_softmax((old_states[start : start + chunk_size] @ old_head.T).float(), dim=-1)
-        new = torch.log_softmax((new_states[start : start + chunk_size] @ new_head.T).float(), dim=-1)
+        old = torch.log_softmax(head_logits(old_states[start : start + chunk_size], old_head), dim=-1)
+        new = torch.log_softmax(head_logits(new_states[start : start + chunk_size], new_head), dim=-1)
         kl.append(categorical_kl(old, new))
         target_logprobs.append(new.gather(-1, targets[start : start + chunk_size, None]).squeeze(-1))
     if not kl:

@@ -49,7 +49,8 @@ class ReferencePolicy:
         one process, so summing over them assembles it."""
         table = torch.zeros(num_pairs, 2)
         for batch, counted in held_out_share(self.engine, batches):
-            logps = self.compute(batch, training_pairs=False).cpu()
+            with self.engine.autocast():  # as the training passes that read the table (train.mixed_precision)
+                logps = self.compute(batch, training_pairs=False).cpu()
             if counted:
                 pair_ids = batch.pair_ids.cpu()
                 table[pair_ids, 0], table[pair_ids, 1] = logps[: batch.num_pairs], logps[batch.num_pairs :]

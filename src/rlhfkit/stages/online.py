@@ -171,7 +171,8 @@ class RLSetup:
         return critic
 
     def logprobs(self, policy: torch.nn.Module, rollout: Rollout, with_entropy: bool = False):
-        return response_logprobs(policy, rollout, self.temperature, self.chunk, with_entropy)
+        with self.engine.autocast():
+            return response_logprobs(policy, rollout, self.temperature, self.chunk, with_entropy)
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout, with_hidden: bool = False):
@@ -179,7 +180,11 @@ class RLSetup:
 
         with_hidden: also return the reference's hidden states at the response positions (N, R, H).
         """
-        with self.engine.whole_weights(), reference_policy(self.policy, self.frozen_reference) as reference:
+        with (
+            self.engine.whole_weights(),
+            self.engine.autocast(),
+            reference_policy(self.policy, self.frozen_reference) as reference,
+        ):
             logprobs, _, *hidden = response_logprobs(
                 reference, rollout, self.temperature, self.chunk, with_hidden=with_hidden
             )

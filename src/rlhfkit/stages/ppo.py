@@ -88,7 +88,8 @@ class PPO:
             else:
                 ref_logprobs, features = context.reference_logprobs(rollout), None
             mask = training_mask(rollout, scored)
-            values = self.values(context.critic, rollout, features) * mask
+            with engine.autocast():  # the precision the critic trains in
+                values = self.values(context.critic, rollout, features) * mask
         kl_coef = engine.extra_state.setdefault("kl_coef", settings.kl_coef)
         rewards, kl = kl_shaped_rewards(
             scored.scores.to(mask.device), logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator
