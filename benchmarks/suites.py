@@ -20,15 +20,30 @@ WORKLOADS = (
     "generation_bf16",
     "grpo_int8",
     "grpo_bf16",
+    "grpo_bf16_mixed",
     "ppo",
     "ppo_head",
     "trpo",
 )
 # Workloads TRL has no trainer for: rlhfkit alone, compared with its own GRPO at the same rollout size.
 # rlhfkit alone; generation_int8 / generation_bf16 (the CPU rollout copies) read against the generation workload's peer
-RLHFKIT_ONLY = ("generation_int8", "generation_bf16", "grpo_int8", "grpo_bf16", "ppo", "ppo_head", "trpo")
+RLHFKIT_ONLY = (
+    "generation_int8",
+    "generation_bf16",
+    "grpo_int8",
+    "grpo_bf16",
+    "grpo_bf16_mixed",
+    "ppo",
+    "ppo_head",
+    "trpo",
+)
 # GRPO with its rollouts sampled by a CPU copy: read against TRL's GRPO step
-COPY_RL = (("grpo_int8", "grpo, int8 copy"), ("grpo_bf16", "grpo, bf16 copy"))
+COPY_RL = (
+    ("grpo_int8", "grpo, int8 copy"),
+    ("grpo_bf16", "grpo, bf16 copy"),
+    # and the update's products in bf16 too (train.mixed_precision)
+    ("grpo_bf16_mixed", "grpo, bf16 copy + bf16 update"),
+)
 
 
 @dataclass(frozen=True)

@@ -173,13 +173,24 @@ def rlhfkit_pairs(stage_name: str, suite: Suite, model: str, workdir: Path) -> d
 
 
 def rlhfkit_online(
-    stage_name: str, suite: Suite, model: str, workdir: Path, rollout_engine: str = "hf", **section: Any
+    stage_name: str,
+    suite: Suite,
+    model: str,
+    workdir: Path,
+    rollout_engine: str = "hf",
+    mixed_precision: str = "no",
+    **section: Any,
 ) -> dict:
     """An RL stage on the arithmetic prompts; `section`: settings of its own section (e.g. ppo's
-    critic); rollout_engine: what samples the rollouts (hf: the policy; int8, bf16: its CPU copy)."""
+    critic); rollout_engine: what samples the rollouts (hf: the policy; int8, bf16: its CPU copy);
+    mixed_precision: train.mixed_precision of the update."""
     from rlhfkit import registry
 
-    named = [*map(str, section.values()), *([rollout_engine] if rollout_engine != "hf" else [])]
+    named = [
+        *map(str, section.values()),
+        *([rollout_engine] if rollout_engine != "hf" else []),
+        *([f"mixed-{mixed_precision}"] if mixed_precision != "no" else []),
+    ]
     output_dir = workdir / f"rlhfkit-{stage_name}{'-' + '-'.join(named) if named else ''}"
     batch = suite.rl_prompts * suite.rl_group
     settings = {
@@ -192,6 +203,7 @@ def rlhfkit_online(
             lr=suite.rl_learning_rate,
             scheduler="constant",
             warmup_ratio=0.0,
+            mixed_precision=mixed_precision,
         ),
         "data": {"path": files(workdir)["prompts_rlhfkit"], "eval_fraction": 0.0},
         "rollout": {
@@ -529,6 +541,9 @@ RUNNERS: dict[tuple[str, str], Callable[[Suite, str, Path], dict]] = {
     ("grpo", "rlhfkit"): lambda *a: rlhfkit_online("grpo", *a),
     ("grpo_int8", "rlhfkit"): lambda *a: rlhfkit_online("grpo", *a, rollout_engine="int8"),
     ("grpo_bf16", "rlhfkit"): lambda *a: rlhfkit_online("grpo", *a, rollout_engine="bf16"),
+    ("grpo_bf16_mixed", "rlhfkit"): lambda *a: rlhfkit_online(
+        "grpo", *a, rollout_engine="bf16", mixed_precision="bf16"
+    ),
     ("ppo", "rlhfkit"): lambda *a: rlhfkit_online("ppo", *a),
     # the critic the CPU configs use: a linear value head on the reference pass's hidden states
     ("ppo_head", "rlhfkit"): lambda *a: rlhfkit_online("ppo", *a, critic="head"),
