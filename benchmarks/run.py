@@ -287,13 +287,16 @@ def summarise(
         rss(workload, ours, theirs)
     _, trl_grpo = pair("grpo")
     for workload, label in COPY_RL:
-        ours, _ = pair(workload)
+        ours, own_peer = pair(workload)
+        peer = own_peer or trl_grpo  # TRL's run of the same workload (its bf16), else its default GRPO
+        if own_peer:
+            label += " (TRL: bf16 autocast)"
         if ours and "step_seconds" in ours:
-            theirs_step = trl_grpo and mean(trl_grpo["step_seconds"])
+            theirs_step = peer and mean(peer["step_seconds"])
             add(f"{label}: s/step", mean(ours["step_seconds"]), theirs_step, "<=0.5", "lower", "s")
-            theirs_generation = trl_grpo and mean(trl_grpo["generation_seconds"])
+            theirs_generation = peer and mean(peer["generation_seconds"])
             add(f"{label}: generation s/step", mean(ours["generation_seconds"]), theirs_generation, None, "lower", "s")
-            rss(workload, ours, trl_grpo)
+            rss(workload, ours, peer)
     for workload in RLHFKIT_ONLY:
         ours, _ = pair(workload)
         if workload in dict(COPY_RL):

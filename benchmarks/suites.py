@@ -32,7 +32,6 @@ RLHFKIT_ONLY = (
     "generation_bf16",
     "grpo_int8",
     "grpo_bf16",
-    "grpo_bf16_mixed",
     "ppo",
     "ppo_head",
     "trpo",
@@ -41,7 +40,8 @@ RLHFKIT_ONLY = (
 COPY_RL = (
     ("grpo_int8", "grpo, int8 copy"),
     ("grpo_bf16", "grpo, bf16 copy"),
-    # and the update's products in bf16 too (train.mixed_precision)
+    # and the update's products in bf16 too (train.mixed_precision), read against TRL's GRPO
+    # with bf16=True (its autocast) where the run measured it
     ("grpo_bf16_mixed", "grpo, bf16 copy + bf16 update"),
 )
 

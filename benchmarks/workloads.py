@@ -331,10 +331,10 @@ def _step_timer():
 
 
 def _trl_args(config_class, suite: Suite, workdir: Path, name: str, **overrides: Any):
+    overrides.setdefault("bf16", suite.dtype == "bfloat16")
     return config_class(
         output_dir=str(workdir / f"trl-{name}"),
         use_cpu=suite.device == "cpu",
-        bf16=suite.dtype == "bfloat16",
         report_to=[],
         save_strategy="no",
         logging_steps=1,
@@ -439,7 +439,9 @@ def trl_pairs(trainer_name: str, suite: Suite, model_name: str, workdir: Path) -
     return {"step_seconds": timer.seconds, "units": suite.pairs, "unit": "pairs"}
 
 
-def trl_grpo(suite: Suite, model_name: str, workdir: Path) -> dict:
+def trl_grpo(suite: Suite, model_name: str, workdir: Path, mixed_precision: bool = False) -> dict:
+    """TRL's GRPO step; mixed_precision: bf16=True over the suite's (float32) weights, i.e.
+    accelerate's bf16 autocast, TRL's counterpart of train.mixed_precision bf16."""
     from trl import GRPOConfig, GRPOTrainer
 
     from rlhfkit.reward_functions import numeric_answer
@@ -476,6 +478,7 @@ def trl_grpo(suite: Suite, model_name: str, workdir: Path) -> dict:
         max_steps=suite.rl_steps,
         learning_rate=suite.rl_learning_rate,
         lr_scheduler_type="constant",
+        **({"bf16": True} if mixed_precision else {}),
     )
     trainer = TimedGRPOTrainer(
         model=model,
@@ -544,6 +547,7 @@ RUNNERS: dict[tuple[str, str], Callable[[Suite, str, Path], dict]] = {
     ("grpo_bf16_mixed", "rlhfkit"): lambda *a: rlhfkit_online(
         "grpo", *a, rollout_engine="bf16", mixed_precision="bf16"
     ),
+    ("grpo_bf16_mixed", "trl"): lambda *a: trl_grpo(*a, mixed_precision=True),
     ("ppo", "rlhfkit"): lambda *a: rlhfkit_online("ppo", *a),
     # the critic the CPU configs use: a linear value head on the reference pass's hidden states
     ("ppo_head", "rlhfkit"): lambda *a: rlhfkit_online("ppo", *a, critic="head"),

@@ -221,3 +221,8 @@ def test_grpo_on_a_rollout_copy_reads_against_trls_grpo_step():
     assert step["rlhfkit"] == pytest.approx(5.0) and step["ratio"] == pytest.approx(0.5) and step["met"]
     assert rows["grpo, int8 copy: generation s/step"]["ratio"] == pytest.approx(2.0 / 6.0)
     assert not any(metric.startswith("grpo_int8: s/step") for metric in rows)  # not read as a lone workload
+    # a copy workload TRL also ran (its bf16 autocast) reads against that run, not TRL's default GRPO
+    trl_bf16 = {**trl, "step_seconds": [8.0], "generation_seconds": [5.0]}
+    both = {"grpo": {"trl": trl}, "grpo_bf16_mixed": {"rlhfkit": copy, "trl": trl_bf16}}
+    mixed = _by_metric(summarise(both, peak_flops=1e12))["grpo, bf16 copy + bf16 update (TRL: bf16 autocast): s/step"]
+    assert mixed["trl"] == pytest.approx(8.0) and mixed["ratio"] == pytest.approx(5.0 / 8.0) and not mixed["met"]
