@@ -11,7 +11,7 @@ from conftest import write_jsonl
 from rlhfkit.config import TrainSettings
 from rlhfkit.config.loading import load_config
 from rlhfkit.engine import Engine, RunDir, distributed
-from rlhfkit.errors import UserError
+from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.losses import lm
 from rlhfkit.stages import sft
 
@@ -78,6 +78,14 @@ def test_bf16_mixed_precision_trains_float32_weights_on_the_float32_curve(tiny_m
     assert bf16[-1] < bf16[0] and metrics["after"]["perplexity"] < metrics["before"]["perplexity"]
     adapter = load_file(str(tmp_path / "bf16" / "final" / "adapter_model.safetensors"))
     assert {tensor.dtype for tensor in adapter.values()} == {torch.float32}
+
+
+def test_mixed_precision_no_reads_as_yaml_writes_it(tmp_path):
+    for written in ("no", "'no'", "false"):
+        config = load_config("sft", None, [f"train.mixed_precision={written}", f"data.path={tmp_path}"])
+        assert config.train.mixed_precision == "no", written
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        load_config("sft", None, ["train.mixed_precision=fp16", f"data.path={tmp_path}"])
 
 
 def test_bf16_mixed_precision_is_refused_on_a_cpu_without_bf16_instructions(tmp_path, monkeypatch):

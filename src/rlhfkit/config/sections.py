@@ -228,6 +228,11 @@ class TrainSettings(Section):
             raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
         return betas
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: object) -> object:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
+
 
 class EvalSettings(Section):
     before: bool = Field(True, description="Evaluate the starting model too, so the report shows what changed.")
