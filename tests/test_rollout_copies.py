@@ -183,13 +183,13 @@ def test_the_copy_repeats_its_samples_and_stays_close_to_the_trainer(lora_policy
 
 
 def test_cpu_copies_are_refused_off_the_cpu_and_bf16_without_its_instructions(monkeypatch):
-    import rlhfkit.rollout_copy as rollout_copy
+    from rlhfkit.engine import distributed
 
     for engine in ("int8", "bf16"):
         with pytest.raises(UserError, match=f"rollout.engine {engine} is a CPU sampler, but the policy is on cuda"):
             check_copy_usable(engine, torch.device("cuda"))
     check_copy_usable("int8", torch.device("cpu"))
-    monkeypatch.setattr(rollout_copy, "cpu_has_bf16_matmul", lambda: False)
+    monkeypatch.setattr(distributed, "cpu_has_bf16_matmul", lambda: False)
     with pytest.raises(UserError, match="bf16 needs a CPU with bfloat16 matrix instructions"):
         check_copy_usable("bf16", torch.device("cpu"))
     check_copy_usable("int8", torch.device("cpu"))

@@ -163,9 +163,7 @@ def test_encoder_reward_model_on_real_human_preferences(tmp_path):
     assert metrics["after"]["pairs"] == 32 and 0.0 <= metrics["after"]["accuracy"] <= 1.0
     losses = [json.loads(line)["train/loss"] for line in (tmp_path / "hh" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) >= 14  # 2 epochs x 128 training pairs / 16 per step, less any row skipped for an empty answer
-    first, second = (
-        sum(losses[: len(losses) // 2]) / (len(losses) // 2),
-        sum(losses[-(len(losses) // 2) :]) / (len(losses) // 2),
-    )
+    half = len(losses) // 2
+    first, second = sum(losses[:half]) / half, sum(losses[-half:]) / half
     print(f"HH slice: first-epoch loss {first:.4f}, second-epoch loss {second:.4f}")
     assert second < first - 0.01  # the encoder fits the human choices it has seen

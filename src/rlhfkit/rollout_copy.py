@@ -23,7 +23,7 @@ import torch
 
 from rlhfkit.config import SamplingSettings
 from rlhfkit.decode_loop import GATE_UP, QKV, DecodeLoop, supports
-from rlhfkit.engine.distributed import cpu_has_bf16_matmul
+from rlhfkit.engine.distributed import require_cpu_bf16
 from rlhfkit.errors import UserError
 from rlhfkit.sampling import Rollout, sample_rollout
 from rlhfkit.vllm_rollout import merged_weights, unwrapped
@@ -38,11 +38,8 @@ def check_copy_usable(engine: str, device: torch.device) -> None:
             f"rollout.engine {engine} is a CPU sampler, but the policy is on {device.type}; "
             "on a GPU use rollout.engine: vllm (or hf)"
         )
-    if engine == "bf16" and not cpu_has_bf16_matmul():
-        raise UserError(
-            "rollout.engine bf16 needs a CPU with bfloat16 matrix instructions (AVX512-BF16 or AMX), "
-            "and this one has none: bf16 products would run slower than float32; use rollout.engine: int8 (or hf)"
-        )
+    if engine == "bf16":
+        require_cpu_bf16("rollout.engine bf16", "rollout.engine: int8 (or hf)")
 
 
 def set_tensor(root: torch.nn.Module, name: str, value: Any) -> None:

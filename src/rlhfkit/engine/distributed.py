@@ -69,6 +69,15 @@ def cpu_has_bf16_matmul() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def require_cpu_bf16(setting: str, instead: str) -> None:
+    """Refuse a bf16 `setting` on a CPU without bf16 matrix instructions, naming what to use `instead`."""
+    if not cpu_has_bf16_matmul():
+        raise UserError(
+            f"{setting} needs a CPU with bfloat16 matrix instructions (AVX512-BF16 or AMX), and this one has "
+            f"none: bf16 products would run slower than float32; use {instead}"
+        )
+
+
 def training_autocast(mixed_precision: str, device: str, sharded: bool) -> Callable[[], AbstractContextManager]:
     """The context every training pass runs in, and the passes outside them that must match
     (the RL stages' log-probs, reference and values): bf16 autocast under train.mixed_precision
@@ -82,11 +91,8 @@ def training_autocast(mixed_precision: str, device: str, sharded: bool) -> Calla
             "train.mixed_precision bf16 is for one process or data-parallel launches; FSDP and DeepSpeed "
             "take their precision from the launch: accelerate launch --mixed_precision bf16"
         )
-    if on_cpu and not cpu_has_bf16_matmul():
-        raise UserError(
-            "train.mixed_precision bf16 needs a CPU with bfloat16 matrix instructions (AVX512-BF16 or AMX), "
-            "and this one has none: bf16 products would run slower than float32; use train.mixed_precision: no"
-        )
+    if on_cpu:
+        require_cpu_bf16("train.mixed_precision bf16", "train.mixed_precision: no")
     if not on_cpu and not torch.cuda.is_bf16_supported():
         raise UserError("train.mixed_precision bf16 needs a GPU with bfloat16 support, and this one has none")
     device_type = "cpu" if on_cpu else "cuda"
