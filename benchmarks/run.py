@@ -6,8 +6,10 @@
         --output docs/benchmark-results/cpu-contended   # beside one busy process (a laptop doing other work)
 
 Each (workload, framework) runs in a fresh process of the same environment, so each peak RSS
-is that workload's alone. Prints a table with both figures, their ratio and the target, and
-writes RESULTS.json (raw numbers + environment), RESULTS.md (the table) and RESULTS-ratios.png.
+is that workload's alone (`--one-process` runs each framework's workloads in one process: quicker
+to start, for checking that they run, but a peak RSS is then the largest so far). Prints a table
+with both figures, their ratio and the target, and writes RESULTS.json (raw numbers +
+environment), RESULTS.md (the table) and RESULTS-ratios.png.
 """
 
 from __future__ import annotations
@@ -120,13 +122,14 @@ def decode_bound(
     return batch / max(step_bytes / bandwidth, step_flops / peak_flops)
 
 
-def run_workload(workload: str, framework: str, suite: Suite, model: str, workdir: Path, log) -> dict:
-    """One workload in a subprocess; its RESULT line, or the error when it failed."""
+def run_workloads(workloads: list[str], framework: str, suite: Suite, model: str, workdir: Path, log) -> list[dict]:
+    """`workloads` of one framework in one subprocess; each one's RESULT line, or the error for
+    each that gave none."""
     command = [
         sys.executable,
         "-m",
         "benchmarks.workloads",
-        workload,
+        *workloads,
         framework,
         "--suite",
         suite.name,
@@ -137,13 +140,18 @@ def run_workload(workload: str, framework: str, suite: Suite, model: str, workdi
     ]
     started = time.perf_counter()
     process = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-    log.write(f"==== {workload} / {framework} (exit {process.returncode})\n{process.stdout}\n{process.stderr}\n")
+    log.write(
+        f"==== {' '.join(workloads)} / {framework} (exit {process.returncode})\n{process.stdout}\n{process.stderr}\n"
+    )
     log.flush()
-    for line in reversed(process.stdout.splitlines()):
+    results = {}
+    for line in process.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX) :])
+            result = json.loads(line[len(RESULT_PREFIX) :])
+            results[result["workload"]] = result
     tail = "\n".join((process.stderr or process.stdout).strip().splitlines()[-5:])
-    return {"workload": workload, "framework": framework, "error": tail, "wall_seconds": time.perf_counter() - started}
+    failed = {"framework": framework, "error": tail, "wall_seconds": time.perf_counter() - started}
+    return [results.get(workload, {"workload": workload, **failed}) for workload in workloads]
 
 
 def per_second(result: dict) -> float:
@@ -432,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="fraction of each 100 ms a competitor is busy (1.0: always; 0.3: browser-like bursts)",
     )
+    parser.add_argument(
+        "--one-process",
+        action="store_true",
+        help="each framework's workloads in one process: they start quicker, but peak RSS is no longer each one's own",
+    )
     args = parser.parse_args(argv)
     if args.competitors < 0:
         parser.error("--competitors must be >= 0")
@@ -485,18 +498,27 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rlhfkit-bench-") as tmp, open(output.with_suffix(".log"), "w") as log:
         workdir = Path(tmp)
         data = prepare(suite, load_tokenizer(resolve(model)), workdir)
-        for workload in args.only or WORKLOADS:
-            for framework in args.frameworks:
-                if framework == "trl" and workload in RLHFKIT_ONLY:
-                    continue
-                print(f"{workload:>10} / {framework:<8} ...", end=" ", flush=True)
-                with busy_competitors(args.competitors, args.competitor_duty):
-                    result = run_workload(workload, framework, suite, model, workdir, log)
-                results.setdefault(workload, {})[framework] = result
-                print(
-                    "FAILED: " + result["error"] if "error" in result else f"{result['wall_seconds']:.0f} s", flush=True
-                )
-                write_report()
+        plan = [
+            (workload, framework)
+            for workload in args.only or WORKLOADS
+            for framework in args.frameworks
+            if not (framework == "trl" and workload in RLHFKIT_ONLY)
+        ]
+        if args.one_process:
+            batches = [[w for w, f in plan if f == framework] for framework in args.frameworks]
+            batches = [(batch, framework) for batch, framework in zip(batches, args.frameworks) if batch]
+        else:
+            batches = [([workload], framework) for workload, framework in plan]
+        for workloads, framework in batches:
+            print(f"{' '.join(workloads):>10} / {framework:<8} ...", end=" ", flush=True)
+            with busy_competitors(args.competitors, args.competitor_duty):
+                done = run_workloads(workloads, framework, suite, model, workdir, log)
+            for result in done:
+                results.setdefault(result["workload"], {})[framework] = result
+            failures = [f"{r['workload']}: {r['error']}" for r in done if "error" in r]
+            seconds = sum(r["wall_seconds"] for r in done if "error" not in r)
+            print("FAILED: " + "\n".join(failures) if failures else f"{seconds:.0f} s", flush=True)
+            write_report()
     report = write_report()
     rows = report["table"]
     table = markdown_table(rows)

@@ -1,8 +1,8 @@
-"""One workload for one framework, run in a process of its own so its peak RSS is its own.
+"""Workloads of one framework, each run in a process of its own so its peak RSS is its own.
 
-    python -m benchmarks.workloads WORKLOAD FRAMEWORK --suite cpu --workdir DIR [--model M]
+    python -m benchmarks.workloads WORKLOAD [WORKLOAD ...] FRAMEWORK --suite cpu --workdir DIR [--model M]
 
-The last line printed is ``RESULT {json}``: the seconds of every optimizer step, the work done
+Each workload ends by printing ``RESULT {json}``: the seconds of every optimizer step, the work done
 (tokens, pairs, steps), the peak RSS of the process and workload details. rlhfkit runs through its
 stage entry points (what `rlhfkit sft` etc. run); TRL through its trainers, with a callback timing
 each optimizer step the same way (from the start of the step to the end of the optimizer update).
@@ -565,29 +565,32 @@ RUNNERS: dict[tuple[str, str], Callable[[Suite, str, Path], dict]] = {
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workload", choices=WORKLOADS)
+    parser.add_argument("workloads", nargs="+", choices=WORKLOADS, metavar="workload")
     parser.add_argument("framework", choices=FRAMEWORKS)
     parser.add_argument("--suite", choices=sorted(SUITES), default="cpu")
     parser.add_argument("--model", default=None, help="override the suite's model")
     parser.add_argument("--workdir", type=Path, required=True, help="holds data.json from benchmarks.data.prepare")
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
-    runner = RUNNERS.get((args.workload, args.framework))
-    if runner is None:
-        raise SystemExit(f"{args.framework} has no {args.workload} workload")
-    started = time.perf_counter()
-    result = runner(suite, args.model or suite.model, args.workdir)
-    result.update(
-        {
-            "workload": args.workload,
-            "framework": args.framework,
-            "peak_rss_mb": peak_rss_mb(),
-            "peak_gpu_mb": peak_gpu_mb(),
-            "wall_seconds": time.perf_counter() - started,
-        }
-    )
-    sys.stdout.flush()
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    missing = [workload for workload in args.workloads if (workload, args.framework) not in RUNNERS]
+    if missing:
+        raise SystemExit(f"{args.framework} has no {', '.join(missing)} workload")
+    # Several workloads in one process share its imports; the peak RSS each reports is then the
+    # largest so far, not its own.
+    for workload in args.workloads:
+        started = time.perf_counter()
+        result = RUNNERS[workload, args.framework](suite, args.model or suite.model, args.workdir)
+        result.update(
+            {
+                "workload": workload,
+                "framework": args.framework,
+                "peak_rss_mb": peak_rss_mb(),
+                "peak_gpu_mb": peak_gpu_mb(),
+                "wall_seconds": time.perf_counter() - started,
+            }
+        )
+        sys.stdout.flush()
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
