@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,22 +67,54 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("how", list(CASES))
-def test_a_damaged_model_folder_is_named_in_one_line(how, tmp_path):
-    path = damage(build_tiny_model(tmp_path / "model"), how, tmp_path)
-    # a process of its own: transformers' logging would otherwise write into an earlier test's capture
+# One process for every case (imports are most of a refusal's time), each case in a fork of it
+# with its own stderr: transformers' logging in a test's own process would write into an earlier
+# test's capture, and a process per case would import everything again.
+REFUSE_EACH = """
+import os, sys, traceback
+import peft, transformers
+from rlhfkit.cli import main
+for path in sys.argv[1:]:
+    child = os.fork()
+    if child == 0:
+        os.dup2(os.open(path + ".stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        try:
+            code = main(["generate", path, "--prompt", "Hi", "--max-new-tokens", "2"])
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stderr.flush()
+        os._exit(code)
+    print(os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory) -> dict[str, tuple[str, int, str]]:
+    """For each kind of damage: the path given to `rlhfkit generate`, its exit code and its stderr."""
+    folder = tmp_path_factory.mktemp("damaged")
+    paths = {how: damage(build_tiny_model(folder / f"model{i}"), how, folder) for i, how in enumerate(CASES)}
     done = subprocess.run(
-        [sys.executable, "-m", "rlhfkit.cli", "generate", str(path), "--prompt", "Hi", "--max-new-tokens", "2"],
+        [sys.executable, "-c", REFUSE_EACH, *map(str, paths.values())],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    error = done.stderr
-    assert done.returncode == 2, error
+    codes = [int(line) for line in done.stdout.split()]
+    assert done.returncode == 0 and len(codes) == len(CASES), done.stderr
+    return {
+        how: (str(path), code, Path(f"{path}.stderr").read_text()) for (how, path), code in zip(paths.items(), codes)
+    }
+
+
+@pytest.mark.parametrize("how", list(CASES))
+def test_a_damaged_model_folder_is_named_in_one_line(how, refusals):
+    path, code, error = refusals[how]
+    assert code == 2, error
     last = error.strip().splitlines()[-1]
     assert last.startswith("error: ") and "Traceback" not in error, error
-    assert CASES[how] in last and str(path) in last, error
+    assert CASES[how] in last and path in last, error
 
 
 def test_model_device_cuda_without_a_gpu_is_refused(tiny_model, tmp_path, capsys):
