@@ -1,5 +1,6 @@
 """The fuzz tier (slow): thousands of generated inputs per loader, each either accepted or refused
-with rlhfkit's own one-line error naming the file, row or field — never a traceback.
+with rlhfkit's own one-line error naming the file, row or field — never a traceback. Each test
+draws RLHFKIT_FUZZ_CASES inputs (500 unless set; `RLHFKIT_FUZZ_CASES=5000` searches deeper).
 
 The shapes are the ones careless or hostile inputs take: arbitrary bytes, any Unicode (lone
 surrogates included), CSV rows of any width with quotes and separators inside fields, arbitrary
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from rlhfkit.data.loading import read_rows
 from rlhfkit.errors import ConfigError, DataError, UserError
 
 pytestmark = pytest.mark.slow
-CASES = 1000  # per test; each loader is reached by several tests
+CASES = int(os.environ.get("RLHFKIT_FUZZ_CASES", "500"))  # per test; each loader is reached by several tests
 FUZZ = settings(max_examples=CASES, deadline=None, suppress_health_check=list(HealthCheck))
 PARSERS = [text_examples, chat_examples, preference_examples, prompt_examples]
 COLUMNS = ["text", "prompt", "completion", "messages", "chosen", "rejected", "answer", "role", "content", ""]
