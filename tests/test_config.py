@@ -249,7 +249,10 @@ def test_the_real_data_pipeline_chains_sft_a_minilm_reward_model_and_ppo_on_hh_p
     assert reward.model.name_or_path == "all-minilm-l6-v2" and reward.data.part == "1/2"
     with pytest.raises(ConfigError, match="real-data/sft does not exist yet: the sft stage writes it"):
         load_config("ppo", path)
-    ppo = load_config("ppo", path, [f"model.name_or_path={tmp_path}", f"reward.model={tmp_path}"])
-    assert set(ppo.eval.judges) == {"held_out"} and ppo.eval.judges["held_out"].model == "runs/hh-minilm-part2"
+    # the held-out judge is a run of its own (the evaluation page's command), not made here
+    assert tree["ppo"]["eval"]["judges"]["held_out"]["model"] == "runs/hh-minilm-part2"
+    judge = f"eval.judges.held_out.model={tmp_path}"
+    ppo = load_config("ppo", path, [f"model.name_or_path={tmp_path}", f"reward.model={tmp_path}", judge])
+    assert set(ppo.eval.judges) == {"held_out"}
     train, held_out, _ = load_examples(ppo.data, ppo.train.seed, prompt_examples)
     assert (len(train), len(held_out)) == (1448, 360)  # prompts split off the HH transcripts
