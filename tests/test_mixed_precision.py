@@ -88,6 +88,24 @@ def test_mixed_precision_no_reads_as_yaml_writes_it(tmp_path):
         load_config("sft", None, ["train.mixed_precision=fp16", f"data.path={tmp_path}"])
 
 
+def test_mixed_precision_auto_is_bf16_only_where_it_serves(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(distributed, "cpu_has_bf16_matmul", lambda: True)
+    engine = Engine(TrainSettings(mixed_precision="auto", trackers=[]), "cpu", RunDir(tmp_path), "sft")
+    with engine.autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert "mixed precision: auto -> bf16" in capsys.readouterr().out
+    monkeypatch.setattr(distributed, "cpu_has_bf16_matmul", lambda: False)
+    engine = Engine(TrainSettings(mixed_precision="auto", trackers=[]), "cpu", RunDir(tmp_path), "sft")
+    with engine.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    assert "mixed precision: auto -> no (this CPU has no bf16 matrix instructions)" in capsys.readouterr().out
+    # under DeepSpeed (or FSDP) the launch decides, where bf16 itself would be refused
+    monkeypatch.setattr(distributed, "cpu_has_bf16_matmul", lambda: True)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    Engine(TrainSettings(mixed_precision="auto", trackers=[]), "cpu", RunDir(tmp_path), "sft")
+    assert "auto -> no (FSDP and DeepSpeed take their precision from the launch)" in capsys.readouterr().out
+
+
 def test_bf16_mixed_precision_is_refused_on_a_cpu_without_bf16_instructions(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "cpu_has_bf16_matmul", lambda: False)
     with pytest.raises(UserError, match="train.mixed_precision bf16 needs a CPU with bfloat16 matrix instructions"):

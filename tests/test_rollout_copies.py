@@ -18,7 +18,7 @@ from rlhfkit.int8_rollout import (
 )
 from rlhfkit.models import attach_lora, load_causal_lm, load_tokenizer, resolve
 from rlhfkit.passes import response_logprobs
-from rlhfkit.rollout_copy import Bf16Sampler, check_copy_usable
+from rlhfkit.rollout_copy import Bf16Sampler, check_copy_usable, resolve_auto_engine
 from rlhfkit.sampling import sample_rollout
 
 QUANTIZE_ROWS = quantize_rows
@@ -193,6 +193,27 @@ def test_cpu_copies_are_refused_off_the_cpu_and_bf16_without_its_instructions(mo
     with pytest.raises(UserError, match="bf16 needs a CPU with bfloat16 matrix instructions"):
         check_copy_usable("bf16", torch.device("cpu"))
     check_copy_usable("int8", torch.device("cpu"))
+
+
+def test_engine_auto_takes_the_bf16_copy_only_where_it_serves(monkeypatch, capsys):
+    from rlhfkit.engine import distributed
+
+    chosen = RolloutSettings(engine="auto", correction="tis")
+    monkeypatch.setattr(distributed, "cpu_has_bf16_matmul", lambda: True)
+    picked = resolve_auto_engine(chosen, "cpu", sharded=False)
+    assert (picked.engine, picked.correction) == ("bf16", "tis")
+    assert "rollout: engine auto -> bf16" in capsys.readouterr().out
+    # sharded, or without the instructions: the training model samples, and nothing needs correcting
+    for sharded, has_bf16, why in [
+        (True, True, "a sharded policy samples itself"),
+        (False, False, "this CPU has no bf16 matrix instructions"),
+    ]:
+        monkeypatch.setattr(distributed, "cpu_has_bf16_matmul", lambda has=has_bf16: has)
+        picked = resolve_auto_engine(chosen, "auto" if not torch.cuda.is_available() else "cpu", sharded=sharded)
+        assert (picked.engine, picked.correction) == ("hf", "none")
+        assert f"rollout: engine auto -> hf ({why})" in capsys.readouterr().out
+    named = RolloutSettings(engine="int8")
+    assert resolve_auto_engine(named, "cpu", sharded=False) is named
 
 
 def test_the_bf16_copy_keeps_one_embedding_for_a_tied_output_layer(lora_policy, tiny_model):

@@ -21,14 +21,31 @@ from typing import Any
 
 import torch
 
-from rlhfkit.config import SamplingSettings
+from rlhfkit.config import RolloutSettings, SamplingSettings
 from rlhfkit.decode_loop import GATE_UP, QKV, DecodeLoop, supports
-from rlhfkit.engine.distributed import require_cpu_bf16
+from rlhfkit.engine.distributed import require_cpu_bf16, runs_on_cpu, without_bf16_products
 from rlhfkit.errors import UserError
 from rlhfkit.sampling import Rollout, sample_rollout
 from rlhfkit.vllm_rollout import merged_weights, unwrapped
 
 COPY_ENGINES = ("int8", "bf16")
+
+
+def resolve_auto_engine(rollout: RolloutSettings, device: str, sharded: bool) -> RolloutSettings:
+    """`rollout.engine: auto` made concrete for this run: the bf16 copy on a CPU with bf16 matrix
+    instructions in a one-process or data-parallel run, else the training model itself (hf, whose
+    samples need no correction)."""
+    if rollout.engine != "auto":
+        return rollout
+    if sharded:
+        reason = "a sharded policy samples itself"
+    elif not runs_on_cpu(device):
+        reason = "the policy is on a GPU"
+    else:
+        reason = without_bf16_products(device, sharded=False)
+    engine = "hf" if reason else "bf16"
+    print(f"rollout: engine auto -> {engine}" + (f" ({reason})" if reason else ""))
+    return rollout.model_copy(update={"engine": engine, "correction": "none" if reason else rollout.correction})
 
 
 def check_copy_usable(engine: str, device: torch.device) -> None:

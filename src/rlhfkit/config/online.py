@@ -35,11 +35,12 @@ class RolloutSettings(SamplingSettings):
     samples_per_prompt: int = Field(
         4, gt=0, description="Completions per prompt (GRPO's group size G; ≥ 2 for group baselines)."
     )
-    engine: Literal["hf", "vllm", "int8", "bf16"] = Field(
+    engine: Literal["hf", "vllm", "int8", "bf16", "auto"] = Field(
         "hf",
         description="Sampler: transformers' generate (CPU or GPU), vLLM colocated on each process's GPU (weights "
         "loaded after each update), or an int8 or bf16 copy of the policy on the CPU (rebuilt after each update; "
-        "its log-probs kept, sampler_kl logged; bf16 needs AVX512-BF16 or AMX).",
+        "its log-probs kept, sampler_kl logged; bf16 needs AVX512-BF16 or AMX); auto: bf16 where the CPU has those "
+        "instructions and the run is not sharded, else hf.",
     )
     vllm_gpu_memory: float = Field(
         0.3,
@@ -54,7 +55,7 @@ class RolloutSettings(SamplingSettings):
     correction: Literal["none", "tis", "mask_token", "mask_sequence"] = Field(
         "none",
         description="engine vllm, int8 or bf16, grpo: weight the loss by the trainer/sampler probability ratio, truncated "
-        "at correction_cap (tis), or drop tokens or completions whose ratio leaves [1/cap, cap].",
+        "at correction_cap (tis), or drop tokens or completions whose ratio leaves [1/cap, cap] (off where auto picks hf).",
     )
     correction_cap: float = Field(2.0, gt=1, description="C of rollout.correction.")
 

@@ -207,10 +207,11 @@ class TrainSettings(Section):
         1024, gt=0, description="Tokens per chunk when computing logits and the loss (bounds [tokens, vocab] memory)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    mixed_precision: Literal["no", "bf16"] = Field(
+    mixed_precision: Literal["no", "bf16", "auto"] = Field(
         "no",
         description="bf16: training passes multiply in bfloat16 (autocast) over float32 weights, the LM head and "
-        "losses in float32; for CPUs with AMX/AVX512-BF16 and GPUs with bf16.",
+        "losses in float32; for CPUs with AMX/AVX512-BF16 and GPUs with bf16. auto: bf16 where it is one of those "
+        "and the launch is not FSDP/DeepSpeed, else no.",
     )
     threads: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
         "auto",

@@ -78,11 +78,25 @@ def require_cpu_bf16(setting: str, instead: str) -> None:
         )
 
 
+def without_bf16_products(device: str, sharded: bool) -> str | None:
+    """Why bf16 products would not serve this run (None where they would): FSDP and DeepSpeed
+    take their precision from the launch, and a CPU or GPU without bf16 hardware runs them slower."""
+    if sharded:
+        return "FSDP and DeepSpeed take their precision from the launch"
+    if runs_on_cpu(device):
+        return None if cpu_has_bf16_matmul() else "this CPU has no bf16 matrix instructions"
+    return None if torch.cuda.is_bf16_supported() else "this GPU has no bfloat16 support"
+
+
 def training_autocast(mixed_precision: str, device: str, sharded: bool) -> Callable[[], AbstractContextManager]:
     """The context every training pass runs in, and the passes outside them that must match
     (the RL stages' log-probs, reference and values): bf16 autocast under train.mixed_precision
-    bf16, else nothing (a launch's --mixed_precision acts through accelerate's own wrapping).
-    Refuses bf16 before any model loads where it cannot serve."""
+    bf16 (or auto where bf16 serves), else nothing (a launch's --mixed_precision acts through
+    accelerate's own wrapping). Refuses bf16 before any model loads where it cannot serve."""
+    if mixed_precision == "auto":
+        reason = without_bf16_products(device, sharded)
+        mixed_precision = "no" if reason else "bf16"
+        print(f"mixed precision: auto -> {mixed_precision}" + (f" ({reason})" if reason else ""))
     if mixed_precision != "bf16":
         return nullcontext
     on_cpu = runs_on_cpu(device)

@@ -37,11 +37,11 @@ from rlhfkit.metrics import held_out_curve, overoptimisation_signs
 from rlhfkit.models import frozen_reference_copy, reference_policy, resolve, resolve_with_tokenizer
 from rlhfkit.passes import response_logprobs
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
-from rlhfkit.rollout_copy import COPY_ENGINES, Bf16Sampler, PolicyCopy, check_copy_usable
+from rlhfkit.rollout_copy import COPY_ENGINES, Bf16Sampler, PolicyCopy, check_copy_usable, resolve_auto_engine
 from rlhfkit.sampling import Rollout, row_seed, sample_rollout
 from rlhfkit.stages.before_after import measure, write_samples
 from rlhfkit.stages.refill import refill_flat_groups
-from rlhfkit.stages.rl_launch import check_process_count, check_sharded_launch
+from rlhfkit.stages.rl_launch import check_process_count, check_sharded_launch, sharded_launch
 from rlhfkit.stages.rl_measure import (
     add_paired_gains,
     check_group_column,
@@ -312,6 +312,8 @@ def train_one_step(engine: Engine, algorithm: Algorithm, rollouts: Rollouts, see
 def run_online(
     config: RLConfig, stage: str, make_algorithm: Callable[[RLSetup], Algorithm], resume: bool = False
 ) -> dict:
+    rollout = resolve_auto_engine(config.rollout, config.model.device, sharded_launch())
+    config = config.model_copy(update={"rollout": rollout})
     check_sharded_launch(config, stage)
     processes = process_state(config.model.device).num_processes
     check_process_count(config, stage, processes, getattr(getattr(config, stage), "minibatch_size", None))

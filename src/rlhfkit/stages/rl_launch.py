@@ -21,6 +21,11 @@ def check_process_count(config: RLConfig, stage: str, processes: int, minibatch_
         raise UserError(f"{stage}.minibatch_size ({minibatch_size}) must be a multiple of the {processes} processes")
 
 
+def sharded_launch() -> bool:
+    """Whether this process holds a shard of the policy (FSDP, or DeepSpeed ZeRO)."""
+    return fsdp_launch() or deepspeed_launch()
+
+
 def check_sharded_launch(config: RLConfig, stage: str) -> None:
     """Under FSDP or DeepSpeed: GRPO and PPO with LoRA on the HF rollout engine.
 
