@@ -232,7 +232,8 @@ def test_kto_refuses_feedback_of_one_kind_before_loading_a_model(tmp_path, capsy
     rows = write_jsonl(
         tmp_path / "liked.jsonl", [{"prompt": "q", "completion": f"a{i}", "label": True} for i in range(8)]
     )
-    code = main(["kto", "--set", f"data.path={rows}", "--set", "model.name_or_path=some-org/not-loaded"])
+    settings = [f"data.path={rows}", "model.name_or_path=some-org/not-loaded", f"train.output_dir={tmp_path / 'kto'}"]
+    code = main(["kto", *[arg for setting in settings for arg in ("--set", setting)]])
     assert code == 2
     assert "7 desirable (label true) and 0 undesirable" in capsys.readouterr().err
 
