@@ -19,8 +19,14 @@ def test_quickstart_config_validates_as_a_pipeline():
     from rlhfkit.config.loading import load_pipeline
 
     pipeline, configs = load_pipeline(ROOT / "configs/quickstart.yaml")
-    assert pipeline.stages == ["pretrain", "sft", "reward", "dpo", "evaluate"]
-    assert configs["dpo"].model.name_or_path == "runs/quickstart/sft"
+    assert pipeline.stages == ["pretrain", "sft", "reward", "ppo", "evaluate"]
+    assert configs["ppo"].model.name_or_path == "runs/quickstart/sft"
+    assert configs["ppo"].reward.model == "runs/quickstart/reward"
+    # DPO stays one --set away: its section chains from SFT as well
+    _, with_dpo = load_pipeline(
+        ROOT / "configs/quickstart.yaml", ["pipeline.stages=[pretrain,sft,reward,dpo,evaluate]"]
+    )
+    assert with_dpo["dpo"].model.name_or_path == "runs/quickstart/sft"
     assert "Explain quantum computing to a 10-year-old." in configs["evaluate"].extra_prompts
 
 

@@ -22,7 +22,7 @@ def test_quickstart_pipeline_runs_on_the_embedded_model(tmp_path):
         "pretrain": ["train.max_steps=1", "train.batch_size=2", "data.max_length=128", "eval.max_batches=1"],
         "sft": ["train.max_steps=1", "train.batch_size=2", "eval.max_batches=1"],
         "reward": ["train.max_steps=1", "train.batch_size=2", "eval.max_batches=1"],
-        "dpo": ["train.max_steps=1", "train.batch_size=2", "eval.max_batches=1"],
+        "ppo": ["train.max_steps=1", "rollout.prompts_per_step=2", "rollout.max_new_tokens=8"],
         "evaluate": [
             "num_prompts=2",
             "extra_prompts=[Explain quantum computing to a 10-year-old.]",
@@ -35,7 +35,7 @@ def test_quickstart_pipeline_runs_on_the_embedded_model(tmp_path):
     pretrain = json.loads((tmp_path / "pretrain" / "metrics.json").read_text())
     assert 1 < pretrain["before"]["perplexity"] < 100  # a real pretrained model, not a random one
     summary = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
-    assert summary["order"] == ["base", "sft", "dpo"]
+    assert summary["order"] == ["base", "sft", "ppo"]
     assert all("reward_mean" in m and "kl" in m for m in summary["models"].values())
     samples = (tmp_path / "evaluate" / "samples.md").read_text()
     assert "Explain quantum computing to a 10-year-old." in samples
