@@ -155,6 +155,7 @@ def test_preference_stage_fields_are_checked(stage, override, field):
         ("ppo", "rollout.top_p=1.5", "rollout.top_p"),
         ("ppo", "rollout.max_new_tokens=0", "rollout.max_new_tokens"),
         ("ppo", "ppo.critic=shared", "ppo.critic"),
+        ("grpo", "rollout.engine=fast", "rollout.engine"),
         ("ppo", "ppo.kl_estimator=k4", "ppo.kl_estimator"),
         ("ppo", "ppo.lam=1.5", "ppo.lam"),
         ("ppo", "ppo.target_kl=0", "ppo.target_kl"),
