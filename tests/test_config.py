@@ -257,3 +257,15 @@ def test_the_real_data_pipeline_chains_sft_a_minilm_reward_model_and_ppo_on_hh_p
     assert set(ppo.eval.judges) == {"held_out"}
     train, held_out, _ = load_examples(ppo.data, ppo.train.seed, prompt_examples)
     assert (len(train), len(held_out)) == (1448, 360)  # prompts split off the HH transcripts
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"needs {REAL_DATA} (the shared data folder)")
+def test_the_two_set_reward_config_holds_out_a_fifth_of_each_set(monkeypatch):
+    from rlhfkit.data.loading import load_splits
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the config's data paths are relative to the checkout
+    config = load_config("reward", root / "configs/examples/reward_hh_oasst.yaml")
+    splits = load_splits(config.data, config.train.seed)
+    held_out = {Path(source).parent.name: len(rows) for source, rows in splits.eval_parts.items()}
+    assert held_out == {"hh-rlhf-harmless": 362, "oasst-en100-trees": 41} and len(splits.train) == 1450 + 166

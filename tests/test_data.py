@@ -5,7 +5,7 @@ import pytest
 from conftest import write_jsonl
 from rlhfkit.config import ChatDataSettings, TextDataSettings
 from rlhfkit.data.examples import chat_examples, text_examples
-from rlhfkit.data.loading import builtin_file, load_splits, read_rows
+from rlhfkit.data.loading import builtin_file, load_splits, read_rows, source_labels
 from rlhfkit.errors import DataError
 
 
@@ -161,6 +161,51 @@ def test_eval_from_second_file(tmp_path):
     held_out = write_jsonl(tmp_path / "eval.jsonl", [{"text": "c"}])
     splits = load_splits(TextDataSettings(path=str(train), eval_path=str(held_out)), seed=0)
     assert len(splits.train) == 2 and splits.eval[0].values["text"] == "c"
+
+
+def test_mixed_sources_are_split_each_on_its_own_and_joined(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = write_jsonl(tmp_path / "a" / "pairs.jsonl", [{"text": f"a {i}"} for i in range(20)])
+    second = write_jsonl(tmp_path / "b" / "pairs.jsonl", [{"text": f"b {i}"} for i in range(8)])
+    alone = load_splits(TextDataSettings(path=str(first), eval_fraction=0.25), seed=4)
+    mixed = load_splits(TextDataSettings(path=str(first), mix=[str(second)], eval_fraction=0.25), seed=4)
+    assert list(mixed.eval_parts) == [str(first), str(second)]
+    assert mixed.eval_parts[str(first)] == alone.eval  # path's split is the one it has alone
+    assert [r.values["text"][0] for r in mixed.eval] == ["a"] * 5 + ["b"] * 2
+    assert len(mixed.train) == 15 + 6 and mixed.train[:15] == alone.train
+    assert not {r.where for r in mixed.eval} & {r.where for r in mixed.train}
+    capped = load_splits(TextDataSettings(path=str(first), mix=[str(second)], max_examples=17), seed=4)
+    assert len(capped.train) == 17  # the cap counts the joined rows
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [{"text": "c"}])
+    one_eval = load_splits(TextDataSettings(path=str(first), mix=[str(second)], eval_path=str(held_out)), seed=4)
+    assert len(one_eval.train) == 28 and list(one_eval.eval_parts) == [str(held_out)]
+    builtin_and_file = load_splits(TextDataSettings(mix=[str(second)], eval_fraction=0.5), seed=0)
+    assert len(builtin_and_file.eval_parts[str(second)]) == 4 and builtin_and_file.eval_parts["builtin:tutor-corpus"]
+
+
+def test_a_mixed_source_that_is_missing_or_listed_twice_is_refused(tmp_path):
+    from pydantic import ValidationError
+
+    path = str(write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}]))
+    with pytest.raises(ValidationError, match="mix(.|\\n)*data file does not exist: .*nope.jsonl"):
+        TextDataSettings(path=path, mix=[str(tmp_path / "nope.jsonl")])
+    for mix in ([path], ["builtin:tutor-corpus", "builtin:tutor-corpus"]):
+        with pytest.raises(ValidationError, match="mix(.|\\n)*listed twice"):
+            TextDataSettings(path=path, mix=mix)
+
+
+def test_source_labels_drop_the_directory_every_source_shares():
+    assert source_labels(["../d/hh/pairs.jsonl", "../d/oasst/pairs.jsonl"]) == {
+        "../d/hh/pairs.jsonl": "hh/pairs.jsonl",
+        "../d/oasst/pairs.jsonl": "oasst/pairs.jsonl",
+    }
+    assert source_labels(["builtin:tutor-prefs", "d/x.jsonl"]) == {
+        "builtin:tutor-prefs": "builtin:tutor-prefs",
+        "d/x.jsonl": "d/x.jsonl",
+    }
+    assert source_labels(["/abs/x.jsonl", "rel/x.jsonl"])["/abs/x.jsonl"] == "/abs/x.jsonl"
+    assert source_labels(["only/one.jsonl"]) == {"only/one.jsonl": "only/one.jsonl"}
 
 
 def test_builtin_datasets_are_valid():

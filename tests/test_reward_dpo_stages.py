@@ -65,6 +65,56 @@ def test_reward_model_learns_a_simple_preference(tiny_model, preference_file, tm
     assert good > bad
 
 
+def test_reward_model_on_mixed_sources_reports_each_sources_held_out_accuracy(
+    tiny_model, preference_file, tmp_path, capsys
+):
+    (tmp_path / "other").mkdir()
+    other = write_jsonl(
+        tmp_path / "other" / "pairs.jsonl",
+        [
+            {"prompt": f"Count to {n}.", "chosen": " ".join(map(str, range(1, n + 1))), "rejected": "No."}
+            for n in range(2, 14)
+        ],
+    )
+    metrics = reward.run(
+        stage_config("reward", tiny_model, preference_file, tmp_path / "rm", f"data.mix=[{other}]", "train.max_steps=2")
+    )
+    for when in ("before", "after"):
+        scores = metrics[when]
+        assert scores["pairs/prefs.jsonl"] == 6 and scores["pairs/other/pairs.jsonl"] == 3  # a quarter of 24 and 12
+        weighted = sum(
+            scores[f"accuracy/{label}"] * scores[f"pairs/{label}"] for label in ("prefs.jsonl", "other/pairs.jsonl")
+        )
+        assert scores["accuracy"] == pytest.approx(weighted / scores["pairs"])
+    assert "other/pairs.jsonl: held-out pair accuracy" in capsys.readouterr().out
+
+
+def test_binary_reward_model_on_mixed_sources_reports_each_sources_label_accuracy(tiny_model, sft_rows, tmp_path):
+    def labelled(rows, bad):
+        return [
+            {"prompt": r["prompt"], "completion": answer, "label": liked}
+            for r in rows
+            for answer, liked in ((r["completion"], True), (bad, False))
+        ]
+
+    first = write_jsonl(tmp_path / "a.jsonl", labelled(sft_rows, "No idea."))
+    second = write_jsonl(tmp_path / "b.jsonl", labelled(sft_rows, "Go away."))
+    metrics = reward.run(
+        stage_config(
+            "reward",
+            tiny_model,
+            first,
+            tmp_path / "rm",
+            f"data.mix=[{second}]",
+            "train.max_steps=1",
+            "eval.before=false",
+        )
+    )
+    after = metrics["after"]
+    assert after["examples/a.jsonl"] + after["examples/b.jsonl"] == after["examples"]
+    assert {"label_accuracy/a.jsonl", "auc/a.jsonl", "label_accuracy/b.jsonl", "auc/b.jsonl"} <= set(after)
+
+
 def test_reward_model_on_an_sft_adapter_backbone_and_score_command(
     tiny_model, preference_file, sft_rows, tmp_path, capsys
 ):

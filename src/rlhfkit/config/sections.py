@@ -130,6 +130,11 @@ class DataSettings(Section):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns: {expected_name: name_in_your_data}, e.g. {prompt: question}."
     )
+    mix: list[str] = Field(
+        default_factory=list,
+        description="More data (files, hub names, builtin:NAME) read like path and trained on with it; each is "
+        "split into train and held-out rows on its own, and the reward stage reports held-out accuracy per source.",
+    )
     eval_path: str | None = Field(None, description="Held-out data; if unset, eval_fraction of path is held out.")
     eval_split: str | None = Field(None, description="Split of eval_path (or of path) to evaluate on.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of rows held out when eval_path is unset.")
@@ -162,6 +167,15 @@ class DataSettings(Section):
     @classmethod
     def _local_data_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
         return existing_data_reference(value, info)
+
+    @field_validator("mix")
+    @classmethod
+    def _mixed_data_exists(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        for source in value:
+            existing_data_reference(source, info)
+        if len(set(value)) < len(value) or info.data.get("path") in value:
+            raise ValueError("a source is listed twice (path counts as one)")
+        return value
 
 
 class TextDataSettings(DataSettings):

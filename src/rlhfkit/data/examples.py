@@ -462,7 +462,15 @@ def prompt_examples(rows: list[Row], on_invalid: str = "error") -> tuple[list[Pr
 
 def load_examples(data: DataSettings, seed: int, parse) -> tuple[list, list, RowReport]:
     """Train and held-out examples of one kind (parse: text_examples, chat_examples, ...), validated."""
+    train, held_out_parts, report = load_examples_by_source(data, seed, parse)
+    return train, [example for examples in held_out_parts.values() for example in examples], report
+
+
+def load_examples_by_source(data: DataSettings, seed: int, parse) -> tuple[list, dict[str, list], RowReport]:
+    """As load_examples, with the held-out examples of each source (data.path, then data.mix) apart."""
     splits = load_splits(data, seed)
     train, report = parse(splits.train, data.invalid_rows)
-    held_out, _ = parse(splits.eval, data.invalid_rows) if splits.eval else ([], None)
-    return train, held_out, report
+    held_out_parts = {
+        source: parse(rows, data.invalid_rows)[0] if rows else [] for source, rows in splits.eval_parts.items()
+    }
+    return train, held_out_parts, report

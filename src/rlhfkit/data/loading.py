@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -39,6 +40,7 @@ class Row:
 class DataSplits:
     train: list[Row]
     eval: list[Row]
+    eval_parts: dict[str, list[Row]]  # each source's held-out rows (what `eval` joins)
 
 
 def builtin_file(name: str) -> tuple[Path, Path]:
@@ -188,27 +190,23 @@ def _rename(row: Row, columns: dict[str, str]) -> Row:
 
 
 def load_splits(settings: DataSettings, seed: int) -> DataSplits:
-    """Train and held-out rows: from eval_path, from the built-in eval file, or a seeded fraction of path."""
-    if settings.path.startswith(BUILTIN_PREFIX):
-        train_file, eval_file = builtin_file(settings.path[len(BUILTIN_PREFIX) :])
-        train = read_rows(str(train_file), "jsonl", columns=settings.columns)
-        held_out = read_rows(str(eval_file), "jsonl", columns=settings.columns) if settings.eval_path is None else None
-    else:
-        train = read_rows(settings.path, settings.format, settings.split, settings.columns)
-        held_out = None
+    """Train and held-out rows of path and of each data.mix source, joined.
+
+    Each source is split on its own (its built-in eval file, eval_split, or a seeded eval_fraction)
+    unless eval_path holds the held-out rows of all of them; `eval_parts` keeps each source's
+    held-out rows apart, under the source as written.
+    """
+    train: list[Row] = []
+    eval_parts: dict[str, list[Row]] = {}
+    for source in (settings.path, *settings.mix):
+        source_train, eval_parts[source] = _source_splits(settings, source, seed)
+        train += source_train
     if settings.eval_path is not None:
-        held_out = read_rows(settings.eval_path, "auto", settings.eval_split or settings.split, settings.columns)
-    elif held_out is None and settings.eval_split is not None:
-        held_out = read_rows(settings.path, settings.format, settings.eval_split, settings.columns)
-    if held_out is None:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_eval = round(len(train) * settings.eval_fraction)
-        if settings.eval_fraction > 0 and n_eval == 0 and len(train) > 1:
-            n_eval = 1
-        eval_indices = set(order[:n_eval])
-        held_out = [row for index, row in enumerate(train) if index in eval_indices]
-        train = [row for index, row in enumerate(train) if index not in eval_indices]
+        eval_parts = {
+            settings.eval_path: read_rows(
+                settings.eval_path, "auto", settings.eval_split or settings.split, settings.columns
+            )
+        }
     if settings.part is not None:
         index, count = (int(number) for number in settings.part.split("/"))
         train = [row for row in train if part_of(row.values, count) == index - 1]
@@ -217,7 +215,41 @@ def load_splits(settings: DataSettings, seed: int) -> DataSplits:
     if not train:
         kept = f" and keeping part {settings.part}" if settings.part else ""
         raise DataError(f"{settings.path}: no training rows left after holding out the eval split{kept}")
-    return DataSplits(train=train, eval=held_out)
+    return DataSplits(train=train, eval=[row for rows in eval_parts.values() for row in rows], eval_parts=eval_parts)
+
+
+def source_labels(sources: list[str]) -> dict[str, str]:
+    """Short names for data sources in metric keys: each as written, less the directory all of
+    them share (../data/hh/pairs.jsonl and ../data/oasst/pairs.jsonl: hh/pairs.jsonl, oasst/pairs.jsonl)."""
+    try:
+        shared = os.path.commonpath(sources) if len(sources) > 1 else ""
+    except ValueError:  # absolute and relative paths mixed
+        shared = ""
+    labels = {source: source[len(shared) :].lstrip("/") if shared else source for source in sources}
+    return labels if all(labels.values()) and len(set(labels.values())) == len(labels) else {s: s for s in sources}
+
+
+def _source_splits(settings: DataSettings, source: str, seed: int) -> tuple[list[Row], list[Row]]:
+    """One source's training rows and its own held-out rows (none when eval_path replaces them)."""
+    if source.startswith(BUILTIN_PREFIX):
+        train_file, eval_file = builtin_file(source[len(BUILTIN_PREFIX) :])
+        train = read_rows(str(train_file), "jsonl", columns=settings.columns)
+        if settings.eval_path is None:
+            return train, read_rows(str(eval_file), "jsonl", columns=settings.columns)
+        return train, []
+    train = read_rows(source, settings.format, settings.split, settings.columns)
+    if settings.eval_path is not None:
+        return train, []
+    if settings.eval_split is not None:
+        return train, read_rows(source, settings.format, settings.eval_split, settings.columns)
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    n_eval = round(len(train) * settings.eval_fraction)
+    if settings.eval_fraction > 0 and n_eval == 0 and len(train) > 1:
+        n_eval = 1
+    eval_indices = set(order[:n_eval])
+    held_out = [row for index, row in enumerate(train) if index in eval_indices]
+    return [row for index, row in enumerate(train) if index not in eval_indices], held_out
 
 
 def part_of(values: dict[str, Any], count: int) -> int:

@@ -22,11 +22,12 @@ from rlhfkit.data.examples import (
     FeedbackExample,
     feedback_examples,
     label_counts,
-    load_examples,
+    load_examples_by_source,
     preference_examples,
     training_data_summary,
 )
 from rlhfkit.data.formatting import tokenize_feedback, tokenize_pairs
+from rlhfkit.data.loading import source_labels
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.engine.held_out import held_out_rows, held_out_sums
 from rlhfkit.errors import ConfigError
@@ -67,23 +68,37 @@ def label_loss(model: torch.nn.Module, batch: LabelledAnswersBatch) -> LossOutpu
     )
 
 
-def evaluate_answers(engine: Engine, batches: list[LabelledAnswersBatch]) -> dict[str, float]:
+def evaluate_answers(engine: Engine, parts: dict[str, list[LabelledAnswersBatch]]) -> dict[str, float]:
     """Held-out label accuracy (the reward's sign; ties count half), AUC, log-loss and the mean
-    reward of each class, from every answer's reward (split over the launch's processes)."""
+    reward of each class, from every answer's reward (split over the launch's processes); with
+    several sources, label accuracy and AUC of each too."""
 
     def rows_of(batch: LabelledAnswersBatch) -> torch.Tensor:
         return torch.stack([sequence_rewards(engine.model, batch), batch.labels.float()], dim=1)  # (N, 2)
 
-    rows = held_out_rows(engine, batches, rows_of, width=2)
+    part_rows = {label: held_out_rows(engine, batches, rows_of, width=2) for label, batches in parts.items()}
+    rows = torch.cat(list(part_rows.values()))
     rewards, liked = rows[:, 0], rows[:, 1] > 0.5
-    signed = torch.where(liked, rewards, -rewards)
-    return {
-        "label_accuracy": ((signed > 0).double() + 0.5 * (signed == 0).double()).mean().item(),
-        "auc": ranking_auc(rewards.tolist(), liked.tolist()),
+    scores = {
+        **_label_agreement(rewards, liked),
         "log_loss": binary_feedback_loss(rewards, liked).mean().item(),
         "reward_desirable": rewards[liked].mean().item(),
         "reward_undesirable": rewards[~liked].mean().item(),
         "examples": int(rewards.numel()),
+    }
+    for label, part in part_rows.items() if len(part_rows) > 1 else ():
+        if not len(part):
+            continue
+        agreement = _label_agreement(part[:, 0], part[:, 1] > 0.5)
+        scores |= {f"{name}/{label}": value for name, value in agreement.items()} | {f"examples/{label}": len(part)}
+    return scores
+
+
+def _label_agreement(rewards: torch.Tensor, liked: torch.Tensor) -> dict[str, float]:
+    signed = torch.where(liked, rewards, -rewards)
+    return {
+        "label_accuracy": ((signed > 0).double() + 0.5 * (signed == 0).double()).mean().item(),
+        "auc": ranking_auc(rewards.tolist(), liked.tolist()),
     }
 
 
@@ -105,9 +120,13 @@ def reward_loss(center_coef: float, use_margins: bool):
     return loss_fn
 
 
-def evaluate_pairs(engine: Engine, batches: list[RewardBatch]) -> dict[str, float]:
+SUM_NAMES = ("wins", "chosen", "rejected", "squares", "pairs")
+
+
+def evaluate_pairs(engine: Engine, parts: dict[str, list[RewardBatch]]) -> dict[str, float]:
     """Pair accuracy (ties count half), mean margin r_c − r_r, and reward mean/std over held-out
-    pairs, from sums over the batches (split over the launch's processes)."""
+    pairs, from sums over the batches (split over the launch's processes); with several sources,
+    the pair accuracy of each too."""
 
     def sums_of(batch: RewardBatch) -> dict[str, float]:
         chosen, rejected = pair_rewards(engine.model, batch)
@@ -119,13 +138,14 @@ def evaluate_pairs(engine: Engine, batches: list[RewardBatch]) -> dict[str, floa
             "pairs": chosen.numel(),
         }
 
-    sums = held_out_sums(engine, batches, sums_of)
+    part_sums = {label: held_out_sums(engine, batches, sums_of) for label, batches in parts.items()}
+    sums = {name: sum(part.get(name, 0.0) for part in part_sums.values()) for name in SUM_NAMES}
     pairs, total = sums["pairs"], sums["chosen"] + sums["rejected"]
     rewards = 2 * pairs
     variance = (
         (sums["squares"] - total * total / rewards) / (rewards - 1) if rewards > 1 else 0.0
     )  # unbiased, as torch.std
-    return {
+    scores = {
         "accuracy": sums["wins"] / pairs,
         "margin": (sums["chosen"] - sums["rejected"]) / pairs,
         "reward_mean": total / rewards,
@@ -134,6 +154,10 @@ def evaluate_pairs(engine: Engine, batches: list[RewardBatch]) -> dict[str, floa
         "rejected_mean": sums["rejected"] / pairs,
         "pairs": int(pairs),
     }
+    for label, part in part_sums.items() if len(part_sums) > 1 else ():
+        if part.get("pairs"):
+            scores |= {f"accuracy/{label}": part["wins"] / part["pairs"], f"pairs/{label}": int(part["pairs"])}
+    return scores
 
 
 def reward_examples(objective: str):
@@ -152,7 +176,8 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
     train, data = config.train, config.data
 
     # Data: every row is read and checked before any weights load; the rows decide the objective.
-    train_examples, eval_examples, report = load_examples(data, train.seed, reward_examples(config.loss.objective))
+    parse = reward_examples(config.loss.objective)
+    train_examples, eval_parts, report = load_examples_by_source(data, train.seed, parse)
     pointwise = isinstance(train_examples[0], FeedbackExample)
     if pointwise:
         label_counts(train_examples, f"{data.path} (training split)")
@@ -163,7 +188,12 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
     length = data.max_length - len(wrap([]))  # leave room for [CLS]/[SEP]
     tokenize = tokenize_feedback if pointwise else tokenize_pairs
     train_set, counts = tokenize(tokenizer, train_examples, data.template, length, data.overlong)
-    eval_set, _ = tokenize(tokenizer, eval_examples, data.template, length, data.overlong)
+    labels = source_labels(list(eval_parts))
+    eval_sets = {
+        labels[source]: tokenize(tokenizer, part, data.template, length, data.overlong)[0]
+        for source, part in eval_parts.items()
+    }
+    eval_set = [example for part in eval_sets.values() for example in part]
     unit = "labelled answers" if pointwise else "pairs"
     print(f"data: {training_data_summary(report, counts, len(train_set), len(eval_set), unit)}")
 
@@ -185,7 +215,7 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
         loss_fn, evaluate_held_out = reward_loss(config.loss.center_coef, config.loss.use_margins), evaluate_pairs
     batches_for_epoch = lambda epoch: batches(train_set, train.seed + epoch)  # noqa: E731
     engine.prepare(model, steps_for(len(batches_for_epoch(0)), train))
-    eval_batches = batches(eval_set, None)[: config.eval.max_batches]
+    eval_batches = {label: batches(part, None)[: config.eval.max_batches] for label, part in eval_sets.items() if part}
     evaluate = (lambda: evaluate_held_out(engine, eval_batches)) if eval_batches else None
     engine.resume(resume)
 
