@@ -743,3 +743,21 @@ def test_dynamic_sampling_rounds_refill_the_batch(tiny_model, prompt_file, rewar
     grpo.run(config)
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 3 and sum(record["train/refilled_groups"] for record in log) > 0
+
+
+def test_the_flat_group_warning_tells_solved_prompts_from_unrewarded_ones():
+    from rlhfkit.stages.grpo import describe_flat_groups
+
+    def warning(*groups):
+        rewards = torch.tensor([value for group in groups for value in group])
+        flat = sum(len(set(group)) == 1 for group in groups) / len(groups)
+        return describe_flat_groups(flat, rewards, 2, max_new_tokens=48)
+
+    assert warning([1.0, 1.0], [0.0, 1.0], [1.0, 0.0]) is None  # a third of the groups flat: no warning
+    solved = warning([1.0, 1.0], [1.0, 1.0], [0.0, 0.0], [0.0, 1.0])
+    assert solved.startswith("75% of groups have zero reward variance, most with every completion at the batch's top")
+    assert "rollout.samples_per_prompt" in solved and "grpo.dynamic_sampling" in solved
+    unrewarded = warning([0.0, 0.0], [0.0, 0.0], [1.0, 1.0], [0.0, 1.0])
+    assert unrewarded.startswith("75% of groups have zero reward variance: those groups give no policy gradient")
+    assert "rollout.max_new_tokens=48" in unrewarded
+    assert warning([0.0, 0.0], [0.0, 0.0]).startswith("every completion got the same reward (0)")

@@ -41,14 +41,23 @@ from rlhfkit.stages.rl_measure import rollout_summary, training_mask
 STAGE = "grpo"
 
 
-def describe_flat_groups(fraction: float, rewards: torch.Tensor, max_new_tokens: int) -> str | None:
-    """A warning when most groups have one reward for every completion (no learning signal)."""
+def describe_flat_groups(fraction: float, rewards: torch.Tensor, group_size: int, max_new_tokens: int) -> str | None:
+    """A warning when most groups have one reward for every completion (no learning signal), with
+    advice for why: completions that never earn a reward, or prompts every sample already solves."""
     if fraction < 0.5:
         return None
     if fraction == 1.0 and bool((rewards == rewards[0]).all()):
         what = f"every completion got the same reward ({float(rewards[0]):g})"
     else:
         what = f"{fraction:.0%} of groups have zero reward variance"
+        flat = ~spread_groups(rewards, group_size)
+        solved = flat & (rewards.view(-1, group_size)[:, 0] == rewards.max())
+        if 2 * int(solved.sum()) > int(flat.sum()):
+            return (
+                f"{what}, most with every completion at the batch's top reward ({float(rewards.max()):g}): those "
+                "groups give no policy gradient. The prompts are mostly solved: raise rollout.samples_per_prompt, "
+                "set grpo.dynamic_sampling to replace such groups, or train on harder prompts."
+            )
     return (
         f"{what}: those groups give no policy gradient. Check that completions can reach an answer "
         f"(rollout.max_new_tokens={max_new_tokens}), that the reward parses them, or warm the policy up with SFT first."
@@ -169,7 +178,7 @@ class GRPO:
         if settings.dynamic_sampling:  # DAPO: flat groups leave the update and its token counts
             mask = mask * spread_groups(rewards, group_size).repeat_interleave(group_size)[:, None].to(mask)
         else:
-            message = describe_flat_groups(flat_fraction, rewards, context.config.rollout.max_new_tokens)
+            message = describe_flat_groups(flat_fraction, rewards, group_size, context.config.rollout.max_new_tokens)
             if message:
                 warn(f"step {engine.progress.step + 1}: {message}")
         targets = (
