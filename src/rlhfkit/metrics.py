@@ -209,11 +209,10 @@ METRIC_LABELS = {
 def describe(scores: dict) -> str:
     """One console line for a stage's held-out metrics (other keys, such as answers, are skipped)."""
     parts = [label.format(scores[name]) for name, label in METRIC_LABELS.items() if name in scores]
-    parts += [  # per data source: "accuracy/hh/pairs.jsonl"
-        f"{name.partition('/')[2]}: {METRIC_LABELS[name.partition('/')[0]].format(value)}"
-        for name, value in scores.items()
-        if name.partition("/")[0] in ("accuracy", "label_accuracy") and name.partition("/")[2]
-    ]
+    for name, value in scores.items():  # per data source: "accuracy/hh/pairs.jsonl"
+        metric, _, source = name.partition("/")
+        if source and metric in ("accuracy", "label_accuracy"):
+            parts.append(f"{source}: {METRIC_LABELS[metric].format(value)}")
     parts += [f"{name} {group['reward_mean']:.3f}" for name, group in scores.get("groups", {}).items()]
     if "greedy" in scores:
         greedy = scores["greedy"]

@@ -50,11 +50,11 @@ def describe_flat_groups(fraction: float, rewards: torch.Tensor, group_size: int
         what = f"every completion got the same reward ({float(rewards[0]):g})"
     else:
         what = f"{fraction:.0%} of groups have zero reward variance"
-        flat = ~spread_groups(rewards, group_size)
-        solved = flat & (rewards.view(-1, group_size)[:, 0] == rewards.max())
+        flat, top = ~spread_groups(rewards, group_size), rewards.max()
+        solved = flat & (rewards.view(-1, group_size)[:, 0] == top)
         if 2 * int(solved.sum()) > int(flat.sum()):
             return (
-                f"{what}, most with every completion at the batch's top reward ({float(rewards.max()):g}): those "
+                f"{what}, most with every completion at the batch's top reward ({float(top):g}): those "
                 "groups give no policy gradient. The prompts are mostly solved: raise rollout.samples_per_prompt, "
                 "set grpo.dynamic_sampling to replace such groups, or train on harder prompts."
             )

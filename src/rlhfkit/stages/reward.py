@@ -71,7 +71,7 @@ def label_loss(model: torch.nn.Module, batch: LabelledAnswersBatch) -> LossOutpu
 def evaluate_answers(engine: Engine, parts: dict[str, list[LabelledAnswersBatch]]) -> dict[str, float]:
     """Held-out label accuracy (the reward's sign; ties count half), AUC, log-loss and the mean
     reward of each class, from every answer's reward (split over the launch's processes); with
-    several sources, label accuracy and AUC of each too."""
+    several sources, label accuracy and AUC of each too. `parts`: each source's batches, none empty."""
 
     def rows_of(batch: LabelledAnswersBatch) -> torch.Tensor:
         return torch.stack([sequence_rewards(engine.model, batch), batch.labels.float()], dim=1)  # (N, 2)
@@ -87,8 +87,6 @@ def evaluate_answers(engine: Engine, parts: dict[str, list[LabelledAnswersBatch]
         "examples": int(rewards.numel()),
     }
     for label, part in part_rows.items() if len(part_rows) > 1 else ():
-        if not len(part):
-            continue
         agreement = _label_agreement(part[:, 0], part[:, 1] > 0.5)
         scores |= {f"{name}/{label}": value for name, value in agreement.items()} | {f"examples/{label}": len(part)}
     return scores
@@ -126,7 +124,7 @@ SUM_NAMES = ("wins", "chosen", "rejected", "squares", "pairs")
 def evaluate_pairs(engine: Engine, parts: dict[str, list[RewardBatch]]) -> dict[str, float]:
     """Pair accuracy (ties count half), mean margin r_c − r_r, and reward mean/std over held-out
     pairs, from sums over the batches (split over the launch's processes); with several sources,
-    the pair accuracy of each too."""
+    the pair accuracy of each too. `parts`: each source's held-out batches, none empty."""
 
     def sums_of(batch: RewardBatch) -> dict[str, float]:
         chosen, rejected = pair_rewards(engine.model, batch)
@@ -139,7 +137,7 @@ def evaluate_pairs(engine: Engine, parts: dict[str, list[RewardBatch]]) -> dict[
         }
 
     part_sums = {label: held_out_sums(engine, batches, sums_of) for label, batches in parts.items()}
-    sums = {name: sum(part.get(name, 0.0) for part in part_sums.values()) for name in SUM_NAMES}
+    sums = {name: sum(part[name] for part in part_sums.values()) for name in SUM_NAMES}
     pairs, total = sums["pairs"], sums["chosen"] + sums["rejected"]
     rewards = 2 * pairs
     variance = (
@@ -155,8 +153,7 @@ def evaluate_pairs(engine: Engine, parts: dict[str, list[RewardBatch]]) -> dict[
         "pairs": int(pairs),
     }
     for label, part in part_sums.items() if len(part_sums) > 1 else ():
-        if part.get("pairs"):
-            scores |= {f"accuracy/{label}": part["wins"] / part["pairs"], f"pairs/{label}": int(part["pairs"])}
+        scores |= {f"accuracy/{label}": part["wins"] / part["pairs"], f"pairs/{label}": int(part["pairs"])}
     return scores
 
 
