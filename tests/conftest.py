@@ -147,9 +147,16 @@ def sft_rows() -> list[dict]:
         ("How do plants eat?", "Plants use sunlight, water and air to make their own food."),
         ("What is sound?", "Sound is a wave that moves through the air to your ears."),
     ]
-    return [{"prompt": p, "completion": c} for p, c in facts * 4]
+    asked = (
+        "{}",
+        "{} Please explain.",
+        "Tell me: {}",
+        "{} I am curious.",
+    )  # each row its own: none held out and trained on
+    return [{"prompt": ask.format(p), "completion": c} for ask in asked for p, c in facts]
 
 
 @pytest.fixture()
 def text_rows() -> list[dict]:
-    return [{"text": text * 3} for text in TRAINING_TEXT * 6]
+    separators = (" ", "\n", "  ", " \n", "\n\n", "\t")  # six copies of each text, no two rows equal
+    return [{"text": separator.join([text] * 3)} for separator in separators for text in TRAINING_TEXT]

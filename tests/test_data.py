@@ -184,6 +184,18 @@ def test_mixed_sources_are_split_each_on_its_own_and_joined(tmp_path):
     assert len(builtin_and_file.eval_parts[str(second)]) == 4 and builtin_and_file.eval_parts["builtin:tutor-corpus"]
 
 
+def test_the_seeded_split_keeps_every_copy_of_a_row_on_one_side(tmp_path):
+    rows = [{"prompt": f"q {i}", "answer": i} for i in range(10)]
+    path = write_jsonl(tmp_path / "problems.jsonl", rows + rows[:4])  # a file that repeats problems
+    splits = load_splits(ChatDataSettings(path=str(path), eval_fraction=0.3), seed=1)
+    held_out = [row.values["prompt"] for row in splits.eval]
+    assert held_out == ["q 0", "q 3", "q 0", "q 3"]  # two repeated problems fill the four places, both copies
+    assert not set(held_out) & {row.values["prompt"] for row in splits.train}
+    assert len(splits.train) == 14 - 4
+    unique = write_jsonl(tmp_path / "unique.jsonl", rows)
+    assert len(load_splits(ChatDataSettings(path=str(unique), eval_fraction=0.3), seed=1).eval) == 3
+
+
 def test_a_mixed_source_that_is_missing_or_listed_twice_is_refused(tmp_path):
     from pydantic import ValidationError
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -242,14 +243,29 @@ def _source_splits(settings: DataSettings, source: str, seed: int) -> tuple[list
         return train, []
     if settings.eval_split is not None:
         return train, read_rows(source, settings.format, settings.eval_split, settings.columns)
-    order = list(range(len(train)))
+    return _fraction_split(train, settings.eval_fraction, seed)
+
+
+def _fraction_split(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """A seeded share of the rows held out, every copy of a row on the same side: a file that
+    repeats a problem (MAWPS repeats 31) must not have it held out and trained on."""
+    order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    n_eval = round(len(train) * settings.eval_fraction)
-    if settings.eval_fraction > 0 and n_eval == 0 and len(train) > 1:
+    n_eval = round(len(rows) * fraction)
+    if fraction > 0 and n_eval == 0 and len(rows) > 1:
         n_eval = 1
-    eval_indices = set(order[:n_eval])
-    held_out = [row for index, row in enumerate(train) if index in eval_indices]
-    return [row for index, row in enumerate(train) if index not in eval_indices], held_out
+    keys = [json.dumps(row.values, sort_keys=True, default=str) for row in rows]
+    copies = Counter(keys)
+    held_out_keys: set[str] = set()
+    held_out_count = 0
+    for index in order:
+        if held_out_count >= n_eval:
+            break
+        if keys[index] not in held_out_keys:
+            held_out_keys.add(keys[index])
+            held_out_count += copies[keys[index]]
+    train = [row for row, key in zip(rows, keys, strict=True) if key not in held_out_keys]
+    return train, [row for row, key in zip(rows, keys, strict=True) if key in held_out_keys]
 
 
 def part_of(values: dict[str, Any], count: int) -> int:
