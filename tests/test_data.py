@@ -184,6 +184,23 @@ def test_mixed_sources_are_split_each_on_its_own_and_joined(tmp_path):
     assert len(builtin_and_file.eval_parts[str(second)]) == 4 and builtin_and_file.eval_parts["builtin:tutor-corpus"]
 
 
+def test_a_mixed_source_weight_repeats_or_thins_its_training_rows_only(tmp_path):
+    first = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a {i}"} for i in range(20)])
+    second = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b {i}"} for i in range(8)])
+    once = load_splits(TextDataSettings(path=str(first), mix=[str(second)], eval_fraction=0.25), seed=4)
+    for weight, copies in ((2.5, 15), (3, 18), (0.5, 3)):
+        weighted = load_splits(TextDataSettings(path=str(first), mix={str(second): weight}, eval_fraction=0.25), seed=4)
+        assert weighted.eval_parts == once.eval_parts  # held-out rows are never repeated
+        assert weighted.train[:15] == once.train[:15]
+        mixed_rows = weighted.train[15:]
+        assert len(mixed_rows) == copies and {r.where for r in mixed_rows} <= {r.where for r in once.train[15:]}
+        assert mixed_rows[: 6 * int(weight)] == once.train[15:] * int(weight)
+    again = load_splits(TextDataSettings(path=str(first), mix={str(second): 0.5}, eval_fraction=0.25), seed=4)
+    assert again.train == weighted.train  # the thinned share is seeded
+    with pytest.raises(ValueError, match="mix(.|\\n)*weight 0 must be above 0"):
+        TextDataSettings(path=str(first), mix={str(second): 0})
+
+
 def test_the_seeded_split_keeps_every_copy_of_a_row_on_one_side(tmp_path):
     rows = [{"prompt": f"q {i}", "answer": i} for i in range(10)]
     path = write_jsonl(tmp_path / "problems.jsonl", rows + rows[:4])  # a file that repeats problems

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -130,10 +130,11 @@ class DataSettings(Section):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns: {expected_name: name_in_your_data}, e.g. {prompt: question}."
     )
-    mix: list[str] = Field(
-        default_factory=list,
-        description="More data (files, hub names, builtin:NAME) read like path and trained on with it; each is "
-        "split into train and held-out rows on its own, and the reward stage reports held-out accuracy per source.",
+    mix: dict[str, float] = Field(
+        default_factory=dict,
+        description="More data (files, hub names, builtin:NAME) read like path and trained on with it: a list, or "
+        "{source: weight} where weight 3 repeats the source's training rows three times and 0.5 keeps a seeded half. "
+        "Each is split into train and held-out rows on its own; the reward stage reports held-out accuracy per source.",
     )
     eval_path: str | None = Field(None, description="Held-out data; if unset, eval_fraction of path is held out.")
     eval_split: str | None = Field(None, description="Split of eval_path (or of path) to evaluate on.")
@@ -168,13 +169,24 @@ class DataSettings(Section):
     def _local_data_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
         return existing_data_reference(value, info)
 
+    @field_validator("mix", mode="before")
+    @classmethod
+    def _mix_as_weights(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        if len(set(map(str, value))) < len(value):
+            raise ValueError("a source is listed twice")
+        return dict.fromkeys(value, 1.0)
+
     @field_validator("mix")
     @classmethod
-    def _mixed_data_exists(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        for source in value:
+    def _mixed_data_exists(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        for source, weight in value.items():
             existing_data_reference(source, info)
-        if len(set(value)) < len(value) or info.data.get("path") in value:
-            raise ValueError("a source is listed twice (path counts as one)")
+            if weight <= 0:
+                raise ValueError(f"{source}: weight {weight:g} must be above 0 (leave the source out instead)")
+        if info.data.get("path") in value:
+            raise ValueError("path is listed twice (it is always trained on)")
         return value
 
 

@@ -195,13 +195,14 @@ def load_splits(settings: DataSettings, seed: int) -> DataSplits:
 
     Each source is split on its own (its built-in eval file, eval_split, or a seeded eval_fraction)
     unless eval_path holds the held-out rows of all of them; `eval_parts` keeps each source's
-    held-out rows apart, under the source as written.
+    held-out rows apart, under the source as written. A mixed source's training rows count
+    `weight` times (weights only repeat or thin out training rows, never held-out ones).
     """
     train: list[Row] = []
     eval_parts: dict[str, list[Row]] = {}
-    for source in (settings.path, *settings.mix):
+    for source, weight in {settings.path: 1.0, **settings.mix}.items():
         source_train, eval_parts[source] = _source_splits(settings, source, seed)
-        train += source_train
+        train += _weighted(source_train, weight, seed)
     if settings.eval_path is not None:
         eval_parts = {
             settings.eval_path: read_rows(
@@ -228,6 +229,13 @@ def source_labels(sources: list[str]) -> dict[str, str]:
         shared = ""
     labels = {source: source[len(shared) :].lstrip("/") if shared else source for source in sources}
     return labels if all(labels.values()) and len(set(labels.values())) == len(labels) else {s: s for s in sources}
+
+
+def _weighted(rows: list[Row], weight: float, seed: int) -> list[Row]:
+    """The rows `int(weight)` times, then a seeded share of them for what weight has beyond that."""
+    whole, fraction = divmod(weight, 1.0)
+    share = sorted(random.Random(seed).sample(range(len(rows)), round(len(rows) * fraction)))
+    return rows * int(whole) + [rows[index] for index in share]
 
 
 def _source_splits(settings: DataSettings, source: str, seed: int) -> tuple[list[Row], list[Row]]:
