@@ -1,14 +1,16 @@
-"""Worked answers for a format warm-up before GRPO on MAWPS SingleOp.
+"""Worked answers for an SFT warm-up before GRPO on MAWPS SingleOp.
 
     python scripts/mawps_worked_answers.py            # writes runs/examples/mawps-worked.jsonl
 
 The embedded model restates a word problem at length before any answer, so within an RL-sized
 completion budget it rarely reaches a number the reward can read (measured: 84-94% of 64-token
-completions cut off, most GRPO groups without reward variance). A short SFT on answers in the
-form "7 + 2 = 9. The answer is 9." teaches the format. Each answer is derived from the problem's
-own numbers and its target: the first ordered pair (a, b) of numbers in the question with
-a + b, a - b, a × b or a ÷ b equal to the target. Only the problems GRPO trains on are used —
-the split comes from the GRPO config itself, so its held-out problems are never seen.
+completions cut off, most GRPO groups without reward variance). SFT on answers in the form
+"7 + 2 = 9. The answer is 9." teaches the format in a few steps and, over three epochs, which
+numbers a problem combines and how (greedy held-out accuracy 0.48). Each answer is derived
+from the problem's own numbers and its target: the first ordered pair (a, b) of numbers in the
+question with a + b, a - b, a × b or a ÷ b equal to the target. Only the problems GRPO trains
+on are used — the split comes from the GRPO config itself, so its held-out problems are never
+seen.
 """
 
 from __future__ import annotations
