@@ -127,6 +127,19 @@ def tiny_reward_model(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def second_reward_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model as a reward model with another random score head: an ensemble's second member."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    directory = tmp_path_factory.mktemp("second-reward-model")
+    torch.manual_seed(2)
+    LlamaForSequenceClassification.from_pretrained(tiny_model, num_labels=1).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def tiny_plain_model(tmp_path_factory) -> Path:
     """The same tiny model, but its tokenizer has no chat template (the plain template applies)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-plain-model"), chat_template=None)

@@ -8,7 +8,14 @@ from rlhfkit.errors import UserError
 from rlhfkit.models import ModelSettings, load_causal_lm, load_tokenizer, resolve
 from rlhfkit.passes import response_logprobs
 from rlhfkit.reward_functions import final_number, numeric_answer
-from rlhfkit.rewards import RewardError, RewardModelScorer, RewardSource, load_reward_function, score_completions
+from rlhfkit.rewards import (
+    RewardError,
+    RewardModelScorer,
+    RewardSource,
+    combine_ensemble,
+    load_reward_function,
+    score_completions,
+)
 from rlhfkit.sampling import encode_prompts, response_mask_from, sample_rollout
 
 PROMPTS = [({"role": "user", "content": "What is 2 + 2?"},), ({"role": "user", "content": "What is 3 + 4?"},)]
@@ -126,6 +133,45 @@ def test_reward_settings_need_exactly_one_source():
         RewardSourceSettings()
     with pytest.raises(ValueError, match="exactly one"):
         RewardSourceSettings(function="a:b", model="x")
+
+
+def test_ensemble_objectives_by_hand():
+    members = torch.tensor([[1.0, 2.0], [3.0, 2.0], [2.0, 5.0]])  # 3 reward models x 2 answers
+    reward, spread = combine_ensemble(members, "mean")
+    assert reward.tolist() == pytest.approx([2.0, 3.0])
+    assert spread.tolist() == pytest.approx([(2 / 3) ** 0.5, 2**0.5])  # variances 2/3 and 6/3
+    assert combine_ensemble(members, "worst_case")[0].tolist() == [1.0, 2.0]
+    assert combine_ensemble(members, "uncertainty_weighted", 0.5)[0].tolist() == pytest.approx([2 - 1 / 3, 3 - 1])
+
+
+def test_an_ensemble_scores_with_every_member_and_reports_their_disagreement(tiny_reward_model, second_reward_model):
+    answers = ["4", "It is 7."]
+    first = RewardModelScorer(str(tiny_reward_model)).score(PROMPTS, answers)
+    second = RewardModelScorer(str(second_reward_model)).score(PROMPTS, answers)
+    settings = RewardSourceSettings(
+        model=str(tiny_reward_model),
+        ensemble=[str(second_reward_model)],
+        ensemble_objective="uncertainty_weighted",
+        uncertainty_penalty=0.5,
+    )
+    scored = score_completions(RewardSource(settings), PROMPTS, answers, [{}, {}], torch.tensor([True, True]))
+    half_gaps = [abs(a - b) / 2 for a, b in zip(first, second)]  # two members: variance = (half their gap)²
+    means = [(a + b) / 2 for a, b in zip(first, second)]
+    assert scored.scores.tolist() == pytest.approx([m - 0.5 * g**2 for m, g in zip(means, half_gaps)], abs=1e-5)
+    assert scored.disagreement.tolist() == pytest.approx(half_gaps, abs=1e-5) and min(half_gaps) > 0
+    alone = score_completions(
+        RewardSource(RewardSourceSettings(model=str(tiny_reward_model))), PROMPTS, answers, [{}, {}], torch.ones(2) > 0
+    )
+    assert alone.disagreement is None and alone.scores.tolist() == pytest.approx(first, abs=1e-6)
+
+
+def test_ensemble_settings_are_checked(tiny_reward_model):
+    with pytest.raises(ValueError, match="ensemble: its reward models score beside `model`"):
+        RewardSourceSettings(function="a:b", ensemble=[str(tiny_reward_model)])
+    with pytest.raises(ValueError, match="'worst_case' needs reward models listed in ensemble"):
+        RewardSourceSettings(model=str(tiny_reward_model), ensemble_objective="worst_case")
+    with pytest.raises(ValueError, match="uncertainty_penalty"):
+        RewardSourceSettings(model=str(tiny_reward_model), ensemble=[str(tiny_reward_model)], uncertainty_penalty=-1)
 
 
 @pytest.fixture(scope="module")

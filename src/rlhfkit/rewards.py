@@ -218,25 +218,70 @@ def _prompt_text(prompt: Messages) -> str:
     return prompt[-1]["content"]
 
 
+def combine_ensemble(
+    member_scores: torch.Tensor, objective: str, uncertainty_penalty: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ensemble's reward per completion and its members' disagreement, from their scores (M, N).
+
+    Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization", with r̄ the mean
+    over the M members and Var their (population) variance:
+
+        mean:                  r = r̄ = (1/M) Σ_m r_m
+        worst_case (WCO):      r = min_m r_m
+        uncertainty_weighted:  r = r̄ − λ · Var_m(r_m),  Var_m(r_m) = (1/M) Σ_m (r_m − r̄)²
+
+    The disagreement is the members' standard deviation, √Var_m(r_m): where members disagree, the
+    answer lies outside what their shared training data pinned down.
+    """
+    mean = member_scores.mean(dim=0)
+    variance = member_scores.var(dim=0, correction=0)
+    if objective == "mean":
+        reward = mean
+    elif objective == "worst_case":
+        reward = member_scores.min(dim=0).values
+    elif objective == "uncertainty_weighted":
+        reward = mean - uncertainty_penalty * variance
+    else:
+        raise ValueError(f"unknown ensemble objective {objective!r}")
+    return reward, variance.sqrt()
+
+
 class RewardSource:
     """The configured reward: call it with prompts (as chat turns), completions and the rows' other columns."""
 
     def __init__(self, settings: RewardSourceSettings, template: str = "auto") -> None:
         self.settings = settings
+        self.members: list[RewardModelScorer] = []
         if settings.function is not None:
             self.name = settings.function
             self.function = load_reward_function(settings.function)
-            self.scorer = None
         else:
-            self.name = settings.model
+            self.name = settings.model if not settings.ensemble else f"an ensemble of {1 + len(settings.ensemble)}"
             self.function = None
-            self.scorer = RewardModelScorer(
-                settings.model, settings.max_length, template, label=settings.label, output=settings.output
+            self.members = [
+                RewardModelScorer(model, settings.max_length, template, label=settings.label, output=settings.output)
+                for model in (settings.model, *settings.ensemble)
+            ]
+
+    def scores_and_disagreement(
+        self, prompts: Sequence[Messages], completions: Sequence[str], columns: Sequence[dict]
+    ) -> tuple[list[Any], list[float] | None]:
+        """One reward per completion and, for an ensemble, its members' disagreement per completion."""
+        if len(self.members) > 1:
+            member_scores = torch.tensor(
+                [member.score(prompts, completions) for member in self.members], dtype=torch.float64
             )
+            reward, disagreement = combine_ensemble(
+                member_scores, self.settings.ensemble_objective, self.settings.uncertainty_penalty
+            )
+            return reward.tolist(), disagreement.tolist()
+        return self.raw_scores(prompts, completions, columns), None
 
     def raw_scores(self, prompts: Sequence[Messages], completions: Sequence[str], columns: Sequence[dict]) -> list[Any]:
-        if self.scorer is not None:
-            return self.scorer.score(prompts, completions)
+        if len(self.members) > 1:
+            return self.scores_and_disagreement(prompts, completions, columns)[0]
+        if self.members:
+            return self.members[0].score(prompts, completions)
         names = dict.fromkeys(name for row in columns for name in row)  # every column, in first-seen order
         keyword_lists = {name: [row.get(name) for row in columns] for name in names}
         try:
@@ -257,6 +302,7 @@ class ScoredBatch:
     valid: torch.Tensor  # (N,) bool: False for samples left out of the update (on_invalid: skip)
     raw_mean: float  # mean reward before shaping over valid samples
     skipped: int
+    disagreement: torch.Tensor | None = None  # (N,) an ensemble's spread over its members; None for one source
 
     def per_answer(self) -> list[float | None]:
         """Each completion's score, None where the reward gave none (on_invalid: skip)."""
@@ -272,7 +318,7 @@ def score_completions(
 ) -> ScoredBatch:
     """Rewards of a batch of completions with validity checks and EOS shaping."""
     settings = source.settings
-    raw = source.raw_scores(prompts, completions, columns)
+    raw, disagreement = source.scores_and_disagreement(prompts, completions, columns)
     values, valid = [], []
     for index, value in enumerate(raw):
         number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
@@ -295,7 +341,8 @@ def score_completions(
     raw_mean = float(scores[valid_mask].mean()) if valid_mask.any() else math.nan
     if settings.missing_eos_penalty is not None:
         scores = scores - settings.missing_eos_penalty * (~ended.cpu()).float()
-    return ScoredBatch(scores * valid_mask, valid_mask, raw_mean, int((~valid_mask).sum()))
+    spread = None if disagreement is None else torch.tensor(disagreement, dtype=torch.float32)
+    return ScoredBatch(scores * valid_mask, valid_mask, raw_mean, int((~valid_mask).sum()), spread)
 
 
 def concat_scored(parts: Sequence[ScoredBatch]) -> ScoredBatch:
@@ -304,7 +351,9 @@ def concat_scored(parts: Sequence[ScoredBatch]) -> ScoredBatch:
     counts = [int(part.valid.sum()) for part in parts]
     total = sum(counts)
     raw_mean = sum(part.raw_mean * n for part, n in zip(parts, counts) if n) / total if total else math.nan
-    return ScoredBatch(scores, valid, raw_mean, sum(part.skipped for part in parts))
+    spreads = [part.disagreement for part in parts]
+    disagreement = None if any(spread is None for spread in spreads) else torch.cat(spreads)
+    return ScoredBatch(scores, valid, raw_mean, sum(part.skipped for part in parts), disagreement)
 
 
 def group_scores(scored: ScoredBatch, group_size: int) -> torch.Tensor:

@@ -74,6 +74,20 @@ class RewardSourceSettings(Section):
     model: ModelReference | None = Field(
         None, description="A reward model (run dir, adapter, model dir or hub id): its scalar output is the reward."
     )
+    ensemble: list[ModelReference] = Field(
+        default_factory=list,
+        description="More reward models scored beside `model`, an ensemble combined by ensemble_objective; RL steps "
+        "log the members' disagreement (their standard deviation) as reward_disagreement. Train the members alike "
+        "(other data parts, lengths or backbones) so that their scales agree.",
+    )
+    ensemble_objective: Literal["mean", "worst_case", "uncertainty_weighted"] = Field(
+        "mean",
+        description="How the ensemble's scores combine (Coste et al. 2023): their mean, their minimum, or their mean "
+        "less uncertainty_penalty times their variance.",
+    )
+    uncertainty_penalty: float = Field(
+        1.0, ge=0.0, description="λ of uncertainty_weighted: the reward is the members' mean − λ · their variance."
+    )
     label: str | int | None = Field(
         None, description="For a classifier with several labels: the label (name or index) whose score is the reward."
     )
@@ -93,6 +107,12 @@ class RewardSourceSettings(Section):
     def _one_source(self) -> RewardSourceSettings:
         if (self.function is None) == (self.model is None):
             raise ValueError("set exactly one of function and model")
+        if self.ensemble and self.model is None:
+            raise ValueError("ensemble: its reward models score beside `model`; set model to the first of them")
+        if self.ensemble and self.label is not None:
+            raise ValueError("ensemble: members are one-output reward models; label picks a classifier's output")
+        if self.ensemble_objective != "mean" and not self.ensemble:
+            raise ValueError(f"ensemble_objective {self.ensemble_objective!r} needs reward models listed in ensemble")
         return self
 
 

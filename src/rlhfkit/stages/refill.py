@@ -72,4 +72,5 @@ def _select(scored: ScoredBatch, rows: torch.Tensor) -> ScoredBatch:
     valid = scored.valid[rows]
     kept = scored.scores[rows][valid]
     raw_mean = float(kept.double().mean()) if len(kept) else float("nan")
-    return ScoredBatch(scored.scores[rows], valid, raw_mean, int((~valid).sum()))
+    disagreement = None if scored.disagreement is None else scored.disagreement[rows]
+    return ScoredBatch(scored.scores[rows], valid, raw_mean, int((~valid).sum()), disagreement)

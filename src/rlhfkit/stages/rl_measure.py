@@ -59,12 +59,14 @@ def rollout_summary(
             (entropy * mask).sum(dim=1).float().cpu() if entropy is not None else torch.zeros(rollout.size),
             mask.sum(dim=1).float().cpu(),
             sampler_gap,
+            scored.disagreement if scored.disagreement is not None else torch.zeros(rollout.size),
         ],
         dim=1,
     )
     if gather is not None:
         per_completion = gather(per_completion)
-    scores, valid, sequence_kl, lengths, ended, entropy_sums, tokens, sampler_gap = per_completion.unbind(dim=1)
+    columns = per_completion.unbind(dim=1)
+    scores, valid, sequence_kl, lengths, ended, entropy_sums, tokens, sampler_gap, disagreement = columns
     valid = valid.bool()
     # float64: the mean and spread of rewards near float32's limit still exist
     scores, sequence_kl = scores[valid].double(), sequence_kl[valid]
@@ -79,6 +81,8 @@ def rollout_summary(
         summary["entropy"] = float(entropy_sums.sum() / tokens.sum().clamp(min=1))
     if rollout.sampler_logprobs is not None:
         summary["sampler_kl"] = float(sampler_gap.sum() / tokens.sum().clamp(min=1))
+    if scored.disagreement is not None:
+        summary["reward_disagreement"] = float(disagreement[valid].mean()) if valid.any() else math.nan
     skipped = int((~valid).sum())  # scored.skipped, over every process's completions
     if skipped:
         summary["skipped_samples"] = float(skipped)
