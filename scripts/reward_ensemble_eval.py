@@ -9,7 +9,9 @@ every held-out answer at the max_length it was trained with; the ensemble combin
 `reward.ensemble` does in the RL stages (mean, worst case, mean − λ·variance). Printed as
 markdown: accuracy per source and over all pairs, then how the members' disagreement on a pair
 (their standard deviation of chosen − rejected) sorts right from wrong — the accuracy of their
-mean on the half of pairs they agree on most and on the other half.
+mean on the half of pairs they agree on most and on the other half. Answers are scored one at a
+time, as the RL stages score them, so where a conversation is cut to max_length a run's figure
+can differ a little from its reward stage's, which cuts a pair's prompt once for both answers.
 Rerunning it on new runs rewrites the tables: no figure is typed.
 """
 
