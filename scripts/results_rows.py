@@ -1,4 +1,4 @@
-"""Rows of the results pages, written from RL run directories rather than by hand.
+"""Rows of the results pages, written from RL and reward-model run directories rather than by hand.
 
     python scripts/results_rows.py runs/examples/grpo-arithmetic [more run dirs] [--versus RUN_DIR]
 
@@ -9,8 +9,9 @@ and finish), config.yaml and metrics.json. Below the table, one line per run say
 what it was measured; runs evaluated per group (eval.group_by) or greedily (eval.greedy) get a
 second table, a row per group. With --versus, a column compares each run's held-out rewards after
 training with that run's on the same prompts and sample slots (paired mean difference ± its
-standard error), for runs evaluated alike. Rerunning a run and this script rewrites its rows: no
-figure is typed.
+standard error), for runs evaluated alike. Reward-model runs (`rlhfkit reward`) get a table of
+their own: held-out pair (or label) accuracy before and after, per data source, and the wall
+time. Rerunning a run and this script rewrites its rows: no figure is typed.
 """
 
 from __future__ import annotations
@@ -69,15 +70,46 @@ def versus(run_dir: Path, baseline_dir: Path) -> str:
     return "–" if difference is None else f"{difference[0]:+.3f} ± {difference[1]:.3f}"
 
 
-def row(run_dir: Path) -> tuple[list[str], str]:
-    """The table row of one RL run and the line saying when and on what it was measured."""
+def _complete_run(run_dir: Path) -> tuple[dict, dict, dict]:
+    """run.json, config.yaml and metrics.json of a finished run."""
     marker = json.loads((run_dir / "run.json").read_text())
     if marker.get("status") != "complete":
         raise SystemExit(f"{run_dir}: the run is {marker.get('status')}, not complete")
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return marker, config, json.loads((run_dir / "metrics.json").read_text())
+
+
+def is_reward_run(run_dir: Path) -> bool:
+    """A reward model's run: held-out pair (or label) accuracy, no sampled rewards."""
+    after = json.loads((run_dir / "metrics.json").read_text()).get("after", {})
+    return "sample_rewards" not in after and ("accuracy" in after or "label_accuracy" in after)
+
+
+def reward_row(run_dir: Path) -> tuple[list[str], str]:
+    """The table row of one reward-model run: held-out accuracy before and after, per data source."""
+    marker, _, metrics = _complete_run(run_dir)
+    before, after = metrics.get("before", {}), metrics["after"]
+    accuracy, count = ("accuracy", "pairs") if "accuracy" in after else ("label_accuracy", "examples")
+    sources = [key.split("/", 1)[1] for key in after if key.startswith(f"{accuracy}/")]
+    per_source = "; ".join(
+        f"{source}: {after[f'{accuracy}/{source}']:.3f} ({after[f'{count}/{source}']})" for source in sources
+    )
+    cells = [
+        f"`{marker.get('command', run_dir.name)}`",
+        f"{after[count]} {count}",
+        f"{before[accuracy]:.3f}" if accuracy in before else "–",
+        f"**{after[accuracy]:.3f}**",
+        per_source or "–",
+        _duration(marker.get("started"), marker.get("finished")),
+    ]
+    return cells, _measured_on(run_dir, marker)
+
+
+def row(run_dir: Path) -> tuple[list[str], str]:
+    """The table row of one RL run and the line saying when and on what it was measured."""
+    marker, config, metrics = _complete_run(run_dir)
     if "after" not in metrics or "reward_mean" not in metrics["after"]:
-        raise SystemExit(f"{run_dir}: not an RL run with a held-out evaluation (no after.reward_mean)")
+        raise SystemExit(f"{run_dir}: not an RL or reward-model run with a held-out evaluation")
     before, after = metrics.get("before", {}), metrics["after"]
     samples = config.get("eval", {}).get("samples_per_prompt", 1)
     gain = (
@@ -101,6 +133,11 @@ def row(run_dir: Path) -> tuple[list[str], str]:
         _duration(marker.get("started"), marker.get("finished")),
         _seconds_per_step(run_dir),
     ]
+    return cells, _measured_on(run_dir, marker)
+
+
+def _measured_on(run_dir: Path, marker: dict) -> str:
+    """The line saying when, with which versions and on what machine a run was measured."""
     environment = marker.get("environment", {})
     versions = ", ".join(
         f"{name} {environment[name]}" for name in ("torch", "transformers", "peft") if name in environment
@@ -108,7 +145,7 @@ def row(run_dir: Path) -> tuple[list[str], str]:
     where = f"{environment.get('cpu', 'an unrecorded machine')} ({environment.get('cores', '?')} cores)"
     when = (marker.get("finished") or marker.get("updated", ""))[:10]
     note = f"- `{run_dir}`: {when}, rlhfkit {marker.get('rlhfkit', '?')}" + (f", {versions}" if versions else "")
-    return cells, f"{note}, on {where}."
+    return f"{note}, on {where}."
 
 
 def _judge_gain(before: dict, after: dict) -> str:
@@ -153,14 +190,27 @@ def _markdown(columns: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
+REWARD_COLUMNS = ["run", "held-out", "accuracy: before", "after", "after, per source", "time"]
+
+
 def table(run_dirs: list[Path], baseline: Path | None = None) -> str:
+    reward_runs = [run_dir for run_dir in run_dirs if is_reward_run(run_dir)]
+    run_dirs = [run_dir for run_dir in run_dirs if run_dir not in reward_runs]
+    lines = []
+    if reward_runs:
+        reward_rows = [reward_row(run_dir) for run_dir in reward_runs]
+        lines = _markdown(REWARD_COLUMNS, [cells for cells, _ in reward_rows]) + [""] + [n for _, n in reward_rows]
+    if not run_dirs:
+        return "\n".join(lines) + "\n"
+    if lines:
+        lines.append("")
     rows = [row(run_dir) for run_dir in run_dirs]
     columns = COLUMNS
     if baseline is not None:
         columns = [*COLUMNS[:5], f"vs `{baseline.name}` (paired)", *COLUMNS[5:]]
         for (cells, _), run_dir in zip(rows, run_dirs):
             cells.insert(5, versus(run_dir, baseline))
-    lines = _markdown(columns, [cells for cells, _ in rows]) + [""] + [note for _, note in rows]
+    lines += _markdown(columns, [cells for cells, _ in rows]) + [""] + [note for _, note in rows]
     grouped = [cells for run_dir in run_dirs for cells in group_rows(run_dir)]
     if grouped:
         lines += ["", *_markdown(GROUP_COLUMNS, grouped)]

@@ -57,3 +57,32 @@ def test_a_held_out_judge_gets_its_paired_gain_and_win_rate_over_the_start(tmp_p
     written = table([run])
     # slot differences 1, 1, 0, 0: mean 0.5, s = 0.577, standard error 0.289; 2 wins, 2 ties of 4
     assert "gold: 0.000 ± 0.100 → 0.750 ± 0.200 (paired +0.500 ± 0.289; after beats before on 0.75 [" in written
+
+
+def test_reward_model_runs_get_their_own_table_with_accuracy_per_source(tmp_path):
+    run = tmp_path / "rm"
+    run.mkdir()
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "status": "complete",
+                "command": "rlhfkit reward rm.yaml",
+                "started": "2026-12-07T10:00:00+00:00",
+                "finished": "2026-12-07T10:11:53+00:00",
+                "environment": {"cpu": "AMD EPYC", "cores": 2, "torch": "2.13.0"},
+            }
+        )
+    )
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"path": "hh/pairs.jsonl"}}))
+    after = {"accuracy": 0.579, "pairs": 401, "reward_mean": -0.45, "margin": 0.1}
+    after |= {"accuracy/hh": 0.569, "pairs/hh": 360, "accuracy/oasst": 0.659, "pairs/oasst": 41}
+    (run / "metrics.json").write_text(json.dumps({"before": {"accuracy": 0.5, "pairs": 401}, "after": after}))
+    grpo = fake_run(tmp_path / "grpo", [0.0, 1.0, 0.0, 1.0])
+    written = table([run, grpo])
+    assert "| run | held-out | accuracy: before | after | after, per source | time |" in written
+    assert (
+        "| `rlhfkit reward rm.yaml` | 401 pairs | 0.500 | **0.579** | hh: 0.569 (360); oasst: 0.659 (41) | 11 min 53 s |"
+        in written
+    )
+    assert "- `" + str(run) + "`: 2026-12-07, rlhfkit ?, torch 2.13.0, on AMD EPYC (2 cores)." in written
+    assert "| `rlhfkit grpo grpo.yaml` |" in written  # the RL run keeps its own table
