@@ -538,36 +538,18 @@ def test_a_held_out_judge_that_disagrees_shows_over_optimisation(
 def test_an_rl_step_against_a_reward_model_ensemble_logs_its_disagreement(
     tiny_model, tiny_reward_model, second_reward_model, prompt_file, reward_file, tmp_path
 ):
-    out = tmp_path / "grpo"
-    grpo.run(
-        rl_config(
-            "grpo",
-            tiny_model,
-            prompt_file,
-            reward_file,
-            out,
-            "reward.function=null",
-            f"reward.model={tiny_reward_model}",
-            f"reward.ensemble=[{second_reward_model}]",
-            "reward.ensemble_objective=worst_case",
-            "train.max_steps=1",
-            "eval.num_prompts=0",
-        )
-    )
-    (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train/' in line]
+    ensemble = [
+        "reward.function=null",
+        f"reward.model={tiny_reward_model}",
+        f"reward.ensemble=[{second_reward_model}]",
+        "reward.ensemble_objective=worst_case",
+    ]
+    for name, reward in (("ensemble", ensemble), ("function", [])):
+        overrides = (*reward, "train.max_steps=1", "eval.num_prompts=0")
+        grpo.run(rl_config("grpo", tiny_model, prompt_file, reward_file, tmp_path / name, *overrides))
+    (step,) = [json.loads(line) for line in (tmp_path / "ensemble" / "metrics.jsonl").read_text().splitlines()]
     assert step["train/reward_disagreement"] > 0  # two random score heads disagree
-    alone = tmp_path / "alone"
-    grpo.run(
-        rl_config(
-            "grpo",
-            tiny_model,
-            prompt_file,
-            reward_file,
-            alone,
-            *("train.max_steps=1", "eval.num_prompts=0"),
-        )
-    )
-    assert "train/reward_disagreement" not in (alone / "metrics.jsonl").read_text()
+    assert "train/reward_disagreement" not in (tmp_path / "function" / "metrics.jsonl").read_text()
 
 
 def test_judges_are_checked_before_any_model_loads(tiny_model, prompt_file, reward_file, tmp_path):

@@ -1,28 +1,16 @@
 """scripts/reward_ensemble_eval.py: held-out pair accuracy of reward runs alone and as an ensemble."""
 
 import pytest
+from test_reward_dpo_stages import stage_config
 
 from conftest import write_jsonl
-from rlhfkit.config.loading import load_config
 from rlhfkit.stages import reward
 from scripts.reward_ensemble_eval import main, tables
 
 
 def train(model, prefs, other, output_dir, *overrides):
-    settings = [
-        f"model.name_or_path={model}",
-        f"data.path={prefs}",
-        f"data.mix=[{other}]",
-        "data.eval_fraction=0.25",
-        "data.max_length=96",
-        f"train.output_dir={output_dir}",
-        "train.trackers=[]",
-        "train.batch_size=4",
-        "lora.dropout=0.0",
-        "eval.before=false",
-        *overrides,
-    ]
-    return reward.run(load_config("reward", None, settings))
+    config = stage_config("reward", model, prefs, output_dir, f"data.mix=[{other}]", "eval.before=false", *overrides)
+    return reward.run(config)
 
 
 def test_members_score_as_their_runs_did_and_the_ensemble_is_reported(tiny_model, sft_rows, tmp_path, capsys):
