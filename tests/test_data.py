@@ -4,7 +4,7 @@ import pytest
 
 from conftest import write_jsonl
 from rlhfkit.config import ChatDataSettings, TextDataSettings
-from rlhfkit.data.examples import chat_examples, text_examples
+from rlhfkit.data.examples import chat_examples, load_examples, text_examples
 from rlhfkit.data.loading import builtin_file, load_splits, read_rows, source_labels
 from rlhfkit.errors import DataError
 
@@ -197,6 +197,9 @@ def test_a_mixed_source_weight_repeats_or_thins_its_training_rows_only(tmp_path)
         assert mixed_rows[: 6 * int(weight)] == once.train[15:] * int(weight)
     again = load_splits(TextDataSettings(path=str(first), mix={str(second): 0.5}, eval_fraction=0.25), seed=4)
     assert again.train == weighted.train  # the thinned share is seeded
+    settings = TextDataSettings(path=str(first), mix={str(second): 2.5}, eval_fraction=0.25)
+    _, _, report = load_examples(settings, 4, text_examples)
+    assert report.summary() == "30 rows (9 copies by data.mix weights)"  # 15 + 6 × 2.5; not reported as duplicates
     with pytest.raises(ValueError, match="mix(.|\\n)*weight 0 must be above 0"):
         TextDataSettings(path=str(first), mix={str(second): 0})
 

@@ -48,9 +48,13 @@ class RowReport:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     duplicates: int = 0  # kept rows equal to an earlier kept row (kept: repeating a row may be deliberate)
+    weighted_copies: int = 0  # of those, the copies data.mix weights made
 
     def summary(self) -> str:
-        repeated = f" ({self.duplicates} duplicates of earlier rows, kept)" if self.duplicates else ""
+        found = self.duplicates - self.weighted_copies
+        repeated = [f"{found} duplicates of earlier rows, kept"] if found else []
+        repeated += [f"{self.weighted_copies} copies by data.mix weights"] if self.weighted_copies else []
+        repeated = f" ({'; '.join(repeated)})" if repeated else ""
         if not self.skipped:
             return f"{self.kept} rows{repeated}"
         reasons = ", ".join(f"{count} {reason}" for reason, count in self.skipped.most_common())
@@ -470,6 +474,7 @@ def load_examples_by_source(data: DataSettings, seed: int, parse) -> tuple[list,
     """As load_examples, with the held-out examples of each source (data.path, then data.mix) apart."""
     splits = load_splits(data, seed)
     train, report = parse(splits.train, data.invalid_rows)
+    report.weighted_copies = min(splits.weighted_copies, report.duplicates)
     held_out_parts = {
         source: parse(rows, data.invalid_rows)[0] if rows else [] for source, rows in splits.eval_parts.items()
     }

@@ -42,6 +42,7 @@ class DataSplits:
     train: list[Row]
     eval: list[Row]
     eval_parts: dict[str, list[Row]]  # each source's held-out rows (what `eval` joins)
+    weighted_copies: int = 0  # training rows that data.mix weights added beyond each source's own
 
 
 def builtin_file(name: str) -> tuple[Path, Path]:
@@ -200,9 +201,12 @@ def load_splits(settings: DataSettings, seed: int) -> DataSplits:
     """
     train: list[Row] = []
     eval_parts: dict[str, list[Row]] = {}
+    weighted_copies = 0
     for source, weight in {settings.path: 1.0, **settings.mix}.items():
         source_train, eval_parts[source] = _source_splits(settings, source, seed)
-        train += _weighted(source_train, weight, seed)
+        weighted = _weighted(source_train, weight, seed)
+        weighted_copies += max(len(weighted) - len(source_train), 0)
+        train += weighted
     if settings.eval_path is not None:
         eval_parts = {
             settings.eval_path: read_rows(
@@ -217,7 +221,8 @@ def load_splits(settings: DataSettings, seed: int) -> DataSplits:
     if not train:
         kept = f" and keeping part {settings.part}" if settings.part else ""
         raise DataError(f"{settings.path}: no training rows left after holding out the eval split{kept}")
-    return DataSplits(train=train, eval=[row for rows in eval_parts.values() for row in rows], eval_parts=eval_parts)
+    held_out = [row for rows in eval_parts.values() for row in rows]
+    return DataSplits(train, held_out, eval_parts, weighted_copies)
 
 
 def source_labels(sources: list[str]) -> dict[str, str]:
