@@ -1,4 +1,4 @@
-"""Rows of the results pages, written from RL and reward-model run directories rather than by hand.
+"""Rows of the results pages, written from run directories rather than by hand.
 
     python scripts/results_rows.py runs/examples/grpo-arithmetic [more run dirs] [--versus RUN_DIR]
 
@@ -11,7 +11,8 @@ second table, a row per group. With --versus, a column compares each run's held-
 training with that run's on the same prompts and sample slots (paired mean difference ± its
 standard error), for runs evaluated alike. Reward-model runs (`rlhfkit reward`) get a table of
 their own: held-out pair (or label) accuracy before and after, per data source, and the wall
-time. Rerunning a run and this script rewrites its rows: no figure is typed.
+time; any other stage's run (SFT, pretraining, DPO, KTO, ...) its held-out measurements before
+and after, as the pipeline's report lists them. Rerunning a run and this script rewrites its rows: no figure is typed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from rlhfkit.metrics import paired_difference, win_rate
+from rlhfkit.report import stage_rows
 
 EVALUATED_ALIKE = ("num_prompts", "samples_per_prompt", "seed")
 COLUMNS = ["run", "reward", "held-out", "before", "after", "judges (before → after)", "KL", "time", "s/step"]
@@ -79,10 +81,32 @@ def _complete_run(run_dir: Path) -> tuple[dict, dict, dict]:
     return marker, config, json.loads((run_dir / "metrics.json").read_text())
 
 
-def is_reward_run(run_dir: Path) -> bool:
-    """A reward model's run: held-out pair (or label) accuracy, no sampled rewards."""
+def run_kind(run_dir: Path) -> str:
+    """rl (held-out sampled rewards), reward (a reward model's run), or stage (any other stage)."""
     after = json.loads((run_dir / "metrics.json").read_text()).get("after", {})
-    return "sample_rewards" not in after and ("accuracy" in after or "label_accuracy" in after)
+    if "sample_rewards" in after:
+        return "rl"
+    stage = json.loads((run_dir / "run.json").read_text()).get("stage")
+    return "reward" if stage == "reward" and ("accuracy" in after or "label_accuracy" in after) else "stage"
+
+
+def stage_run_rows(run_dir: Path) -> tuple[list[list[str]], str]:
+    """Rows of any other stage's run (SFT, pretraining, DPO, ...): its held-out measurements
+    before and after, as the pipeline's report shows them."""
+    marker, _, metrics = _complete_run(run_dir)
+    measured = stage_rows(marker.get("stage", "?"), metrics) or [("(no held-out measurement)", "–", "–")]
+    time = _duration(marker.get("started"), marker.get("finished"))
+    rows = [
+        [
+            f"`{marker.get('command', run_dir.name)}`" if index == 0 else "",
+            label,
+            before,
+            after,
+            time if index == 0 else "",
+        ]
+        for index, (label, before, after) in enumerate(measured)
+    ]
+    return rows, _measured_on(run_dir, marker)
 
 
 def reward_row(run_dir: Path) -> tuple[list[str], str]:
@@ -193,17 +217,23 @@ def _markdown(columns: list[str], rows: list[list[str]]) -> list[str]:
 REWARD_COLUMNS = ["run", "held-out", "accuracy: before", "after", "after, per source", "time"]
 
 
+STAGE_COLUMNS = ["run", "held-out", "before", "after", "time"]
+
+
 def table(run_dirs: list[Path], baseline: Path | None = None) -> str:
-    reward_runs = [run_dir for run_dir in run_dirs if is_reward_run(run_dir)]
-    run_dirs = [run_dir for run_dir in run_dirs if run_dir not in reward_runs]
-    lines = []
-    if reward_runs:
+    kinds = {run_dir: run_kind(run_dir) for run_dir in run_dirs}
+    lines: list[str] = []
+    if stage_runs := [run_dir for run_dir in run_dirs if kinds[run_dir] == "stage"]:
+        stage_tables = [stage_run_rows(run_dir) for run_dir in stage_runs]
+        rows_of_stages = [cells for rows, _ in stage_tables for cells in rows]
+        lines += _markdown(STAGE_COLUMNS, rows_of_stages) + [""] + [note for _, note in stage_tables] + [""]
+    if reward_runs := [run_dir for run_dir in run_dirs if kinds[run_dir] == "reward"]:
         reward_rows = [reward_row(run_dir) for run_dir in reward_runs]
-        lines = _markdown(REWARD_COLUMNS, [cells for cells, _ in reward_rows]) + [""] + [n for _, n in reward_rows]
-    if not run_dirs:
-        return "\n".join(lines) + "\n"
-    if lines:
+        lines += _markdown(REWARD_COLUMNS, [cells for cells, _ in reward_rows]) + [""] + [n for _, n in reward_rows]
         lines.append("")
+    run_dirs = [run_dir for run_dir in run_dirs if kinds[run_dir] == "rl"]
+    if not run_dirs:
+        return "\n".join(lines[:-1]) + "\n"
     rows = [row(run_dir) for run_dir in run_dirs]
     columns = COLUMNS
     if baseline is not None:

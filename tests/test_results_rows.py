@@ -65,6 +65,7 @@ def test_reward_model_runs_get_their_own_table_with_accuracy_per_source(tmp_path
     (run / "run.json").write_text(
         json.dumps(
             {
+                "stage": "reward",
                 "status": "complete",
                 "command": "rlhfkit reward rm.yaml",
                 "started": "2026-12-07T10:00:00+00:00",
@@ -86,3 +87,18 @@ def test_reward_model_runs_get_their_own_table_with_accuracy_per_source(tmp_path
     )
     assert "- `" + str(run) + "`: 2026-12-07, rlhfkit ?, torch 2.13.0, on AMD EPYC (2 cores)." in written
     assert "| `rlhfkit grpo grpo.yaml` |" in written  # the RL run keeps its own table
+
+
+def test_any_other_stage_gets_its_held_out_measurements_as_the_report_lists_them(tmp_path):
+    run = tmp_path / "sft"
+    run.mkdir()
+    marker = {"stage": "sft", "status": "complete", "command": "rlhfkit sft my.yaml"}
+    marker |= {"started": "2026-12-07T10:00:00+00:00", "finished": "2026-12-07T10:07:15+00:00"}
+    (run / "run.json").write_text(json.dumps(marker))
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"path": "worked.jsonl"}}))
+    sides = {"before": {"perplexity": 2.731, "rouge_l": 0.2249}, "after": {"perplexity": 1.116, "rouge_l": 0.7857}}
+    (run / "metrics.json").write_text(json.dumps(sides))
+    written = table([run])
+    assert written.startswith("| run | held-out | before | after | time |")
+    assert "| `rlhfkit sft my.yaml` | response perplexity (held-out pairs) | 2.73 | 1.12 | 7 min 15 s |" in written
+    assert "|  | ROUGE-L of answers | 0.225 | 0.786 |  |" in written
