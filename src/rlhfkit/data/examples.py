@@ -14,14 +14,13 @@ counted in the returned :class:`RowReport`.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
 from rlhfkit.config import DataSettings
-from rlhfkit.data.loading import EXTRA_FIELDS, Row, load_splits
+from rlhfkit.data.loading import EXTRA_FIELDS, Row, load_splits, row_key
 from rlhfkit.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -190,7 +189,7 @@ def _validate(rows: list[Row], parse, on_invalid: str) -> tuple[list, RowReport]
             report.skipped[bad.reason] += 1
             continue
         report.kept += 1
-        key = json.dumps(row.values, sort_keys=True, default=str)
+        key = row_key(row)
         report.duplicates += key in seen
         seen.add(key)
     if not examples:

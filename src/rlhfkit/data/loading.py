@@ -236,6 +236,11 @@ def source_labels(sources: list[str]) -> dict[str, str]:
     return labels if all(labels.values()) and len(set(labels.values())) == len(labels) else {s: s for s in sources}
 
 
+def row_key(row: Row) -> str:
+    """A row's values as one string: rows with equal keys are copies of each other."""
+    return json.dumps(row.values, sort_keys=True, default=str)
+
+
 def _weighted(rows: list[Row], weight: float, seed: int) -> list[Row]:
     """The rows `int(weight)` times, then a seeded share of them for what weight has beyond that."""
     whole, fraction = divmod(weight, 1.0)
@@ -267,7 +272,7 @@ def _fraction_split(rows: list[Row], fraction: float, seed: int) -> tuple[list[R
     n_eval = round(len(rows) * fraction)
     if fraction > 0 and n_eval == 0 and len(rows) > 1:
         n_eval = 1
-    keys = [json.dumps(row.values, sort_keys=True, default=str) for row in rows]
+    keys = [row_key(row) for row in rows]
     copies = Counter(keys)
     held_out_keys: set[str] = set()
     held_out_count = 0
