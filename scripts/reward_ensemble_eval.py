@@ -58,15 +58,12 @@ def _pair_key(pair) -> str:
     return json.dumps([pair.prompt, pair.chosen, pair.rejected], sort_keys=True)
 
 
-def answer_scores(run_dirs: list[Path], pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, N) scores of the chosen and of the rejected answers, each member at the max_length it
-    was trained with, scored as the RL stages score."""
+def answer_scores(scorers: list[RewardModelScorer], pairs: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, N) scores of the chosen and of the rejected answers by each member, scored as the RL
+    stages score."""
     prompts = [list(pair.prompt) for pair in pairs]
-    chosen, rejected = [], []
-    for run in run_dirs:
-        scorer = RewardModelScorer(str(run / "final"), max_length=_config(run).data.max_length)
-        chosen.append(scorer.score(prompts, [pair.chosen for pair in pairs]))
-        rejected.append(scorer.score(prompts, [pair.rejected for pair in pairs]))
+    chosen = [scorer.score(prompts, [pair.chosen for pair in pairs]) for scorer in scorers]
+    rejected = [scorer.score(prompts, [pair.rejected for pair in pairs]) for scorer in scorers]
     return torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)
 
 
@@ -77,7 +74,9 @@ def accuracy(margin: torch.Tensor) -> float:
 
 def tables(run_dirs: list[Path], penalty: float) -> str:
     pairs = held_out_pairs(run_dirs)
-    scores = {source: answer_scores(run_dirs, rows) for source, rows in pairs.items()}
+    # each member loaded once, at the max_length it was trained with
+    scorers = [RewardModelScorer(str(run / "final"), max_length=_config(run).data.max_length) for run in run_dirs]
+    scores = {source: answer_scores(scorers, rows) for source, rows in pairs.items()}
     by_model = {
         f"`{run}`": {source: accuracy(chosen[index] - rejected[index]) for source, (chosen, rejected) in scores.items()}
         for index, run in enumerate(run_dirs)
