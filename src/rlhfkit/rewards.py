@@ -275,13 +275,17 @@ class RewardSource:
                 member_scores, self.settings.ensemble_objective, self.settings.uncertainty_penalty
             )
             return reward.tolist(), disagreement.tolist()
-        return self.raw_scores(prompts, completions, columns), None
+        if self.members:
+            return self.members[0].score(prompts, completions), None
+        return self._function_scores(prompts, completions, columns), None
 
     def raw_scores(self, prompts: Sequence[Messages], completions: Sequence[str], columns: Sequence[dict]) -> list[Any]:
-        if len(self.members) > 1:
-            return self.scores_and_disagreement(prompts, completions, columns)[0]
-        if self.members:
-            return self.members[0].score(prompts, completions)
+        """One reward per completion (an ensemble's combined reward)."""
+        return self.scores_and_disagreement(prompts, completions, columns)[0]
+
+    def _function_scores(
+        self, prompts: Sequence[Messages], completions: Sequence[str], columns: Sequence[dict]
+    ) -> list[Any]:
         names = dict.fromkeys(name for row in columns for name in row)  # every column, in first-seen order
         keyword_lists = {name: [row.get(name) for row in columns] for name in names}
         try:
