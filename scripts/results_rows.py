@@ -12,7 +12,8 @@ training with that run's on the same prompts and sample slots (paired mean diffe
 standard error), for runs evaluated alike. Reward-model runs (`rlhfkit reward`) get a table of
 their own: held-out pair (or label) accuracy before and after, per data source, and the wall
 time; any other stage's run (SFT, pretraining, DPO, KTO, ...) its held-out measurements before
-and after, as the pipeline's report lists them. Rerunning a run and this script rewrites its rows: no figure is typed.
+and after, as the pipeline's report lists them. Rerunning a run and this script rewrites its
+rows: no figure is typed.
 """
 
 from __future__ import annotations
@@ -221,30 +222,36 @@ STAGE_COLUMNS = ["run", "held-out", "before", "after", "time"]
 
 
 def table(run_dirs: list[Path], baseline: Path | None = None) -> str:
+    """Markdown: a table of other stages' runs, one of reward-model runs, one of RL runs (each with
+    its when-and-where lines), as many as the runs given need."""
     kinds = {run_dir: run_kind(run_dir) for run_dir in run_dirs}
-    lines: list[str] = []
+    sections: list[list[str]] = []
     if stage_runs := [run_dir for run_dir in run_dirs if kinds[run_dir] == "stage"]:
         stage_tables = [stage_run_rows(run_dir) for run_dir in stage_runs]
         rows_of_stages = [cells for rows, _ in stage_tables for cells in rows]
-        lines += _markdown(STAGE_COLUMNS, rows_of_stages) + [""] + [note for _, note in stage_tables] + [""]
+        sections.append(_markdown(STAGE_COLUMNS, rows_of_stages) + [""] + [note for _, note in stage_tables])
     if reward_runs := [run_dir for run_dir in run_dirs if kinds[run_dir] == "reward"]:
         reward_rows = [reward_row(run_dir) for run_dir in reward_runs]
-        lines += _markdown(REWARD_COLUMNS, [cells for cells, _ in reward_rows]) + [""] + [n for _, n in reward_rows]
-        lines.append("")
-    run_dirs = [run_dir for run_dir in run_dirs if kinds[run_dir] == "rl"]
-    if not run_dirs:
-        return "\n".join(lines[:-1]) + "\n"
+        sections.append(
+            _markdown(REWARD_COLUMNS, [cells for cells, _ in reward_rows]) + [""] + [n for _, n in reward_rows]
+        )
+    if rl_runs := [run_dir for run_dir in run_dirs if kinds[run_dir] == "rl"]:
+        sections.append(_rl_section(rl_runs, baseline))
+    return "\n\n".join("\n".join(section) for section in sections) + "\n"
+
+
+def _rl_section(run_dirs: list[Path], baseline: Path | None) -> list[str]:
     rows = [row(run_dir) for run_dir in run_dirs]
     columns = COLUMNS
     if baseline is not None:
         columns = [*COLUMNS[:5], f"vs `{baseline.name}` (paired)", *COLUMNS[5:]]
         for (cells, _), run_dir in zip(rows, run_dirs):
             cells.insert(5, versus(run_dir, baseline))
-    lines += _markdown(columns, [cells for cells, _ in rows]) + [""] + [note for _, note in rows]
+    lines = _markdown(columns, [cells for cells, _ in rows]) + [""] + [note for _, note in rows]
     grouped = [cells for run_dir in run_dirs for cells in group_rows(run_dir)]
     if grouped:
         lines += ["", *_markdown(GROUP_COLUMNS, grouped)]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
