@@ -202,6 +202,8 @@ def test_a_mixed_source_weight_repeats_or_thins_its_training_rows_only(tmp_path)
     assert report.summary() == "30 rows (9 copies by data.mix weights)"  # 15 + 6 × 2.5; not reported as duplicates
     with pytest.raises(ValueError, match="mix(.|\\n)*weight 0 must be above 0"):
         TextDataSettings(path=str(first), mix={str(second): 0})
+    with pytest.raises(ValueError, match="mix(.|\\n)*valid number"):
+        TextDataSettings(path=str(first), mix={str(second): "lots"})
 
 
 def test_the_seeded_split_keeps_every_copy_of_a_row_on_one_side(tmp_path):

@@ -170,6 +170,8 @@ def test_ensemble_settings_are_checked(tiny_reward_model):
         RewardSourceSettings(function="a:b", ensemble=[str(tiny_reward_model)])
     with pytest.raises(ValueError, match="'worst_case' needs reward models listed in ensemble"):
         RewardSourceSettings(model=str(tiny_reward_model), ensemble_objective="worst_case")
+    with pytest.raises(ValueError, match="ensemble.0(.|\\n)*model path does not exist: ./runs/nope"):
+        RewardSourceSettings(model=str(tiny_reward_model), ensemble=["./runs/nope"])
     with pytest.raises(ValueError, match="uncertainty_penalty"):
         RewardSourceSettings(model=str(tiny_reward_model), ensemble=[str(tiny_reward_model)], uncertainty_penalty=-1)
 
