@@ -1,15 +1,18 @@
 """The decode loop with a preallocated cache (`rlhfkit.decode_loop`): it samples what `generate`
 samples from the same logits — padding, shared prompts, EOS and the early stop included — and
-the int8 copy's joined products change nothing but the number of calls."""
+the copies' joined (int8) and packed (bf16) products change nothing but the number and speed of
+the calls."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlhfkit.config import ModelSettings, RolloutSettings, SamplingSettings
-from rlhfkit.decode_loop import DecodeLoop, supports
+from rlhfkit.decode_loop import DecodeLoop, _attend_from_one_position, supports
 from rlhfkit.int8_rollout import Int8Linear, Int8Sampler
 from rlhfkit.models import load_causal_lm, load_tokenizer, resolve
+from rlhfkit.rollout_copy import Bf16Sampler, PackedBf16Linear, onednn_packs_bf16
 from rlhfkit.sampling import RowSeededSampler, sample_rollout
 
 PROMPTS = ["User: Why is the sky blue?\nAssistant:", "User: What?\nAssistant:", "User: A star is\nAssistant:"]
@@ -89,8 +92,8 @@ def test_the_int8_copy_joins_its_products_and_samples_as_its_modules_do(tiny_mod
     settings = RolloutSettings(max_new_tokens=8, temperature=1.0, batch_size=8)
     joined = copy.sample(model, 0, PROMPTS, settings, 2, 64, range(6))
     loop = copy.decode_loop
-    assert loop is not None and all(isinstance(part, Int8Linear) for pair in loop.joined for part in pair)
-    qkv, gate_up = loop.joined[0]
+    assert loop is not None and all(isinstance(part, Int8Linear) for layer in loop.products for part in layer)
+    qkv = loop.products[0].qkv
     attention = copy.model.model.layers[0].self_attn
     assert qkv.out_features == sum(p.out_features for p in (attention.q_proj, attention.k_proj, attention.v_proj))
     hidden = torch.randn(3, 1, qkv.in_features)
@@ -99,3 +102,35 @@ def test_the_int8_copy_joins_its_products_and_samples_as_its_modules_do(tiny_mod
     by_modules = sample_rollout(copy.model, tokenizer, PROMPTS, settings, 2, 64, range(6), True)
     assert torch.equal(joined.response_ids, by_modules.response_ids)
     assert torch.allclose(joined.sampler_logprobs, by_modules.sampler_logprobs, atol=1e-4, equal_nan=True)
+
+
+def test_one_position_attention_matches_sdpa_with_grouped_heads():
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 6, 1, 8, generator=generator)
+    keys, values = (torch.randn(3, 2, 5, 8, generator=generator) for _ in range(2))
+    attend = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)[:, None, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, keys, values, attn_mask=attend, scale=0.3, enable_gqa=True
+    )
+    assert torch.allclose(_attend_from_one_position(query, keys, values, attend, 0.3), expected, atol=1e-6)
+    in_bf16 = _attend_from_one_position(*(t.bfloat16() for t in (query, keys, values)), attend, 0.3)
+    assert in_bf16.dtype == torch.bfloat16 and torch.allclose(in_bf16.float(), expected, atol=0.05)
+
+
+@pytest.mark.skipif(not onednn_packs_bf16(), reason="this PyTorch build does not pack bf16 weights for oneDNN")
+def test_the_bf16_copy_samples_through_packed_products_as_its_modules_do(tiny_model):
+    model, tokenizer = float_model(tiny_model), load_tokenizer(resolve(str(tiny_model)))
+    copy = Bf16Sampler(model, tokenizer)
+    settings = RolloutSettings(max_new_tokens=8, temperature=1.0, batch_size=8)
+    by_loop = copy.sample(model, 0, PROMPTS, settings, 2, 64, range(6))
+    loop = copy.decode_loop
+    assert loop is not None and isinstance(loop.head, PackedBf16Linear)
+    assert all(isinstance(part, PackedBf16Linear) for layer in loop.products for part in layer)
+    attention = copy.model.model.layers[0].self_attn
+    hidden = torch.randn(3, 2, loop.products[0].qkv.in_features).bfloat16()
+    separate = torch.cat([attention.q_proj(hidden), attention.k_proj(hidden), attention.v_proj(hidden)], dim=-1)
+    assert torch.allclose(loop.products[0].qkv(hidden).float(), separate.float(), atol=0.02)
+    # generate over the copy's plain bf16 modules: the same draws, log-probs within bf16's rounding
+    by_modules = sample_rollout(copy.model, tokenizer, PROMPTS, settings, 2, 64, range(6), True)
+    assert torch.equal(by_loop.response_ids, by_modules.response_ids)
+    assert torch.allclose(by_loop.sampler_logprobs, by_modules.sampler_logprobs, atol=0.02, equal_nan=True)

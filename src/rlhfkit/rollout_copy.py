@@ -16,13 +16,14 @@ there. The int8 copy (`rlhfkit.int8_rollout`) needs no special instructions.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from rlhfkit.config import RolloutSettings, SamplingSettings
-from rlhfkit.decode_loop import GATE_UP, QKV, DecodeLoop, supports
+from rlhfkit.decode_loop import GATE_UP, QKV, DecodeLoop, LayerProducts, supports
 from rlhfkit.engine.distributed import require_cpu_bf16, runs_on_cpu, without_bf16_products
 from rlhfkit.errors import UserError
 from rlhfkit.sampling import Rollout, sample_rollout
@@ -124,18 +125,24 @@ class PolicyCopy:
             decode_loop=self.decode_loop,
         )
 
+    def product(self, layer: torch.nn.Module) -> torch.nn.Module:
+        """The module the decode loop runs for one linear layer (the layer itself unless a copy
+        has a faster form)."""
+        return layer
+
     def joined_decode_loop(self, length: int) -> DecodeLoop | None:
         """A decode loop over the copy (None for a model without the Llama layout: generate
         samples), each layer's q/k/v and gate/up products joined where they can be."""
         if not supports(self.model, length):
             return None
-        joined = []
+        products = []
         for layer in self.model.model.layers:
-            pair = tuple(self.join([layer.get_submodule(path) for path in paths]) for paths in (QKV, GATE_UP))
-            if None in pair:
+            qkv, gate_up = (self.join([layer.get_submodule(path) for path in paths]) for paths in (QKV, GATE_UP))
+            if qkv is None or gate_up is None:
                 return DecodeLoop(self.model)
-            joined.append(pair)
-        return DecodeLoop(self.model, joined)
+            output, down = self.product(layer.self_attn.o_proj), self.product(layer.mlp.down_proj)
+            products.append(LayerProducts(qkv, output, gate_up, down))
+        return DecodeLoop(self.model, products, self.product(self.model.lm_head))
 
     def close(self) -> None:
         self.model = None
@@ -159,18 +166,61 @@ class Bf16Sampler(PolicyCopy):
         for name, buffer in inner.named_buffers():
             set_tensor(self.model, name, buffer)
 
+    def product(self, layer: torch.nn.Module) -> torch.nn.Module:
+        return PackedBf16Linear(layer.weight, layer.bias) if onednn_packs_bf16() else layer
+
     def join(self, layers: Sequence[torch.nn.Module]) -> torch.nn.Module:
-        joined = torch.nn.Linear(
-            layers[0].in_features,
-            sum(layer.out_features for layer in layers),
-            bias=any(layer.bias is not None for layer in layers),
-            device="meta",
-        )
-        joined.weight = torch.nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
-        if joined.bias is not None:
-            biases = [
-                torch.zeros(layer.out_features, dtype=torch.bfloat16) if layer.bias is None else layer.bias
-                for layer in layers
-            ]
-            joined.bias = torch.nn.Parameter(torch.cat(biases), requires_grad=False)
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = None
+        if any(layer.bias is not None for layer in layers):
+            bias = torch.cat(
+                [
+                    torch.zeros(layer.out_features, dtype=torch.bfloat16) if layer.bias is None else layer.bias
+                    for layer in layers
+                ]
+            )
+        if onednn_packs_bf16():
+            return PackedBf16Linear(weight, bias)
+        joined = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        joined.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            joined.bias = torch.nn.Parameter(bias, requires_grad=False)
         return joined
+
+
+class PackedBf16Linear(torch.nn.Module):
+    """y = x Wᵀ + b with the bfloat16 weight reordered once into oneDNN's blocked layout.
+
+    A plain bf16 product repacks its weight at every call: on the 2-core EPYC a 1-row product by
+    SmolLM2's 49,152 × 576 output layer takes 4.4 ms plain and 1.4 ms packed, a 32-row product by
+    its 3,072 × 576 gate/up layer 453 µs against 284 µs. The op is the one PyTorch's compiler emits
+    for frozen CPU linear layers; :func:`onednn_packs_bf16` checks it before any copy uses it.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        # the batch size is only a hint for the layout: every row count reads the same packed weight
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16).contiguous(), 1)
+        self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(inputs, self.packed, self.bias, "none", [], "")
+
+
+@functools.cache
+def onednn_packs_bf16() -> bool:
+    """Whether this PyTorch build packs and multiplies bf16 linear weights through oneDNN and gets
+    the plain product's answer (a private op: checked once, never assumed)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 16, generator=generator).to(torch.bfloat16)
+    inputs = torch.randn(3, 2, 16, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(24, generator=generator).to(torch.bfloat16)
+    try:
+        packed = PackedBf16Linear(weight, bias)(inputs)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    expected = torch.nn.functional.linear(inputs.float(), weight.float(), bias.float())
+    return packed.shape == expected.shape and torch.allclose(packed.float(), expected, atol=0.05, rtol=0.02)
