@@ -18,18 +18,18 @@ from rlhfkit.sampling import RowSeededSampler, sample_rollout
 PROMPTS = ["User: Why is the sky blue?\nAssistant:", "User: What?\nAssistant:", "User: A star is\nAssistant:"]
 
 
-class EndsRowEarly(RowSeededSampler):
-    """Draws as RowSeededSampler does, but row `row` emits EOS at decode step `step`."""
+class EndsRowsEarly(RowSeededSampler):
+    """Draws as RowSeededSampler does, but the batch rows `ending[step]` emit EOS at decode step `step`."""
 
-    def __init__(self, seeds: list[int], settings: SamplingSettings, eos: int, row: int, step: int) -> None:
+    def __init__(self, seeds: list[int], settings: SamplingSettings, eos: int, ending: dict[int, list[int]]) -> None:
         super().__init__(seeds, settings, keep_logprobs=True)
-        self.eos, self.row, self.step, self.calls = eos, row, step, 0
+        self.eos, self.ending, self.calls = eos, ending, 0
 
-    def draw(self, scores: torch.Tensor) -> torch.Tensor:
-        tokens = super().draw(scores)
+    def draw(self, scores: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = super().draw(scores, rows)
+        rows = torch.arange(len(tokens)) if rows is None else rows
+        tokens[torch.isin(rows, torch.tensor(self.ending.get(self.calls, [-1])))] = self.eos
         self.calls += 1
-        if self.calls == self.step + 1:
-            tokens[self.row] = self.eos
         return tokens
 
 
@@ -51,11 +51,13 @@ def test_the_loop_samples_what_generate_samples(tiny_model, monkeypatch):
     assert by_generate.response_ids.shape == by_loop.response_ids.shape
     assert torch.equal(by_generate.response_ids, by_loop.response_ids)
     assert torch.equal(by_generate.response_mask, by_loop.response_mask)
-    assert torch.allclose(by_generate.sampler_logprobs, by_loop.sampler_logprobs, atol=1e-5, equal_nan=True)
+    # the log-probs of every sampled token (after a row's EOS the loop may have stopped drawing for it)
+    sampled = by_generate.response_mask.bool()
+    assert torch.allclose(by_generate.sampler_logprobs[sampled], by_loop.sampler_logprobs[sampled], atol=1e-5)
 
     # A row that ends early is padded after its EOS; once every row has ended, sampling stops.
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    monkeypatch.setattr(sampling, "RowSeededSampler", lambda seeds, s, keep: EndsRowEarly(seeds, s, eos, 1, 2))
+    monkeypatch.setattr(sampling, "RowSeededSampler", lambda seeds, s, keep: EndsRowsEarly(seeds, s, eos, {2: [1]}))
     both = [
         sample_rollout(model, tokenizer, PROMPTS[:1], settings, 2, 64, [3, 4], True, loop)
         for loop in (None, DecodeLoop(model))
@@ -65,12 +67,33 @@ def test_the_loop_samples_what_generate_samples(tiny_model, monkeypatch):
     assert both[1].lengths[1] == 3 and not both[1].ended[0]
 
 
+def test_rows_that_ended_leave_the_batch_without_changing_any_sample(tiny_model, monkeypatch):
+    import rlhfkit.sampling as sampling
+
+    model, tokenizer = float_model(tiny_model), load_tokenizer(resolve(str(tiny_model)))
+    eos = tokenizer.eos_token_id
+    # 8 rows end at different steps: the batch shrinks after steps 1 (2 of 8 ended), 3 (2 of 6)
+    # and 5 (1 of 4), and its rows keep their own seeds and positions in the result
+    ending = {1: [2, 5], 3: [0, 7], 5: [3]}
+    monkeypatch.setattr(sampling, "RowSeededSampler", lambda seeds, s, keep: EndsRowsEarly(seeds, s, eos, ending))
+    settings = RolloutSettings(max_new_tokens=9, temperature=0.9, batch_size=8)
+    both = [
+        sample_rollout(model, tokenizer, PROMPTS, settings, 3, 64, range(9), True, loop)
+        for loop in (None, DecodeLoop(model))
+    ]
+    assert torch.equal(both[0].response_ids, both[1].response_ids)
+    assert both[1].lengths.tolist() == [4, 9, 2, 6, 9, 2, 9, 4, 4]  # the 9th is row 0 of a second batch
+    sampled = both[0].response_mask.bool()
+    assert torch.allclose(both[0].sampler_logprobs[sampled], both[1].sampler_logprobs[sampled], atol=1e-5)
+    assert both[1].sampler_logprobs[2, 3:].isnan().all()  # no draws for a row once it has left
+
+
 def test_the_loop_stops_when_every_row_has_ended(tiny_model):
     model = float_model(tiny_model)
     ids, mask = torch.tensor([[5, 6, 7], [0, 8, 9]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
     eos = 3
-    sampler = EndsRowEarly([1, 2], SamplingSettings(temperature=1.0), eos, 0, 1)
-    draw = lambda scores: torch.where(torch.arange(2) == 1, eos, sampler.draw(scores))  # noqa: E731
+    sampler = EndsRowsEarly([1, 2], SamplingSettings(temperature=1.0), eos, {1: [0]})
+    draw = lambda scores, rows: torch.where(rows == 1, eos, sampler.draw(scores, rows))  # noqa: E731
     new = DecodeLoop(model).generate(ids, mask, torch.tensor([0, 1]), draw, 20, eos, 0)
     assert new.shape == (2, 2) and new[0, 1] == eos and new[1, 0] == eos and new[1, 1] == 0
 

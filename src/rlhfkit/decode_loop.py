@@ -183,14 +183,19 @@ class DecodeLoop:
         ids: torch.Tensor,
         mask: torch.Tensor,
         prompt_index: torch.Tensor,
-        draw: Callable[[torch.Tensor], torch.Tensor],
+        draw: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         max_new_tokens: int,
         eos_token_id: int,
         pad_token_id: int,
     ) -> torch.Tensor:
         """(B, new) tokens after left-padded prompts `ids`/`mask` (B, P); rows with equal
-        `prompt_index` share one prompt and are prefilled once. draw: logits (B, V) → tokens (B,).
-        new ≤ max_new_tokens: the loop ends once every row has emitted EOS."""
+        `prompt_index` share one prompt and are prefilled once. draw: (logits (R, V), the R rows'
+        indices in the batch) → tokens (R,). new ≤ max_new_tokens: the loop ends once every row
+        has emitted EOS.
+
+        Rows that have ended leave the batch once they are a quarter of it (their cache rows
+        dropped), so the steps after run on the rows still sampling; each row's draw depends only
+        on its own logits and index, so the samples are those of a batch that never shrinks."""
         runs = consecutive_runs(prompt_index.tolist())
         firsts = [run[0] for run in runs]
         copies = torch.tensor([number for number, run in enumerate(runs) for _ in run])
@@ -211,16 +216,23 @@ class DecodeLoop:
         cache = [(keys[copies], values[copies]) for keys, values in cache]
         valid, position = valid[copies], positions[copies, -1:]
 
-        tokens, ended = [], torch.zeros(len(copies), dtype=torch.bool)
+        tokens = torch.full((len(copies), max_new_tokens), pad_token_id, dtype=torch.long)
+        rows = torch.arange(len(copies))  # the batch rows still in the cache, in its order
+        ended = torch.zeros(len(copies), dtype=torch.bool)  # of those rows
         for step in range(max_new_tokens):
-            token = torch.where(ended, pad_token_id, draw(logits))
-            tokens.append(token)
+            token = torch.where(ended, pad_token_id, draw(logits, rows))
+            tokens[rows, step] = token
             ended |= token == eos_token_id
             if bool(ended.all()) or step == max_new_tokens - 1:
                 break
+            if 4 * int(ended.sum()) >= len(rows):
+                going = (~ended).nonzero().squeeze(1)
+                rows, token, valid, position = rows[going], token[going], valid[going], position[going]
+                cache = [(keys[going], values[going]) for keys, values in cache]
+                ended = ended[going]
             follow_free_cores()
             column = prompt_width + step
             valid[:, column] = True
             position = position + 1
             logits = self.forward(token[:, None], position, cache, column, valid[:, None, None])
-        return torch.stack(tokens, dim=1)
+        return tokens[:, : step + 1]

@@ -153,16 +153,20 @@ class RowSeededSampler:
         if settings.top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(settings.top_p))
 
-    def draw(self, scores: torch.Tensor) -> torch.Tensor:
-        """(B,) one token per row of the logits `scores` (B, V)."""
+    def draw(self, scores: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(R,) one token per row of the logits `scores` (R, V), which are the batch rows `rows`
+        (all, in order, when None); the kept log-prob of a row not drawn for is NaN."""
+        rows = torch.arange(len(self.generators)) if rows is None else rows
         for warper in self.warpers:
             scores = warper(None, scores)
         cdf = torch.softmax(scores.float(), dim=-1).cumsum(dim=-1)
         # 1 - U(0, 1) lies in (0, 1], so a token of probability 0 is never drawn.
-        uniform = torch.stack([1 - torch.rand((), generator=g) for g in self.generators]).to(cdf.device)
-        tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).clamp(max=cdf.shape[1] - 1)
+        uniform = torch.stack([1 - torch.rand((), generator=self.generators[row]) for row in rows.tolist()])
+        tokens = torch.searchsorted(cdf, (uniform.to(cdf.device) * cdf[:, -1])[:, None]).clamp(max=cdf.shape[1] - 1)
         if self.kept is not None:
-            self.kept.append(torch.log_softmax(scores.float(), dim=-1).gather(1, tokens).squeeze(1).cpu())
+            kept = torch.full((len(self.generators),), math.nan)
+            kept[rows] = torch.log_softmax(scores.float(), dim=-1).gather(1, tokens).squeeze(1).cpu()
+            self.kept.append(kept)
         return tokens.squeeze(1)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
