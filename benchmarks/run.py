@@ -271,7 +271,11 @@ def summarise(
         )
         rss("grpo", ours, theirs)
     _, peer = pair("generation")
-    copies = (("generation_int8", "generation, int8 copy"), ("generation_bf16", "generation, bf16 copy"))
+    copies = (
+        ("generation_int8", "generation, int8 copy"),
+        ("generation_bf16", "generation, bf16 copy"),
+        ("generation_float32", "generation, float32 copy"),
+    )
     for workload, label in (("generation", "generation"), *copies):
         ours, theirs = pair(workload)[0], peer
         if not ours and not (workload == "generation" and theirs):

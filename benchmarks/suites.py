@@ -18,6 +18,7 @@ WORKLOADS = (
     "generation",
     "generation_int8",
     "generation_bf16",
+    "generation_float32",
     "grpo_int8",
     "grpo_bf16",
     "grpo_bf16_mixed",
@@ -26,10 +27,11 @@ WORKLOADS = (
     "trpo",
 )
 # Workloads TRL has no trainer for: rlhfkit alone, compared with its own GRPO at the same rollout size.
-# rlhfkit alone; generation_int8 / generation_bf16 (the CPU rollout copies) read against the generation workload's peer
+# rlhfkit alone; generation_int8 / _bf16 / _float32 (the CPU rollout copies) read against the generation workload's peer
 RLHFKIT_ONLY = (
     "generation_int8",
     "generation_bf16",
+    "generation_float32",
     "grpo_int8",
     "grpo_bf16",
     "ppo",

@@ -276,13 +276,13 @@ def _load_model(suite: Suite, model_name: str, reward_model: bool = False):
 
 def rlhfkit_generation(suite: Suite, model_name: str, workdir: Path, engine: str = "hf") -> dict:
     """Sampling as the RL stages do it: the model itself (engine hf), or its rollout copy, built
-    once from the model, its log-probs kept (engine int8: smoothed on 16 of the prompts; bf16)."""
+    once from the model, its log-probs kept (engine int8: smoothed on 16 of the prompts; bf16; float32)."""
     import torch
 
     from rlhfkit.config import SamplingSettings
     from rlhfkit.data.formatting import render_prompt
     from rlhfkit.int8_rollout import Int8Sampler
-    from rlhfkit.rollout_copy import Bf16Sampler
+    from rlhfkit.rollout_copy import Bf16Sampler, Float32Sampler
     from rlhfkit.sampling import global_seeds, sample_rollout
 
     model, tokenizer = _load_model(suite, model_name)
@@ -294,6 +294,8 @@ def rlhfkit_generation(suite: Suite, model_name: str, workdir: Path, engine: str
         copy = Int8Sampler(model, tokenizer, chat(generation_prompts(workdir, 16)), suite.max_length)
     elif engine == "bf16":
         copy = Bf16Sampler(model, tokenizer)
+    elif engine == "float32":
+        copy = Float32Sampler(model, tokenizer)
 
     def generate(prompts: list[str]) -> tuple[list[int], int]:
         settings = SamplingSettings(
@@ -555,6 +557,7 @@ RUNNERS: dict[tuple[str, str], Callable[[Suite, str, Path], dict]] = {
     ("generation", "rlhfkit"): rlhfkit_generation,
     ("generation_int8", "rlhfkit"): lambda *a: rlhfkit_generation(*a, engine="int8"),
     ("generation_bf16", "rlhfkit"): lambda *a: rlhfkit_generation(*a, engine="bf16"),
+    ("generation_float32", "rlhfkit"): lambda *a: rlhfkit_generation(*a, engine="float32"),
     ("sft", "trl"): trl_sft,
     ("reward", "trl"): lambda *a: trl_pairs("reward", *a),
     ("dpo", "trl"): lambda *a: trl_pairs("dpo", *a),

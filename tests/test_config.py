@@ -102,7 +102,10 @@ def test_bad_override_syntax():
         ),
         (["grpo.advantage=rloo", "grpo.scale_rewards=false"], "grpo.scale_rewards applies to advantage: group"),
         (["grpo.dynamic_sampling_rounds=2"], "grpo.dynamic_sampling_rounds re-samples for grpo.dynamic_sampling"),
-        (["rollout.correction=tis"], "corrects for a separate sampler \\(rollout.engine: vllm, int8 or bf16\\)"),
+        (
+            ["rollout.correction=tis"],
+            "corrects for a separate sampler \\(rollout.engine: vllm, int8, bf16 or float32\\)",
+        ),
         (["rollout.engine=int8", "model.device=cuda"], "rollout.engine int8 is a CPU sampler"),
         (["rollout.correction=tis", "rollout.correction_cap=1"], "rollout.correction_cap"),
     ],

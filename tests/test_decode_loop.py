@@ -12,7 +12,7 @@ from rlhfkit.config import ModelSettings, RolloutSettings, SamplingSettings
 from rlhfkit.decode_loop import DecodeLoop, _attend_from_one_position, supports
 from rlhfkit.int8_rollout import Int8Linear, Int8Sampler
 from rlhfkit.models import load_causal_lm, load_tokenizer, resolve
-from rlhfkit.rollout_copy import Bf16Sampler, PackedBf16Linear, onednn_packs_bf16
+from rlhfkit.rollout_copy import Bf16Sampler, PackedLinear, onednn_packs
 from rlhfkit.sampling import RowSeededSampler, sample_rollout
 
 PROMPTS = ["User: Why is the sky blue?\nAssistant:", "User: What?\nAssistant:", "User: A star is\nAssistant:"]
@@ -140,15 +140,15 @@ def test_one_position_attention_matches_sdpa_with_grouped_heads():
     assert in_bf16.dtype == torch.bfloat16 and torch.allclose(in_bf16.float(), expected, atol=0.05)
 
 
-@pytest.mark.skipif(not onednn_packs_bf16(), reason="this PyTorch build does not pack bf16 weights for oneDNN")
+@pytest.mark.skipif(not onednn_packs(torch.bfloat16), reason="this PyTorch build does not pack bf16 weights for oneDNN")
 def test_the_bf16_copy_samples_through_packed_products_as_its_modules_do(tiny_model):
     model, tokenizer = float_model(tiny_model), load_tokenizer(resolve(str(tiny_model)))
     copy = Bf16Sampler(model, tokenizer)
     settings = RolloutSettings(max_new_tokens=8, temperature=1.0, batch_size=8)
     by_loop = copy.sample(model, 0, PROMPTS, settings, 2, 64, range(6))
     loop = copy.decode_loop
-    assert loop is not None and isinstance(loop.head, PackedBf16Linear)
-    assert all(isinstance(part, PackedBf16Linear) for layer in loop.products for part in layer)
+    assert loop is not None and isinstance(loop.head, PackedLinear)
+    assert all(isinstance(part, PackedLinear) for layer in loop.products for part in layer)
     attention = copy.model.model.layers[0].self_attn
     hidden = torch.randn(3, 2, loop.products[0].qkv.in_features).bfloat16()
     separate = torch.cat([attention.q_proj(hidden), attention.k_proj(hidden), attention.v_proj(hidden)], dim=-1)

@@ -18,7 +18,7 @@ from rlhfkit.int8_rollout import (
 )
 from rlhfkit.models import attach_lora, load_causal_lm, load_tokenizer, resolve
 from rlhfkit.passes import response_logprobs
-from rlhfkit.rollout_copy import Bf16Sampler, check_copy_usable, resolve_auto_engine
+from rlhfkit.rollout_copy import Bf16Sampler, Float32Sampler, check_copy_usable, resolve_auto_engine
 from rlhfkit.sampling import sample_rollout
 
 QUANTIZE_ROWS = quantize_rows
@@ -121,6 +121,7 @@ def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
 COPIES = {
     "int8": lambda policy, tokenizer: Int8Sampler(policy, tokenizer, PROMPTS, 64),
     "bf16": lambda policy, tokenizer: Bf16Sampler(policy, tokenizer),
+    "float32": lambda policy, tokenizer: Float32Sampler(policy, tokenizer),
 }
 
 
@@ -185,7 +186,7 @@ def test_the_copy_repeats_its_samples_and_stays_close_to_the_trainer(lora_policy
 def test_cpu_copies_are_refused_off_the_cpu_and_bf16_without_its_instructions(monkeypatch):
     from rlhfkit.engine import distributed
 
-    for engine in ("int8", "bf16"):
+    for engine in ("int8", "bf16", "float32"):
         with pytest.raises(UserError, match=f"rollout.engine {engine} is a CPU sampler, but the policy is on cuda"):
             check_copy_usable(engine, torch.device("cuda"))
     check_copy_usable("int8", torch.device("cpu"))
@@ -222,3 +223,16 @@ def test_the_bf16_copy_keeps_one_embedding_for_a_tied_output_layer(lora_policy, 
     assert copy.model.lm_head.weight.dtype == torch.bfloat16
     assert copy.model.lm_head.weight.data_ptr() == copy.model.model.embed_tokens.weight.data_ptr()
     assert copy.model.model.rotary_emb.inv_freq.dtype == torch.float32  # buffers as the policy keeps them
+
+
+def test_the_float32_copy_samples_what_the_policy_samples(lora_policy, tiny_model):
+    tokenizer = load_tokenizer(resolve(str(tiny_model)))
+    nudge_adapters(lora_policy, seed=3, size=0.05)  # the merged LoRA deltas move the distribution
+    settings = RolloutSettings(max_new_tokens=8, temperature=0.9, batch_size=4)
+    copy = Float32Sampler(lora_policy, tokenizer)
+    assert copy.samples_the_policy
+    by_copy = copy.sample(lora_policy, 0, PROMPTS, settings, 2, 64, range(6))
+    by_policy = sample_rollout(lora_policy, tokenizer, PROMPTS, settings, 2, 64, range(6), keep_sampler_logprobs=True)
+    assert torch.equal(by_copy.response_ids, by_policy.response_ids)
+    sampled = by_policy.response_mask.bool()
+    assert torch.allclose(by_copy.sampler_logprobs[sampled], by_policy.sampler_logprobs[sampled], atol=1e-4)

@@ -37,7 +37,14 @@ from rlhfkit.metrics import held_out_curve, overoptimisation_signs
 from rlhfkit.models import frozen_reference_copy, reference_policy, resolve, resolve_with_tokenizer
 from rlhfkit.passes import response_logprobs
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
-from rlhfkit.rollout_copy import COPY_ENGINES, Bf16Sampler, PolicyCopy, check_copy_usable, resolve_auto_engine
+from rlhfkit.rollout_copy import (
+    COPY_ENGINES,
+    Bf16Sampler,
+    Float32Sampler,
+    PolicyCopy,
+    check_copy_usable,
+    resolve_auto_engine,
+)
 from rlhfkit.sampling import Rollout, row_seed, sample_rollout
 from rlhfkit.stages.before_after import measure, write_samples
 from rlhfkit.stages.refill import refill_flat_groups
@@ -238,6 +245,8 @@ class Rollouts:
             self.sampler = Int8Sampler(policy, tokenizer, calibration, config.data.max_length)
         elif settings.engine == "bf16":
             self.sampler = Bf16Sampler(policy, tokenizer)
+        elif settings.engine == "float32":
+            self.sampler = Float32Sampler(policy, tokenizer)
 
     def sample_and_score(
         self,
@@ -250,7 +259,7 @@ class Rollouts:
         """Completions of `examples` (`samples` each, one seed per completion) and their rewards;
         greedy: the most likely token at every step (top-k 1) instead of a sample. held_out: an
         evaluation's, answered by the engine only where it samples the policy's own distribution
-        (vLLM; not the int8 copy), so figures do not depend on the engine."""
+        (vLLM, the float32 copy; not the int8 or bf16 copy), so figures do not depend on the engine."""
         texts, settings, max_length = (
             [render_rl_prompt(self.tokenizer, example, self.config.data) for example in examples],
             self.config.rollout.model_copy(update={"top_k": 1}) if greedy else self.config.rollout,
