@@ -12,8 +12,9 @@ training with that run's on the same prompts and sample slots (paired mean diffe
 standard error), for runs evaluated alike. Reward-model runs (`rlhfkit reward`) get a table of
 their own: held-out pair (or label) accuracy before and after, per data source, and the wall
 time; any other stage's run (SFT, pretraining, DPO, KTO, ...) its held-out measurements before
-and after, as the pipeline's report lists them. Rerunning a run and this script rewrites its
-rows: no figure is typed.
+and after, as the pipeline's report lists them; an evaluation's run (`rlhfkit evaluate`, the
+pipeline's last stage) the table of the models it compared, as its report renders it from
+metrics.json. Rerunning a run and this script rewrites its rows: no figure is typed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from rlhfkit.metrics import paired_difference, win_rate
-from rlhfkit.report import stage_rows
+from rlhfkit.report import evaluation_markdown, stage_rows
 
 EVALUATED_ALIKE = ("num_prompts", "samples_per_prompt", "seed")
 COLUMNS = ["run", "reward", "held-out", "before", "after", "judges (before → after)", "KL", "time", "s/step"]
@@ -83,12 +84,23 @@ def _complete_run(run_dir: Path) -> tuple[dict, dict, dict]:
 
 
 def run_kind(run_dir: Path) -> str:
-    """rl (held-out sampled rewards), reward (a reward model's run), or stage (any other stage)."""
+    """rl (held-out sampled rewards), reward (a reward model's run), evaluate (models compared),
+    or stage (any other stage)."""
     after = json.loads((run_dir / "metrics.json").read_text()).get("after", {})
     if "sample_rewards" in after:
         return "rl"
     stage = json.loads((run_dir / "run.json").read_text()).get("stage")
+    if stage == "evaluate":
+        return "evaluate"
     return "reward" if stage == "reward" and ("accuracy" in after or "label_accuracy" in after) else "stage"
+
+
+def evaluation_section(run_dir: Path) -> list[str]:
+    """An evaluation's table of the models it compared, then the command, its time and where it ran."""
+    marker, _, metrics = _complete_run(run_dir)
+    time = _duration(marker.get("started"), marker.get("finished"))
+    command = f"`{marker.get('command', run_dir.name)}`, evaluate stage: {time}"
+    return [*evaluation_markdown(metrics).rstrip("\n").splitlines(), "", command, _measured_on(run_dir, marker)]
 
 
 def stage_run_rows(run_dir: Path) -> tuple[list[list[str]], str]:
@@ -222,8 +234,8 @@ STAGE_COLUMNS = ["run", "held-out", "before", "after", "time"]
 
 
 def table(run_dirs: list[Path], baseline: Path | None = None) -> str:
-    """Markdown: a table of other stages' runs, one of reward-model runs, one of RL runs (each with
-    its when-and-where lines), as many as the runs given need."""
+    """Markdown: a table of other stages' runs, one of reward-model runs, one of RL runs and one per
+    evaluation (each with its when-and-where lines), as many as the runs given need."""
     kinds = {run_dir: run_kind(run_dir) for run_dir in run_dirs}
     sections: list[list[str]] = []
     if stage_runs := [run_dir for run_dir in run_dirs if kinds[run_dir] == "stage"]:
@@ -237,6 +249,7 @@ def table(run_dirs: list[Path], baseline: Path | None = None) -> str:
         )
     if rl_runs := [run_dir for run_dir in run_dirs if kinds[run_dir] == "rl"]:
         sections.append(_rl_section(rl_runs, baseline))
+    sections += [evaluation_section(run_dir) for run_dir in run_dirs if kinds[run_dir] == "evaluate"]
     return "\n\n".join("\n".join(section) for section in sections) + "\n"
 
 

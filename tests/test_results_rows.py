@@ -102,3 +102,23 @@ def test_any_other_stage_gets_its_held_out_measurements_as_the_report_lists_them
     assert written.startswith("| run | held-out | before | after | time |")
     assert "| `rlhfkit sft my.yaml` | response perplexity (held-out pairs) | 2.73 | 1.12 | 7 min 15 s |" in written
     assert "|  | ROUGE-L of answers | 0.225 | 0.786 |  |" in written
+
+
+def test_an_evaluation_run_gives_its_comparison_table_from_metrics_json(tmp_path):
+    run = tmp_path / "evaluate"
+    run.mkdir()
+    marker = {"status": "complete", "stage": "evaluate", "command": "rlhfkit pipeline configs/quickstart.yaml"}
+    marker |= {"started": "2026-12-07T08:38:00+00:00", "finished": "2026-12-07T08:40:20+00:00"}
+    (run / "run.json").write_text(json.dumps(marker))
+    (run / "config.yaml").write_text(yaml.safe_dump({"baseline": "sft"}))
+    common = {"kl_stderr": 0.5, "length": 63.0, "length_stderr": 3.0, "distinct_2": 0.83}
+    models = {
+        "sft": {**common, "perplexity": 9.5, "reward_mean": 1.0, "reward_stderr": 0.1, "kl": 0.0},
+        "ppo": {**common, "perplexity": 9.9, "reward_mean": 1.4, "reward_stderr": 0.05, "kl": 6.0}
+        | {"win_rate": 0.79, "win_rate_low": 0.62, "win_rate_high": 0.90},
+    }
+    summary = {"models": models, "order": ["sft", "ppo"], "baseline": "sft", "reference": "sft", "judges": {}}
+    (run / "metrics.json").write_text(json.dumps(summary))
+    written = table([run])
+    assert "| ppo | 9.90 | 1.400 ± 0.098 | 0.79 [0.62, 0.90] | 6.00 ± 0.98 |" in written
+    assert "`rlhfkit pipeline configs/quickstart.yaml`, evaluate stage: 2 min 20 s" in written
