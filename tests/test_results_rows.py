@@ -89,15 +89,20 @@ def test_reward_model_runs_get_their_own_table_with_accuracy_per_source(tmp_path
     assert "| `rlhfkit grpo grpo.yaml` |" in written  # the RL run keeps its own table
 
 
+def stage_run(folder, command, times, config, metrics):
+    """A finished run of the stage named by `folder` on 2026-12-07, (start, finish) times of day."""
+    folder.mkdir()
+    marker = {"stage": folder.name, "status": "complete", "command": command}
+    marker |= {"started": f"2026-12-07T{times[0]}+00:00", "finished": f"2026-12-07T{times[1]}+00:00"}
+    (folder / "run.json").write_text(json.dumps(marker))
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
 def test_any_other_stage_gets_its_held_out_measurements_as_the_report_lists_them(tmp_path):
-    run = tmp_path / "sft"
-    run.mkdir()
-    marker = {"stage": "sft", "status": "complete", "command": "rlhfkit sft my.yaml"}
-    marker |= {"started": "2026-12-07T10:00:00+00:00", "finished": "2026-12-07T10:07:15+00:00"}
-    (run / "run.json").write_text(json.dumps(marker))
-    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"path": "worked.jsonl"}}))
     sides = {"before": {"perplexity": 2.731, "rouge_l": 0.2249}, "after": {"perplexity": 1.116, "rouge_l": 0.7857}}
-    (run / "metrics.json").write_text(json.dumps(sides))
+    run = stage_run(tmp_path / "sft", "rlhfkit sft my.yaml", ("10:00:00", "10:07:15"), {"data": {}}, sides)
     written = table([run])
     assert written.startswith("| run | held-out | before | after | time |")
     assert "| `rlhfkit sft my.yaml` | response perplexity (held-out pairs) | 2.73 | 1.12 | 7 min 15 s |" in written
@@ -105,12 +110,6 @@ def test_any_other_stage_gets_its_held_out_measurements_as_the_report_lists_them
 
 
 def test_an_evaluation_run_gives_its_comparison_table_from_metrics_json(tmp_path):
-    run = tmp_path / "evaluate"
-    run.mkdir()
-    marker = {"status": "complete", "stage": "evaluate", "command": "rlhfkit pipeline configs/quickstart.yaml"}
-    marker |= {"started": "2026-12-07T08:38:00+00:00", "finished": "2026-12-07T08:40:20+00:00"}
-    (run / "run.json").write_text(json.dumps(marker))
-    (run / "config.yaml").write_text(yaml.safe_dump({"baseline": "sft"}))
     common = {"kl_stderr": 0.5, "length": 63.0, "length_stderr": 3.0, "distinct_2": 0.83}
     models = {
         "sft": {**common, "perplexity": 9.5, "reward_mean": 1.0, "reward_stderr": 0.1, "kl": 0.0},
@@ -118,7 +117,8 @@ def test_an_evaluation_run_gives_its_comparison_table_from_metrics_json(tmp_path
         | {"win_rate": 0.79, "win_rate_low": 0.62, "win_rate_high": 0.90},
     }
     summary = {"models": models, "order": ["sft", "ppo"], "baseline": "sft", "reference": "sft", "judges": {}}
-    (run / "metrics.json").write_text(json.dumps(summary))
+    command = "rlhfkit pipeline configs/quickstart.yaml"
+    run = stage_run(tmp_path / "evaluate", command, ("08:38:00", "08:40:20"), {"baseline": "sft"}, summary)
     written = table([run])
     assert "| ppo | 9.90 | 1.400 ± 0.098 | 0.79 [0.62, 0.90] | 6.00 ± 0.98 |" in written
     assert "`rlhfkit pipeline configs/quickstart.yaml`, evaluate stage: 2 min 20 s" in written
