@@ -107,6 +107,7 @@ def test_bad_override_syntax():
             "corrects for a separate sampler \\(rollout.engine: vllm, int8, bf16 or float32\\)",
         ),
         (["rollout.engine=int8", "model.device=cuda"], "rollout.engine int8 is a CPU sampler"),
+        (["rollout.engine=float32", "model.device=cuda"], "rollout.engine float32 is a CPU sampler"),
         (["rollout.correction=tis", "rollout.correction_cap=1"], "rollout.correction_cap"),
     ],
 )
