@@ -177,21 +177,15 @@ class CastCopy(PolicyCopy):
 
     def join(self, layers: Sequence[torch.nn.Module]) -> torch.nn.Module:
         weight = torch.cat([layer.weight for layer in layers])
-        bias = None
-        if any(layer.bias is not None for layer in layers):
-            bias = torch.cat(
-                [
-                    torch.zeros(layer.out_features, dtype=self.dtype) if layer.bias is None else layer.bias
-                    for layer in layers
-                ]
-            )
-        if onednn_packs(self.dtype):
-            return PackedLinear(weight, bias, self.dtype)
-        joined = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        joined = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         joined.weight = torch.nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            joined.bias = torch.nn.Parameter(bias, requires_grad=False)
-        return joined
+        if any(layer.bias is not None for layer in layers):
+            biases = [
+                torch.zeros(layer.out_features, dtype=self.dtype) if layer.bias is None else layer.bias
+                for layer in layers
+            ]
+            joined.bias = torch.nn.Parameter(torch.cat(biases), requires_grad=False)
+        return self.product(joined)
 
 
 class Bf16Sampler(CastCopy):
