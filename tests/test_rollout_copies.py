@@ -236,3 +236,16 @@ def test_the_float32_copy_samples_what_the_policy_samples(lora_policy, tiny_mode
     assert torch.equal(by_copy.response_ids, by_policy.response_ids)
     sampled = by_policy.response_mask.bool()
     assert torch.allclose(by_copy.sampler_logprobs[sampled], by_policy.sampler_logprobs[sampled], atol=1e-4)
+
+
+def test_a_copy_made_with_the_adapters_disabled_holds_the_base_weights(lora_policy, tiny_model):
+    nudge_adapters(lora_policy, seed=4, size=0.3)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    copy = Float32Sampler(lora_policy, load_tokenizer(resolve(str(tiny_model))))
+    with lora_policy.disable_adapter():
+        copy.refresh(lora_policy)
+        base = next_token_logprobs(lora_policy, ids)
+    assert kl(base, next_token_logprobs(copy.model, ids)) < 1e-6
+    copy.refresh(lora_policy)
+    assert kl(next_token_logprobs(lora_policy, ids), next_token_logprobs(copy.model, ids)) < 1e-6
+    assert kl(base, next_token_logprobs(copy.model, ids)) > 1e-3  # the adapters move it: the test can tell

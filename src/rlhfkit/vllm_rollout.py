@@ -55,7 +55,8 @@ def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
 
     What `merge_and_unload()` followed by `state_dict()` would hold, computed out of place: the
     base weights are never modified (merging in place and back drifts bf16 weights by rounding).
-    Adapter parameters themselves are left out; tied weights appear once.
+    Adapter parameters themselves are left out; tied weights appear once. Inside peft's
+    `disable_adapter()` the base weights are what the model computes with, and what is yielded.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -69,7 +70,7 @@ def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
             layer_name = owner[: -len(".base_layer")]
             layer = lora_layers[layer_name]
             plain = f"{layer_name}.{leaf}"
-            if leaf == "weight" and not layer.merged:
+            if leaf == "weight" and not layer.merged and not layer.disable_adapters:
                 yield plain, _with_lora_deltas(layer, parameter)
             else:
                 yield plain, parameter.detach()
