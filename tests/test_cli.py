@@ -111,8 +111,12 @@ sft:
     assert json.loads((tmp_path / "sft" / "run.json").read_text())["status"] == "complete"
 
     capsys.readouterr()
-    assert main(["generate", str(tmp_path / "sft"), "--prompt", "Why is the sky blue?", "--max-new-tokens", "5"]) == 0
-    assert "### Why is the sky blue?" in capsys.readouterr().out
+    printed = []
+    for engine in ("hf", "float32"):
+        asked = ["generate", str(tmp_path / "sft"), "--prompt", "Why is the sky blue?", "--max-new-tokens", "5"]
+        assert main([*asked, "--engine", engine]) == 0
+        printed.append(capsys.readouterr().out)
+    assert "### Why is the sky blue?" in printed[0] and printed[0] == printed[1]
     assert main(["merge", str(tmp_path / "sft"), str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "model.safetensors").exists()
     assert main(["merge", str(tmp_path / "sft"), str(tmp_path / "merged")]) == 2  # never overwrites

@@ -129,6 +129,22 @@ def test_dpo_settings_the_chosen_loss_would_ignore_are_refused(overrides, messag
         load_config("dpo", None, overrides)
 
 
+@pytest.mark.parametrize(
+    "stage, overrides, message",
+    [
+        ("sft", ["generation.engine=float32", "model.device=cuda"], "generation.engine float32 is a CPU sampler"),
+        ("dpo", ["generation.engine=float32", "model.device=cuda"], "generation.engine float32 is a CPU sampler"),
+        ("evaluate", ["sampling.engine=float32", "device=cuda"], "sampling.engine float32 is a CPU sampler"),
+    ],
+)
+def test_the_answering_engine_is_checked_with_the_device(stage, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(stage, None, overrides)
+    assert load_config(stage, None, [overrides[0]])  # on the CPU (or auto) it is accepted
+    with pytest.raises(ConfigError, match=r"engine.*'auto', 'hf' or 'float32'"):
+        load_config(stage, None, [overrides[0].replace("float32", "int8")])  # the copies sample other distributions
+
+
 @pytest.mark.parametrize("stage", ["ppo", "trpo"])
 def test_rollout_correction_is_refused_where_it_is_not_applied(stage):
     with pytest.raises(ConfigError, match=f"rollout.correction is applied by the grpo stage; {stage} does not"):

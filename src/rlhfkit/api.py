@@ -386,16 +386,22 @@ def generate(
     top_p: float = 0.9,
     seed: int = 0,
     template: Literal["auto", "plain", "raw"] = "auto",
+    engine: Literal["auto", "hf", "float32"] = "auto",
 ) -> list[str]:
     """Answers to prompts (user messages, or chat turns), formatted with the model's chat template
-    (`template="plain"`: rlhfkit's plain one; `"raw"`: each prompt continued as it is)."""
+    (`template="plain"`: rlhfkit's plain one; `"raw"`: each prompt continued as it is). engine:
+    what samples — rlhfkit's decode loop over the model's float32 weights (`"float32"`, CPU,
+    Llama-layout models), transformers `generate` (`"hf"`), or the loop where it runs (`"auto"`)."""
+    from rlhfkit.config import GenerationSettings
     from rlhfkit.data.formatting import render_prompt
-    from rlhfkit.sampling import generate_texts
+    from rlhfkit.rollout_copy import generate_answers
 
     if max_new_tokens <= 0 or temperature < 0 or not 0 < top_p <= 1:
         raise UserError("max_new_tokens must be > 0, temperature >= 0 and top_p in (0, 1]")
     if template not in ("auto", "plain", "raw"):
         raise UserError(f"template must be auto, plain or raw, got {template!r}")
+    if engine not in ("auto", "hf", "float32"):
+        raise UserError(f"engine must be auto, hf or float32, got {engine!r}")
     if isinstance(prompts, str):
         raise UserError("prompts: expected a list of prompts, got one string (wrap it in a list)")
     policy, tokenizer = load(model)
@@ -406,7 +412,8 @@ def generate(
             texts.append(prompt if isinstance(prompt, str) else "\n".join(t["content"] for t in turns))
         else:
             texts.append(render_prompt(tokenizer, turns, "plain" if template == "plain" else "auto"))
-    return generate_texts(policy, tokenizer, texts, max_new_tokens, temperature, top_p, seed=seed)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, engine=engine)
+    return generate_answers(policy, tokenizer, texts, settings, seed)
 
 
 def score(

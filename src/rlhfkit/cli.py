@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_pairs.add_argument("--max-new-tokens", type=int, default=128)
     generate_pairs.add_argument("--temperature", type=float, default=0.9)
     generate_pairs.add_argument("--seed", type=int, default=0)
+    add_engine_option(generate_pairs)
     annotator = actions.add_parser("annotator", help="create an annotator and print their sign-in token (shown once)")
     annotator.add_argument("store")
     annotator.add_argument("name")
@@ -209,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="chat template: the tokenizer's (auto) or rlhfkit's plain one",
     )
     generate.add_argument("--raw", action="store_true", help="continue the prompt text as is, without a chat template")
+    add_engine_option(generate)
 
     merge = subparsers.add_parser(
         "merge",
@@ -256,6 +258,16 @@ def _pipeline(args: argparse.Namespace) -> None:
     print(f"done: {result.run_dir} (open {result.report})")
 
 
+def add_engine_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "hf", "float32"],
+        default="auto",
+        help="what samples: float32 (rlhfkit's decode loop over the model's own float32 weights, Llama-layout "
+        "models on the CPU), hf (transformers generate) or auto (float32 where it runs); both sample the model",
+    )
+
+
 def _report(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -298,6 +310,7 @@ def _label(args: argparse.Namespace) -> None:
             args.required,
             args.seed,
             args.kind,
+            args.engine,
         )
         print(f"{added} {'pairs' if args.kind == 'pairwise' else 'answers'} added to {args.store}")
     elif args.label_command == "annotator":
@@ -366,7 +379,7 @@ def _label(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     template = "raw" if args.raw else args.template
     answers = api.generate(
-        args.model, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, template
+        args.model, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, template, args.engine
     )
     for prompt, answer in zip(args.prompt, answers):
         print(f"### {prompt}\n{answer}\n")

@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
-from rlhfkit.config import RolloutSettings, SamplingSettings
+from rlhfkit.config import GenerationSettings, RolloutSettings, SamplingSettings
 from rlhfkit.decode_loop import GATE_UP, QKV, DecodeLoop, LayerProducts, supports
 from rlhfkit.engine.distributed import require_cpu_bf16, runs_on_cpu, without_bf16_products
 from rlhfkit.errors import UserError
-from rlhfkit.sampling import Rollout, sample_rollout
+from rlhfkit.models import weights_are_sharded
+from rlhfkit.sampling import Rollout, generate_texts, sample_rollout
 from rlhfkit.vllm_rollout import merged_weights, unwrapped
 
 COPY_ENGINES = ("int8", "bf16", "float32")
@@ -202,6 +203,50 @@ class Float32Sampler(CastCopy):
     plain, 9.8 ms packed)."""
 
     samples_the_policy = True
+
+
+def answering_loop(model: torch.nn.Module, engine: str, length: int) -> DecodeLoop | None:
+    """The decode loop that answers prompts with `model`'s own distribution, for sequences of up
+    to `length` tokens (`engine` of the held-out answers, evaluation and candidates): the float32
+    copy's, the model's weights (LoRA merged) packed for oneDNN. None where `generate` samples:
+    engine hf; a model without the Llama layout; and, with engine auto, a model on a GPU, sharded
+    over processes, or not in float32 (the copy would sample another distribution)."""
+    if engine == "hf":
+        return None
+    device = next(model.parameters()).device
+    if engine == "float32":
+        check_copy_usable(engine, device)
+        if weights_are_sharded(model):
+            raise UserError("engine float32 copies a whole model; a sharded one samples itself: use engine auto or hf")
+    elif (
+        device.type != "cpu" or weights_are_sharded(model) or any(p.dtype != torch.float32 for p in model.parameters())
+    ):
+        return None
+    copy = Float32Sampler(model, tokenizer=None)
+    if not supports(copy.model, length):
+        return None
+    copy.refresh(model)
+    return copy.joined_decode_loop(length)
+
+
+def generate_answers(
+    model: torch.nn.Module, tokenizer: Any, prompt_texts: Sequence[str], settings: GenerationSettings, seed: int
+) -> list[str]:
+    """generate_texts with a stage's `generation` settings, sampled by its engine."""
+    if not prompt_texts:
+        return []
+    longest = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in prompt_texts)
+    return generate_texts(
+        model,
+        tokenizer,
+        prompt_texts,
+        settings.max_new_tokens,
+        settings.temperature,
+        settings.top_p,
+        settings.batch_size,
+        seed=seed,
+        decode_loop=answering_loop(model, settings.engine, longest + settings.max_new_tokens),
+    )
 
 
 # The layout's batch-size hint: measured on the 2-core EPYC, 32 rows packs float32 weights best

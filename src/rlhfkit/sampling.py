@@ -347,8 +347,11 @@ def generate_texts(
     batch_size: int = 8,
     seed: int = 0,
     show_progress: bool = True,
+    decode_loop: DecodeLoop | None = None,
 ) -> list[str]:
-    """Continue each already-formatted prompt (in eval mode: no dropout); returns only the new text. temperature 0 is greedy."""
+    """Continue each already-formatted prompt (in eval mode: no dropout); returns only the new text.
+    temperature 0 is greedy. decode_loop: samples in place of `generate` (same draws and EOS
+    handling; `model` is the loop's, or the model it copies)."""
     device = next(model.parameters()).device
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generated tokens must follow the prompt directly
@@ -367,36 +370,35 @@ def generate_texts(
                     padding=True,
                     add_special_tokens=False,
                 ).to(device)
-                rows = encoded["input_ids"].shape[0]
-                new_tokens = generate_new_tokens(
-                    model,
-                    encoded["input_ids"],
-                    encoded["attention_mask"],
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    do_sample=False,
-                    logits_processor=LogitsProcessorList([RowSeededSampler(global_seeds(rows), draw)] if draw else []),
-                )
+                ids, mask = encoded["input_ids"], encoded["attention_mask"]
+                sampler = RowSeededSampler(global_seeds(ids.shape[0]), draw) if draw else None
+                if decode_loop is not None:
+                    new_tokens = decode_loop.generate(
+                        ids,
+                        mask,
+                        torch.arange(ids.shape[0]),
+                        sampler.draw if sampler else greedy,
+                        max_new_tokens,
+                        tokenizer.eos_token_id,
+                        tokenizer.pad_token_id,
+                    )
+                else:
+                    new_tokens = generate_new_tokens(
+                        model,
+                        ids,
+                        mask,
+                        max_new_tokens=max_new_tokens,
+                        pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id,
+                        do_sample=False,
+                        logits_processor=LogitsProcessorList([sampler] if sampler else []),
+                    )
                 outputs.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
         finally:
             tokenizer.padding_side = padding_side
     return outputs
 
 
-def generate_answers(
-    model: torch.nn.Module, tokenizer: Any, prompt_texts: Sequence[str], settings: Any, seed: int
-) -> list[str]:
-    """generate_texts with a stage's `generation` settings."""
-    if not prompt_texts:
-        return []
-    return generate_texts(
-        model,
-        tokenizer,
-        prompt_texts,
-        settings.max_new_tokens,
-        settings.temperature,
-        settings.top_p,
-        settings.batch_size,
-        seed=seed,
-    )
+def greedy(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A decode loop's draw of the most likely token of each row (greedy decoding)."""
+    return logits.argmax(dim=-1)

@@ -7,11 +7,20 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rlhfkit.config.online import RewardSourceSettings
-from rlhfkit.config.sections import ChatDataSettings, ModelReference, SamplingSettings, Section
+from rlhfkit.config.sections import (
+    AnswerEngine,
+    ChatDataSettings,
+    ModelReference,
+    SamplingSettings,
+    Section,
+    answer_engine_field,
+    check_answer_engine_device,
+)
 
 
 class EvalSamplingSettings(SamplingSettings):
     max_new_tokens: int = Field(96, gt=0, description="Longest generated answer (the same for every model).")
+    engine: AnswerEngine = answer_engine_field()
 
 
 class RewardHackingThresholds(Section):
@@ -91,6 +100,7 @@ class EvaluateConfig(Section):
             value = getattr(self, field)
             if value is not None and value not in self.models:
                 raise ValueError(f"{field}: {value!r} is not one of models ({', '.join(self.models)})")
+        check_answer_engine_device("sampling", self.sampling.engine, self.device)
         return self
 
     @property

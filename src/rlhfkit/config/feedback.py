@@ -7,12 +7,20 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from rlhfkit.config.sections import ModelReference, SamplingSettings, Section, existing_data_reference
+from rlhfkit.config.sections import (
+    AnswerEngine,
+    ModelReference,
+    SamplingSettings,
+    Section,
+    answer_engine_field,
+    existing_data_reference,
+)
 
 
 class LabelSamplingSettings(SamplingSettings):
     max_new_tokens: int = Field(128, gt=0, description="Longest candidate answer.")
     temperature: float = Field(0.9, gt=0, description="Sampling temperature of the candidates (varied answers).")
+    engine: AnswerEngine = answer_engine_field()
 
 
 class LabelJudgeSettings(Section):

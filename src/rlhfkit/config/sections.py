@@ -266,6 +266,20 @@ class EvalSettings(Section):
     max_batches: int | None = Field(None, gt=0, description="Cap on held-out batches for perplexity.")
 
 
+AnswerEngine = Literal["auto", "hf", "float32"]
+
+
+def answer_engine_field() -> Any:
+    """The `engine` setting of everything that answers prompts outside RL rollouts (held-out
+    answers, evaluation, feedback candidates): each engine samples the model's own distribution."""
+    return Field(
+        "auto",
+        description="What samples the answers: float32 (rlhfkit's decode loop over the model's own float32 weights, "
+        "LoRA merged, packed for oneDNN; Llama-layout models on the CPU), hf (transformers generate), or auto "
+        "(float32 where it runs, else hf). Both sample the model's own distribution.",
+    )
+
+
 class GenerationSettings(Section):
     num_prompts: int = Field(16, ge=0, description="Held-out prompts answered for ROUGE-L and side-by-side samples.")
     max_new_tokens: int = Field(128, gt=0, description="Longest generated answer.")
@@ -275,6 +289,7 @@ class GenerationSettings(Section):
     extra_prompts: list[str] = Field(
         default_factory=list, description="More prompts shown side by side (base vs tuned), without references."
     )
+    engine: AnswerEngine = answer_engine_field()
 
 
 class StageConfig(Section):
@@ -290,6 +305,19 @@ class StageConfig(Section):
                 "model.load_in_4bit freezes the base in 4 bits, so only adapters can train: set lora.enabled: true"
             )
         return self
+
+    @model_validator(mode="after")
+    def _answers_sampled_where_the_engine_runs(self) -> StageConfig:
+        generation = getattr(self, "generation", None)
+        if isinstance(generation, GenerationSettings):
+            check_answer_engine_device("generation", generation.engine, self.model.device)
+        return self
+
+
+def check_answer_engine_device(section: str, engine: str, device: str) -> None:
+    """Refuse the CPU answering engine for a model placed on a GPU."""
+    if engine == "float32" and device not in ("auto", "cpu"):
+        raise ValueError(f"{section}.engine float32 is a CPU sampler, but the model's device is {device}")
 
 
 class SamplingSettings(Section):

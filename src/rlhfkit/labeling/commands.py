@@ -28,7 +28,10 @@ from rlhfkit.labeling.agreement import (
 from rlhfkit.labeling.schema import THUMBS, TaskKind
 from rlhfkit.labeling.store import LabelStore
 from rlhfkit.models import load_causal_lm, load_tokenizer, resolve
+from rlhfkit.rollout_copy import answering_loop
 from rlhfkit.sampling import sample_rollout
+
+PROMPT_TOKENS = 4096  # a candidate's prompt is kept whole up to this length
 
 
 def generate_candidates(
@@ -41,9 +44,11 @@ def generate_candidates(
     required: int = 1,
     seed: int = 0,
     kind: TaskKind = "pairwise",
+    engine: str = "auto",
 ) -> int:
     """Sample `responses` answers per prompt from `model` and store them as pairs (kind pairwise)
-    or as single answers to label 👍/👎 (kind single); returns the tasks added.
+    or as single answers to label 👍/👎 (kind single); returns the tasks added. engine: what
+    samples them (`rollout_copy.answering_loop`).
 
     Identical samples of a prompt are re-drawn up to 3 times; a prompt still without `responses`
     distinct non-empty answers is skipped (and counted): a pair of equal texts teaches nothing,
@@ -68,6 +73,7 @@ def generate_candidates(
     tokenizer = load_tokenizer(source)
     policy = load_causal_lm(source, ModelSettings(), torch.float32).eval()
     texts = [render_prompt(tokenizer, example.prompt, "auto") for example in examples]
+    loop = answering_loop(policy, engine, PROMPT_TOKENS + sampling.max_new_tokens)
     print(f"label generate: {len(examples)} prompts ({report.summary()}) x {responses} responses from {model}")
     added = skipped = 0
     with torch.random.fork_rng():
@@ -75,7 +81,9 @@ def generate_candidates(
         answers: list[list[str]] = [[] for _ in examples]
         pending = list(range(len(examples)))
         for _ in range(4):  # the first draw and up to 3 re-draws of prompts whose answers coincide
-            rollout = sample_rollout(policy, tokenizer, [texts[i] for i in pending], sampling, responses, 4096)
+            rollout = sample_rollout(
+                policy, tokenizer, [texts[i] for i in pending], sampling, responses, PROMPT_TOKENS, decode_loop=loop
+            )
             for slot, index in enumerate(pending):
                 answers[index] = rollout.completions[slot * responses : (slot + 1) * responses]
             pending = [

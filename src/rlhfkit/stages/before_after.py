@@ -11,7 +11,7 @@ from rlhfkit.data.formatting import render_prompt
 from rlhfkit.engine import Engine
 from rlhfkit.metrics import describe, write_answers_before_after
 from rlhfkit.rewards import RewardModelScorer
-from rlhfkit.sampling import generate_answers
+from rlhfkit.rollout_copy import generate_answers
 
 
 def measure(engine: Engine, metrics: dict, when: str, evaluate: Callable[[], dict] | None) -> None:

@@ -35,6 +35,7 @@ from rlhfkit.models import load_causal_lm, load_tokenizer, pick_dtype, resolve, 
 from rlhfkit.passes import evaluate_perplexity, response_logprobs
 from rlhfkit.report import evaluation_markdown
 from rlhfkit.rewards import RewardModelScorer, RewardSource, score_completions
+from rlhfkit.rollout_copy import answering_loop
 from rlhfkit.sampling import sample_rollout
 from rlhfkit.stages.sft import held_out_prompts
 
@@ -66,8 +67,15 @@ def measure_policy(
     texts = [render_prompt(tokenizer, turns, config.data.template) for turns in prompt_turns]
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
+        length = config.max_prompt_length + config.sampling.max_new_tokens
         rollout = sample_rollout(
-            model, tokenizer, texts, config.sampling, config.samples_per_prompt, config.max_prompt_length
+            model,
+            tokenizer,
+            texts,
+            config.sampling,
+            config.samples_per_prompt,
+            config.max_prompt_length,
+            decode_loop=answering_loop(model, config.sampling.engine, length),
         )
     answers = rollout.completions
     rollout = rollout.to(device)

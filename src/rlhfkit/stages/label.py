@@ -59,6 +59,7 @@ def generate_once(config: LabelConfig, store_path: Path) -> int:
         config.required,
         config.seed,
         config.kind,
+        config.sampling.engine,
     )
     store = LabelStore(store_path)
     store.set_setting("candidates", "generated")

@@ -15,7 +15,7 @@ from rlhfkit.data.formatting import render_prompt, tokenize_examples
 from rlhfkit.engine import Engine, RunDir, steps_for
 from rlhfkit.metrics import rouge_l
 from rlhfkit.models import resolve_with_tokenizer
-from rlhfkit.sampling import generate_answers
+from rlhfkit.rollout_copy import generate_answers
 from rlhfkit.stages.before_after import measure, write_samples
 from rlhfkit.stages.language_model import lm_loss, perplexity_evaluator
 
