@@ -42,6 +42,7 @@ from rlhfkit.rollout_copy import (
     Bf16Sampler,
     Float32Sampler,
     PolicyCopy,
+    answering_loop,
     check_copy_usable,
     resolve_auto_engine,
 )
@@ -259,7 +260,8 @@ class Rollouts:
         """Completions of `examples` (`samples` each, one seed per completion) and their rewards;
         greedy: the most likely token at every step (top-k 1) instead of a sample. held_out: an
         evaluation's, answered by the engine only where it samples the policy's own distribution
-        (vLLM, the float32 copy; not the int8 or bf16 copy), so figures do not depend on the engine."""
+        (vLLM, the float32 copy; not the int8 or bf16 copy), else by the float32 decode loop where
+        it runs (the same distribution) or `generate`, so figures do not depend on the engine."""
         texts, settings, max_length = (
             [render_rl_prompt(self.tokenizer, example, self.config.data) for example in examples],
             self.config.rollout.model_copy(update={"top_k": 1}) if greedy else self.config.rollout,
@@ -270,7 +272,10 @@ class Rollouts:
             sampler = None
         if sampler is None:
             with self.engine.whole_weights():
-                rollout = sample_rollout(self.policy, self.tokenizer, texts, settings, samples, max_length, seeds)
+                loop = answering_loop(self.policy, "auto", max_length + settings.max_new_tokens) if held_out else None
+                rollout = sample_rollout(
+                    self.policy, self.tokenizer, texts, settings, samples, max_length, seeds, decode_loop=loop
+                )
         else:  # the policy changes once per step: the sampler takes its weights when the step count moved
             rollout = sampler.sample(
                 self.policy, self.engine.progress.step, texts, settings, samples, max_length, seeds
