@@ -281,21 +281,15 @@ def rlhfkit_generation(suite: Suite, model_name: str, workdir: Path, engine: str
 
     from rlhfkit.config import SamplingSettings
     from rlhfkit.data.formatting import render_prompt
-    from rlhfkit.int8_rollout import Int8Sampler
-    from rlhfkit.rollout_copy import Bf16Sampler, Float32Sampler
+    from rlhfkit.rollout_copy import build_copy
     from rlhfkit.sampling import global_seeds, sample_rollout
 
     model, tokenizer = _load_model(suite, model_name)
     model.eval()
     torch.manual_seed(suite.seed)
     chat = lambda prompts: [render_prompt(tokenizer, ({"role": "user", "content": p},), "auto") for p in prompts]  # noqa: E731
-    copy = None
-    if engine == "int8":
-        copy = Int8Sampler(model, tokenizer, chat(generation_prompts(workdir, 16)), suite.max_length)
-    elif engine == "bf16":
-        copy = Bf16Sampler(model, tokenizer)
-    elif engine == "float32":
-        copy = Float32Sampler(model, tokenizer)
+    calibration = chat(generation_prompts(workdir, 16))
+    copy = None if engine == "hf" else build_copy(engine, model, tokenizer, calibration, suite.max_length)
 
     def generate(prompts: list[str]) -> tuple[list[int], int]:
         settings = SamplingSettings(

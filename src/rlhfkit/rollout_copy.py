@@ -205,6 +205,18 @@ class Float32Sampler(CastCopy):
     samples_the_policy = True
 
 
+def build_copy(
+    engine: str, policy: torch.nn.Module, tokenizer: Any, calibration_texts: Sequence[str], max_prompt_length: int
+) -> PolicyCopy:
+    """The CPU copy `engine` (int8, bf16 or float32) names; calibration_texts: the formatted
+    prompts the int8 copy is smoothed on."""
+    if engine == "int8":
+        from rlhfkit.int8_rollout import Int8Sampler  # it builds on this module
+
+        return Int8Sampler(policy, tokenizer, calibration_texts, max_prompt_length)
+    return {"bf16": Bf16Sampler, "float32": Float32Sampler}[engine](policy, tokenizer)
+
+
 def answering_loop(model: torch.nn.Module, engine: str, length: int) -> DecodeLoop | None:
     """The decode loop that answers prompts with `model`'s own distribution, for sequences of up
     to `length` tokens (`engine` of the held-out answers, evaluation and candidates): the float32
@@ -215,9 +227,9 @@ def answering_loop(model: torch.nn.Module, engine: str, length: int) -> DecodeLo
         return None
     device = next(model.parameters()).device
     if engine == "float32":
-        check_copy_usable(engine, device)
-        if weights_are_sharded(model):
-            raise UserError("engine float32 copies a whole model; a sharded one samples itself: use engine auto or hf")
+        if device.type != "cpu" or weights_are_sharded(model):
+            where = "sharded over processes" if device.type == "cpu" else f"on {device.type}"
+            raise UserError(f"engine float32 samples a whole model on the CPU, but this one is {where}: use auto or hf")
     elif (
         device.type != "cpu" or weights_are_sharded(model) or any(p.dtype != torch.float32 for p in model.parameters())
     ):

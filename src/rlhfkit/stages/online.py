@@ -31,7 +31,6 @@ from rlhfkit.data.batching import example_order
 from rlhfkit.data.examples import PromptExample, load_examples, prompt_examples, training_data_summary
 from rlhfkit.data.formatting import fit_prompts, render_rl_prompt
 from rlhfkit.engine import Engine, RunDir, process_state
-from rlhfkit.int8_rollout import Int8Sampler
 from rlhfkit.losses.ppo import aggregation_units
 from rlhfkit.metrics import held_out_curve, overoptimisation_signs
 from rlhfkit.models import frozen_reference_copy, reference_policy, resolve, resolve_with_tokenizer
@@ -39,10 +38,9 @@ from rlhfkit.passes import response_logprobs
 from rlhfkit.rewards import RewardSource, ScoredBatch, score_completions
 from rlhfkit.rollout_copy import (
     COPY_ENGINES,
-    Bf16Sampler,
-    Float32Sampler,
     PolicyCopy,
     answering_loop,
+    build_copy,
     check_copy_usable,
     resolve_auto_engine,
 )
@@ -241,13 +239,9 @@ class Rollouts:
                 config.train.seed,
                 version=engine.progress.step,
             )
-        elif settings.engine == "int8":  # smoothed on the first training prompts, whatever the process
+        elif settings.engine in COPY_ENGINES:  # int8: smoothed on the first training prompts, whatever the process
             calibration = [render_rl_prompt(tokenizer, example, config.data) for example in train_examples[:16]]
-            self.sampler = Int8Sampler(policy, tokenizer, calibration, config.data.max_length)
-        elif settings.engine == "bf16":
-            self.sampler = Bf16Sampler(policy, tokenizer)
-        elif settings.engine == "float32":
-            self.sampler = Float32Sampler(policy, tokenizer)
+            self.sampler = build_copy(settings.engine, policy, tokenizer, calibration, config.data.max_length)
 
     def sample_and_score(
         self,
