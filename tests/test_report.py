@@ -9,6 +9,7 @@ import pytest
 from rlhfkit.cli import main
 from rlhfkit.config import RewardHackingThresholds
 from rlhfkit.metrics import (
+    agreement,
     distinct_n,
     held_out_curve,
     mean_and_stderr,
@@ -37,6 +38,13 @@ def test_win_rate_counts_ties_as_half_and_has_a_wilson_interval():
     low, high = wilson_interval(2.5, 4)
     assert low == pytest.approx(0.4302 / 1.9604, abs=1e-3) and high == pytest.approx(1.7802 / 1.9604, abs=1e-3)
     assert low < result["win_rate"] < high
+
+
+def test_agreement_counts_a_tie_as_half_in_float32():
+    import torch
+
+    margins = torch.tensor([0.3, 0.0, -2.0, 1e-30], dtype=torch.bfloat16)
+    assert agreement(margins).tolist() == [1.0, 0.5, 0.0, 1.0] and agreement(margins).dtype == torch.float32
 
 
 def test_mean_and_stderr():

@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlhfkit.files import json_text, write_text_atomically
+
+if TYPE_CHECKING:
+    import torch
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -119,6 +123,13 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     """
     grams = [tuple(words[i : i + n]) for words in (t.lower().split() for t in texts) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else math.nan
+
+
+def agreement(margin: torch.Tensor) -> torch.Tensor:
+    """Per item (a tensor of margins: chosen − rejected, or a reward signed by its label), 1 where
+    the margin is positive, ½ at a tie, 0 below — summed or averaged, an accuracy with ties
+    counted half (as before training, when every margin is 0)."""
+    return (margin.sign().float() + 1) / 2  # float32 whatever the margin's dtype: sums stay exact
 
 
 def wilson_interval(successes: float, trials: int, z: float = 1.96) -> tuple[float, float]:

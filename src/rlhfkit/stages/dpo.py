@@ -21,6 +21,7 @@ from rlhfkit.data.formatting import tokenize_pairs
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.engine.held_out import held_out_share, held_out_sums
 from rlhfkit.losses.dpo import DPOLoss, dpo_family_loss, implicit_rewards
+from rlhfkit.metrics import agreement
 from rlhfkit.models import backbone_and_head, frozen_reference_copy, reference_policy, resolve_with_tokenizer
 from rlhfkit.passes import answer_logps
 from rlhfkit.stages.before_after import HeldOutAnswers, measure
@@ -86,7 +87,7 @@ def pair_statistics(config: DPOConfig, reference: ReferencePolicy | None):
         reward_rejected = implicit_rewards(rejected.detach(), ref_rejected, settings.beta, len_rejected)
         margin = reward_chosen - reward_rejected
         return losses, {
-            "accuracy": (margin > 0).float() + 0.5 * (margin == 0).float(),  # ties (e.g. before training) count half
+            "accuracy": agreement(margin),
             "margin": margin,
             "reward_chosen": reward_chosen,
             "reward_rejected": reward_rejected,

@@ -24,6 +24,7 @@ from rlhfkit.data.formatting import tokenize_feedback
 from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.engine.held_out import held_out_sums
 from rlhfkit.losses.kto import kto_loss, kto_reference_point
+from rlhfkit.metrics import agreement
 from rlhfkit.models import backbone_and_head, frozen_reference_copy, resolve_with_tokenizer
 from rlhfkit.passes import answer_logps
 from rlhfkit.stages.before_after import HeldOutAnswers, measure
@@ -66,7 +67,7 @@ def example_statistics(config: KTOConfig, reference: ReferencePolicy):
         rewards = settings.beta * (logps[:count] - ref_logps[:count]).detach()  # implicit rewards, (B,)
         signed = torch.where(desirable, rewards, -rewards)  # > 0: moved towards 👍, away from 👎
         return losses, {
-            "label_accuracy": (signed > 0).float() + 0.5 * (signed == 0).float(),  # ties (before training) count half
+            "label_accuracy": agreement(signed),
             "label_reward": signed,
             "kl": reference_point.expand(count),
             "reward_desirable": torch.where(desirable, rewards, 0.0),

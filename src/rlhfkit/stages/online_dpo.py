@@ -21,6 +21,7 @@ import torch
 from rlhfkit.config import OnlineDPOConfig
 from rlhfkit.engine import LossOutput
 from rlhfkit.losses.dpo import DPOLoss, best_and_worst_of_groups, dpo_family_loss
+from rlhfkit.metrics import agreement
 from rlhfkit.rewards import ScoredBatch
 from rlhfkit.sampling import Rollout
 from rlhfkit.stages.online import RLSetup, RolloutBatch, micro_batch, run_online
@@ -53,7 +54,7 @@ class OnlineDPO:
             self.settings.beta,
         )
         margin = self.settings.beta * ((logps[0::2] - ref_logps[0::2]) - (logps[1::2] - ref_logps[1::2])).detach()
-        agrees = (margin > 0).float() + 0.5 * (margin == 0).float()
+        agrees = agreement(margin)
         return LossOutput(
             (losses * weight).sum(),
             {"accuracy": float((agrees * weight).sum()), "margin": float((margin * weight).sum())},

@@ -32,7 +32,7 @@ from rlhfkit.engine import Engine, LossOutput, RunDir, steps_for
 from rlhfkit.engine.held_out import held_out_rows, held_out_sums
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.reward import binary_feedback_loss, bradley_terry_loss
-from rlhfkit.metrics import ranking_auc
+from rlhfkit.metrics import agreement, ranking_auc
 from rlhfkit.models import backbone_and_score_head, packs_by_position_ids, resolve_with_tokenizer
 from rlhfkit.passes import packed_reward_forward, reward_model_forward
 from rlhfkit.rewards import special_token_wrapper
@@ -62,7 +62,7 @@ def label_loss(model: torch.nn.Module, batch: LabelledAnswersBatch) -> LossOutpu
     return LossOutput(
         binary_feedback_loss(rewards, batch.labels).sum(),
         {
-            "label_accuracy": ((signed > 0).float() + 0.5 * (signed == 0).float()).sum().item(),
+            "label_accuracy": agreement(signed).sum().item(),
             "label_reward": signed.sum().item(),
         },
     )
@@ -95,7 +95,7 @@ def evaluate_answers(engine: Engine, parts: dict[str, list[LabelledAnswersBatch]
 def _label_agreement(rewards: torch.Tensor, liked: torch.Tensor) -> dict[str, float]:
     signed = torch.where(liked, rewards, -rewards)
     return {
-        "label_accuracy": ((signed > 0).double() + 0.5 * (signed == 0).double()).mean().item(),
+        "label_accuracy": agreement(signed).double().mean().item(),
         "auc": ranking_auc(rewards.tolist(), liked.tolist()),
     }
 
@@ -129,7 +129,7 @@ def evaluate_pairs(engine: Engine, parts: dict[str, list[RewardBatch]]) -> dict[
     def sums_of(batch: RewardBatch) -> dict[str, float]:
         chosen, rejected = pair_rewards(engine.model, batch)
         return {
-            "wins": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum().item(),
+            "wins": agreement(chosen - rejected).sum().item(),
             "chosen": chosen.sum().item(),
             "rejected": rejected.sum().item(),
             "squares": (chosen.double().square().sum() + rejected.double().square().sum()).item(),
