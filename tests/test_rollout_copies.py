@@ -249,3 +249,25 @@ def test_a_copy_made_with_the_adapters_disabled_holds_the_base_weights(lora_poli
     copy.refresh(lora_policy)
     assert kl(next_token_logprobs(lora_policy, ids), next_token_logprobs(copy.model, ids)) < 1e-6
     assert kl(base, next_token_logprobs(copy.model, ids)) > 1e-3  # the adapters move it: the test can tell
+
+
+def test_the_int8_copy_divides_its_smoothing_out_where_each_input_is_produced(lora_policy, tiny_model, monkeypatch):
+    tokenizer = load_tokenizer(resolve(str(tiny_model)))
+    nudge_adapters(lora_policy, seed=5, size=0.3)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7], [2, 8, 4, 11, 6, 10]])
+    folded = Int8Sampler(lora_policy, tokenizer, PROMPTS, 64)
+    folded.refresh(lora_policy)
+    block = folded.model.model.layers[0]
+    for layer in (block.self_attn.q_proj, block.mlp.gate_proj, block.mlp.down_proj, folded.model.lm_head):
+        assert layer.quantizer.inverse is None  # its input arrives divided by the factor
+    assert block.self_attn.o_proj.quantizer.inverse is not None  # grouped-query heads: not folded
+    base_norm = lora_policy.get_base_model().model.layers[0].input_layernorm.weight
+    assert not torch.equal(block.input_layernorm.weight, base_norm)  # the copy's own, the policy's untouched
+
+    monkeypatch.setattr(Int8Sampler, "smoothing_folds", lambda self: {})
+    unfolded = Int8Sampler(lora_policy, tokenizer, PROMPTS, 64)
+    unfolded.refresh(lora_policy)
+    assert unfolded.model.model.layers[0].mlp.down_proj.quantizer.inverse is not None
+    # the same products up to float rounding: dividing before or inside the quantiser is one computation
+    assert kl(next_token_logprobs(unfolded.model, ids), next_token_logprobs(folded.model, ids)) < 1e-6
+    assert kl(next_token_logprobs(lora_policy, ids), next_token_logprobs(folded.model, ids)) < 1e-2

@@ -9,7 +9,9 @@ model carry most of an activation's range; SmoothQuant's per-channel smoothing (
 α = 0.5) moves that range into the weights, measured from the policy's activations on a fixed set
 of calibration prompts (the same for every process and step). Layers that read one input (q/k/v,
 gate/up) share its smoothing and its quantisation: on a chat transcript of the embedded model the
-copy's per-token KL to float32 fell from 0.062 to 0.008. Embeddings, norms and buffers are the policy's
+copy's per-token KL to float32 fell from 0.062 to 0.008. In a Llama-layout copy the smoothing is divided
+out where each input is produced (the norms' weights, the up projection's rows), so most
+quantisers do not multiply at all. Embeddings, norms and buffers are the policy's
 own tensors, shared, not copied. Rebuilding, sampling and the log-probs it keeps are every CPU
 copy's (`rlhfkit.rollout_copy`); `rollout.correction` (TIS, masking) reweights the tokens where
 the copy and the trainer disagree.
@@ -22,6 +24,7 @@ from typing import Any
 
 import torch
 
+from rlhfkit.decode_loop import GATE_UP, QKV, supports
 from rlhfkit.models import eval_mode
 from rlhfkit.rollout_copy import PolicyCopy, set_tensor
 from rlhfkit.sampling import encode_prompts
@@ -51,16 +54,20 @@ class InputQuantizer:
     """Per-row int8 quantisation of a layer's input divided by the smoothing factor. Layers that
     read the same tensor (a block's q/k/v projections, its gate/up projections) share one, so that
     input is quantised once: it keeps the last input it saw and its quantisation, reused while
-    the same tensor, unmodified (its version counter), comes again."""
+    the same tensor, unmodified (its version counter), comes again. folded: the tensor that
+    produces the input already divides it by the factor (a norm's weight, the up projection's
+    rows), so the quantiser does not."""
 
-    def __init__(self, factor: torch.Tensor) -> None:
-        self.inverse = 1 / factor
+    def __init__(self, factor: torch.Tensor, folded: bool = False) -> None:
+        self.width = factor.shape[0]
+        self.inverse = None if folded else 1 / factor
         self.last: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.last is not None and self.last[0] is inputs and self.last[1] == inputs._version:
             return self.last[2], self.last[3]
-        quantized, row_scale = quantize_rows(inputs.reshape(-1, self.inverse.shape[0]) * self.inverse)
+        rows = inputs.reshape(-1, self.width)
+        quantized, row_scale = quantize_rows(rows if self.inverse is None else rows * self.inverse)
         self.last = (inputs, inputs._version, quantized, row_scale)
         return quantized, row_scale
 
@@ -172,12 +179,30 @@ class Int8Sampler(PolicyCopy):
                 hook.remove()
         return [(names, input_range) for names, _, input_range in calls]
 
+    def smoothing_folds(self) -> dict[tuple[str, ...], str]:
+        """Where a group's smoothing can be divided out before its input exists (SmoothQuant's
+        fold), in a Llama-layout copy: q/k/v read the input norm's output, gate/up the
+        post-attention norm's, the output layer the final norm's — each norm's weight takes the
+        division; the down projection reads silu(gate) · up, so the up projection's output rows
+        take it. The attention output projection keeps its own: with grouped-query attention a
+        value channel feeds several heads, which need not share a factor."""
+        if not supports(self.model, 1):
+            return {}
+        folds: dict[tuple[str, ...], str] = {("lm_head",): "model.norm.weight"}
+        for index in range(len(self.model.model.layers)):
+            prefix = f"model.layers.{index}."
+            folds[tuple(prefix + path for path in QKV)] = prefix + "input_layernorm.weight"
+            folds[tuple(prefix + path for path in GATE_UP)] = prefix + "post_attention_layernorm.weight"
+            folds[(prefix + "mlp.down_proj",)] = prefix + "mlp.up_proj"
+        return folds
+
     @torch.no_grad()
     def load_weights(self, policy: torch.nn.Module, groups: list[tuple[list[str], torch.Tensor]] = ()) -> None:
         """The policy's weights, LoRA merged, each linear layer quantised; the layers of each
         group (one input, its range) smoothed together and sharing one input quantiser."""
         inner = unwrapped(policy)
         weights = dict(merged_weights(policy))
+        folds, folded = self.smoothing_folds(), []
         ungrouped = set(self.linear_names) - {name for names, _ in groups for name in names}
         for names, input_range in [*groups, *(([name], None) for name in sorted(ungrouped))]:
             # a tied output layer has no weight of its own in the policy's list: it is the embedding
@@ -187,12 +212,22 @@ class Int8Sampler(PolicyCopy):
                 for name, weight in zip(names, layer_weights)
             ]
             factor = None if input_range is None else smoothing(input_range, layer_weights)
-            quantizer = None if factor is None else InputQuantizer(factor)
+            source = folds.get(tuple(names)) if factor is not None else None
+            quantizer = None if factor is None else InputQuantizer(factor, folded=source is not None)
             for name, weight in zip(names, layer_weights):
                 layer = self.model.get_submodule(name)
                 layer.load(weight, weights.pop(f"{name}.bias", None), factor, quantizer)
+            if source is not None:
+                folded.append((source, factor))
         for name, tensor in weights.items():
             set_tensor(self.model, name, tensor)
+        for source, factor in folded:  # each input divided by its factor where it is produced
+            if source.endswith(".weight"):  # a norm's weight, replaced (the policy's stays as it is)
+                set_tensor(self.model, source, self.model.get_parameter(source).detach() / factor)
+            else:  # the up projection, whose output rows multiply the down projection's input
+                up = self.model.get_submodule(source)
+                up.weight_scale = up.weight_scale / factor.reshape(1, -1)
+                up.bias = None if up.bias is None else up.bias / factor
         for name, buffer in inner.named_buffers():
             if not any(name.startswith(f"{linear}.") for linear in self.linear_names):
                 set_tensor(self.model, name, buffer)
