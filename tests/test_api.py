@@ -125,6 +125,8 @@ def test_a_stage_from_python_then_load_generate_score_and_resume(tiny_model, tin
         rlhfkit.score(tiny_reward_model, ["Q?", "Q?"], ["a"])
     with pytest.raises(rlhfkit.UserError, match="wrap it in a list"):
         rlhfkit.generate(run, "Why?")
+    with pytest.raises(rlhfkit.UserError, match="engine must be one of auto, hf, float32, got 'vllm'"):
+        rlhfkit.generate(run, ["Why?"], engine="vllm")  # type: ignore[arg-type]
 
 
 def test_rl_with_a_lambda_reward_and_a_list_of_prompts(tiny_model, tmp_path):

@@ -13,7 +13,7 @@ from rlhfkit.data.examples import preference_examples
 from rlhfkit.data.loading import read_rows
 from rlhfkit.errors import UserError
 from rlhfkit.labeling.agreement import agreement_report, cohens_kappa, fleiss_kappa, majority_label, percent_agreement
-from rlhfkit.labeling.commands import export_preferences
+from rlhfkit.labeling.commands import export_preferences, generate_candidates
 from rlhfkit.labeling.schema import SCHEMA, SCHEMA_VERSION
 from rlhfkit.labeling.store import LabelStore, SubmissionConflict
 from rlhfkit.stages import reward
@@ -194,6 +194,8 @@ def test_generate_judge_and_export_with_the_cli(tmp_path, tiny_model, tiny_rewar
         == 2
     )
     assert main(["label", "export", str(tmp_path / "absent.db"), str(tmp_path / "x.jsonl")]) == 2
+    with pytest.raises(UserError, match="engine must be one of auto, hf, float32, got 'fast'"):
+        generate_candidates(str(store), str(tiny_model), str(tmp_path / "absent.jsonl"), engine="fast")
 
 
 def test_llm_judge_asks_in_both_orders_so_swapping_the_answers_mirrors_its_verdict(tiny_model, tmp_path):

@@ -393,6 +393,7 @@ def generate(
     what samples — rlhfkit's decode loop over the model's float32 weights (`"float32"`, CPU,
     Llama-layout models), transformers `generate` (`"hf"`), or the loop where it runs (`"auto"`)."""
     from rlhfkit.config import GenerationSettings
+    from rlhfkit.config.sections import check_answer_engine
     from rlhfkit.data.formatting import render_prompt
     from rlhfkit.rollout_copy import generate_answers
 
@@ -400,8 +401,7 @@ def generate(
         raise UserError("max_new_tokens must be > 0, temperature >= 0 and top_p in (0, 1]")
     if template not in ("auto", "plain", "raw"):
         raise UserError(f"template must be auto, plain or raw, got {template!r}")
-    if engine not in ("auto", "hf", "float32"):
-        raise UserError(f"engine must be auto, hf or float32, got {engine!r}")
+    check_answer_engine(engine)
     if isinstance(prompts, str):
         raise UserError("prompts: expected a list of prompts, got one string (wrap it in a list)")
     policy, tokenizer = load(model)

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from rlhfkit import __version__, api, registry
 from rlhfkit.config import dump_config
-from rlhfkit.config.sections import default_text, field_entries
+from rlhfkit.config.sections import ANSWER_ENGINES, default_text, field_entries
 from rlhfkit.errors import UserError
 
 
@@ -261,7 +261,7 @@ def _pipeline(args: argparse.Namespace) -> None:
 def add_engine_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine",
-        choices=["auto", "hf", "float32"],
+        choices=ANSWER_ENGINES,
         default="auto",
         help="what samples: float32 (rlhfkit's decode loop over the model's own float32 weights, Llama-layout "
         "models on the CPU), hf (transformers generate) or auto (float32 where it runs); both sample the model",

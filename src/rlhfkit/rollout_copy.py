@@ -226,13 +226,12 @@ def answering_loop(model: torch.nn.Module, engine: str, length: int) -> DecodeLo
     if engine == "hf":
         return None
     device = next(model.parameters()).device
+    whole_on_cpu = device.type == "cpu" and not weights_are_sharded(model)
     if engine == "float32":
-        if device.type != "cpu" or weights_are_sharded(model):
+        if not whole_on_cpu:
             where = "sharded over processes" if device.type == "cpu" else f"on {device.type}"
             raise UserError(f"engine float32 samples a whole model on the CPU, but this one is {where}: use auto or hf")
-    elif (
-        device.type != "cpu" or weights_are_sharded(model) or any(p.dtype != torch.float32 for p in model.parameters())
-    ):
+    elif not whole_on_cpu or any(p.dtype != torch.float32 for p in model.parameters()):
         return None
     copy = Float32Sampler(model, tokenizer=None)
     if not supports(copy.model, length):

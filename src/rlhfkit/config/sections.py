@@ -15,6 +15,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from rlhfkit.errors import UserError
 from rlhfkit.files import looks_like_local_path
 
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -267,6 +268,13 @@ class EvalSettings(Section):
 
 
 AnswerEngine = Literal["auto", "hf", "float32"]
+ANSWER_ENGINES: tuple[str, ...] = get_args(AnswerEngine)
+
+
+def check_answer_engine(engine: str) -> None:
+    """Refuse an engine name outside AnswerEngine, for callers that take it as a plain string."""
+    if engine not in ANSWER_ENGINES:
+        raise UserError(f"engine must be one of {', '.join(ANSWER_ENGINES)}, got {engine!r}")
 
 
 def answer_engine_field() -> Any:

@@ -13,6 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from rlhfkit.config import ModelSettings, PromptDataSettings, SamplingSettings
+from rlhfkit.config.sections import check_answer_engine
 from rlhfkit.data.examples import load_examples, prompt_examples
 from rlhfkit.data.formatting import render_prompt
 from rlhfkit.errors import UserError
@@ -54,6 +55,7 @@ def generate_candidates(
     distinct non-empty answers is skipped (and counted): a pair of equal texts teaches nothing,
     and the same answer twice would be labelled twice.
     """
+    check_answer_engine(engine)
     if responses < (2 if kind == "pairwise" else 1):
         raise UserError("--responses must be at least 2 (a pair)" if kind == "pairwise" else "--responses must be >= 1")
     try:
