@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from rlhfkit.config import LoraSettings, ModelSettings, RolloutSettings
+from rlhfkit.cpu_kernels import int8_linear_kernel
 from rlhfkit.errors import UserError
 from rlhfkit.int8_rollout import (
     InputQuantizer,
@@ -59,6 +60,8 @@ def test_smoothing_takes_an_outlier_channel_into_the_weights():
 def test_layers_that_read_one_input_quantise_it_once(monkeypatch):
     import rlhfkit.int8_rollout as int8
 
+    monkeypatch.setenv("RLHFKIT_CPU_KERNELS", "0")  # the eager path; the fused kernel quantises inside itself
+
     generator = torch.Generator().manual_seed(0)
     first, second = torch.nn.Linear(64, 32), torch.nn.Linear(64, 16)
     inputs = torch.randn(4, 64, generator=generator)
@@ -75,6 +78,46 @@ def test_layers_that_read_one_input_quantise_it_once(monkeypatch):
         assert len(quantized) == 1  # the second layer reused the first one's quantised input
         inputs.mul_(2)  # the same tensor changed in place: quantised again
         assert relative_error(layers[1](inputs), second(inputs)) < 0.01 and len(quantized) == 2
+
+
+def fused_kernel_or_skip() -> None:
+    if int8_linear_kernel() is None:
+        pytest.skip("rlhfkit's CPU kernels could not be built here (see the message above)")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])  # 40: more rows than one thread's share
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_the_fused_int8_kernel_computes_the_eager_product_bit_for_bit(monkeypatch, rows, smoothed):
+    fused_kernel_or_skip()
+    generator = torch.Generator().manual_seed(rows)
+    plain = torch.nn.Linear(64, 48)
+    inputs = torch.randn(rows, 64, generator=generator) * 3
+    if rows > 1:
+        inputs[-1] = 0  # a zero row: the scale's floor
+        # exact halves (the row's scale is 1), which round to the even neighbour as torch.round does
+        inputs[0] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5] * 8)
+        halves = QUANTIZE_ROWS(inputs[:1])[0][0, :8]
+        assert torch.equal(halves, torch.tensor([127, 0, 2, 2, 0, -2, -2, 4], dtype=torch.int8))
+    layer = Int8Linear(64, 48)
+    factor = torch.rand(64, generator=generator) + 0.5 if smoothed else None
+    layer.load(plain.weight, plain.bias, factor)
+    with torch.no_grad():
+        fused = layer(inputs.reshape(1, rows, 64))
+        monkeypatch.setenv("RLHFKIT_CPU_KERNELS", "0")
+        eager = layer(inputs.reshape(1, rows, 64))
+    assert fused.shape == eager.shape == (1, rows, 48) and torch.equal(fused, eager)
+
+
+def test_the_int8_copy_samples_the_same_tokens_with_and_without_the_fused_kernel(lora_policy, tiny_model, monkeypatch):
+    fused_kernel_or_skip()
+    tokenizer = load_tokenizer(resolve(str(tiny_model)))
+    nudge_adapters(lora_policy, seed=3, size=0.05)
+    settings = RolloutSettings(max_new_tokens=8, temperature=1.0)
+    fused = Int8Sampler(lora_policy, tokenizer, PROMPTS, 64).sample(lora_policy, 0, PROMPTS, settings, 4, 64, range(8))
+    monkeypatch.setenv("RLHFKIT_CPU_KERNELS", "0")
+    eager = Int8Sampler(lora_policy, tokenizer, PROMPTS, 64).sample(lora_policy, 0, PROMPTS, settings, 4, 64, range(8))
+    assert torch.equal(fused.response_ids, eager.response_ids) and fused.response_mask.sum() > 8
+    assert torch.equal(fused.sampler_logprobs.nan_to_num(), eager.sampler_logprobs.nan_to_num())
 
 
 def test_the_copy_groups_the_layers_that_read_one_input(lora_policy, tiny_model):

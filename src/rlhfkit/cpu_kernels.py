@@ -1,0 +1,73 @@
+"""rlhfkit's fused CPU kernels (`cpu_kernels.cpp`), compiled on first use.
+
+A decode step at one row runs ~120 small linear products; in eager PyTorch each of the int8
+copy's products is ten kernels (quantise the input per row, the integer product, rescale), and
+their dispatch costs more than the product. `int8_linear` does the same arithmetic in one call.
+It is built with `torch.utils.cpp_extension` the first time a process asks for it (about 15 s on
+2 cores; cached by PyTorch under `TORCH_EXTENSIONS_DIR`, `~/.cache/torch_extensions` by default,
+and rebuilt only when the source or PyTorch changes). Where it cannot be built (no C++ compiler,
+no ninja) or `RLHFKIT_CPU_KERNELS=0` is set, callers get None and keep the eager path, which
+computes the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+DISABLE_VARIABLE = "RLHFKIT_CPU_KERNELS"
+
+Int8Linear = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor
+]
+
+
+def int8_linear_kernel() -> Int8Linear | None:
+    """The fused int8 product `(inputs (rows, in) float32, weight (out, in) int8, weight_scale
+    (out) float32, bias (out) | None, inverse (in) | None) -> (rows, out) float32`, equal bit for
+    bit to `round(x·inverse / s_row)` times the weight, rescaled by `s_row · weight_scale` plus
+    bias, with `s_row = max(max|x·inverse|, 1e-12) / 127`; None where it is unavailable."""
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return None
+    return _built()
+
+
+@functools.cache
+def _built() -> Int8Linear | None:
+    from torch.utils import cpp_extension
+
+    # one folder per source and PyTorch version: an edited kernel never loads a stale build
+    digest = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} {sys.version}".encode()).hexdigest()[:12]
+    name = f"rlhfkit_cpu_{digest}"
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    folder = cache / "rlhfkit" / name
+    try:
+        _put_ninja_on_path()
+        folder.mkdir(parents=True, exist_ok=True)
+        if not any(folder.glob(f"{name}.*")):
+            print("rlhfkit: compiling the fused CPU kernels (once, ~15 s)", file=sys.stderr, flush=True)
+        cpp_extension.load(
+            name, [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(folder), is_python_module=False
+        )
+    except (RuntimeError, OSError, ImportError, ValueError) as error:  # no compiler, no ninja, a failed build
+        reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
+        print(f"rlhfkit: CPU kernels unavailable ({reason}); the eager path runs", file=sys.stderr, flush=True)
+        return None
+    return torch.ops.rlhfkit_cpu.int8_linear.default
+
+
+def _put_ninja_on_path() -> None:
+    """PyTorch runs the `ninja` command; the pip package's sits in the environment's bin folder,
+    which is not on PATH when the environment's Python runs without being activated."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
