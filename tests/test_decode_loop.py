@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rlhfkit.config import ModelSettings, RolloutSettings, SamplingSettings
-from rlhfkit.decode_loop import DecodeLoop, _attend_from_one_position, supports
-from rlhfkit.int8_rollout import Int8Linear, Int8Sampler
+from rlhfkit.decode_loop import DecodeLoop, _attend_from_one_position, _rms_norm, supports
+from rlhfkit.int8_rollout import Int8Sampler
 from rlhfkit.models import load_causal_lm, load_tokenizer, resolve
 from rlhfkit.rollout_copy import Bf16Sampler, PackedLinear, onednn_packs
 from rlhfkit.sampling import RowSeededSampler, sample_rollout
@@ -109,19 +109,21 @@ def test_only_llama_layout_models_take_the_loop(tiny_model):
     assert not supports(model, 64) and supports(model, 32)
 
 
-def test_the_int8_copy_joins_its_products_and_samples_as_its_modules_do(tiny_model):
+@pytest.mark.parametrize("kernels", ["1", "0"])  # the fused CPU kernel (norms inside it) and the eager path
+def test_the_int8_copy_joins_its_products_and_samples_as_its_modules_do(tiny_model, monkeypatch, kernels):
+    monkeypatch.setenv("RLHFKIT_CPU_KERNELS", kernels)
     model, tokenizer = float_model(tiny_model), load_tokenizer(resolve(str(tiny_model)))
     copy = Int8Sampler(model, tokenizer, PROMPTS, 64)
     settings = RolloutSettings(max_new_tokens=8, temperature=1.0, batch_size=8)
     joined = copy.sample(model, 0, PROMPTS, settings, 2, 64, range(6))
     loop = copy.decode_loop
-    assert loop is not None and all(isinstance(part, Int8Linear) for layer in loop.products for part in layer)
-    qkv = loop.products[0].qkv
-    attention = copy.model.model.layers[0].self_attn
-    assert qkv.out_features == sum(p.out_features for p in (attention.q_proj, attention.k_proj, attention.v_proj))
-    hidden = torch.randn(3, 1, qkv.in_features)
-    separate = torch.cat([attention.q_proj(hidden), attention.k_proj(hidden), attention.v_proj(hidden)], dim=-1)
-    assert torch.equal(qkv(hidden), separate)  # the same integer products, in one call
+    block = copy.model.model.layers[0]
+    attention = block.self_attn
+    hidden = torch.randn(3, 1, attention.q_proj.in_features, generator=torch.Generator().manual_seed(0))
+    normed = _rms_norm(block.input_layernorm, hidden)
+    separate = torch.cat([attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)], dim=-1)
+    # the input norm and the same integer products, in one call
+    assert float((loop.products[0].qkv(hidden) - separate).norm() / separate.norm()) < 1e-3
     by_modules = sample_rollout(copy.model, tokenizer, PROMPTS, settings, 2, 64, range(6), True)
     assert torch.equal(joined.response_ids, by_modules.response_ids)
     assert torch.allclose(joined.sampler_logprobs, by_modules.sampler_logprobs, atol=1e-4, equal_nan=True)
@@ -147,11 +149,12 @@ def test_the_bf16_copy_samples_through_packed_products_as_its_modules_do(tiny_mo
     settings = RolloutSettings(max_new_tokens=8, temperature=1.0, batch_size=8)
     by_loop = copy.sample(model, 0, PROMPTS, settings, 2, 64, range(6))
     loop = copy.decode_loop
-    assert loop is not None and isinstance(loop.head, PackedLinear)
-    assert all(isinstance(part, PackedLinear) for layer in loop.products for part in layer)
-    attention = copy.model.model.layers[0].self_attn
-    hidden = torch.randn(3, 2, loop.products[0].qkv.in_features).bfloat16()
-    separate = torch.cat([attention.q_proj(hidden), attention.k_proj(hidden), attention.v_proj(hidden)], dim=-1)
+    assert loop is not None and all(isinstance(layer.output, PackedLinear) for layer in loop.products)
+    block = copy.model.model.layers[0]
+    attention = block.self_attn
+    hidden = torch.randn(3, 2, attention.q_proj.in_features).bfloat16()
+    normed = _rms_norm(block.input_layernorm, hidden)
+    separate = torch.cat([attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)], dim=-1)
     assert torch.allclose(loop.products[0].qkv(hidden).float(), separate.float(), atol=0.02)
     # generate over the copy's plain bf16 modules: the same draws, log-probs within bf16's rounding
     by_modules = sample_rollout(copy.model, tokenizer, PROMPTS, settings, 2, 64, range(6), True)

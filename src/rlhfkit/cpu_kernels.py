@@ -25,16 +25,16 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 DISABLE_VARIABLE = "RLHFKIT_CPU_KERNELS"
 
-Int8Linear = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor
-]
+Int8Linear = Callable[..., torch.Tensor]
 
 
 def int8_linear_kernel() -> Int8Linear | None:
     """The fused int8 product `(inputs (rows, in) float32, weight (out, in) int8, weight_scale
-    (out) float32, bias (out) | None, inverse (in) | None) -> (rows, out) float32`, equal bit for
-    bit to `round(x·inverse / s_row)` times the weight, rescaled by `s_row · weight_scale` plus
-    bias, with `s_row = max(max|x·inverse|, 1e-12) / 127`; None where it is unavailable."""
+    (out) float32, bias (out) | None, inverse (in) | None, norm_weight (in) | None = None, eps = 0,
+    gated = False) -> (rows, out) float32`: each row x (gated: x = silu(gate) · up of its two
+    halves; norm_weight: RMS-normed, x / √(mean x² + eps) · norm_weight) times inverse, quantised
+    as `round(x / s)` with `s = max(max|x|, 1e-12) / 127`, times the weight, rescaled by
+    `s · weight_scale`, plus bias; None where the kernels are unavailable."""
     if os.environ.get(DISABLE_VARIABLE, "1") == "0":
         return None
     return _built()

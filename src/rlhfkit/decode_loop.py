@@ -71,13 +71,44 @@ def _side_by_side(layer: torch.nn.Module, paths: Sequence[str]) -> Callable[[tor
 
 
 class LayerProducts(NamedTuple):
-    """The four products of one decoder layer, as the loop calls them: q/k/v side by side, the
-    attention output, gate/up side by side, and the MLP's down projection."""
+    """The four products of one decoder layer, as the loop calls them, each from what the layer
+    holds before the norm or activation in front of it: q/k/v side by side from the hidden state
+    (the input norm applied on the way), the attention output from the heads' mixed values,
+    gate/up side by side from the hidden state (the post-attention norm applied), and the down
+    projection from gate/up's output (silu(gate) · up taken on the way). A rollout copy can so
+    fold the norm or the activation into its product."""
 
     qkv: Callable[[torch.Tensor], torch.Tensor]
     output: Callable[[torch.Tensor], torch.Tensor]
     gate_up: Callable[[torch.Tensor], torch.Tensor]
     down: Callable[[torch.Tensor], torch.Tensor]
+
+
+def around_norms(
+    layer: torch.nn.Module,
+    qkv: Callable[[torch.Tensor], torch.Tensor],
+    output: Callable[[torch.Tensor], torch.Tensor],
+    gate_up: Callable[[torch.Tensor], torch.Tensor],
+    down: Callable[[torch.Tensor], torch.Tensor],
+) -> LayerProducts:
+    """A layer's products from plain products of its normed inputs: each norm and the gated
+    activation run before the product that reads it."""
+
+    def gated_down(joined: torch.Tensor) -> torch.Tensor:
+        gate, up = joined.chunk(2, dim=-1)
+        return down(torch.nn.functional.silu(gate) * up)
+
+    return LayerProducts(
+        lambda hidden: qkv(_rms_norm(layer.input_layernorm, hidden)),
+        output,
+        lambda hidden: gate_up(_rms_norm(layer.post_attention_layernorm, hidden)),
+        gated_down,
+    )
+
+
+def normed_head(model: torch.nn.Module, head: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """The output layer's product from the last hidden state, the final norm applied on the way."""
+    return lambda hidden: head(_rms_norm(model.model.norm, hidden))
 
 
 def _attend_from_one_position(
@@ -111,8 +142,9 @@ class DecodeLoop:
 
     products: per layer, the products the loop calls (:class:`LayerProducts`) — a rollout copy's
     faster forms of the model's linear layers, q/k/v and gate/up each joined into one; head: the
-    output layer's. Without them the model's own modules run and q/k/v and gate/up outputs are
-    joined after their products.
+    output layer's, from the last hidden state before the final norm (:func:`normed_head`).
+    Without them the model's own modules run and q/k/v and gate/up outputs are joined after
+    their products.
     """
 
     def __init__(
@@ -128,12 +160,16 @@ class DecodeLoop:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scaling = self.head_dim**-0.5
         self.products = products or [
-            LayerProducts(
-                _side_by_side(layer, QKV), layer.self_attn.o_proj, _side_by_side(layer, GATE_UP), layer.mlp.down_proj
+            around_norms(
+                layer,
+                _side_by_side(layer, QKV),
+                layer.self_attn.o_proj,
+                _side_by_side(layer, GATE_UP),
+                layer.mlp.down_proj,
             )
             for layer in model.model.layers
         ]
-        self.head = head or model.lm_head
+        self.head = head or normed_head(model, model.lm_head)
 
     def forward(
         self,
@@ -152,8 +188,8 @@ class DecodeLoop:
         cos, sin = (part[:, None] for part in inner.rotary_emb(hidden, positions))
         rows, width = ids.shape
         end, heads, kv_heads = start + width, self.heads, self.kv_heads
-        for layer, (keys, values), products in zip(inner.layers, cache, self.products):
-            projected = products.qkv(_rms_norm(layer.input_layernorm, hidden))
+        for (keys, values), products in zip(cache, self.products):
+            projected = products.qkv(hidden)
             projected = projected.view(rows, width, heads + 2 * kv_heads, self.head_dim).transpose(1, 2)
             rotated = _rotate(projected[:, : heads + kv_heads], cos, sin)
             keys[:, :, start:end] = rotated[:, heads:]
@@ -174,9 +210,8 @@ class DecodeLoop:
                     enable_gqa=kv_heads != heads,
                 )
             hidden = hidden + products.output(mixed.transpose(1, 2).reshape(rows, width, -1))
-            gate, up = products.gate_up(_rms_norm(layer.post_attention_layernorm, hidden)).chunk(2, dim=-1)
-            hidden = hidden + products.down(torch.nn.functional.silu(gate) * up)
-        return self.head(_rms_norm(inner.norm, hidden[:, -1:]))[:, 0].float()
+            hidden = hidden + products.down(products.gate_up(hidden))
+        return self.head(hidden[:, -1:])[:, 0].float()
 
     @torch.no_grad()
     def generate(

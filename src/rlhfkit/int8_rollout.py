@@ -19,13 +19,13 @@ the copy and the trainer disagree.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from rlhfkit.cpu_kernels import int8_linear_kernel
-from rlhfkit.decode_loop import GATE_UP, QKV, supports
+from rlhfkit.decode_loop import GATE_UP, QKV, LayerProducts, supports
 from rlhfkit.models import eval_mode
 from rlhfkit.rollout_copy import PolicyCopy, set_tensor
 from rlhfkit.sampling import encode_prompts
@@ -118,6 +118,22 @@ class Int8Linear(torch.nn.Module):
         joined.quantizer = first.quantizer
         return joined
 
+    def fused(
+        self, kernel: Callable[..., torch.Tensor], norm: torch.nn.Module | None = None, gated: bool = False
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This layer as one call of the fused kernel (`cpu_kernels.int8_linear_kernel`) on float32
+        inputs, with the RMS `norm` in front of it or (gated) silu(gate) · up of an input twice
+        its width: the decode loop's product, built after each refresh."""
+        weight, weight_scale, bias, inverse = self.weight, self.weight_scale, self.bias, self.quantizer.inverse
+        norm_weight, eps = (None, 0.0) if norm is None else (norm.weight.detach(), float(norm.variance_epsilon))
+        width = self.in_features * (2 if gated else 1)
+
+        def product(inputs: torch.Tensor) -> torch.Tensor:
+            output = kernel(inputs.reshape(-1, width), weight, weight_scale, bias, inverse, norm_weight, eps, gated)
+            return output.reshape(*inputs.shape[:-1], self.out_features)
+
+        return product
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         kernel = int8_linear_kernel() if inputs.dtype == torch.float32 and inputs.device.type == "cpu" else None
         if kernel is not None:  # the same arithmetic as below, in one call
@@ -153,6 +169,36 @@ class Int8Sampler(PolicyCopy):
         if any(layer.quantizer is not layers[0].quantizer for layer in layers):
             return None
         return Int8Linear.joined(layers)
+
+    def layer_products(
+        self,
+        layer: torch.nn.Module,
+        qkv: torch.nn.Module,
+        output: torch.nn.Module,
+        gate_up: torch.nn.Module,
+        down: torch.nn.Module,
+    ) -> LayerProducts:
+        """With the fused kernel, each norm and the gated activation run inside the product that
+        reads them: four calls a layer."""
+        kernel = self.float32_kernel()
+        if kernel is None:
+            return super().layer_products(layer, qkv, output, gate_up, down)
+        return LayerProducts(
+            qkv.fused(kernel, norm=layer.input_layernorm),
+            output.fused(kernel),
+            gate_up.fused(kernel, norm=layer.post_attention_layernorm),
+            down.fused(kernel, gated=True),
+        )
+
+    def head_product(self) -> Any:
+        kernel = self.float32_kernel()
+        if kernel is None:
+            return super().head_product()
+        return self.model.lm_head.fused(kernel, norm=self.model.model.norm)
+
+    def float32_kernel(self) -> Callable[..., torch.Tensor] | None:
+        """The fused kernel where the copy's hidden states are float32 (its embedding is the policy's)."""
+        return int8_linear_kernel() if self.model.model.embed_tokens.weight.dtype == torch.float32 else None
 
     @torch.no_grad()
     def input_ranges(

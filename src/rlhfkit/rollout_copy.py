@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from rlhfkit.config import GenerationSettings, RolloutSettings, SamplingSettings
-from rlhfkit.decode_loop import GATE_UP, QKV, DecodeLoop, LayerProducts, supports
+from rlhfkit.decode_loop import GATE_UP, QKV, DecodeLoop, LayerProducts, around_norms, normed_head, supports
 from rlhfkit.engine.distributed import require_cpu_bf16, runs_on_cpu, without_bf16_products
 from rlhfkit.errors import UserError
 from rlhfkit.models import weights_are_sharded
@@ -144,9 +144,25 @@ class PolicyCopy:
             qkv, gate_up = (self.join([layer.get_submodule(path) for path in paths]) for paths in (QKV, GATE_UP))
             if qkv is None or gate_up is None:
                 return DecodeLoop(self.model)
-            output, down = self.product(layer.self_attn.o_proj), self.product(layer.mlp.down_proj)
-            products.append(LayerProducts(qkv, output, gate_up, down))
-        return DecodeLoop(self.model, products, self.product(self.model.lm_head))
+            products.append(self.layer_products(layer, qkv, layer.self_attn.o_proj, gate_up, layer.mlp.down_proj))
+        return DecodeLoop(self.model, products, self.head_product())
+
+    def layer_products(
+        self,
+        layer: torch.nn.Module,
+        qkv: torch.nn.Module,
+        output: torch.nn.Module,
+        gate_up: torch.nn.Module,
+        down: torch.nn.Module,
+    ) -> LayerProducts:
+        """One layer's products for the loop, from its joined q/k/v and gate/up layers and its
+        own output and down projections: each layer's faster form, the norms and the gated
+        activation run in front (a copy that fuses them overrides this)."""
+        return around_norms(layer, qkv, self.product(output), gate_up, self.product(down))
+
+    def head_product(self) -> Any:
+        """The output layer's product for the loop, the final norm run in front of it."""
+        return normed_head(self.model, self.product(self.model.lm_head))
 
     def close(self) -> None:
         self.model = None
