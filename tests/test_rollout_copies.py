@@ -85,6 +85,29 @@ def fused_kernel_or_skip() -> None:
         pytest.skip("rlhfkit's CPU kernels could not be built here (see the message above)")
 
 
+def test_without_a_compiler_the_int8_copy_says_so_and_runs_eagerly(monkeypatch, capsys, tmp_path):
+    import subprocess
+
+    from torch.utils import cpp_extension
+
+    import rlhfkit.cpu_kernels as kernels
+
+    def no_compiler(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, ["c++", "--version"])
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    kernels._built.cache_clear()
+    try:
+        assert kernels.int8_linear_kernel() is None
+        assert "CPU kernels unavailable (Command '['c++', '--version']' returned" in capsys.readouterr().err
+        layer = Int8Linear(64, 48)
+        layer.load(torch.nn.Linear(64, 48).weight, None)
+        assert layer(torch.randn(2, 64)).shape == (2, 48)  # the eager path
+    finally:
+        kernels._built.cache_clear()
+
+
 @pytest.mark.parametrize("rows", [1, 3, 40])  # 40: more rows than one thread's share
 @pytest.mark.parametrize("smoothed", [False, True])
 def test_the_fused_int8_kernel_computes_the_eager_product_bit_for_bit(monkeypatch, rows, smoothed):

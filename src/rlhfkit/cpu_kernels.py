@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,7 +58,7 @@ def _built() -> Int8Linear | None:
         cpp_extension.load(
             name, [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(folder), is_python_module=False
         )
-    except (RuntimeError, OSError, ImportError, ValueError) as error:  # no compiler, no ninja, a failed build
+    except (RuntimeError, OSError, ImportError, ValueError, subprocess.SubprocessError) as error:  # no compiler, ninja
         reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
         print(f"rlhfkit: CPU kernels unavailable ({reason}); the eager path runs", file=sys.stderr, flush=True)
         return None
