@@ -106,7 +106,9 @@ def around_norms(
     )
 
 
-def normed_head(model: torch.nn.Module, head: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+def normed_head(
+    model: torch.nn.Module, head: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The output layer's product from the last hidden state, the final norm applied on the way."""
     return lambda hidden: head(_rms_norm(model.model.norm, hidden))
 

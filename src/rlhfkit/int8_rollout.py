@@ -190,7 +190,7 @@ class Int8Sampler(PolicyCopy):
             down.fused(kernel, gated=True),
         )
 
-    def head_product(self) -> Any:
+    def head_product(self) -> Callable[[torch.Tensor], torch.Tensor]:
         kernel = self.float32_kernel()
         if kernel is None:
             return super().head_product()

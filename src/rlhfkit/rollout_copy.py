@@ -20,7 +20,7 @@ default BLAS. The int8 copy (`rlhfkit.int8_rollout`) needs no special instructio
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -160,7 +160,7 @@ class PolicyCopy:
         activation run in front (a copy that fuses them overrides this)."""
         return around_norms(layer, qkv, self.product(output), gate_up, self.product(down))
 
-    def head_product(self) -> Any:
+    def head_product(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The output layer's product for the loop, the final norm run in front of it."""
         return normed_head(self.model, self.product(self.model.lm_head))
 
