@@ -175,7 +175,17 @@ def test_the_copy_groups_the_layers_that_read_one_input(lora_policy, tiny_model)
     assert groups == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] * layers + [
         ["lm_head"]
     ]
-    sampler.load_weights(lora_policy, sampler.input_ranges(lora_policy, *sampler.calibration))
+    # the output layer's range is read from the decoder's last hidden state: its input in a full pass
+    ids, mask = sampler.calibration
+    seen = []
+    handle = lora_policy.get_base_model().lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        lora_policy(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0))
+    handle.remove()
+    head_input = seen[0].reshape(-1, seen[0].shape[-1])[mask.bool().reshape(-1)]
+    ranges = sampler.input_ranges(lora_policy, ids, mask)
+    assert torch.allclose(ranges[-1][1], head_input.abs().amax(dim=0), rtol=0, atol=1e-6)
+    sampler.load_weights(lora_policy, ranges)
     block = sampler.model.model.layers[0]
     assert block.self_attn.q_proj.quantizer is block.self_attn.v_proj.quantizer
     assert block.mlp.gate_proj.quantizer is block.mlp.up_proj.quantizer
