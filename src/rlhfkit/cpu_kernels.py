@@ -45,8 +45,10 @@ def int8_linear_kernel() -> Int8Linear | None:
 def _built() -> Int8Linear | None:
     from torch.utils import cpp_extension
 
-    # one folder per source and PyTorch version: an edited kernel never loads a stale build
-    digest = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} {sys.version}".encode()).hexdigest()[:12]
+    # one folder per source text, its place (ninja rebuilds when the path changes, so two
+    # installs would rebuild in turn) and PyTorch and Python version: never a stale build
+    identity = f"{SOURCE} {torch.__version__} {sys.version}".encode()
+    digest = hashlib.sha256(SOURCE.read_bytes() + identity).hexdigest()[:12]
     name = f"rlhfkit_cpu_{digest}"
     cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     folder = cache / "rlhfkit" / name
