@@ -170,19 +170,13 @@ class Int8Sampler(PolicyCopy):
             return None
         return Int8Linear.joined(layers)
 
-    def layer_products(
-        self,
-        layer: torch.nn.Module,
-        qkv: torch.nn.Module,
-        output: torch.nn.Module,
-        gate_up: torch.nn.Module,
-        down: torch.nn.Module,
-    ) -> LayerProducts:
+    def layer_products(self, layer: torch.nn.Module, layers: LayerProducts) -> LayerProducts:
         """With the fused kernel, each norm and the gated activation run inside the product that
         reads them: four calls a layer."""
         kernel = self.float32_kernel()
         if kernel is None:
-            return super().layer_products(layer, qkv, output, gate_up, down)
+            return super().layer_products(layer, layers)
+        qkv, output, gate_up, down = layers
         return LayerProducts(
             qkv.fused(kernel, norm=layer.input_layernorm),
             output.fused(kernel),

@@ -144,20 +144,15 @@ class PolicyCopy:
             qkv, gate_up = (self.join([layer.get_submodule(path) for path in paths]) for paths in (QKV, GATE_UP))
             if qkv is None or gate_up is None:
                 return DecodeLoop(self.model)
-            products.append(self.layer_products(layer, qkv, layer.self_attn.o_proj, gate_up, layer.mlp.down_proj))
+            layers = LayerProducts(qkv, layer.self_attn.o_proj, gate_up, layer.mlp.down_proj)
+            products.append(self.layer_products(layer, layers))
         return DecodeLoop(self.model, products, self.head_product())
 
-    def layer_products(
-        self,
-        layer: torch.nn.Module,
-        qkv: torch.nn.Module,
-        output: torch.nn.Module,
-        gate_up: torch.nn.Module,
-        down: torch.nn.Module,
-    ) -> LayerProducts:
-        """One layer's products for the loop, from its joined q/k/v and gate/up layers and its
-        own output and down projections: each layer's faster form, the norms and the gated
-        activation run in front (a copy that fuses them overrides this)."""
+    def layer_products(self, layer: torch.nn.Module, layers: LayerProducts) -> LayerProducts:
+        """One layer's products for the loop from its linear `layers` (q/k/v and gate/up joined,
+        the output and down projections as they are): each one's faster form, the norms and the
+        gated activation run in front (a copy that fuses them overrides this)."""
+        qkv, output, gate_up, down = layers
         return around_norms(layer, qkv, self.product(output), gate_up, self.product(down))
 
     def head_product(self) -> Callable[[torch.Tensor], torch.Tensor]:
