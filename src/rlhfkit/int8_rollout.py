@@ -137,9 +137,7 @@ class Int8Linear(torch.nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         kernel = int8_linear_kernel() if inputs.dtype == torch.float32 and inputs.device.type == "cpu" else None
         if kernel is not None:  # the same arithmetic as below, in one call
-            rows = inputs.reshape(-1, self.in_features)
-            output = kernel(rows, self.weight, self.weight_scale, self.bias, self.quantizer.inverse)
-            return output.reshape(*inputs.shape[:-1], self.out_features)
+            return self.fused(kernel)(inputs)
         quantized, row_scale = self.quantizer(inputs)
         # int32 times the float scales promotes to float32 in the product: one kernel, no cast
         output = torch._int_mm(quantized, self.weight.t()) * (row_scale * self.weight_scale)
