@@ -2,12 +2,13 @@
 
 A decode step at one row runs ~120 small linear products; in eager PyTorch each of the int8
 copy's products is ten kernels (quantise the input per row, the integer product, rescale), and
-their dispatch costs more than the product. `int8_linear` does the same arithmetic in one call.
-It is built with `torch.utils.cpp_extension` the first time a process asks for it (about 15 s on
-2 cores; cached by PyTorch under `TORCH_EXTENSIONS_DIR`, `~/.cache/torch_extensions` by default,
-and rebuilt only when the source or PyTorch changes). Where it cannot be built (no C++ compiler,
-no ninja) or `RLHFKIT_CPU_KERNELS=0` is set, callers get None and keep the eager path, which
-computes the same numbers.
+their dispatch costs more than the product. `int8_linear` does the same arithmetic in one call
+(and optionally the RMS norm or the gated activation in front of it). It is built with
+`torch.utils.cpp_extension` the first time a process asks for it (~12 s on 2 cores; cached under
+`TORCH_EXTENSIONS_DIR`, `~/.cache/torch_extensions` by default, one build per source text, its
+path, and PyTorch and Python version). Where it cannot be built (no C++ compiler, no ninja) or
+`RLHFKIT_CPU_KERNELS=0` is set, callers get None and keep the eager path, which computes the same
+numbers (with the norm inside the kernel, up to float rounding: its sum runs in another order).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def _built() -> Int8Linear | None:
         _put_ninja_on_path()
         folder.mkdir(parents=True, exist_ok=True)
         if not any(folder.glob(f"{name}.*")):
-            print("rlhfkit: compiling the fused CPU kernels (once, ~15 s)", file=sys.stderr, flush=True)
+            print("rlhfkit: compiling the fused CPU kernels (once, ~12 s)", file=sys.stderr, flush=True)
         cpp_extension.load(
             name, [str(SOURCE)], extra_cflags=["-O3"], build_directory=str(folder), is_python_module=False
         )
