@@ -7,7 +7,8 @@ and after (± standard error, with the paired gain), each held-out judge before 
 to the reference, the wall time and the mean seconds per step — read from its run.json (command, versions, machine, start
 and finish), config.yaml and metrics.json. Below the table, one line per run says when and on
 what it was measured; runs evaluated per group (eval.group_by) or greedily (eval.greedy) get a
-second table, a row per group. With --versus, a column compares each run's held-out rewards after
+second table, a row per group; runs evaluated during training (eval.every) a table of the held-out
+training reward, each judge and the KL at every evaluated step. With --versus, a column compares each run's held-out rewards after
 training with that run's on the same prompts and sample slots (paired mean difference ± its
 standard error), for runs evaluated alike. Reward-model runs (`rlhfkit reward`) get a table of
 their own: held-out pair (or label) accuracy before and after, per data source, and the wall
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from rlhfkit.metrics import paired_difference, win_rate
+from rlhfkit.metrics import held_out_curve, paired_difference, win_rate
 from rlhfkit.report import evaluation_markdown, stage_rows
 
 EVALUATED_ALIKE = ("num_prompts", "samples_per_prompt", "seed")
@@ -221,6 +222,33 @@ def group_rows(run_dir: Path) -> list[list[str]]:
     return rows
 
 
+def curve_rows(run_dir: Path) -> list[list[str]]:
+    """Rows of the over-training table for one run: the held-out training reward, each judge's mean
+    and the KL at every step it was evaluated (before, eval.every, after); none without a point
+    during training."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if not metrics.get("during"):
+        return []
+    curve = held_out_curve(metrics)
+    judges = list(curve[-1].get("judges", {}))
+    rows = []
+    for index, point in enumerate(curve):
+        scores = [point.get("judges", {}).get(name, {}).get("mean") for name in judges]
+        rows.append(
+            [
+                f"`{run_dir}`" if index == 0 else "",
+                str(point["step"]),
+                f"{point['reward_mean']:.3f}" if "reward_mean" in point else "–",
+                "; ".join(f"{name}: {score:.3f}" for name, score in zip(judges, scores) if score is not None) or "–",
+                f"{point['kl']:.2f}" if "kl" in point else "–",
+            ]
+        )
+    return rows
+
+
+CURVE_COLUMNS = ["run", "step", "held-out training reward", "judges", "KL"]
+
+
 def _markdown(columns: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] + [
         "| " + " | ".join(r) + " |" for r in rows
@@ -264,6 +292,8 @@ def _rl_section(run_dirs: list[Path], baseline: Path | None) -> list[str]:
     grouped = [cells for run_dir in run_dirs for cells in group_rows(run_dir)]
     if grouped:
         lines += ["", *_markdown(GROUP_COLUMNS, grouped)]
+    if curves := [cells for run_dir in run_dirs for cells in curve_rows(run_dir)]:
+        lines += ["", *_markdown(CURVE_COLUMNS, curves)]
     return lines
 
 

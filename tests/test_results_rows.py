@@ -122,3 +122,20 @@ def test_an_evaluation_run_gives_its_comparison_table_from_metrics_json(tmp_path
     written = table([run])
     assert "| ppo | 9.90 | 1.400 ± 0.098 | 0.79 [0.62, 0.90] | 6.00 ± 0.98 |" in written
     assert "`rlhfkit pipeline configs/quickstart.yaml`, evaluate stage: 2 min 20 s" in written
+
+
+def test_a_run_evaluated_during_training_gets_its_proxy_and_judges_at_every_step(tmp_path):
+    run = fake_run(tmp_path / "ppo", [0.0, 1.0, 0.0, 1.0])
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["steps"] = 10
+    metrics["before"].update(kl=0.0, judges={"gold": {"mean": 0.125, "stderr": 0.1, "samples": [0, 0, 0.5, 0]}})
+    metrics["after"]["judges"] = {"gold": {"mean": 0.75, "stderr": 0.2, "samples": [1, 1, 1, 0]}}
+    point = {"step": 5, "reward_mean": 0.375, "kl": 0.5, "judges": {"gold": {"mean": 0.25, "stderr": 0.1}}}
+    metrics["during"] = [point]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    written = table([run])
+    assert "| run | step | held-out training reward | judges | KL |" in written
+    assert f"| `{run}` | 0 | 0.250 | gold: 0.125 | 0.00 |" in written
+    assert "|  | 5 | 0.375 | gold: 0.250 | 0.50 |" in written
+    assert "|  | 10 | 0.500 | gold: 0.750 | 1.50 |" in written
+    assert "held-out training reward" not in table([fake_run(tmp_path / "grpo", [0.0, 1.0, 0.0, 1.0])])
