@@ -275,6 +275,10 @@ def test_the_real_data_pipeline_chains_sft_a_minilm_reward_model_and_ppo_on_hh_p
     judge = f"eval.judges.held_out.model={tmp_path}"
     ppo = load_config("ppo", path, [f"model.name_or_path={tmp_path}", f"reward.model={tmp_path}", judge])
     assert set(ppo.eval.judges) == {"held_out"}
+    # the evaluation adds a judge of helpfulness, trained on OpenAssistant's own ranked replies
+    helpfulness = load_config("reward", root / "configs/examples/reward_oasst_minilm.yaml")
+    assert tree["evaluate"]["judges"]["helpfulness"]["model"] == helpfulness.train.output_dir
+    assert tree["evaluate"]["judges"]["helpfulness"]["max_length"] == helpfulness.data.max_length
     train, held_out, _ = load_examples(ppo.data, ppo.train.seed, prompt_examples)
     assert (len(train), len(held_out)) == (1448, 360)  # prompts split off the HH transcripts
 
