@@ -230,16 +230,16 @@ def curve_rows(run_dir: Path) -> list[list[str]]:
     if not metrics.get("during"):
         return []
     curve = held_out_curve(metrics)
-    judges = list(curve[-1].get("judges", {}))
+    judges = list(dict.fromkeys(name for point in curve for name in point.get("judges", {})))  # as the plot
     rows = []
     for index, point in enumerate(curve):
-        scores = [point.get("judges", {}).get(name, {}).get("mean") for name in judges]
+        judged = point.get("judges", {})
         rows.append(
             [
                 f"`{run_dir}`" if index == 0 else "",
                 str(point["step"]),
                 f"{point['reward_mean']:.3f}" if "reward_mean" in point else "–",
-                "; ".join(f"{name}: {score:.3f}" for name, score in zip(judges, scores) if score is not None) or "–",
+                "; ".join(f"{name}: {judged[name]['mean']:.3f}" for name in judges if name in judged) or "–",
                 f"{point['kl']:.2f}" if "kl" in point else "–",
             ]
         )
