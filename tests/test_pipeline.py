@@ -1,6 +1,7 @@
 """The pipeline on a tiny model: stage chaining, skip/resume, --from/--only, evaluate and the report."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from conftest import QUESTIONS, write_jsonl
 from rlhfkit.cli import main
 from rlhfkit.config.loading import load_config, load_pipeline
 from rlhfkit.errors import ConfigError
+from rlhfkit.metrics import rank_correlation
 from rlhfkit.pipeline_runner import stage_status
 
 
@@ -325,3 +327,35 @@ def test_evaluate_scores_with_several_judges_and_marks_the_one_a_policy_was_trai
     assert trained["judges"]["length"]["win_rate"] == 0.5 and "win_rate" not in base["judges"]["length"]
     table = evaluation_markdown(summary)
     assert "judge rm (win rate)" in table and table.count("†") == 2
+    # every answer's length and each judge's score of it are kept, and how the two go together
+    assert len(trained["sample_lengths"]) == len(trained["judges"]["length"]["sample_rewards"]) == 6
+    lengths = base["sample_lengths"] + trained["sample_lengths"]
+    scores = base["judges"]["length"]["sample_rewards"] + trained["judges"]["length"]["sample_rewards"]
+    correlation = summary["length_correlation"]
+    assert set(correlation) == {"length", "rm", "reward_model"} and correlation["length"]["answers"] == 12
+    expected = rank_correlation(lengths, scores)
+    assert correlation["length"]["rho"] == (None if math.isnan(expected) else pytest.approx(expected))
+    assert "Score against answer length (Spearman ρ over 12 answers" in table
+
+
+def test_length_correlations_pool_every_models_answers_and_leave_out_unscored_ones():
+    from rlhfkit.stages.evaluate import length_correlations
+
+    results = {
+        "sft": {
+            "sample_lengths": [3, 9],
+            "sample_rewards": [0.1, 0.9],
+            "judges": {"j": {"sample_rewards": [1.0, None]}},
+        },
+        "ppo": {
+            "sample_lengths": [5, 7],
+            "sample_rewards": [0.5, 0.2],
+            "judges": {"j": {"sample_rewards": [3.0, 2.0]}},
+        },
+    }
+    correlations = length_correlations(results, ["j"], reward_model=True)
+    # the reward model: lengths 3, 9, 5, 7 against scores 0.1, 0.9, 0.5, 0.2 -> ranks 1 4 2 3 vs 1 4 3 2
+    # (Σ dx·dy = 2.25 + 2.25 - 0.25 - 0.25 = 4 over Σ dx² = Σ dy² = 5: ρ = 0.8)
+    assert correlations["reward_model"] == {"rho": pytest.approx(0.8), "answers": 4}
+    # judge j gave the 9-token answer no score: lengths 3, 5, 7 against 1, 3, 2 -> ρ = 0.5
+    assert correlations["j"] == {"rho": pytest.approx(0.5), "answers": 3}

@@ -1,6 +1,7 @@
 """The report: tables, plots and side-by-side answers, checked as files and in headless Chromium."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from rlhfkit.metrics import (
     mean_and_stderr,
     overoptimisation_signs,
     paired_difference,
+    rank_correlation,
     reward_hacking_signs,
     wilson_interval,
     win_rate,
@@ -56,6 +58,18 @@ def test_paired_difference_by_hand():
     # differences 1, 3 (the None slot is left out): mean 2, s = √2, s/√2 = 1
     assert paired_difference([2.0, 5.0, None], [1.0, 2.0, 7.0]) == pytest.approx((2.0, 1.0))
     assert paired_difference([1.0], [0.0]) is None
+
+
+def test_rank_correlation_by_hand():
+    assert rank_correlation([1, 2, 3, 4], [10.0, 20.0, 30.0, 45.0]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4.0, 3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    # ties share their mean rank: x ranks 1, 2.5, 2.5, 4 and y ranks 1, 3, 2, 4, both centred on 2.5;
+    # Σ dx·dy = 2.25 + 0 + 0 + 2.25 = 4.5, Σ dx² = 4.5, Σ dy² = 5, so ρ = 4.5 / √22.5
+    assert rank_correlation([1, 2, 2, 3], [0.1, 0.3, 0.2, 0.4]) == pytest.approx(4.5 / 22.5**0.5)
+    assert math.isnan(rank_correlation([5, 5, 5], [1.0, 2.0, 3.0]))  # no order in a constant sample
+    assert math.isnan(rank_correlation([1, 2], [1.0, 2.0]))
+    with pytest.raises(ValueError):
+        rank_correlation([1, 2, 3], [1.0, 2.0])
 
 
 def _point(step, proxy, judge):
@@ -182,6 +196,7 @@ def write_run(root: Path) -> dict[str, Path]:
         "samples_per_prompt": 1,
         "sampling": {"temperature": 0.7},
         "warnings": {"ppo": ["an example warning"]},
+        "length_correlation": {"reward_model": {"rho": 0.42, "answers": 39}, "gold": {"rho": None, "answers": 39}},
     }
     (evaluate / "metrics.json").write_text(json.dumps(summary))
     samples = [
@@ -225,6 +240,11 @@ def test_report_command_and_metrics_table(tmp_path, capsys):
     table = evaluation_markdown(json.loads((tmp_path / "evaluate" / "metrics.json").read_text()))
     assert table.splitlines()[2].startswith("| base | 12.00 | 0.180 | 1.000 ± 0.392 | 0.30 [0.15, 0.50] |")
     assert "| sft (baseline) |" in table
+    # how each judge's score follows answer length, below the table (null: a constant score)
+    assert table.endswith(
+        "\n\nScore against answer length (Spearman ρ over 39 answers of every model): the reward model +0.42, gold n/a.\n"
+    )
+    assert "the reward model +0.42, gold n/a." in (tmp_path / "report.html").read_text()
 
 
 @pytest.mark.skipif(

@@ -161,6 +161,37 @@ def win_rate(scores: Sequence[float], baseline_scores: Sequence[float], tie_marg
     return {"win_rate": rate, "win_rate_low": low, "win_rate_high": high, "ties": sum(o == 0.5 for o in outcomes)}
 
 
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks of values, tied values sharing the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda index: values[index])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def rank_correlation(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's ρ: the Pearson correlation of the two samples' average ranks (ties share a rank).
+
+    nan below three pairs or where either sample is constant (no order to correlate).
+    """
+    if len(xs) != len(ys):
+        raise ValueError(f"{len(xs)} values against {len(ys)}")
+    if len(xs) < 3:
+        return math.nan
+    rx, ry = average_ranks(xs), average_ranks(ys)
+    mean = (len(xs) + 1) / 2  # the mean of average ranks is always (n + 1) / 2
+    covariance = sum((a - mean) * (b - mean) for a, b in zip(rx, ry))
+    spread = math.sqrt(sum((a - mean) ** 2 for a in rx) * sum((b - mean) ** 2 for b in ry))
+    return covariance / spread if spread > 0 else math.nan
+
+
 def reward_hacking_signs(model: dict, baseline: dict, thresholds) -> list[str]:
     """Why a model whose reward beat the baseline's may have gamed the reward (empty: no sign)."""
     if not model.get("reward_mean", -math.inf) > baseline.get("reward_mean", math.inf):

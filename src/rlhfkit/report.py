@@ -247,9 +247,27 @@ def _cell(metrics: dict, key: str, fmt: str) -> str:
     return cell
 
 
+def length_note(summary: dict) -> str:
+    """How strongly each judge's score follows answer length (Spearman ρ over every model's answers);
+    empty without judges. A judge that rewards length can prefer a model for its length alone."""
+    correlations = {
+        judge: value for judge, value in summary.get("length_correlation", {}).items() if value.get("answers")
+    }
+    if not correlations:
+        return ""
+    named = [
+        f"{'the reward model' if judge == 'reward_model' else judge} "
+        + (f"{value['rho']:+.2f}" if finite_number(value["rho"]) is not None else "n/a")
+        for judge, value in correlations.items()
+    ]
+    answers = max(value["answers"] for value in correlations.values())
+    return f"Score against answer length (Spearman ρ over {answers} answers of every model): " + ", ".join(named) + "."
+
+
 def evaluation_markdown(summary: dict) -> str:
-    """The evaluate stage's comparison as a Markdown table."""
-    return _md_table(*evaluation_rows(summary))
+    """The evaluate stage's comparison as a Markdown table, and how each judge's score follows length."""
+    note = length_note(summary)
+    return _md_table(*evaluation_rows(summary)) + (f"\n{note}\n" if note else "")
 
 
 def _read_samples(path: Path) -> list[dict]:
@@ -333,6 +351,8 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
         )
         if any(m.get("trained_against") for m in evaluation["models"].values()):
             note += " † The model was trained against this judge: its score there is not held-out evidence."
+        if length_note(evaluation):
+            note += " " + length_note(evaluation)
         warnings = [f"{name}: {'; '.join(signs)}" for name, signs in evaluation.get("warnings", {}).items()]
         html_parts.append(
             "<h2>Models compared</h2>"

@@ -26,6 +26,7 @@ from rlhfkit.metrics import (
     describe,
     distinct_n,
     mean_and_stderr,
+    rank_correlation,
     reward_hacking_signs,
     rouge_l,
     win_rate,
@@ -91,8 +92,9 @@ def measure_policy(
         ref_logprobs, _ = response_logprobs(reference[0], rollout, temperature, chunk)
         per_answer = ((logprobs - ref_logprobs) * rollout.response_mask).sum(dim=1)
         metrics["kl"], metrics["kl_stderr"] = mean_and_stderr(per_answer.tolist())
-    lengths = rollout.lengths.float().tolist()
+    lengths = rollout.lengths.tolist()
     metrics["length"], metrics["length_stderr"] = mean_and_stderr(lengths)
+    metrics["sample_lengths"] = lengths
     metrics["eos_fraction"] = float(rollout.ended.float().mean())
     metrics["distinct_1"], metrics["distinct_2"] = distinct_n(answers, 1), distinct_n(answers, 2)
     return metrics, answers
@@ -107,12 +109,27 @@ def score_answers(judge: RewardSource, prompts: list, answers: list[str]) -> lis
 def judge_summary(values: list[float | None], baseline: list[float | None] | None, tie_margin: float) -> dict:
     """A model's mean score by one judge and, against the baseline's answers, its win rate."""
     mean, stderr = mean_and_stderr([value for value in values if value is not None])
-    summary = {"reward_mean": mean, "reward_stderr": stderr}
+    summary = {"reward_mean": mean, "reward_stderr": stderr, "sample_rewards": values}
     if baseline is not None:
         pairs = [(a, b) for a, b in zip(values, baseline) if a is not None and b is not None]
         if pairs:
             summary.update(win_rate([a for a, _ in pairs], [b for _, b in pairs], tie_margin))
     return summary
+
+
+def length_correlations(results: dict[str, dict], judges: list[str], reward_model: bool) -> dict[str, dict]:
+    """Each judge's (and the reward model's) Spearman correlation of score with answer length in
+    tokens, pooled over every model's answers: how much the judge rewards length itself."""
+    scored = {judge: [m["judges"][judge]["sample_rewards"] for m in results.values()] for judge in judges}
+    if reward_model:
+        scored["reward_model"] = [m["sample_rewards"] for m in results.values()]
+    lengths = [m["sample_lengths"] for m in results.values()]
+    correlations = {}
+    for judge, per_model in scored.items():
+        pairs = [(n, s) for ns, ss in zip(lengths, per_model) for n, s in zip(ns, ss) if s is not None]
+        rho = rank_correlation([n for n, _ in pairs], [s for _, s in pairs])
+        correlations[judge] = {"rho": rho, "answers": len(pairs)}
+    return correlations
 
 
 def run(config: EvaluateConfig, resume: bool = False) -> dict:
@@ -220,6 +237,7 @@ def run(config: EvaluateConfig, resume: bool = False) -> dict:
         "tie_margin": config.tie_margin,
         "judge": config.judge,
         "judges": {name: settings.model or settings.function for name, settings in config.judges.items()},
+        "length_correlation": length_correlations(results, list(config.judges), bool(config.reward_model)),
         "prompts": len(prompt_turns),
         "prompts_with_references": len(references),
         "samples_per_prompt": config.samples_per_prompt,
