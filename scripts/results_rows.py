@@ -180,7 +180,10 @@ def _measured_on(run_dir: Path, marker: dict) -> str:
     versions = ", ".join(
         f"{name} {environment[name]}" for name in ("torch", "transformers", "peft") if name in environment
     )
-    where = f"{environment.get('cpu', 'an unrecorded machine')} ({environment.get('cores', '?')} cores)"
+    cpu = ", ".join(
+        filter(None, [environment.get("cpu", "an unrecorded machine"), environment.get("cpu_instructions")])
+    )
+    where = f"{cpu} ({environment.get('cores', '?')} cores)"
     when = (marker.get("finished") or marker.get("updated", ""))[:10]
     note = f"- `{run_dir}`: {when}, rlhfkit {marker.get('rlhfkit', '?')}" + (f", {versions}" if versions else "")
     return f"{note}, on {where}."

@@ -247,6 +247,15 @@ def test_run_json_records_the_command_environment_and_times(tmp_path, monkeypatc
     assert len(record["resumed"]) == 1 and record["finished"] >= record["resumed"][0] >= started["started"]
 
 
+def test_the_widest_matrix_instructions_of_a_cpu_name_the_kernels_its_figures_came_from():
+    from rlhfkit.engine.run_dir import widest_matrix_instructions
+
+    assert widest_matrix_instructions({"fma", "avx", "avx2"}) == "AVX2"
+    assert widest_matrix_instructions({"avx2", "avx512f", "avx512_bf16"}) == "AVX512-BF16"
+    assert widest_matrix_instructions({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) == "AMX-BF16"
+    assert widest_matrix_instructions({"neon", "asimd"}) is None  # an Arm CPU: no x86 flags, nothing claimed
+
+
 def test_a_run_that_died_before_its_first_checkpoint_can_start_again(tiny_model, tmp_path, sft_rows, monkeypatch):
     data = write_jsonl(tmp_path / "sft.jsonl", sft_rows)
     config = sft_config(tiny_model, data, tmp_path / "run", "train.max_steps=2", "generation.num_prompts=0")

@@ -70,7 +70,7 @@ def test_reward_model_runs_get_their_own_table_with_accuracy_per_source(tmp_path
                 "command": "rlhfkit reward rm.yaml",
                 "started": "2026-12-07T10:00:00+00:00",
                 "finished": "2026-12-07T10:11:53+00:00",
-                "environment": {"cpu": "AMD EPYC", "cores": 2, "torch": "2.13.0"},
+                "environment": {"cpu": "AMD EPYC", "cores": 2, "torch": "2.13.0", "cpu_instructions": "AVX2"},
             }
         )
     )
@@ -85,7 +85,7 @@ def test_reward_model_runs_get_their_own_table_with_accuracy_per_source(tmp_path
         "| `rlhfkit reward rm.yaml` | 401 pairs | 0.500 | **0.579** | hh: 0.569 (360); oasst: 0.659 (41) | 11 min 53 s |"
         in written
     )
-    assert "- `" + str(run) + "`: 2026-12-07, rlhfkit ?, torch 2.13.0, on AMD EPYC (2 cores)." in written
+    assert "- `" + str(run) + "`: 2026-12-07, rlhfkit ?, torch 2.13.0, on AMD EPYC, AVX2 (2 cores)." in written
     assert "| `rlhfkit grpo grpo.yaml` |" in written  # the RL run keeps its own table
 
 

@@ -173,6 +173,21 @@ def command_line() -> str:
     return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
+# Matrix instructions, widest first: the CPU kernels that run (so float32 throughput, whether bf16
+# products exist, and the rounding that decides near-tie draws) follow the widest one present.
+CPU_MATRIX_INSTRUCTIONS = (
+    ("amx_bf16", "AMX-BF16"),
+    ("avx512_bf16", "AVX512-BF16"),
+    ("avx512f", "AVX-512"),
+    ("avx2", "AVX2"),
+)
+
+
+def widest_matrix_instructions(flags: set[str]) -> str | None:
+    """The widest matrix instruction set among a CPU's flags (/proc/cpuinfo), None if none listed."""
+    return next((name for flag, name in CPU_MATRIX_INSTRUCTIONS if flag in flags), None)
+
+
 def environment() -> dict[str, Any]:
     """Versions and machine a run's figures depend on."""
     import torch
@@ -190,6 +205,9 @@ def environment() -> dict[str, Any]:
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
     }
+    flags = next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), [])
+    if instructions := widest_matrix_instructions(set(flags)):
+        machine["cpu_instructions"] = instructions
     if torch.cuda.is_available():
         machine["gpu"] = torch.cuda.get_device_name(0)
     return {"python": platform.python_version(), **packages, **machine}
