@@ -98,7 +98,7 @@ def test_pretraining_on_peps_lowers_held_out_perplexity(tmp_path):
                 "--set",
                 "data.max_examples=12",
                 "--set",
-                "data.max_length=256",
+                "data.max_length=128",
                 "--set",
                 "eval.max_batches=2",
                 "--set",
@@ -142,11 +142,13 @@ def test_encoder_reward_model_on_real_human_preferences(tmp_path):
                 "--set",
                 f"data.path={HH_PAIRS}",
                 "--set",
-                "data.max_examples=160",
+                "data.max_examples=96",
                 "--set",
-                "data.max_length=128",
+                "data.max_length=96",
                 "--set",
-                "eval.max_batches=2",
+                "eval.max_batches=4",
+                "--set",
+                "train.batch_size=8",
                 "--set",
                 "train.epochs=2",
                 "--set",
@@ -162,7 +164,7 @@ def test_encoder_reward_model_on_real_human_preferences(tmp_path):
     metrics = json.loads((tmp_path / "hh" / "metrics.json").read_text())
     assert metrics["after"]["pairs"] == 32 and 0.0 <= metrics["after"]["accuracy"] <= 1.0
     losses = [json.loads(line)["train/loss"] for line in (tmp_path / "hh" / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) >= 14  # 2 epochs x 128 training pairs / 16 per step, less any row skipped for an empty answer
+    assert len(losses) >= 22  # 2 epochs x 95 training pairs (one row has an empty answer) / 8 per step
     half = len(losses) // 2
     first, second = sum(losses[:half]) / half, sum(losses[-half:]) / half
     print(f"HH slice: first-epoch loss {first:.4f}, second-epoch loss {second:.4f}")
