@@ -351,8 +351,8 @@ def write_report(root: Path, stage_dirs: dict[str, Path]) -> Path:
         )
         if any(m.get("trained_against") for m in evaluation["models"].values()):
             note += " † The model was trained against this judge: its score there is not held-out evidence."
-        if length_note(evaluation):
-            note += " " + length_note(evaluation)
+        if length_bias := length_note(evaluation):
+            note += " " + length_bias
         warnings = [f"{name}: {'; '.join(signs)}" for name, signs in evaluation.get("warnings", {}).items()]
         html_parts.append(
             "<h2>Models compared</h2>"
