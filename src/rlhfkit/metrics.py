@@ -280,16 +280,7 @@ def ranking_auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
     """Area under the ROC curve: the probability that a random positive scores above a random
     negative, ties counting half — the Mann–Whitney U statistic, from average ranks in
     O(n log n). NaN when either class is empty."""
-    order = sorted(range(len(scores)), key=lambda index: scores[index])
-    ranks = [0.0] * len(scores)
-    start = 0
-    while start < len(order):  # tied scores share the mean of their ranks (1-based)
-        end = start
-        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
-            end += 1
-        for position in range(start, end + 1):
-            ranks[order[position]] = (start + end) / 2 + 1
-        start = end + 1
+    ranks = average_ranks(scores)
     positives = sum(1 for label in positive if label)
     negatives = len(scores) - positives
     if not positives or not negatives:
