@@ -198,3 +198,19 @@ def test_output_weights_finds_each_lm_head_once_inside_wrappers(tiny_model):
     head = policy.get_base_model().lm_head.weight
     assert [id(w) for w in output_weights(PolicyAndCritic(policy, critic))] == [id(head)]
     assert output_weights(critic) == []
+
+
+def test_learned_positions_count_a_position_table_and_nothing_for_rotary_models(tiny_model):
+    """BERT's table holds max_position_embeddings positions, RoBERTa's two fewer (it numbers them
+    after the padding index), GPT-2's n_positions; rotary decoders have no table."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, RobertaConfig, RobertaModel
+
+    from rlhfkit.models import learned_positions
+
+    small = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    assert learned_positions(BertModel(BertConfig(vocab_size=50, max_position_embeddings=64, **small))) == 64
+    roberta = RobertaConfig(vocab_size=50, max_position_embeddings=66, pad_token_id=1, **small)
+    assert learned_positions(RobertaModel(roberta)) == 64
+    assert learned_positions(GPT2Model(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2))) == 32
+    settings = ModelSettings(name_or_path=str(tiny_model))
+    assert learned_positions(load_causal_lm(resolve(str(tiny_model)), settings, torch.float32).model) is None

@@ -316,3 +316,34 @@ def test_a_binary_reward_model_unpairs_preference_rows_and_refuses_centring(tiny
         stage_config(
             "reward", tiny_model, preference_file, tmp_path / "x", "loss.objective=binary", "loss.center_coef=0.01"
         )
+
+
+def test_an_encoder_reward_model_longer_than_its_positions_is_refused_naming_the_field(tmp_path, capfd):
+    """MiniLM learned 512 positions: data.max_length 600 stops before any step, naming the field,
+    where the model itself would fail mid-run on a tensor size; a judge asks the same of its
+    max_length. The tokenizer's own warning about uncut texts stays quiet (rlhfkit cuts them)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhfkit.config.online import RewardSourceSettings
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.models import load_tokenizer, resolve
+    from rlhfkit.rewards import RewardSource
+
+    long_rows = [{"prompt": f"word{i} " * 300, "chosen": "Yes.", "rejected": "No."} for i in range(8)]
+    data = write_jsonl(tmp_path / "long.jsonl", long_rows)
+    config = stage_config(
+        "reward", "all-minilm-l6-v2", data, tmp_path / "rm", "data.max_length=600", "lora.enabled=false"
+    )
+    with pytest.raises(ConfigError, match=r"data.max_length=600: all-minilm-l6-v2 has learned positions for 512"):
+        reward.run(config)
+    assert "longer than the specified maximum sequence length" not in capfd.readouterr().err
+
+    judge_dir = tmp_path / "minilm-judge"
+    source = resolve("all-minilm-l6-v2")
+    AutoModelForSequenceClassification.from_pretrained(source.path, num_labels=1).save_pretrained(judge_dir)
+    load_tokenizer(source).save_pretrained(judge_dir)
+    with pytest.raises(
+        ConfigError, match=r"eval.judges.gold.max_length=513: .* set eval.judges.gold.max_length to 512"
+    ):
+        RewardSource(RewardSourceSettings(model=str(judge_dir), max_length=513), where="eval.judges.gold")
+    assert RewardSource(RewardSourceSettings(model=str(judge_dir), max_length=512)).members

@@ -25,7 +25,14 @@ from rlhfkit.data.batching import pad_right
 from rlhfkit.data.formatting import fit_pair, prompt_and_response_ids
 from rlhfkit.engine.threads import follow_free_cores
 from rlhfkit.errors import UserError
-from rlhfkit.models import backbone_and_score_head, load_reward_model, load_tokenizer, packs_by_position_ids, resolve
+from rlhfkit.models import (
+    backbone_and_score_head,
+    load_reward_model,
+    load_tokenizer,
+    packs_by_position_ids,
+    refuse_beyond_learned_positions,
+    resolve,
+)
 from rlhfkit.passes import packed_reward_forward, reward_model_forward
 
 Messages = Sequence[dict[str, str]]
@@ -66,6 +73,7 @@ class RewardModelScorer:
         device: str | None = None,
         label: str | int | None = None,
         output: str = "logit",
+        max_length_field: str = "max_length",
     ) -> None:
         source = resolve(reference)
         self.tokenizer = load_tokenizer(source)
@@ -81,6 +89,7 @@ class RewardModelScorer:
         self.wrap = special_token_wrapper(self.tokenizer)
         self.max_length = max_length - len(self.wrap([]))  # room for an encoder's [CLS]/[SEP]
         backbone, _ = backbone_and_score_head(self.model)
+        refuse_beyond_learned_positions(backbone, max_length, max_length_field, reference)
         # one-output decoders running rlhfkit's attention score packed rows, answers sharing their prompt
         self.packs = self.label_index is None and packs_by_position_ids(backbone) and shares_prompts(backbone)
 
@@ -249,7 +258,8 @@ def combine_ensemble(
 class RewardSource:
     """The configured reward: call it with prompts (as chat turns), completions and the rows' other columns."""
 
-    def __init__(self, settings: RewardSourceSettings, template: str = "auto") -> None:
+    def __init__(self, settings: RewardSourceSettings, template: str = "auto", where: str = "reward") -> None:
+        """`where` names the settings' place in the config, for errors (`reward`, `eval.judges.gold`)."""
         self.settings = settings
         self.members: list[RewardModelScorer] = []
         if settings.function is not None:
@@ -259,7 +269,14 @@ class RewardSource:
             self.name = settings.model if not settings.ensemble else f"an ensemble of {1 + len(settings.ensemble)}"
             self.function = None
             self.members = [
-                RewardModelScorer(model, settings.max_length, template, label=settings.label, output=settings.output)
+                RewardModelScorer(
+                    model,
+                    settings.max_length,
+                    template,
+                    label=settings.label,
+                    output=settings.output,
+                    max_length_field=f"{where}.max_length",
+                )
                 for model in (settings.model, *settings.ensemble)
             ]
 

@@ -49,7 +49,12 @@ class HeldOutAnswers:
         self.prompt_turns += [({"role": "user", "content": text},) for text in self.generation.extra_prompts]
         self.prompt_texts = [render_prompt(tokenizer, turns, config.data.template) for turns in self.prompt_turns]
         self.scorer = (
-            RewardModelScorer(config.eval.reward_model, config.data.max_length, config.data.template)
+            RewardModelScorer(
+                config.eval.reward_model,
+                config.data.max_length,
+                config.data.template,
+                max_length_field="data.max_length",
+            )
             if config.eval.reward_model and self.prompt_texts
             else None
         )

@@ -185,7 +185,7 @@ def run(config: EvaluateConfig, resume: bool = False) -> dict:
                 results[name].update(win_rate(values, scores[config.baseline_name], config.tie_margin))
 
     for judge_name, judge_settings in config.judges.items():
-        judge = RewardSource(judge_settings, config.data.template)
+        judge = RewardSource(judge_settings, config.data.template, f"judges.{judge_name}")
         judged = {name: score_answers(judge, prompts_per_answer, answers[name]) for name in config.models}
         del judge
         for name, values in judged.items():

@@ -335,7 +335,10 @@ def run_online(
     check_group_column(eval_examples[: config.eval.num_prompts], config.eval.group_by)
     source, tokenizer = resolve_with_tokenizer(config.model)
     reward = RewardSource(config.reward, config.data.template)
-    judges = {name: RewardSource(settings, config.data.template) for name, settings in config.eval.judges.items()}
+    judges = {
+        name: RewardSource(settings, config.data.template, f"eval.judges.{name}")
+        for name, settings in config.eval.judges.items()
+    }
     train_examples, adjusted = fit_prompts(train_examples, tokenizer, config.data)
     eval_examples, _ = fit_prompts(eval_examples[: config.eval.num_prompts], tokenizer, config.data)
     summary = training_data_summary(report, adjusted, len(train_examples), len(eval_examples), "prompts")

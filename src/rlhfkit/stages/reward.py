@@ -33,7 +33,12 @@ from rlhfkit.engine.held_out import held_out_rows, held_out_sums
 from rlhfkit.errors import ConfigError
 from rlhfkit.losses.reward import binary_feedback_loss, bradley_terry_loss
 from rlhfkit.metrics import agreement, ranking_auc
-from rlhfkit.models import backbone_and_score_head, packs_by_position_ids, resolve_with_tokenizer
+from rlhfkit.models import (
+    backbone_and_score_head,
+    packs_by_position_ids,
+    refuse_beyond_learned_positions,
+    resolve_with_tokenizer,
+)
 from rlhfkit.passes import packed_reward_forward, reward_model_forward
 from rlhfkit.rewards import special_token_wrapper
 from rlhfkit.stages.before_after import measure
@@ -198,8 +203,10 @@ def run(config: RewardConfig, resume: bool = False) -> dict:
     engine = Engine(train, config.model.device, run_dir, STAGE)
     model = engine.build_model(source, config.model, config.lora, reward_model=True)
     model.config.pad_token_id = tokenizer.pad_token_id
+    backbone = backbone_and_score_head(model)[0]
+    refuse_beyond_learned_positions(backbone, data.max_length, "data.max_length", config.model.name_or_path)
     packed = packs_by_position_ids(model)  # decoders: sequences packed into rows, no padding
-    share = packed and shares_prompts(backbone_and_score_head(model)[0])  # and a pair's prompt stored once
+    share = packed and shares_prompts(backbone)  # and a pair's prompt stored once
     if pointwise:
         batches = lambda examples, seed: labelled_answer_batches(  # noqa: E731
             examples, train.batch_size, tokenizer.pad_token_id, seed, wrap, packed
