@@ -201,14 +201,19 @@ def test_output_weights_finds_each_lm_head_once_inside_wrappers(tiny_model):
 
 
 def test_learned_positions_count_a_position_table_and_nothing_for_rotary_models(tiny_model):
-    """BERT's table holds max_position_embeddings positions, RoBERTa's two fewer (it numbers them
-    after the padding index), GPT-2's n_positions; rotary decoders have no table."""
+    """BERT's table holds max_position_embeddings positions (LoRA on it or not), RoBERTa's two fewer
+    (it numbers them after the padding index), GPT-2's n_positions; rotary decoders have no table."""
     from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, RobertaConfig, RobertaModel
 
     from rlhfkit.models import learned_positions
 
     small = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
-    assert learned_positions(BertModel(BertConfig(vocab_size=50, max_position_embeddings=64, **small))) == 64
+    bert = BertModel(BertConfig(vocab_size=50, max_position_embeddings=64, **small))
+    assert learned_positions(bert) == 64
+    from peft import LoraConfig, get_peft_model
+
+    with_lora_on_positions = get_peft_model(bert, LoraConfig(r=2, target_modules=["position_embeddings"]))
+    assert learned_positions(with_lora_on_positions.get_base_model()) == 64
     roberta = RobertaConfig(vocab_size=50, max_position_embeddings=66, pad_token_id=1, **small)
     assert learned_positions(RobertaModel(roberta)) == 64
     assert learned_positions(GPT2Model(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2))) == 32

@@ -423,6 +423,7 @@ def learned_positions(backbone: torch.nn.Module) -> int | None:
     table = getattr(embeddings, "position_embeddings", None)
     if table is None:
         table = getattr(backbone, "wpe", None)
+    table = getattr(table, "base_layer", table)  # LoRA on the embeddings wraps the table
     if not isinstance(table, torch.nn.Embedding):
         return None
     # RoBERTa-style embeddings number positions from after the padding index
