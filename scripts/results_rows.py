@@ -39,11 +39,26 @@ def _mean(side: dict, key: str = "reward_mean", stderr: str = "reward_stderr") -
     return f"{side[key]:.3f} ± {side[stderr]:.3f}" if key in side else "–"
 
 
-def _duration(started: str | None, finished: str | None) -> str:
+def _seconds_between(start: str, end: str) -> float:
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def _duration(marker: dict) -> str:
+    """The run's wall time; a resumed run's without the time it lay stopped (from its last write
+    to the resume), or said to include it where run.json predates that record."""
+    started, finished = marker.get("started"), marker.get("finished")
     if not (started and finished):
         return "–"
-    seconds = round((datetime.fromisoformat(finished) - datetime.fromisoformat(started)).total_seconds())
-    return f"{seconds // 60} min {seconds % 60} s"
+    seconds = _seconds_between(started, finished)
+    resumed, stopped = marker.get("resumed", []), marker.get("stopped", [])
+    note = ""
+    if resumed and len(stopped) == len(resumed):
+        seconds -= sum(_seconds_between(stop, resume) for stop, resume in zip(stopped, resumed))
+        note = f" in {len(resumed) + 1} sittings"
+    elif resumed:
+        note = " (resumed: includes the time it lay stopped)"
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60} s{note}"
 
 
 def _seconds_per_step(run_dir: Path) -> str:
@@ -99,7 +114,7 @@ def run_kind(run_dir: Path) -> str:
 def evaluation_section(run_dir: Path) -> list[str]:
     """An evaluation's table of the models it compared, then the command, its time and where it ran."""
     marker, _, metrics = _complete_run(run_dir)
-    time = _duration(marker.get("started"), marker.get("finished"))
+    time = _duration(marker)
     command = f"`{marker.get('command', run_dir.name)}`, evaluate stage: {time}"
     return [*evaluation_markdown(metrics).rstrip("\n").splitlines(), "", command, _measured_on(run_dir, marker)]
 
@@ -109,7 +124,7 @@ def stage_run_rows(run_dir: Path) -> tuple[list[list[str]], str]:
     before and after, as the pipeline's report shows them."""
     marker, _, metrics = _complete_run(run_dir)
     measured = stage_rows(marker.get("stage", "?"), metrics) or [("(no held-out measurement)", "–", "–")]
-    time = _duration(marker.get("started"), marker.get("finished"))
+    time = _duration(marker)
     rows = [
         [
             f"`{marker.get('command', run_dir.name)}`" if index == 0 else "",
@@ -138,7 +153,7 @@ def reward_row(run_dir: Path) -> tuple[list[str], str]:
         f"{before[accuracy]:.3f}" if accuracy in before else "–",
         f"**{after[accuracy]:.3f}**",
         per_source or "–",
-        _duration(marker.get("started"), marker.get("finished")),
+        _duration(marker),
     ]
     return cells, _measured_on(run_dir, marker)
 
@@ -168,7 +183,7 @@ def row(run_dir: Path) -> tuple[list[str], str]:
         f"**{_mean(after)}**{gain}",
         "; ".join(judges) or "–",
         f"{after['kl']:.2f}" if "kl" in after else "–",
-        _duration(marker.get("started"), marker.get("finished")),
+        _duration(marker),
         _seconds_per_step(run_dir),
     ]
     return cells, _measured_on(run_dir, marker)

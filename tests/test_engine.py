@@ -228,8 +228,11 @@ def test_checkpoint_dir_that_is_not_one(tiny_model, tmp_path, text_rows):
 
 def test_run_json_records_the_command_environment_and_times(tmp_path, monkeypatch):
     """run.json says how a run's figures were made: the command, versions and machine when it
-    starts (kept when it resumes, each resumption added), and when it finished."""
+    starts (kept when it resumes, each resumption added with the first sitting's last write), and
+    when it finished."""
     import json
+    import os
+    from datetime import datetime, timezone
 
     from rlhfkit.config.loading import load_config
 
@@ -240,11 +243,18 @@ def test_run_json_records_the_command_environment_and_times(tmp_path, monkeypatc
     assert started["command"] == "rlhfkit sft 'my config.yaml'" and started["status"] == "running"
     assert {"python", "torch", "transformers", "cpu", "cores"} <= set(started["environment"])
     (run.root / "final").mkdir()  # a run with work in it resumes
+    last_log = run.root / "logs" / "events"
+    last_log.parent.mkdir()
+    last_log.write_text("step 7")  # the first sitting's last write, an hour before the resume
+    written = datetime(2026, 12, 7, 9, 0, tzinfo=timezone.utc)
+    os.utime(last_log, (written.timestamp(), written.timestamp()))
     resumed = RunDir.open(str(tmp_path / "run"), "sft", config, resume=True)
     resumed.write_marker("sft", "complete")
     record = json.loads((run.root / "run.json").read_text())
     assert record["started"] == started["started"] and record["command"] == started["command"]
     assert len(record["resumed"]) == 1 and record["finished"] >= record["resumed"][0] >= started["started"]
+    # opening the run rewrites run.json and config.yaml; the log is what the first sitting wrote last
+    assert record["stopped"] == [written.isoformat()]
 
 
 def test_the_widest_matrix_instructions_of_a_cpu_name_the_kernels_its_figures_came_from():

@@ -48,6 +48,17 @@ def test_rows_compare_each_run_with_the_baseline_slot_by_slot(tmp_path):
         table([other], baseline=grpo)
 
 
+def test_a_resumed_run_counts_the_time_it_ran_not_the_time_it_lay_stopped(tmp_path):
+    run = fake_run(tmp_path / "grpo", [0.0, 1.0, 0.0, 1.0])
+    marker = json.loads((run / "run.json").read_text())  # 10:00 to 10:08:30
+    marker |= {"stopped": ["2026-12-06T10:02:00+00:00"], "resumed": ["2026-12-06T10:05:00+00:00"]}
+    (run / "run.json").write_text(json.dumps(marker))
+    assert "| 5 min 30 s in 2 sittings |" in table([run])
+    del marker["stopped"]  # a run.json written before resumes recorded the last write
+    (run / "run.json").write_text(json.dumps(marker))
+    assert "| 8 min 30 s (resumed: includes the time it lay stopped) |" in table([run])
+
+
 def test_a_held_out_judge_gets_its_paired_gain_and_win_rate_over_the_start(tmp_path):
     run = fake_run(tmp_path / "ppo", [0.0, 1.0, 0.0, 1.0])
     metrics = json.loads((run / "metrics.json").read_text())

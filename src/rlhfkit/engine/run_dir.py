@@ -133,19 +133,33 @@ class RunDir:
     def write_marker(self, stage: str, status: str, starting: bool | None = None) -> None:
         """run.json: the stage and its status, and what a figure from this run needs to be
         reproduced — the command, the package versions and machine (when the run starts), when it
-        started, was resumed and finished. starting: True for a new run, False for a resumed one."""
+        started, was resumed and finished. starting: True for a new run, False for a resumed one.
+
+        A resume also records when the run last wrote anything before it (`stopped`), so the time
+        it lay stopped can be told from the time it ran."""
         if not self.main:
             return
         now = datetime.now(timezone.utc).isoformat()
         record = {} if starting else self.read_json(RUN_MARKER)
+        if starting is False:
+            record["stopped"] = [*record.get("stopped", []), self.last_written(record.get("updated", now))]
+            record["resumed"] = [*record.get("resumed", []), now]
         record.update({"stage": stage, "status": status, "rlhfkit": __version__, "updated": now})
         if starting:
             record.update({"started": now, "command": command_line(), "environment": environment()})
-        elif starting is False:
-            record["resumed"] = [*record.get("resumed", []), now]
         if status == "complete":
             record["finished"] = now
         write_json_atomically(self.root / RUN_MARKER, record)
+
+    def last_written(self, default: str) -> str:
+        """When the run last wrote a file (its metrics, logs or checkpoints), as ISO time; `default` if
+        it wrote none. run.json and config.yaml do not count: opening a run rewrites them."""
+        times = [
+            path.stat().st_mtime
+            for path in self.root.rglob("*")
+            if path.is_file() and not (path.parent == self.root and path.name in (RUN_MARKER, "config.yaml"))
+        ]
+        return datetime.fromtimestamp(max(times), timezone.utc).isoformat() if times else default
 
     @property
     def checkpoints(self) -> Path:
