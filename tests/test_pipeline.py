@@ -339,23 +339,29 @@ def test_evaluate_scores_with_several_judges_and_marks_the_one_a_policy_was_trai
 
 
 def test_length_correlations_pool_every_models_answers_and_leave_out_unscored_ones():
+    """Pooled over both models and within each one, worked by hand (ρ = 1 − 6Σd² / (n(n² − 1)))."""
     from rlhfkit.stages.evaluate import length_correlations
 
     results = {
         "sft": {
-            "sample_lengths": [3, 9],
-            "sample_rewards": [0.1, 0.9],
-            "judges": {"j": {"sample_rewards": [1.0, None]}},
+            "sample_lengths": [3, 9, 4],
+            "sample_rewards": [0.1, 0.9, 0.3],
+            "judges": {"j": {"sample_rewards": [1.0, None, 0.5]}},
         },
         "ppo": {
-            "sample_lengths": [5, 7],
-            "sample_rewards": [0.5, 0.2],
-            "judges": {"j": {"sample_rewards": [3.0, 2.0]}},
+            "sample_lengths": [5, 7, 6],
+            "sample_rewards": [0.5, 0.2, 0.4],
+            "judges": {"j": {"sample_rewards": [3.0, 2.0, 2.5]}},
         },
     }
     correlations = length_correlations(results, ["j"], reward_model=True)
-    # the reward model: lengths 3, 9, 5, 7 against scores 0.1, 0.9, 0.5, 0.2 -> ranks 1 4 2 3 vs 1 4 3 2
-    # (Σ dx·dy = 2.25 + 2.25 - 0.25 - 0.25 = 4 over Σ dx² = Σ dy² = 5: ρ = 0.8)
-    assert correlations["reward_model"] == {"rho": pytest.approx(0.8), "answers": 4}
-    # judge j gave the 9-token answer no score: lengths 3, 5, 7 against 1, 3, 2 -> ρ = 0.5
-    assert correlations["j"] == {"rho": pytest.approx(0.5), "answers": 3}
+    # the reward model: length ranks 1 6 2 3 5 4 against score ranks 1 6 3 5 2 4: Σd² = 1 + 4 + 9 = 14,
+    # ρ = 1 - 84/210 = 0.6; within sft the ranks agree (ρ 1), within ppo they are reversed (ρ -1)
+    reward_model = correlations["reward_model"]
+    assert reward_model["rho"] == pytest.approx(0.6) and reward_model["answers"] == 6
+    assert reward_model["per_model"] == {"sft": pytest.approx(1.0), "ppo": pytest.approx(-1.0)}
+    # judge j gave the 9-token answer no score: length ranks 1 2 3 5 4 against 2 1 5 3 4, Σd² = 10,
+    # ρ = 1 - 60/120 = 0.5; sft has two scored answers left (no ρ below three), ppo's are reversed
+    judge = correlations["j"]
+    assert judge["rho"] == pytest.approx(0.5) and judge["answers"] == 5
+    assert math.isnan(judge["per_model"]["sft"]) and judge["per_model"]["ppo"] == pytest.approx(-1.0)

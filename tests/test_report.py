@@ -196,7 +196,10 @@ def write_run(root: Path) -> dict[str, Path]:
         "samples_per_prompt": 1,
         "sampling": {"temperature": 0.7},
         "warnings": {"ppo": ["an example warning"]},
-        "length_correlation": {"reward_model": {"rho": 0.42, "answers": 39}, "gold": {"rho": None, "answers": 39}},
+        "length_correlation": {
+            "reward_model": {"rho": 0.42, "answers": 39, "per_model": {"base": -0.1, "sft": 0.3, "ppo": None}},
+            "gold": {"rho": None, "answers": 39},
+        },
     }
     (evaluate / "metrics.json").write_text(json.dumps(summary))
     samples = [
@@ -242,9 +245,10 @@ def test_report_command_and_metrics_table(tmp_path, capsys):
     assert "| sft (baseline) |" in table
     # how each judge's score follows answer length, below the table (null: a constant score)
     assert table.endswith(
-        "\n\nScore against answer length (Spearman ρ over 39 answers of every model): the reward model +0.42, gold n/a.\n"
+        "\n\nScore against answer length (Spearman ρ over 39 answers of every model): the reward model +0.42 "
+        "(within each model: base -0.10, sft +0.30, ppo n/a); gold n/a.\n"
     )
-    assert "the reward model +0.42, gold n/a." in (tmp_path / "report.html").read_text()
+    assert "ppo n/a); gold n/a." in (tmp_path / "report.html").read_text()
 
 
 @pytest.mark.skipif(

@@ -255,13 +255,19 @@ def length_note(summary: dict) -> str:
     }
     if not correlations:
         return ""
-    named = [
-        f"{'the reward model' if judge == 'reward_model' else judge} "
-        + (f"{value['rho']:+.2f}" if finite_number(value["rho"]) is not None else "n/a")
-        for judge, value in correlations.items()
-    ]
+
+    def signed(rho: Any) -> str:
+        return f"{rho:+.2f}" if finite_number(rho) is not None else "n/a"
+
+    named = []
+    for judge, value in correlations.items():
+        within = ", ".join(f"{model} {signed(rho)}" for model, rho in value.get("per_model", {}).items())
+        named.append(
+            f"{'the reward model' if judge == 'reward_model' else judge} {signed(value['rho'])}"
+            + (f" (within each model: {within})" if within else "")
+        )
     answers = max(value["answers"] for value in correlations.values())
-    return f"Score against answer length (Spearman ρ over {answers} answers of every model): " + ", ".join(named) + "."
+    return f"Score against answer length (Spearman ρ over {answers} answers of every model): " + "; ".join(named) + "."
 
 
 def evaluation_markdown(summary: dict) -> str:

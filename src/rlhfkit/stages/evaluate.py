@@ -119,16 +119,28 @@ def judge_summary(values: list[float | None], baseline: list[float | None] | Non
 
 def length_correlations(results: dict[str, dict], judges: list[str], reward_model: bool) -> dict[str, dict]:
     """Each judge's (and the reward model's) Spearman correlation of score with answer length in
-    tokens, pooled over every model's answers: how much the judge rewards length itself."""
-    scored = {judge: [m["judges"][judge]["sample_rewards"] for m in results.values()] for judge in judges}
+    tokens: pooled over every model's answers (`rho`), and within each model's own (`per_model`).
+    The pooled figure also follows which model wrote an answer (a base model's long, cut-off
+    answers scoring low); within one model, length is what varies."""
+    scored = {judge: {name: m["judges"][judge]["sample_rewards"] for name, m in results.items()} for judge in judges}
     if reward_model:
-        scored["reward_model"] = [m["sample_rewards"] for m in results.values()]
-    lengths = [m["sample_lengths"] for m in results.values()]
+        scored["reward_model"] = {name: m["sample_rewards"] for name, m in results.items()}
+
+    def scored_lengths(name: str, scores: list) -> list[tuple[int, float]]:
+        return [(n, s) for n, s in zip(results[name]["sample_lengths"], scores) if s is not None]
+
+    def rho(pairs: list[tuple[int, float]]) -> float:
+        return rank_correlation([n for n, _ in pairs], [s for _, s in pairs])
+
     correlations = {}
     for judge, per_model in scored.items():
-        pairs = [(n, s) for ns, ss in zip(lengths, per_model) for n, s in zip(ns, ss) if s is not None]
-        rho = rank_correlation([n for n, _ in pairs], [s for _, s in pairs])
-        correlations[judge] = {"rho": rho, "answers": len(pairs)}
+        own = {name: scored_lengths(name, scores) for name, scores in per_model.items()}
+        pooled = [pair for pairs in own.values() for pair in pairs]
+        correlations[judge] = {
+            "rho": rho(pooled),
+            "answers": len(pooled),
+            "per_model": {name: rho(pairs) for name, pairs in own.items()},
+        }
     return correlations
 
 
