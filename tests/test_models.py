@@ -205,7 +205,7 @@ def test_learned_positions_count_a_position_table_and_nothing_for_rotary_models(
     (it numbers them after the padding index), GPT-2's n_positions; rotary decoders have no table."""
     from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, RobertaConfig, RobertaModel
 
-    from rlhfkit.models import learned_positions
+    from rlhfkit.rewards import learned_positions
 
     small = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
     bert = BertModel(BertConfig(vocab_size=50, max_position_embeddings=64, **small))

@@ -25,7 +25,7 @@ import torch
 
 from rlhfkit.config import LoraSettings, ModelSettings
 from rlhfkit.config.sections import user_path
-from rlhfkit.errors import ConfigError, UserError
+from rlhfkit.errors import UserError
 from rlhfkit.files import json_text, looks_like_local_path, read_json_or_empty, write_dir_atomically
 from rlhfkit.model_files import base_after_a_move, reading_model_files, refuse_missing_weights
 
@@ -192,12 +192,8 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False) -> Any:
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # rlhfkit tokenises whole texts and cuts them to the configured length itself (checked against the
-    # model's positions where it has a learned table), so the tokenizer's "longer than the maximum" warning
-    # about the uncut text is noise
-    warned = getattr(tokenizer, "deprecation_warnings", None)
-    if isinstance(warned, dict):
-        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
+    # rlhfkit cuts every text to its configured length itself: the tokenizer's warning about uncut texts is noise
+    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer
 
 
@@ -414,32 +410,6 @@ def backbone_and_score_head(model: torch.nn.Module) -> tuple[torch.nn.Module, to
     if head is None:
         raise ValueError(f"{type(inner).__name__} has no score head")
     return backbone, head
-
-
-def learned_positions(backbone: torch.nn.Module) -> int | None:
-    """How many token positions a backbone's learned position table covers (BERT-family encoders,
-    GPT-2); None where positions are rotary or relative and a longer input still runs."""
-    embeddings = getattr(backbone, "embeddings", None)
-    table = getattr(embeddings, "position_embeddings", None)
-    if table is None:
-        table = getattr(backbone, "wpe", None)
-    table = getattr(table, "base_layer", table)  # LoRA on the embeddings wraps the table
-    if not isinstance(table, torch.nn.Embedding):
-        return None
-    # RoBERTa-style embeddings number positions from after the padding index
-    padding_index = getattr(embeddings, "padding_idx", None)
-    return table.num_embeddings - (padding_index + 1 if padding_index is not None else 0)
-
-
-def refuse_beyond_learned_positions(backbone: torch.nn.Module, max_length: int, field: str, reference: str) -> None:
-    """A clear error, before any step, where `field` asks for more tokens than the model has positions for
-    (the model itself would stop mid-run with a tensor-size error)."""
-    limit = learned_positions(backbone)
-    if limit is not None and max_length > limit:
-        raise ConfigError(
-            f"{field}={max_length}: {reference} has learned positions for {limit} tokens only; "
-            f"set {field} to {limit} or less"
-        )
 
 
 def packs_by_position_ids(model: torch.nn.Module) -> bool:

@@ -24,13 +24,12 @@ from rlhfkit.config import ModelSettings, RewardSourceSettings
 from rlhfkit.data.batching import pad_right
 from rlhfkit.data.formatting import fit_pair, prompt_and_response_ids
 from rlhfkit.engine.threads import follow_free_cores
-from rlhfkit.errors import UserError
+from rlhfkit.errors import ConfigError, UserError
 from rlhfkit.models import (
     backbone_and_score_head,
     load_reward_model,
     load_tokenizer,
     packs_by_position_ids,
-    refuse_beyond_learned_positions,
     resolve,
 )
 from rlhfkit.passes import packed_reward_forward, reward_model_forward
@@ -53,6 +52,32 @@ def special_token_wrapper(tokenizer: Any):
 
 def _as_turns(prompt: Messages | str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def learned_positions(backbone: torch.nn.Module) -> int | None:
+    """How many token positions a backbone's learned position table covers (BERT-family encoders,
+    GPT-2); None where positions are rotary or relative and a longer input still runs."""
+    embeddings = getattr(backbone, "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if table is None:
+        table = getattr(backbone, "wpe", None)
+    table = getattr(table, "base_layer", table)  # LoRA on the embeddings wraps the table
+    if not isinstance(table, torch.nn.Embedding):
+        return None
+    # RoBERTa-style embeddings number positions from after the padding index
+    padding_index = getattr(embeddings, "padding_idx", None)
+    return table.num_embeddings - (padding_index + 1 if padding_index is not None else 0)
+
+
+def refuse_beyond_learned_positions(backbone: torch.nn.Module, max_length: int, field: str, reference: str) -> None:
+    """A clear error, before any step, where `field` asks for more tokens than the model has positions for
+    (the model itself would stop mid-run with a tensor-size error)."""
+    limit = learned_positions(backbone)
+    if limit is not None and max_length > limit:
+        raise ConfigError(
+            f"{field}={max_length}: {reference} has learned positions for {limit} tokens only; "
+            f"set {field} to {limit} or less"
+        )
 
 
 class RewardModelScorer:

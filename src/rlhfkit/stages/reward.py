@@ -36,11 +36,10 @@ from rlhfkit.metrics import agreement, ranking_auc
 from rlhfkit.models import (
     backbone_and_score_head,
     packs_by_position_ids,
-    refuse_beyond_learned_positions,
     resolve_with_tokenizer,
 )
 from rlhfkit.passes import packed_reward_forward, reward_model_forward
-from rlhfkit.rewards import special_token_wrapper
+from rlhfkit.rewards import refuse_beyond_learned_positions, special_token_wrapper
 from rlhfkit.stages.before_after import measure
 
 STAGE = "reward"
